@@ -1,0 +1,204 @@
+"""Model folders: find them, read their manifest, build their modules, hash their content.
+
+A model folder (DESIGN.md, "A model folder") holds ``manifest.toml``, ``model.py``
+(``Backbone`` and ``Head`` nn.Modules), ``weights.safetensors`` (keys prefixed
+``backbone.`` and ``head.``), ``train.py`` and ``CARD.md``. Shipped models are found
+by name in the installed ``edge_models`` package or the repository's ``models/``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ModelError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+DEFAULT_MODEL = "vibration"
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The typed content of ``manifest.toml``."""
+
+    name: str
+    version: str
+    channels: int
+    window: int
+    sample_rate: float
+    channel_names: tuple[str, ...]
+    task: str  # "classification" | "forecast" | "regression"
+    classes: tuple[str, ...]
+    outputs: int  # classes for classification, horizon*channels (or 1) for regression
+    feature_size: int
+    head_kind: str
+    parity: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, where: str) -> "Manifest":
+        try:
+            inp, task, feats, head = d["input"], d["task"], d["features"], d["head"]
+            kind = task["kind"]
+            classes = tuple(task.get("classes", ()))
+            outputs = int(task.get("outputs", len(classes)))
+            m = cls(
+                name=str(d["name"]),
+                version=str(d["version"]),
+                channels=int(inp["channels"]),
+                window=int(inp["window"]),
+                sample_rate=float(inp["sample_rate"]),
+                channel_names=tuple(inp.get("channel_names", [f"ch{i}" for i in range(int(inp["channels"]))])),
+                task=str(kind),
+                classes=classes,
+                outputs=outputs,
+                feature_size=int(feats["size"]),
+                head_kind=str(head.get("kind", "linear")),
+                parity=dict(d.get("parity", {})),
+                calibration=dict(d.get("calibration", {})),
+                metrics=dict(d.get("metrics", {})),
+                raw=d,
+            )
+        except KeyError as e:
+            raise ModelError(f"{where}: manifest is missing the key {e.args[0]!r}") from None
+        except (TypeError, ValueError) as e:
+            raise ModelError(f"{where}: manifest has a bad value: {e}") from None
+        if m.task not in ("classification", "forecast", "regression"):
+            raise ModelError(f"{where}: task.kind {m.task!r} is not one of classification, forecast, regression")
+        if m.task == "classification" and len(m.classes) < 2:
+            raise ModelError(f"{where}: a classification task needs task.classes with at least 2 names")
+        if m.channels < 1 or m.window < 2 or m.sample_rate <= 0 or m.feature_size < 1 or m.outputs < 1:
+            raise ModelError(f"{where}: input.channels, input.window, input.sample_rate, features.size and outputs must be positive")
+        if len(m.channel_names) != m.channels:
+            raise ModelError(f"{where}: input.channel_names has {len(m.channel_names)} names for {m.channels} channels")
+        return m
+
+
+class ModelFolder:
+    """One model folder on disk. Cheap to create; modules are built on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).resolve()
+        mp = self.path / "manifest.toml"
+        if not mp.is_file():
+            raise ModelError(f"{self.path}: not a model folder (no manifest.toml)")
+        try:
+            data = tomllib.loads(mp.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise ModelError(f"{mp}: invalid TOML: {e}") from None
+        self.manifest = Manifest.from_dict(data, where=str(mp))
+
+    def __repr__(self) -> str:
+        return f"ModelFolder({str(self.path)!r})"
+
+    @cached_property
+    def content_hash(self) -> str:
+        """sha256 over manifest, model code and weights: the key of compiled artifacts."""
+        h = hashlib.sha256()
+        for name in ("manifest.toml", "model.py", "weights.safetensors"):
+            p = self.path / name
+            h.update(name.encode())
+            h.update(p.read_bytes() if p.exists() else b"")
+        return h.hexdigest()
+
+    @cached_property
+    def module(self):
+        """The folder's ``model.py`` imported under a private, unique module name."""
+        src = self.path / "model.py"
+        if not src.is_file():
+            raise ModelError(f"{self.path}: model folder has no model.py")
+        modname = f"_edge_model_{self.content_hash[:12]}"
+        if modname in sys.modules:
+            return sys.modules[modname]
+        spec = importlib.util.spec_from_file_location(modname, src)
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[modname] = mod
+        try:
+            spec.loader.exec_module(mod)
+        except Exception as e:  # a user's model.py may fail in any way
+            del sys.modules[modname]
+            raise ModelError(f"{src}: importing model.py failed: {type(e).__name__}: {e}") from e
+        for cls in ("Backbone", "Head"):
+            if not hasattr(mod, cls):
+                raise ModelError(f"{src}: model.py defines no {cls} class")
+        return mod
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        """(backbone, head) tensors from ``weights.safetensors``."""
+        from safetensors.torch import load_file
+
+        wp = self.path / "weights.safetensors"
+        if not wp.is_file():
+            raise ModelError(f"{self.path}: model folder has no weights.safetensors (run its train.py)")
+        try:
+            tensors = load_file(str(wp))
+        except Exception as e:
+            raise ModelError(f"{wp}: cannot read weights: {e}") from e
+        bb = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+        hd = {k[len("head."):]: v for k, v in tensors.items() if k.startswith("head.")}
+        if not bb or not hd:
+            raise ModelError(f"{wp}: weights need keys prefixed 'backbone.' and 'head.'")
+        return bb, hd
+
+    def build(self):
+        """(backbone, head) nn.Modules in eval mode with the shipped weights loaded."""
+        m = self.manifest
+        bb = self.module.Backbone(m)
+        hd = self.module.Head(m)
+        bsd, hsd = self.state_dicts()
+        try:
+            bb.load_state_dict(bsd)
+            hd.load_state_dict(hsd)
+        except RuntimeError as e:
+            raise ModelError(f"{self.path}: weights do not fit model.py: {e}") from e
+        return bb.eval(), hd.eval()
+
+
+def zoo_roots() -> list[Path]:
+    """Where shipped models live: the installed ``edge_models`` package, then the repo's ``models/``."""
+    roots = []
+    try:
+        import edge_models  # installed (non-editable or editable) distribution
+
+        roots.append(Path(edge_models.__file__).parent)
+    except ImportError:
+        pass
+    repo = Path(__file__).resolve().parent.parent / "models"
+    if repo.is_dir() and repo not in roots:
+        roots.append(repo)
+    return roots
+
+
+def shipped_models() -> dict[str, Path]:
+    """Name -> folder of every shipped model."""
+    out: dict[str, Path] = {}
+    for root in zoo_roots():
+        for p in sorted(root.iterdir()):
+            if (p / "manifest.toml").is_file():
+                out.setdefault(p.name, p)
+    return out
+
+
+def resolve_model(ref: str | Path | None) -> ModelFolder:
+    """A model folder from a path, a shipped model's name, or None for the default model."""
+    ref = DEFAULT_MODEL if ref is None or str(ref) == "" else ref
+    p = Path(ref).expanduser()
+    if (p / "manifest.toml").is_file():
+        return ModelFolder(p)
+    shipped = shipped_models()
+    if str(ref) in shipped:
+        return ModelFolder(shipped[str(ref)])
+    raise ModelError(
+        f"model {str(ref)!r} is neither a model folder nor a shipped model "
+        f"(shipped: {', '.join(sorted(shipped)) or 'none'})"
+    )
