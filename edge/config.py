@@ -1,0 +1,289 @@
+"""TOML -> typed, closed configuration.
+
+Every section is a frozen dataclass; every field says its type and, where it matters,
+its allowed values or range in ``field(metadata=...)``. Unknown sections and keys are
+errors, and every error names the section, the key, the bad value and what is allowed,
+so that ``edge run --check`` can tell a user exactly what to fix.
+
+>>> cfg = parse_config({"node": {"name": "press-7"}})
+>>> cfg.node.name, cfg.mqtt.port, cfg.sources[0].topic
+('press-7', 1883, 'sensors/{device}/{stream}')
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.errors import ConfigError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib  # type: ignore[no-redef]
+
+
+def _opt(default, *, choices=None, lo=None, hi=None, doc=""):
+    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    name: str = _opt("edge-01", doc="this device's name; used in topics edge/<name>/...")
+    log_level: str = _opt("info", choices=("debug", "info", "warning", "error"), doc="logging level")
+    state_dir: str = _opt("~/.local/state/edge-runtime", doc="where checkpoints live")
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = _opt("127.0.0.1", doc="broker host")
+    port: int = _opt(1883, lo=1, hi=65535, doc="broker port")
+    protocol: str = _opt("5", choices=("5", "3.1.1"), doc="MQTT protocol version")
+    client_id: str = _opt("", doc="client id; empty means edge-<node name>")
+    username: str = _opt("", doc="user name; empty for none")
+    password: str = _opt("", doc="password")
+    tls: bool = _opt(False, doc="connect with TLS")
+    ca_file: str = _opt("", doc="CA bundle for TLS; empty uses the system's")
+    cert_file: str = _opt("", doc="client certificate for mutual TLS")
+    key_file: str = _opt("", doc="client key for mutual TLS")
+    keepalive_s: int = _opt(30, lo=5, hi=3600, doc="MQTT keepalive")
+    qos: int = _opt(0, lo=0, hi=1, doc="QoS of sensor subscriptions and predictions")
+    reconnect_min_s: float = _opt(0.5, lo=0.05, hi=60.0, doc="first reconnect delay")
+    reconnect_max_s: float = _opt(30.0, lo=0.1, hi=3600.0, doc="reconnect backoff cap")
+    max_payload_bytes: int = _opt(1 << 20, lo=64, hi=256 << 20, doc="larger payloads are rejected")
+    topic_prefix: str = _opt("edge", doc="prefix of the node's own topics: <prefix>/<node>/...")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = _opt("vibration", doc="a shipped model's name or a model folder")
+    backend: str = _opt("auto", choices=("auto", "onnxruntime", "tensorrt", "torch"), doc="serving backend")
+    precision: str = _opt("auto", choices=("auto", "int8", "fp16", "fp32"), doc="backbone precision")
+    cache_dir: str = _opt("", doc="compiled-artifact cache; empty uses ~/.cache/edge-runtime")
+    threads: int = _opt(1, lo=1, hi=64, doc="inference threads")
+    max_batch: int = _opt(32, lo=1, hi=4096, doc="largest micro-batch of windows")
+    max_wait_ms: float = _opt(2.0, lo=0.0, hi=1000.0, doc="longest wait to fill a micro-batch")
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    length: int = _opt(0, lo=0, hi=1 << 20, doc="samples per window; 0 takes the model's")
+    hop: int = _opt(0, lo=0, hi=1 << 20, doc="samples between window starts; 0 means length")
+    sample_rate: float = _opt(0.0, lo=0.0, hi=1e7, doc="expected rate in Hz; 0 takes the model's")
+    rate_tolerance: float = _opt(0.1, lo=0.0, hi=1.0, doc="relative rate error before a rate warning")
+    max_fill: int = _opt(2, lo=0, hi=1000, doc="missing samples filled by interpolation; larger gaps restart the window")
+    max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="samples further from the receive time are rejected; 0 disables")
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    ingest: int = _opt(200_000, lo=16, hi=10_000_000, doc="raw messages waiting to be decoded (drop oldest)")
+    labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
+    publish: int = _opt(10_000, lo=16, hi=10_000_000, doc="predictions waiting to be published (drop oldest)")
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    enabled: bool = _opt(True, doc="learn the head online from labels")
+    head: str = _opt("linear", choices=("linear", "lowrank", "mlp"), doc="adapter head kind")
+    lr: float = _opt(0.01, lo=0.0, hi=10.0, doc="learning rate")
+    batch: int = _opt(32, lo=1, hi=4096, doc="replay samples mixed into each step")
+    steps_per_label: int = _opt(1, lo=1, hi=100, doc="optimizer steps per label")
+    replay_bytes: int = _opt(4 << 20, lo=1024, hi=1 << 34, doc="replay buffer size bound")
+    anchor: float = _opt(1e-3, lo=0.0, hi=100.0, doc="L2 pull toward the global head")
+    promote_margin: float = _opt(0.02, lo=0.0, hi=10.0, doc="relative loss margin to promote the challenger")
+    eval_window: int = _opt(100, lo=10, hi=100_000, doc="labels over which champion and challenger are compared")
+    label_tolerance_s: float = _opt(0.5, lo=0.0, hi=3600.0, doc="a label matches a window whose span, widened by this, contains its time")
+    label_max_age_s: float = _opt(600.0, lo=1.0, hi=1e7, doc="features kept this long for late labels")
+    max_steps_per_s: float = _opt(2000.0, lo=1.0, hi=1e6, doc="training budget")
+    checkpoint_interval_s: float = _opt(30.0, lo=1.0, hi=86400.0, doc="checkpoint period")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    port: int = _opt(0, lo=0, hi=65535, doc="Prometheus /metrics and /healthz port; 0 disables")
+    host: str = _opt("127.0.0.1", doc="address to bind the metrics server")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    type: str = _opt("mqtt", choices=("mqtt", "serial"), doc="source kind")
+    # mqtt
+    topic: str = _opt("sensors/{device}/{stream}", doc="subscription; {device} and {stream} name topic levels; + and # allowed")
+    format: str = _opt("auto", choices=("auto", "json", "csv", "frame"), doc="payload format")
+    # serial
+    port: str = _opt("", doc="serial port path or pyserial URL")
+    baud: int = _opt(115200, lo=300, hi=16_000_000, doc="serial baud rate")
+    protocol: str = _opt("binary", choices=("binary", "text"), doc="serial protocol")
+    # both
+    device: str = _opt("", doc="device name when the topic has no {device} (serial: default from HELLO)")
+    stream: str = _opt("", doc="stream name when the topic has no {stream}")
+    channels: tuple[str, ...] = _opt((), doc="channel names to pick and order (serial: from HELLO)")
+    sample_rate: float = _opt(0.0, lo=0.0, hi=1e7, doc="serial text mode rate in Hz; 0 detects it")
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeConfig = field(default_factory=NodeConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    window: WindowConfig = field(default_factory=WindowConfig)
+    queues: QueueConfig = field(default_factory=QueueConfig)
+    adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+
+    @property
+    def topic_base(self) -> str:
+        return f"{self.mqtt.topic_prefix}/{self.node.name}"
+
+
+SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"[{where}] {key} = {value!r} is invalid: {allowed}")
+
+
+def _coerce(where: str, f: dataclasses.Field, value: Any) -> Any:
+    hint = typing.get_type_hints(type_of_section(where))[f.name]
+    md = f.metadata
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fix(where, f.name, value, "expected true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fix(where, f.name, value, "expected an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fix(where, f.name, value, "expected a number")
+        value = float(value)
+    elif hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and md.get("choices"):
+            value = str(value)  # protocol = 5 reads as the string "5"
+        if not isinstance(value, str):
+            raise _fix(where, f.name, value, "expected a string")
+    elif hint == tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise _fix(where, f.name, value, "expected a list of strings")
+        value = tuple(value)
+    if md.get("choices") and value not in md["choices"]:
+        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}")
+    if md.get("lo") is not None and value < md["lo"]:
+        raise _fix(where, f.name, value, f"must be >= {md['lo']}")
+    if md.get("hi") is not None and value > md["hi"]:
+        raise _fix(where, f.name, value, f"must be <= {md['hi']}")
+    return value
+
+
+def type_of_section(where: str) -> type:
+    name = where.split("[")[0].strip("[]")
+    return SourceConfig if name == "sources" else typing.get_type_hints(Config)[name]
+
+
+def _section(where: str, cls: type, table: Any) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table, got {table!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(fields)}"
+            raise ConfigError(f"[{where}] unknown key {key!r}{hint}")
+        values[key] = _coerce(where, fields[key], value)
+    return cls(**values)
+
+
+def _check_source(where: str, s: SourceConfig) -> None:
+    if s.type == "serial" and not s.port:
+        raise ConfigError(f"[{where}] port is required for a serial source (a path such as /dev/ttyUSB0 or a pyserial URL)")
+    if s.type == "mqtt":
+        levels = s.topic.split("/")
+        if not s.topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
+            raise ConfigError(f"[{where}] topic = {s.topic!r} is not a valid MQTT filter: + and # must fill a whole level, # only last")
+        if "{device}" not in s.topic and not s.device and "+" not in levels and "#" not in levels:
+            pass  # a fixed topic: device defaults to the topic itself
+        for lv in levels:
+            if "{" in lv and lv not in ("{device}", "{stream}"):
+                raise ConfigError(f"[{where}] topic level {lv!r} is not allowed: placeholders are {{device}} and {{stream}}, each a whole level")
+
+
+def parse_config(data: dict[str, Any]) -> Config:
+    """Validate a parsed TOML document into a ``Config``; raise ``ConfigError`` naming the fault."""
+    if not isinstance(data, dict):
+        raise ConfigError("the configuration must be a TOML table")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        if name not in SECTIONS:
+            near = difflib.get_close_matches(name, SECTIONS, n=1)
+            hint = f"; did you mean [{near[0]}]?" if near else f"; known sections: {', '.join(SECTIONS)}"
+            raise ConfigError(f"unknown section [{name}]{hint}")
+        if name == "sources":
+            if not isinstance(value, list) or not value:
+                raise ConfigError("[[sources]] must be a non-empty array of tables ([[sources]] blocks)")
+            srcs = []
+            for i, t in enumerate(value):
+                s = _section(f"sources[{i}]", SourceConfig, t)
+                _check_source(f"sources[{i}]", s)
+                srcs.append(s)
+            kwargs[name] = tuple(srcs)
+        else:
+            kwargs[name] = _section(name, typing.get_type_hints(Config)[name], value)
+    cfg = Config(**kwargs)
+    if not _NAME_RE.match(cfg.node.name):
+        raise _fix("node", "name", cfg.node.name, "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
+    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
+        raise _fix("mqtt", "reconnect_max_s", cfg.mqtt.reconnect_max_s, f"must be >= reconnect_min_s ({cfg.mqtt.reconnect_min_s})")
+    if (cfg.mqtt.cert_file or cfg.mqtt.key_file) and not cfg.mqtt.tls:
+        raise _fix("mqtt", "tls", cfg.mqtt.tls, "cert_file/key_file are set, so tls must be true")
+    for key in ("ca_file", "cert_file", "key_file"):
+        p = getattr(cfg.mqtt, key)
+        if p and not Path(p).expanduser().is_file():
+            raise _fix("mqtt", key, p, "no such file")
+    if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
+        raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
+    return cfg
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Read and validate a TOML file; ``None`` gives the defaults."""
+    if path is None:
+        return Config()
+    p = Path(path).expanduser()
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    try:
+        return parse_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
+
+
+def reference_table() -> str:
+    """The configuration reference (Markdown), generated from the dataclasses for the README."""
+    lines = []
+    for sec, f in SECTIONS.items():
+        cls = SourceConfig if sec == "sources" else typing.get_type_hints(Config)[sec]
+        head = "[[sources]]" if sec == "sources" else f"[{sec}]"
+        lines += [f"#### `{head}`", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        hints = typing.get_type_hints(cls)
+        for g in dataclasses.fields(cls):
+            md = g.metadata
+            allowed = ", ".join(map(str, md["choices"])) if md.get("choices") else (
+                f"{md['lo']} .. {md['hi']}" if md.get("lo") is not None else "")
+            tname = getattr(hints[g.name], "__name__", "list of strings")
+            default = list(g.default) if isinstance(g.default, tuple) else g.default
+            lines.append(f"| `{g.name}` | {tname} | `{default!r}` | {allowed} | {md.get('doc', '')} |")
+        lines.append("")
+    return "\n".join(lines)

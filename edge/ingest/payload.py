@@ -1,0 +1,221 @@
+"""Sensor payloads -> samples. Pure: bytes in, values out, ``DecodeError`` on bad input.
+
+Accepted payloads (``format = "auto"`` tells them apart by their first byte):
+
+* JSON, one sample: ``{"t": 1732.5, "v": [ax, ay, az]}``; ``t`` (seconds) is optional
+  and defaults to the receive time.
+* JSON, a batch: ``{"t0": 1732.5, "dt": 0.001, "v": [[ax, ay, az], ...]}``; sample ``i``
+  is at ``t0 + i * dt``.
+* JSON, a list of single samples: ``[{"t": ..., "v": [...]}, ...]``.
+* CSV, one line: ``t,ax,ay,az`` or ``ax,ay,az`` (then ``t`` is the receive time); a
+  line with ``channels + 1`` fields has a time first, one with ``channels`` has none.
+* A firmware_bridge SAMPLES frame (binary, COBS-delimited), so Wi-Fi firmware can
+  publish what it would write to a UART.
+
+Every sample must have the expected channel count and finite values; a timestamp must be
+finite and, unless ``max_skew`` is 0, within ``max_skew`` seconds of the receive time.
+
+>>> decode_payload(b'{"t": 10.0, "v": [1, 2, 3]}', channels=3, now=10.0)
+([10.0], [[1.0, 2.0, 3.0]])
+>>> decode_payload(b'0.5,0.25,0.125', channels=3, now=7.0)
+([7.0], [[0.5, 0.25, 0.125]])
+"""
+from __future__ import annotations
+
+import math
+
+import orjson
+
+from edge.errors import DecodeError
+
+_isfinite = math.isfinite
+
+
+def _row(v, channels: int) -> list[float]:
+    if type(v) is not list:
+        raise DecodeError("bad_shape", f"sample values must be a list, got {type(v).__name__}")
+    if len(v) != channels:
+        raise DecodeError("wrong_channels", f"expected {channels} channel values, got {len(v)}")
+    out = []
+    for x in v:
+        tx = type(x)
+        if tx is float:
+            if not _isfinite(x):
+                raise DecodeError("non_finite", f"non-finite value {x!r}")
+            out.append(x)
+        elif tx is int:
+            out.append(float(x))
+        else:
+            # orjson rejects NaN/Infinity tokens already; null or strings land here
+            raise DecodeError("bad_value", f"sample value {x!r} is not a number")
+    return out
+
+
+def _time(t, now: float, max_skew: float) -> float:
+    if type(t) is not float:
+        if type(t) is int:
+            t = float(t)
+        else:
+            raise DecodeError("bad_time", f"timestamp {t!r} is not a number")
+    if not _isfinite(t):
+        raise DecodeError("bad_time", f"timestamp {t!r} is not finite")
+    if max_skew and abs(t - now) > max_skew:
+        raise DecodeError("absurd_time", f"timestamp {t!r} is {t - now:+.0f} s from the receive time (max_clock_skew_s = {max_skew:g})")
+    return t
+
+
+def _decode_json_obj(d, channels: int, now: float, max_skew: float, ts: list, rows: list) -> None:
+    if type(d) is not dict:
+        raise DecodeError("bad_shape", f"expected a JSON object, got {type(d).__name__}")
+    v = d.get("v")
+    if v is None:
+        raise DecodeError("bad_shape", "JSON sample has no 'v'")
+    if "t0" in d or (type(v) is list and v and type(v[0]) is list):
+        t0 = _time(d.get("t0", now), now, max_skew)
+        dt = d.get("dt")
+        if type(dt) not in (int, float) or not _isfinite(dt) or dt <= 0:
+            raise DecodeError("bad_time", f"batch needs a positive 'dt', got {dt!r}")
+        if type(v) is not list:
+            raise DecodeError("bad_shape", "batch 'v' must be a list of samples")
+        for i, r in enumerate(v):
+            rows.append(_row(r, channels))
+            ts.append(t0 + i * dt)
+        if max_skew and v and abs(ts[-1] - now) > max_skew:
+            raise DecodeError("absurd_time", f"batch ends {ts[-1] - now:+.0f} s from the receive time")
+        return
+    rows.append(_row(v, channels))
+    ts.append(_time(d["t"], now, max_skew) if "t" in d else now)
+
+
+def decode_json(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[list[float], list[list[float]]]:
+    """Decode a JSON sample, batch or list of samples into (times, rows)."""
+    try:
+        d = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError("bad_json", f"invalid JSON: {e}") from None
+    ts: list[float] = []
+    rows: list[list[float]] = []
+    if type(d) is list:
+        for item in d:
+            _decode_json_obj(item, channels, now, max_skew, ts, rows)
+    else:
+        _decode_json_obj(d, channels, now, max_skew, ts, rows)
+    return ts, rows
+
+
+def decode_csv(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[list[float], list[list[float]]]:
+    """Decode CSV lines (comma, semicolon or tab separated) into (times, rows)."""
+    try:
+        text = payload.decode("ascii")
+    except UnicodeDecodeError:
+        raise DecodeError("bad_csv", "CSV payload is not ASCII") from None
+    ts: list[float] = []
+    rows: list[list[float]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        parts = line.replace("\t", ",").replace(";", ",").split(",")
+        try:
+            vals = [float(p) for p in parts]
+        except ValueError:
+            raise DecodeError("bad_csv", f"CSV line {line[:60]!r} has a non-numeric field") from None
+        if len(vals) == channels + 1:
+            t = _time(vals[0], now, max_skew)
+            vals = vals[1:]
+        elif len(vals) == channels:
+            t = now
+        else:
+            raise DecodeError("wrong_channels", f"CSV line has {len(vals)} fields; expected {channels} or {channels + 1} (time first)")
+        for x in vals:
+            if not _isfinite(x):
+                raise DecodeError("non_finite", f"non-finite value {x!r}")
+        ts.append(t)
+        rows.append(vals)
+    if not rows:
+        raise DecodeError("empty", "empty CSV payload")
+    return ts, rows
+
+
+def decode_frame(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[list[float], list[list[float]]]:
+    """Decode firmware_bridge SAMPLES frames in an MQTT payload into (times, rows)."""
+    from firmware_bridge.codec import decode_payload_frames
+
+    ts: list[float] = []
+    rows: list[list[float]] = []
+    for t, v in decode_payload_frames(payload, now=now):
+        if v.shape[1] != channels:
+            raise DecodeError("wrong_channels", f"frame has {v.shape[1]} channels; expected {channels}")
+        if not all(_isfinite(x) for x in v.ravel().tolist()):
+            raise DecodeError("non_finite", "frame has a non-finite value")
+        tl = t.tolist()
+        if tl:
+            _time(tl[0], now, max_skew)
+            _time(tl[-1], now, max_skew)
+        ts.extend(tl)
+        rows.extend(v.tolist())
+    if not rows:
+        raise DecodeError("empty", "payload holds no SAMPLES frame")
+    return ts, rows
+
+
+_DECODERS = {"json": decode_json, "csv": decode_csv, "frame": decode_frame}
+
+
+def decode_payload(payload: bytes, *, channels: int, now: float, fmt: str = "auto", max_skew: float = 0.0,
+                   max_bytes: int = 1 << 20) -> tuple[list[float], list[list[float]]]:
+    """Decode one MQTT payload into (times, rows); ``fmt`` is auto, json, csv or frame."""
+    if len(payload) > max_bytes:
+        raise DecodeError("oversized", f"payload of {len(payload)} bytes exceeds max_payload_bytes = {max_bytes}")
+    if not payload:
+        raise DecodeError("empty", "empty payload")
+    if fmt == "auto":
+        first = payload[:1]
+        if first in (b" ", b"\t", b"\r", b"\n"):
+            first = payload.lstrip()[:1]
+        if first in (b"{", b"["):
+            fmt = "json"
+        elif b"\x00" in payload:
+            fmt = "frame"
+        else:
+            fmt = "csv"
+    return _DECODERS[fmt](payload, channels=channels, now=now, max_skew=max_skew)
+
+
+def decode_label(payload: bytes, *, now: float, max_skew: float = 0.0) -> tuple[float, str | float, str, str]:
+    """Decode a label message into (t, label_or_y, device, stream).
+
+    ``{"t": 1732.5, "label": "imbalance"}`` for a class, ``{"t": ..., "y": 0.7}`` (or a
+    list) for a regression target. ``device`` and ``stream`` are optional and narrow
+    the match to one stream ("" matches any stream).
+
+    >>> decode_label(b'{"t": 5.0, "label": "normal", "device": "m1"}', now=5.0)
+    (5.0, 'normal', 'm1', '')
+    """
+    try:
+        d = orjson.loads(payload)
+    except orjson.JSONDecodeError as e:
+        raise DecodeError("bad_label", f"label is not valid JSON: {e}") from None
+    if type(d) is not dict:
+        raise DecodeError("bad_label", "a label must be a JSON object {t, label} or {t, y}")
+    t = _time(d.get("t", now), now, max_skew)
+    if "label" in d:
+        value = d["label"]
+        if type(value) not in (str, int):
+            raise DecodeError("bad_label", f"label {value!r} must be a class name or index")
+    elif "y" in d:
+        value = d["y"]
+        if type(value) in (int, float):
+            value = float(value)
+            if not _isfinite(value):
+                raise DecodeError("bad_label", "y is not finite")
+        elif type(value) is list and value and all(type(x) in (int, float) and _isfinite(x) for x in value):
+            value = [float(x) for x in value]
+        else:
+            raise DecodeError("bad_label", f"y = {value!r} must be a finite number or a list of them")
+    else:
+        raise DecodeError("bad_label", "a label needs 'label' (a class) or 'y' (a value)")
+    dev, stm = d.get("device", ""), d.get("stream", "")
+    if type(dev) is not str or type(stm) is not str:
+        raise DecodeError("bad_label", "device and stream must be strings")
+    return t, value, dev, stm

@@ -1,0 +1,125 @@
+"""Cut one stream's samples into fixed-length windows. No I/O; one instance per stream.
+
+The policy, in the order it is applied to each sample (each outcome has a counter):
+
+* **Order**: a sample whose time is not after the previous one is dropped
+  (``out_of_order``); duplicates are out of order too.
+* **Gaps**: the expected spacing is ``1 / sample_rate``. A spacing above 1.5x that means
+  samples are missing. Up to ``max_fill`` missing samples are filled by linear
+  interpolation (``filled``); a longer gap discards the partial window and starts a new
+  one at the sample after the gap (``gaps``, ``discarded``), because a window that
+  straddles a hole would show the model a signal that never existed.
+* **Rate**: the spacing of consecutive (non-gap) samples is averaged (EWMA); when the
+  estimate leaves ``sample_rate * (1 +- rate_tolerance)`` the stream is flagged
+  (``rate_mismatch`` counts each transition into the flagged state, and
+  ``rate_ok`` tells the pipeline to warn). Windows are still served: a speed change is a
+  drift the adapter can learn, and silence would hide it.
+* **Windows**: every ``hop`` samples once ``length`` samples are buffered, a window
+  ``[channels, length]`` float32 is emitted with the times of its first and last sample.
+
+>>> w = Windower(length=4, hop=2, channels=1, sample_rate=10.0)
+>>> [(round(a, 2), round(b, 2), x.ravel().tolist()) for a, b, x in w.push([0.0, 0.1, 0.2, 0.3, 0.4, 0.5], [[0], [1], [2], [3], [4], [5]])]
+[(0.0, 0.3, [0.0, 1.0, 2.0, 3.0]), (0.2, 0.5, [2.0, 3.0, 4.0, 5.0])]
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class Windower:
+    """Windows for one stream; ``push`` returns ``[(t_start, t_end, window[C, L])]``."""
+
+    __slots__ = ("length", "hop", "channels", "sample_rate", "rate_tolerance", "max_fill",
+                 "_ts", "_rows", "_skip", "_last_t", "_dt_est", "_n_dt", "rate_ok", "counters", "_dt")
+
+    def __init__(self, *, length: int, hop: int, channels: int, sample_rate: float,
+                 rate_tolerance: float = 0.1, max_fill: int = 2):
+        if length < 1 or hop < 1 or channels < 1 or sample_rate <= 0:
+            raise ValueError("length, hop, channels and sample_rate must be positive")
+        self.length, self.hop, self.channels = length, hop, channels
+        self.sample_rate, self.rate_tolerance, self.max_fill = sample_rate, rate_tolerance, max_fill
+        self._dt = 1.0 / sample_rate
+        self._ts: list[float] = []
+        self._rows: list[list[float]] = []
+        self._skip = 0  # samples still to drop when hop > length
+        self._last_t: float | None = None
+        self._dt_est = self._dt
+        self._n_dt = 0
+        self.rate_ok = True
+        self.counters = {"samples": 0, "windows": 0, "out_of_order": 0, "filled": 0, "gaps": 0,
+                         "discarded": 0, "rate_mismatch": 0}
+
+    @property
+    def estimated_rate(self) -> float:
+        """The stream's measured sample rate (Hz), from the EWMA of sample spacing."""
+        return 1.0 / self._dt_est
+
+    def reset(self) -> None:
+        """Forget the partial window (e.g. after the source reconnects)."""
+        self.counters["discarded"] += len(self._rows)
+        self._ts.clear()
+        self._rows.clear()
+        self._skip = 0
+        self._last_t = None
+
+    def push(self, ts: list[float], rows: list[list[float]]) -> list[tuple[float, float, np.ndarray]]:
+        """Add samples (times and rows of ``channels`` values); return the windows completed."""
+        out: list[tuple[float, float, np.ndarray]] = []
+        c = self.counters
+        dt = self._dt
+        gap_at = 1.5 * dt
+        bts, brows = self._ts, self._rows
+        last = self._last_t
+        for t, row in zip(ts, rows):
+            if last is not None:
+                d = t - last
+                if d <= 0.0:
+                    c["out_of_order"] += 1
+                    continue
+                if d > gap_at:
+                    missing = int(round(d / dt)) - 1
+                    if 0 < missing <= self.max_fill and brows:
+                        prev = brows[-1]
+                        for k in range(1, missing + 1):
+                            a = k / (missing + 1)
+                            self._append(last + a * d, [p + a * (x - p) for p, x in zip(prev, row)], out)
+                        c["filled"] += missing
+                    elif missing > self.max_fill:
+                        c["gaps"] += 1
+                        c["discarded"] += len(brows)
+                        bts.clear()
+                        brows.clear()
+                        self._skip = 0
+                else:
+                    self._track_rate(d)
+            last = t
+            self._append(t, row, out)
+        self._last_t = last
+        c["samples"] += len(ts)
+        return out
+
+    def _track_rate(self, d: float) -> None:
+        self._dt_est += 0.01 * (d - self._dt_est)
+        self._n_dt += 1
+        if self._n_dt < 100:
+            return
+        ok = abs(self._dt / self._dt_est - 1.0) <= self.rate_tolerance
+        if self.rate_ok and not ok:
+            self.counters["rate_mismatch"] += 1
+        self.rate_ok = ok
+
+    def _append(self, t: float, row: list[float], out: list) -> None:
+        if self._skip:
+            self._skip -= 1
+            return
+        self._ts.append(t)
+        self._rows.append(row)
+        if len(self._rows) >= self.length:
+            L, H = self.length, self.hop
+            win = np.asarray(self._rows[:L], dtype=np.float32).T.copy()
+            out.append((self._ts[0], self._ts[L - 1], win))
+            self.counters["windows"] += 1
+            drop = min(H, L)
+            del self._rows[:drop]
+            del self._ts[:drop]
+            self._skip = H - drop
