@@ -270,6 +270,16 @@ def load_config(path: str | Path | None) -> Config:
         raise ConfigError(f"{p}: {e}") from None
 
 
+def _toml(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v + '"'
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_toml(x) for x in v) + "]"
+    return repr(v)
+
+
 def reference_table() -> str:
     """The configuration reference (Markdown), generated from the dataclasses for the README."""
     lines = []
@@ -283,7 +293,10 @@ def reference_table() -> str:
             allowed = ", ".join(map(str, md["choices"])) if md.get("choices") else (
                 f"{md['lo']} .. {md['hi']}" if md.get("lo") is not None else "")
             tname = getattr(hints[g.name], "__name__", "list of strings")
-            default = list(g.default) if isinstance(g.default, tuple) else g.default
-            lines.append(f"| `{g.name}` | {tname} | `{default!r}` | {allowed} | {md.get('doc', '')} |")
+            lines.append(f"| `{g.name}` | {tname} | `{_toml(g.default)}` | {allowed} | {md.get('doc', '')} |")
         lines.append("")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(reference_table())

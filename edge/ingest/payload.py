@@ -173,7 +173,7 @@ def decode_payload(payload: bytes, *, channels: int, now: float, fmt: str = "aut
         first = payload[:1]
         if first in (b" ", b"\t", b"\r", b"\n"):
             first = payload.lstrip()[:1]
-        if first in (b"{", b"["):
+        if first in (b"{", b"[", b"\""):
             fmt = "json"
         elif b"\x00" in payload:
             fmt = "frame"

@@ -1,0 +1,1 @@
+"""Benchmarks behind `edge bench pipeline|serve|adapt|serial` (figures go to BENCHMARKS.md)."""

@@ -1,0 +1,245 @@
+"""`edge bench pipeline`: MQTT in -> windows -> model -> predictions out, against a naive baseline.
+
+One run, one broker (mosquitto on a free loopback port), the same messages for both:
+
+1. **paced**: single-sample JSON messages at ``--rate`` msg/s over ``--streams`` streams
+   (each stream a 1 kHz sensor in real time) for ``--seconds``; measured: messages and
+   windows per second sustained, lost windows, the daemon's drop counter, latency from
+   the last sample's publish to the prediction's arrival (p50/p99), CPU used.
+2. **saturated**: ``--burst`` messages sent as fast as the load generator can; measured:
+   messages per second the system under test gets through (time until its last
+   prediction arrives).
+
+The system under test runs in a child process pinned to CPU 0; the broker, the load
+generator and the receiver share CPU 1. The baseline (``edge.bench.naive``) is a paho
+callback that builds each window and calls the eager model per window.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+
+from edge.bench.rawmqtt import RawPublisher, publish_packet
+from edge.broker import BrokerProcess, free_port
+
+WINDOW = 256
+
+
+def _pin(cpu: int):
+    def f():
+        if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > cpu:
+            os.sched_setaffinity(0, {cpu})
+    return f
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        parts = f.read().rsplit(")", 1)[1].split()
+    return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Receiver:
+    """Counts predictions and their latency (arrival minus the window's last sample time)."""
+
+    def __init__(self, host: str, port: int, topic: str):
+        self.lat: list[float] = []
+        self.n = 0
+        self.last = 0.0
+        self.lock = threading.Lock()
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-rx-{topic[:5]}", protocol=mqtt.MQTTv311)
+        self.c.on_connect = lambda c, *a: c.subscribe(topic)
+        self.c.on_message = self._on
+        self.c.connect(host, port)
+        self.c.loop_start()
+
+    def _on(self, c, u, m):
+        now = time.time()
+        t = orjson.loads(m.payload)["t"]
+        with self.lock:
+            self.n += 1
+            self.last = now
+            self.lat.append(now - t)
+
+    def reset(self):
+        with self.lock:
+            self.lat, self.n = [], 0
+
+    def wait_count(self, n: int, timeout: float) -> bool:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.n >= n:
+                return True
+            time.sleep(0.01)
+        return False
+
+    def close(self):
+        self.c.loop_stop()
+        self.c.disconnect()
+
+
+def _samples(streams: int, n: int) -> np.ndarray:
+    from edge.sim import Machine
+
+    v = Machine(seed=7, fault="imbalance").read(n)[1]
+    return np.round(v.astype(np.float64), 4)
+
+
+def run_paced(pub: RawPublisher, rx: Receiver, pid: int, *, streams: int, rate: float, seconds: float, rows, prefix: bytes) -> dict:
+    per_stream = rate / streams  # Hz
+    topics = [prefix + b"/s%02d/accel" % s for s in range(streams)]
+    sent = [0] * streams
+    rx.reset()
+    t0 = time.time()
+    cpu0 = _cpu_seconds(pid)
+    total = 0
+    while True:
+        now = time.time()
+        el = now - t0
+        if el >= seconds:
+            break
+        chunk = []
+        for s in range(streams):
+            due = int(el * per_stream) - sent[s]
+            for _ in range(due):
+                i = sent[s]
+                t = t0 + i / per_stream
+                chunk.append(publish_packet(topics[s], orjson.dumps({"t": t, "v": rows[(i * 31 + s) % len(rows)].tolist()})))
+                sent[s] += 1
+        if chunk:
+            pub.send(b"".join(chunk))
+            total += len(chunk)
+        time.sleep(0.002)
+    wall = time.time() - t0
+    expected = sum(n // WINDOW for n in sent)
+    rx.wait_count(expected, 10.0)
+    time.sleep(0.3)
+    cpu = _cpu_seconds(pid) - cpu0
+    lat = np.array(rx.lat) * 1000 if rx.lat else np.array([float("nan")])
+    return {"messages_sent": total, "rate_target": rate, "messages_per_s": round(total / wall, 1),
+            "windows_expected": expected, "windows_received": rx.n, "windows_lost": expected - rx.n,
+            "windows_per_s": round(rx.n / wall, 1), "latency_ms_p50": round(float(np.percentile(lat, 50)), 2),
+            "latency_ms_p99": round(float(np.percentile(lat, 99)), 2), "latency_ms_max": round(float(lat.max()), 2),
+            "cpu_core_share": round(cpu / (wall + 0.3), 3)}
+
+
+def run_burst(pub: RawPublisher, rx: Receiver, *, streams: int, count: int, rows, prefix: bytes, timeout: float) -> dict:
+    topics = [prefix + b"/s%02d/accel" % s for s in range(streams)]
+    per = count // streams
+    base = time.time() + 100.0  # later than anything paced, so windows never see time go backwards
+    pkts = []
+    for i in range(per):
+        for s in range(streams):
+            pkts.append(publish_packet(topics[s], orjson.dumps({"t": base + i / 1000.0, "v": rows[(i * 31 + s) % len(rows)].tolist()})))
+    blob = [b"".join(pkts[k:k + 2000]) for k in range(0, len(pkts), 2000)]
+    rx.reset()
+    expected = streams * (per // WINDOW)
+    t0 = time.time()
+    for b in blob:
+        pub.send(b)
+    sent_s = time.time() - t0
+    done = rx.wait_count(expected, timeout)
+    el = (rx.last if rx.n else time.time()) - t0
+    return {"messages": per * streams, "send_s": round(sent_s, 3), "windows_expected": expected,
+            "windows_received": rx.n, "complete": done, "elapsed_s": round(el, 3),
+            "messages_per_s": round(per * streams * (rx.n / max(1, expected)) / max(el, 1e-9), 1)}
+
+
+def _start_edge(host: str, port: int, model: str, tmp: Path, cache: str) -> tuple[subprocess.Popen, int]:
+    mport = free_port()
+    cfg = tmp / "edge.toml"
+    cfg.write_text(f"""[node]\nname = "bench"\nstate_dir = "{tmp / 'state'}"\nlog_level = "warning"\n
+[mqtt]\nhost = "{host}"\nport = {port}\nprotocol = "3.1.1"\n[model]\npath = "{model}"\n{f'cache_dir = "{cache}"' if cache else ''}
+[adapt]\nenabled = false\n[metrics]\nport = {mport}\n[[sources]]\ntopic = "bench/{{device}}/{{stream}}"\n""")
+    p = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], preexec_fn=_pin(0),
+                         stdout=subprocess.DEVNULL, stderr=open(tmp / "edge.log", "wb"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{mport}/healthz", timeout=1) as r:
+                if json.loads(r.read()).get("broker_connected"):
+                    return p, mport
+        except OSError:
+            pass
+        if p.poll() is not None:
+            raise RuntimeError(f"edge run exited: {(tmp / 'edge.log').read_text()[-2000:]}")
+        time.sleep(0.2)
+    raise RuntimeError("edge run did not become ready")
+
+
+def _metric(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edge bench pipeline", description=__doc__.split("\n")[0])
+    ap.add_argument("--rate", type=float, default=20000.0)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--streams", type=int, default=20)
+    ap.add_argument("--burst", type=int, default=200_000)
+    ap.add_argument("--model", default="vibration")
+    ap.add_argument("--cache-dir", default="")
+    ap.add_argument("--out", default="bench/out/pipeline.json")
+    ap.add_argument("--skip-baseline", action="store_true")
+    a = ap.parse_args(argv)
+    _pin(1)()
+    rows = _samples(a.streams, 20_000)
+    results: dict = {"config": vars(a), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    with BrokerProcess(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as td:
+        tmp = Path(td)
+        systems = ["edge"] + ([] if a.skip_baseline else ["naive"])
+        for name in systems:
+            if name == "edge":
+                proc, mport = _start_edge(broker.host, broker.port, a.model, tmp, a.cache_dir)
+                rx = Receiver(broker.host, broker.port, "edge/bench/predictions/#")
+            else:
+                proc = subprocess.Popen([sys.executable, "-m", "edge.bench.naive", broker.host, str(broker.port), a.model],
+                                        preexec_fn=_pin(0), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+                proc.stdout.readline()
+                rx = Receiver(broker.host, broker.port, "naive/predictions/#")
+            time.sleep(0.5)
+            pub = RawPublisher(broker.host, broker.port, client_id=f"bench-pub-{name}")
+            try:
+                print(f"[{name}] paced {a.rate:.0f} msg/s for {a.seconds:.0f} s ...", flush=True)
+                paced = run_paced(pub, rx, proc.pid, streams=a.streams, rate=a.rate, seconds=a.seconds, rows=rows,
+                                  prefix=b"bench")
+                print(f"[{name}] burst of {a.burst} messages ...", flush=True)
+                burst = run_burst(pub, rx, streams=a.streams, count=a.burst, rows=rows, prefix=b"bench", timeout=120)
+                r = {"paced": paced, "burst": burst}
+                if name == "edge":
+                    r["daemon_dropped"] = _metric(mport, "edge_dropped_total")
+                results[name] = r
+                print(json.dumps(r, indent=1), flush=True)
+            finally:
+                pub.close()
+                rx.close()
+                proc.terminate()
+                proc.wait(10)
+    if "naive" in results:
+        results["ratio_burst_throughput"] = round(results["edge"]["burst"]["messages_per_s"] /
+                                                  max(1e-9, results["naive"]["burst"]["messages_per_s"]), 2)
+        results["ratio_paced_cpu"] = round(results["naive"]["paced"]["cpu_core_share"] /
+                                           max(1e-9, results["edge"]["paced"]["cpu_core_share"]), 2)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(results, indent=2))
+    print(f"ratio (burst throughput, edge / naive): {results.get('ratio_burst_throughput')}; written to {a.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

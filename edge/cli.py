@@ -1,0 +1,140 @@
+"""The `edge` command: run, demo, compile, bench, status.
+
+Every ``EdgeError`` becomes one line on stderr and its documented exit code:
+1 generic, 2 config, 3 model, 4 backend unavailable, 5 parity/artifact, 6 decode,
+7 state, 8 broker. Anything else is a bug and keeps its traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from edge.errors import EdgeError
+
+
+def _cmd_run(args) -> int:
+    from edge.config import load_config
+    from edge.observe import setup_logging
+
+    cfg = load_config(args.config)
+    if args.check:
+        from edge.zoo import resolve_model
+
+        m = resolve_model(cfg.model.path)
+        print(f"{args.config or '(defaults)'}: OK — node {cfg.node.name}, model {m.manifest.name}@{m.manifest.version}, "
+              f"{len(cfg.sources)} source(s), broker {cfg.mqtt.host}:{cfg.mqtt.port}")
+        return 0
+    setup_logging(args.log_level or cfg.node.log_level)
+    from edge.daemon import Daemon
+
+    return Daemon(cfg).run()
+
+
+def _cmd_demo(args) -> int:
+    from edge.demo import run_demo
+
+    return run_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), live=not args.no_live,
+                    devices=args.devices, drift_at=args.drift_at, serial=not args.no_serial)
+
+
+def _cmd_compile(args) -> int:
+    from edge.observe import setup_logging
+    from edge.serve.compile import compile_model
+    from edge.zoo import resolve_model
+
+    setup_logging("info")
+    res = compile_model(resolve_model(args.model), backend=args.backend,
+                        precision=None if args.precision == "auto" else args.precision,
+                        calibration=args.calibration, cache_dir=args.cache_dir, progress=not args.quiet)
+    print(res.summary() if hasattr(res, "summary") else res)
+    return 0
+
+
+def _bench(what: str, argv: list[str]) -> int:
+    import importlib
+
+    modname = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
+               "serial": "edge.bench.serial"}[what]
+    return int(importlib.import_module(modname).main(argv) or 0)
+
+
+def _cmd_status(args) -> int:
+    from edge.config import load_config
+    from edge.daemon import state_dir
+
+    cfg = load_config(args.config)
+    p = state_dir(cfg) / "status.json"
+    out: dict = {}
+    if p.exists():
+        out["daemon"] = json.loads(p.read_text())
+    else:
+        out["daemon"] = f"no status at {p} (is the daemon running with this config?)"
+    from edge.serve.backends import availability
+
+    out["backends"] = {k: {"available": ok, "reason": why} for k, (ok, why) in availability().items()}
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edge", description="Edge runtime: sensors in, compiled model served, head learned online.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    r = sub.add_parser("run", help="run the daemon")
+    r.add_argument("--config", "-c", help="TOML config (default: built-in defaults)")
+    r.add_argument("--check", action="store_true", help="validate the config and the model, then exit")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    r.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="start a broker, simulated devices and the daemon; show a live view")
+    d.add_argument("--seconds", type=float, default=0, help="end after N seconds (default: until Ctrl-C)")
+    d.add_argument("--broker", default="", help="HOST:PORT of an existing broker (default: start one)")
+    d.add_argument("--out", default="demo-report", help="folder for report.json and report.png")
+    d.add_argument("--devices", type=int, default=3, help="simulated MQTT devices")
+    d.add_argument("--drift-at", type=float, default=None, help="seconds until drift hits one device (default: a third of the run)")
+    d.add_argument("--no-live", action="store_true", help="no live terminal view (log lines instead)")
+    d.add_argument("--no-serial", action="store_true", help="no simulated serial device")
+    d.set_defaults(func=_cmd_demo)
+
+    c = sub.add_parser("compile", help="compile a model's backbone for a backend into the cache")
+    c.add_argument("model", help="model folder or shipped model name")
+    c.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "tensorrt", "torch"])
+    c.add_argument("--precision", default="auto", choices=["auto", "int8", "fp16", "fp32"])
+    c.add_argument("--calibration", help=".npy/.npz file of windows [N, C, L] for int8 calibration")
+    c.add_argument("--cache-dir", help="artifact cache (default ~/.cache/edge-runtime)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(func=_cmd_compile)
+
+    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial (see BENCHMARKS.md)")
+    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial"])
+    b.set_defaults(func=None)
+
+    s = sub.add_parser("status", help="backend availability and the running daemon's status")
+    s.add_argument("--config", "-c")
+    s.set_defaults(func=_cmd_status)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = build_parser()
+    args, rest = ap.parse_known_args(argv)
+    try:
+        if args.cmd == "bench":
+            return _bench(args.what, rest)
+        if rest:
+            ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args.func(args)
+    except EdgeError as e:
+        print(f"edge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    logging.captureWarnings(True)
+    sys.exit(main())

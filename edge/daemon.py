@@ -1,0 +1,237 @@
+"""The daemon: wires model, backend, sources, pipeline, learner and MQTT; owns the threads.
+
+Threads (each named, each owning its input): paho's network loop (``paho-mqtt-client-*``)
+enqueues raw messages; one ``serial:<name>`` reader per serial source enqueues sample
+blocks; ``pipeline`` windows, serves and publishes; ``learner`` trains the head and swaps
+it; ``metrics`` answers scrapes. ``Daemon.run`` blocks until SIGTERM/SIGINT and then
+stops them in reverse order, checkpointing the learner last.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from edge.config import Config
+from edge.ingest.mqtt import MqttLink
+from edge.ingest.topics import TopicRoute
+from edge.observe import MetricsServer, Registry
+from edge.pipeline import Pipeline
+from edge.zoo import resolve_model
+
+log = logging.getLogger("edge.daemon")
+
+
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) about readiness/watchdog; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), addr)
+        return True
+    except OSError as e:
+        log.warning("systemd notify failed: %s", e)
+        return False
+
+
+class Daemon:
+    """One edge node. ``start()`` returns when it serves; ``stop()`` undoes it."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self.started_at = time.time()
+        self.link: MqttLink | None = None
+        self.pipeline: Pipeline | None = None
+        self.adapt = None
+        self.serial: list[Any] = []
+        self.metrics_server: MetricsServer | None = None
+        self.backend_reason = ""
+
+    # ---- building --------------------------------------------------------------------
+    def _load_model(self):
+        from edge.adapt.heads import HeadSnapshot
+        from edge.serve import load_backbone
+        from edge.serve.engine import Engine
+
+        cfg = self.cfg
+        self.model = resolve_model(cfg.model.path)
+        m = self.model.manifest
+        precision = None if cfg.model.precision == "auto" else cfg.model.precision
+        t0 = time.monotonic()
+        backend, self.backend_reason = load_backbone(self.model, backend=cfg.model.backend, precision=precision,
+                                                     cache_dir=cfg.model.cache_dir or None, threads=cfg.model.threads)
+        self.engine = Engine(backend, max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms)
+        self.engine.warm_up()
+        log.info("model %s %s on %s (%s); ready to serve in %.2f s", m.name, m.version, backend.describe().get("name", backend.key),
+                 self.backend_reason, time.monotonic() - t0)
+        _, head_sd = self.model.state_dicts()
+        self.global_head = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear",
+                                                     task=m.task, version=f"{m.version}+shipped")
+        self._head = self.global_head
+
+    def head(self):
+        """The serving head (an immutable snapshot; the learner replaces the reference)."""
+        return self.adapt.champion if self.adapt is not None else self._head
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        m = self.model.manifest
+        base = cfg.topic_base
+        sources = [(TopicRoute(s.topic, device=s.device, stream=s.stream), s.format)
+                   for s in cfg.sources if s.type == "mqtt"]
+        label_route = TopicRoute(f"{base}/labels/#")
+        window_kw = dict(length=cfg.window.length or m.window, hop=cfg.window.hop or cfg.window.length or m.window,
+                         sample_rate=cfg.window.sample_rate or m.sample_rate,
+                         rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill)
+        if cfg.adapt.enabled:
+            from edge.adapt.worker import AdaptWorker
+
+            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event)
+        self.pipeline = Pipeline(
+            sources=sources, label_route=label_route, channels=m.channels, window_kw=window_kw,
+            features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
+            publish=self._publish, topic_base=base, model_id=f"{m.name}@{m.version}", queue_size=cfg.queues.ingest,
+            max_batch=cfg.model.max_batch, max_skew=cfg.window.max_clock_skew_s, max_payload=cfg.mqtt.max_payload_bytes,
+            on_window=self.adapt.offer_window if self.adapt else None,
+            on_label=self.adapt.offer_label if self.adapt else None,
+            on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None)
+        subs = [(r.subscription, cfg.mqtt.qos) for r, _ in sources] + [(label_route.subscription, 1)]
+        self.link = MqttLink(cfg.mqtt, client_id=cfg.mqtt.client_id or f"edge-{cfg.node.name}",
+                             status_topic=f"{base}/status", subscriptions=subs, on_message=self.pipeline.offer_message)
+        for i, s in enumerate(cfg.sources):
+            if s.type == "serial":
+                from edge.ingest.serial import SerialSource
+
+                self.serial.append(SerialSource(
+                    name=f"serial{i}", port=s.port, baud=s.baud, protocol=s.protocol, device=s.device or None,
+                    stream=s.stream or None, channels=list(s.channels) or None, sample_rate=s.sample_rate or None,
+                    sink=self.pipeline))
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self, *, connect_timeout: float = 0.0) -> None:
+        """Load, warm up, connect and start every thread; ready once the first connect succeeds
+        (or immediately when ``connect_timeout`` is 0: the daemon keeps retrying in the background)."""
+        self._load_model()
+        self._build()
+        self.pipeline.start()
+        if self.adapt is not None:
+            self.adapt.start()
+        self.link.start()
+        for s in self.serial:
+            s.start()
+        if self.cfg.metrics.port:
+            self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health)
+            self.metrics_server.start()
+            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
+        if connect_timeout and not self.link.wait_connected(connect_timeout):
+            log.warning("broker %s:%d not reachable yet; retrying in the background", self.cfg.mqtt.host, self.cfg.mqtt.port)
+        self.ready.set()
+        sd_notify("READY=1\nSTATUS=serving")
+
+    def stop(self) -> None:
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        sd_notify("STOPPING=1")
+        log.info("stopping")
+        for s in self.serial:
+            s.stop()
+        if self.pipeline:
+            self.pipeline.stop()
+        if self.adapt is not None:
+            self.adapt.stop()  # checkpoints
+        if self.link:
+            self.link.stop()
+        if self.metrics_server:
+            self.metrics_server.stop()
+        log.info("stopped")
+
+    def run(self) -> int:
+        """Start, then block until SIGTERM/SIGINT; ping the systemd watchdog meanwhile."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop_requested.set())
+        self._stop_requested = threading.Event()
+        self.start(connect_timeout=5.0)
+        wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+        while not self._stop_requested.wait(wd / 2 if wd else 1.0):
+            if wd and self.pipeline.thread.is_alive():
+                sd_notify("WATCHDOG=1")  # only while the serving thread lives
+        self.stop()
+        return 0
+
+    # ---- outputs ---------------------------------------------------------------------
+    def _publish(self, topic: str, payload: bytes) -> None:
+        self.link.publish(topic, payload, qos=self.cfg.mqtt.qos)
+
+    def event(self, kind: str, **fields) -> None:
+        """Publish an event on ``<prefix>/<node>/events`` and log it."""
+        msg = {"type": kind, "t": time.time(), "node": self.cfg.node.name, **fields}
+        log.info("event %s %s", kind, {k: v for k, v in fields.items() if k != "metrics"})
+        if self.link is not None:
+            self.link.publish(f"{self.cfg.topic_base}/events", orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY), qos=1)
+
+    # ---- introspection ---------------------------------------------------------------
+    def health(self) -> tuple[bool, dict]:
+        ok = self.ready.is_set() and self.pipeline is not None and self.pipeline.thread.is_alive()
+        connected = bool(self.link and self.link.connected.is_set())
+        return ok, {"ready": ok, "broker_connected": connected, "uptime_s": round(time.time() - self.started_at, 1)}
+
+    def status(self) -> dict[str, Any]:
+        """Everything `edge status` shows: backend choice, streams, counters, head version."""
+        p = self.pipeline
+        st: dict[str, Any] = {"node": self.cfg.node.name, "model": f"{self.model.manifest.name}@{self.model.manifest.version}",
+                              "backend": self.engine.backend.describe(), "backend_reason": self.backend_reason,
+                              "head": self.head().version, "health": self.health()[1]}
+        if p:
+            st["pipeline"] = dict(p.counters)
+            st["bad_input"] = dict(p.bad)
+            st["streams"] = {str(k): {**w.counters, "rate_hz": round(w.estimated_rate, 2), "rate_ok": w.rate_ok}
+                             for k, w in list(p.windowers.items())}
+        if self.link:
+            st["mqtt"] = dict(self.link.counters)
+        if self.adapt is not None:
+            st["adapt"] = self.adapt.metrics()
+        for s in self.serial:
+            st.setdefault("serial", {})[s.name] = s.stats()
+        return st
+
+    def registry(self) -> Registry:
+        reg = Registry()
+        p = self.pipeline
+        reg.add("edge_messages_total", "counter", "MQTT messages received", lambda: p.counters["messages"])
+        reg.add("edge_dropped_total", "counter", "items dropped because the ingest queue was full", lambda: p.counters["dropped"])
+        reg.add("edge_windows_served_total", "counter", "windows served", lambda: p.counters["windows_served"])
+        reg.add("edge_bad_input_total", "counter", "inputs skipped, by kind", lambda: [({"kind": k}, v) for k, v in p.bad.items()])
+        reg.add("edge_stream_samples_total", "counter", "samples per stream",
+                lambda: [({"stream": str(k)}, w.counters["samples"]) for k, w in list(p.windowers.items())])
+        reg.add("edge_stream_gaps_total", "counter", "gaps that restarted a window, per stream",
+                lambda: [({"stream": str(k)}, w.counters["gaps"]) for k, w in list(p.windowers.items())])
+        reg.add("edge_pipeline_latency_seconds_bucket", "counter", "receive-to-publish latency (cumulative buckets)",
+                lambda: [({"le": "+Inf" if b == float("inf") else f"{b:g}"}, n) for b, n in p.latency_buckets()])
+        reg.add("edge_queue_depth", "gauge", "items waiting in the ingest queue", lambda: len(p.queue))
+        reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker", lambda: float(self.link.connected.is_set()))
+        reg.add("edge_backend_latency_seconds", "gauge", "backbone latency per batch, by backend and quantile",
+                lambda: [({"backend": label, "quantile": q}, snap[f"p{int(q * 100)}_ms"] / 1e3)
+                         for label, snap in self.engine.latency_snapshot().items() for q in (0.5, 0.99)
+                         if snap.get(f"p{int(q * 100)}_ms") is not None])
+        if self.adapt is not None:
+            reg.add("edge_adapt", "gauge", "learner counters and metrics",
+                    lambda: [({"name": k}, v) for k, v in self.adapt.metrics().items() if isinstance(v, (int, float))])
+        return reg
+
+
+def state_dir(cfg: Config) -> Path:
+    return Path(cfg.node.state_dir).expanduser() / cfg.node.name

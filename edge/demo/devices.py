@@ -1,0 +1,119 @@
+"""Simulated devices for the demo: machines publishing over MQTT, an operator publishing labels.
+
+Each device is an ``edge.sim.Machine`` whose fault changes every ``segment_s`` seconds
+(so every class shows up) and publishes batches of samples in real time, the way a
+gateway forwards an accelerometer: ``{"t0", "dt", "v": [[ax, ay, az], ...]}`` every
+``batch_s``. The schedule is known, so the demo can score each prediction against the
+true class at the prediction's time.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import orjson
+import paho.mqtt.client as mqtt
+
+from edge.sim import FAULTS, SHIFTS, Condition, Machine
+
+
+class SimDevice:
+    """One simulated machine: its schedule of faults and conditions, and its samples."""
+
+    def __init__(self, *, name: str, seed: int, t0: float, segment_s: float = 8.0, sample_rate: float = 1000.0):
+        self.name, self.segment_s, self.t0 = name, segment_s, t0
+        self.machine = Machine(seed=seed, sample_rate=sample_rate, t0=t0)
+        self._rng = np.random.default_rng(seed)
+        self._order = [str(f) for f in self._rng.permutation(FAULTS)]
+        self.drift_name = "nominal"
+        self.drift_since: float | None = None
+        self._lock = threading.Lock()
+
+    def true_fault(self, t: float) -> str:
+        """The fault the machine has at time ``t`` (from the schedule)."""
+        k = int(max(0.0, t - self.t0) // self.segment_s)
+        return self._order[k % len(self._order)]
+
+    def drift(self, name: str, at: float) -> None:
+        with self._lock:
+            self.drift_name, self.drift_since = name, at
+
+    def read(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The next ``n`` samples, with the fault and condition in force at their start."""
+        with self._lock:
+            t_next = self.machine.t0 + self.machine._i / self.machine.sample_rate
+            fault = self.true_fault(t_next)
+            if fault != self.machine.fault:
+                self.machine.fault = fault
+            cond = SHIFTS[self.drift_name] if self.drift_since is not None and t_next >= self.drift_since else SHIFTS["nominal"]
+            if cond is not self.machine.condition:
+                self.machine.condition = cond
+            return self.machine.read(n)
+
+
+class MqttDevices:
+    """Publish every device's samples in real time from one thread ("sim-devices")."""
+
+    def __init__(self, devices: list[SimDevice], *, host: str, port: int, protocol: str, batch_s: float = 0.05,
+                 topic: str = "sensors/{device}/accel"):
+        self.devices, self.batch_s, self.topic = devices, batch_s, topic
+        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-demo-devices", protocol=proto)
+        self.client.connect(host, port)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sim-devices", daemon=True)
+        self.sent = 0
+
+    def start(self) -> None:
+        self.client.loop_start()
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _run(self) -> None:
+        rate = self.devices[0].machine.sample_rate
+        n = int(round(self.batch_s * rate))
+        while not self._stop.is_set():
+            for d in self.devices:
+                due = int((time.time() - d.t0) * rate) - d.machine._i  # samples that exist by now
+                while due >= n and not self._stop.is_set():
+                    t, v = d.read(n)
+                    payload = orjson.dumps({"t0": float(t[0]), "dt": 1.0 / rate, "v": np.round(v, 5).tolist()})
+                    self.client.publish(self.topic.format(device=d.name), payload)
+                    self.sent += n
+                    due -= n
+            self._stop.wait(self.batch_s / 2)
+
+
+class Operator:
+    """Publishes ground-truth labels for some devices, as an inspector or an inline test would."""
+
+    def __init__(self, client: mqtt.Client, *, topic: str, devices: list[SimDevice], every_s: float = 0.5,
+                 stream: str = "accel"):
+        self.client, self.topic, self.devices, self.every_s, self.stream = client, topic, devices, every_s, stream
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="sim-operator", daemon=True)
+        self.sent = 0
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            for d in self.devices:
+                t = time.time() - 0.5  # a label for a moment the device has already sent
+                msg = {"t": t, "label": d.true_fault(t), "device": d.name, "stream": self.stream}
+                self.client.publish(self.topic, orjson.dumps(msg), qos=1)
+                self.sent += 1
+
+
+__all__ = ["SimDevice", "MqttDevices", "Operator", "Condition"]

@@ -1,0 +1,59 @@
+"""Test helpers: a real MQTT client that publishes samples and collects what comes back."""
+from __future__ import annotations
+
+import threading
+import time
+
+import orjson
+import paho.mqtt.client as mqtt
+
+
+class Client:
+    """A paho client on the test broker that records every message on its subscriptions."""
+
+    def __init__(self, broker, *subscriptions: str, protocol: str = "5"):
+        self.msgs: list[tuple[str, bytes, bool]] = []
+        self.cond = threading.Condition()
+        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto)
+        self.subs = subscriptions
+        self.c.on_connect = lambda c, *a: [c.subscribe(s, qos=1) for s in self.subs]
+        self.c.on_message = self._on_message
+        self.c.reconnect_delay_set(0.1, 0.5)
+        self.c.connect(broker.host, broker.port)
+        self.c.loop_start()
+
+    def _on_message(self, c, u, m):
+        with self.cond:
+            self.msgs.append((m.topic, m.payload, bool(m.retain)))
+            self.cond.notify_all()
+
+    def wait_for(self, pred, timeout: float = 10.0):
+        """Wait until ``pred(msgs)`` is truthy; return its value (fails the test on timeout)."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                v = pred(self.msgs)
+                if v:
+                    return v
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"timed out; got {len(self.msgs)} messages: {[m[0] for m in self.msgs[-10:]]}")
+                self.cond.wait(left)
+
+    def json_on(self, prefix: str) -> list[dict]:
+        with self.cond:
+            return [orjson.loads(p) for t, p, _ in self.msgs if t.startswith(prefix)]
+
+    def publish(self, topic: str, payload, qos: int = 1):
+        if not isinstance(payload, (bytes, str)):
+            payload = orjson.dumps(payload)
+        self.c.publish(topic, payload, qos=qos).wait_for_publish(5)
+
+    def close(self):
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+def batch(t0: float, n: int, *, value=lambda i: [0.01 * i, 0.0, 1.0], dt: float = 0.001) -> dict:
+    return {"t0": t0, "dt": dt, "v": [value(i) for i in range(n)]}

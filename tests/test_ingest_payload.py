@@ -1,0 +1,138 @@
+"""Payload decoding: every accepted form, every rejection with its kind, garbage never escapes."""
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.errors import DecodeError
+from edge.ingest.payload import decode_label, decode_payload
+
+NOW = 1_700_000_000.0
+
+
+def dec(p, **kw):
+    return decode_payload(p, channels=3, now=NOW, max_skew=3600.0, **kw)
+
+
+def test_single_json_sample():
+    assert dec(b'{"t": 1700000000.5, "v": [1, 2.5, -3]}') == ([1700000000.5], [[1.0, 2.5, -3.0]])
+
+
+def test_json_sample_without_time_takes_receive_time():
+    assert dec(b'{"v": [0, 0, 1]}') == ([NOW], [[0.0, 0.0, 1.0]])
+
+
+def test_json_batch_spaces_samples_by_dt():
+    ts, rows = dec(b'{"t0": 1700000000.0, "dt": 0.5, "v": [[1,1,1],[2,2,2],[3,3,3]]}')
+    assert ts == [NOW, NOW + 0.5, NOW + 1.0]
+    assert rows[2] == [3.0, 3.0, 3.0]
+
+
+def test_json_list_of_samples():
+    ts, rows = dec(b'[{"t": 1700000000.0, "v": [1,2,3]}, {"t": 1700000000.1, "v": [4,5,6]}]')
+    assert len(ts) == 2 and rows[1] == [4.0, 5.0, 6.0]
+
+
+def test_csv_with_and_without_time():
+    assert dec(b"1700000000.25,1,2,3\n") == ([1700000000.25], [[1.0, 2.0, 3.0]])
+    assert dec(b"1\t2\t3") == ([NOW], [[1.0, 2.0, 3.0]])
+
+
+@pytest.mark.parametrize("payload, kind", [
+    (b'{"t": 1700000000, "v": [1, 2', "bad_json"),
+    (b'{"t": 1700000000, "v": [1, 2]}', "wrong_channels"),
+    (b'{"t": 1700000000, "v": [1, 2, 3, 4]}', "wrong_channels"),
+    (b'{"t": 1700000000, "v": [1, NaN, 3]}', "bad_json"),
+    (b'{"t": 1700000000, "v": [1, null, 3]}', "bad_value"),
+    (b'{"t": 1700000000, "v": [1, "x", 3]}', "bad_value"),
+    (b'{"t": 1e300, "v": [1, 2, 3]}', "absurd_time"),
+    (b'{"t": 12, "v": [1, 2, 3]}', "absurd_time"),
+    (b'{"t": "now", "v": [1, 2, 3]}', "bad_time"),
+    (b'{"t0": 1700000000, "dt": 0, "v": [[1,2,3]]}', "bad_time"),
+    (b'{"t0": 1700000000, "dt": -1, "v": [[1,2,3]]}', "bad_time"),
+    (b'{"x": 1}', "bad_shape"),
+    (b'"hello"', "bad_shape"),
+    (b"1,2,nan", "non_finite"),
+    (b"1,2,inf", "non_finite"),
+    (b"1,2", "wrong_channels"),
+    (b"a,b,c", "bad_csv"),
+    (b"\xff\xfe", "bad_csv"),
+    (b"", "empty"),
+])
+def test_bad_payload_is_rejected_with_its_kind(payload, kind):
+    with pytest.raises(DecodeError) as e:
+        dec(payload)
+    assert e.value.kind == kind
+
+
+def test_oversized_payload_is_rejected_before_parsing():
+    with pytest.raises(DecodeError) as e:
+        decode_payload(b"{" + b" " * 2000 + b"}", channels=3, now=NOW, max_bytes=1000)
+    assert e.value.kind == "oversized"
+
+
+def test_skew_check_can_be_disabled_for_replayed_recordings():
+    assert decode_payload(b'{"t": 12.0, "v": [1,2,3]}', channels=3, now=NOW, max_skew=0.0)[0] == [12.0]
+
+
+def test_labels_class_and_value():
+    assert decode_label(b'{"t": 1700000000.0, "label": "imbalance"}', now=NOW) == (NOW, "imbalance", "", "")
+    assert decode_label(b'{"t": 1700000000.0, "y": 2}', now=NOW) == (NOW, 2.0, "", "")
+    assert decode_label(b'{"y": [1, 2]}', now=NOW)[1] == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("payload", [b"{", b"[]", b'{"t": 1}', b'{"label": [1]}', b'{"y": "x"}', b'{"y": []}',
+                                     b'{"label": "a", "device": 3}'])
+def test_bad_labels_are_rejected(payload):
+    with pytest.raises(DecodeError):
+        decode_label(payload, now=NOW)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_garbage_never_escapes_as_another_exception(data):
+    try:
+        ts, rows = dec(data)
+    except DecodeError:
+        return
+    assert len(ts) == len(rows)
+    assert all(len(r) == 3 and all(math.isfinite(x) for x in r) for r in rows)
+
+
+json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=5),
+                          lambda c: st.lists(c, max_size=4) | st.dictionaries(st.sampled_from(["t", "v", "t0", "dt", "x"]), c, max_size=4),
+                          max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_value)
+def test_any_json_document_decodes_or_raises_decode_error(doc):
+    import orjson
+
+    try:
+        payload = orjson.dumps(doc)
+    except (TypeError, orjson.JSONEncodeError):
+        return
+    try:
+        ts, rows = dec(payload)
+        assert all(len(r) == 3 for r in rows) and all(math.isfinite(t) for t in ts)
+    except DecodeError:
+        pass
+    try:
+        decode_label(payload, now=NOW)
+    except DecodeError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1e6, 1e6), st.floats(-1e6, 1e6), st.floats(-1e6, 1e6)), min_size=1, max_size=20),
+       st.floats(0.0001, 1.0))
+def test_batch_round_trip(rows, dt):
+    import orjson
+
+    ts, out = dec(orjson.dumps({"t0": NOW, "dt": dt, "v": [list(r) for r in rows]}))
+    assert out == [[float(x) for x in r] for r in rows]
+    assert ts[0] == NOW and all(b > a for a, b in zip(ts, ts[1:]))
