@@ -48,7 +48,8 @@ def _cmd_compile(args) -> int:
     setup_logging("info")
     res = compile_model(resolve_model(args.model), backend=args.backend,
                         precision=None if args.precision == "auto" else args.precision,
-                        calibration=args.calibration, cache_dir=args.cache_dir, progress=not args.quiet)
+                        calibration=args.calibration, cache_dir=args.cache_dir, progress=not args.quiet,
+                        threads=args.threads, force=args.force)
     print(res.summary() if hasattr(res, "summary") else res)
     return 0
 
@@ -72,9 +73,9 @@ def _cmd_status(args) -> int:
         out["daemon"] = json.loads(p.read_text())
     else:
         out["daemon"] = f"no status at {p} (is the daemon running with this config?)"
-    from edge.serve.backends import availability
+    from edge.serve import serve_status
 
-    out["backends"] = {k: {"available": ok, "reason": why} for k, (ok, why) in availability().items()}
+    out["serving"] = serve_status(cfg.model.cache_dir or None)
     print(json.dumps(out, indent=2, default=str))
     return 0
 
@@ -105,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--precision", default="auto", choices=["auto", "int8", "fp16", "fp32"])
     c.add_argument("--calibration", help=".npy/.npz file of windows [N, C, L] for int8 calibration")
     c.add_argument("--cache-dir", help="artifact cache (default ~/.cache/edge-runtime)")
+    c.add_argument("--threads", type=int, default=1, help="inference threads used for the parity check")
+    c.add_argument("--force", action="store_true", help="rebuild even if cached or refused before")
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compile)
 

@@ -166,11 +166,28 @@ class Daemon:
         self._stop_requested = threading.Event()
         self.start(connect_timeout=5.0)
         wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
-        while not self._stop_requested.wait(wd / 2 if wd else 1.0):
+        last_status = 0.0
+        while not self._stop_requested.wait(min(wd / 2, 1.0) if wd else 1.0):
             if wd and self.pipeline.thread.is_alive():
                 sd_notify("WATCHDOG=1")  # only while the serving thread lives
+            if time.monotonic() - last_status >= 5.0:
+                last_status = time.monotonic()
+                self.write_status()
         self.stop()
+        self.write_status()
         return 0
+
+    def write_status(self) -> None:
+        """Write ``status.json`` (atomically) for `edge status`."""
+        d = state_dir(self.cfg)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            tmp = d / "status.json.tmp"
+            tmp.write_bytes(orjson.dumps({"written": time.time(), **self.status()}, default=str,
+                                         option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+            os.replace(tmp, d / "status.json")
+        except (OSError, TypeError) as e:
+            log.warning("cannot write %s: %s", d / "status.json", e)
 
     # ---- outputs ---------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes) -> None:

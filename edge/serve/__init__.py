@@ -1,0 +1,83 @@
+"""Serving the backbone: compiled, quantized, parity-checked, with fallback.
+
+The public face of ``edge.serve``. ``load_backbone`` is what the daemon calls at start:
+it picks a backend (``auto`` or the configured one), builds or loads its artifact from
+the cache, runs the parity gate, and falls back along tensorrt -> onnxruntime int8 ->
+onnxruntime fp32 -> torch fp32, saying why at each step. ``compile_model`` is
+``edge compile``; ``Engine`` batches and times the calls of the pipeline thread.
+"""
+from __future__ import annotations
+
+import logging
+
+from edge.errors import EdgeError
+from edge.serve.backends import Backend, availability, backend_keys, get_backend, register_backend
+from edge.serve.cache import ArtifactCache, default_cache_dir
+from edge.serve.choice import choose_auto, fallback_chain, resolve_precision
+from edge.serve.compile import CompileResult, compile_model, obtain
+from edge.serve.engine import Engine
+from edge.serve.parity import ParityReport
+
+log = logging.getLogger("edge.serve")
+
+
+def load_backbone(model, *, backend: str = "auto", precision: str | None = None, cache_dir=None,
+                  threads: int = 1, calibration=None, progress: bool = False) -> tuple[Backend, str]:
+    """(backend, reason): the best backbone that passes the parity gate here.
+
+    ``reason`` says what was chosen and why, including every refusal on the way, e.g.
+    ``"auto: tensorrt unavailable (no CUDA device); ... -> onnxruntime int8; cache hit;
+    parity ok (...)"``; the daemon logs it and ``edge status`` shows it.
+    """
+    from edge.serve.progress import Progress
+
+    if backend == "auto":
+        backend, auto_precision, why = choose_auto(availability())
+        precision = precision or auto_precision
+    else:
+        why = f"configured: {backend}"
+    precision = resolve_precision(backend, precision)
+    cache = ArtifactCache(cache_dir)
+    refusals = []
+    for key, prec in fallback_chain(backend, precision):
+        try:
+            b, result = obtain(model, key, prec, cache=cache, calibration=calibration, threads=threads,
+                               progress=Progress() if progress else None)
+        except EdgeError as e:
+            refusals.append(f"{key} {prec} refused: {e}")
+        except Exception as e:  # noqa: BLE001  a backend library may fail in any way; fall back, loudly
+            log.exception("building %s %s failed unexpectedly", key, prec)
+            refusals.append(f"{key} {prec} failed: {type(e).__name__}: {e}")
+        else:
+            gate = result.parity.summary() if result.parity else "fp32 reference, no gate"
+            parts = [why] + refusals + [f"serving {key} {prec} ({b.provider}); cache {result.cache}; parity ok: {gate}"]
+            reason = "; ".join(parts)
+            (log.warning if refusals else log.info)("backbone: %s", reason)
+            return b, reason
+        log.warning("%s", refusals[-1])
+    raise EdgeError("no backbone could be served: " + "; ".join(refusals))
+
+
+def serve_status(cache_dir=None) -> dict:
+    """Plain data for ``edge status``: backends available here and the cached artifacts."""
+    cache = ArtifactCache(cache_dir)
+    avail = availability()
+    try:
+        auto = choose_auto(avail)
+    except EdgeError as e:
+        auto = (None, None, str(e))
+    return {
+        "backends": {k: {"available": ok, "why": why} for k, (ok, why) in avail.items()},
+        "auto": {"backend": auto[0], "precision": auto[1], "reason": auto[2]},
+        "cache_dir": str(cache.root),
+        "artifacts": [{"dir": str(e.dir), "backend": e.meta.get("backend"), "precision": e.meta.get("precision"),
+                       "model": e.meta.get("model"), "parity": (e.meta.get("parity") or {}).get("reason")}
+                      for e in cache.entries()],
+    }
+
+
+__all__ = [
+    "load_backbone", "compile_model", "serve_status", "CompileResult", "Engine", "ParityReport", "Backend",
+    "ArtifactCache", "default_cache_dir", "register_backend", "get_backend", "backend_keys", "availability",
+    "choose_auto", "fallback_chain",
+]
