@@ -88,19 +88,48 @@ class QueueConfig:
 
 @dataclass(frozen=True)
 class AdaptConfig:
+    """Online adaptation. The learning keys mirror ``edge.adapt.config.AdaptConfig`` (a test
+    keeps names and defaults equal); the others are the daemon's."""
+
     enabled: bool = _opt(True, doc="learn the head online from labels")
+    label_tolerance_s: float = _opt(0.25, lo=0.0, hi=3600.0, doc="a label matches a window whose span, widened by this, contains its time")
+    label_max_future_s: float = _opt(10.0, lo=0.0, hi=3600.0, doc="labels this far ahead of the newest window wait for it; later ones are rejected")
+    label_cache_windows: int = _opt(512, lo=8, hi=1_000_000, doc="recent windows per stream whose features are kept for late labels")
+    checkpoint_interval_s: float = _opt(30.0, lo=1.0, hi=86400.0, doc="checkpoint period (and at shutdown)")
     head: str = _opt("linear", choices=("linear", "lowrank", "mlp"), doc="adapter head kind")
-    lr: float = _opt(0.01, lo=0.0, hi=10.0, doc="learning rate")
-    batch: int = _opt(32, lo=1, hi=4096, doc="replay samples mixed into each step")
+    head_rank: int = _opt(4, lo=1, hi=1024, doc="rank of the lowrank head")
+    head_hidden: int = _opt(32, lo=1, hi=4096, doc="hidden units of the mlp head")
+    optimizer: str = _opt("adam", choices=("adam", "sgd"), doc="optimizer of the head")
+    lr: float = _opt(0.005, lo=1e-9, hi=10.0, doc="learning rate")
+    batch: int = _opt(32, lo=1, hi=4096, doc="samples per step: the new one plus replayed ones")
     steps_per_label: int = _opt(1, lo=1, hi=100, doc="optimizer steps per label")
-    replay_bytes: int = _opt(4 << 20, lo=1024, hi=1 << 34, doc="replay buffer size bound")
+    replay_bytes: int = _opt(1 << 20, lo=1024, hi=1 << 34, doc="bound of the latent replay buffer")
+    recent_share: float = _opt(0.25, lo=0.0, hi=1.0, doc="share of each step drawn from the most recent labels")
     anchor: float = _opt(1e-3, lo=0.0, hi=100.0, doc="L2 pull toward the global head")
-    promote_margin: float = _opt(0.02, lo=0.0, hi=10.0, doc="relative loss margin to promote the challenger")
-    eval_window: int = _opt(100, lo=10, hi=100_000, doc="labels over which champion and challenger are compared")
-    label_tolerance_s: float = _opt(0.5, lo=0.0, hi=3600.0, doc="a label matches a window whose span, widened by this, contains its time")
-    label_max_age_s: float = _opt(600.0, lo=1.0, hi=1e7, doc="features kept this long for late labels")
-    max_steps_per_s: float = _opt(2000.0, lo=1.0, hi=1e6, doc="training budget")
-    checkpoint_interval_s: float = _opt(30.0, lo=1.0, hi=86400.0, doc="checkpoint period")
+    promote_margin: float = _opt(0.05, lo=0.0, hi=10.0, doc="relative loss margin for the challenger to be promoted")
+    rollback_margin: float = _opt(0.10, lo=0.0, hi=10.0, doc="relative loss margin by which the global head must beat the champion to roll back")
+    eval_window: int = _opt(100, lo=2, hi=100_000, doc="labels over which heads are compared")
+    eval_min: int = _opt(40, lo=1, hi=100_000, doc="labels since the last swap before another")
+    budget_steps_per_s: float = _opt(500.0, lo=0.001, hi=1e6, doc="training budget: steps per second")
+    budget_cpu_share: float = _opt(0.5, lo=0.01, hi=1.0, doc="training budget: share of one core")
+    drift_detector: str = _opt("both", choices=("page_hinkley", "adwin", "both", "none"), doc="drift detector(s)")
+    drift_on: str = _opt("error", choices=("loss", "error"), doc="what the detectors watch")
+    ph_threshold: float = _opt(4.0, lo=1e-6, hi=1e6, doc="Page-Hinkley threshold")
+    ph_delta: float = _opt(0.03, lo=0.0, hi=1e6, doc="Page-Hinkley tolerated change")
+    adwin_delta: float = _opt(0.002, lo=1e-9, hi=0.999, doc="ADWIN confidence")
+    boost_labels: int = _opt(200, lo=0, hi=1_000_000, doc="after a drift: labels of faster adaptation")
+    boost_lr: float = _opt(3.0, lo=1e-6, hi=100.0, doc="after a drift: learning-rate factor")
+    boost_steps: int = _opt(2, lo=1, hi=100, doc="after a drift: steps per label")
+    seed: int = _opt(0, lo=0, hi=2**31, doc="seed of replay sampling and head init")
+
+    def learner_config(self):
+        """The learner's own ``AdaptConfig`` from this section."""
+        from edge.adapt.config import AdaptConfig as LearnerConfig
+
+        names = {f.name for f in dataclasses.fields(LearnerConfig)} - {"head_options"}
+        kw = {k: getattr(self, k) for k in names}
+        opts = {"rank": self.head_rank} if self.head == "lowrank" else {"hidden": self.head_hidden} if self.head == "mlp" else {}
+        return LearnerConfig(head_options=opts, **kw)
 
 
 @dataclass(frozen=True)
@@ -246,6 +275,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         p = getattr(cfg.mqtt, key)
         if p and not Path(p).expanduser().is_file():
             raise _fix("mqtt", key, p, "no such file")
+    if cfg.adapt.eval_min > cfg.adapt.eval_window:
+        raise _fix("adapt", "eval_min", cfg.adapt.eval_min, f"must not exceed eval_window ({cfg.adapt.eval_window})")
     if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
     return cfg

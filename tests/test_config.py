@@ -32,7 +32,8 @@ def test_defaults_are_valid():
     ({"node": {"log_level": "loud"}}, "[node] log_level = 'loud' is invalid: allowed: debug, info, warning, error"),
     ({"node": "x"}, "[node] must be a table"),
     ({"adapt": {"head": "transformer"}}, "[adapt] head = 'transformer' is invalid: allowed: linear, lowrank, mlp"),
-    ({"adapt": {"lr": -1}}, "[adapt] lr = -1.0 is invalid: must be >= 0.0"),
+    ({"adapt": {"lr": -1}}, "[adapt] lr = -1.0 is invalid: must be >= 1e-09"),
+    ({"adapt": {"eval_min": 500}}, "[adapt] eval_min = 500 is invalid: must not exceed eval_window (100)"),
     ({"queues": {"ingest": 1}}, "[queues] ingest = 1 is invalid: must be >= 16"),
     ({"metrics": {"port": 70000}}, "[metrics] port = 70000 is invalid: must be <= 65535"),
     ({"sources": []}, "[[sources]] must be a non-empty array of tables"),
@@ -92,3 +93,19 @@ def test_readme_config_reference_is_current():
 
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     assert reference_table() in readme, "README's configuration reference is stale: run python -m edge.config > ..."
+
+
+def test_adapt_section_mirrors_the_learner_config():
+    import dataclasses
+
+    from edge.adapt.config import AdaptConfig as LearnerConfig
+    from edge.config import AdaptConfig
+
+    mine = {f.name: f.default for f in dataclasses.fields(AdaptConfig)}
+    for f in dataclasses.fields(LearnerConfig):
+        if f.name == "head_options":
+            continue
+        assert f.name in mine, f"[adapt] lacks the learner key {f.name}"
+        assert mine[f.name] == f.default, f"[adapt] {f.name} default {mine[f.name]!r} != learner's {f.default!r}"
+    lc = AdaptConfig(head="lowrank", head_rank=8).learner_config()
+    assert lc.head == "lowrank" and lc.head_options == {"rank": 8}

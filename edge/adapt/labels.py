@@ -1,0 +1,184 @@
+"""Matching labels to the windows they belong to, by time, from a cache of recent features.
+
+Labels arrive on their own channel (MQTT ``edge/<node>/labels``, serial LABEL frames)
+as ``{t, label}`` or ``{t, y}``, late, out of order, or even before the window they
+describe has been cut. The pipeline caches each served window's features ``z`` (and
+what it predicted), so a label trains the head without re-running the backbone.
+
+Matching rule (the documented tolerance): a label at time ``t`` belongs to the cached
+window with ``t_start - tolerance_s <= t <= t_end + tolerance_s``; among overlapping
+windows, the one whose centre is nearest ``t``. A label with a stream key matches that
+stream; a label without one (a node-wide label) matches every stream with such a
+window. A label newer than the newest cached window, but by at most ``max_future_s``,
+waits (bounded, ``max_pending``) for its window; each window is labelled at most once.
+
+Rejected labels are counted per reason: ``bad_time`` (non-finite t), ``unknown_class``,
+``non_finite`` / ``bad_shape`` (regression targets), ``unknown_stream``, ``too_old``
+(its window has left the cache), ``future`` (beyond ``max_future_s``), ``duplicate``
+(window already labelled), ``unmatched`` (falls in a gap between windows), and
+``pending_overflow``.
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class CachedWindow:
+    key: object
+    t_start: float
+    t_end: float
+    z: np.ndarray
+    served: object = None
+    labelled: bool = field(default=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Match:
+    """A label paired with its window: train with ``learner.learn_one(window.z, target)``."""
+
+    key: object
+    window: CachedWindow
+    target: object
+    t: float
+
+
+class LabelMatcher:
+    """Per-stream caches of recent windows and the label-to-window matching rule.
+
+    >>> m = LabelMatcher(classes=["ok", "bad"], tolerance_s=0.1)
+    >>> _ = m.add_window("s1", 0.0, 1.0, np.zeros(4, np.float32))
+    >>> [(x.key, x.target) for x in m.match(None, 0.5, "bad")]
+    [('s1', 1)]
+    >>> m.match(None, 0.5, "bad"), m.match("s1", 0.2, "weird"), dict(m.rejected)
+    ([], [], {'duplicate': 1, 'unknown_class': 1})
+    """
+
+    def __init__(self, *, classes=None, outputs: int | None = None, max_windows: int = 512,
+                 tolerance_s: float = 0.25, max_future_s: float = 10.0, max_pending: int = 256):
+        self.classes = tuple(classes) if classes is not None else None
+        self._index = {str(c): i for i, c in enumerate(self.classes or ())}
+        self.outputs = outputs
+        self.max_windows, self.tolerance_s, self.max_future_s, self.max_pending = max_windows, tolerance_s, max_future_s, max_pending
+        self.windows: dict[object, collections.deque] = {}
+        self._ends: dict[object, collections.deque] = {}
+        self.pending: list[tuple[float, object, object, set]] = []  # (t, key or None, target, keys done)
+        self.rejected = collections.Counter()
+        self.accepted = 0
+
+    def _reject(self, reason: str) -> list:
+        self.rejected[reason] += 1
+        return []
+
+    def _target(self, label):
+        """``(target, None)`` or ``(None, reason)``: a class index or a float vector."""
+        if self.classes is not None:
+            if isinstance(label, (int, np.integer)) and not isinstance(label, bool) and 0 <= int(label) < len(self.classes):
+                return int(label), None
+            c = self._index.get(str(label)) if isinstance(label, str) else None
+            return (c, None) if c is not None else (None, "unknown_class")
+        try:
+            y = np.asarray(label, dtype=np.float32).reshape(-1)
+        except (TypeError, ValueError):
+            return None, "bad_shape"
+        if self.outputs is not None and y.size != self.outputs:
+            return None, "bad_shape"
+        return (y, None) if np.isfinite(y).all() else (None, "non_finite")
+
+    def add_window(self, key, t_start: float, t_end: float, z, served=None) -> list[Match]:
+        """Cache a served window (in time order per stream); returns pending labels it resolves."""
+        w = CachedWindow(key, float(t_start), float(t_end), np.asarray(z, np.float32), served)
+        dq = self.windows.setdefault(key, collections.deque(maxlen=self.max_windows))
+        ends = self._ends.setdefault(key, collections.deque(maxlen=self.max_windows))
+        dq.append(w)
+        ends.append(w.t_end)
+        return self._resolve_pending()
+
+    def _find(self, key, t: float):
+        """The window of ``key`` for time ``t``, or the reason there is none."""
+        dq, ends = self.windows[key], self._ends[key]
+        tol = self.tolerance_s
+        if t < dq[0].t_start - tol:
+            return None, "too_old"
+        if t > dq[-1].t_end + tol:
+            return None, "later"
+        i = bisect.bisect_left(ends, t - tol)  # first window that ends at or after t - tol
+        best, dist = None, math.inf
+        for w in list(dq)[i:]:
+            if w.t_start - tol > t:
+                break
+            d = abs((w.t_start + w.t_end) / 2 - t)
+            if d < dist:
+                best, dist = w, d
+        return (best, None) if best is not None else (None, "unmatched")
+
+    def _take(self, key, w: CachedWindow, target, t: float) -> list[Match]:
+        if w.labelled:
+            return self._reject("duplicate")
+        w.labelled = True
+        self.accepted += 1
+        return [Match(key, w, target, t)]
+
+    def match(self, key, t, label) -> list[Match]:
+        """Match one label now; ``[]`` when rejected (counted) or pending its window."""
+        try:
+            t = float(t)
+        except (TypeError, ValueError):
+            return self._reject("bad_time")
+        if not math.isfinite(t):
+            return self._reject("bad_time")
+        target, why = self._target(label)
+        if why:
+            return self._reject(why)
+        if key is not None and key not in self.windows:
+            return self._reject("unknown_stream")
+        keys = [key] if key is not None else list(self.windows)
+        newest = max((self.windows[k][-1].t_end for k in keys), default=-math.inf)
+        if keys and t > newest + self.max_future_s:
+            return self._reject("future")
+        out, reasons, done = [], [], set()
+        n_rejected = sum(self.rejected.values())
+        for k in keys:
+            w, why = self._find(k, t)
+            if w is not None:
+                out += self._take(k, w, target, t)
+                done.add(k)
+            reasons.append(why)
+        if "later" in reasons or not keys:
+            if len(self.pending) >= self.max_pending:
+                return out + self._reject("pending_overflow")
+            self.pending.append((t, key, target, done))
+            return out
+        if not out and sum(self.rejected.values()) == n_rejected:  # not yet counted as a duplicate
+            self._reject(next((r for r in reasons if r), "unmatched"))
+        return out
+
+    def _resolve_pending(self) -> list[Match]:
+        out, keep = [], []
+        for t, key, target, done in self.pending:
+            keys = [key] if key is not None else list(self.windows)
+            waiting = False
+            for k in keys:
+                if k in done or k not in self.windows:
+                    continue
+                w, why = self._find(k, t)
+                if w is not None:
+                    out += self._take(k, w, target, t)
+                    done.add(k)
+                elif why == "later":
+                    waiting = True
+            if waiting:
+                keep.append((t, key, target, done))
+            elif not done:
+                self._reject("unmatched")
+        self.pending = keep
+        return out
+
+    def metrics(self) -> dict:
+        return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
+                "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values())}

@@ -1,0 +1,187 @@
+"""Latent replay: a reservoir of past (features, label) pairs, bounded in bytes.
+
+Mixing old features into every training step is what keeps an adapting head from
+forgetting the conditions it no longer sees. The buffer stores features, never raw
+windows, so replay never runs the backbone.
+
+For classification the reservoir is class-balanced (CBRS, Chrysakis & Moens, ICML
+2020): while the buffer has room everything is kept; once full, a sample of a class
+that is not among the largest evicts a random sample of the largest class, and a
+sample of a largest class replaces a random member of its own class with probability
+``kept / seen``. A rare fault class therefore keeps its share even when the stream is
+99% "normal". For regression and forecasting it is a plain reservoir (Vitter's R).
+
+Storage is two preallocated arrays, so sampling a batch is one numpy fancy index.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+
+class ReplayBuffer:
+    """Class-balanced (or plain) reservoir of features ``z [D]`` and targets.
+
+    >>> buf = ReplayBuffer(feature_size=4, max_bytes=10 * (4 * 4 + 8), classes=2, seed=0)
+    >>> for i in range(100):
+    ...     buf.add(np.full(4, i, np.float32), 0 if i < 95 else 1)
+    >>> len(buf), buf.class_counts().tolist()
+    (10, [5, 5])
+    """
+
+    def __init__(self, *, feature_size: int, max_bytes: int, classes: int | None = None, outputs: int = 1, seed: int = 0):
+        self.feature_size = int(feature_size)
+        self.classes = classes
+        self.outputs = int(outputs)
+        row = 4 * self.feature_size + (8 if classes else 4 * self.outputs)
+        self.capacity = max(1, int(max_bytes) // row)
+        self.z = np.zeros((self.capacity, self.feature_size), np.float32)
+        self.y = np.zeros(self.capacity, np.int64) if classes else np.zeros((self.capacity, self.outputs), np.float32)
+        self.size = 0
+        self.rng = np.random.default_rng(seed)
+        self.seen = np.zeros(classes if classes else 1, np.int64)
+        # slots of each class, for O(1) eviction of a random member of a class
+        self._slots: list[list[int]] = [[] for _ in range(classes)] if classes else []
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def nbytes(self) -> int:
+        return self.z.nbytes + self.y.nbytes
+
+    def class_counts(self) -> np.ndarray:
+        if not self.classes:
+            return np.array([self.size])
+        return np.array([len(s) for s in self._slots])
+
+    def add(self, z, y) -> None:
+        """Offer one sample; it is kept or not by the reservoir rule."""
+        if self.classes:
+            self._add_balanced(z, int(y))
+        else:
+            self._add_plain(z, y)
+
+    def _add_plain(self, z, y) -> None:
+        self.seen[0] += 1
+        if self.size < self.capacity:
+            slot = self.size
+            self.size += 1
+        else:
+            j = int(self.rng.integers(0, self.seen[0]))
+            if j >= self.capacity:
+                return
+            slot = j
+        self.z[slot] = z
+        self.y[slot] = y
+
+    def _add_balanced(self, z, c: int) -> None:
+        self.seen[c] += 1
+        if self.size < self.capacity:
+            slot = self.size
+            self.size += 1
+        else:
+            counts = self.class_counts()
+            largest = counts.max()
+            if counts[c] < largest:
+                big = np.flatnonzero(counts == largest)
+                victim = int(big[self.rng.integers(0, len(big))])
+                slot = self._evict(victim)
+            else:
+                if self.rng.random() * self.seen[c] >= counts[c]:
+                    return
+                slot = self._evict(c)
+        self.z[slot] = z
+        self.y[slot] = c
+        self._slots[c].append(slot)
+
+    def _evict(self, c: int) -> int:
+        slots = self._slots[c]
+        i = int(self.rng.integers(0, len(slots)))
+        slots[i], slots[-1] = slots[-1], slots[i]
+        return slots.pop()
+
+    def sample_indices(self, n: int) -> np.ndarray:
+        """``n`` random slots (with replacement: cheap and unbiased); empty when the buffer is."""
+        if self.size == 0 or n <= 0:
+            return np.empty(0, np.int64)
+        return self.rng.integers(0, self.size, size=n)
+
+    def clear(self) -> None:
+        self.size = 0
+        self.seen[:] = 0
+        for s in self._slots:
+            s.clear()
+
+    def state_dict(self) -> dict:
+        return {
+            "z": self.z[: self.size].copy(),
+            "y": self.y[: self.size].copy(),
+            "seen": self.seen.copy(),
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        z, y = np.asarray(state["z"], np.float32), np.asarray(state["y"])
+        n = min(len(z), self.capacity)  # a smaller budget after a config change keeps the first n
+        if z.ndim != 2 or z.shape[1] != self.feature_size:
+            raise ValueError(f"replay state has features {z.shape}, expected [*, {self.feature_size}]")
+        self.clear()
+        self.z[:n], self.y[:n] = z[:n], y[:n]
+        self.size = n
+        self.seen[:] = np.asarray(state["seen"])[: len(self.seen)]
+        if self.classes:
+            for slot in range(n):
+                self._slots[int(self.y[slot])].append(slot)
+        if isinstance(state.get("rng"), dict):
+            self.rng.bit_generator.state = state["rng"]
+
+
+class RecentBuffer:
+    """The last ``size`` labelled samples, FIFO: the fresh half of a replay batch.
+
+    The reservoir alone remembers too well: right after a drift nearly all of it is the
+    old condition, and the new one would get ~1/batch of every step. Drawing part of
+    each batch from the recent labels makes the head adapt within tens of labels, while
+    the reservoir part keeps the old conditions from being forgotten.
+
+    >>> r = RecentBuffer(feature_size=2, size=2, classes=3)
+    >>> for i in range(3):
+    ...     r.add(np.full(2, i, np.float32), i)
+    >>> sorted(r.y[: len(r)].tolist())
+    [1, 2]
+    """
+
+    def __init__(self, *, feature_size: int, size: int, classes: int | None = None, outputs: int = 1, seed: int = 0):
+        self.capacity = max(1, int(size))
+        self.z = np.zeros((self.capacity, int(feature_size)), np.float32)
+        self.y = np.zeros(self.capacity, np.int64) if classes else np.zeros((self.capacity, int(outputs)), np.float32)
+        self.size = 0
+        self.i = 0
+        self.rng = np.random.default_rng(seed + 1)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, z, y) -> None:
+        self.z[self.i] = z
+        self.y[self.i] = y
+        self.i = (self.i + 1) % self.capacity
+        self.size = min(self.size + 1, self.capacity)
+
+    def sample_indices(self, n: int) -> np.ndarray:
+        if self.size == 0 or n <= 0:
+            return np.empty(0, np.int64)
+        return self.rng.integers(0, self.size, size=n)
+
+    def clear(self) -> None:
+        self.size = self.i = 0
+
+    def state_dict(self) -> dict:
+        return {"z": self.z[: self.size].copy(), "y": self.y[: self.size].copy(), "i": self.i, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        n = min(len(state["z"]), self.capacity)
+        self.z[:n], self.y[:n] = np.asarray(state["z"])[:n], np.asarray(state["y"])[:n]
+        self.size, self.i = n, int(state["i"]) % self.capacity
+        if isinstance(state.get("rng"), dict):
+            self.rng.bit_generator.state = state["rng"]

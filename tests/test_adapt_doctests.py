@@ -1,0 +1,16 @@
+"""The runnable examples in the docstrings of the pure parts are tests too."""
+from __future__ import annotations
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["edge.adapt.heads", "edge.adapt.replay", "edge.adapt.metrics", "edge.adapt.drift", "edge.adapt.labels",
+           "edge.adapt.forecast", "edge.adapt.budget", "edge.adapt.synth", "edge.state"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples_run(name):
+    result = doctest.testmod(importlib.import_module(name))
+    assert result.failed == 0 and result.attempted > 0

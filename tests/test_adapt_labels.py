@@ -1,0 +1,104 @@
+"""Labels find their windows by time; bad ones are counted per reason; forecasts label themselves."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.adapt.forecast import ForecastTargets
+from edge.adapt.labels import LabelMatcher
+
+CLASSES = ["normal", "imbalance"]
+
+
+def _matcher(**kw):
+    m = LabelMatcher(classes=CLASSES, tolerance_s=0.1, max_windows=4, **kw)
+    for i in range(4):  # windows [0,1], [1,2], [2,3], [3,4] of stream "a"
+        m.add_window("a", float(i), float(i + 1), np.full(2, i, np.float32), served=[0.5, 0.5])
+    return m
+
+
+def test_label_matches_the_window_containing_its_time():
+    m = _matcher()
+    (hit,) = m.match("a", 2.4, "imbalance")
+    assert hit.window.t_start == 2.0 and hit.target == 1 and hit.window.served == [0.5, 0.5]
+
+
+def test_late_and_out_of_order_labels_are_accepted_while_cached():
+    m = _matcher()
+    got = [m.match("a", t, 0)[0].window.t_start for t in (3.5, 0.5, 2.5)]
+    assert got == [3.0, 0.0, 2.0]
+
+
+def test_tolerance_covers_a_slightly_early_timestamp():
+    m = _matcher()
+    assert m.match("a", -0.05, 0)[0].window.t_start == 0.0
+    assert m.match("a", -0.5, 0) == [] and m.rejected["too_old"] == 1
+
+
+@pytest.mark.parametrize("t,label,reason", [
+    (1.5, "gearbox", "unknown_class"), (1.5, 7, "unknown_class"), (float("nan"), 0, "bad_time"),
+    ("soon", 0, "bad_time"), (100.0, 0, "future"),
+])
+def test_bad_labels_are_rejected_with_a_reason(t, label, reason):
+    m = _matcher()
+    assert m.match("a", t, label) == []
+    assert m.rejected[reason] == 1
+
+
+def test_a_window_is_labelled_once_and_unknown_streams_are_rejected():
+    m = _matcher()
+    m.match("a", 1.5, 0)
+    assert m.match("a", 1.6, 1) == [] and m.rejected["duplicate"] == 1
+    assert m.match("b", 1.5, 0) == [] and m.rejected["unknown_stream"] == 1
+
+
+def test_windows_leave_the_cache_and_then_their_labels_are_too_old():
+    m = _matcher()
+    m.add_window("a", 4.0, 5.0, np.zeros(2, np.float32))  # evicts [0, 1]
+    assert m.match("a", 0.5, 0) == [] and m.rejected["too_old"] == 1
+
+
+def test_label_ahead_of_its_window_waits_for_it():
+    m = _matcher()
+    assert m.match("a", 4.5, 1) == [] and m.metrics()["labels_pending"] == 1
+    (hit,) = m.add_window("a", 4.0, 5.0, np.full(2, 9, np.float32))
+    assert hit.window.z[0] == 9 and hit.target == 1 and not m.pending
+
+
+def test_pending_label_in_a_gap_is_rejected_as_unmatched():
+    m = _matcher()
+    m.match("a", 5.5, 1)
+    assert m.add_window("a", 7.0, 8.0, np.zeros(2, np.float32)) == []
+    assert m.rejected["unmatched"] == 1
+
+
+def test_node_wide_label_matches_every_stream():
+    m = _matcher()
+    m.add_window("b", 1.0, 2.0, np.zeros(2, np.float32))
+    assert sorted(x.key for x in m.match(None, 1.5, "normal")) == ["a", "b"]
+
+
+def test_regression_targets_must_be_finite_vectors_of_the_right_size():
+    m = LabelMatcher(outputs=2)
+    m.add_window("a", 0.0, 1.0, np.zeros(2, np.float32))
+    assert m.match("a", 0.5, [1.0, float("inf")]) == [] and m.rejected["non_finite"] == 1
+    assert m.match("a", 0.5, [1.0]) == [] and m.rejected["bad_shape"] == 1
+    assert m.match("a", 0.5, [1.0, 2.0])[0].target.tolist() == [1.0, 2.0]
+
+
+def test_forecast_targets_are_the_samples_after_the_window():
+    ft = ForecastTargets(horizon=3)
+    ft.add_window("s", t_end=0.9, z=np.zeros(2, np.float32))
+    ft.add_window("s", t_end=1.9, z=np.ones(2, np.float32))
+    t = np.arange(0, 40) / 10.0
+    v = (t * 10).astype(np.float32)[:, None]
+    done = ft.add_samples("s", t[:15], v[:15]) + ft.add_samples("s", t[15:], v[15:])
+    assert [d[2].tolist() for d in done] == [[10.0, 11.0, 12.0], [20.0, 21.0, 22.0]]
+    assert ft.pending() == 0
+
+
+def test_forecast_cache_is_bounded():
+    ft = ForecastTargets(horizon=5, max_windows=2)
+    for i in range(5):
+        ft.add_window("s", t_end=float(i), z=np.zeros(1, np.float32))
+    assert ft.pending() == 2 and ft.dropped == 3

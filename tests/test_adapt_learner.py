@@ -1,0 +1,189 @@
+"""The learner on seeded synthetic features: adapts, remembers, promotes with a margin, rolls back."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge.adapt.config import AdaptConfig
+from edge.adapt.learner import Learner
+from edge.adapt.synth import ClusterStream, fit_linear_head
+from edge.errors import ConfigError, StateError
+
+K, D = 4, 32
+
+
+@pytest.fixture(scope="module")
+def world():
+    stream = ClusterStream(dim=D, classes=K, sep=0.5, noise=1.0, seed=0)
+    rng = np.random.default_rng(0)
+    z, y = stream.sample(3000, rng=rng)
+    return stream, fit_linear_head(z, y, K)
+
+
+def _learner(world, events=None, **cfg):
+    clock = [0.0]
+    cfg.setdefault("seed", 0)
+    lr = Learner(task="classification", feature_size=D, classes=[f"c{i}" for i in range(K)], global_head=world[1],
+                 global_version="1.0", config=AdaptConfig(**cfg), on_event=events.append if events is not None else None,
+                 clock=lambda: clock[0])
+    lr._clock = clock
+    return lr
+
+
+def _feed(lr, z, y):
+    out = []
+    for a, b in zip(z, y):
+        lr._clock[0] += 0.05
+        out.append(lr.learn_one(a, int(b)))
+    return out
+
+
+def _acc(snap, z, y):
+    return float((snap.predict(z).argmax(1) == y).mean())
+
+
+def test_head_adapts_to_a_shifted_stream_and_prequential_accuracy_rises(world):
+    stream, _ = world
+    rng = np.random.default_rng(1)
+    events = []
+    lr = _learner(world, events)
+    _feed(lr, *stream.sample(100, rng=rng))
+    r = _feed(lr, *stream.sample(500, rng=rng, shifted=True))
+    early = np.mean([x["error"] == 0 for x in r[:50]])
+    late = np.mean([x["error"] == 0 for x in r[-100:]])
+    assert late > early + 0.2
+    zt, yt = stream.sample(1000, rng=rng, shifted=True)
+    assert _acc(lr.champion, zt, yt) > _acc(lr._global, zt, yt) + 0.2
+    kinds = {e["type"] for e in events}
+    assert {"drift", "promotion"} <= kinds
+
+
+def test_replay_limits_forgetting_of_the_nominal_condition(world):
+    stream, _ = world
+    rng = np.random.default_rng(2)
+    nominal = stream.sample(300, rng=rng)
+    shifted = stream.sample(600, rng=rng, shifted=True)
+    zt, yt = stream.sample(1000, rng=rng)
+    accs = {}
+    for name, cfg in {"replay": {}, "none": {"replay_bytes": 1, "recent_share": 1.0, "anchor": 0.0}}.items():
+        lr = _learner(world, **cfg)
+        _feed(lr, *nominal)
+        _feed(lr, *shifted)
+        accs[name] = _acc(lr.champion, zt, yt)
+    assert accs["replay"] > accs["none"] + 0.05
+
+
+def test_no_promotion_without_the_margin(world):
+    stream, _ = world
+    rng = np.random.default_rng(3)
+    z, y = stream.sample(600, rng=rng, shifted=True)
+    assert _learner(world, promote_margin=0.99, drift_detector="none").metrics()["promotions_total"] == 0
+    lr = _learner(world, promote_margin=0.99, drift_detector="none")
+    _feed(lr, z, y)
+    assert lr.metrics()["promotions_total"] == 0 and lr.champion is lr._global
+    lr2 = _learner(world, promote_margin=0.05, drift_detector="none")
+    _feed(lr2, z, y)
+    assert lr2.metrics()["promotions_total"] >= 1
+
+
+def test_poisoned_labels_promote_a_bad_head_that_is_then_rolled_back(world):
+    stream, _ = world
+    rng = np.random.default_rng(4)
+    events = []
+    lr = _learner(world, events, drift_detector="none")
+    z, y = stream.sample(400, rng=rng)
+    _feed(lr, z, (y + 1) % K)  # a miswired label source: every label is wrong, consistently
+    assert lr.metrics()["promotions_total"] >= 1 and lr.champion is not lr._global
+    _feed(lr, *stream.sample(300, rng=rng))  # correct labels again
+    assert lr.metrics()["rollbacks_total"] >= 1
+    assert any(e["type"] == "rollback" and e["version"] == "1.0" for e in events)
+    zt, yt = stream.sample(1000, rng=rng)
+    assert _acc(lr.champion, zt, yt) > 0.8
+
+
+@pytest.mark.parametrize("z,y,reason", [
+    (np.zeros(D), "gearbox", "unknown_class"), (np.zeros(D), 9, "unknown_class"), (np.zeros(D), 1.5, "unknown_class"),
+    (np.zeros(D + 1), 0, "bad_shape"), (np.full(D, np.nan), 0, "non_finite"),
+])
+def test_bad_labels_are_rejected_and_counted(world, z, y, reason):
+    lr = _learner(world)
+    assert lr.learn_one(z, y) == {"accepted": False, "reason": reason}
+    m = lr.metrics()
+    assert m["labels_rejected"] == {reason: 1} and m["labels_total"] == 0
+
+
+def test_class_names_and_indices_are_both_labels(world):
+    lr = _learner(world)
+    assert lr.learn_one(np.zeros(D), "c2")["accepted"] and lr.learn_one(np.zeros(D), 2)["accepted"]
+
+
+def test_state_round_trip_continues_identically(world):
+    stream, _ = world
+    rng = np.random.default_rng(5)
+    a = _learner(world)
+    _feed(a, *stream.sample(300, rng=rng, shifted=True))
+    b = _learner(world)
+    b.load_state_dict(a.state_dict())
+    b._clock[0] = a._clock[0]
+    more = stream.sample(100, rng=rng, shifted=True)
+    ra, rb = _feed(a, *more), _feed(b, *more)
+    assert [x["served"].tolist() for x in ra] == [x["served"].tolist() for x in rb]
+    assert a.metrics() == b.metrics()
+
+
+def test_state_of_another_head_kind_is_refused(world):
+    a = _learner(world, head="lowrank")
+    with pytest.raises(StateError, match="head_kind"):
+        _learner(world).load_state_dict(a.state_dict())
+
+
+def test_training_budget_skips_steps_but_still_scores(world):
+    stream, _ = world
+    lr = _learner(world, budget_steps_per_s=10)
+    z, y = stream.sample(50, rng=np.random.default_rng(6))
+    for a, b in zip(z, y):  # 50 labels in 0 simulated seconds
+        lr.learn_one(a, int(b))
+    m = lr.metrics()
+    assert m["labels_total"] == 50 and m["train_steps_total"] == 10 and m["train_steps_skipped_total"] == 40
+
+
+def test_set_global_moves_the_anchor_and_the_serving_head(world):
+    lr = _learner(world)
+    w = {"weight": np.zeros((K, D)), "bias": np.arange(K, dtype=np.float32)}
+    lr.set_global(w, "2.0")
+    assert lr.champion.version == "2.0" and lr.champion.predict(np.zeros(D)).argmax() == K - 1
+    assert lr.events()[-1]["type"] == "global"
+
+
+def test_every_head_kind_learns(world):
+    stream, _ = world
+    rng = np.random.default_rng(7)
+    z, y = stream.sample(400, rng=rng, shifted=True)
+    zt, yt = stream.sample(500, rng=rng, shifted=True)
+    for kind in ("linear", "lowrank", "mlp"):
+        lr = _learner(world, head=kind)
+        _feed(lr, z, y)
+        assert _acc(lr.champion, zt, yt) > _acc(lr._global, zt, yt) + 0.15, kind
+
+
+def test_regression_learner_fits_a_shifted_target():
+    rng = np.random.default_rng(8)
+    w_true = rng.normal(size=(2, 8)).astype(np.float32)
+    clock = [0.0]
+    lr = Learner(task="forecast", feature_size=8, outputs=2, global_head={"weight": w_true, "bias": np.zeros(2)},
+                 config=AdaptConfig(), clock=lambda: clock[0])
+    z = rng.normal(size=(600, 8)).astype(np.float32)
+    y = z @ w_true.T + 1.5  # the sensor gained an offset
+    for a, b in zip(z, y):
+        clock[0] += 0.05
+        lr.learn_one(a, b)
+    assert lr.metrics()["champion_mse"] < 0.2 < lr.metrics()["global_mse"]
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ConfigError, match="unknown key 'lrate'"):
+        AdaptConfig.from_dict({"lrate": 0.1})
+    with pytest.raises(ConfigError, match="head"):
+        AdaptConfig(head="cnn")
+    with pytest.raises(ConfigError, match="must be positive"):
+        AdaptConfig(batch=0)

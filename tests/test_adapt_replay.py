@@ -1,0 +1,63 @@
+"""Replay buffers: bounded in bytes, class-balanced, restorable."""
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edge.adapt.replay import RecentBuffer, ReplayBuffer
+
+
+def test_capacity_follows_the_byte_budget():
+    buf = ReplayBuffer(feature_size=64, max_bytes=64 * 1024, classes=4)
+    for i in range(5000):
+        buf.add(np.zeros(64, np.float32), i % 4)
+    assert len(buf) == buf.capacity and buf.nbytes <= 64 * 1024
+
+
+def test_rare_class_keeps_its_share_in_an_imbalanced_stream():
+    rng = np.random.default_rng(0)
+    buf = ReplayBuffer(feature_size=8, max_bytes=200 * (8 * 4 + 8), classes=3, seed=1)
+    for _ in range(20000):
+        c = 2 if rng.random() < 0.02 else int(rng.integers(0, 2))
+        buf.add(rng.normal(size=8).astype(np.float32), c)
+    counts = buf.class_counts()
+    assert counts.sum() == 200 and counts[2] >= 60  # a plain reservoir would keep ~4
+
+
+def test_regression_buffer_is_a_uniform_reservoir():
+    buf = ReplayBuffer(feature_size=2, max_bytes=100 * (2 * 4 + 4), outputs=1, seed=0)
+    for i in range(10000):
+        buf.add(np.array([i, i], np.float32), np.array([i], np.float32))
+    kept = buf.z[: len(buf), 0]
+    assert len(buf) == 100 and 3000 < kept.mean() < 7000  # not just the first or the last
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=300), st.integers(1, 40))
+def test_balanced_buffer_bookkeeping_stays_consistent(labels, cap):
+    buf = ReplayBuffer(feature_size=3, max_bytes=cap * (3 * 4 + 8), classes=5)
+    for i, c in enumerate(labels):
+        buf.add(np.full(3, i, np.float32), c)
+    assert len(buf) == min(len(labels), buf.capacity)
+    slots = sorted(s for cls in buf._slots for s in cls)
+    assert slots == list(range(len(buf)))
+    for c, cls_slots in enumerate(buf._slots):
+        assert all(buf.y[s] == c for s in cls_slots)
+
+
+def test_state_round_trip_keeps_samples_and_randomness():
+    a = ReplayBuffer(feature_size=4, max_bytes=50 * 24, classes=2, seed=3)
+    for i in range(500):
+        a.add(np.full(4, i, np.float32), i % 2)
+    b = ReplayBuffer(feature_size=4, max_bytes=50 * 24, classes=2, seed=99)
+    b.load_state_dict(a.state_dict())
+    np.testing.assert_array_equal(a.sample_indices(10), b.sample_indices(10))
+    assert b.class_counts().tolist() == a.class_counts().tolist()
+
+
+def test_recent_buffer_keeps_the_last_samples():
+    r = RecentBuffer(feature_size=1, size=3, classes=10)
+    for i in range(10):
+        r.add(np.array([i], np.float32), i)
+    assert sorted(r.y[: len(r)].tolist()) == [7, 8, 9]

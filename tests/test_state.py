@@ -1,0 +1,133 @@
+"""Checkpoints: round trip, fallback past damage, and survival of kill -9 mid-save."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from edge.state import CheckpointStore, decode_state, encode_state
+from edge.errors import StateError
+
+
+def _state(step: int) -> dict:
+    p = torch.nn.Parameter(torch.ones(3, 4) * step)
+    opt = torch.optim.Adam([p], lr=0.01)
+    p.grad = torch.ones(3, 4)
+    opt.step()
+    return {"step": step, "head": {"weight": p.detach().clone()}, "optimizer": opt.state_dict(),
+            "replay": {"z": np.full((5, 4), step, np.float32), "y": np.arange(5)}, "version": "1.0+a2",
+            "loss": float("nan"), "rng": np.random.default_rng(step).bit_generator.state}
+
+
+def test_round_trip_keeps_tensors_arrays_and_int_keys(tmp_path):
+    store = CheckpointStore(tmp_path)
+    store.save(_state(7))
+    got = store.load_latest()
+    assert got["step"] == 7 and got["version"] == "1.0+a2" and np.isnan(got["loss"])
+    assert isinstance(got["head"]["weight"], torch.Tensor) and torch.allclose(got["head"]["weight"], _state(7)["head"]["weight"])
+    assert isinstance(got["replay"]["z"], np.ndarray) and got["replay"]["y"].dtype == np.int64
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(3, 4))], lr=0.01)
+    opt.load_state_dict(got["optimizer"])  # int keys of the optimizer state survived
+    assert got["rng"] == np.random.default_rng(7).bit_generator.state
+
+
+def test_keeps_only_the_last_n(tmp_path):
+    store = CheckpointStore(tmp_path, keep=2)
+    for i in range(5):
+        store.save({"step": i})
+    assert [p.name for p in store.paths()] == ["ckpt-0000000004.edge", "ckpt-0000000005.edge"]
+    assert store.load_latest()["step"] == 4
+
+
+def test_no_checkpoint_means_none(tmp_path):
+    assert CheckpointStore(tmp_path).load_latest() is None
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "empty"])
+def test_damaged_latest_falls_back_to_previous_with_a_log_line(tmp_path, caplog, damage):
+    store = CheckpointStore(tmp_path)
+    store.save(_state(1))
+    latest = store.save(_state(2))
+    data = latest.read_bytes()
+    if damage == "truncate":
+        latest.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        latest.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    else:
+        latest.write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="edge.state"):
+        got = store.load_latest()
+    assert got["step"] == 1
+    assert "damaged" in caplog.text and "falling back to ckpt-0000000001.edge" in caplog.text
+
+
+def test_all_damaged_starts_fresh(tmp_path, caplog):
+    store = CheckpointStore(tmp_path)
+    store.save({"a": 1}).write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="edge.state"):
+        assert store.load_latest() is None
+    assert "starting fresh" in caplog.text
+
+
+def test_decode_rejects_foreign_bytes():
+    with pytest.raises(StateError, match="magic"):
+        decode_state(b"x" * 100)
+    assert decode_state(encode_state({"k": [1, 2]})) == {"k": [1, 2]}
+
+
+def test_unsupported_values_are_refused(tmp_path):
+    with pytest.raises(StateError, match="object"):
+        CheckpointStore(tmp_path).save({"x": object()})
+
+
+CHILD = textwrap.dedent("""
+    import sys, numpy as np, torch
+    from edge.adapt.learner import Learner
+    from edge.state import CheckpointStore
+    store = CheckpointStore(sys.argv[1], keep=2)
+    rng = np.random.default_rng(int(sys.argv[2]))
+    lr = Learner(task="classification", feature_size=32, classes=range(4))
+    prev = store.load_latest()
+    if prev is not None:
+        lr.load_state_dict(prev)
+    print("ready", lr.metrics()["labels_total"], flush=True)
+    while True:
+        for _ in range(20):
+            lr.learn_one(rng.normal(size=32), int(rng.integers(0, 4)))
+        store.save(lr.state_dict())
+""")
+
+
+def test_kill_9_during_training_and_checkpointing_never_loses_the_checkpoint(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "PYTHONPATH": os.getcwd() + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    rng = np.random.default_rng(0)
+    seen = []
+    for round_ in range(4):
+        p = subprocess.Popen([sys.executable, str(script), str(tmp_path / "ckpt"), str(round_)],
+                             stdout=subprocess.PIPE, text=True, env=env)
+        line = p.stdout.readline().split()
+        assert line[0] == "ready"
+        seen.append(int(line[1]))
+        ckpts = lambda: sorted((tmp_path / "ckpt").glob("ckpt-*.edge"))  # noqa: E731 (no sweeping under the child)
+        before = ckpts()
+        deadline = time.monotonic() + 30
+        while ckpts() == before and time.monotonic() < deadline:
+            time.sleep(0.01)  # let it save at least once, then kill it at a random moment
+        time.sleep(float(rng.uniform(0.0, 0.3)))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=10)
+    assert seen[0] == 0 and all(b > a for a, b in zip(seen, seen[1:])), seen  # each restart resumed further on
+    store = CheckpointStore(tmp_path / "ckpt")
+    state = store.load_latest()
+    assert state is not None and store.loaded_path == store.paths()[-1]
+    assert not list((tmp_path / "ckpt").glob(".ckpt-*.tmp"))  # leftovers of a torn save are swept
