@@ -1,8 +1,11 @@
 """The daemon: wires model, backend, sources, pipeline, learner and MQTT; owns the threads.
 
-Threads (each named, each owning its input): paho's network loop (``paho-mqtt-client-*``)
-enqueues raw messages; one ``serial:<name>`` reader per serial source enqueues sample
-blocks; ``pipeline`` windows, serves and publishes; ``learner`` trains the head and swaps
+Threads (each named, each owning its input): ``mqtt-ingest`` reads the sensor
+subscriptions on their own raw-socket connection (``FastSubscriber``, client id
+``<client_id>-ingest``) and enqueues every read's messages as one batch; paho's network
+loop (``paho-mqtt-client-*``) owns the node's own connection (status and last will,
+labels in, predictions and events out) and enqueues labels; one ``serial:<name>`` reader
+per serial source enqueues sample blocks; ``pipeline`` windows, serves and publishes; ``learner`` trains the head and swaps
 it; ``metrics`` answers scrapes. ``Daemon.run`` blocks until SIGTERM/SIGINT and then
 stops them in reverse order, checkpointing the learner last.
 """
@@ -20,6 +23,7 @@ from typing import Any
 import orjson
 
 from edge.config import Config
+from edge.ingest.fastmqtt import FastSubscriber
 from edge.ingest.mqtt import MqttLink
 from edge.ingest.topics import TopicRoute
 from edge.observe import MetricsServer, Registry
@@ -54,6 +58,7 @@ class Daemon:
         self._stop = threading.Event()
         self.started_at = time.time()
         self.link: MqttLink | None = None
+        self.ingest: FastSubscriber | None = None
         self.pipeline: Pipeline | None = None
         self.adapt = None
         self.serial: list[Any] = []
@@ -108,9 +113,13 @@ class Daemon:
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None)
-        subs = [(r.subscription, cfg.mqtt.qos) for r, _ in sources] + [(label_route.subscription, 1)]
-        self.link = MqttLink(cfg.mqtt, client_id=cfg.mqtt.client_id or f"edge-{cfg.node.name}",
-                             status_topic=f"{base}/status", subscriptions=subs, on_message=self.pipeline.offer_message)
+        client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
+        sensor_subs = [(r.subscription, cfg.mqtt.qos) for r, _ in sources]
+        if sensor_subs:
+            self.ingest = FastSubscriber(cfg.mqtt, client_id=f"{client_id}-ingest", subscriptions=sensor_subs,
+                                         on_batch=self.pipeline.offer_batch)
+        self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
+                             subscriptions=[(label_route.subscription, 1)], on_message=self.pipeline.offer_message)
         for i, s in enumerate(cfg.sources):
             if s.type == "serial":
                 from edge.ingest.serial import SerialSource
@@ -130,13 +139,15 @@ class Daemon:
         if self.adapt is not None:
             self.adapt.start()
         self.link.start()
+        if self.ingest is not None:
+            self.ingest.start()
         for s in self.serial:
             s.start()
         if self.cfg.metrics.port:
             self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health)
             self.metrics_server.start()
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
-        if connect_timeout and not self.link.wait_connected(connect_timeout):
+        if connect_timeout and not self._wait_connected(connect_timeout):
             log.warning("broker %s:%d not reachable yet; retrying in the background", self.cfg.mqtt.host, self.cfg.mqtt.port)
         self.ready.set()
         sd_notify("READY=1\nSTATUS=serving")
@@ -147,6 +158,8 @@ class Daemon:
         self._stop.set()
         sd_notify("STOPPING=1")
         log.info("stopping")
+        if self.ingest is not None:
+            self.ingest.stop()
         for s in self.serial:
             s.stop()
         if self.pipeline:
@@ -158,6 +171,18 @@ class Daemon:
         if self.metrics_server:
             self.metrics_server.stop()
         log.info("stopped")
+
+    def _wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        ok = self.link.wait_connected(timeout)
+        if self.ingest is not None:
+            ok = self.ingest.wait_connected(max(0.0, deadline - time.monotonic())) and ok
+        return ok
+
+    def broker_connected(self) -> bool:
+        """Both connections up: the node's own (paho) and, with MQTT sources, the ingest one."""
+        return bool(self.link and self.link.connected.is_set()) and (
+            self.ingest is None or self.ingest.connected.is_set())
 
     def run(self) -> int:
         """Start, then block until SIGTERM/SIGINT; ping the systemd watchdog meanwhile."""
@@ -196,15 +221,14 @@ class Daemon:
     def event(self, kind: str, **fields) -> None:
         """Publish an event on ``<prefix>/<node>/events`` and log it."""
         msg = {"type": kind, "t": time.time(), "node": self.cfg.node.name, **fields}
-        log.info("event %s %s", kind, {k: v for k, v in fields.items() if k != "metrics"})
+        log.debug("event %s %s", kind, fields)
         if self.link is not None:
             self.link.publish(f"{self.cfg.topic_base}/events", orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY), qos=1)
 
     # ---- introspection ---------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
         ok = self.ready.is_set() and self.pipeline is not None and self.pipeline.thread.is_alive()
-        connected = bool(self.link and self.link.connected.is_set())
-        return ok, {"ready": ok, "broker_connected": connected, "uptime_s": round(time.time() - self.started_at, 1)}
+        return ok, {"ready": ok, "broker_connected": self.broker_connected(), "uptime_s": round(time.time() - self.started_at, 1)}
 
     def status(self) -> dict[str, Any]:
         """Everything `edge status` shows: backend choice, streams, counters, head version."""
@@ -219,6 +243,8 @@ class Daemon:
                              for k, w in list(p.windowers.items())}
         if self.link:
             st["mqtt"] = dict(self.link.counters)
+        if self.ingest is not None:
+            st["mqtt_ingest"] = dict(self.ingest.counters)
         if self.adapt is not None:
             st["adapt"] = self.adapt.metrics()
         for s in self.serial:
@@ -238,16 +264,31 @@ class Daemon:
                 lambda: [({"stream": str(k)}, w.counters["gaps"]) for k, w in list(p.windowers.items())])
         reg.add("edge_pipeline_latency_seconds_bucket", "counter", "receive-to-publish latency (cumulative buckets)",
                 lambda: [({"le": "+Inf" if b == float("inf") else f"{b:g}"}, n) for b, n in p.latency_buckets()])
-        reg.add("edge_queue_depth", "gauge", "items waiting in the ingest queue", lambda: len(p.queue))
-        reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker", lambda: float(self.link.connected.is_set()))
+        reg.add("edge_queue_depth", "gauge", "messages waiting in the ingest queue", p.depth)
+        reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker (every connection)",
+                lambda: float(self.broker_connected()))
+        if self.ingest is not None:
+            ing = self.ingest
+            reg.add("edge_mqtt_ingest_total", "counter", "the sensor ingest connection's counters, by name",
+                    lambda: [({"name": k}, v) for k, v in ing.counters.items()])
         reg.add("edge_backend_latency_seconds", "gauge", "backbone latency per batch, by backend and quantile",
                 lambda: [({"backend": label, "quantile": q}, snap[f"p{int(q * 100)}_ms"] / 1e3)
                          for label, snap in self.engine.latency_snapshot().items() for q in (0.5, 0.99)
                          if snap.get(f"p{int(q * 100)}_ms") is not None])
         if self.adapt is not None:
-            reg.add("edge_adapt", "gauge", "learner counters and metrics",
-                    lambda: [({"name": k}, v) for k, v in self.adapt.metrics().items() if isinstance(v, (int, float))])
+            reg.add("edge_adapt", "gauge", "learner counters and prequential metrics (rejections by reason)",
+                    lambda: _flatten(self.adapt.metrics()))
         return reg
+
+
+def _flatten(metrics: dict) -> list[tuple[dict[str, str], float]]:
+    out: list[tuple[dict[str, str], float]] = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out += [({"name": k, "reason": str(r)}, float(n)) for r, n in v.items()]
+        elif isinstance(v, (int, float)) and v == v:  # skips NaN and None
+            out.append(({"name": k}, float(v)))
+    return out
 
 
 def state_dir(cfg: Config) -> Path:

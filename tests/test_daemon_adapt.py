@@ -1,0 +1,126 @@
+"""Adaptation end to end over a real broker, and a kill -9 of a real daemon that resumes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge.config import parse_config
+from edge.daemon import Daemon
+from edge.sim import FAULTS, SHIFTS, Machine
+from tests.helpers import Client
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def labelled_windows(n, *, seed, shift, t0, seg=6):
+    """``n`` windows of 256 samples from one machine under ``shift``; the fault changes every ``seg`` windows."""
+    m = Machine(seed=seed, condition=SHIFTS[shift], t0=t0)
+    order = list(np.random.default_rng(seed).permutation(len(FAULTS)))
+    for k in range(n):
+        fault = FAULTS[order[(k // seg) % len(FAULTS)]]
+        m.fault = fault
+        t, v = m.read(256)
+        yield t, v, fault
+
+
+def publish_window(c, device, t, v, label=None):
+    c.publish(f"sensors/{device}/accel", {"t0": float(t[0]), "dt": 0.001, "v": np.round(v, 5).tolist()}, qos=1)
+    if label is not None:
+        c.publish("edge/ad/labels", {"t": float(t[128]), "label": label, "device": device, "stream": "accel"}, qos=1)
+
+
+def accuracy(preds, truth):
+    ok = [p["prediction"] == truth[round(p["t_start"], 3)] for p in preds if round(p["t_start"], 3) in truth]
+    return float(np.mean(ok)), len(ok)
+
+
+def test_drifted_device_recovers_accuracy_from_labels(broker, tmp_path):
+    cfg = parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
+                        "mqtt": {"host": broker.host, "port": broker.port},
+                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}})
+    d = Daemon(cfg)
+    d.start(connect_timeout=10)
+    c = Client(broker, "edge/ad/predictions/#", "edge/ad/events")
+    try:
+        truth: dict[float, str] = {}
+        t0 = time.time() - 600
+        stream = labelled_windows(560, seed=11, shift="mounting", t0=t0)
+        before, after = [], []
+        for k, (t, v, fault) in enumerate(stream):
+            truth[round(float(t[0]), 3)] = fault
+            publish_window(c, "m7", t, v, label=fault if k >= 80 else None)
+            (before if k < 80 else after).append(round(float(t[0]), 3))
+            if k % 40 == 39:  # let the learner keep up, as labels would trickle in for real
+                c.wait_for(lambda m: len(m) >= k - 5, timeout=30)
+        c.wait_for(lambda m: len([x for x in m if "/predictions/" in x[0]]) >= 560, timeout=60)
+        preds = c.json_on("edge/ad/predictions/m7/accel")
+        frozen_acc, n0 = accuracy([p for p in preds if round(p["t_start"], 3) in set(before)], truth)
+        last = set(after[-120:])
+        adapted_acc, n1 = accuracy([p for p in preds if round(p["t_start"], 3) in last], truth)
+        events = [e["type"] for e in c.json_on("edge/ad/events")]
+        assert n0 == 80 and n1 == 120
+        assert "promotion" in events, events
+        assert adapted_acc >= frozen_acc + 0.08, (frozen_acc, adapted_acc, events)
+        assert d.adapt.metrics()["learner_labels_total"] >= 400
+    finally:
+        c.close()
+        d.stop()
+
+
+def _status(state: Path) -> dict:
+    p = state / "kd" / "status.json"
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def test_kill_9_during_training_then_restart_resumes(broker, tmp_path):
+    cfg = tmp_path / "edge.toml"
+    state = tmp_path / "state"
+    cfg.write_text(f'[node]\nname = "kd"\nstate_dir = "{state}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+                   f'[model]\ncache_dir = "{tmp_path / "cache"}"\n[adapt]\ncheckpoint_interval_s = 1.0\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+
+    def start():
+        return subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], env=env,
+                                stdout=subprocess.DEVNULL, stderr=open(tmp_path / "edge.log", "ab"))
+
+    p = start()
+    c = Client(broker, "edge/kd/predictions/#", "edge/kd/status")
+    try:
+        c.wait_for(lambda m: any(t == "edge/kd/status" and pl == b"online" for t, pl, _ in m), timeout=60)
+        t0 = time.time() - 300
+        learned = 0
+        for k, (t, v, fault) in enumerate(labelled_windows(400, seed=5, shift="gain_offset", t0=t0)):
+            c.publish("sensors/k1/accel", {"t0": float(t[0]), "dt": 0.001, "v": np.round(v, 5).tolist()}, qos=1)
+            c.publish("edge/kd/labels", {"t": float(t[128]), "label": fault}, qos=1)
+            if k > 150 and k % 20 == 0:
+                learned = _status(state).get("adapt", {}).get("learner_labels_total", 0)
+                ckpts = list((state / "kd" / "adapt").glob("*"))
+                if learned >= 100 and ckpts:
+                    break
+        assert learned >= 100, (tmp_path / "edge.log").read_text()[-2000:]
+        time.sleep(1.5)  # at least one more checkpoint interval while training continues
+        os.kill(p.pid, signal.SIGKILL)  # mid-training: no chance to checkpoint at exit
+        p.wait(10)
+        p = start()
+        c.wait_for(lambda m: [pl for t, pl, _ in m if t == "edge/kd/status"][-1:] == [b"online"] and
+                   sum(1 for t, pl, _ in m if t == "edge/kd/status" and pl == b"online") >= 2, timeout=60)
+        for _ in range(100):
+            st = _status(state)
+            if st.get("written", 0) > time.time() - 3 and "adapt" in st:
+                break
+            time.sleep(0.2)
+        resumed = st["adapt"]["learner_labels_total"]
+        assert resumed >= 50, f"restart did not resume from a checkpoint: {st['adapt']}"
+        assert "restored the learner" in (tmp_path / "edge.log").read_text()
+    finally:
+        c.close()
+        p.send_signal(signal.SIGTERM)
+        p.wait(20)
