@@ -127,13 +127,13 @@ def measure(name: str, data: bytes, fn, chunk: int, repeat: int) -> dict:
     return res
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="edge bench serial", description=__doc__.splitlines()[0])
     ap.add_argument("--mbytes", type=float, default=4.0, help="size of each stream (MB)")
     ap.add_argument("--chunk", type=int, default=4096, help="bytes per read, as the reader thread gets them")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the fastest is kept (noisy machine)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     size = int(args.mbytes * 1e6)
     results = []
     for block, ch, fmt in ((25, 3, "int16"), (4, 3, "int16"), (10, 6, "float32")):
@@ -157,7 +157,8 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"meta": meta, "results": results}, f, indent=2)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
