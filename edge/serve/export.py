@@ -18,6 +18,8 @@ import numpy as np
 from edge.errors import ModelError
 
 log = logging.getLogger("edge.serve")
+# torch's exporter warns about every torchvision op it cannot register; we use none of them
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 
 MAX_BATCH = 4096
 OPSET = 17
