@@ -262,8 +262,11 @@ class Daemon:
                 lambda: [({"stream": str(k)}, w.counters["samples"]) for k, w in list(p.windowers.items())])
         reg.add("edge_stream_gaps_total", "counter", "gaps that restarted a window, per stream",
                 lambda: [({"stream": str(k)}, w.counters["gaps"]) for k, w in list(p.windowers.items())])
-        reg.add("edge_pipeline_latency_seconds_bucket", "counter", "receive-to-publish latency (cumulative buckets)",
-                lambda: [({"le": "+Inf" if b == float("inf") else f"{b:g}"}, n) for b, n in p.latency_buckets()])
+        reg.add_histogram("edge_pipeline_latency_seconds", "receive-to-publish latency of each window",
+                          lambda: [({}, p.latency_buckets(), p.latency_sum, p.latency_buckets()[-1][1])])
+        reg.add_histogram("edge_backend_latency_seconds", "backbone latency per batch, by backend and precision",
+                          lambda: [({"backend": label}, snap["buckets"], snap["sum_s"], snap["count"])
+                                   for label, snap in self.engine.latency_snapshot().items()])
         reg.add("edge_queue_depth", "gauge", "messages waiting in the ingest queue", p.depth)
         reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker (every connection)",
                 lambda: float(self.broker_connected()))
@@ -271,10 +274,6 @@ class Daemon:
             ing = self.ingest
             reg.add("edge_mqtt_ingest_total", "counter", "the sensor ingest connection's counters, by name",
                     lambda: [({"name": k}, v) for k, v in ing.counters.items()])
-        reg.add("edge_backend_latency_seconds", "gauge", "backbone latency per batch, by backend and quantile",
-                lambda: [({"backend": label, "quantile": q}, snap[f"p{int(q * 100)}_ms"] / 1e3)
-                         for label, snap in self.engine.latency_snapshot().items() for q in (0.5, 0.99)
-                         if snap.get(f"p{int(q * 100)}_ms") is not None])
         if self.adapt is not None:
             reg.add("edge_adapt", "gauge", "learner counters and prequential metrics (rejections by reason)",
                     lambda: _flatten(self.adapt.metrics()))

@@ -51,13 +51,37 @@ class Registry:
 
     def __init__(self) -> None:
         self._families: list[tuple[str, str, str, Callable[[], list[Sample]]]] = []
+        self._hists: list = []
 
     def add(self, name: str, kind: str, help_text: str, read: Callable[[], list[Sample] | float]) -> None:
         """Register a family; ``read`` returns a number or ``[(labels, value), ...]``."""
         self._families.append((name, kind, help_text, read))
 
+    def add_histogram(self, name: str, help_text: str,
+                      read: Callable[[], list[tuple[dict[str, str], list[tuple[float | str, int]], float, int]]]) -> None:
+        """Register a histogram; ``read`` returns ``[(labels, cumulative buckets [(le, n)], sum, count)]``."""
+        self._hists.append((name, help_text, read))
+
     def render(self) -> str:
         """The Prometheus text exposition format (version 0.0.4)."""
+        out = self._render_families()
+        for name, help_text, read in self._hists:
+            try:
+                series = read()
+            except Exception as e:  # a broken reader must not break the scrape
+                out.append(f"# {name}: read failed: {type(e).__name__}")
+                continue
+            out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
+            for labels, buckets, total, count in series:
+                for le, n in buckets:
+                    le_s = "+Inf" if le in ("+Inf", float("inf")) else f"{float(le):g}"
+                    out.append(f"{name}_bucket{{{_labels({**labels, 'le': le_s})}}} {n}")
+                lab = _labels(labels)
+                out.append(f"{name}_sum{{{lab}}} {total:g}" if lab else f"{name}_sum {total:g}")
+                out.append(f"{name}_count{{{lab}}} {count}" if lab else f"{name}_count {count}")
+        return "\n".join(out) + "\n"
+
+    def _render_families(self) -> list[str]:
         out = []
         for name, kind, help_text, read in self._families:
             try:
@@ -69,9 +93,13 @@ class Registry:
             out.append(f"# TYPE {name} {kind}")
             samples = [({}, val)] if isinstance(val, (int, float)) else val
             for labels, v in samples:
-                lab = ",".join(f'{k}="{_esc(str(x))}"' for k, x in sorted(labels.items()))
+                lab = _labels(labels)
                 out.append(f"{name}{{{lab}}} {float(v):g}" if lab else f"{name} {float(v):g}")
-        return "\n".join(out) + "\n"
+        return out
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return ",".join(f'{k}="{_esc(str(x))}"' for k, x in sorted(labels.items()))
 
 
 def _esc(s: str) -> str:

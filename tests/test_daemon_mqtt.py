@@ -138,3 +138,25 @@ def test_broker_restart_resumes_stream(broker, daemon):
     c2.wait_for(lambda m: len(m) >= 1, timeout=15)
     assert daemon.link.counters["connects"] >= 2 and daemon.pipeline.thread.is_alive()
     c2.close()
+
+
+def test_metrics_endpoint_serves_prometheus_text_and_health(broker, tmp_path):
+    import urllib.request
+
+    from edge.broker import free_port
+
+    port = free_port()
+    d = make_daemon(broker, tmp_path, node="met", metrics={"port": port})
+    try:
+        c = Client(broker, "edge/met/predictions/#")
+        c.publish("sensors/x/accel", batch(time.time(), 256))
+        c.wait_for(lambda m: len(m) >= 1)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert "edge_windows_served_total 1" in text
+        assert 'edge_backend_latency_seconds_bucket{backend="onnxruntime-int8",le="+Inf"}' in text
+        assert "edge_pipeline_latency_seconds_count 1" in text
+        health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+        assert health.status == 200 and b'"ready": true' in health.read()
+        c.close()
+    finally:
+        d.stop()
