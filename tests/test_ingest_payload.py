@@ -136,3 +136,28 @@ def test_batch_round_trip(rows, dt):
     ts, out = dec(orjson.dumps({"t0": NOW, "dt": dt, "v": [list(r) for r in rows]}))
     assert out == [[float(x) for x in r] for r in rows]
     assert ts[0] == NOW and all(b > a for a, b in zip(ts, ts[1:]))
+
+
+def test_firmware_frame_is_accepted_as_an_mqtt_payload():
+    import numpy as np
+
+    from firmware_bridge.codec import encode_frame
+    from firmware_bridge.messages import Samples
+
+    vals = np.arange(30, dtype=np.float32).reshape(10, 3)
+    frame = encode_frame(Samples(seq=1, t_us=5_000_000, sample_rate=1000.0, values=vals))
+    ts, rows = dec(frame)
+    assert rows == vals.tolist()
+    assert len(ts) == 10 and abs(ts[0] - NOW) < 3600 and all(abs(b - a - 0.001) < 1e-6 for a, b in zip(ts, ts[1:]))
+
+
+def test_firmware_frame_with_wrong_channel_count_is_rejected():
+    import numpy as np
+
+    from firmware_bridge.codec import encode_frame
+    from firmware_bridge.messages import Samples
+
+    frame = encode_frame(Samples(seq=1, t_us=0, sample_rate=1000.0, values=np.zeros((4, 2), np.float32)))
+    with pytest.raises(DecodeError) as e:
+        dec(frame)
+    assert e.value.kind == "wrong_channels"
