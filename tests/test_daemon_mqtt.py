@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(180)
 
 def make_daemon(broker, tmp, *, node="t1", adapt=False, **extra):
     doc = {"node": {"name": node, "state_dir": str(tmp / "state")},
-           "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+           "mqtt": extra.pop("mqtt", {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5}),
            "model": {"cache_dir": str(tmp.parent / "cache")},
            "adapt": {"enabled": adapt}, **extra}
     d = Daemon(parse_config(doc))
@@ -157,6 +157,18 @@ def test_metrics_endpoint_serves_prometheus_text_and_health(broker, tmp_path):
         assert "edge_pipeline_latency_seconds_count 1" in text
         health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status == 200 and b'"ready": true' in health.read()
+        c.close()
+    finally:
+        d.stop()
+
+
+def test_daemon_speaks_mqtt_3_1_1_too(broker, tmp_path):
+    d = make_daemon(broker, tmp_path, node="v311", mqtt={"host": broker.host, "port": broker.port, "protocol": "3.1.1"})
+    try:
+        c = Client(broker, "edge/v311/#", protocol="3.1.1")
+        c.publish("sensors/old/accel", batch(time.time(), 256))
+        c.wait_for(lambda m: any("/predictions/old/accel" in t for t, _, _ in m))
+        assert any(t == "edge/v311/status" and p == b"online" for t, p, _ in c.msgs)
         c.close()
     finally:
         d.stop()
