@@ -78,7 +78,7 @@ class Daemon:
         t0 = time.monotonic()
         backend, self.backend_reason = load_backbone(self.model, backend=cfg.model.backend, precision=precision,
                                                      cache_dir=cfg.model.cache_dir or None, threads=cfg.model.threads)
-        self.engine = Engine(backend, max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms)
+        self.engine = Engine(backend, max_batch=cfg.model.max_batch)
         self.engine.warm_up()
         log.info("model %s %s on %s (%s); ready to serve in %.2f s", m.name, m.version, backend.describe().get("name", backend.key),
                  self.backend_reason, time.monotonic() - t0)
@@ -109,7 +109,7 @@ class Daemon:
             sources=sources, label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
             publish=self._publish, topic_base=base, model_id=f"{m.name}@{m.version}", queue_size=cfg.queues.ingest,
-            max_batch=cfg.model.max_batch, max_skew=cfg.window.max_clock_skew_s, max_payload=cfg.mqtt.max_payload_bytes,
+            max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s, max_payload=cfg.mqtt.max_payload_bytes,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None)

@@ -1,7 +1,6 @@
 """The engine: chunked batches, bounded micro-batching wait, warm-up, latency metrics."""
 from __future__ import annotations
 
-import queue
 import threading
 import time
 
@@ -70,37 +69,6 @@ def test_warm_up_runs_untimed_batches_and_marks_ready():
 
     assert engine.ready and b.calls == [1, 1, 8, 8]
     assert engine.latency_snapshot()["fake-fp32"]["count"] == 0
-
-
-def test_take_batch_gathers_windows_ready_together_up_to_max_batch():
-    q = queue.Queue()
-    for i in range(10):
-        q.put(i)
-    engine = Engine(RecordingBackend(), max_batch=4, max_wait_ms=50)
-
-    assert engine.take_batch(q, timeout=1) == [0, 1, 2, 3]
-    assert engine.take_batch(q, timeout=1) == [4, 5, 6, 7]
-    assert engine.take_batch(q, timeout=1) == [8, 9]
-
-
-def test_take_batch_waits_no_longer_than_max_wait_after_the_first_window():
-    q = queue.Queue()
-    engine = Engine(RecordingBackend(), max_batch=32, max_wait_ms=20)
-    late = threading.Timer(0.5, q.put, args=("late",))
-    q.put("first")
-    late.start()
-    try:
-        t = time.monotonic()
-        got = engine.take_batch(q, timeout=1)
-        waited = time.monotonic() - t
-    finally:
-        late.cancel()
-
-    assert got == ["first"] and waited < 0.3
-
-
-def test_take_batch_returns_nothing_when_no_window_comes():
-    assert Engine(RecordingBackend()).take_batch(queue.Queue(), timeout=0.01) == []
 
 
 def test_histogram_buckets_are_cumulative():

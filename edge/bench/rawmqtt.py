@@ -1,31 +1,19 @@
 """A minimal MQTT 3.1.1 QoS 0 publisher on a raw socket: the load generator of the benchmarks.
 
 paho spends tens of microseconds per publish; a load generator that slow would measure
-itself. This one frames PUBLISH packets by hand and writes them in large chunks, so the
-broker and the system under test are the bottleneck.
+itself. This one frames PUBLISH packets with ``edge.ingest.mqttwire`` and writes them in
+large chunks, so the broker and the system under test are the bottleneck.
 """
 from __future__ import annotations
 
 import socket
 
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n % 128, n // 128
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _str(s: bytes) -> bytes:
-    return len(s).to_bytes(2, "big") + s
+from edge.ingest.mqttwire import DISCONNECT_PACKET, encode_connect, encode_publish
 
 
 def publish_packet(topic: bytes, payload: bytes) -> bytes:
-    """One QoS 0 PUBLISH packet."""
-    body = _str(topic) + payload
-    return b"\x30" + _varint(len(body)) + body
+    """One QoS 0 PUBLISH packet (MQTT 3.1.1)."""
+    return encode_publish(topic, payload)
 
 
 class RawPublisher:
@@ -34,9 +22,7 @@ class RawPublisher:
     def __init__(self, host: str, port: int, client_id: str = "edge-bench-pub"):
         self.sock = socket.create_connection((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        vh = _str(b"MQTT") + bytes([4, 0x02]) + (0).to_bytes(2, "big")
-        body = vh + _str(client_id.encode())
-        self.sock.sendall(b"\x10" + _varint(len(body)) + body)
+        self.sock.sendall(encode_connect(client_id, protocol="3.1.1", keepalive=0))
         ack = self.sock.recv(4)
         if len(ack) < 4 or ack[0] != 0x20 or ack[3] != 0:
             raise ConnectionError(f"broker refused the connection: {ack!r}")
@@ -46,6 +32,6 @@ class RawPublisher:
 
     def close(self) -> None:
         try:
-            self.sock.sendall(b"\xe0\x00")  # DISCONNECT
+            self.sock.sendall(DISCONNECT_PACKET)
         finally:
             self.sock.close()

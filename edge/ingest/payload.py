@@ -29,6 +29,8 @@ import orjson
 from edge.errors import DecodeError
 
 _isfinite = math.isfinite
+_loads = orjson.loads
+_JSONDecodeError = orjson.JSONDecodeError
 
 
 def _row(v, channels: int) -> list[float]:
@@ -101,6 +103,51 @@ def decode_json(payload: bytes, *, channels: int, now: float, max_skew: float = 
     else:
         _decode_json_obj(d, channels, now, max_skew, ts, rows)
     return ts, rows
+
+
+def decode_sample(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[float, list[float]] | None:
+    """The hot path for the common single-sample JSON object: ``(t, row)``, or None.
+
+    None means "not a plain valid single sample": the caller then runs
+    ``decode_payload``, which handles every other form and raises the right
+    ``DecodeError``. Whenever this returns a value, ``decode_payload`` (format auto or
+    json) returns ``([t], [row])`` for the same payload; it skips the general decoder's
+    per-message lists. The size limit is the caller's to check first.
+
+    >>> decode_sample(b'{"t": 10.0, "v": [1, 2.5, 3]}', channels=3, now=10.0)
+    (10.0, [1.0, 2.5, 3.0])
+    >>> decode_sample(b'{"t0": 10.0, "dt": 0.1, "v": [[1, 2, 3]]}', channels=3, now=10.0) is None
+    True
+    """
+    if payload[:1] != b"{":
+        return None
+    try:
+        d = _loads(payload)
+    except _JSONDecodeError:
+        return None
+    v = d.get("v")  # a payload that starts with "{" and parses is a dict
+    if type(v) is not list or len(v) != channels or "t0" in d:
+        return None
+    for x in v:
+        if type(x) is not float:
+            try:
+                v = _row(v, channels)
+            except DecodeError:
+                return None
+            break
+    else:
+        if not _isfinite(sum(v)):  # orjson yields no inf/nan; a sum that overflows takes the slow path
+            return None
+    if "t" not in d:
+        return now, v
+    t = d["t"]
+    if type(t) is not float:
+        if type(t) is not int:
+            return None
+        t = float(t)
+    if not _isfinite(t) or (max_skew and abs(t - now) > max_skew):
+        return None
+    return t, v
 
 
 def decode_csv(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[list[float], list[list[float]]]:

@@ -30,7 +30,7 @@ class Windower:
     """Windows for one stream; ``push`` returns ``[(t_start, t_end, window[C, L])]``."""
 
     __slots__ = ("length", "hop", "channels", "sample_rate", "rate_tolerance", "max_fill",
-                 "_ts", "_rows", "_skip", "_last_t", "_dt_est", "_n_dt", "rate_ok", "counters", "_dt")
+                 "_ts", "_rows", "_skip", "_last_t", "_dt_est", "_n_dt", "rate_ok", "counters", "_dt", "_gap_at")
 
     def __init__(self, *, length: int, hop: int, channels: int, sample_rate: float,
                  rate_tolerance: float = 0.1, max_fill: int = 2):
@@ -39,6 +39,7 @@ class Windower:
         self.length, self.hop, self.channels = length, hop, channels
         self.sample_rate, self.rate_tolerance, self.max_fill = sample_rate, rate_tolerance, max_fill
         self._dt = 1.0 / sample_rate
+        self._gap_at = 1.5 * self._dt
         self._ts: list[float] = []
         self._rows: list[list[float]] = []
         self._skip = 0  # samples still to drop when hop > length
@@ -98,6 +99,30 @@ class Windower:
         c["samples"] += len(ts)
         return out
 
+    def push_one(self, t: float, row: list[float]) -> list[tuple[float, float, np.ndarray]] | tuple[()]:
+        """``push([t], [row])`` without the lists: the per-message hot path.
+
+        The common case (in order, no gap, no hop skip) is done inline; anything else
+        goes through ``push``. Returns the windows completed (usually an empty tuple).
+        """
+        last = self._last_t
+        if last is None or self._skip:
+            return self.push([t], [row])
+        d = t - last
+        if not 0.0 < d <= self._gap_at:
+            return self.push([t], [row])
+        self._track_rate(d)
+        self._last_t = t
+        self.counters["samples"] += 1
+        rows = self._rows
+        self._ts.append(t)
+        rows.append(row)
+        if len(rows) < self.length:
+            return ()
+        out: list[tuple[float, float, np.ndarray]] = []
+        self._emit(out)
+        return out
+
     def _track_rate(self, d: float) -> None:
         self._dt_est += 0.01 * (d - self._dt_est)
         self._n_dt += 1
@@ -115,11 +140,15 @@ class Windower:
         self._ts.append(t)
         self._rows.append(row)
         if len(self._rows) >= self.length:
-            L, H = self.length, self.hop
-            win = np.asarray(self._rows[:L], dtype=np.float32).T.copy()
-            out.append((self._ts[0], self._ts[L - 1], win))
-            self.counters["windows"] += 1
-            drop = min(H, L)
-            del self._rows[:drop]
-            del self._ts[:drop]
-            self._skip = H - drop
+            self._emit(out)
+
+    def _emit(self, out: list) -> None:
+        """Cut the window that just filled, then move on by ``hop``."""
+        L, H = self.length, self.hop
+        win = np.asarray(self._rows[:L], dtype=np.float32).T.copy()
+        out.append((self._ts[0], self._ts[L - 1], win))
+        self.counters["windows"] += 1
+        drop = min(H, L)
+        del self._rows[:drop]
+        del self._ts[:drop]
+        self._skip = H - drop

@@ -1,14 +1,12 @@
 """The serving engine the pipeline thread calls: micro-batching, warm-up, latency metrics.
 
 Windows of several streams often become ready together; running them as one batch is
-far cheaper than one call each. ``take_batch`` waits a bounded time (``max_wait_ms``)
-after the first window for more to arrive, so batching never adds more than that to a
-window's latency. ``features`` splits what it is given into ``max_batch`` chunks and
-times every call into a histogram per backend.
+far cheaper than one call each. The pipeline thread gathers them (waiting at most
+``[model] max_wait_ms`` after the first); ``features`` splits what it is given into
+``max_batch`` chunks and times every call into a histogram per backend.
 """
 from __future__ import annotations
 
-import queue
 import time
 
 import numpy as np
@@ -19,12 +17,11 @@ from edge.serve.latency import LatencyHistogram
 class Engine:
     """Runs a ``Backend`` for the pipeline thread. Not itself thread-safe; metrics are."""
 
-    def __init__(self, backend, *, max_batch: int = 32, max_wait_ms: float = 2.0):
-        if max_batch < 1 or max_wait_ms < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_wait_ms >= 0, got {max_batch}, {max_wait_ms}")
+    def __init__(self, backend, *, max_batch: int = 32):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.backend = backend
         self.max_batch = int(max_batch)
-        self.max_wait = float(max_wait_ms) / 1e3
         self.label = f"{backend.key}-{backend.precision}"
         self._hist = {self.label: LatencyHistogram()}
         self.ready = False
@@ -58,31 +55,10 @@ class Engine:
         self.ready = True
         return time.perf_counter() - t
 
-    def take_batch(self, q: "queue.Queue", timeout: float | None = None) -> list:
-        """Items from ``q``: block up to ``timeout`` for the first, then take what arrives
-        within ``max_wait_ms`` of it, up to ``max_batch``. ``[]`` if nothing came."""
-        try:
-            items = [q.get(timeout=timeout)]
-        except queue.Empty:
-            return []
-        deadline = time.monotonic() + self.max_wait
-        while len(items) < self.max_batch:
-            left = deadline - time.monotonic()
-            try:
-                items.append(q.get_nowait() if left <= 0 else q.get(timeout=left))
-            except queue.Empty:
-                break
-        return items
-
     def latency_snapshot(self) -> dict[str, dict]:
         """``{"<backend>-<precision>": {count, sum_s, windows, buckets, p50_ms, p99_ms}}``."""
         return {label: h.snapshot() for label, h in self._hist.items()}
 
-    def latency_quantiles(self) -> dict[float, float]:
-        """``{0.5: seconds, 0.99: seconds}`` per call of the current backend, for a gauge."""
-        snap = self._hist[self.label].snapshot()
-        return {0.5: snap["p50_ms"] / 1e3, 0.99: snap["p99_ms"] / 1e3}
-
     def describe(self) -> dict:
-        return {**self.backend.describe(), "max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1e3,
+        return {**self.backend.describe(), "max_batch": self.max_batch,
                 "ready": self.ready}
