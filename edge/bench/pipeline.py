@@ -186,6 +186,12 @@ def _metric(port: int, name: str) -> float:
     return float("nan")
 
 
+def _buckets(port: int, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        return {line.split('le="')[1].split('"')[0]: float(line.split()[-1])
+                for line in r.read().decode().splitlines() if line.startswith(name + "{")}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="edge bench pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--rate", type=float, default=20000.0)
@@ -200,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     _pin(1)()
     rows = _samples(a.streams, 20_000)
     results: dict = {"config": vars(a), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
-    with BrokerProcess(kind="mosquitto") as broker, tempfile.TemporaryDirectory() as td:
+    # Nagle on the broker's sockets meets delayed ACKs: 40 ms stalls on small packets
+    with BrokerProcess(kind="mosquitto", extra_conf="set_tcp_nodelay true") as broker, tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
         systems = ["edge"] + ([] if a.skip_baseline else ["naive"])
         for name in systems:
@@ -218,11 +225,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] paced {a.rate:.0f} msg/s for {a.seconds:.0f} s ...", flush=True)
                 paced = run_paced(pub, rx, proc.pid, streams=a.streams, rate=a.rate, seconds=a.seconds, rows=rows,
                                   prefix=b"bench")
+                if name == "edge":  # receive-to-publish inside the daemon, for comparison with end to end
+                    paced["daemon_latency_buckets"] = _buckets(mport, "edge_pipeline_latency_seconds_bucket")
                 print(f"[{name}] burst of {a.burst} messages ...", flush=True)
                 burst = run_burst(pub, rx, streams=a.streams, count=a.burst, rows=rows, prefix=b"bench", timeout=120)
                 r = {"paced": paced, "burst": burst}
                 if name == "edge":
                     r["daemon_dropped"] = _metric(mport, "edge_dropped_total")
+                    r["daemon_latency_buckets"] = paced.pop("daemon_latency_buckets", None)
                 results[name] = r
                 print(json.dumps(r, indent=1), flush=True)
             finally:

@@ -11,6 +11,7 @@ it was down.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -86,6 +87,14 @@ class MqttLink:
             log.warning("broker %s:%d refused the connection: %s", self.cfg.host, self.cfg.port, reason_code)
             return
         self.counters["connects"] += 1
+        sock = client.socket()
+        if sock is not None and hasattr(sock, "setsockopt"):
+            # predictions are small packets: without this, Nagle holds one back until the
+            # broker's delayed ACK of the previous one (~40 ms)
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
         if self.subscriptions:
             client.subscribe(self.subscriptions)
         client.publish(self.status_topic, b"online", qos=1, retain=True)
