@@ -51,7 +51,6 @@ def test_latency_snapshot_counts_calls_and_windows_per_backend():
     s = snap["fake-fp32"]
     assert s["count"] == 3 and s["windows"] == 10 and s["buckets"][-1] == ["+Inf", 3]
     assert 0 <= s["p50_ms"] <= s["p99_ms"]
-    assert set(engine.latency_quantiles()) == {0.5, 0.99}
 
 
 def test_bad_windows_are_rejected_before_any_chunk_runs():
