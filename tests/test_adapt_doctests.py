@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-MODULES = ["edge.adapt.heads", "edge.adapt.replay", "edge.adapt.metrics", "edge.adapt.drift", "edge.adapt.labels",
+MODULES = ["edge.adapt.heads", "edge.adapt.adam", "edge.adapt.replay", "edge.adapt.metrics", "edge.adapt.drift", "edge.adapt.labels",
            "edge.adapt.forecast", "edge.adapt.budget", "edge.adapt.synth", "edge.state"]
 
 

@@ -9,8 +9,9 @@ Matching rule (the documented tolerance): a label at time ``t`` belongs to the c
 window with ``t_start - tolerance_s <= t <= t_end + tolerance_s``; among overlapping
 windows, the one whose centre is nearest ``t``. A label with a stream key matches that
 stream; a label without one (a node-wide label) matches every stream with such a
-window. A label newer than the newest cached window, but by at most ``max_future_s``,
-waits (bounded, ``max_pending``) for its window; each window is labelled at most once.
+window. A label after the end of the newest cached window, by at most ``max_future_s``,
+waits (bounded, ``max_pending``) for the window that contains it, and is matched within
+the tolerance only once the stream has gone past it; each window is labelled at most once.
 
 Rejected labels are counted per reason: ``bad_time`` (non-finite t), ``unknown_class``,
 ``non_finite`` / ``bad_shape`` (regression targets), ``unknown_stream``, ``too_old``
@@ -105,7 +106,9 @@ class LabelMatcher:
         tol = self.tolerance_s
         if t < dq[0].t_start - tol:
             return None, "too_old"
-        if t > dq[-1].t_end + tol:
+        if t > dq[-1].t_end:
+            # the window that contains t may not have been cut yet: wait for it rather
+            # than give the label to a neighbour within the tolerance
             return None, "later"
         i = bisect.bisect_left(ends, t - tol)  # first window that ends at or after t - tol
         best, dist = None, math.inf

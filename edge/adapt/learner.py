@@ -137,39 +137,50 @@ class Learner:
         t, why = self._target(y)
         if why:
             return self.reject(why)
-        cfg = self.cfg
+        cfg, preq, counters = self.cfg, self.preq, self.counters
         champion, glob = self.champion, self._global
-        s_champ = champion.predict(z)[0]
-        l_champ, e_champ = self.preq["champion"].update(s_champ, t)
+        z2 = z[None, :]
+        s_champ = self._score(champion, z2)
+        l_champ, e_champ = preq["champion"].update(s_champ, t)
         if champion is glob:
-            self.preq["global"].update_values(l_champ, e_champ)
+            preq["global"].update_values(l_champ, e_champ)
         else:
-            self.preq["global"].update(glob.predict(z)[0], t)
+            preq["global"].update(self._score(glob, z2), t)
         boosting = self.boost_left > 0
-        self.trainer.set_lr(cfg.lr * (cfg.boost_lr if boosting else 1.0))
-        out0, steps = None, cfg.steps_per_label * (cfg.boost_steps if boosting else 1)
+        self.trainer.set_lr(cfg.lr * cfg.boost_lr if boosting else cfg.lr)
+        s_chal, steps = None, cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
         for _ in range(steps):
             if not self.budget.allow():
-                self.counters["train_steps_skipped"] += 1
+                counters["train_steps_skipped"] += 1
                 break
             t0 = time.perf_counter()
-            o = self.trainer.step(self.trainer.fill(z, t, self._sources))
-            out0 = o if out0 is None else out0
+            s = self.trainer.step(self.trainer.fill(z, t, self._sources))
+            if s_chal is None:
+                s_chal = s
             self.budget.charge(time.perf_counter() - t0)
-            self.counters["train_steps"] += 1
-        if out0 is None:
-            out0 = self.trainer.score(z)
-        s_chal = _scores(out0.numpy(), self.task)
-        self.preq["challenger"].update(s_chal, t)
+            counters["train_steps"] += 1
+        if s_chal is None:
+            s_chal = self.trainer.score(z)
+        preq["challenger"].update(s_chal, t)
         self.replay.add(z, t)
         self.recent.add(z, t)
-        self.counters["labels"] += 1
+        counters["labels"] += 1
         self.since_swap += 1
         self.boost_left = max(0, self.boost_left - 1)
         drift = self._update_drift(e_champ if cfg.drift_on == "error" else l_champ)
         swap = self._maybe_swap()
         return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ,
                 "drift": drift, "swap": swap, "champion_version": self.champion.version}
+
+    def _score(self, snap: HeadSnapshot, z2: np.ndarray) -> np.ndarray:
+        """``snap.predict(z2)[0]`` (same arithmetic, so the same numbers as the serving
+        thread), without the batch-shaped softmax's extra allocations."""
+        s = snap.logits(z2)[0]
+        if self.task == "classification":
+            s -= s.max()
+            np.exp(s, out=s)
+            s /= s.sum()
+        return s
 
     def _update_drift(self, x: float) -> str | None:
         hit = None
@@ -296,10 +307,3 @@ class Learner:
         self.counters = collections.Counter(s["counters"])
         self.rejected = collections.Counter(s["rejected"])
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
-
-
-def _scores(out: np.ndarray, task: str) -> np.ndarray:
-    if task != "classification":
-        return out
-    e = np.exp(out - out.max())
-    return e / e.sum()

@@ -27,19 +27,22 @@ class RollingMean:
 
     def __init__(self, window: int):
         self.window = int(window)
-        self.buf = np.zeros(self.window, np.float64)
+        # a list of Python floats: reading one numpy element costs more than the update
+        self.buf = [0.0] * self.window
         self.i = 0
         self.n = 0
         self.total = 0.0
 
     def update(self, x: float) -> None:
+        i = self.i
         if self.n == self.window:
-            self.total -= self.buf[self.i]
+            self.total -= self.buf[i]
         else:
             self.n += 1
-        self.buf[self.i] = x
+        x = float(x)
+        self.buf[i] = x
         self.total += x
-        self.i = (self.i + 1) % self.window
+        self.i = i + 1 if i + 1 < self.window else 0
 
     def get(self) -> float:
         return float(self.total / self.n) if self.n else math.nan
@@ -52,17 +55,17 @@ class RollingMean:
         self.i, self.n, self.total = other.i, other.n, other.total
 
     def state_dict(self) -> dict:
-        return {"buf": self.buf.copy(), "i": self.i, "n": self.n, "total": self.total}
+        return {"buf": np.array(self.buf, np.float64), "i": self.i, "n": self.n, "total": self.total}
 
     def load_state_dict(self, s: dict) -> None:
         buf = np.asarray(s["buf"], np.float64)
-        if buf.shape != self.buf.shape:  # eval window changed by config: start afresh
+        if buf.shape != (self.window,):  # eval window changed by config: start afresh
             self.reset()
             return
-        self.buf[:] = buf
+        self.buf[:] = buf.tolist()
         self.i, self.n = int(s["i"]), int(s["n"])
         # the running total, not a fresh sum: a rounding difference could flip a promotion
-        self.total = float(s["total"]) if "total" in s else float(self.buf[: self.n].sum())
+        self.total = float(s["total"]) if "total" in s else float(buf[: self.n].sum())
 
 def sample_loss(scores, y, task: str) -> tuple[float, float]:
     """``(loss, error)`` of one prediction: log-loss and 0/1 error, or squared and absolute error.
@@ -72,11 +75,14 @@ def sample_loss(scores, y, task: str) -> tuple[float, float]:
     >>> sample_loss(np.array([1.0, 2.0]), np.array([1.0, 4.0]), "regression")
     (2.0, 1.0)
     """
-    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if task == "classification":
+        if not (isinstance(scores, np.ndarray) and scores.ndim == 1):
+            # float32 scores need no float64 copy: the conversion is exact and keeps the order
+            scores = np.asarray(scores, dtype=np.float64).reshape(-1)
         c = int(y)
         loss = -math.log(max(float(scores[c]), EPS))
-        return loss, float(int(np.argmax(scores)) != c)
+        return loss, float(int(scores.argmax()) != c)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     d = scores - np.asarray(y, dtype=np.float64).reshape(-1)
     return float(np.mean(d * d)), float(np.mean(np.abs(d)))
 

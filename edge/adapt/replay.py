@@ -80,11 +80,11 @@ class ReplayBuffer:
             slot = self.size
             self.size += 1
         else:
-            counts = self.class_counts()
-            largest = counts.max()
+            counts = [len(s) for s in self._slots]  # plain ints: a handful of classes
+            largest = max(counts)
             if counts[c] < largest:
-                big = np.flatnonzero(counts == largest)
-                victim = int(big[self.rng.integers(0, len(big))])
+                big = [k for k, n in enumerate(counts) if n == largest]
+                victim = big[int(self.rng.integers(0, len(big)))]
                 slot = self._evict(victim)
             else:
                 if self.rng.random() * self.seen[c] >= counts[c]:

@@ -1,10 +1,16 @@
 """One lean training step of a head on (new sample + replayed samples).
 
 The hot path of online learning: per label it must cost well under a millisecond on
-one core. So the batch tensors are allocated once and filled in place through numpy
-views (``np.take(..., out=)``), the optimizer is built once, and the challenger's
-test-then-train score of the new sample is read from row 0 of the step's own forward
-pass instead of a second forward.
+one core. So the batch arrays are allocated once and filled in place
+(``ndarray.take(..., out=)``), and the challenger's test-then-train score of the new sample
+is read from row 0 of the step's own forward pass instead of a second forward.
+
+The step itself runs in numpy on the head's closed-form forward and gradient
+(``forward_np`` / ``grad_np``) and, for Adam, a numpy Adam over the head's flat
+parameter buffer (``AdamState``): at these sizes torch's per-op dispatch and the
+optimizer's Python wrapper cost several times the arithmetic. The torch optimizer
+object is kept for its checkpoint format (``state_dict`` is the one torch writes) and
+runs the update itself for SGD. A head without a closed form would train by autograd.
 """
 from __future__ import annotations
 
@@ -14,6 +20,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from edge.adapt.adam import AdamState
+
 
 class HeadTrainer:
     """Owns a head's optimizer and preallocated batch; ``fill`` then ``step``."""
@@ -21,21 +29,38 @@ class HeadTrainer:
     def __init__(self, head, *, task: str, batch: int, lr: float, optimizer: str = "adam", anchor: float = 0.0):
         self.head = head
         self.task = task
+        self.classification = task == "classification"
         self.anchor = float(anchor)
         self.lr = float(lr)
-        params = [p for p in head.parameters() if p.requires_grad]
-        self.opt = _optimizer(optimizer, params, lr)
+        self.params = [p for p in head.parameters() if p.requires_grad]
+        self.opt = _optimizer(optimizer, self.params, lr)
         d = head.base_weight.shape[1]
         k = head.base_weight.shape[0]
         self.zb = torch.zeros(batch, d)
-        self.yb = torch.zeros(batch, dtype=torch.long) if task == "classification" else torch.zeros(batch, k)
+        self.yb = torch.zeros(batch, dtype=torch.long) if self.classification else torch.zeros(batch, k)
         self.z_np = self.zb.numpy()
         self.y_np = self.yb.numpy()
         self.batch = batch
-        self._minus_one = torch.full((batch, 1), -1.0)
+        self._rows = np.arange(batch)
+        self._lr = float(lr)
+        self.closed_form = getattr(head, "grad_np", None) is not None
+        self.adam = None
+        if self.closed_form:
+            # the gradient lives in one flat buffer; the parameters' .grad are views of it
+            # (what torch's SGD reads)
+            self._grad_t = torch.zeros(head.flat.size)
+            self.grad = self._grad_t.numpy()
+            off = 0
+            for p in self.params:
+                p.grad = self._grad_t[off: off + p.numel()].view_as(p)
+                off += p.numel()
+            g = self.opt.param_groups[0]
+            if isinstance(self.opt, torch.optim.Adam) and not (g["weight_decay"] or g["amsgrad"] or g["maximize"]):
+                self.adam = AdamState(head.flat.size, betas=g["betas"], eps=g["eps"])
 
     def set_lr(self, lr: float) -> None:
-        if lr != self.opt.param_groups[0]["lr"]:
+        if lr != self._lr:
+            self._lr = lr
             for g in self.opt.param_groups:
                 g["lr"] = lr
 
@@ -48,64 +73,86 @@ class HeadTrainer:
             idx = buf.sample_indices(min(n, self.batch - row))
             k = len(idx)
             if k:
-                np.take(buf.z, idx, axis=0, out=self.z_np[row: row + k])
-                np.take(buf.y, idx, axis=0, out=self.y_np[row: row + k])
+                buf.z.take(idx, 0, self.z_np[row: row + k])
+                buf.y.take(idx, 0, self.y_np[row: row + k])
                 row += k
         return row
 
-    def refill_replay(self, n_rows: int, sources) -> int:
-        """Resample the replay rows for a further step on the same new sample."""
-        return self.fill(self.z_np[0].copy(), self.y_np[0].copy(), sources)
+    def step(self, n: int) -> np.ndarray:
+        """One optimizer step on the first ``n`` rows; returns row 0's scores *before* the step.
 
-    def step(self, n: int) -> torch.Tensor:
-        """One optimizer step on the first ``n`` rows; returns row 0's output *before* the step.
-
-        Heads with a closed-form ``backward_from`` (linear, low-rank) skip autograd.
-        The batch loss itself is never computed: nothing needs it (the prequential
-        metrics come from row 0), and on this path every 20 microseconds count.
+        Scores are softmax probabilities for classification, raw outputs otherwise (the
+        challenger's test-then-train prediction of the new sample). The batch loss
+        itself is never computed: nothing needs it (the prequential metrics come from
+        row 0), and on this path every 20 microseconds count.
         """
-        z, y = self.zb[:n], self.yb[:n]
-        if self.head.backward_from is None:
-            out = self.head(z)
-            loss = F.cross_entropy(out, y) if self.task == "classification" else F.mse_loss(out, y)
-            if self.anchor:
-                loss = loss + self.anchor * self.head.anchor_loss()
-            self.opt.zero_grad(set_to_none=False)
-            loss.backward()
-            out = out.detach()
+        if not self.closed_form:
+            return self._step_autograd(n)
+        z = self.z_np[:n]
+        g, cache = self.head.forward_np(z)
+        if self.classification:  # d(mean cross-entropy)/d(logits) = (softmax - onehot) / n
+            g -= g.max(axis=1, keepdims=True)
+            np.exp(g, out=g)
+            g /= g.sum(axis=1, keepdims=True)
+            s0 = g[0].copy()
+            g[self._rows[:n], self.y_np[:n]] -= 1.0
+            g /= n
+        else:  # d(mean squared error)/d(outputs)
+            s0 = g[0].copy()
+            g -= self.y_np[:n]
+            g *= 2.0 / g.size
+        self.head.grad_np(z, g, self.anchor, self.grad, cache)
+        if self.adam is not None:
+            self.adam.update(self.head.flat, self.grad, self._lr)
         else:
-            with torch.no_grad():
-                out = self.head(z)
-                if self.task == "classification":
-                    g = torch.softmax(out, 1)
-                    g.scatter_add_(1, y[:, None], self._minus_one[:n])
-                    g /= n
-                else:
-                    g = out - y
-                    g *= 2.0 / g.numel()
-                self.head.backward_from(z, g, self.anchor)
-        self.opt.step()
-        return out[0]
+            self.opt.step()
+        return s0
 
-    @torch.no_grad()
-    def score(self, z) -> torch.Tensor:
-        """The head's raw output for one sample, without training."""
+    def _step_autograd(self, n: int) -> np.ndarray:
+        z, y = self.zb[:n], self.yb[:n]
+        out = self.head(z)
+        loss = F.cross_entropy(out, y) if self.classification else F.mse_loss(out, y)
+        if self.anchor:
+            loss = loss + self.anchor * self.head.anchor_loss()
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        self.opt.step()
+        return self._scores(out.detach()[0].numpy())
+
+    def score(self, z) -> np.ndarray:
+        """The head's scores for one sample, without training (see ``step``)."""
         self.z_np[0] = z
-        return self.head(self.zb[:1])[0]
+        if self.closed_form:
+            return self._scores(self.head.forward_np(self.z_np[:1])[0][0])
+        with torch.no_grad():
+            return self._scores(self.head(self.zb[:1])[0].numpy())
+
+    def _scores(self, out: np.ndarray) -> np.ndarray:
+        if not self.classification:
+            return out.copy()
+        e = np.exp(out - out.max())
+        return e / e.sum()
 
     def reset(self) -> None:
         """Back to the base head with a fresh optimizer state (after a rollback)."""
         self.head.reset_to_base()
         self.opt.state.clear()
+        if self.adam is not None:
+            self.adam.clear()
 
     def state_dict(self) -> dict:
         """A copy: the live optimizer tensors keep changing (and a second learner loading
-        them must not share them)."""
+        them must not share them). The optimizer part is torch's own format."""
+        if self.adam is not None:
+            self.adam.to_torch(self.opt, self.params)
         return copy.deepcopy({"head": self.head.state_dict(), "optimizer": self.opt.state_dict()})
 
     def load_state_dict(self, s: dict) -> None:
         self.head.load_state_dict({k: torch.as_tensor(v) for k, v in s["head"].items()})
         self.opt.load_state_dict(s["optimizer"])
+        if self.adam is not None:
+            self.adam.from_torch(self.opt, self.params)
+        self._lr = None  # force set_lr to write the configured rate into the loaded groups
         self.set_lr(self.lr)
 
 
