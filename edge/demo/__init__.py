@@ -54,13 +54,12 @@ def run_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-rep
             proc = BrokerProcess().start()
             host, port, protocol = proc.host, proc.port, proc.protocol
             print(f"started {proc.kind} broker on {host}:{port}", flush=True)
-        t0 = time.time()
-        sims = [SimDevice(name=f"machine-{i}", seed=100 + i, t0=t0) for i in range(devices)]
         serial_dev = None
         if serial:
             from edge.demo.serial_device import SerialDevice
 
-            serial_dev = SerialDevice(SimDevice(name="serial-0", seed=200, t0=t0))
+            # its schedule starts when the daemon opens the port (SerialDevice re-anchors it)
+            serial_dev = SerialDevice(SimDevice(name="serial-0", seed=200, t0=time.time()))
             parts.append(serial_dev)
             serial_dev.start()
         cfg = parse_config(_demo_config(host, port, protocol, state, serial_dev.path if serial_dev else None))
@@ -68,6 +67,8 @@ def run_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-rep
         print("loading the model (compiling it on first use) ...", flush=True)
         daemon.start(connect_timeout=10.0)
         parts.insert(0, daemon)
+        t0 = time.time()  # the simulated machines start now, with the daemon ready for them
+        sims = [SimDevice(name=f"machine-{i}", seed=100 + i, t0=t0) for i in range(devices)]
         all_devs = {d.name: d for d in sims}
         if serial_dev:
             all_devs[serial_dev.sim.name] = serial_dev.sim
@@ -95,7 +96,8 @@ def run_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-rep
         drift_dev = sims[min(1, len(sims) - 1)]
         when = drift_at if drift_at is not None else (seconds / 3 if seconds else 30.0)
         notes = [f"drift: {drift_dev.name} gets '{DRIFT}' at {when:.0f} s; labels arrive 4/s per stream",
-                 f"backend: {daemon.engine.backend.describe().get('name', daemon.engine.backend.key)} ({daemon.backend_reason})"]
+                 f"backend: {daemon.engine.backend.key} {daemon.engine.backend.precision}; "
+                 f"node topics: {cfg.topic_base}/predictions/#, {cfg.topic_base}/events"]
         view = LiveView(board, total=seconds, live=live, notes=notes)
         drifted = False
         try:

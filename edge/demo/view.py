@@ -84,7 +84,7 @@ def render(board: Scoreboard, *, elapsed: float, total: float, notes: list[str])
 
 def _brief(e: dict) -> str:
     skip = {"type", "t", "node", "t_rel", "metrics"}
-    return ", ".join(f"{k}={v}" for k, v in e.items() if k not in skip)[:110]
+    return ", ".join(f"{k}={round(v, 3) if isinstance(v, float) else v}" for k, v in e.items() if k not in skip)[:120]
 
 
 def write_report(board: Scoreboard, out: Path, *, meta: dict) -> dict:
