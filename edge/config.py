@@ -31,15 +31,62 @@ def _opt(default, *, choices=None, lo=None, hi=None, doc=""):
     return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
 
 
+def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
+    return ConfigError(f"[{where}] {key} = {value!r} is invalid: {allowed}")
+
+
+def _coerce(where: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
+    hint = typing.get_type_hints(cls)[f.name]
+    md = f.metadata
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _fix(where, f.name, value, "expected true or false")
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _fix(where, f.name, value, "expected an integer")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _fix(where, f.name, value, "expected a number")
+        value = float(value)
+    elif hint is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and md.get("choices"):
+            value = str(value)  # protocol = 5 reads as the string "5"
+        if not isinstance(value, str):
+            raise _fix(where, f.name, value, "expected a string")
+    elif hint == tuple[str, ...]:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise _fix(where, f.name, value, "expected a list of strings")
+        value = tuple(value)
+    if md.get("choices") and value not in md["choices"]:
+        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}")
+    if md.get("lo") is not None and value < md["lo"]:
+        raise _fix(where, f.name, value, f"must be >= {md['lo']}")
+    if md.get("hi") is not None and value > md["hi"]:
+        raise _fix(where, f.name, value, f"must be <= {md['hi']}")
+    return value
+
+
+class _Section:
+    """Validates every field on construction, from TOML or from code alike."""
+
+    _name = ""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, _coerce(self._name, type(self), f, getattr(self, f.name)))
+
+
 @dataclass(frozen=True)
-class NodeConfig:
+class NodeConfig(_Section):
+    _name = "node"
     name: str = _opt("edge-01", doc="this device's name; used in topics edge/<name>/...")
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"), doc="logging level")
     state_dir: str = _opt("~/.local/state/edge-runtime", doc="where checkpoints live")
 
 
 @dataclass(frozen=True)
-class MqttConfig:
+class MqttConfig(_Section):
+    _name = "mqtt"
     host: str = _opt("127.0.0.1", doc="broker host")
     port: int = _opt(1883, lo=1, hi=65535, doc="broker port")
     protocol: str = _opt("5", choices=("5", "3.1.1"), doc="MQTT protocol version")
@@ -59,7 +106,8 @@ class MqttConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
+    _name = "model"
     path: str = _opt("vibration", doc="a shipped model's name or a model folder")
     backend: str = _opt("auto", choices=("auto", "onnxruntime", "tensorrt", "torch"), doc="serving backend")
     precision: str = _opt("auto", choices=("auto", "int8", "fp16", "fp32"), doc="backbone precision")
@@ -70,7 +118,8 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class WindowConfig:
+class WindowConfig(_Section):
+    _name = "window"
     length: int = _opt(0, lo=0, hi=1 << 20, doc="samples per window; 0 takes the model's")
     hop: int = _opt(0, lo=0, hi=1 << 20, doc="samples between window starts; 0 means length")
     sample_rate: float = _opt(0.0, lo=0.0, hi=1e7, doc="expected rate in Hz; 0 takes the model's")
@@ -80,16 +129,29 @@ class WindowConfig:
 
 
 @dataclass(frozen=True)
-class QueueConfig:
+class QueueConfig(_Section):
+    _name = "queues"
     ingest: int = _opt(200_000, lo=16, hi=10_000_000, doc="raw messages waiting to be decoded (drop oldest)")
     labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
     publish: int = _opt(10_000, lo=16, hi=10_000_000, doc="predictions waiting to be published (drop oldest)")
 
 
 @dataclass(frozen=True)
-class AdaptConfig:
-    """Online adaptation. The learning keys mirror ``edge.adapt.config.AdaptConfig`` (a test
-    keeps names and defaults equal); the others are the daemon's."""
+class AdaptConfig(_Section):
+    """Online adaptation: the daemon's keys and the learner's (``Learner(config=...)``).
+
+    Champion/challenger: the challenger is promoted when its mean prequential loss over
+    the last ``eval_window`` labels is below the champion's by the relative
+    ``promote_margin``, with at least ``eval_min`` labels since the last swap; the champion
+    is rolled back to the global head when its loss exceeds the global head's by
+    ``rollback_margin``. Budget: labels past ``budget_steps_per_s`` / ``budget_cpu_share``
+    are still scored and kept for replay; only their training steps are skipped (and
+    counted). Drift: for ``boost_labels`` labels after a detected drift, the learning rate
+    is multiplied by ``boost_lr`` and the steps per label by ``boost_steps`` (see
+    docs/LEARNING.md, "Drift policy").
+    """
+
+    _name = "adapt"
 
     enabled: bool = _opt(True, doc="learn the head online from labels")
     label_tolerance_s: float = _opt(0.25, lo=0.0, hi=3600.0, doc="a label matches a window whose span, widened by this, contains its time")
@@ -103,7 +165,7 @@ class AdaptConfig:
     lr: float = _opt(0.005, lo=1e-9, hi=10.0, doc="learning rate")
     batch: int = _opt(32, lo=1, hi=4096, doc="samples per step: the new one plus replayed ones")
     steps_per_label: int = _opt(1, lo=1, hi=100, doc="optimizer steps per label")
-    replay_bytes: int = _opt(1 << 20, lo=1024, hi=1 << 34, doc="bound of the latent replay buffer")
+    replay_bytes: int = _opt(1 << 20, lo=1, hi=1 << 34, doc="bound of the latent replay buffer (too small for one sample: no replay)")
     recent_share: float = _opt(0.25, lo=0.0, hi=1.0, doc="share of each step drawn from the most recent labels")
     anchor: float = _opt(1e-3, lo=0.0, hi=100.0, doc="L2 pull toward the global head")
     promote_margin: float = _opt(0.05, lo=0.0, hi=10.0, doc="relative loss margin for the challenger to be promoted")
@@ -122,24 +184,32 @@ class AdaptConfig:
     boost_steps: int = _opt(2, lo=1, hi=100, doc="after a drift: steps per label")
     seed: int = _opt(0, lo=0, hi=2**31, doc="seed of replay sampling and head init")
 
-    def learner_config(self):
-        """The learner's own ``AdaptConfig`` from this section."""
-        from edge.adapt.config import AdaptConfig as LearnerConfig
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.eval_min > self.eval_window:
+            raise _fix("adapt", "eval_min", self.eval_min, f"must not exceed eval_window ({self.eval_window})")
 
-        names = {f.name for f in dataclasses.fields(LearnerConfig)} - {"head_options"}
-        kw = {k: getattr(self, k) for k in names}
-        opts = {"rank": self.head_rank} if self.head == "lowrank" else {"hidden": self.head_hidden} if self.head == "mlp" else {}
-        return LearnerConfig(head_options=opts, **kw)
+    @property
+    def head_options(self) -> dict[str, int]:
+        """Keyword options of ``edge.adapt.heads.make_head`` for this head kind."""
+        return {"rank": self.head_rank} if self.head == "lowrank" else {"hidden": self.head_hidden} if self.head == "mlp" else {}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "AdaptConfig":
+        """From an ``[adapt]`` table; unknown keys and bad values raise ``ConfigError``."""
+        return _section("adapt", cls, d)
 
 
 @dataclass(frozen=True)
-class MetricsConfig:
+class MetricsConfig(_Section):
+    _name = "metrics"
     port: int = _opt(0, lo=0, hi=65535, doc="Prometheus /metrics and /healthz port; 0 disables")
     host: str = _opt("127.0.0.1", doc="address to bind the metrics server")
 
 
 @dataclass(frozen=True)
-class SourceConfig:
+class SourceConfig(_Section):
+    _name = "sources"
     type: str = _opt("mqtt", choices=("mqtt", "serial"), doc="source kind")
     # mqtt
     topic: str = _opt("sensors/{device}/{stream}", doc="subscription; {device} and {stream} name topic levels; + and # allowed")
@@ -175,46 +245,6 @@ SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
-def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"[{where}] {key} = {value!r} is invalid: {allowed}")
-
-
-def _coerce(where: str, f: dataclasses.Field, value: Any) -> Any:
-    hint = typing.get_type_hints(type_of_section(where))[f.name]
-    md = f.metadata
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise _fix(where, f.name, value, "expected true or false")
-    elif hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _fix(where, f.name, value, "expected an integer")
-    elif hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fix(where, f.name, value, "expected a number")
-        value = float(value)
-    elif hint is str:
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and md.get("choices"):
-            value = str(value)  # protocol = 5 reads as the string "5"
-        if not isinstance(value, str):
-            raise _fix(where, f.name, value, "expected a string")
-    elif hint == tuple[str, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise _fix(where, f.name, value, "expected a list of strings")
-        value = tuple(value)
-    if md.get("choices") and value not in md["choices"]:
-        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}")
-    if md.get("lo") is not None and value < md["lo"]:
-        raise _fix(where, f.name, value, f"must be >= {md['lo']}")
-    if md.get("hi") is not None and value > md["hi"]:
-        raise _fix(where, f.name, value, f"must be <= {md['hi']}")
-    return value
-
-
-def type_of_section(where: str) -> type:
-    name = where.split("[")[0].strip("[]")
-    return SourceConfig if name == "sources" else typing.get_type_hints(Config)[name]
-
-
 def _section(where: str, cls: type, table: Any) -> Any:
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table, got {table!r}")
@@ -225,7 +255,7 @@ def _section(where: str, cls: type, table: Any) -> Any:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(fields)}"
             raise ConfigError(f"[{where}] unknown key {key!r}{hint}")
-        values[key] = _coerce(where, fields[key], value)
+        values[key] = _coerce(where, cls, fields[key], value)
     return cls(**values)
 
 
@@ -275,8 +305,6 @@ def parse_config(data: dict[str, Any]) -> Config:
         p = getattr(cfg.mqtt, key)
         if p and not Path(p).expanduser().is_file():
             raise _fix("mqtt", key, p, "no such file")
-    if cfg.adapt.eval_min > cfg.adapt.eval_window:
-        raise _fix("adapt", "eval_min", cfg.adapt.eval_min, f"must not exceed eval_window ({cfg.adapt.eval_window})")
     if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
     return cfg

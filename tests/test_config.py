@@ -95,17 +95,13 @@ def test_readme_config_reference_is_current():
     assert reference_table() in readme, "README's configuration reference is stale: run python -m edge.config > ..."
 
 
-def test_adapt_section_mirrors_the_learner_config():
-    import dataclasses
+def test_sections_validate_when_built_in_code_too():
+    from edge.config import AdaptConfig, MqttConfig
 
-    from edge.adapt.config import AdaptConfig as LearnerConfig
-    from edge.config import AdaptConfig
-
-    mine = {f.name: f.default for f in dataclasses.fields(AdaptConfig)}
-    for f in dataclasses.fields(LearnerConfig):
-        if f.name == "head_options":
-            continue
-        assert f.name in mine, f"[adapt] lacks the learner key {f.name}"
-        assert mine[f.name] == f.default, f"[adapt] {f.name} default {mine[f.name]!r} != learner's {f.default!r}"
-    lc = AdaptConfig(head="lowrank", head_rank=8).learner_config()
-    assert lc.head == "lowrank" and lc.head_options == {"rank": 8}
+    with pytest.raises(ConfigError, match=r"\[adapt\] batch = 0 is invalid: must be >= 1"):
+        AdaptConfig(batch=0)
+    with pytest.raises(ConfigError, match=r"\[mqtt\] qos = 2 is invalid: must be <= 1"):
+        MqttConfig(qos=2)
+    assert AdaptConfig(lr=1).lr == 1.0 and isinstance(AdaptConfig(lr=1).lr, float)
+    assert AdaptConfig(head="lowrank", head_rank=8).head_options == {"rank": 8}
+    assert AdaptConfig(head="mlp").head_options == {"hidden": 32} and AdaptConfig().head_options == {}

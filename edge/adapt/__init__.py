@@ -3,7 +3,7 @@
 The daemon's learner thread owns a ``Learner``; the serving thread only reads
 ``learner.champion`` (an immutable ``HeadSnapshot``). See docs/LEARNING.md.
 """
-from edge.adapt.config import AdaptConfig
+from edge.config import AdaptConfig
 from edge.adapt.drift import ADWIN, PageHinkley
 from edge.adapt.forecast import ForecastTargets
 from edge.adapt.heads import HEADS, HeadSnapshot, make_head

@@ -26,7 +26,7 @@ import time
 import numpy as np
 
 from edge.adapt.budget import TrainingBudget
-from edge.adapt.config import AdaptConfig
+from edge.config import AdaptConfig
 from edge.adapt.drift import ADWIN, PageHinkley
 from edge.adapt.heads import HeadSnapshot, make_head
 from edge.adapt.metrics import Prequential

@@ -44,7 +44,7 @@ class AdaptWorker:
                                classes=m.classes if m.task == "classification" else None,
                                outputs=None if m.task == "classification" else m.outputs,
                                global_head={k: np.array(v) for k, v in global_head.arrays.items()},
-                               global_version=global_head.version, config=a.learner_config(),
+                               global_version=global_head.version, config=a,
                                on_event=self._on_event)
         if m.task == "classification":
             self.matcher = LabelMatcher(classes=m.classes, max_windows=a.label_cache_windows,

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from edge.adapt.config import AdaptConfig
+from edge.config import AdaptConfig
 from edge.adapt.learner import Learner
 
 SCENARIOS = ("gain_offset", "speed", "mounting", "gradual")
