@@ -160,6 +160,6 @@ class AdaptWorker:
     def metrics(self) -> dict:
         out = {f"worker_{k}": v for k, v in self.counters.items()}
         out.update({f"learner_{k}": v for k, v in self.learner.metrics().items()})
-        out.update({f"labels_{k}": v for k, v in self.matcher.metrics().items()})
+        out.update({f"matcher_{k}": v for k, v in self.matcher.metrics().items()})
         out["queue_depth"] = len(self.queue)
         return out
