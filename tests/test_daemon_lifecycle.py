@@ -1,0 +1,62 @@
+"""The daemon as a process: starts before its broker, stops cleanly on SIGTERM."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from edge.broker import BrokerProcess, free_port
+from edge.config import parse_config
+from edge.daemon import Daemon
+from tests.helpers import Client, batch
+
+pytestmark = pytest.mark.timeout(120)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_daemon_started_before_its_broker_connects_when_it_appears(tmp_path):
+    port = free_port()
+    cfg = parse_config({"node": {"name": "early", "state_dir": str(tmp_path)},
+                        "mqtt": {"host": "127.0.0.1", "port": port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5},
+                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": False}})
+    d = Daemon(cfg)
+    d.start(connect_timeout=0.5)  # nobody listens yet: start anyway, keep trying
+    try:
+        assert d.ready.is_set() and not d.health()[1]["broker_connected"]
+        with BrokerProcess(port=port, kind="mosquitto") as b:
+            assert d.link.wait_connected(15) and d.ingest.wait_connected(15)
+            c = Client(b, "edge/early/predictions/#")
+            c.publish("sensors/late/accel", batch(time.time(), 256))
+            c.wait_for(lambda m: len(m) >= 1)
+            assert d.health() == (True, {**d.health()[1], "broker_connected": True})
+            c.close()
+    finally:
+        d.stop()
+
+
+def test_sigterm_stops_edge_run_cleanly_with_offline_status_and_a_checkpoint(broker, tmp_path):
+    cfg = tmp_path / "edge.toml"
+    cfg.write_text(f'[node]\nname = "term"\nstate_dir = "{tmp_path / "state"}"\n'
+                   f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\ncache_dir = "{tmp_path / "cache"}"\n')
+    log = tmp_path / "edge.log"
+    p = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], stderr=open(log, "wb"),
+                         stdout=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    c = Client(broker, "edge/term/status")
+    try:
+        c.wait_for(lambda m: m and m[-1][1] == b"online", timeout=60)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(30) == 0, log.read_text()[-2000:]
+        c.wait_for(lambda m: m[-1][1] == b"offline")
+        text = log.read_text()
+        assert "stopping" in text and "stopped" in text and "Traceback" not in text
+        assert list((tmp_path / "state" / "term" / "adapt").glob("*")), "no checkpoint written at shutdown"
+        assert (tmp_path / "state" / "term" / "status.json").exists()
+    finally:
+        c.close()
+        if p.poll() is None:
+            p.kill()
