@@ -126,6 +126,7 @@ class WindowConfig(_Section):
     rate_tolerance: float = _opt(0.1, lo=0.0, hi=1.0, doc="relative rate error before a rate warning")
     max_fill: int = _opt(2, lo=0, hi=1000, doc="missing samples filled by interpolation; larger gaps restart the window")
     max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="samples further from the receive time are rejected; 0 disables")
+    max_streams: int = _opt(10_000, lo=1, hi=10_000_000, doc="streams beyond this many are rejected (bounds memory against stray topics)")
 
 
 @dataclass(frozen=True)

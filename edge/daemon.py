@@ -110,7 +110,8 @@ class Daemon:
             sources=sources, label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
             publish=self._publish, topic_base=base, model_id=f"{m.name}@{m.version}", queue_size=cfg.queues.ingest,
-            max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s, max_payload=cfg.mqtt.max_payload_bytes,
+            max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s,
+            max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None)

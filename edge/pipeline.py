@@ -40,7 +40,7 @@ class Pipeline:
                  channels: int, window_kw: dict[str, Any], features: Callable[[np.ndarray], np.ndarray],
                  head_ref: Callable[[], Any], classes: tuple[str, ...], publish: Callable[[str, bytes], Any],
                  topic_base: str, model_id: str, queue_size: int, max_batch: int = 32, max_wait_ms: float = 0.0,
-                 max_skew: float = 0.0, max_payload: int = 1 << 20,
+                 max_skew: float = 0.0, max_payload: int = 1 << 20, max_streams: int = 10_000,
                  on_window: Callable[..., None] | None = None, on_label: Callable[..., None] | None = None,
                  on_samples: Callable[..., None] | None = None):
         self.sources, self.label_route = sources, label_route
@@ -49,6 +49,7 @@ class Pipeline:
         self.publish, self.topic_base, self.model_id = publish, topic_base, model_id
         self.max_batch, self.max_skew, self.max_payload = max_batch, max_skew, max_payload
         self.max_wait = max_wait_ms / 1e3
+        self.max_streams = max_streams
         self.on_window, self.on_label, self.on_samples = on_window, on_label, on_samples
         # The bound is in messages (a batch item holds many): producers drop the oldest
         # items under _put_lock; messages taken by the pipeline thread are counted in _taken.
@@ -271,6 +272,8 @@ class Pipeline:
     def _window(self, key: StreamKey, ts, rows, received: float, ready: list) -> None:
         w = self.windowers.get(key)
         if w is None:
+            if len(self.windowers) >= self.max_streams:
+                raise DecodeError("too_many_streams", f"stream {key} would exceed max_streams = {self.max_streams}")
             w = self.windowers[key] = Windower(channels=self.channels, **self.window_kw)
             self.stream_stats[key] = {"first": received, "last": received, "samples": 0}
             log.info("new stream %s", key)

@@ -14,6 +14,7 @@ sequence numbers skip), ``reset`` (reboot: new boot id, clock and sequence from 
 """
 from __future__ import annotations
 
+import collections
 import errno
 import os
 import queue
@@ -41,7 +42,7 @@ class FirmwareSim:
                  autostart: bool = True, max_frames: int | None = None, speed: float = 1.0,
                  boot_delay: float = 0.05, text_header: bool = False, decimals: int = 4,
                  clock_start_us: int = 0, heartbeat_interval: float = 1.0, seed: int = 0,
-                 link_dir: str | None = None):
+                 link_dir: str | None = None, keep_sent: int | None = None):
         if protocol not in ("binary", "text"):
             raise ValueError(f"protocol = {protocol!r}; expected 'binary' or 'text'")
         self.source, self.protocol = source, protocol
@@ -56,7 +57,8 @@ class FirmwareSim:
         self._own_dir = link_dir is None
         self.link_dir = link_dir or tempfile.mkdtemp(prefix="edge-sim-")
         self.path = os.path.join(self.link_dir, "ttyEDGE")
-        self.sent: list[np.ndarray] = []
+        # what was sent, as the host should see it (for tests); keep_sent bounds it for long runs
+        self.sent: collections.deque[np.ndarray] = collections.deque(maxlen=keep_sent)
         self.counters = dict.fromkeys(("frames_sent", "frames_dropped", "samples_sent", "boots", "commands",
                                        "overruns", "labels_sent"), 0)
         self._tasks: queue.Queue = queue.Queue()

@@ -106,3 +106,16 @@ def test_a_failing_backend_skips_its_windows_and_serving_goes_on():
         assert wait(lambda: len(published) == 1) and p.thread.is_alive()
     finally:
         p.stop()
+
+
+def test_streams_beyond_max_streams_are_rejected_as_bad_input():
+    p, _, published, _ = make()
+    p.max_streams = 2
+    p.start()
+    try:
+        for dev in ("a", "b", "c"):
+            window(p, dev)
+        assert wait(lambda: len(published) == 2 and p.bad.get("too_many_streams") == 1)
+        assert set(map(str, p.windowers)) == {"a/x", "b/x"}
+    finally:
+        p.stop()

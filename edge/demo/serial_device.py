@@ -18,7 +18,8 @@ class SerialDevice:
         self.sim = sim
         self._started = False
         self.fw = FirmwareSim(source=self._read, protocol="binary", device_id=sim.name, firmware="demo 1.0",
-                              sample_rate=sim.machine.sample_rate)
+                              sample_rate=sim.machine.sample_rate,
+                              keep_sent=0)
 
     def _read(self, n: int):
         if not self._started:
