@@ -143,7 +143,9 @@ class AdaptConfig(_Section):
 
     Champion/challenger: the challenger is promoted when its mean prequential loss over
     the last ``eval_window`` labels is below the champion's by the relative
-    ``promote_margin``, with at least ``eval_min`` labels since the last swap; the champion
+    ``promote_margin`` and by at least ``promote_floor`` times the global head's loss (so
+    that noise between two near-perfect heads does not swap them every few labels), with
+    at least ``eval_min`` labels since the last swap; the champion
     is rolled back to the global head when its loss exceeds the global head's by
     ``rollback_margin``. Budget: labels past ``budget_steps_per_s`` / ``budget_cpu_share``
     are still scored and kept for replay; only their training steps are skipped (and
@@ -170,6 +172,7 @@ class AdaptConfig(_Section):
     recent_share: float = _opt(0.25, lo=0.0, hi=1.0, doc="share of each step drawn from the most recent labels")
     anchor: float = _opt(1e-3, lo=0.0, hi=100.0, doc="L2 pull toward the global head")
     promote_margin: float = _opt(0.05, lo=0.0, hi=10.0, doc="relative loss margin for the challenger to be promoted")
+    promote_floor: float = _opt(0.01, lo=0.0, hi=10.0, doc="and it must gain at least this share of the global head's loss (no churn near zero loss)")
     rollback_margin: float = _opt(0.10, lo=0.0, hi=10.0, doc="relative loss margin by which the global head must beat the champion to roll back")
     eval_window: int = _opt(100, lo=2, hi=100_000, doc="labels over which heads are compared")
     eval_min: int = _opt(40, lo=1, hi=100_000, doc="labels since the last swap before another")

@@ -187,3 +187,15 @@ def test_config_rejects_unknown_keys_and_bad_values():
         AdaptConfig(head="cnn")
     with pytest.raises(ConfigError, match="must be >= 1"):
         AdaptConfig(batch=0)
+
+
+def test_near_perfect_heads_do_not_churn_promotions(world):
+    stream, _ = world
+    rng = np.random.default_rng(8)
+    z, y = stream.sample(1200, rng=rng, shifted=True)
+    churn = _learner(world, promote_floor=0.0, drift_detector="none")
+    calm = _learner(world, drift_detector="none")  # default floor: 1 % of the global head's loss
+    _feed(churn, z, y)
+    _feed(calm, z, y)
+    assert calm.metrics()["promotions_total"] >= 1  # the shift is still learned and served
+    assert calm.metrics()["promotions_total"] < churn.metrics()["promotions_total"]

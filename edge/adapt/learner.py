@@ -208,7 +208,7 @@ class Learner:
         if self.champion is not self._global and champ > glob * (1 + cfg.rollback_margin) + 1e-9:
             self._rollback(champ, glob)
             return "rollback"
-        if chal < champ * (1 - cfg.promote_margin) - 1e-9:
+        if champ - chal > max(champ * cfg.promote_margin, glob * cfg.promote_floor) + 1e-9:
             self._promote(champ, chal)
             return "promotion"
         return None
