@@ -36,6 +36,7 @@ class MqttLink:
         self.subscriptions = subscriptions
         self._handler = on_message
         self.connected = threading.Event()
+        self._stopping = False
         self.counters = {"connects": 0, "disconnects": 0, "published": 0, "publish_errors": 0}
         proto = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
         kw = {} if proto == mqtt.MQTTv5 else {"clean_session": True}
@@ -63,6 +64,7 @@ class MqttLink:
 
     def stop(self) -> None:
         """Say ``offline`` (retained), then disconnect cleanly."""
+        self._stopping = True
         if self.connected.is_set():
             info = self.client.publish(self.status_topic, b"offline", qos=1, retain=True)
             try:
@@ -105,7 +107,7 @@ class MqttLink:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         was = self.connected.is_set()
         self.connected.clear()
-        if was:
+        if was and not self._stopping:
             self.counters["disconnects"] += 1
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
