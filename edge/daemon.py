@@ -193,9 +193,9 @@ class Daemon:
 
     def run(self) -> int:
         """Start, then block until SIGTERM/SIGINT; ping the systemd watchdog meanwhile."""
+        self._stop_requested = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop_requested.set())
-        self._stop_requested = threading.Event()
         self.start(connect_timeout=5.0)
         wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         last_status = 0.0
