@@ -210,6 +210,11 @@ class Machine:
         self._condition = cond
 
     @property
+    def samples_read(self) -> int:
+        """How many samples ``read`` has returned so far (the index of the next one)."""
+        return self._i
+
+    @property
     def severity(self) -> float:
         """How strong this machine's fault is when it has one, in [0, 1]."""
         return float(self._p["severity"][0])

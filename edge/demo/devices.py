@@ -42,7 +42,7 @@ class SimDevice:
     def read(self, n: int) -> tuple[np.ndarray, np.ndarray]:
         """The next ``n`` samples, with the fault and condition in force at their start."""
         with self._lock:
-            t_next = self.machine.t0 + self.machine._i / self.machine.sample_rate
+            t_next = self.machine.t0 + self.machine.samples_read / self.machine.sample_rate
             fault = self.true_fault(t_next)
             if fault != self.machine.fault:
                 self.machine.fault = fault
@@ -80,7 +80,7 @@ class MqttDevices:
         n = int(round(self.batch_s * rate))
         while not self._stop.is_set():
             for d in self.devices:
-                due = int((time.time() - d.t0) * rate) - d.machine._i  # samples that exist by now
+                due = int((time.time() - d.t0) * rate) - d.machine.samples_read  # samples that exist by now
                 while due >= n and not self._stop.is_set():
                     t, v = d.read(n)
                     payload = orjson.dumps({"t0": float(t[0]), "dt": 1.0 / rate, "v": np.round(v, 5).tolist()})
