@@ -202,3 +202,34 @@ def resolve_model(ref: str | Path | None) -> ModelFolder:
         f"model {str(ref)!r} is neither a model folder nor a shipped model "
         f"(shipped: {', '.join(sorted(shipped)) or 'none'})"
     )
+
+
+def save_weights(folder: str | Path, backbone, head) -> tuple[int, int]:
+    """Write ``weights.safetensors`` (keys ``backbone.*`` and ``head.*``) into a model folder.
+
+    Returns (parameters, bytes written): what a training recipe reports in its card.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(folder) / "weights.safetensors"
+    tensors = {f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
+    tensors.update({f"head.{k}": v.contiguous() for k, v in head.state_dict().items()})
+    save_file(tensors, str(path))
+    n_params = sum(p.numel() for p in backbone.parameters()) + sum(p.numel() for p in head.parameters())
+    return n_params, path.stat().st_size
+
+
+def write_metrics(folder: str | Path, metrics: dict[str, Any], card_block: str) -> None:
+    """Replace the manifest's ``[metrics]`` table and the CARD's block between
+    ``<!-- metrics:start`` and ``<!-- metrics:end -->`` (both written by ``train.py``)."""
+    import re
+
+    folder = Path(folder)
+    mp = folder / "manifest.toml"
+    text = mp.read_text().split("[metrics]")[0].rstrip() + "\n\n[metrics]\n"
+    text += "".join(f"{k} = {v!r}\n" for k, v in metrics.items())
+    mp.write_text(text)
+    card = folder / "CARD.md"
+    if card.exists():
+        block = f"<!-- metrics:start (written by train.py) -->\n{card_block}\n<!-- metrics:end -->"
+        card.write_text(re.sub(r"<!-- metrics:start.*?<!-- metrics:end -->", lambda _: block, card.read_text(), flags=re.S))

@@ -115,3 +115,23 @@ def test_training_recipe_is_deterministic(name, monkeypatch):
         for (k, va), vb in zip(ma.state_dict().items(), mb.state_dict().values()):
             assert torch.equal(va, vb), k
     sys.modules.pop("train", None)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_model_folder_writers_reproduce_the_shipped_files(name, tmp_path):
+    import shutil
+
+    from edge.zoo import ModelFolder, save_weights, write_metrics
+
+    src = resolve_model(name).path
+    dst = tmp_path / name
+    shutil.copytree(src, dst)
+    folder = ModelFolder(dst)
+    n_params, size = save_weights(dst, *folder.build())
+    assert (dst / "weights.safetensors").read_bytes() == (src / "weights.safetensors").read_bytes()
+    assert size == folder.manifest.metrics["weights_bytes"] and n_params == folder.manifest.metrics["params"]
+    card = (src / "CARD.md").read_text()
+    block = card.split("<!-- metrics:start (written by train.py) -->\n")[1].split("\n<!-- metrics:end -->")[0]
+    write_metrics(dst, dict(folder.manifest.metrics), block)
+    assert (dst / "manifest.toml").read_text() == (src / "manifest.toml").read_text()
+    assert (dst / "CARD.md").read_text() == card

@@ -8,7 +8,6 @@ numbers in ``CARD.md``. Evaluation covers held-out nominal data and every shift 
 """
 from __future__ import annotations
 
-import re
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))  # run from a checkout without installing
 
 from edge import sim  # noqa: E402
-from edge.zoo import ModelFolder  # noqa: E402
+from edge.zoo import ModelFolder, save_weights, write_metrics  # noqa: E402
 
 SEED = 0
 N_TRAIN = 24_000
@@ -81,32 +80,20 @@ def evaluate(backbone, head, *, n: int = N_EVAL) -> dict[str, float]:
 
 
 def _write_metrics(acc: dict[str, float], n_params: int, size_bytes: int) -> None:
-    mp = HERE / "manifest.toml"
-    text = mp.read_text().split("[metrics]")[0].rstrip() + "\n\n[metrics]\n"
-    text += f'eval_windows = {N_EVAL}\nparams = {n_params}\nweights_bytes = {size_bytes}\n'
-    text += "".join(f"fp32_accuracy_{k} = {v}\n" for k, v in acc.items())
-    mp.write_text(text)
-    card = HERE / "CARD.md"
+    metrics = {"eval_windows": N_EVAL, "params": n_params, "weights_bytes": size_bytes}
+    metrics.update({f"fp32_accuracy_{k}": v for k, v in acc.items()})
     rows = "\n".join(f"| {k} | {v:.3f} | {v - acc['nominal']:+.3f} |" for k, v in acc.items())
-    table = (f"<!-- metrics:start (written by train.py) -->\nParameters: {n_params}; weights file: "
-             f"{size_bytes / 1024:.0f} KiB. On a fresh seed expect nominal within +-0.04 "
-             f"(checked by tests/test_models.py).\n\n| condition | fp32 accuracy | change vs nominal |\n"
-             f"|---|---|---|\n{rows}\n<!-- metrics:end -->")
-    if card.exists():
-        card.write_text(re.sub(r"<!-- metrics:start.*?<!-- metrics:end -->", table, card.read_text(), flags=re.S))
+    write_metrics(HERE, metrics, f"Parameters: {n_params}; weights file: {size_bytes / 1024:.0f} KiB. On a fresh seed "
+                                 f"expect nominal within +-0.04 (checked by tests/test_models.py).\n\n"
+                                 f"| condition | fp32 accuracy | change vs nominal |\n|---|---|---|\n{rows}")
 
 
 def main() -> None:
-    from safetensors.torch import save_file
-
     t = time.time()
     backbone, head = train()
     acc = evaluate(backbone, head)
-    tensors = {f"backbone.{k}": v.contiguous() for k, v in backbone.state_dict().items()}
-    tensors.update({f"head.{k}": v.contiguous() for k, v in head.state_dict().items()})
-    save_file(tensors, str(HERE / "weights.safetensors"))
-    n_params = sum(p.numel() for p in backbone.parameters()) + sum(p.numel() for p in head.parameters())
-    _write_metrics(acc, n_params, (HERE / "weights.safetensors").stat().st_size)
+    n_params, size_bytes = save_weights(HERE, backbone, head)
+    _write_metrics(acc, n_params, size_bytes)
     print(f"done in {time.time() - t:.0f}s: {acc}")
 
 
