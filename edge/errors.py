@@ -36,11 +36,6 @@ class ParityError(EdgeError):
     exit_code = 5
 
 
-class ArtifactError(EdgeError):
-    """A cached artifact is corrupt, truncated or for another platform."""
-
-    exit_code = 5
-
 
 class DecodeError(EdgeError):
     """A payload, frame or label could not be decoded. ``kind`` is a short counter key."""

@@ -190,5 +190,3 @@ class ADWIN:
         self.width, self.total = int(s["width"]), float(s["total"])
         self.variance, self.ticks = float(s["variance"]), int(s["ticks"])
 
-
-DETECTORS = {"page_hinkley": PageHinkley, "adwin": ADWIN}

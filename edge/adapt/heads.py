@@ -31,8 +31,6 @@ from torch.nn import functional as F
 
 from edge.errors import ConfigError
 
-TASKS = ("classification", "forecast", "regression")
-
 
 def _base(in_features, out_features, base_weight, base_bias):
     """The base head as float32 tensors; zeros when none is shipped."""

@@ -161,5 +161,8 @@ class AdaptWorker:
         out = {f"worker_{k}": v for k, v in self.counters.items()}
         out.update({f"learner_{k}": v for k, v in self.learner.metrics().items()})
         out.update({f"matcher_{k}": v for k, v in self.matcher.metrics().items()})
+        if self.forecast is not None:
+            out["forecast_pending"] = self.forecast.pending()
+            out["forecast_dropped"] = self.forecast.dropped  # windows whose future never came
         out["queue_depth"] = len(self.queue)
         return out

@@ -222,7 +222,7 @@ def main(argv=None) -> int:
                         "forgetting_nominal_pts": 100 * (fz["nominal"] - final["nominal"]),
                         "seconds": t_ad, "events": events, "promotions": met["promotions_total"],
                         "rollbacks": met["rollbacks_total"], "drifts": met["drifts_total"]}
-        c_lr, curve_lr, final_lr, _, _, met_lr = run_adapter("lowrank", zs, ys, tests, gh, classes, args.seed, args.label_hz, args.pre)
+        c_lr, curve_lr, final_lr, _, _, _ = run_adapter("lowrank", zs, ys, tests, gh, classes, args.seed, args.label_hz, args.pre)
         share_lr, need_lr = _recovery(curve_lr, fz["shifted"], fz["nominal"])
         r["adapter_lowrank"] = {"final": final_lr, "recovered_share": share_lr, "labels_to_80pct": need_lr,
                                 "forgetting_nominal_pts": 100 * (fz["nominal"] - final_lr["nominal"])}
