@@ -1,0 +1,120 @@
+"""Lanes: queues between threads, bounded in bytes, that say what they drop.
+
+Every hand-over between two threads of the daemon goes through a ``Lane``. A lane has a
+byte budget (``max_bytes``): a producer's ``put`` makes room by dropping the oldest
+items (drop-oldest: under overload the freshest data is worth most) and counts each
+drop. An item larger than the whole budget is refused and counted as ``oversized``.
+A lane may also have a latency budget (``max_lag_s``): items that waited longer are
+shed by the consumer (``stale``), so that after an overload fresh data is served at
+once instead of behind a backlog of seconds.
+
+Sizes are what the producer says an item costs (payload bytes plus a fixed overhead
+for the Python objects around it), so the bound holds for big and small items alike,
+which a bound in items cannot do.
+
+One consumer thread takes from a lane; any number of producers put into it.
+
+>>> lane = Lane("demo", max_bytes=100)
+>>> lane.put("a", 60), lane.put("b", 60)   # b makes room by dropping a
+(True, True)
+>>> lane.take(), lane.take(), lane.counters["dropped"]
+('b', None, 1)
+>>> lane.put("huge", 101), lane.counters["oversized"]
+(False, 1)
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+
+class Lane:
+    """A byte-bounded, drop-oldest FIFO between producers and one consumer thread."""
+
+    def __init__(self, name: str, *, max_bytes: int, max_lag_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_bytes < 1:
+            raise ValueError(f"lane {name!r}: max_bytes must be positive")
+        self.name = name
+        self.max_bytes = int(max_bytes)
+        self.max_lag_s = float(max_lag_s)
+        self.clock = clock
+        self._q: deque = deque()  # (enqueued_at, nbytes, item)
+        self._lock = threading.Lock()
+        self._in_bytes = self._out_bytes = 0
+        self.counters = {"offered": 0, "taken": 0, "dropped": 0, "dropped_bytes": 0, "oversized": 0,
+                         "stale": 0, "stale_bytes": 0}
+
+    # ---- producers -------------------------------------------------------------------
+    def put(self, item: Any, nbytes: int) -> bool:
+        """Append ``item`` costing ``nbytes``; drop the oldest to make room. False if refused."""
+        c = self.counters
+        if nbytes > self.max_bytes:
+            c["oversized"] += 1
+            return False
+        q = self._q
+        with self._lock:
+            c["offered"] += 1
+            over = self._in_bytes - self._out_bytes + nbytes - self.max_bytes
+            while over > 0:
+                try:
+                    _, n, _ = q.popleft()
+                except IndexError:  # the consumer took the rest meanwhile
+                    break
+                self._out_bytes += n
+                c["dropped"] += 1
+                c["dropped_bytes"] += n
+                over -= n
+            self._in_bytes += nbytes
+            q.append((self.clock(), nbytes, item))
+        return True
+
+    # ---- the consumer ----------------------------------------------------------------
+    def take(self) -> Any:
+        """The oldest item, or None when empty; sheds items older than ``max_lag_s`` first."""
+        q = self._q
+        while True:
+            try:
+                at, n, item = q.popleft()
+            except IndexError:
+                return None
+            with self._lock:
+                self._out_bytes += n
+                if self.max_lag_s and self.clock() - at > self.max_lag_s:
+                    self.counters["stale"] += 1
+                    self.counters["stale_bytes"] += n
+                    continue
+                self.counters["taken"] += 1
+            return item
+
+    def drain(self) -> list[Any]:
+        """Everything queued now, oldest first, without the lag check (shutdown)."""
+        out = []
+        q = self._q
+        while True:
+            try:
+                _, n, item = q.popleft()
+            except IndexError:
+                return out
+            with self._lock:
+                self._out_bytes += n
+                self.counters["taken"] += 1
+            out.append(item)
+
+    def __bool__(self) -> bool:
+        return bool(self._q)
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    @property
+    def depth_bytes(self) -> int:
+        """Bytes waiting (as the producers sized them)."""
+        with self._lock:
+            return self._in_bytes - self._out_bytes
+
+    def stats(self) -> dict[str, int]:
+        """Counters plus the current depth, for metrics and `edge status`."""
+        return {**self.counters, "depth": len(self._q), "depth_bytes": self.depth_bytes, "max_bytes": self.max_bytes}
