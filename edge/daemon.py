@@ -1,13 +1,19 @@
 """The daemon: wires model, backend, sources, pipeline, learner and MQTT; owns the threads.
 
-Threads (each named, each owning its input): ``mqtt-ingest`` reads the sensor
+Threads (each named, each owning its input lanes): ``mqtt-ingest`` reads the sensor
 subscriptions on their own raw-socket connection (``FastSubscriber``, client id
-``<client_id>-ingest``) and enqueues every read's messages as one batch; paho's network
-loop (``paho-mqtt-client-*``) owns the node's own connection (status and last will,
-labels in, predictions and events out) and enqueues labels; one ``serial:<name>`` reader
-per serial source enqueues sample blocks; ``pipeline`` windows, serves and publishes; ``learner`` trains the head and swaps
-it; ``metrics`` answers scrapes. ``Daemon.run`` blocks until SIGTERM/SIGINT and then
-stops them in reverse order, checkpointing the learner last.
+``<client_id>-ingest``) and puts every read's messages into the pipeline's sensor lane;
+paho's network loop owns the node's own connection (status and last will, labels in,
+predictions and events out) and puts labels into the label lane; one ``serial:<name>``
+reader per serial source puts sample blocks and labels into the same lanes; ``pipeline``
+windows, serves and publishes; ``learner`` trains the head and swaps it; ``metrics``
+answers scrapes.
+
+Every one of them is watched by one ``Supervisor``: a failure of one item is counted and
+skipped; a thread that dies makes ``/healthz`` fail, stops the watchdog pings and makes
+``Daemon.run`` return 1, so that systemd restarts the daemon. ``Daemon.run`` blocks until
+SIGTERM/SIGINT (or a death), then stops the sources first, lets the pipeline serve and the
+learner learn what is queued (bounded in time), and checkpoints last.
 """
 from __future__ import annotations
 
@@ -24,11 +30,13 @@ from typing import Any
 import orjson
 
 from edge.config import Config
-from edge.ingest.fastmqtt import FastSubscriber
+from edge.errors import brief
 from edge.ingest.mqtt import MqttLink
+from edge.ingest.sources import SourceContext, build_sources, mqtt_routes
 from edge.ingest.topics import TopicRoute
 from edge.observe import MetricsServer, Registry
-from edge.pipeline import Pipeline
+from edge.pipeline import Pipeline, build_pipeline
+from edge.supervise import Supervisor
 from edge.zoo import resolve_model
 
 log = logging.getLogger("edge.daemon")
@@ -57,14 +65,16 @@ class Daemon:
         self.cfg = cfg
         self.ready = threading.Event()
         self._stop = threading.Event()
+        self._stop_requested = threading.Event()
         self.started_at = time.time()
         self.link: MqttLink | None = None
-        self.ingest: FastSubscriber | None = None
+        self.sources: list[Any] = []
         self.pipeline: Pipeline | None = None
         self.adapt = None
-        self.serial: list[Any] = []
         self.metrics_server: MetricsServer | None = None
         self.backend_reason = ""
+        # every long-lived thread is watched: a death fails health and ends `edge run` non-zero
+        self.supervisor = Supervisor(on_death=self._thread_died)
 
     # ---- building --------------------------------------------------------------------
     def _load_model(self):
@@ -96,8 +106,7 @@ class Daemon:
         cfg = self.cfg
         m = self.model.manifest
         base = cfg.topic_base
-        sources = [(TopicRoute(s.topic, device=s.device, stream=s.stream), s.format)
-                   for s in cfg.sources if s.type == "mqtt"]
+        q = cfg.queues
         label_route = TopicRoute(f"{base}/labels/#")
         window_kw = dict(length=cfg.window.length or m.window, hop=cfg.window.hop or cfg.window.length or m.window,
                          sample_rate=cfg.window.sample_rate or m.sample_rate,
@@ -106,30 +115,29 @@ class Daemon:
             from edge.adapt.worker import AdaptWorker
 
             self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event)
-        self.pipeline = Pipeline(
-            sources=sources, label_route=label_route, channels=m.channels, window_kw=window_kw,
+        self.pipeline = build_pipeline(
+            sources=mqtt_routes(cfg), label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
-            publish=self._publish, topic_base=base, model_id=f"{m.name}@{m.version}", queue_size=cfg.queues.ingest,
+            send=self._publish, topic_base=base, model_id=f"{m.name}@{m.version}",
+            sensor_bytes=q.ingest_bytes, labels_bytes=q.labels_bytes, control_bytes=q.control_bytes,
+            max_lag_s=q.max_lag_s, drain_s=q.shutdown_drain_s,
             max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s,
-            max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes,
+            max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes, supervisor=self.supervisor,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
-            on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None)
+            on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None,
+            on_flag=self._stream_flag)
         client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
-        sensor_subs = [(r.subscription, cfg.mqtt.qos) for r, _ in sources]
-        if sensor_subs:
-            self.ingest = FastSubscriber(cfg.mqtt, client_id=f"{client_id}-ingest", subscriptions=sensor_subs,
-                                         on_batch=self.pipeline.offer_batch)
         self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
-                             subscriptions=[(label_route.subscription, 1)], on_message=self.pipeline.offer_message)
-        for i, s in enumerate(cfg.sources):
-            if s.type == "serial":
-                from edge.ingest.serial import SerialSource
+                             subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message)
+        self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id))
 
-                self.serial.append(SerialSource(
-                    name=f"serial{i}", port=s.port, baud=s.baud, protocol=s.protocol, device=s.device or None,
-                    stream=s.stream or None, channels=list(s.channels) or None, sample_rate=s.sample_rate or None,
-                    sink=self.pipeline))
+    def _on_link_message(self, topic: str, payload: bytes, received: float) -> None:
+        # paho's network thread: an exception escaping a callback would end paho's loop
+        try:
+            self.pipeline.offer_message(topic, payload, received)
+        except Exception as e:
+            self.supervisor.item_failed("mqtt-link", e, where=brief(topic))
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self, *, connect_timeout: float = 0.0) -> None:
@@ -137,17 +145,21 @@ class Daemon:
         (or immediately when ``connect_timeout`` is 0: the daemon keeps retrying in the background)."""
         self._load_model()
         self._build()
+        sup = self.supervisor
         self.pipeline.start()
         if self.adapt is not None:
             self.adapt.start()
+            sup.adopt("learner", self.adapt.thread)
         self.link.start()
-        if self.ingest is not None:
-            self.ingest.start()
-        for s in self.serial:
-            s.start()
+        sup.adopt("mqtt-link", getattr(self.link.client, "_thread", None))  # paho's network loop
+        for src in self.sources:
+            src.start()
+            for name, t in src.threads().items():
+                sup.adopt(name, t)
         if self.cfg.metrics.port:
             self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health)
             self.metrics_server.start()
+            sup.adopt("metrics", self.metrics_server.thread)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
         if connect_timeout and not self._wait_connected(connect_timeout):
             log.warning("broker %s:%d not reachable yet; retrying in the background", self.cfg.mqtt.host, self.cfg.mqtt.port)
@@ -163,51 +175,62 @@ class Daemon:
         if self._stop.is_set():
             return
         self._stop.set()
+        self.supervisor.stopping()
         sd_notify("STOPPING=1")
         log.info("stopping")
-        if self.ingest is not None:
-            self.ingest.stop()
-        for s in self.serial:
-            s.stop()
+        for src in self.sources:  # no new input; what is queued is still served and learned
+            src.stop()
         if self.pipeline:
             self.pipeline.stop()
         if self.adapt is not None:
-            self.adapt.stop()  # checkpoints
+            self.adapt.stop()  # learns what is queued (bounded), then checkpoints
         if self.link:
             self.link.stop()
         if self.metrics_server:
             self.metrics_server.stop()
         log.info("stopped")
 
+    def _thread_died(self, name: str, why: str) -> None:
+        self._stop_requested.set()  # `edge run` then exits non-zero so that systemd restarts it
+
     def _wait_connected(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         ok = self.link.wait_connected(timeout)
-        if self.ingest is not None:
-            ok = self.ingest.wait_connected(max(0.0, deadline - time.monotonic())) and ok
+        for src in self.sources:
+            if hasattr(src, "wait_connected"):
+                ok = src.wait_connected(max(0.0, deadline - time.monotonic())) and ok
         return ok
+
+    @property
+    def ingest(self):
+        """The MQTT sensor subscriber, when there are MQTT sources."""
+        return next((src.sub for src in self.sources if src.name == "mqtt"), None)
 
     def broker_connected(self) -> bool:
         """Both connections up: the node's own (paho) and, with MQTT sources, the ingest one."""
-        return bool(self.link and self.link.connected.is_set()) and (
-            self.ingest is None or self.ingest.connected.is_set())
+        ing = self.ingest
+        return bool(self.link and self.link.connected.is_set()) and (ing is None or ing.connected.is_set())
 
     def run(self) -> int:
-        """Start, then block until SIGTERM/SIGINT; ping the systemd watchdog meanwhile."""
-        self._stop_requested = threading.Event()
+        """Start, then block until SIGTERM/SIGINT or a thread's death; ping the systemd watchdog
+        meanwhile, only while every supervised thread lives. Returns the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop_requested.set())
         self.start(connect_timeout=5.0)
         wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
         last_status = 0.0
         while not self._stop_requested.wait(min(wd / 2, 1.0) if wd else 1.0):
-            if wd and self.pipeline.thread.is_alive():
-                sd_notify("WATCHDOG=1")  # only while the serving thread lives
+            if wd and not self.supervisor.dead():
+                sd_notify("WATCHDOG=1")
             if time.monotonic() - last_status >= 5.0:
                 last_status = time.monotonic()
                 self.write_status()
+        dead = self.supervisor.dead()
+        if dead:
+            log.critical("exiting non-zero: thread(s) died: %s", "; ".join(f"{k}: {v}" for k, v in dead.items()))
         self.stop()
         self.write_status()
-        return 0
+        return 1 if dead else 0
 
     def write_status(self) -> None:
         """Write ``status.json`` (atomically) for `edge status`."""
@@ -222,20 +245,31 @@ class Daemon:
             log.warning("cannot write %s: %s", d / "status.json", e)
 
     # ---- outputs ---------------------------------------------------------------------
-    def _publish(self, topic: str, payload: bytes) -> None:
-        self.link.publish(topic, payload, qos=self.cfg.mqtt.qos)
+    def _publish(self, topic: str, payload: bytes) -> bool:
+        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos)
 
     def event(self, kind: str, **fields) -> None:
         """Publish an event on ``<prefix>/<node>/events`` and log it."""
+        # the event's own time is Unix time, whatever the fields carry (a learner's clock is monotonic)
+        fields.pop("t", None)
         msg = {"type": kind, "t": time.time(), "node": self.cfg.node.name, **fields}
         log.debug("event %s %s", kind, fields)
         if self.link is not None:
             self.link.publish(f"{self.cfg.topic_base}/events", orjson.dumps(msg, option=orjson.OPT_SERIALIZE_NUMPY), qos=1)
 
+    def _stream_flag(self, key, old: str | None, new: str | None) -> None:
+        w = self.pipeline.bank.streams[key].windower
+        self.event("stream_flag", device=key.device, stream=key.stream, flag=new, previous=old,
+                   rate_hz=round(w.estimated_rate, 2), expected_hz=w.sample_rate,
+                   filled=w.counters["filled"], samples=w.counters["samples"])
+
     # ---- introspection ---------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
-        ok = self.ready.is_set() and self.pipeline is not None and self.pipeline.thread.is_alive()
-        return ok, {"ready": ok, "broker_connected": self.broker_connected(), "uptime_s": round(time.time() - self.started_at, 1)}
+        """Liveness: started, and no supervised thread has died."""
+        dead = self.supervisor.dead()
+        ok = self.ready.is_set() and self.pipeline is not None and not dead
+        return ok, {"ready": ok, "dead_threads": dead, "broker_connected": self.broker_connected(),
+                    "uptime_s": round(time.time() - self.started_at, 1)}
 
     def status(self) -> dict[str, Any]:
         """Everything `edge status` shows: backend choice, streams, counters, head version."""
@@ -244,39 +278,67 @@ class Daemon:
                               "backend": self.engine.backend.describe(), "backend_reason": self.backend_reason,
                               "head": self.head().version, "health": self.health()[1]}
         if p:
-            st["pipeline"] = dict(p.counters)
+            st["pipeline"] = {**p.counters, **p.publisher.counters}
+            st["lanes"] = p.inbox.stats()
             st["bad_input"] = dict(p.bad)
-            st["streams"] = {str(k): {**w.counters, "rate_hz": round(w.estimated_rate, 2), "rate_ok": w.rate_ok}
-                             for k, w in list(p.windowers.items())}
+            st["internal_errors"] = {f"{t}/{k}": n for (t, k), n in self.supervisor.errors.items()}
+            st["streams"] = {str(k): s.stats() for k, s in list(p.bank.streams.items())}
         if self.link:
             st["mqtt"] = dict(self.link.counters)
-        if self.ingest is not None:
-            st["mqtt_ingest"] = dict(self.ingest.counters)
+        for src in self.sources:
+            st.setdefault("sources", {})[src.name] = src.stats()
         if self.adapt is not None:
             st["adapt"] = self.adapt.metrics()
-        for s in self.serial:
-            st.setdefault("serial", {})[s.name] = s.stats()
         return st
 
     def registry(self) -> Registry:
         reg = Registry()
         p = self.pipeline
+        sup = self.supervisor
+
+        def per_stream(counter: str):
+            return lambda: [({"stream": str(k)}, s.windower.counters[counter]) for k, s in list(p.bank.streams.items())]
+
         reg.add("edge_messages_total", "counter", "MQTT messages received", lambda: p.counters["messages"])
-        reg.add("edge_dropped_total", "counter", "items dropped because the ingest queue was full", lambda: p.counters["dropped"])
         reg.add("edge_windows_served_total", "counter", "windows served", lambda: p.counters["windows_served"])
+        reg.add("edge_predictions_published_total", "counter", "predictions handed to the broker client",
+                lambda: p.publisher.counters["published"])
+        reg.add("edge_predictions_failed_total", "counter", "predictions the broker client refused or failed on",
+                lambda: p.publisher.counters["publish_failed"] + p.publisher.counters["publish_errors"])
+        reg.add("edge_shutdown_dropped_total", "counter", "queued items left unprocessed at stop",
+                lambda: p.counters["shutdown_dropped"])
         reg.add("edge_bad_input_total", "counter", "inputs skipped, by kind", lambda: [({"kind": k}, v) for k, v in p.bad.items()])
-        reg.add("edge_stream_samples_total", "counter", "samples per stream",
-                lambda: [({"stream": str(k)}, w.counters["samples"]) for k, w in list(p.windowers.items())])
-        reg.add("edge_stream_gaps_total", "counter", "gaps that restarted a window, per stream",
-                lambda: [({"stream": str(k)}, w.counters["gaps"]) for k, w in list(p.windowers.items())])
+        reg.add("edge_internal_errors_total", "counter", "items skipped after an internal error, by thread and kind",
+                sup.counters)
+        reg.add("edge_thread_alive", "gauge", "1 while a supervised thread runs",
+                lambda: [({"thread": k}, float(v)) for k, v in sup.alive().items()])
+        for lane_counter, help_text in (("dropped", "items dropped because the lane was full (oldest first)"),
+                                        ("dropped_bytes", "bytes dropped because the lane was full"),
+                                        ("stale", "items shed because they waited longer than max_lag_s"),
+                                        ("oversized", "items refused because they alone exceed the lane's bound")):
+            reg.add(f"edge_lane_{lane_counter}_total", "counter", help_text,
+                    lambda c=lane_counter: [({"lane": n}, st[c]) for n, st in p.inbox.stats().items()])
+        reg.add("edge_lane_depth_bytes", "gauge", "bytes waiting in each lane",
+                lambda: [({"lane": n}, st["depth_bytes"]) for n, st in p.inbox.stats().items()])
+        reg.add("edge_queue_depth", "gauge", "items waiting in the pipeline's lanes", p.depth)
+        reg.add("edge_stream_samples_total", "counter", "samples per stream", per_stream("samples"))
+        reg.add("edge_stream_gaps_total", "counter", "gaps that restarted a window, per stream", per_stream("gaps"))
+        reg.add("edge_stream_out_of_order_total", "counter", "samples dropped as out of order, per stream",
+                per_stream("out_of_order"))
+        reg.add("edge_stream_filled_total", "counter", "samples filled by interpolation, per stream", per_stream("filled"))
+        reg.add("edge_stream_rate_hz", "gauge", "measured sample rate, per stream",
+                lambda: [({"stream": str(k)}, s.windower.estimated_rate) for k, s in list(p.bank.streams.items())])
+        reg.add("edge_stream_flagged", "gauge", "1 while a stream is off its rate or fills too much, by reason",
+                lambda: [({"stream": str(k), "reason": s.flag}, 1.0) for k, s in list(p.bank.streams.items()) if s.flag])
         reg.add_histogram("edge_pipeline_latency_seconds", "receive-to-publish latency of each window",
-                          lambda: [({}, p.latency_buckets(), p.latency_sum, p.latency_buckets()[-1][1])])
+                          lambda: [_hist_series({}, p.latency.snapshot())])
         reg.add_histogram("edge_backend_latency_seconds", "backbone latency per batch, by backend and precision",
-                          lambda: [({"backend": label}, snap["buckets"], snap["sum_s"], snap["count"])
+                          lambda: [_hist_series({"backend": label}, snap)
                                    for label, snap in self.engine.latency_snapshot().items()])
-        reg.add("edge_queue_depth", "gauge", "messages waiting in the ingest queue", p.depth)
         reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker (every connection)",
                 lambda: float(self.broker_connected()))
+        reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused",
+                lambda: self.link.counters["publish_errors"])
         if self.ingest is not None:
             ing = self.ingest
             reg.add("edge_mqtt_ingest_total", "counter", "the sensor ingest connection's counters, by name",
@@ -285,6 +347,10 @@ class Daemon:
             reg.add("edge_adapt", "gauge", "learner counters and prequential metrics (rejections by reason)",
                     lambda: _flatten(self.adapt.metrics()))
         return reg
+
+
+def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
+    return labels, snap["buckets"], snap["sum_s"], snap["count"]
 
 
 def _flatten(metrics: dict) -> list[tuple[dict[str, str], float]]:

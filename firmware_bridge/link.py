@@ -72,6 +72,11 @@ class SerialLink:
         return self._serial is not None
 
     @property
+    def thread(self) -> threading.Thread | None:
+        """The reader thread while started (for a supervisor to watch)."""
+        return self._thread
+
+    @property
     def text_channels(self) -> tuple[str, ...] | None:
         """Channel names from a text-mode header line, if the device sent one."""
         return self._text.names

@@ -15,7 +15,7 @@ from edge.errors import DecodeError
 from edge.ingest.payload import decode_payload, decode_sample
 from edge.ingest.topics import TopicRoute
 from edge.ingest.window import Windower
-from edge.pipeline import Pipeline
+from edge.pipeline import build_pipeline
 
 pytestmark = pytest.mark.timeout(60)
 NOW = 1_700_000_000.0
@@ -72,26 +72,17 @@ class _Head:
         return np.tile([0.7, 0.3], (len(z), 1))
 
 
-def _pipeline(published, *, queue_size=100_000):
-    return Pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
-                    channels=3, window_kw=dict(length=8, hop=4, sample_rate=1000.0), features=lambda x: x.mean(axis=2),
-                    head_ref=_Head, classes=("a", "b"), publish=lambda t, p: published.append((t, p)),
-                    topic_base="edge/n", model_id="m", queue_size=queue_size, max_batch=3, max_skew=3600.0)
+def _pipeline(published):
+    return build_pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
+                          channels=3, window_kw=dict(length=8, hop=4, sample_rate=1000.0), features=lambda x: x.mean(axis=2),
+                          head_ref=_Head, classes=("a", "b"), send=lambda t, p: published.append((t, p)),
+                          topic_base="edge/n", model_id="m", max_batch=3, max_skew=3600.0)
 
 
 def _drain(p):
     ready: list = []
-    while p.queue:
-        item = p.queue.popleft()
-        if item[0] == 3:
-            p._taken += len(item[1])
-            p._handle_batch(item[1], item[2], ready)
-        else:
-            p._taken += 1
-            try:
-                p._handle(item, ready)
-            except DecodeError as e:
-                p.bad_input(e.kind, str(item[1]), str(e))
+    while p._drain(ready):
+        pass
     if ready:
         p._serve(ready)
 
@@ -124,14 +115,3 @@ def test_offer_batch_serves_what_offer_message_serves(msgs, split):
     assert one == many
     assert p1.counters == p2.counters and p1.bad == p2.bad
     assert {str(k): w.counters for k, w in p1.windowers.items()} == {str(k): w.counters for k, w in p2.windowers.items()}
-
-
-def test_queue_is_bounded_in_messages_and_drops_the_oldest():
-    p = _pipeline([], queue_size=100)
-    batches = [[(f"s/m{i}/accel", b"%d" % j) for j in range(30)] for i in range(5)]
-    for b in batches:
-        p.offer_batch(b, NOW)
-    assert p.counters["dropped"] == 60 and p.depth() == 90  # two whole batches made room
-    assert [item[1][0][0] for item in p.queue] == ["s/m2/accel", "s/m3/accel", "s/m4/accel"]
-    p.offer_message("s/x/accel", b"1", NOW)
-    assert p.depth() == 91 and p.counters["dropped"] == 60

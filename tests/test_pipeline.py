@@ -1,4 +1,5 @@
-"""The serving loop with in-memory fakes: micro-batching, routing of labels, drop-oldest."""
+"""The serving loop with in-memory fakes: micro-batching, label routing, byte-bounded lanes,
+supervision of per-item failures, and draining at stop."""
 from __future__ import annotations
 
 import threading
@@ -9,24 +10,27 @@ import numpy as np
 from edge.adapt.heads import HeadSnapshot
 from edge.ingest.topics import TopicRoute
 from edge.ingest.types import StreamKey
-from edge.pipeline import Pipeline
+from edge.pipeline import build_pipeline
+from edge.supervise import Supervisor
 
 HEAD = HeadSnapshot.from_arrays({"weight": np.eye(2, 4, dtype=np.float32), "bias": np.zeros(2, np.float32)},
                                 kind="linear", task="classification", version="t")
 
 
-def make(max_wait_ms=0.0, queue_size=1000):
+def make(max_wait_ms=0.0, sensor_bytes=1 << 20, labels_bytes=1 << 20, send=None, supervisor=None, **kw):
     batches, published, labels = [], [], []
 
     def features(x):
         batches.append(len(x))
         return np.zeros((len(x), 4), np.float32)
 
-    p = Pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
-                 channels=1, window_kw=dict(length=4, hop=4, sample_rate=1000.0), features=features,
-                 head_ref=lambda: HEAD, classes=("a", "b"), publish=lambda t, b: published.append(t), topic_base="edge/n",
-                 model_id="m@1", queue_size=queue_size, max_batch=8, max_wait_ms=max_wait_ms,
-                 on_label=lambda k, t, v: labels.append((k, t, v)))
+    p = build_pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
+                       channels=1, window_kw=dict(length=4, hop=4, sample_rate=1000.0), features=features,
+                       head_ref=lambda: HEAD, classes=("a", "b"),
+                       send=send or (lambda t, b: published.append((t, b))), topic_base="edge/n",
+                       model_id="m@1", sensor_bytes=sensor_bytes, labels_bytes=labels_bytes, max_batch=8,
+                       max_wait_ms=max_wait_ms, supervisor=supervisor,
+                       on_label=lambda k, t, v: labels.append((k, t, v)), **kw)
     return p, batches, published, labels
 
 
@@ -34,7 +38,7 @@ def window(p, device, t0=100.0):
     p.push_samples(StreamKey(device, "x"), np.arange(4) * 0.001 + t0, np.zeros((4, 1), np.float32))
 
 
-def wait(cond, timeout=5.0):
+def wait(cond, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not cond() and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -79,12 +83,43 @@ def test_labels_on_a_stream_topic_name_their_stream():
         p.stop()
 
 
-def test_a_full_queue_drops_the_oldest_and_counts_it():
-    p, _, _, _ = make(queue_size=16)
+def test_a_full_sensor_lane_drops_the_oldest_by_bytes_and_counts_it():
+    p, _, _, _ = make(sensor_bytes=1 << 16)
+    payload = b'{"t0": 1.0, "dt": 0.001, "v": [%s]}' % b",".join([b"[1]"] * 2000)  # ~8 KB
     for i in range(20):  # the thread is not started: nothing is consumed
-        p.offer_message("s/d/x", b'{"t": %d, "v": [1]}' % i, float(i))
-    assert p.counters["dropped"] == 4 and p.depth() == 16
-    assert p.queue[0][2] == b'{"t": 4, "v": [1]}'
+        p.offer_batch([(f"s/d{i}/x", payload)], float(i))
+    lane = p.inbox.sensor
+    assert lane.depth_bytes <= 1 << 16
+    assert lane.counters["dropped"] == 20 - len(lane) > 0
+    assert lane.take().msgs[0][0] == f"s/d{lane.counters['dropped']}/x"  # the oldest went first
+
+
+def test_labels_are_never_shed_by_sensor_overload():
+    p, _, _, labels = make(sensor_bytes=1 << 16)
+    for i in range(200):
+        p.offer_batch([(f"s/d/x", b'{"t": %d.0, "v": [1]}' % i)] * 50, float(i))
+        if i % 20 == 0:
+            p.offer_message("edge/n/labels/d/x", b'{"t": %d.0, "label": "a"}' % i, float(i))
+    assert p.inbox.sensor.counters["dropped"] > 0 and p.inbox.labels.counters["dropped"] == 0
+    p.start()
+    try:
+        assert wait(lambda: len(labels) == 10)
+    finally:
+        p.stop()
+
+
+def test_stale_sensor_data_is_shed_when_taken():
+    p, _, published, _ = make(max_lag_s=0.05)
+    window(p, "old")
+    time.sleep(0.2)
+    window(p, "new")
+    p.start()
+    try:
+        assert wait(lambda: len(published) == 1)
+        assert published[0][0] == "edge/n/predictions/new/x"
+        assert p.inbox.sensor.counters["stale"] == 1
+    finally:
+        p.stop()
 
 
 def test_a_failing_backend_skips_its_windows_and_serving_goes_on():
@@ -95,22 +130,76 @@ def test_a_failing_backend_skips_its_windows_and_serving_goes_on():
         calls.set()
         raise RuntimeError("backend crashed")
 
-    p.features = bad_features
+    good = p.server.features
+    p.server.features = bad_features
     p.start()
     try:
         window(p, "a")
         assert calls.wait(5)
         assert wait(lambda: p.counters["serve_errors"] == 1)
-        p.features = lambda x: np.zeros((len(x), 4), np.float32)
+        p.server.features = good
         window(p, "a", t0=200.0)
         assert wait(lambda: len(published) == 1) and p.thread.is_alive()
     finally:
         p.stop()
 
 
+def test_an_exception_in_one_item_is_counted_and_skipped():
+    sup = Supervisor()
+    p, _, published, labels = make(supervisor=sup)
+
+    def boom(*a):
+        raise RecursionError("hostile")
+
+    p.on_label = boom
+    p.start()
+    try:
+        p.offer_message("edge/n/labels/m1/x", b'{"t": 5.0, "label": "a"}', 5.0)
+        window(p, "a")
+        assert wait(lambda: len(published) == 1)
+        assert sup.errors == {("pipeline", "RecursionError"): 1} and not sup.dead()
+    finally:
+        p.stop()
+
+
+def test_a_refused_publish_is_counted_as_failed_not_published():
+    p, _, _, _ = make(send=lambda t, b: False)
+    p.start()
+    try:
+        window(p, "a")
+        assert wait(lambda: p.publisher.counters["publish_failed"] == 1)
+        assert p.publisher.counters["published"] == 0
+    finally:
+        p.stop()
+
+
+def test_a_killed_pipeline_thread_is_reported_dead():
+    sup = Supervisor(faults="pipeline:kill:2")
+    p, _, _, _ = make(supervisor=sup)
+    p.start()
+    window(p, "a")
+    window(p, "b", t0=300.0)
+    assert wait(lambda: "pipeline" in sup.dead())
+    assert not p.thread.is_alive()
+
+
+def test_stop_serves_what_is_queued_and_counts_the_rest():
+    p, _, published, _ = make(drain_s=5.0)
+    for i in range(5):
+        window(p, f"d{i}")
+    p.start()
+    p.stop()
+    assert len(published) == 5 and p.counters["shutdown_dropped"] == 0
+    q, _, _, _ = make(drain_s=0.0)
+    for i in range(5):
+        window(q, f"d{i}")
+    q.start()
+    q.stop()
+    assert len(published) == 5 and q.counters["shutdown_dropped"] + q.counters["windows_served"] == 5
+
+
 def test_streams_beyond_max_streams_are_rejected_as_bad_input():
-    p, _, published, _ = make()
-    p.max_streams = 2
+    p, _, published, _ = make(max_streams=2)
     p.start()
     try:
         for dev in ("a", "b", "c"):

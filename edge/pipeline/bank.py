@@ -1,0 +1,86 @@
+"""The bank of windowers: one ``Windower`` (and, for samples without times, one
+``Stamper``) per stream, created on first sight and bounded in number.
+
+A new stream's names are checked once, when it is created (``edge.ingest.names``), so
+every source (MQTT, serial, replay) gets the same rule; ``max_streams`` bounds memory
+against a flood of stray stream names. The bank reports each stream's flag changes (rate
+off, too much filling) so the pipeline can log them and emit an event.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from edge.errors import DecodeError
+from edge.ingest.names import check_name
+from edge.ingest.timing import Stamper
+from edge.ingest.types import StreamKey
+from edge.ingest.window import Windower
+from edge.pipeline.records import Window
+
+log = logging.getLogger("edge.pipeline")
+
+
+class Stream:
+    """One stream's windower, stamper and receive statistics (owned by the pipeline thread)."""
+
+    __slots__ = ("key", "windower", "stamper", "first", "last", "flag")
+
+    def __init__(self, key: StreamKey, windower: Windower, stamper: Stamper, received: float):
+        self.key, self.windower, self.stamper = key, windower, stamper
+        self.first = self.last = received
+        self.flag: str | None = None
+
+    def stats(self) -> dict[str, Any]:
+        w = self.windower
+        return {**w.counters, "rate_hz": round(w.estimated_rate, 2), "rate_ok": w.rate_ok,
+                "flag": w.flagged, "first_seen": self.first, "last_seen": self.last}
+
+
+class WindowerBank:
+    """Streams by key; ``push`` stamps, windows and returns the windows completed."""
+
+    def __init__(self, *, channels: int, window_kw: dict[str, Any], max_streams: int = 10_000,
+                 resync_s: float | None = None):
+        self.channels, self.window_kw, self.max_streams = channels, window_kw, max_streams
+        self._stamp_kw = {} if resync_s is None else {"resync_s": resync_s}
+        self.streams: dict[StreamKey, Stream] = {}
+        self.flag_changes: list[tuple[StreamKey, str | None, str | None]] = []
+
+    def stream(self, key: StreamKey, received: float) -> Stream:
+        """The stream of ``key``, created (names checked, bound enforced) on first sight."""
+        s = self.streams.get(key)
+        if s is None:
+            if len(self.streams) >= self.max_streams:
+                raise DecodeError("too_many_streams", f"a new stream would exceed max_streams = {self.max_streams}")
+            key = StreamKey(check_name(key.device, what="device"), check_name(key.stream, what="stream"))
+            w = Windower(channels=self.channels, **self.window_kw)
+            s = self.streams[key] = Stream(key, w, Stamper(sample_rate=w.sample_rate, **self._stamp_kw), received)
+            log.info("new stream %s", key)
+        return s
+
+    def push(self, s: Stream, ts: list, rows: list, received: float, out: list) -> list:
+        """Add samples to stream ``s`` (a None time is stamped); append completed windows to ``out``.
+
+        Returns the sample times used (the stamped ones where a time was None)."""
+        if None in ts:
+            ts = s.stamper.stamp(ts, received)
+        key = s.key
+        for t0, t1, x in s.windower.push(ts, rows):
+            out.append(Window(key, t0, t1, x, received))
+        s.last = received
+        self.check_flag(s)
+        return ts
+
+    def check_flag(self, s: Stream) -> None:
+        f = s.windower.flagged
+        if f != s.flag:
+            self.flag_changes.append((s.key, s.flag, f))
+            s.flag = f
+
+    def reset(self, key: StreamKey) -> bool:
+        s = self.streams.get(key)
+        if s is None:
+            return False
+        s.windower.reset()
+        return True

@@ -1,0 +1,305 @@
+"""The serving thread: inbox lanes -> router -> windower bank -> server -> publisher.
+
+One named thread (``pipeline``) owns every part after the inbox. Each pass takes the
+control and label lanes first (small, never shed behind sensor data), then up to a
+budget of sensor messages; every window that became ready in a pass, plus those that
+complete within ``[model] max_wait_ms``, is served as one batch. It never waits on
+training: the head is read through ``head_ref()``, an atomic reference the learner swaps.
+
+Each message is one item: a ``DecodeError`` is bad input (counted per kind, logged
+rate-limited, skipped); any other exception is an internal error, handed to the
+``Supervisor`` (counted per thread and kind, logged, skipped). A failing backend costs
+the batch it was serving, not the thread. At stop, what is still queued is served for up
+to ``drain_s`` seconds, and what is left after that is counted (``shutdown_dropped``).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from edge.errors import DecodeError, brief
+from edge.ingest.payload import decode_sample
+from edge.observe import RateLimitedLog
+from edge.pipeline.bank import Stream, WindowerBank
+from edge.pipeline.inbox import Inbox
+from edge.pipeline.publisher import Publisher
+from edge.pipeline.records import LabelIn, RawMessageIn, SampleBlock, SensorBatch, StreamReset, Window
+from edge.pipeline.router import LABEL, SENSOR, Router
+from edge.pipeline.server import Server
+from edge.serve.latency import LatencyHistogram
+from edge.supervise import Supervisor
+
+log = logging.getLogger("edge.pipeline")
+THREAD = "pipeline"
+_SINKS_MAX = 100_000
+
+
+class Pipeline:
+    """Decode -> window -> serve -> publish, on one supervised thread."""
+
+    def __init__(self, *, inbox: Inbox, router: Router, bank: WindowerBank, server: Server, publisher: Publisher,
+                 topic_base: str, max_batch: int = 32, max_wait_ms: float = 0.0, drain_s: float = 2.0,
+                 supervisor: Supervisor | None = None,
+                 on_window: Callable[..., None] | None = None, on_label: Callable[..., None] | None = None,
+                 on_samples: Callable[..., None] | None = None,
+                 on_flag: Callable[[Any, str | None, str | None], None] | None = None):
+        self.inbox, self.router, self.bank, self.server, self.publisher = inbox, router, bank, server, publisher
+        self.topic_base = topic_base
+        self.max_batch, self.max_wait, self.drain_s = max_batch, max_wait_ms / 1e3, drain_s
+        self.sup = supervisor or Supervisor()
+        self.on_window, self.on_label, self.on_samples, self.on_flag = on_window, on_label, on_samples, on_flag
+        self.latency = LatencyHistogram()
+        self.counters = {"messages": 0, "windows_served": 0, "serve_errors": 0, "batches": 0, "labels": 0,
+                         "stream_resets": 0, "shutdown_dropped": 0}
+        self.bad: dict[str, int] = {}
+        self._sinks: dict[str, tuple[Stream, bool]] = {}  # topic -> (its stream, single-sample fast path ok)
+        self._badlog = RateLimitedLog(log)
+        self._stop = threading.Event()
+        self.thread = self.sup.spawn(THREAD, self._run)
+
+    # ---- producers: the inbox's entry points, for the sources ------------------------
+    @property
+    def offer_batch(self):
+        return self.inbox.offer_batch
+
+    @property
+    def offer_message(self):
+        return self.inbox.offer_message
+
+    @property
+    def push_samples(self):
+        return self.inbox.push_samples
+
+    @property
+    def push_label(self):
+        return self.inbox.push_label
+
+    @property
+    def reset_stream(self):
+        return self.inbox.reset_stream
+
+    @property
+    def windowers(self) -> dict:
+        """Each stream's ``Windower`` (read-only view for status and metrics)."""
+        return {k: s.windower for k, s in list(self.bank.streams.items())}
+
+    def depth(self) -> int:
+        return self.inbox.depth()
+
+    # ---- lifecycle -------------------------------------------------------------------
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Serve what is queued (up to ``drain_s``), count the rest, end the thread."""
+        self._stop.set()
+        if self.thread.ident is not None:
+            self.thread.join(self.drain_s + 5.0 if timeout is None else timeout)
+
+    def bad_input(self, kind: str, where: str, msg: str) -> None:
+        self.bad[kind] = self.bad.get(kind, 0) + 1
+        self._badlog.warn(kind, "skipped bad input from %s (%s): %s", brief(where), kind, msg)
+
+    # ---- the loop --------------------------------------------------------------------
+    def _run(self) -> None:
+        idle = 0
+        inbox = self.inbox
+        while not self._stop.is_set():
+            ready: list[Window] = []
+            if not self._drain(ready):
+                idle += 1
+                time.sleep(0.0002 if idle < 50 else 0.002)
+                continue
+            idle = 0
+            if ready and len(ready) < self.max_batch and self.max_wait > 0:
+                # micro-batching: windows of other streams often complete moments later;
+                # wait at most max_wait for them so one backbone call serves them all
+                deadline = time.perf_counter() + self.max_wait
+                while len(ready) < self.max_batch and time.perf_counter() < deadline:
+                    if inbox.sensor or inbox.labels or inbox.control:
+                        self._drain(ready)
+                    else:
+                        time.sleep(0.0002)
+            if ready:
+                self._serve(ready)
+        self._shutdown_drain()
+
+    def _shutdown_drain(self) -> None:
+        deadline = time.monotonic() + self.drain_s
+        ready: list[Window] = []
+        while time.monotonic() < deadline and self._drain(ready, budget=1024):
+            if ready:
+                self._serve(ready)
+                ready = []
+        if ready:
+            self._serve(ready)
+        left = 0
+        for lane in self.inbox.lanes:
+            for item in lane.drain():
+                left += len(item.msgs) if isinstance(item, SensorBatch) else 1
+        if left:
+            self.counters["shutdown_dropped"] += left
+            log.warning("pipeline stopped with %d queued items unprocessed (shutdown_dropped)", left)
+
+    def _drain(self, ready: list[Window], budget: int = 8192) -> bool:
+        """Take control and labels, then up to ``budget`` sensor messages; True when anything was taken."""
+        inbox = self.inbox
+        took = False
+        for lane in (inbox.control, inbox.labels):
+            while lane:
+                item = lane.take()
+                if item is None:
+                    break
+                took = True
+                self._handle_one(item, ready)
+        sensor = inbox.sensor
+        while budget > 0 and sensor:
+            item = sensor.take()
+            if item is None:
+                break
+            took = True
+            if type(item) is SensorBatch:
+                budget -= len(item.msgs)
+                self._handle_batch(item.msgs, item.received, ready)
+            else:
+                budget -= 1
+                self._handle_one(item, ready)
+            if len(ready) >= self.max_batch:
+                self._serve(ready)
+                ready.clear()
+        self._report_flags()
+        return took
+
+    def _handle_one(self, item, ready: list[Window]) -> None:
+        where = ""
+        try:
+            self.sup.fault_point(THREAD)
+            if type(item) is RawMessageIn:
+                where = item.topic
+                self.counters["messages"] += 1
+                self._handle_message(item.topic, item.payload, item.received, ready)
+            elif type(item) is SampleBlock:
+                where = str(item.key)
+                s = self.bank.stream(item.key, item.received)
+                ts = self.bank.push(s, item.ts, item.rows, item.received, ready)
+                if self.on_samples is not None:
+                    self.on_samples(s.key, ts, item.rows)
+            elif type(item) is LabelIn:
+                self._label(item)
+            elif type(item) is StreamReset:
+                if self.bank.reset(item.key):
+                    self.counters["stream_resets"] += 1
+        except DecodeError as e:
+            self.bad_input(e.kind, where, str(e))
+        except Exception as e:
+            self.sup.item_failed(THREAD, e, where=brief(where))
+
+    def _handle_batch(self, msgs: list[tuple[str, bytes]], received: float, ready: list[Window]) -> None:
+        """Every message of one read; a single-sample JSON object on a known stream takes
+        the fast path (``decode_sample`` + ``Windower.push_one``), anything else the general
+        one (``_handle_message``), with the same results and counters."""
+        self.counters["messages"] += len(msgs)
+        sinks, max_batch = self._sinks, self.max_batch
+        router, bank, sup = self.router, self.bank, self.sup
+        channels, max_skew, max_payload = router.channels, router.max_skew, router.max_payload
+        on_samples, faults = self.on_samples, sup.faults_enabled
+        for topic, payload in msgs:
+            try:
+                if faults:
+                    sup.fault_point(THREAD)
+                sink = sinks.get(topic)
+                if sink is not None and sink[1] and len(payload) <= max_payload:
+                    r = decode_sample(payload, channels=channels, now=received, max_skew=max_skew)
+                    if r is not None:
+                        t, row = r
+                        s = sink[0]
+                        if t is None:
+                            t = s.stamper.stamp_one(None, received)
+                        w = s.windower
+                        out = w.push_one(t, row)
+                        if out:
+                            key = s.key
+                            for t0, t1, x in out:
+                                ready.append(Window(key, t0, t1, x, received))
+                            if len(ready) >= max_batch:
+                                self._serve(ready)
+                                ready.clear()
+                        s.last = received
+                        if w.flagged != s.flag:
+                            bank.check_flag(s)
+                        if on_samples is not None:
+                            on_samples(s.key, [t], [row])
+                        continue
+                self._handle_message(topic, payload, received, ready)
+                if sink is None and len(sinks) < _SINKS_MAX:
+                    route = router.route(topic)
+                    s = bank.streams.get(route.key) if route.kind == SENSOR else None
+                    if s is not None:
+                        sinks[topic] = (s, route.fmt in ("auto", "json"))
+            except DecodeError as e:
+                self.bad_input(e.kind, topic, str(e))
+            except Exception as e:
+                sup.item_failed(THREAD, e, where=brief(topic))
+            if len(ready) >= max_batch:
+                self._serve(ready)
+                ready.clear()
+
+    def _handle_message(self, topic: str, payload: bytes, received: float, ready: list[Window]) -> None:
+        route = self.router.route(topic)
+        if route.kind == SENSOR:
+            ts, rows = self.router.decode_samples(route, payload, received)
+            s = self.bank.stream(route.key, received)
+            ts = self.bank.push(s, ts, rows, received, ready)
+            if self.on_samples is not None:
+                self.on_samples(s.key, ts, rows)
+        elif route.kind == LABEL:
+            self._label(self.router.decode_label(route, payload, received))
+
+    def _label(self, label: LabelIn) -> None:
+        self.counters["labels"] += 1
+        if self.on_label is not None:
+            self.on_label(label.key, label.t, label.value)
+
+    def _report_flags(self) -> None:
+        changes = self.bank.flag_changes
+        if not changes:
+            return
+        self.bank.flag_changes = []
+        for key, old, new in changes:
+            if new is not None:
+                w = self.bank.streams[key].windower
+                self._badlog.warn(f"flag:{key}", "stream %s flagged (%s): %.1f Hz measured, the model expects %.1f Hz; "
+                                  "filled %d of %d samples", key, new, w.estimated_rate, w.sample_rate,
+                                  w.counters["filled"], w.counters["samples"])
+            else:
+                log.info("stream %s is back within its rate and fill tolerance", key)
+            if self.on_flag is not None:
+                try:
+                    self.on_flag(key, old, new)
+                except Exception as e:
+                    self.sup.item_failed(THREAD, e, where=f"flag event of {key}")
+
+    def _serve(self, ready: list[Window]) -> None:
+        try:
+            served = self.server.serve(ready)
+        except Exception as e:  # a failing backend must not take the serving thread down
+            self.counters["serve_errors"] += 1
+            if self._badlog.warn("serve_error", "serving %d windows failed, they are skipped: %s: %s",
+                                 len(ready), type(e).__name__, brief(str(e), 200)):
+                log.debug("serve failure", exc_info=True)
+            return
+        self.counters["batches"] += 1
+        self.counters["windows_served"] += len(ready)
+        scores, z, version = served.scores, served.z, served.head_version
+        base = f"{self.topic_base}/predictions/"
+        server, publisher, hist, on_window = self.server, self.publisher, self.latency, self.on_window
+        for i, w in enumerate(ready):
+            try:
+                publisher.publish(f"{base}{w.key.device}/{w.key.stream}", server.prediction(w, scores[i], version))
+                hist.observe(time.time() - w.received)
+                if on_window is not None:
+                    on_window(w.key, w.t_start, w.t_end, z[i], scores[i])
+            except Exception as e:
+                self.sup.item_failed(THREAD, e, where=f"prediction of {w.key}")

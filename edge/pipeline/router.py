@@ -1,0 +1,95 @@
+"""Topic -> stream key -> samples. Pure: values in, values out, ``DecodeError`` on bad input.
+
+The router maps a received topic to what it is (sensor data of one stream, or a label)
+through the configured routes, remembers the answer for topics it has seen (a bounded
+cache, so stray topics cannot grow it without bound), and decodes payloads into samples
+or labels. Names taken from topics and label payloads are checked by the topic routes and
+the label decoder (``edge.ingest.names``), so every topic later built from a key is valid.
+
+>>> r = Router(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"))
+>>> r.route("s/m1/accel")
+Route(kind='sensor', key=StreamKey(device='m1', stream='accel'), fmt='auto')
+>>> r.route("edge/n/labels/m1/accel").key
+StreamKey(device='m1', stream='accel')
+>>> r.decode_label(r.route("edge/n/labels"), b'{"t": 5.0, "label": "normal", "device": "m2"}', 5.0)
+LabelIn(key=StreamKey(device='m2', stream=''), t=5.0, value='normal')
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edge.errors import DecodeError, brief
+from edge.ingest.names import check_name
+from edge.ingest.payload import decode_label, decode_payload
+from edge.ingest.topics import TopicRoute
+from edge.ingest.types import StreamKey
+from edge.pipeline.records import LabelIn
+
+SENSOR, LABEL = "sensor", "label"
+_CACHE_MAX = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """What a topic carries: ``kind`` sensor or label, its stream (None: any) and payload format."""
+
+    kind: str
+    key: StreamKey | None
+    fmt: str
+
+
+class Router:
+    """Routes topics and decodes payloads for the pipeline thread."""
+
+    def __init__(self, *, sources: list[tuple[TopicRoute, str]], label_route: TopicRoute | None,
+                 channels: int = 1, max_skew: float = 0.0, max_payload: int = 1 << 20):
+        self.sources, self.label_route = sources, label_route
+        self.channels, self.max_skew, self.max_payload = channels, max_skew, max_payload
+        self._label_base = label_route.subscription.rstrip("#").rstrip("/") if label_route is not None else ""
+        self._cache: dict[str, Route | DecodeError] = {}
+
+    def route(self, topic: str) -> Route:
+        """The route of ``topic``; ``DecodeError`` (unknown_topic, bad_name) when it has none."""
+        r = self._cache.get(topic)
+        if r is None:
+            try:
+                r = self._resolve(topic)
+            except DecodeError as e:
+                r = e
+            if len(self._cache) < _CACHE_MAX:
+                self._cache[topic] = r
+        if isinstance(r, DecodeError):
+            raise r
+        return r
+
+    def _resolve(self, topic: str) -> Route:
+        if self.label_route is not None and self.label_route.match(topic) is not None:
+            tail = topic[len(self._label_base):].strip("/")
+            parts = tail.split("/") if tail else []
+            if len(parts) > 2:
+                raise DecodeError("bad_name", f"label topic {brief(topic)} has more levels than labels/<device>/<stream>")
+            key = None
+            if parts:
+                key = StreamKey(check_name(parts[0], what="device"),
+                                check_name(parts[1], what="stream") if len(parts) > 1 else "")
+            return Route(LABEL, key, "")
+        for route, fmt in self.sources:
+            key = route.match(topic)
+            if key is not None:
+                return Route(SENSOR, key, fmt)
+        raise DecodeError("unknown_topic", f"no source subscribes to {brief(topic)}")
+
+    def decode_samples(self, route: Route, payload: bytes, received: float) -> tuple[list, list]:
+        """(times, rows) of a sensor payload; a time is None for a sample that carries none."""
+        return decode_payload(payload, channels=self.channels, now=received, fmt=route.fmt,
+                              max_skew=self.max_skew, max_bytes=self.max_payload)
+
+    def decode_label(self, route: Route, payload: bytes, received: float) -> LabelIn:
+        """A label message; its device/stream fields narrow a topic without them."""
+        if len(payload) > self.max_payload:
+            raise DecodeError("oversized", f"label of {len(payload)} bytes exceeds max_payload_bytes")
+        t, value, dev, stm = decode_label(payload, now=received, max_skew=self.max_skew)
+        key = route.key
+        if key is None and dev:
+            key = StreamKey(dev, stm)
+        return LabelIn(key, t, value)
