@@ -11,6 +11,7 @@ A frame on the wire is ``COBS(version, type, body..., crc16_le) 0x00`` (PROTOCOL
 """
 from __future__ import annotations
 
+import reprlib
 import struct
 from dataclasses import dataclass
 
@@ -42,6 +43,24 @@ class FrameError:
 
 class _Malformed(Exception):
     pass
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 4, 60, 60
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """A bounded repr for messages about values from a device or a caller: never raises,
+    safe for any nesting depth (``reprlib`` stops at 4 levels), at most ``limit`` characters.
+
+    >>> short_repr("x" * 1000)[:10], len(short_repr("x" * 1000)) <= 80
+    ("'xxxxxxxxx", True)
+    """
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # e.g. str() of a huge int raises; say only what it is
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _str8(s: str) -> bytes:
@@ -101,7 +120,7 @@ def encode_body(msg: m.Message) -> tuple[int, bytes]:
         return m.STOP, b""
     if isinstance(msg, m.GetHello):
         return m.GET_HELLO, b""
-    raise TypeError(f"not a protocol message: {msg!r}")
+    raise TypeError(f"not a protocol message: {short_repr(msg)}")
 
 
 def encode_frame(msg: m.Message) -> bytes:

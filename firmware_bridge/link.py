@@ -18,7 +18,7 @@ import numpy as np
 import serial
 
 from firmware_bridge import messages as m
-from firmware_bridge.codec import FrameDecoder, encode_frame
+from firmware_bridge.codec import FrameDecoder, encode_frame, short_repr
 from firmware_bridge.session import BinarySession
 from firmware_bridge.text import TextStream
 
@@ -220,4 +220,4 @@ class SerialLink:
             fn(*args)
         except Exception as e:  # a sink bug must not kill the reader thread
             self._counters["callback_errors"] += 1
-            self._warn("callback", f"callback {getattr(fn, '__name__', fn)!r} raised {e!r}")
+            self._warn("callback", f"callback {short_repr(getattr(fn, '__name__', fn))} raised {short_repr(e, 200)}")

@@ -21,8 +21,12 @@ def test_single_json_sample():
     assert dec(b'{"t": 1700000000.5, "v": [1, 2.5, -3]}') == ([1700000000.5], [[1.0, 2.5, -3.0]])
 
 
-def test_json_sample_without_time_takes_receive_time():
-    assert dec(b'{"v": [0, 0, 1]}') == ([NOW], [[0.0, 0.0, 1.0]])
+def test_json_sample_without_time_has_no_time():
+    assert dec(b'{"v": [0, 0, 1]}') == ([None], [[0.0, 0.0, 1.0]])
+
+
+def test_json_batch_without_t0_has_no_times():
+    assert dec(b'{"dt": 0.001, "v": [[1,1,1],[2,2,2]]}') == ([None, None], [[1.0] * 3, [2.0] * 3])
 
 
 def test_json_batch_spaces_samples_by_dt():
@@ -38,7 +42,7 @@ def test_json_list_of_samples():
 
 def test_csv_with_and_without_time():
     assert dec(b"1700000000.25,1,2,3\n") == ([1700000000.25], [[1.0, 2.0, 3.0]])
-    assert dec(b"1\t2\t3") == ([NOW], [[1.0, 2.0, 3.0]])
+    assert dec(b"1\t2\t3") == ([None], [[1.0, 2.0, 3.0]])
 
 
 @pytest.mark.parametrize("payload, kind", [
@@ -118,7 +122,7 @@ def test_any_json_document_decodes_or_raises_decode_error(doc):
         return
     try:
         ts, rows = dec(payload)
-        assert all(len(r) == 3 for r in rows) and all(math.isfinite(t) for t in ts)
+        assert all(len(r) == 3 for r in rows) and all(t is None or math.isfinite(t) for t in ts)
     except DecodeError:
         pass
     try:

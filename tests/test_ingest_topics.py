@@ -24,4 +24,4 @@ def test_named_levels_map_to_device_and_stream():
 def test_fixed_topic_uses_configured_names():
     r = TopicRoute("line1/accel", device="press-1", stream="accel")
     assert r.match("line1/accel") == StreamKey("press-1", "accel")
-    assert TopicRoute("line1/#").match("line1/m3/a") == StreamKey("line1/m3/a", "default")
+    assert TopicRoute("line1/#").match("line1/m3/a") == StreamKey("line1.m3.a", "default")

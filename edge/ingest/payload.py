@@ -2,23 +2,29 @@
 
 Accepted payloads (``format = "auto"`` tells them apart by their first byte):
 
-* JSON, one sample: ``{"t": 1732.5, "v": [ax, ay, az]}``; ``t`` (seconds) is optional
-  and defaults to the receive time.
+* JSON, one sample: ``{"t": 1732.5, "v": [ax, ay, az]}``; ``t`` (Unix seconds) is optional.
 * JSON, a batch: ``{"t0": 1732.5, "dt": 0.001, "v": [[ax, ay, az], ...]}``; sample ``i``
-  is at ``t0 + i * dt``.
+  is at ``t0 + i * dt``. Without ``t0`` the samples carry no time (``dt`` must still be
+  a positive number).
 * JSON, a list of single samples: ``[{"t": ..., "v": [...]}, ...]``.
-* CSV, one line: ``t,ax,ay,az`` or ``ax,ay,az`` (then ``t`` is the receive time); a
-  line with ``channels + 1`` fields has a time first, one with ``channels`` has none.
+* CSV, one line: ``t,ax,ay,az`` or ``ax,ay,az``; a line with ``channels + 1`` fields has
+  a time first, one with ``channels`` has none.
 * A firmware_bridge SAMPLES frame (binary, COBS-delimited), so Wi-Fi firmware can
   publish what it would write to a UART.
 
-Every sample must have the expected channel count and finite values; a timestamp must be
-finite and, unless ``max_skew`` is 0, within ``max_skew`` seconds of the receive time.
+A sample that carries no time of its own gets ``None`` as its time: the stream's
+``edge.ingest.timing.Stamper`` stamps it from the receive time (docs/TIME_AND_NAMES.md).
+Every sample must have the expected channel count and finite values; a given timestamp
+must be finite and, unless ``max_skew`` is 0, within ``max_skew`` seconds of the receive
+time ``now``.
+
+Any input either decodes or raises ``DecodeError``; messages show untrusted values only
+through ``edge.errors.brief`` (bounded, safe for any nesting depth).
 
 >>> decode_payload(b'{"t": 10.0, "v": [1, 2, 3]}', channels=3, now=10.0)
 ([10.0], [[1.0, 2.0, 3.0]])
 >>> decode_payload(b'0.5,0.25,0.125', channels=3, now=7.0)
-([7.0], [[0.5, 0.25, 0.125]])
+([None], [[0.5, 0.25, 0.125]])
 """
 from __future__ import annotations
 
@@ -26,7 +32,8 @@ import math
 
 import orjson
 
-from edge.errors import DecodeError
+from edge.errors import DecodeError, brief
+from edge.ingest.names import check_name
 
 _isfinite = math.isfinite
 _loads = orjson.loads
@@ -43,13 +50,13 @@ def _row(v, channels: int) -> list[float]:
         tx = type(x)
         if tx is float:
             if not _isfinite(x):
-                raise DecodeError("non_finite", f"non-finite value {x!r}")
+                raise DecodeError("non_finite", f"non-finite value {brief(x)}")
             out.append(x)
         elif tx is int:
             out.append(float(x))
         else:
             # orjson rejects NaN/Infinity tokens already; null or strings land here
-            raise DecodeError("bad_value", f"sample value {x!r} is not a number")
+            raise DecodeError("bad_value", f"sample value {brief(x)} is not a number")
     return out
 
 
@@ -58,9 +65,9 @@ def _time(t, now: float, max_skew: float) -> float:
         if type(t) is int:
             t = float(t)
         else:
-            raise DecodeError("bad_time", f"timestamp {t!r} is not a number")
+            raise DecodeError("bad_time", f"timestamp {brief(t)} is not a number")
     if not _isfinite(t):
-        raise DecodeError("bad_time", f"timestamp {t!r} is not finite")
+        raise DecodeError("bad_time", f"timestamp {brief(t)} is not finite")
     if max_skew and abs(t - now) > max_skew:
         raise DecodeError("absurd_time", f"timestamp {t!r} is {t - now:+.0f} s from the receive time (max_clock_skew_s = {max_skew:g})")
     return t
@@ -73,29 +80,35 @@ def _decode_json_obj(d, channels: int, now: float, max_skew: float, ts: list, ro
     if v is None:
         raise DecodeError("bad_shape", "JSON sample has no 'v'")
     if "t0" in d or (type(v) is list and v and type(v[0]) is list):
-        t0 = _time(d.get("t0", now), now, max_skew)
+        t0 = _time(d["t0"], now, max_skew) if "t0" in d else None
         dt = d.get("dt")
         if type(dt) not in (int, float) or not _isfinite(dt) or dt <= 0:
-            raise DecodeError("bad_time", f"batch needs a positive 'dt', got {dt!r}")
+            raise DecodeError("bad_time", f"batch needs a positive 'dt', got {brief(dt)}")
         if type(v) is not list:
             raise DecodeError("bad_shape", "batch 'v' must be a list of samples")
-        for i, r in enumerate(v):
+        for r in v:
             rows.append(_row(r, channels))
-            ts.append(t0 + i * dt)
+        if t0 is None:
+            ts.extend([None] * len(v))
+            return
+        ts.extend([t0 + i * dt for i in range(len(v))])
+        if v and not _isfinite(ts[-1]):
+            raise DecodeError("bad_time", "batch ends at a time that is not finite")
         if max_skew and v and abs(ts[-1] - now) > max_skew:
             raise DecodeError("absurd_time", f"batch ends {ts[-1] - now:+.0f} s from the receive time")
         return
     rows.append(_row(v, channels))
-    ts.append(_time(d["t"], now, max_skew) if "t" in d else now)
+    ts.append(_time(d["t"], now, max_skew) if "t" in d else None)
 
 
-def decode_json(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[list[float], list[list[float]]]:
-    """Decode a JSON sample, batch or list of samples into (times, rows)."""
+def decode_json(payload: bytes, *, channels: int, now: float,
+                max_skew: float = 0.0) -> tuple[list[float | None], list[list[float]]]:
+    """Decode a JSON sample, batch or list of samples into (times, rows); None: no time given."""
     try:
         d = orjson.loads(payload)
     except orjson.JSONDecodeError as e:
-        raise DecodeError("bad_json", f"invalid JSON: {e}") from None
-    ts: list[float] = []
+        raise DecodeError("bad_json", f"invalid JSON: {brief(str(e), 120)}") from None
+    ts: list[float | None] = []
     rows: list[list[float]] = []
     if type(d) is list:
         for item in d:
@@ -105,8 +118,12 @@ def decode_json(payload: bytes, *, channels: int, now: float, max_skew: float = 
     return ts, rows
 
 
-def decode_sample(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[float, list[float]] | None:
+def decode_sample(payload: bytes, *, channels: int, now: float,
+                  max_skew: float = 0.0) -> tuple[float | None, list[float]] | None:
     """The hot path for the common single-sample JSON object: ``(t, row)``, or None.
+
+    ``t`` is None when the sample carries no time (the stream's ``Stamper`` gives it one).
+    It never raises.
 
     None means "not a plain valid single sample": the caller then runs
     ``decode_payload``, which handles every other form and raises the right
@@ -116,6 +133,8 @@ def decode_sample(payload: bytes, *, channels: int, now: float, max_skew: float 
 
     >>> decode_sample(b'{"t": 10.0, "v": [1, 2.5, 3]}', channels=3, now=10.0)
     (10.0, [1.0, 2.5, 3.0])
+    >>> decode_sample(b'{"v": [1, 2, 3]}', channels=3, now=10.0)
+    (None, [1.0, 2.0, 3.0])
     >>> decode_sample(b'{"t0": 10.0, "dt": 0.1, "v": [[1, 2, 3]]}', channels=3, now=10.0) is None
     True
     """
@@ -139,7 +158,7 @@ def decode_sample(payload: bytes, *, channels: int, now: float, max_skew: float 
         if not _isfinite(sum(v)):  # orjson yields no inf/nan; a sum that overflows takes the slow path
             return None
     if "t" not in d:
-        return now, v
+        return None, v
     t = d["t"]
     if type(t) is not float:
         if type(t) is not int:
@@ -150,13 +169,14 @@ def decode_sample(payload: bytes, *, channels: int, now: float, max_skew: float 
     return t, v
 
 
-def decode_csv(payload: bytes, *, channels: int, now: float, max_skew: float = 0.0) -> tuple[list[float], list[list[float]]]:
-    """Decode CSV lines (comma, semicolon or tab separated) into (times, rows)."""
+def decode_csv(payload: bytes, *, channels: int, now: float,
+               max_skew: float = 0.0) -> tuple[list[float | None], list[list[float]]]:
+    """Decode CSV lines (comma, semicolon or tab separated) into (times, rows); None: no time given."""
     try:
         text = payload.decode("ascii")
     except UnicodeDecodeError:
         raise DecodeError("bad_csv", "CSV payload is not ASCII") from None
-    ts: list[float] = []
+    ts: list[float | None] = []
     rows: list[list[float]] = []
     for line in text.splitlines():
         line = line.strip()
@@ -166,17 +186,17 @@ def decode_csv(payload: bytes, *, channels: int, now: float, max_skew: float = 0
         try:
             vals = [float(p) for p in parts]
         except ValueError:
-            raise DecodeError("bad_csv", f"CSV line {line[:60]!r} has a non-numeric field") from None
+            raise DecodeError("bad_csv", f"CSV line {brief(line, 60)} has a non-numeric field") from None
         if len(vals) == channels + 1:
             t = _time(vals[0], now, max_skew)
             vals = vals[1:]
         elif len(vals) == channels:
-            t = now
+            t = None
         else:
             raise DecodeError("wrong_channels", f"CSV line has {len(vals)} fields; expected {channels} or {channels + 1} (time first)")
         for x in vals:
             if not _isfinite(x):
-                raise DecodeError("non_finite", f"non-finite value {x!r}")
+                raise DecodeError("non_finite", f"non-finite value {brief(x)}")
         ts.append(t)
         rows.append(vals)
     if not rows:
@@ -210,8 +230,12 @@ _DECODERS = {"json": decode_json, "csv": decode_csv, "frame": decode_frame}
 
 
 def decode_payload(payload: bytes, *, channels: int, now: float, fmt: str = "auto", max_skew: float = 0.0,
-                   max_bytes: int = 1 << 20) -> tuple[list[float], list[list[float]]]:
-    """Decode one MQTT payload into (times, rows); ``fmt`` is auto, json, csv or frame."""
+                   max_bytes: int = 1 << 20) -> tuple[list[float | None], list[list[float]]]:
+    """Decode one MQTT payload into (times, rows); ``fmt`` is auto, json, csv or frame.
+
+    A time is None for a sample that carries none (JSON without ``t``/``t0``, CSV
+    without a time column); frames always carry times. Raises only ``DecodeError``.
+    """
     if len(payload) > max_bytes:
         raise DecodeError("oversized", f"payload of {len(payload)} bytes exceeds max_payload_bytes = {max_bytes}")
     if not payload:
@@ -233,8 +257,10 @@ def decode_label(payload: bytes, *, now: float, max_skew: float = 0.0) -> tuple[
     """Decode a label message into (t, label_or_y, device, stream).
 
     ``{"t": 1732.5, "label": "imbalance"}`` for a class, ``{"t": ..., "y": 0.7}`` (or a
-    list) for a regression target. ``device`` and ``stream`` are optional and narrow
-    the match to one stream ("" matches any stream).
+    list) for a regression target. A label without ``t`` is at the receive time ``now``.
+    ``device`` and ``stream`` are optional and narrow the match to one stream ("" matches
+    any stream); when given they must fit the name rule (``edge.ingest.names``), else
+    ``DecodeError("bad_name")``. Raises only ``DecodeError``.
 
     >>> decode_label(b'{"t": 5.0, "label": "normal", "device": "m1"}', now=5.0)
     (5.0, 'normal', 'm1', '')
@@ -242,14 +268,14 @@ def decode_label(payload: bytes, *, now: float, max_skew: float = 0.0) -> tuple[
     try:
         d = orjson.loads(payload)
     except orjson.JSONDecodeError as e:
-        raise DecodeError("bad_label", f"label is not valid JSON: {e}") from None
+        raise DecodeError("bad_label", f"label is not valid JSON: {brief(str(e), 120)}") from None
     if type(d) is not dict:
         raise DecodeError("bad_label", "a label must be a JSON object {t, label} or {t, y}")
     t = _time(d.get("t", now), now, max_skew)
     if "label" in d:
         value = d["label"]
         if type(value) not in (str, int):
-            raise DecodeError("bad_label", f"label {value!r} must be a class name or index")
+            raise DecodeError("bad_label", f"label {brief(value)} must be a class name or index")
     elif "y" in d:
         value = d["y"]
         if type(value) in (int, float):
@@ -259,10 +285,14 @@ def decode_label(payload: bytes, *, now: float, max_skew: float = 0.0) -> tuple[
         elif type(value) is list and value and all(type(x) in (int, float) and _isfinite(x) for x in value):
             value = [float(x) for x in value]
         else:
-            raise DecodeError("bad_label", f"y = {value!r} must be a finite number or a list of them")
+            raise DecodeError("bad_label", f"y = {brief(value)} must be a finite number or a list of them")
     else:
         raise DecodeError("bad_label", "a label needs 'label' (a class) or 'y' (a value)")
     dev, stm = d.get("device", ""), d.get("stream", "")
     if type(dev) is not str or type(stm) is not str:
         raise DecodeError("bad_label", "device and stream must be strings")
+    if dev:
+        check_name(dev, what="label device")
+    if stm:
+        check_name(stm, what="label stream")
     return t, value, dev, stm

@@ -6,6 +6,12 @@ LABEL frames as ``sink.push_label(key, t, label)``, exactly like MQTT sources.
 
 Channel mapping: ``channels`` picks and orders the device's channels, by name (from
 HELLO, or a text-mode header line) or by index; None keeps them all in device order.
+
+Device names: unless the config gives ``device``, the stream is named by the HELLO's
+device id, which must fit the name rule of ``edge.ingest.names``. A HELLO whose id does
+not is counted (``bad_hello``) and logged (rate-limited, the id cut short), and the
+device's samples and labels are dropped (``unnamed_samples``, ``unnamed_labels``) until a
+HELLO with a valid id arrives.
 """
 from __future__ import annotations
 
@@ -14,12 +20,15 @@ from typing import Sequence
 
 import numpy as np
 
-from edge.errors import ConfigError
+from edge.errors import ConfigError, DecodeError, brief
+from edge.ingest.names import check_name
 from edge.ingest.types import StreamKey
+from edge.observe import RateLimitedLog
 from firmware_bridge.link import SerialLink
 from firmware_bridge.messages import Hello
 
 log = logging.getLogger("edge.ingest.serial")
+_badlog = RateLimitedLog(log)
 
 
 class SerialSource:
@@ -37,6 +46,8 @@ class SerialSource:
         self._index: np.ndarray | None = None
         self._key: StreamKey | None = StreamKey(device, self._stream) if device else None
         self._mapping_errors = 0
+        self._bad = {"bad_hello": 0, "unnamed_samples": 0, "unnamed_labels": 0}
+        self._unnamed = False  # the last HELLO's device id broke the name rule
         self.link = SerialLink(port=port, baud=baud, protocol=protocol, sample_rate=sample_rate,
                                on_samples=self._on_samples, on_label=self._on_label, on_hello=self._on_hello,
                                retry_interval=retry_interval, text_min_seconds=text_min_seconds, name=name)
@@ -57,6 +68,7 @@ class SerialSource:
     def stats(self) -> dict[str, int | float]:
         out = self.link.stats()
         out["mapping_errors"] = self._mapping_errors
+        out.update(self._bad)
         return out
 
     def _resolve(self, names: Sequence[str] | None, width: int) -> np.ndarray | None:
@@ -70,19 +82,32 @@ class SerialSource:
                 idx.append(list(names).index(c))
             else:
                 raise ConfigError(f"[[sources]] {self.name!r}: channel {c!r} is not on the device "
-                                  f"(it has {list(names) if names else width} channels)")
+                                  f"(it has {brief(list(names)) if names else width} channels)")
         return np.asarray(idx, np.intp)
 
     def _on_hello(self, hello: Hello) -> None:
-        self._key = StreamKey(self._device or hello.device_id, self._stream)
+        try:
+            device = check_name(hello.device_id, what="HELLO device id")
+        except DecodeError as e:
+            self._bad["bad_hello"] += 1
+            _badlog.warn(f"bad_hello:{self.name}", "serial %s: %s", self.name, e)
+            if not self._device:
+                self._key, self._unnamed = None, True  # nothing is forwarded until a valid HELLO
+                return
+            device = self._device
+        self._unnamed = False
+        self._key = StreamKey(self._device or device, self._stream)
         try:
             self._index = self._resolve(hello.channels, len(hello.channels))
         except ConfigError as e:
             self._index = None
             self._mapping_errors += 1
-            log.error("%s", e)
+            _badlog.warn(f"mapping:{self.name}", "%s", e)
 
     def _on_samples(self, t: np.ndarray, v: np.ndarray) -> None:
+        if self._unnamed:
+            self._bad["unnamed_samples"] += len(t)
+            return
         if self._channels is not None:
             if self._index is None:
                 try:
@@ -98,4 +123,7 @@ class SerialSource:
         self.sink.push_samples(self._key, t, np.ascontiguousarray(v, np.float32))
 
     def _on_label(self, t: float, label) -> None:
+        if self._unnamed:
+            self._bad["unnamed_labels"] += 1
+            return
         self.sink.push_label(self._key, t, label)
