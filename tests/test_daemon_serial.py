@@ -36,7 +36,7 @@ def test_serial_stream_is_served_and_its_labels_train_the_head(broker, tmp_path)
             while time.monotonic() < deadline and d.adapt.metrics()["matcher_labels_matched_total"] < 3:
                 time.sleep(0.1)
             assert d.adapt.metrics()["matcher_labels_matched_total"] >= 3, d.adapt.metrics()
-            st = d.status()["serial"]["serial0"]
+            st = d.status()["sources"]["serial0"]
             assert st["frames"] > 0 and st["crc_errors"] == 0
         finally:
             c.close()

@@ -10,6 +10,15 @@ One run, one broker (mosquitto on a free loopback port), the same messages for b
    messages per second the system under test gets through (time until its last
    prediction arrives), and messages per CPU-second it spent doing so (its capacity on
    one core, which the broker and the generator sharing the other core cannot cap).
+3. **flood** (the daemon only): large batch messages (``--flood-samples`` samples each)
+   on their own streams at ``--flood-factor`` times the daemon's measured capacity for
+   ``--flood-seconds``, while probe streams keep sending single samples at a low rate;
+   measured: peak RSS over the RSS before the flood, drops by lane, and the seconds from
+   the end of the flood until the probes' p99 latency (per 0.5 s bin) is back under 20 ms.
+
+``--before-ref REV`` also runs the daemon of an earlier commit (exported with ``git
+archive`` into a temporary folder) through the paced and saturated runs, in the same
+run, so that a redesign is compared with what it replaced on the same machine.
 
 The system under test runs in a child process pinned to CPU 0; the broker, the load
 generator and the receiver share CPU 1. The baseline (``edge.bench.naive``) is a paho
@@ -32,6 +41,7 @@ import numpy as np
 import orjson
 import paho.mqtt.client as mqtt
 
+from edge.bench.machine import cpu_info
 from edge.bench.rawmqtt import RawPublisher, publish_packet
 from edge.broker import BrokerProcess, free_port
 
@@ -56,6 +66,7 @@ class Receiver:
 
     def __init__(self, host: str, port: int, topic: str):
         self.lat: list[float] = []
+        self.samples: list[tuple[float, float, str]] = []  # (arrival, latency, topic), for the flood case
         self.n = 0
         self.last = 0.0
         self.lock = threading.Lock()
@@ -72,10 +83,11 @@ class Receiver:
             self.n += 1
             self.last = now
             self.lat.append(now - t)
+            self.samples.append((now, now - t, m.topic))
 
     def reset(self):
         with self.lock:
-            self.lat, self.n = [], 0
+            self.lat, self.n, self.samples = [], 0, []
 
     def wait_count(self, n: int, timeout: float) -> bool:
         deadline = time.time() + timeout
@@ -161,14 +173,26 @@ def run_burst(pub: RawPublisher, rx: Receiver, pid: int, *, streams: int, count:
             "messages_per_cpu_s": round(n / max(cpu, 1e-9), 1)}
 
 
-def _start_edge(host: str, port: int, model: str, tmp: Path, cache: str) -> tuple[subprocess.Popen, int]:
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _start_edge(host: str, port: int, model: str, tmp: Path, cache: str, *, src: str = "",
+                extra: str = "") -> tuple[subprocess.Popen, int]:
     mport = free_port()
     cfg = tmp / "edge.toml"
     cfg.write_text(f"""[node]\nname = "bench"\nstate_dir = "{tmp / 'state'}"\nlog_level = "warning"\n
 [mqtt]\nhost = "{host}"\nport = {port}\nprotocol = "3.1.1"\n[model]\npath = "{model}"\n{f'cache_dir = "{cache}"' if cache else ''}
-[adapt]\nenabled = false\n[metrics]\nport = {mport}\n[[sources]]\ntopic = "bench/{{device}}/{{stream}}"\n""")
+[adapt]\nenabled = false\n[metrics]\nport = {mport}\n{extra}\n[[sources]]\ntopic = "bench/{{device}}/{{stream}}"\n""")
+    env = dict(os.environ)
+    if src:  # an earlier commit's tree: its edge package first on the path, and its folder as cwd
+        env["PYTHONPATH"] = src
     p = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], preexec_fn=_pin(0),
-                         stdout=subprocess.DEVNULL, stderr=open(tmp / "edge.log", "wb"))
+                         stdout=subprocess.DEVNULL, stderr=open(tmp / "edge.log", "wb"), env=env, cwd=src or None)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -197,6 +221,112 @@ def _buckets(port: int, name: str) -> dict[str, float]:
                 for line in r.read().decode().splitlines() if line.startswith(name + "{")}
 
 
+def _lane_metrics(port: int) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("edge_lane_") and 'lane="' in line:
+                name = line.split("{")[0][len("edge_lane_"):]
+                lane = line.split('lane="')[1].split('"')[0]
+                out.setdefault(lane, {})[name] = float(line.split()[-1])
+    return out
+
+
+def run_flood(pub: RawPublisher, rx: Receiver, pid: int, mport: int, *, capacity_msgs_per_s: float, factor: float,
+              seconds: float, samples: int, rows, probe_streams: int = 4, probe_rate: float = 250.0,
+              settle_s: float = 15.0) -> dict:
+    """Large batch messages at ``factor`` x capacity; probes measure latency before, during and after."""
+    flood_topics = [b"bench/flood%02d/accel" % s for s in range(8)]
+    probe_topics = [b"bench/probe%02d/accel" % s for s in range(probe_streams)]
+    body = b",".join(orjson.dumps(rows[i % len(rows)].tolist()) for i in range(samples))
+    msg_rate = capacity_msgs_per_s * factor  # flood messages per second
+    payload_bytes = len(body) + 40
+    rx.reset()
+    rss0 = _rss_mb(pid)
+    peak = rss0
+    t_start = time.time()
+    flood_end = t_start + seconds
+    stop_at = flood_end + settle_s
+    sent_flood = sent_probe = 0
+    flood_t0 = [time.time() - 3600.0] * len(flood_topics)  # their own clock: never collides with the probes
+    last_rss = 0.0
+    while True:
+        now = time.time()
+        if now >= stop_at:
+            break
+        chunk = []
+        if now < flood_end:
+            due = int((now - t_start) * msg_rate) - sent_flood
+            for _ in range(min(due, 200)):
+                k = sent_flood % len(flood_topics)
+                chunk.append(publish_packet(flood_topics[k], b'{"t0": %r, "dt": 0.001, "v": [%s]}' % (flood_t0[k], body)))
+                flood_t0[k] += samples * 0.001
+                sent_flood += 1
+        due = int((now - t_start) * probe_rate) - sent_probe
+        for _ in range(due):
+            t = t_start + sent_probe / probe_rate
+            for k, topic in enumerate(probe_topics):
+                chunk.append(publish_packet(topic, orjson.dumps({"t": t, "v": rows[(sent_probe + k) % len(rows)].tolist()})))
+            sent_probe += 1
+        if chunk:
+            pub.send(b"".join(chunk))
+        if now - last_rss >= 0.1:
+            last_rss = now
+            peak = max(peak, _rss_mb(pid))
+        time.sleep(0.001)
+    time.sleep(0.5)
+    # probe latency per 0.5 s bin of arrival time, relative to the end of the flood
+    probe = [(arr - flood_end, lat) for arr, lat, topic in rx.samples if "/probe" in topic]
+    bins: dict[int, list[float]] = {}
+    for rel, lat in probe:
+        bins.setdefault(int(np.floor(rel / 0.5)), []).append(lat)
+    p99 = {k * 0.5: float(np.percentile(v, 99)) * 1e3 for k, v in sorted(bins.items())}
+    recovered = None
+    after = [k for k in p99 if k >= 0]
+    for i, k in enumerate(after):
+        if all(p99[j] < 20.0 for j in after[i:]):
+            recovered = k + 0.5  # the end of the first bin from which every later bin is under 20 ms
+            break
+    before = [v for k, v in p99.items() if k < -seconds]
+    return {"flood_messages": sent_flood, "flood_msgs_per_s": round(msg_rate, 1), "flood_payload_bytes": payload_bytes,
+            "flood_mb_per_s": round(msg_rate * payload_bytes / 1e6, 1), "flood_seconds": seconds,
+            "probe_windows": len(probe), "rss_before_mb": round(rss0, 1), "rss_peak_mb": round(peak, 1),
+            "rss_peak_over_before_mb": round(peak - rss0, 1), "lanes": _lane_metrics(mport),
+            "p99_ms_by_half_second_from_flood_end": {f"{k:+.1f}": round(v, 2) for k, v in p99.items()},
+            "p99_ms_during_flood_max": round(max([v for k, v in p99.items() if -seconds <= k < 0] or [float("nan")]), 2),
+            "p99_ms_before_flood": round(max(before), 2) if before else None,
+            "seconds_until_p99_under_20ms": recovered}
+
+
+def _flood_capacity(pub: RawPublisher, rx: Receiver, pid: int, *, samples: int, rows, count: int = 400) -> float:
+    """Batch messages per CPU-second the daemon gets through (a burst on streams of their own)."""
+    topics = [b"bench/cap%02d/accel" % s for s in range(8)]
+    body = b",".join(orjson.dumps(rows[i % len(rows)].tolist()) for i in range(samples))
+    t0 = [time.time() - 7200.0] * len(topics)
+    pkts = []
+    for i in range(count):
+        k = i % len(topics)
+        pkts.append(publish_packet(topics[k], b'{"t0": %r, "dt": 0.001, "v": [%s]}' % (t0[k], body)))
+        t0[k] += samples * 0.001
+    expected = len(topics) * ((count // len(topics)) * samples // WINDOW)
+    rx.reset()
+    cpu0 = _cpu_seconds(pid)
+    for k in range(0, len(pkts), 20):
+        pub.send(b"".join(pkts[k:k + 20]))
+    rx.wait_count(int(expected * 0.99), 120)
+    cpu = _cpu_seconds(pid) - cpu0
+    return count * min(1.0, rx.n / max(1, expected)) / max(cpu, 1e-9)
+
+
+def _export(ref: str, dest: Path) -> str:
+    """``git archive`` of ``ref`` into ``dest`` (the daemon that ran before a change)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = subprocess.run(["git", "rev-parse", "--show-toplevel"], capture_output=True, text=True, check=True).stdout.strip()
+    arch = subprocess.run(["git", "-C", root, "archive", ref], capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=arch, check=True)
+    return subprocess.run(["git", "-C", root, "rev-parse", "--short", ref], capture_output=True, text=True).stdout.strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="edge bench pipeline", description=__doc__.split("\n")[0])
     ap.add_argument("--rate", type=float, default=20000.0)
@@ -207,17 +337,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache-dir", default="")
     ap.add_argument("--out", default="bench/out/pipeline.json")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--before-ref", default="", help="also run the daemon of this git commit (same run, same broker)")
+    ap.add_argument("--flood-seconds", type=float, default=20.0, help="0 skips the flood case")
+    ap.add_argument("--flood-factor", type=float, default=2.0)
+    ap.add_argument("--flood-samples", type=int, default=1000, help="samples per flood message (~23 KB of JSON at 1000)")
+    ap.add_argument("--ingest-bytes", type=int, default=64 << 20, help="[queues] ingest_bytes of the daemon in the flood")
     a = ap.parse_args(argv)
     _pin(1)()
     rows = _samples(a.streams, 20_000)
-    results: dict = {"config": vars(a), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
+    results: dict = {"command": "edge bench pipeline " + " ".join(argv if argv is not None else sys.argv[1:]),
+                     "config": vars(a), "cpu": cpu_info(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]}
     # Nagle on the broker's sockets meets delayed ACKs: 40 ms stalls on small packets
     with BrokerProcess(kind="mosquitto", extra_conf="set_tcp_nodelay true") as broker, tempfile.TemporaryDirectory() as td:
         tmp = Path(td)
-        systems = ["edge"] + ([] if a.skip_baseline else ["naive"])
+        before_src = ""
+        if a.before_ref:
+            results["before_commit"] = _export(a.before_ref, tmp / "before")
+            before_src = str(tmp / "before")
+        systems = ["edge"] + (["edge_before"] if before_src else []) + ([] if a.skip_baseline else ["naive"])
         for name in systems:
-            if name == "edge":
-                proc, mport = _start_edge(broker.host, broker.port, a.model, tmp, a.cache_dir)
+            if name in ("edge", "edge_before"):
+                extra = f"[queues]\ningest_bytes = {a.ingest_bytes}\n" if name == "edge" else ""
+                proc, mport = _start_edge(broker.host, broker.port, a.model, tmp, a.cache_dir,
+                                          src=before_src if name == "edge_before" else "", extra=extra)
                 rx = Receiver(broker.host, broker.port, "edge/bench/predictions/#")
             else:
                 proc = subprocess.Popen([sys.executable, "-m", "edge.bench.naive", broker.host, str(broker.port), a.model],
@@ -230,14 +372,21 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{name}] paced {a.rate:.0f} msg/s for {a.seconds:.0f} s ...", flush=True)
                 paced = run_paced(pub, rx, proc.pid, streams=a.streams, rate=a.rate, seconds=a.seconds, rows=rows,
                                   prefix=b"bench")
-                if name == "edge":  # receive-to-publish inside the daemon, for comparison with end to end
+                if name != "naive":  # receive-to-publish inside the daemon, for comparison with end to end
                     paced["daemon_latency_buckets"] = _buckets(mport, "edge_pipeline_latency_seconds_bucket")
                 print(f"[{name}] burst of {a.burst} messages ...", flush=True)
                 burst = run_burst(pub, rx, proc.pid, streams=a.streams, count=a.burst, rows=rows, prefix=b"bench", timeout=120)
                 r = {"paced": paced, "burst": burst}
-                if name == "edge":
-                    r["daemon_dropped"] = _metric(mport, "edge_dropped_total")
+                if name != "naive":
                     r["daemon_latency_buckets"] = paced.pop("daemon_latency_buckets", None)
+                if name == "edge":
+                    r["lanes_after_burst"] = _lane_metrics(mport)
+                if name == "edge" and a.flood_seconds > 0:
+                    cap = _flood_capacity(pub, rx, proc.pid, samples=a.flood_samples, rows=rows)
+                    print(f"[{name}] flood at {a.flood_factor}x {cap:.0f} batch msg/s for {a.flood_seconds:.0f} s ...", flush=True)
+                    r["flood_capacity_msgs_per_s"] = round(cap, 1)
+                    r["flood"] = run_flood(pub, rx, proc.pid, mport, capacity_msgs_per_s=cap, factor=a.flood_factor,
+                                           seconds=a.flood_seconds, samples=a.flood_samples, rows=rows)
                 results[name] = r
                 print(json.dumps(r, indent=1), flush=True)
             finally:
@@ -245,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
                 rx.close()
                 proc.terminate()
                 proc.wait(10)
+    if "edge_before" in results:
+        results["ratio_per_cpu_s_vs_before"] = round(results["edge"]["burst"]["messages_per_cpu_s"] /
+                                                     max(1e-9, results["edge_before"]["burst"]["messages_per_cpu_s"]), 3)
     if "naive" in results:
         results["ratio_burst_throughput"] = round(results["edge"]["burst"]["messages_per_s"] /
                                                   max(1e-9, results["naive"]["burst"]["messages_per_s"]), 2)

@@ -13,7 +13,6 @@ from typing import Any
 
 from edge.errors import DecodeError
 from edge.ingest.names import check_name
-from edge.ingest.timing import Stamper
 from edge.ingest.types import StreamKey
 from edge.ingest.window import Windower
 from edge.pipeline.records import Window
@@ -24,12 +23,23 @@ log = logging.getLogger("edge.pipeline")
 class Stream:
     """One stream's windower, stamper and receive statistics (owned by the pipeline thread)."""
 
-    __slots__ = ("key", "windower", "stamper", "first", "last", "flag")
+    __slots__ = ("key", "windower", "_stamper", "_stamp_kw", "first", "last", "flag")
 
-    def __init__(self, key: StreamKey, windower: Windower, stamper: Stamper, received: float):
-        self.key, self.windower, self.stamper = key, windower, stamper
+    def __init__(self, key: StreamKey, windower: Windower, received: float, stamp_kw: dict):
+        self.key, self.windower = key, windower
+        self._stamper = None
+        self._stamp_kw = stamp_kw
         self.first = self.last = received
         self.flag: str | None = None
+
+    @property
+    def stamper(self):
+        """The stream's ``Stamper``, made when its first sample without a time arrives."""
+        if self._stamper is None:
+            from edge.ingest.timing import Stamper
+
+            self._stamper = Stamper(sample_rate=self.windower.sample_rate, **self._stamp_kw)
+        return self._stamper
 
     def stats(self) -> dict[str, Any]:
         w = self.windower
@@ -55,7 +65,7 @@ class WindowerBank:
                 raise DecodeError("too_many_streams", f"a new stream would exceed max_streams = {self.max_streams}")
             key = StreamKey(check_name(key.device, what="device"), check_name(key.stream, what="stream"))
             w = Windower(channels=self.channels, **self.window_kw)
-            s = self.streams[key] = Stream(key, w, Stamper(sample_rate=w.sample_rate, **self._stamp_kw), received)
+            s = self.streams[key] = Stream(key, w, received, self._stamp_kw)
             log.info("new stream %s", key)
         return s
 
