@@ -103,6 +103,10 @@ class MqttConfig(_Section):
     reconnect_max_s: float = _opt(30.0, lo=0.1, hi=3600.0, doc="reconnect backoff cap")
     max_payload_bytes: int = _opt(1 << 20, lo=64, hi=256 << 20, doc="larger payloads are rejected")
     topic_prefix: str = _opt("edge", doc="prefix of the node's own topics: <prefix>/<node>/...")
+    session_expiry_s: int = _opt(3600, lo=0, hi=0xFFFFFFFF,
+                                 doc="how long the broker keeps the node's sessions and their QoS 1 messages "
+                                     "while disconnected (MQTT 5; 3.1.1 keeps them until the broker expires them); "
+                                     "0: clean sessions")
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,9 @@ class QueueConfig(_Section):
     max_lag_s: float = _opt(2.0, lo=0.0, hi=86400.0, doc="sensor data that waited longer is shed when taken (fresh data first after an overload); 0 disables")
     shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=600.0, doc="at stop, serve and learn what is queued for up to this long; the rest is counted")
     labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
-    publish: int = _opt(10_000, lo=16, hi=10_000_000, doc="predictions waiting to be published (drop oldest)")
+    publish: int = _opt(10_000, lo=16, hi=10_000_000,
+                        doc="QoS 1 publishes held for the node's connection (in flight or awaiting a reconnect); "
+                            "beyond it a publish is refused and counted (queue_full); QoS 0 is not held")
 
 
 @dataclass(frozen=True)

@@ -6,16 +6,40 @@ that is most of a core. This subscriber reads large chunks and hands every PUBLI
 chunk to ``on_batch`` at once as ``[(topic, payload)]`` plus the receive time, decoded by
 ``mqttwire.parse_stream`` in one tight loop.
 
-It only receives: CONNECT (clean start, user/password, keepalive, optional TLS),
-SUBSCRIBE (refused filters are logged), QoS 0 and 1 (one coalesced PUBACK write per
-read, sent after ``on_batch`` returned), PINGREQ while the link is quiet, and a server
+It only receives: CONNECT (user/password, keepalive, optional TLS), SUBSCRIBE (refused
+filters are logged), QoS 0 and 1, PINGREQ while the link is quiet, and a server
 DISCONNECT. MQTT 5 topic aliases are never advertised, so the broker never uses them.
 One named thread (``mqtt-ingest``) owns the socket: it connects, reads, pings and
 reconnects with exponential backoff (``reconnect_min_s`` .. ``reconnect_max_s``),
 resubscribing each time. A malformed packet is counted (``protocol_errors``), logged,
-and costs the connection (the good messages before it are still delivered), never the
-thread. When a read brings little (the reader keeps up), the thread waits ``linger_s``
-(0.5 ms) before the next one, so that at high rates each wakeup takes many messages.
+and costs the connection (the good messages before it are still delivered and
+acknowledged), never the thread. When a read brings little (the reader keeps up), the
+thread waits ``linger_s`` (0.5 ms) before the next one, so that at high rates each
+wakeup takes many messages.
+
+**Session.** The client id is the caller's and must be stable across restarts. With
+``[mqtt] session_expiry_s`` > 0 the session is persistent: Clean Start 0 and a Session
+Expiry Interval of that many seconds (MQTT 5), Clean Session 0 (3.1.1). The broker then
+keeps the subscriptions and queues QoS 1 messages while the connection is down, and
+redelivers the unacknowledged ones (DUP set) when it is back. CONNACK's session-present
+flag is counted (``sessions_resumed``); the filters are subscribed again anyway, which
+is harmless. Delivery of QoS 1 is at least once: after a reconnect ``on_batch`` can get
+a message it already got. ``session_expiry_s = 0`` gives clean sessions.
+
+**Acknowledgement policy.** Every read's messages go to ``on_batch(msgs, received)`` at
+once; its return value is ignored, an exception means "not taken". The PUBACKs of a read
+(one coalesced write) are sent only after ``on_batch`` returned normally. When it raises:
+
+- the failure is counted (``handoff_errors``) and logged, rate-limited, with the
+  exception's type and a bounded part of its text (never a repr of the messages);
+- the batch's QoS 1 messages are not acknowledged (``handoff_unacked``) and the
+  connection is dropped, so that the broker redelivers them on the next connection; its
+  QoS 0 messages cannot come back and are counted in ``handoff_lost``;
+- poison guard: after ``poison_after`` (3) failures in a row with no success between,
+  the failing batch is acknowledged anyway, its messages counted in ``handoff_lost`` and
+  ``poison_batches`` counts it, so that one batch that always fails cannot stall the
+  stream in a reconnect loop. The reconnect after a failed hand-off uses the growing
+  backoff, so a hand-off that keeps failing does not spin.
 """
 from __future__ import annotations
 
@@ -33,16 +57,31 @@ from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.mqtt.ingest")
 
-BatchHandler = Callable[[list[tuple[str, bytes]], float], None]
+BatchHandler = Callable[[list[tuple[str, bytes]], float], object]
 _TICK_S = 0.25  # longest a blocked read delays stop() and keepalive checks
+_ERR_TEXT_MAX = 200  # characters of an exception's text that go into a log line
+
+
+def describe_error(e: BaseException, limit: int = _ERR_TEXT_MAX) -> str:
+    """``Type: text`` of an exception, the text cut to ``limit`` characters; never raises.
+
+    >>> describe_error(ValueError("x" * 500), limit=10)
+    'ValueError: xxxxxxxxxx...'
+    """
+    try:
+        text = str(e)
+    except Exception:  # a __str__ that fails (deep recursion, a broken object) must not kill the thread
+        text = "<unprintable>"
+    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 class _SessionEnd(Exception):
     """The connection ended (closed, refused, timed out); ``protocol`` when the broker misbehaved."""
 
-    def __init__(self, why: str, *, protocol: bool = False):
+    def __init__(self, why: str, *, protocol: bool = False, handoff: bool = False):
         super().__init__(why)
         self.protocol = protocol
+        self.handoff = handoff
 
 
 class FastSubscriber:
@@ -50,7 +89,7 @@ class FastSubscriber:
 
     def __init__(self, cfg: MqttConfig, *, client_id: str, subscriptions: list[tuple[str, int]],
                  on_batch: BatchHandler, chunk_size: int = 256 << 10, linger_s: float = 0.0005,
-                 connect_timeout: float = 10.0):
+                 connect_timeout: float = 10.0, poison_after: int = 3):
         for filt, qos in subscriptions:
             if qos not in (0, 1):
                 raise ValueError(f"subscription {filt!r}: qos {qos} is not supported (0 or 1)")
@@ -61,9 +100,14 @@ class FastSubscriber:
         self.chunk_size = chunk_size
         self.linger_s = linger_s
         self.connect_timeout = connect_timeout
+        if poison_after < 1:
+            raise ValueError(f"poison_after must be >= 1, not {poison_after}")
+        self.poison_after = poison_after
         self.connected = threading.Event()
         self.counters = {"connects": 0, "disconnects": 0, "messages": 0, "bytes": 0, "reads": 0,
-                         "protocol_errors": 0}
+                         "protocol_errors": 0, "sessions_resumed": 0, "handoff_errors": 0,
+                         "handoff_unacked": 0, "handoff_lost": 0, "poison_batches": 0}
+        self._fail_streak = 0  # failed hand-offs since the last one that worked
         self._stop = threading.Event()
         self._topics: dict[bytes, str] = {}
         self._badlog = RateLimitedLog(log)
@@ -110,6 +154,8 @@ class FastSubscriber:
             if protocol:
                 self.counters["protocol_errors"] += 1
                 log.warning("dropping the ingest connection to %s:%d: %s", cfg.host, cfg.port, e)
+            elif isinstance(e, _SessionEnd) and e.handoff:
+                return False  # logged where it failed; back off as after a fault
             elif self.connected.is_set():
                 log.warning("ingest connection to %s:%d lost (%s); reconnecting with backoff", cfg.host, cfg.port, e)
             else:
@@ -158,8 +204,10 @@ class FastSubscriber:
     def _handshake(self, sock: socket.socket) -> bytes:
         """CONNECT, await CONNACK, send SUBSCRIBE; return whatever arrived after the CONNACK."""
         cfg = self.cfg
+        expiry = cfg.session_expiry_s
         sock.sendall(wire.encode_connect(self.client_id, protocol=cfg.protocol, keepalive=cfg.keepalive_s,
-                                         username=cfg.username, password=cfg.password))
+                                         username=cfg.username, password=cfg.password, clean=expiry == 0,
+                                         session_expiry_s=expiry if cfg.protocol == "5" else 0))
         buf = b""
         deadline = time.monotonic() + self.connect_timeout
         while True:
@@ -182,13 +230,16 @@ class FastSubscriber:
         if first != wire.CONNACK << 4:
             raise _SessionEnd(f"expected CONNACK, got packet type {first >> 4}", protocol=True)
         try:
-            _, code = wire.parse_connack(buf[body:end], cfg.protocol)
+            present, code = wire.parse_connack(buf[body:end], cfg.protocol)
         except wire.ProtocolError as e:
             raise _SessionEnd(str(e), protocol=True) from None
         if code:
             log.warning("broker %s:%d refused the ingest connection (reason code %#x)", cfg.host, cfg.port, code)
             raise _SessionEnd(f"CONNACK reason {code:#x}")
         self.counters["connects"] += 1
+        if present:  # the broker kept our session: queued QoS 1 messages follow; subscribing again is harmless
+            self.counters["sessions_resumed"] += 1
+            log.info("ingest resumed its session on %s:%d", cfg.host, cfg.port)
         if self.subscriptions:
             sock.sendall(wire.encode_subscribe(1, self.subscriptions, protocol=cfg.protocol))
         else:
@@ -208,15 +259,30 @@ class FastSubscriber:
                  self.cfg.protocol, ", ".join(f for f, _ in self.subscriptions))
         self.connected.set()
 
-    def _deliver(self, msgs: list[tuple[str, bytes]], received: float) -> None:
-        self.counters["messages"] += len(msgs)
+    def _deliver(self, msgs: list[tuple[str, bytes]], n_acks: int, received: float) -> bool:
+        """Hand a read's messages on; True when their PUBACKs may go out (see the module's policy)."""
+        counters = self.counters
+        counters["messages"] += len(msgs)
         try:
             self.on_batch(msgs, received)
         except Exception as e:
-            self._batch_failed(len(msgs), e)
-
-    def _batch_failed(self, n: int, e: Exception) -> None:
-        self._badlog.warn("on_batch", "on_batch failed; %d messages lost: %r", n, e)
+            counters["handoff_errors"] += 1
+            self._fail_streak += 1
+            why = describe_error(e)
+            if self._fail_streak >= self.poison_after:
+                self._fail_streak = 0
+                counters["poison_batches"] += 1
+                counters["handoff_lost"] += len(msgs)
+                self._badlog.warn("poison", "on_batch failed %d times in a row (%s); acknowledging the last "
+                                  "batch and counting its %d messages as lost", self.poison_after, why, len(msgs))
+                return True
+            counters["handoff_lost"] += len(msgs) - n_acks  # QoS 0: the broker will not send them again
+            counters["handoff_unacked"] += n_acks
+            self._badlog.warn("on_batch", "on_batch failed (%s); %d QoS 1 messages left for redelivery, "
+                              "%d QoS 0 lost; reconnecting", why, n_acks, len(msgs) - n_acks)
+            return False
+        self._fail_streak = 0
+        return True
 
     def _read_loop(self, sock: socket.socket, early: bytes) -> None:
         cfg = self.cfg
@@ -269,16 +335,20 @@ class FastSubscriber:
             try:
                 msgs, used, acks, controls = parse(data, protocol, topics=topics)
             except wire.ProtocolError as e:
-                if e.messages:  # the good ones before the fault still count
-                    self._deliver(e.messages, received)
+                # the good ones before the fault still count, and are acknowledged once handed on
+                if e.messages and self._deliver(e.messages, len(e.acks), received) and e.acks:
+                    try:
+                        sock.sendall(wire.encode_pubacks(e.acks))
+                    except OSError:
+                        pass
                 raise _SessionEnd(str(e), protocol=True) from None
             if used < len(data):
                 rest = data[used:]
                 parts = [rest]
                 have = len(rest)
                 need = wire.packet_length(rest) or 0
-            if msgs:
-                self._deliver(msgs, received)
+            if msgs and not self._deliver(msgs, len(acks), received):
+                raise _SessionEnd("on_batch failed", handoff=True)
             if acks:  # after on_batch took the messages: one write for the whole read
                 sock.sendall(wire.encode_pubacks(acks))
                 last_out = mono

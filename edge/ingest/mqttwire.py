@@ -9,7 +9,10 @@ it walks a buffer of back-to-back PUBLISH packets in one tight loop and yields p
 
 Topic aliases (MQTT 5) are not supported: CONNECT never advertises a Topic Alias
 Maximum, so a conforming broker never sends one, and a PUBLISH that uses one anyway is
-a ``ProtocolError``. MQTT 5 properties of a PUBLISH are skipped whole.
+a ``ProtocolError``. MQTT 5 properties of a PUBLISH are skipped whole. A redelivered
+PUBLISH (DUP flag set, after a reconnect to a persistent session) decodes and is
+acknowledged like any other: QoS 1 is at-least-once, so a consumer can see a message
+twice, and packet ids are reused, so they cannot tell a duplicate apart.
 
 >>> pkt = encode_publish("s/m1/accel", b'{"v": [1]}', qos=1, packet_id=7, protocol="5")
 >>> parse_publishes(pkt + pkt[:5], "5")
@@ -32,12 +35,14 @@ class ProtocolError(BrokerError):
     """The broker sent bytes that are not a valid MQTT packet (the connection must be dropped).
 
     ``messages`` holds the valid messages decoded before the fault, in order, so that a
-    caller can still deliver them.
+    caller can still deliver them, and ``acks`` the packet ids of the QoS 1 ones among
+    them, so that it can acknowledge them once delivered.
     """
 
     def __init__(self, message: str):
         super().__init__(message)
         self.messages: list[tuple[str, bytes]] = []
+        self.acks: list[int] = []
 
 
 # ---- encoding -------------------------------------------------------------------------
@@ -75,13 +80,24 @@ def _check_protocol(protocol: str) -> bool:
 
 
 def encode_connect(client_id: str, *, protocol: str, keepalive: int, username: str = "",
-                   password: str = "", clean: bool = True) -> bytes:
-    """CONNECT with clean start; MQTT 5 carries an empty property block (no topic aliases)."""
+                   password: str = "", clean: bool = True, session_expiry_s: int = 0) -> bytes:
+    """CONNECT; ``clean`` is Clean Start (5) / Clean Session (3.1.1).
+
+    MQTT 5 carries a Session Expiry Interval property when ``session_expiry_s`` > 0 (how
+    long the broker keeps the session, and the QoS 1 messages queued in it, after the
+    connection ends) and nothing else: no Topic Alias Maximum, so no topic aliases. In
+    3.1.1 a session that is not clean lasts until the broker drops it.
+
+    >>> encode_connect("c", protocol="5", keepalive=30, clean=False, session_expiry_s=3600)[9:]
+    b'\\x00\\x00\\x1e\\x05\\x11\\x00\\x00\\x0e\\x10\\x00\\x01c'
+    """
     v5 = _check_protocol(protocol)
+    if not 0 <= session_expiry_s <= 0xFFFFFFFF:
+        raise ValueError(f"session expiry {session_expiry_s} s does not fit 4 bytes")
     flags = (0x02 if clean else 0) | (0x80 if username else 0) | (0x40 if username and password else 0)
     body = _str(b"MQTT") + bytes((5 if v5 else 4, flags)) + keepalive.to_bytes(2, "big")
     if v5:
-        body += b"\x00"
+        body += b"\x05\x11" + session_expiry_s.to_bytes(4, "big") if session_expiry_s else b"\x00"
     body += _str(client_id)
     if username:
         body += _str(username)
@@ -257,7 +273,7 @@ def parse_publishes(buf: bytes | bytearray, protocol: str, *, start: int = 0,
             append((topic, buf[q:end]))
             pos = end
     except ProtocolError as e:
-        e.messages = out
+        e.messages, e.acks = out, acks
         raise
     return out, pos - start, acks
 
@@ -330,6 +346,6 @@ def parse_stream(buf: bytes, protocol: str, *, topics: dict[bytes, str] | None =
             controls.append((kind, buf[body:end]))
             pos = end
     except ProtocolError as e:
-        e.messages = msgs + e.messages
+        e.messages, e.acks = msgs + e.messages, acks + e.acks
         raise
     return msgs, pos, acks, controls
