@@ -130,11 +130,13 @@ class Daemon:
         client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
         self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
                              subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message)
-        self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id))
+        self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id,
+                                                   supervisor=self.supervisor))
 
     def _on_link_message(self, topic: str, payload: bytes, received: float) -> None:
         # paho's network thread: an exception escaping a callback would end paho's loop
         try:
+            self.supervisor.fault_point("mqtt-link")
             self.pipeline.offer_message(topic, payload, received)
         except Exception as e:
             self.supervisor.item_failed("mqtt-link", e, where=brief(topic))
