@@ -217,18 +217,16 @@ class Pipeline:
                         s = sink[0]
                         if t is None:
                             t = s.stamper.stamp_one(None, received)
-                        w = s.windower
-                        out = w.push_one(t, row)
+                        out = s.windower.push_one(t, row)
+                        s.last = received
                         if out:
                             key = s.key
                             for t0, t1, x in out:
                                 ready.append(Window(key, t0, t1, x, received))
+                            bank.check_flag(s)  # once a window, not once a sample: flags move slowly
                             if len(ready) >= max_batch:
                                 self._serve(ready)
                                 ready.clear()
-                        s.last = received
-                        if w.flagged != s.flag:
-                            bank.check_flag(s)
                         if on_samples is not None:
                             on_samples(s.key, [t], [row])
                         continue
