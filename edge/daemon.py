@@ -159,7 +159,8 @@ class Daemon:
             for name, t in src.threads().items():
                 sup.adopt(name, t)
         if self.cfg.metrics.port:
-            self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health)
+            self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health,
+                                                ready=self.readiness, status=self.status)
             self.metrics_server.start()
             sup.adopt("metrics", self.metrics_server.thread)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
@@ -273,6 +274,15 @@ class Daemon:
         return ok, {"ready": ok, "dead_threads": dead, "broker_connected": self.broker_connected(),
                     "uptime_s": round(time.time() - self.started_at, 1)}
 
+    def readiness(self) -> tuple[bool, dict]:
+        """Readiness: live, the model loaded and warmed up, and every connection up."""
+        live, info = self.health()
+        sources = {src.name: src.connected() for src in self.sources}
+        link = bool(self.link and self.link.connected.is_set())
+        ok = live and self.engine.ready and link and all(sources.values())
+        return ok, {"ready": ok, "live": live, "model_loaded": bool(self.engine.ready), "node_connection": link,
+                    "sources": sources, "dead_threads": info["dead_threads"]}
+
     def status(self) -> dict[str, Any]:
         """Everything `edge status` shows: backend choice, streams, counters, head version."""
         p = self.pipeline
@@ -294,7 +304,7 @@ class Daemon:
         return st
 
     def registry(self) -> Registry:
-        reg = Registry()
+        reg = Registry(build_info=build_info())
         p = self.pipeline
         sup = self.supervisor
 
@@ -343,11 +353,11 @@ class Daemon:
                 lambda: self.link.counters["publish_errors"])
         if self.ingest is not None:
             ing = self.ingest
-            reg.add("edge_mqtt_ingest_total", "counter", "the sensor ingest connection's counters, by name",
-                    lambda: [({"name": k}, v) for k, v in ing.counters.items()])
+            for name in list(ing.counters):  # one family per quantity: bytes and counts apart
+                reg.add(f"edge_mqtt_ingest_{name}_total", "counter", f"sensor ingest connection: {name.replace('_', ' ')}",
+                        lambda n=name: ing.counters[n])
         if self.adapt is not None:
-            reg.add("edge_adapt", "gauge", "learner counters and prequential metrics (rejections by reason)",
-                    lambda: _flatten(self.adapt.metrics()))
+            _adapt_families(reg, self.adapt.metrics)
         return reg
 
 
@@ -355,14 +365,34 @@ def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
     return labels, snap["buckets"], snap["sum_s"], snap["count"]
 
 
-def _flatten(metrics: dict) -> list[tuple[dict[str, str], float]]:
-    out: list[tuple[dict[str, str], float]] = []
-    for k, v in metrics.items():
+def _adapt_families(reg: Registry, read) -> None:
+    """The learner's metrics as proper families: ``*_total`` and per-reason dicts are counters
+    (``edge_adapt_<name>_total``, reasons as a label), other numbers gauges; strings are skipped."""
+    for key, v in read().items():
         if isinstance(v, dict):
-            out += [({"name": k, "reason": str(r)}, float(n)) for r, n in v.items()]
-        elif isinstance(v, (int, float)) and v == v:  # skips NaN and None
-            out.append(({"name": k}, float(v)))
-    return out
+            base = key[:-6] if key.endswith("_total") else key
+            reg.add(f"edge_adapt_{base}_total", "counter", f"learner: {base.replace('_', ' ')}, by reason",
+                    lambda k=key: [({"reason": str(r)}, float(n)) for r, n in read().get(k, {}).items()])
+        elif isinstance(v, (bool, int, float)):
+            kind = "counter" if key.endswith("_total") else "gauge"
+            reg.add(f"edge_adapt_{key}", kind, f"learner: {key.replace('_', ' ')}",
+                    lambda k=key: _number(read().get(k)))
+
+
+def _number(v) -> list:
+    return [] if v is None or not isinstance(v, (bool, int, float)) or v != v else [({}, float(v))]
+
+
+def build_info() -> dict[str, str]:
+    """Labels of ``edge_build_info``: the package version, Python and the machine."""
+    import platform
+    from importlib import metadata
+
+    try:
+        version = metadata.version("edge-runtime")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"version": version, "python": platform.python_version(), "machine": platform.machine()}
 
 
 def state_dir(cfg: Config) -> Path:
