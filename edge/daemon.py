@@ -72,6 +72,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.adapt = None
         self.metrics_server: MetricsServer | None = None
+        self.status_socket = None
         self.backend_reason = ""
         # every long-lived thread is watched: a death fails health and ends `edge run` non-zero
         self.supervisor = Supervisor(on_death=self._thread_died)
@@ -145,6 +146,7 @@ class Daemon:
     def start(self, *, connect_timeout: float = 0.0) -> None:
         """Load, warm up, connect and start every thread; ready once the first connect succeeds
         (or immediately when ``connect_timeout`` is 0: the daemon keeps retrying in the background)."""
+        self._prepare_state_dir()
         self._load_model()
         self._build()
         sup = self.supervisor
@@ -164,6 +166,7 @@ class Daemon:
             self.metrics_server.start()
             sup.adopt("metrics", self.metrics_server.thread)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
+        self._start_status_socket()
         if connect_timeout and not self._wait_connected(connect_timeout):
             log.warning("broker %s:%d not reachable yet; retrying in the background", self.cfg.mqtt.host, self.cfg.mqtt.port)
         # Everything loaded so far (torch, onnxruntime, the model) lives as long as the
@@ -173,6 +176,27 @@ class Daemon:
         gc.freeze()
         self.ready.set()
         sd_notify("READY=1\nSTATUS=serving")
+
+    def _prepare_state_dir(self) -> None:
+        """The node's state folder, private to the daemon's user (0700), made or fixed at start."""
+        d = state_dir(self.cfg)
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
+        except OSError as e:
+            log.warning("cannot make %s private: %s", d, e)
+
+    def _start_status_socket(self) -> None:
+        from edge.control import StatusSocket
+
+        path = state_dir(self.cfg) / "edge.sock"
+        try:
+            self.status_socket = StatusSocket(path, self.status)
+        except OSError as e:  # e.g. a path longer than a Unix socket allows: `edge status` falls back to the file
+            log.warning("no status socket at %s (%s); `edge status` will read status.json", path, e)
+            return
+        self.status_socket.start()
+        self.supervisor.adopt("control", self.status_socket.thread)
 
     def stop(self) -> None:
         if self._stop.is_set():
@@ -191,6 +215,8 @@ class Daemon:
             self.link.stop()
         if self.metrics_server:
             self.metrics_server.stop()
+        if self.status_socket is not None:
+            self.status_socket.stop()
         log.info("stopped")
 
     def _thread_died(self, name: str, why: str) -> None:
@@ -236,13 +262,17 @@ class Daemon:
         return 1 if dead else 0
 
     def write_status(self) -> None:
-        """Write ``status.json`` (atomically) for `edge status`."""
+        """Write ``status.json`` (atomically, mode 0600) for `edge status` when the socket is gone."""
         d = state_dir(self.cfg)
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = d / "status.json.tmp"
-            tmp.write_bytes(orjson.dumps({"written": time.time(), **self.status()}, default=str,
-                                         option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+            data = orjson.dumps({"written": time.time(), **self.status()}, default=str,
+                                option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o600)  # an older file may have had wider permissions
             os.replace(tmp, d / "status.json")
         except (OSError, TypeError) as e:
             log.warning("cannot write %s: %s", d / "status.json", e)
