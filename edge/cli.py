@@ -91,6 +91,22 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _cmd_pin(args) -> int:
+    from edge.zoo import folder_digest, resolve_model
+
+    m = resolve_model(args.model)
+    print(f"sha256 = \"{folder_digest(m.path)}\"    # [model] pin for {m.path}")
+    return 0
+
+
+def _cmd_label_key(args) -> int:
+    from edge.ingest.labelauth import create_label_key
+
+    p = create_label_key(args.dir, args.name)
+    print(f"wrote {p} (0600): give it to labeller {args.name!r}; the daemon reads it from [labels] keys_dir = \"{args.dir}\"")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge", description="Edge runtime: sensors in, compiled model served, head learned online.")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -130,6 +146,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", "-c")
     s.add_argument("--json", action="store_true", help="machine-readable JSON instead of the table")
     s.set_defaults(func=_cmd_status)
+
+    pn = sub.add_parser("pin", help="print a model folder's content digest for [model] sha256")
+    pn.add_argument("model", help="model folder or shipped model name")
+    pn.set_defaults(func=_cmd_pin)
+
+    lk = sub.add_parser("label-key", help="create a labeller's HMAC key for signed labels ([labels] keys_dir)")
+    lk.add_argument("name", help="the labeller's name (it signs as this)")
+    lk.add_argument("--dir", default="/etc/edge-runtime/labellers", help="the keys folder")
+    lk.set_defaults(func=_cmd_label_key)
     return ap
 
 

@@ -37,7 +37,7 @@ from edge.ingest.topics import TopicRoute
 from edge.observe import MetricsServer, Registry
 from edge.pipeline import Pipeline, build_pipeline
 from edge.supervise import Supervisor
-from edge.zoo import resolve_model
+from edge.zoo import check_pin, resolve_model
 
 log = logging.getLogger("edge.daemon")
 
@@ -85,6 +85,7 @@ class Daemon:
 
         cfg = self.cfg
         self.model = resolve_model(cfg.model.path)
+        check_pin(self.model, cfg.model.sha256)  # before any code of the folder runs
         m = self.model.manifest
         precision = None if cfg.model.precision == "auto" else cfg.model.precision
         t0 = time.monotonic()
@@ -112,6 +113,18 @@ class Daemon:
         window_kw = dict(length=cfg.window.length or m.window, hop=cfg.window.hop or cfg.window.length or m.window,
                          sample_rate=cfg.window.sample_rate or m.sample_rate,
                          rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill)
+        gate = None
+        if cfg.labels.keys_dir or cfg.labels.max_per_s:
+            from edge.ingest.labelauth import LabelGate, load_label_keys
+
+            keys = load_label_keys(cfg.labels.keys_dir) if cfg.labels.keys_dir else None
+            gate = LabelGate(keys=keys, max_per_s=cfg.labels.max_per_s, burst=cfg.labels.burst,
+                             max_age_s=cfg.labels.max_age_s)
+            log.info("labels: %s%s", f"signed by {len(keys)} labeller(s)" if keys else "unsigned",
+                     f", at most {cfg.labels.max_per_s:g}/s each" if cfg.labels.max_per_s else "")
+        elif cfg.adapt.enabled:
+            log.warning("labels are unsigned: any client that may publish on %s/labels can retrain this device "
+                        "(set [labels] keys_dir, and restrict the topic in the broker's ACL)", base)
         if cfg.adapt.enabled:
             from edge.adapt.worker import AdaptWorker
 
@@ -124,6 +137,7 @@ class Daemon:
             max_lag_s=q.max_lag_s, drain_s=q.shutdown_drain_s,
             max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s,
             max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes, supervisor=self.supervisor,
+            label_gate=gate, on_stream=self._new_stream if cfg.mqtt.ha_discovery else None,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None,
@@ -279,7 +293,14 @@ class Daemon:
 
     # ---- outputs ---------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes) -> bool:
-        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos)
+        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos, retain=self.cfg.mqtt.retain_predictions)
+
+    def _new_stream(self, key) -> None:
+        """Announce a stream to Home Assistant (MQTT discovery), retained, as Zigbee2MQTT and ESPHome do."""
+        from edge.ha import discovery_message
+
+        topic, payload = discovery_message(self.cfg, self.model.manifest, key)
+        self.link.publish(topic, payload, qos=1, retain=True)
 
     def event(self, kind: str, **fields) -> None:
         """Publish an event on ``<prefix>/<node>/events`` and log it."""
