@@ -16,7 +16,6 @@ import orjson
 import paho.mqtt.client as mqtt
 
 from edge.ingest.labelauth import sign_label
-
 from edge.sim import FAULTS, SHIFTS, Condition, Machine
 
 
