@@ -10,37 +10,45 @@ of order. The stamper turns them into a regular time line instead:
   also becomes the point the next untimed sample continues from.
 * **Untimed samples are spread at the stream's spacing**, ``1 / sample_rate``, from the
   previous stamp: ``s = anchor + k * spacing`` (no rounding error accumulates). The
-  first untimed sample of a stream is stamped with its receive time.
-* **A band around the receive clock** keeps the line honest. With ``r`` the receive time
-  and ``B = resync_s``: a stamp that would fall more than ``B`` behind ``r`` is moved up
-  to ``r - B`` (``behind``; the stream delivered fewer samples than its rate says, or it
-  paused), and one that would run more than ``B`` ahead of ``r`` is pulled in, to
-  ``max(r + B, previous + spacing / 4)`` (``ahead``; more samples than its rate says).
-  Stamps stay strictly increasing in both cases (so none is lost as out of order), and
-  the spacing is re-anchored at the moved stamp.
-* **Arrival rate.** Between reads that are less than ``B`` apart, the stamper counts
-  untimed samples per second of receive time over spans of ``rate_window_s``
-  (``arrival_rate``). When a span's rate is outside ``sample_rate * (1 +- rate_tolerance)``
-  *and* the band had to move a stamp since the previous span, the spacing becomes the
-  measured ``1 / arrival_rate`` (kept within 1/16x..16x of nominal), so the windower sees
-  the stream's real rate and flags it; a span back within tolerance restores the nominal
-  spacing. A nominal stream never moves the band (P1), so its spacing never changes.
+  first untimed sample of a stream, and the first after a pause (no read for more than
+  ``B = resync_s`` seconds), is stamped with its receive time ``r``.
+* **Two bands around the receive clock** keep the line honest. Inside the inner band
+  ``[r - B, r + B]`` the spacing is exact. Between the inner and the outer band
+  (``2B``) the spacing is nudged by half the rate tolerance (longer when the line lags,
+  shorter when it leads), so a stream that is off by less than that is pulled back
+  without the windower seeing a rate outside its tolerance. A stamp that would lag
+  beyond ``r - 2B`` restarts the line at ``r`` (the windower sees a gap); one that would
+  lead beyond ``r + 2B`` is placed at ``max(r + 2B, previous + spacing / 4)``: stamps
+  cannot go back, so a read with more samples than its time can hold is spread as
+  tightly as that. Every moved stamp is counted (``behind``, ``ahead``); stamps stay
+  strictly increasing in every case, so none is lost as out of order.
+* **Arrival rate.** Between reads less than ``B`` apart, the stamper counts untimed
+  samples per second of receive time over spans of ``rate_window_s`` (``arrival_rate``;
+  its error is about the receive jitter divided by ``rate_window_s``). When a span's
+  rate is outside ``sample_rate * (1 +- rate_tolerance)`` *and* a band moved a stamp
+  since the previous span, the spacing becomes the measured ``1 / arrival_rate``
+  (within 1/16x..16x of nominal), so the windower sees the stream's real rate and
+  flags it; a span back within tolerance restores the nominal spacing. A nominal stream
+  never leaves the inner band (P1), so its spacing never changes.
 
 Bounds, each checked by a property test (tests/test_ingest_timing.py):
 
-* **P1 (nominal stream, any batching):** if every read's span ``(n - 1) / sample_rate``
+* **P1 (nominal stream, any batching):** if every read's span ``n / sample_rate``
   (``n`` samples in one read) plus the receive-time jitter stays below ``B``, the stamps
   of a stream sent at its nominal rate are exactly ``1 / sample_rate`` apart (to float
   rounding): the windower sees no out_of_order, no gap and no fill. With the default
-  ``B = 1 s`` at 1 kHz: reads of up to 500 samples with up to 0.3 s of jitter.
-* **P2 (any arrival pattern):** every stamp of an untimed sample received at ``r`` lies
-  in ``[r - B, r + B + m * 4 / sample_rate]``, where ``m`` is the number of samples
-  already stamped with that same receive time (a single read can only be spread so
-  tightly), and stamps are strictly increasing.
-* **P3 (off-rate stream):** an untimed stream arriving outside the tolerance (500 Hz or
-  2 kHz into a 1 kHz stamper) hits the band within ``B / |1 - rate/nominal|`` seconds
-  and gets its measured spacing within two more ``rate_window_s`` spans, so the
-  windower's rate flag fires within a few seconds of stream time.
+  ``B = 1 s`` at 1 kHz: reads of up to 500 samples (as tested) with 0.3 s of jitter.
+* **P2 (any arrival pattern, receive times not going back):** every stamp of an untimed
+  sample received at ``r`` is at least ``r - 2B`` and at most ``r + 2B + E``, where the
+  excess ``E`` grows by at most ``spacing / 4 <= 4 / sample_rate`` per sample stamped
+  beyond ``r + 2B`` and shrinks one for one as the receive clock advances (a single read
+  of ``m`` samples ends at most ``m * 4 / sample_rate`` past ``r + 2B``); stamps are
+  strictly increasing. A receive clock stepped back by ``x`` adds ``x`` to the upper
+  bound until it has caught up.
+* **P3 (off-rate stream):** an untimed stream arriving at twice or half its nominal rate
+  (2 kHz or 500 Hz into a 1 kHz stamper), in reads of 1..60 samples with up to 20 ms of
+  jitter, makes the windower's rate flag fire within 8 s of stream time (measured: 2-6 s;
+  15 % off takes up to about 10 s), and the stamper then follows the measured rate.
 
 >>> s = Stamper(sample_rate=100.0)
 >>> [round(x, 3) for x in s.stamp([None, None, None], received=50.0)]
@@ -54,13 +62,15 @@ import math
 
 _nextafter = math.nextafter
 _INF = math.inf
+_SQUEEZE = 0.25  # the tightest spacing, as a share of the current one: the backstop that bounds stamps
 
 
 class Stamper:
     """Stamps for one stream's samples: ``stamp(ts, received)`` / ``stamp_one(t, received)``."""
 
     __slots__ = ("sample_rate", "resync_s", "rate_tolerance", "rate_window_s", "_dt", "_spacing", "_anchor",
-                 "_k", "_last", "_r", "_mark", "_n", "_moved", "arrival_rate", "stamped", "behind", "ahead")
+                 "_k", "_last", "_r", "_mark", "_n", "_moved", "_nudge", "arrival_rate", "stamped", "behind",
+                 "ahead")
 
     def __init__(self, *, sample_rate: float, resync_s: float = 1.0, rate_tolerance: float = 0.1,
                  rate_window_s: float = 2.0):
@@ -72,6 +82,9 @@ class Stamper:
         self.rate_tolerance, self.rate_window_s = float(rate_tolerance), float(rate_window_s)
         self._dt = 1.0 / self.sample_rate
         self._spacing = self._dt
+        # between the inner and the outer band the spacing is nudged by half the tolerance, so
+        # that a read of nudged samples still looks in tolerance to the windower
+        self._nudge = max(self.rate_tolerance / 2, 0.01)
         self._anchor: float | None = None  # stamp k = anchor + k * spacing
         self._k = 0
         self._last = -_INF                 # the newest time handed out (given or stamped)
@@ -125,8 +138,10 @@ class Stamper:
         prev, self._r = self._r, received
         if self._anchor is None:
             self._anchor, self._k = received - self._spacing, 0  # the first stamp is the receive time
-        if prev is None or not 0.0 <= received - prev <= self.resync_s or received < self._mark:
-            self._mark, self._n = received, 0  # no rate across a pause or a clock step
+        if prev is None or received - prev > self.resync_s or received < self._mark:
+            self._mark, self._n = received, 0  # no rate across a pause or a clock step back
+            if prev is not None and received - prev > self.resync_s and received - self._spacing > self._last:
+                self._anchor, self._k = received - self._spacing, 0  # after a pause: restart at the receive time
             return
         span = received - self._mark
         if span >= self.rate_window_s:
@@ -150,16 +165,20 @@ class Stamper:
                 self._anchor, self._k = self._last, 0
 
     def _move(self, s: float, received: float) -> float:
-        """Keep a stamp inside the band around the receive clock, and after the last one."""
-        b, last = self.resync_s, self._last
+        """Bring a stamp that left the inner band back towards the receive clock, after the last one."""
+        b, last, sp = self.resync_s, self._last, self._spacing
         if s < received - b:
-            s = received - b
             self.behind += 1
             self._moved = True
+            s = last + sp * (1.0 + self._nudge)
+            if s < received - 2 * b:  # too far behind to catch up: restart at the receive time
+                s = received
         elif s > received + b:
-            s = max(received + b, last + self._spacing / 4)
             self.ahead += 1
             self._moved = True
+            s = last + sp * (1.0 - self._nudge)
+            if s > received + 2 * b:  # stamps cannot go back: spread as tightly as allowed
+                s = max(received + 2 * b, last + sp * _SQUEEZE)
         if s <= last:
             s = _nextafter(last, _INF)
         self._anchor, self._k = s, 0
