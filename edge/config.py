@@ -127,6 +127,9 @@ class WindowConfig(_Section):
     max_fill: int = _opt(2, lo=0, hi=1000, doc="missing samples filled by interpolation; larger gaps restart the window")
     max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="samples further from the receive time are rejected; 0 disables")
     max_streams: int = _opt(10_000, lo=1, hi=10_000_000, doc="streams beyond this many are rejected (bounds memory against stray topics)")
+    max_fill_share: float = _opt(0.05, lo=0.0, hi=1.0, doc="recent share of filled samples above which a stream is flagged (fill)")
+    resync_s: float = _opt(1.0, lo=0.001, hi=3600.0, doc="samples without t: exact spacing while within this of the receive time, never beyond twice it")
+    rate_window_s: float = _opt(2.0, lo=0.1, hi=3600.0, doc="samples without t: span over which their arrival rate is measured")
 
 
 @dataclass(frozen=True)
