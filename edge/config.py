@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
+from edge.ingest.names import MAX_NAME, NAME_CHARS, is_valid_name
 
 try:
     import tomllib
@@ -269,6 +270,10 @@ def _section(where: str, cls: type, table: Any) -> Any:
 def _check_source(where: str, s: SourceConfig) -> None:
     if s.type == "serial" and not s.port:
         raise ConfigError(f"[{where}] port is required for a serial source (a path such as /dev/ttyUSB0 or a pyserial URL)")
+    for key in ("device", "stream"):  # names become topic levels: the same rule as names from outside
+        value = getattr(s, key)
+        if value and not is_valid_name(value):
+            raise ConfigError(f"[{where}] {key} = {value[:80]!r} is not a valid name: 1-{MAX_NAME} characters of {NAME_CHARS}")
     if s.type == "mqtt":
         levels = s.topic.split("/")
         if not s.topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:

@@ -182,3 +182,12 @@ def test_a_bad_hello_is_counted_but_a_configured_device_name_keeps_the_stream():
     finally:
         src.stop()
         sim.stop()
+
+
+@pytest.mark.parametrize("key, value", [("device", "x+y"), ("device", "a/b"), ("stream", "#"), ("stream", "s" * 65)])
+def test_a_configured_device_or_stream_name_follows_the_same_rule(key, value):
+    from edge.config import parse_config
+    from edge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"{key} = .* is not a valid name"):
+        parse_config({"sources": [{"type": "mqtt", "topic": "line1/accel", key: value}]})
