@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
+from edge.ingest.names import MAX_NAME, NAME_CHARS, is_valid_name
 
 try:
     import tomllib
@@ -135,6 +136,9 @@ class WindowConfig(_Section):
     max_fill: int = _opt(2, lo=0, hi=1000, doc="missing samples filled by interpolation; larger gaps restart the window")
     max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="samples further from the receive time are rejected; 0 disables")
     max_streams: int = _opt(10_000, lo=1, hi=10_000_000, doc="streams beyond this many are rejected (bounds memory against stray topics)")
+    max_fill_share: float = _opt(0.05, lo=0.0, hi=1.0, doc="recent share of filled samples above which a stream is flagged (fill)")
+    resync_s: float = _opt(1.0, lo=0.001, hi=3600.0, doc="samples without t: exact spacing while within this of the receive time, never beyond twice it")
+    rate_window_s: float = _opt(2.0, lo=0.1, hi=3600.0, doc="samples without t: span over which their arrival rate is measured")
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,10 @@ def _section(where: str, cls: type, table: Any) -> Any:
 def _check_source(where: str, s: SourceConfig) -> None:
     if s.type == "serial" and not s.port:
         raise ConfigError(f"[{where}] port is required for a serial source (a path such as /dev/ttyUSB0 or a pyserial URL)")
+    for key in ("device", "stream"):  # names become topic levels: the same rule as names from outside
+        value = getattr(s, key)
+        if value and not is_valid_name(value):
+            raise ConfigError(f"[{where}] {key} = {value[:80]!r} is not a valid name: 1-{MAX_NAME} characters of {NAME_CHARS}")
     if s.type == "mqtt":
         levels = s.topic.split("/")
         if not s.topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
