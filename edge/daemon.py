@@ -112,7 +112,10 @@ class Daemon:
         label_route = TopicRoute(f"{base}/labels/#")
         window_kw = dict(length=cfg.window.length or m.window, hop=cfg.window.hop or cfg.window.length or m.window,
                          sample_rate=cfg.window.sample_rate or m.sample_rate,
-                         rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill)
+                         rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill,
+                         max_fill_share=cfg.window.max_fill_share)
+        stamp_kw = dict(resync_s=cfg.window.resync_s, rate_tolerance=cfg.window.rate_tolerance,
+                        rate_window_s=cfg.window.rate_window_s)
         gate = None
         if cfg.labels.keys_dir or cfg.labels.max_per_s:
             from edge.ingest.labelauth import LabelGate, load_label_keys
@@ -137,7 +140,7 @@ class Daemon:
             max_lag_s=q.max_lag_s, drain_s=q.shutdown_drain_s,
             max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s,
             max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes, supervisor=self.supervisor,
-            label_gate=gate, on_stream=self._new_stream if cfg.mqtt.ha_discovery else None,
+            label_gate=gate, stamp_kw=stamp_kw, on_stream=self._new_stream if cfg.mqtt.ha_discovery else None,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None,

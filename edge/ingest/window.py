@@ -71,11 +71,6 @@ class Windower:
                          "discarded": 0, "rate_mismatch": 0, "fill_mismatch": 0}
 
     @property
-    def flagged(self) -> str | None:
-        """None while the stream is within tolerance, else why it is flagged ("rate")."""
-        return None if self.rate_ok else "rate"
-
-    @property
     def estimated_rate(self) -> float:
         """The stream's measured sample rate (Hz), from the EWMA of sample spacing."""
         return 1.0 / self._dt_est
