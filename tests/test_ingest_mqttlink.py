@@ -174,3 +174,17 @@ def test_stop_returns_when_the_broker_is_gone(broker):
 
 def test_reasons_are_fixed():
     assert PUBLISH_ERRORS == ("invalid_topic", "too_long_topic", "queue_full", "no_connection", "other")
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_broker_that_lost_the_session_is_counted(broker, protocol):
+    link = make_link(broker.port, protocol, subs=[("sl/#", 1)])
+    try:
+        assert link.wait_connected(20)
+        broker.kill()  # the test broker runs without persistence: its sessions die with it
+        assert wait_until(lambda: not link.connected.is_set(), 30)
+        broker.restart()
+        assert wait_until(lambda: link.counters["connects"] == 2, 30)
+        assert link.counters["sessions_lost"] == 1 and link.counters["sessions_resumed"] == 0
+    finally:
+        link.stop()

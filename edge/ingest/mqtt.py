@@ -12,7 +12,8 @@ resubscribes.
 **Session.** With ``[mqtt] session_expiry_s`` > 0 the session is persistent (MQTT 5:
 Clean Start 0 and a Session Expiry Interval; 3.1.1: Clean Session 0) under the stable
 client id, so QoS 1 messages for the node (labels) published while it reconnects are
-queued by the broker and delivered when it is back. paho acknowledges a message once
+queued by the broker and delivered when it is back (``sessions_resumed``; a reconnect that
+finds the session gone counts ``sessions_lost``). paho acknowledges a message once
 ``on_message`` returned, which is after the hand-off to the daemon's queue.
 
 **Publishing.** ``publish`` never raises and never blocks. It returns True when paho
@@ -93,7 +94,7 @@ class MqttLink:
         self.connected = threading.Event()
         self._stopping = False
         self.counters = {"connects": 0, "disconnects": 0, "published": 0, "publish_errors": 0,
-                         "queued_offline": 0, "sessions_resumed": 0, "handler_errors": 0}
+                         "queued_offline": 0, "sessions_resumed": 0, "sessions_lost": 0, "handler_errors": 0}
         self.publish_errors = dict.fromkeys(PUBLISH_ERRORS, 0)
         self._badlog = RateLimitedLog(log)
         persistent = cfg.session_expiry_s > 0
@@ -171,6 +172,10 @@ class MqttLink:
         self.counters["connects"] += 1
         if getattr(flags, "session_present", False):
             self.counters["sessions_resumed"] += 1
+        elif self.cfg.session_expiry_s and self.counters["connects"] > 1:
+            self.counters["sessions_lost"] += 1  # the broker restarted without persistence, or it expired
+            log.warning("broker %s:%d no longer had the node's session: QoS 1 messages queued for it are lost",
+                        self.cfg.host, self.cfg.port)
         sock = client.socket()
         if sock is not None and hasattr(sock, "setsockopt"):
             # predictions are small packets: without this, Nagle holds one back until the
