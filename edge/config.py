@@ -139,8 +139,8 @@ class QueueConfig(_Section):
     ingest: int = _opt(200_000, lo=16, hi=10_000_000, doc="raw messages waiting to be decoded (drop oldest)")
     labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
     publish: int = _opt(10_000, lo=16, hi=10_000_000,
-                        doc="QoS 1 publishes held for the node's connection (in flight or awaiting a reconnect); "
-                            "beyond it a publish is refused and counted (queue_full); QoS 0 is not held")
+                        doc="publishes the node's MQTT client may hold, QoS 1 (in flight or awaiting a reconnect) "
+                            "and QoS 0 (not yet written) each; beyond it a publish is refused and counted (queue_full)")
 
 
 @dataclass(frozen=True)

@@ -188,3 +188,53 @@ def test_a_broker_that_lost_the_session_is_counted(broker, protocol):
         assert link.counters["sessions_lost"] == 1 and link.counters["sessions_resumed"] == 0
     finally:
         link.stop()
+
+
+def test_qos0_backlog_is_bounded_when_the_broker_does_not_keep_up(broker):
+    proxy = CuttableProxy(broker.host, broker.port)
+    lc, got = listener(broker, "bk/#")
+    link = make_link(proxy.port, "5", max_queued=50, keepalive_s=300)
+    try:
+        assert link.wait_connected(20)
+        assert wait_until(lambda: not link.client._out_messages, 20)
+        proxy.pause()
+        payload = b"p" * 20_000
+        accepted = 0
+        for i in range(5_000):  # ~100 MB offered: far more than the socket buffers hold
+            if link.publish("bk/a", b"%06d" % i + payload, qos=0):
+                accepted += 1
+            elif link.publish_errors["queue_full"] >= 20:
+                break
+        assert link.publish_errors["queue_full"] >= 20, "the QoS 0 backlog was never refused"
+        assert link.counters["published"] == accepted
+        proxy.resume()
+        assert wait_until(lambda: len(got) >= accepted, 60), f"{len(got)} of {accepted} arrived"
+        assert link.publish("bk/a", b"after", qos=0) is True  # drained: taken again
+        assert link.counters["qos0_lost"] == 0
+    finally:
+        link.stop()
+        lc.loop_stop()
+        lc.disconnect()
+        proxy.close()
+
+
+def test_qos0_messages_dropped_by_a_broken_connection_are_counted(broker):
+    proxy = CuttableProxy(broker.host, broker.port)
+    link = make_link(proxy.port, "5", max_queued=50, keepalive_s=300)
+    try:
+        assert link.wait_connected(20)
+        proxy.pause()
+        payload = b"p" * 20_000
+        for i in range(5_000):
+            if not link.publish("lost/a", payload, qos=0) and link.publish_errors["queue_full"]:
+                break
+        assert link.publish_errors["queue_full"] == 1
+        proxy.down()  # the connection breaks with messages still unwritten in paho
+        proxy.resume()
+        proxy.up()
+        assert wait_until(lambda: link.counters["connects"] == 2, 30)
+        assert wait_until(lambda: link.counters["qos0_lost"] >= 1, 10)
+        assert link.counters["qos0_lost"] <= 50
+    finally:
+        link.stop()
+        proxy.close()

@@ -23,16 +23,19 @@ took the message and False when it refused it; each refusal is counted in
 - ``invalid_topic``: empty, a ``+``/``#`` wildcard, a NUL, or not encodable as UTF-8
   (checked here: paho would raise, or send what the broker drops us for);
 - ``too_long_topic``: more than 65,535 bytes in UTF-8;
-- ``queue_full``: paho already holds ``max_queued`` (``[queues] publish``) QoS 1
-  messages, in flight or waiting for a reconnect; the new one is refused (paho keeps
-  the oldest: it has no drop-oldest);
+- ``queue_full``: ``max_queued`` (``[queues] publish``) is reached. Two bounds of that
+  size: QoS 1 messages paho holds (in flight, or waiting for a reconnect), and QoS 0
+  messages paho took but has not yet written to the socket (a broker or network that
+  does not keep up). The new message is refused and the queued ones are kept: paho has
+  no drop-oldest, and the oldest of a QoS 1 queue may already be on the wire;
 - ``no_connection``: a QoS 0 message while disconnected (paho does not queue QoS 0);
 - ``other``: any other refusal or error from paho (a payload over 256 MiB, ...).
 
 A QoS 1 message published while disconnected is queued by paho (it answers "no
 connection" but keeps it) and sent after the reconnect; that counts as taken
-(``queued_offline`` counts those too). QoS 0 messages while connected are handed to
-paho's socket buffer, which the bound does not cover.
+(``queued_offline`` counts those too). A QoS 0 message paho took but had not written
+when the connection broke is dropped by paho at the reconnect; those are counted in
+``qos0_lost`` (they were counted in ``published`` when taken).
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import socket
 import ssl
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -94,8 +98,11 @@ class MqttLink:
         self.connected = threading.Event()
         self._stopping = False
         self.counters = {"connects": 0, "disconnects": 0, "published": 0, "publish_errors": 0,
-                         "queued_offline": 0, "sessions_resumed": 0, "sessions_lost": 0, "handler_errors": 0}
+                         "queued_offline": 0, "qos0_lost": 0, "sessions_resumed": 0, "sessions_lost": 0,
+                         "handler_errors": 0}
         self.publish_errors = dict.fromkeys(PUBLISH_ERRORS, 0)
+        self._lock = threading.Lock()  # publish() is called from several threads (pipeline, learner, events)
+        self._unsent0: deque = deque()  # MQTTMessageInfo of QoS 0 publishes paho took, oldest first
         self._badlog = RateLimitedLog(log)
         persistent = cfg.session_expiry_s > 0
         proto = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
@@ -143,26 +150,44 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> bool:
         """Publish without blocking; False (counted by reason) when it was refused. Never raises."""
-        why = topic_problem(topic)
-        if why is None:
+        with self._lock:
+            why = topic_problem(topic)
+            if why is None and qos == 0 and self._qos0_backlog() >= self.max_queued:
+                why = "queue_full"
+            if why is None:
+                try:
+                    info = self.client.publish(topic, payload, qos=qos, retain=retain)
+                except Exception as e:  # ValueError/TypeError: bad qos, a payload paho cannot encode or too large
+                    self._badlog.warn("publish", "publish to a %d-character topic refused: %s", len(topic),
+                                      describe_error(e))
+                    why = "other"
+                else:
+                    rc = info.rc
+                    if rc == mqtt.MQTT_ERR_SUCCESS:
+                        self.counters["published"] += 1
+                        if qos == 0:
+                            self._unsent0.append(info)
+                        return True
+                    if rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:  # paho keeps it and sends it after the reconnect
+                        self.counters["published"] += 1
+                        self.counters["queued_offline"] += 1
+                        return True
+                    why = {mqtt.MQTT_ERR_QUEUE_SIZE: "queue_full", mqtt.MQTT_ERR_NO_CONN: "no_connection"}.get(rc, "other")
+            self.counters["publish_errors"] += 1
+            self.publish_errors[why] += 1
+            return False
+
+    def _qos0_backlog(self) -> int:
+        """QoS 0 messages paho took and has not written yet (paho writes them in order)."""
+        q = self._unsent0
+        while q:
             try:
-                info = self.client.publish(topic, payload, qos=qos, retain=retain)
-            except Exception as e:  # ValueError/TypeError: bad qos, a payload paho cannot encode or too large
-                self._badlog.warn("publish", "publish to a %d-character topic refused: %s", len(topic), describe_error(e))
-                why = "other"
-            else:
-                rc = info.rc
-                if rc == mqtt.MQTT_ERR_SUCCESS:
-                    self.counters["published"] += 1
-                    return True
-                if rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:  # paho keeps it and sends it after the reconnect
-                    self.counters["published"] += 1
-                    self.counters["queued_offline"] += 1
-                    return True
-                why = {mqtt.MQTT_ERR_QUEUE_SIZE: "queue_full", mqtt.MQTT_ERR_NO_CONN: "no_connection"}.get(rc, "other")
-        self.counters["publish_errors"] += 1
-        self.publish_errors[why] += 1
-        return False
+                if not q[0].is_published():
+                    break
+            except (ValueError, RuntimeError):  # paho gave up on it: the connection broke before it was written
+                self.counters["qos0_lost"] += 1
+            q.popleft()
+        return len(q)
 
     # paho callbacks (run on paho's network thread)
     def _on_connect(self, client, userdata, flags, reason_code, properties=None) -> None:
@@ -184,6 +209,8 @@ class MqttLink:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             except OSError:
                 pass
+        with self._lock:
+            self._qos0_backlog()  # paho dropped the unwritten QoS 0 messages at this reconnect: count them now
         if self.subscriptions:
             client.subscribe(self.subscriptions)
         client.publish(self.status_topic, b"online", qos=1, retain=True)
