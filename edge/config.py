@@ -151,8 +151,8 @@ class QueueConfig(_Section):
     shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=600.0, doc="at stop, serve and learn what is queued for up to this long; the rest is counted")
     labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
     publish: int = _opt(10_000, lo=16, hi=10_000_000,
-                        doc="QoS 1 publishes held for the node's connection (in flight or awaiting a reconnect); "
-                            "beyond it a publish is refused and counted (queue_full); QoS 0 is not held")
+                        doc="publishes the node's MQTT client may hold, QoS 1 (in flight or awaiting a reconnect) "
+                            "and QoS 0 (not yet written) each; beyond it a publish is refused and counted (queue_full)")
 
 
 @dataclass(frozen=True)
