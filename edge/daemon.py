@@ -147,7 +147,8 @@ class Daemon:
             on_flag=self._stream_flag)
         client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
         self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
-                             subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message)
+                             subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message,
+                             max_queued=cfg.queues.publish)
         self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id,
                                                    supervisor=self.supervisor))
 
@@ -403,8 +404,8 @@ class Daemon:
                                    for label, snap in self.engine.latency_snapshot().items()])
         reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker (every connection)",
                 lambda: float(self.broker_connected()))
-        reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused",
-                lambda: self.link.counters["publish_errors"])
+        reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused, by reason",
+                lambda: [({"reason": k}, v) for k, v in self.link.publish_errors.items()])
         if self.ingest is not None:
             ing = self.ingest
             for name in list(ing.counters):  # one family per quantity: bytes and counts apart
