@@ -104,8 +104,12 @@ class Daemon:
                          rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill)
         if cfg.adapt.enabled:
             from edge.adapt.worker import AdaptWorker
+            from edge.state import CheckpointStore, ModelIdentity
 
-            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event)
+            store = CheckpointStore(state_dir(cfg) / "adapt", keep=3,
+                                    identity=ModelIdentity.of(self.model, head=cfg.adapt.head))
+            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event,
+                                     store=store, supervisor=getattr(self, "supervisor", None))
         self.pipeline = Pipeline(
             sources=sources, label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),

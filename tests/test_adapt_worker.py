@@ -10,6 +10,7 @@ from edge.adapt.worker import AdaptWorker
 from edge.config import parse_config
 from edge.ingest.types import StreamKey
 from edge.sim import ProcessSim
+from edge.state import CheckpointStore, ModelIdentity
 from edge.zoo import resolve_model
 
 
@@ -20,7 +21,9 @@ def test_forecast_windows_are_trained_on_their_own_future(tmp_path):
     ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear", task=m.task, version="g")
     cfg = parse_config({"node": {"name": "fc", "state_dir": str(tmp_path)}})
     events = []
-    w = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda kind, **f: events.append(kind))
+    store = CheckpointStore(tmp_path / "fc" / "adapt", identity=ModelIdentity.of(model, head=cfg.adapt.head))
+    w = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda kind, **f: events.append(kind),
+                    store=store)
     backbone, _ = model.build()
     key = StreamKey("pump", "load")
     t, v = ProcessSim(seed=4).read(64 + 60 * 10 + 10)
