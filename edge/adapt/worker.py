@@ -9,8 +9,9 @@ labels. They cross through two byte-bounded ``Lane``\\ s (drop oldest, counted):
 * ``labels`` (``[queues] labels_bytes``): labels only, so a flood of windows never sheds
   a label.
 
-The loop takes labels first, then windows/samples, a bounded number of each per round.
-Labels are matched to cached windows (or, for a forecast model, windows are paired with
+The loop handles items in the order they were offered (a sequence number merges the two
+lanes), because a label needs the windows offered before it: taking labels ahead of
+queued windows would reject them as "future" after a backlog. Labels are matched to cached windows (or, for a forecast model, windows are paired with
 the stream's own future samples), ``learn_one`` is called for each match, the learner's
 events are published, and the state is checkpointed on an interval. The serving thread
 only ever reads ``champion``: one reference.
@@ -26,13 +27,14 @@ aside, the worker starts from the shipped head and emits ``checkpoint_mismatch``
 failed save is counted (``checkpoint_errors``), logged rate-limited, and the next
 interval simply tries again.
 
-Shutdown. ``stop(timeout_s)`` ends the loop, learns what is still queued (labels first,
-so that they match cached windows, then the windows and samples, which may complete
-labels waiting for them) until ``timeout_s`` is spent, checkpoints, and counts what it
-could not learn as ``shutdown_dropped``.
+Shutdown. ``stop(timeout_s)`` ends the loop, learns what is still queued (in the same
+order: each label against the cached windows and the queued windows before it; only
+label matches cost a training step, windows are cheap) until ``timeout_s`` is spent,
+checkpoints, and counts what it could not handle as ``shutdown_dropped``.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -55,7 +57,7 @@ log = logging.getLogger("edge.adapt")
 
 THREAD = "learner"
 _OVERHEAD = 256  # bytes of Python objects around an item's arrays (record, key, floats)
-_PER_ROUND = 64  # items taken from each lane per round, so neither starves the other
+_PER_ROUND = 256  # items between looks at the checkpoint clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +69,7 @@ class WindowItem:
     t1: float
     z: np.ndarray
     scores: Any
+    seq: int = 0  # offer order across both lanes
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +79,7 @@ class LabelItem:
     key: Any
     t: float
     value: Any
+    seq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +89,7 @@ class SamplesItem:
     key: Any
     ts: np.ndarray
     rows: np.ndarray
+    seq: int = 0
 
 
 def _value_bytes(value) -> int:
@@ -145,6 +150,8 @@ class AdaptWorker:
         self._own_supervisor = supervisor is None
         self.supervisor = supervisor if supervisor is not None else Supervisor(faults="")
         self._errlog = RateLimitedLog(log)
+        self._seq = itertools.count()  # next() is atomic in CPython: producers need no lock
+        self._ahead: list = [None, None]  # the item taken from each lane and not yet handled
         self._stop = threading.Event()
         self._last_ckpt = clock()
         self._pending_events: list[tuple[str, dict]] = []
@@ -159,15 +166,15 @@ class AdaptWorker:
     # ---- producers (other threads) ---------------------------------------------------------
     def offer_window(self, key, t0: float, t1: float, z, scores) -> None:
         z = np.array(z, dtype=np.float32)
-        self.data.put(WindowItem(key, float(t0), float(t1), z, scores), _OVERHEAD + z.nbytes + _value_bytes(scores))
+        self.data.put(WindowItem(key, float(t0), float(t1), z, scores, next(self._seq)), _OVERHEAD + z.nbytes + _value_bytes(scores))
 
     def offer_label(self, key, t: float, value) -> None:
-        self.labels.put(LabelItem(key, float(t), value), _OVERHEAD + _value_bytes(value))
+        self.labels.put(LabelItem(key, float(t), value, next(self._seq)), _OVERHEAD + _value_bytes(value))
 
     def offer_samples(self, key, ts, rows) -> None:
         ts = np.asarray(ts, np.float64).reshape(-1)
         rows = np.asarray(rows, np.float32).reshape(len(ts), -1)
-        self.data.put(SamplesItem(key, ts, rows), _OVERHEAD + ts.nbytes + rows.nbytes)
+        self.data.put(SamplesItem(key, ts, rows, next(self._seq)), _OVERHEAD + ts.nbytes + rows.nbytes)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -217,12 +224,14 @@ class AdaptWorker:
         if self.thread.ident is not None:
             self.thread.join(max(0.1, timeout_s))
         if self.thread.is_alive():  # stuck in one item: do not touch the learner beside it
-            left = len(self.labels) + len(self.data)
+            left = len(self.labels) + len(self.data) + sum(x is not None for x in self._ahead)
             self.counters["shutdown_dropped"] += left
             log.error("the learner thread did not stop within %.1f s; %d queued items dropped, no final checkpoint",
                       timeout_s, left)
             return
-        pending = self.labels.drain() + self.data.drain()  # labels first: see the module docstring
+        pending = sorted([x for x in self._ahead if x is not None] + self.labels.drain() + self.data.drain(),
+                         key=lambda x: x.seq)  # the loop's order (module docstring)
+        self._ahead = [None, None]
         done = 0
         for item in pending:
             if self.clock() >= deadline:
@@ -253,19 +262,30 @@ class AdaptWorker:
         return True
 
     # ---- the loop ----------------------------------------------------------------------------
+    def _next(self):
+        """The oldest offered item across both lanes, or None when both are empty."""
+        ahead = self._ahead
+        for i, lane in enumerate((self.labels, self.data)):
+            if ahead[i] is None:
+                ahead[i] = lane.take()
+        a, b = ahead
+        if a is None and b is None:
+            return None
+        i = 0 if b is None or (a is not None and a.seq < b.seq) else 1
+        item, ahead[i] = ahead[i], None
+        return item
+
     def _run(self) -> None:
-        labels, data = self.labels, self.data
         while not self._stop.is_set():
             busy = False
-            for lane in (labels, data):
-                for _ in range(_PER_ROUND):
-                    item = lane.take()
-                    if item is None:
-                        break
-                    busy = True
-                    self._guarded(item, fault=True)
-                    if self._stop.is_set():
-                        return  # the rest is stop()'s to drain and count
+            for _ in range(_PER_ROUND):
+                item = self._next()
+                if item is None:
+                    break
+                busy = True
+                self._guarded(item, fault=True)
+                if self._stop.is_set():
+                    return  # the rest is stop()'s to drain and count
             if self.clock() - self._last_ckpt >= self.interval:
                 try:
                     self.checkpoint()
