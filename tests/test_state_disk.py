@@ -97,7 +97,7 @@ CHILD = textwrap.dedent("""
             except StateError:
                 print("failed", flush=True)
                 raise
-            print("saved", state["counters"]["labels"], flush=True)
+            print("saved", W.learner.metrics()["labels_total"], flush=True)  # on the thread that learns: same count
             return p
 
     model = resolve_model("vibration")
@@ -107,7 +107,7 @@ CHILD = textwrap.dedent("""
     cfg = parse_config({"node": {"name": "n", "state_dir": sys.argv[1]},
                         "adapt": {"checkpoint_interval_s": 1.0, "replay_bytes": 49152}})
     store = Reporting(sys.argv[1] + "/adapt", keep=3, identity=ModelIdentity.of(model, head=cfg.adapt.head))
-    w = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda kind, **f: None, store=store)
+    w = W = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda kind, **f: None, store=store)
     start = w.metrics()["learner_labels_total"]
     print("ready", start, flush=True)
     w.start()
