@@ -182,18 +182,23 @@ def test_shutdown_of_a_running_worker_drains_everything_within_its_budget(tmp_pa
     assert met["lane_labels_depth"] == 0 and met["lane_learner_depth"] == 0 and w.counters["checkpoints"] >= 1
 
 
-def test_another_models_checkpoint_is_not_applied_and_an_event_says_why(tmp_path):
+@pytest.mark.parametrize("change", ["retrained", "classes"])
+def test_another_models_checkpoint_is_not_applied_and_an_event_says_why(tmp_path, change):
     import shutil
 
-    other = tmp_path / "retrained"
+    other = tmp_path / "other"
     shutil.copytree(resolve_model("vibration").path, other)
-    with open(other / "model.py", "a") as f:
-        f.write("\n# retrained\n")  # same shapes and classes, other content hash
+    if change == "retrained":
+        with open(other / "model.py", "a") as f:
+            f.write("\n# retrained\n")  # same shapes and classes, other content hash
+    else:  # same shapes, one class renamed (the hash changes too: the manifest is hashed)
+        text = (other / "manifest.toml").read_text()
+        (other / "manifest.toml").write_text(text.replace('"bearing_wear"', '"cavitation"'))
     w1 = _worker(tmp_path, model=resolve_model(other))
     w1.start()
     for i in range(10):
         _window(w1, i)
-        w1.offer_label(KEY, i + 0.5, "bearing_wear")
+        w1.offer_label(KEY, i + 0.5, "imbalance")
     w1.stop(timeout_s=60)
     assert w1.metrics()["learner_labels_total"] == 10
     events = []
@@ -205,7 +210,8 @@ def test_another_models_checkpoint_is_not_applied_and_an_event_says_why(tmp_path
     w2.start()
     w2.stop()
     (kind, fields), = [e for e in events if e[0] == "checkpoint_mismatch"]
-    assert "content_hash" in fields["why"] and fields["moved_to"] == str(stale[0])
+    assert ("content_hash" if change == "retrained" else "classes") in fields["why"]
+    assert fields["moved_to"] == str(stale[0])
     assert fields["saved"]["content_hash"] != fields["model"]["content_hash"]
 
 

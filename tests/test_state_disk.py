@@ -79,6 +79,17 @@ def test_saves_prune_first_fail_when_full_and_resume_when_space_returns(volume):
     assert 2 <= len(store.paths()) <= 3 and store.load_latest()["seed"] == 402
 
 
+def test_a_write_that_hits_enospc_despite_the_free_space_check_prunes_and_retries_once(volume):
+    store = CheckpointStore(volume / "adapt", keep=3)
+    for i in range(3):
+        store.save(_state(i))
+    _fill(volume, "filler")
+    store._free_bytes = lambda: 1 << 40  # the check can be wrong: another writer between it and the write
+    store.save(_state(9))  # ENOSPC on the write, then prune (never the last good) and retry: it fits
+    assert store.counters["retried"] == 1 and store.load_latest()["seed"] == 9 and len(store.paths()) == 2
+    assert not list((volume / "adapt").glob(".ckpt-*"))
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     import numpy as np
