@@ -274,12 +274,15 @@ class CheckpointStore:
         self.loaded_path: Path | None = None
         self.last_good: Path | None = None  # never pruned to make room
         self.counters = {"pruned_for_room": 0, "retried": 0, "set_aside": 0}
-        _private_dir(self.dir)
-        for tmp in self.dir.glob(".ckpt-*.tmp"):  # leftovers of a save killed mid-write
-            tmp.unlink(missing_ok=True)
-        for p in self.dir.iterdir():  # earlier versions wrote with the umask's modes
-            if _NAME.match(p.name) or p.name.startswith("stale-"):
-                _chmod(p, 0o600 if p.is_file() else 0o700)
+        try:
+            _private_dir(self.dir)
+            for tmp in self.dir.glob(".ckpt-*.tmp"):  # leftovers of a save killed mid-write
+                tmp.unlink(missing_ok=True)
+            for p in self.dir.iterdir():  # earlier versions wrote with the umask's modes
+                if _NAME.match(p.name) or p.name.startswith("stale-"):
+                    _chmod(p, 0o600 if p.is_file() else 0o700)
+        except OSError as e:
+            raise StateError(f"{self.dir}: cannot set up the checkpoint folder (0700, files 0600): {e}") from e
         existing = self.paths()
         self._seq = self._seq_of(existing[-1]) if existing else 0
 
@@ -379,7 +382,11 @@ class CheckpointStore:
             why = self.identity.mismatch(saved) if self.identity is not None else None
             if why is not None:
                 saved_d = saved.to_dict() if saved is not None else None
-                moved = self.set_aside(why, saved_d)
+                try:
+                    moved = self.set_aside(why, saved_d)
+                except OSError as e:  # still never applied; rotation may prune them later
+                    log.error("could not move the checkpoints of another model out of %s: %s", self.dir, e)
+                    moved = None
                 log.warning("checkpoint %s is not for this model (%s); not applied, moved to %s; "
                             "starting from the shipped head", p.name, why, moved)
                 return Restored(None, p, mismatch=why, saved_identity=saved_d, moved_to=moved)

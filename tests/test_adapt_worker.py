@@ -223,3 +223,17 @@ def test_a_store_not_bound_to_a_model_is_refused(tmp_path):
     with pytest.raises(ValueError, match="bound"):
         AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda *a, **k: None,
                     store=CheckpointStore(tmp_path / "x"))
+
+
+def test_a_checkpoint_the_learner_cannot_take_is_set_aside_too(tmp_path):
+    model = resolve_model("vibration")
+    ident = ModelIdentity.of(model, head="linear")
+    CheckpointStore(tmp_path / "adapt", identity=ident).save({"format": 0, "task": "classification"})  # an old layout
+    events = []
+    w = _worker(tmp_path, events=events)
+    assert w.counters["checkpoint_mismatches"] == 1 and w.champion.version == "g" and not w.store.paths()
+    w.start()
+    w.stop()
+    (kind, fields), = [e for e in events if e[0] == "checkpoint_mismatch"]
+    assert "cannot take" in fields["why"] and list((tmp_path / "adapt").glob("stale-vibration-*/ckpt-*.edge"))
+    assert w.store.paths()  # the new lineage was saved at stop

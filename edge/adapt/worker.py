@@ -195,7 +195,11 @@ class AdaptWorker:
             # Same model, but a state this learner cannot take (another head kind, an older
             # learner's layout): never half-applied; set aside like another model's.
             why = f"the learner cannot take this checkpoint: {type(e).__name__}: {str(e)[:200]}"
-            moved = self.store.set_aside(why, self.store.identity.to_dict())
+            try:
+                moved = self.store.set_aside(why, self.store.identity.to_dict())
+            except OSError as e2:
+                log.error("could not move checkpoint %s aside: %s", r.path, e2)
+                moved = None
             self.learner = self._new_learner()  # load_state_dict may have changed part of it
             log.warning("checkpoint %s not applied (%s); moved to %s; starting from the shipped head", r.path, why, moved)
             self.counters["checkpoint_mismatches"] += 1
