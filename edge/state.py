@@ -303,7 +303,12 @@ class CheckpointStore:
         """
         ident = self.identity.to_dict() if self.identity is not None else None
         data = encode_state({_ENVELOPE: 2, "identity": ident, "state": state})
-        self._seq = max([self._seq] + [self._seq_of(p) for p in self.paths()[-1:]]) + 1
+        try:
+            if not self.dir.is_dir():  # removed under us (an operator's cleanup): make it again
+                _private_dir(self.dir)
+            self._seq = max([self._seq] + [self._seq_of(p) for p in self.paths()[-1:]]) + 1
+        except OSError as e:
+            raise StateError(f"{self.dir}: cannot write checkpoint: {e}") from e
         final = self.dir / f"ckpt-{self._seq:010d}.edge"
         tmp = self.dir / f".ckpt-{self._seq:010d}-{os.getpid()}.tmp"
         if self._free_bytes() < len(data) + _FREE_SLACK:
@@ -319,8 +324,11 @@ class CheckpointStore:
             except OSError as e2:
                 raise StateError(f"{final}: cannot write checkpoint even after pruning: {e2}") from e2
         self.last_good = final
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
+        try:
+            for old in self.paths()[: -self.keep]:
+                old.unlink(missing_ok=True)
+        except OSError as e:  # the new checkpoint is safe; pruning is retried at the next save
+            log.warning("could not prune old checkpoints in %s: %s", self.dir, e)
         return final
 
     def _write(self, tmp: Path, final: Path, data: bytes) -> None:

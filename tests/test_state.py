@@ -212,3 +212,13 @@ def test_pruning_for_room_never_removes_the_last_good_checkpoint(tmp_path):
     assert store.restore().state == {"step": 1}
     good = store.last_good
     assert store._prune_for_room() == 2 and store.paths() == [good]
+
+
+def test_saves_resume_after_the_folder_was_removed_under_the_store(tmp_path):
+    import shutil
+
+    store = CheckpointStore(tmp_path / "adapt", keep=2)
+    store.save({"step": 1})
+    shutil.rmtree(tmp_path / "adapt")
+    store.save({"step": 2})
+    assert store.load_latest() == {"step": 2} and stat.S_IMODE((tmp_path / "adapt").stat().st_mode) == 0o700
