@@ -145,11 +145,11 @@ class WindowConfig(_Section):
 class QueueConfig(_Section):
     _name = "queues"
     ingest_bytes: int = _opt(64 << 20, lo=1 << 16, hi=1 << 36, doc="sensor lane: bytes of raw messages waiting to be decoded (drop oldest)")
-    labels_bytes: int = _opt(8 << 20, lo=1 << 12, hi=1 << 34, doc="label lane: bytes of labels waiting (never shed by sensor overload)")
+    labels_bytes: int = _opt(8 << 20, lo=1 << 12, hi=1 << 34, doc="each label lane (the pipeline's and the learner's): bytes of labels waiting; never shed by sensor or window overload")
     control_bytes: int = _opt(1 << 20, lo=1 << 12, hi=1 << 30, doc="control lane: bytes of stream resets waiting")
     max_lag_s: float = _opt(2.0, lo=0.0, hi=86400.0, doc="sensor data that waited longer is shed when taken (fresh data first after an overload); 0 disables")
     shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=600.0, doc="at stop, serve and learn what is queued for up to this long; the rest is counted")
-    labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
+    learner_bytes: int = _opt(16 << 20, lo=1 << 16, hi=1 << 34, doc="learner lane: served windows and forecast samples waiting for the learner, in bytes (drop oldest)")
     publish: int = _opt(10_000, lo=16, hi=10_000_000,
                         doc="publishes the node's MQTT client may hold, QoS 1 (in flight or awaiting a reconnect) "
                             "and QoS 0 (not yet written) each; beyond it a publish is refused and counted (queue_full)")

@@ -130,8 +130,12 @@ class Daemon:
                         "(set [labels] keys_dir, and restrict the topic in the broker's ACL)", base)
         if cfg.adapt.enabled:
             from edge.adapt.worker import AdaptWorker
+            from edge.state import CheckpointStore, ModelIdentity
 
-            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event)
+            store = CheckpointStore(state_dir(cfg) / "adapt", keep=3,
+                                    identity=ModelIdentity.of(self.model, head=cfg.adapt.head))
+            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event,
+                                     store=store, supervisor=self.supervisor)
         self.pipeline = build_pipeline(
             sources=mqtt_routes(cfg), label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
@@ -228,7 +232,7 @@ class Daemon:
         if self.pipeline:
             self.pipeline.stop()
         if self.adapt is not None:
-            self.adapt.stop()  # learns what is queued (bounded), then checkpoints
+            self.adapt.stop(timeout_s=max(1.0, self.cfg.queues.shutdown_drain_s))  # learns what is queued, then checkpoints
         if self.link:
             self.link.stop()
         if self.metrics_server:
