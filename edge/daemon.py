@@ -135,6 +135,7 @@ class Daemon:
     def _on_link_message(self, topic: str, payload: bytes, received: float) -> None:
         # paho's network thread: an exception escaping a callback would end paho's loop
         try:
+            self.supervisor.fault_point("mqtt-link")  # EDGE_FAULTS=mqtt-link:item:P (a no-op otherwise)
             self.pipeline.offer_message(topic, payload, received)
         except Exception as e:
             self.supervisor.item_failed("mqtt-link", e, where=brief(topic))
