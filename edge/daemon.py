@@ -187,6 +187,8 @@ class Daemon:
             self.adapt.stop()  # learns what is queued (bounded), then checkpoints
         if self.link:
             self.link.stop()
+        if self.pipeline:
+            self.pipeline.count_left()  # labels that arrived on the link after the pipeline's drain
         if self.metrics_server:
             self.metrics_server.stop()
         log.info("stopped")
