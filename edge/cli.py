@@ -64,19 +64,46 @@ def _bench(what: str, argv: list[str]) -> int:
 
 def _cmd_status(args) -> int:
     from edge.config import load_config
+    from edge.control import read_status
     from edge.daemon import state_dir
+    from edge.status_view import render_status
 
     cfg = load_config(args.config)
-    p = state_dir(cfg) / "status.json"
+    d = state_dir(cfg)
     out: dict = {}
-    if p.exists():
-        out["daemon"] = json.loads(p.read_text())
-    else:
-        out["daemon"] = f"no status at {p} (is the daemon running with this config?)"
+    try:  # live, from the running daemon's socket
+        out["daemon"], source = read_status(d / "edge.sock"), "live"
+    except (OSError, ValueError):
+        p = d / "status.json"
+        if p.exists():  # the file the daemon rewrites every 5 s: possibly stale, and said so
+            out["daemon"], source = json.loads(p.read_text()), f"from {p}: no daemon answers on {d / 'edge.sock'}"
+        else:
+            out["daemon"], source = None, f"no daemon answers on {d / 'edge.sock'} and there is no {p}"
     from edge.serve import serve_status
 
     out["serving"] = serve_status(cfg.model.cache_dir or None)
-    print(json.dumps(out, indent=2, default=str))
+    if args.json:
+        print(json.dumps({**out, "source": source}, indent=2, default=str))
+    elif out["daemon"] is None:
+        print(f"not running ({source})")
+    else:
+        print(render_status(out["daemon"], source=source))
+    return 0
+
+
+def _cmd_pin(args) -> int:
+    from edge.zoo import folder_digest, resolve_model
+
+    m = resolve_model(args.model)
+    print(f"sha256 = \"{folder_digest(m.path)}\"    # [model] pin for {m.path}")
+    return 0
+
+
+def _cmd_label_key(args) -> int:
+    from edge.ingest.labelauth import create_label_key
+
+    p = create_label_key(args.dir, args.name)
+    print(f"wrote {p} (0600): give it to labeller {args.name!r}; the daemon reads it from [labels] keys_dir = \"{args.dir}\"")
     return 0
 
 
@@ -117,7 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="backend availability and the running daemon's status")
     s.add_argument("--config", "-c")
+    s.add_argument("--json", action="store_true", help="machine-readable JSON instead of the table")
     s.set_defaults(func=_cmd_status)
+
+    pn = sub.add_parser("pin", help="print a model folder's content digest for [model] sha256")
+    pn.add_argument("model", help="model folder or shipped model name")
+    pn.set_defaults(func=_cmd_pin)
+
+    lk = sub.add_parser("label-key", help="create a labeller's HMAC key for signed labels ([labels] keys_dir)")
+    lk.add_argument("name", help="the labeller's name (it signs as this)")
+    lk.add_argument("--dir", default="/etc/edge-runtime/labellers", help="the keys folder")
+    lk.set_defaults(func=_cmd_label_key)
     return ap
 
 

@@ -103,6 +103,9 @@ class MqttConfig(_Section):
     reconnect_max_s: float = _opt(30.0, lo=0.1, hi=3600.0, doc="reconnect backoff cap")
     max_payload_bytes: int = _opt(1 << 20, lo=64, hi=256 << 20, doc="larger payloads are rejected")
     topic_prefix: str = _opt("edge", doc="prefix of the node's own topics: <prefix>/<node>/...")
+    retain_predictions: bool = _opt(True, doc="publish predictions retained, so a new subscriber sees each stream's latest at once")
+    ha_discovery: bool = _opt(False, doc="announce each stream to Home Assistant (MQTT discovery, retained)")
+    ha_prefix: str = _opt("homeassistant", doc="Home Assistant's discovery prefix")
     session_expiry_s: int = _opt(3600, lo=0, hi=0xFFFFFFFF,
                                  doc="how long the broker keeps the node's sessions and their QoS 1 messages "
                                      "while disconnected (MQTT 5; 3.1.1 keeps them until the broker expires them); "
@@ -113,6 +116,7 @@ class MqttConfig(_Section):
 class ModelConfig(_Section):
     _name = "model"
     path: str = _opt("vibration", doc="a shipped model's name or a model folder")
+    sha256: str = _opt("", doc="pin: the folder's content digest (`edge pin MODEL`); another content is refused; empty: no pin")
     backend: str = _opt("auto", choices=("auto", "onnxruntime", "tensorrt", "torch"), doc="serving backend")
     precision: str = _opt("auto", choices=("auto", "int8", "fp16", "fp32"), doc="backbone precision")
     cache_dir: str = _opt("", doc="compiled-artifact cache; empty uses ~/.cache/edge-runtime")
@@ -215,6 +219,18 @@ class AdaptConfig(_Section):
 
 
 @dataclass(frozen=True)
+class LabelsConfig(_Section):
+    """Who may teach the device. Labels are accepted only on the node's label topics; with
+    ``keys_dir`` set, only when signed (HMAC-SHA256) by a labeller whose key is in it."""
+
+    _name = "labels"
+    keys_dir: str = _opt("", doc="folder of <labeller>.key files; when set, unsigned or badly signed labels are refused")
+    max_per_s: float = _opt(0.0, lo=0.0, hi=1e6, doc="labels per second accepted from one labeller (or label topic when unsigned); 0: no limit")
+    burst: int = _opt(100, lo=1, hi=1_000_000, doc="labels one labeller may send at once above max_per_s")
+    max_age_s: float = _opt(600.0, lo=1.0, hi=1e7, doc="signed labels older than this (by their t) are refused as replays")
+
+
+@dataclass(frozen=True)
 class MetricsConfig(_Section):
     _name = "metrics"
     port: int = _opt(0, lo=0, hi=65535, doc="Prometheus /metrics and /healthz port; 0 disables")
@@ -247,6 +263,7 @@ class Config:
     window: WindowConfig = field(default_factory=WindowConfig)
     queues: QueueConfig = field(default_factory=QueueConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
 

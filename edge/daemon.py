@@ -37,7 +37,7 @@ from edge.ingest.topics import TopicRoute
 from edge.observe import MetricsServer, Registry
 from edge.pipeline import Pipeline, build_pipeline
 from edge.supervise import Supervisor
-from edge.zoo import resolve_model
+from edge.zoo import check_pin, resolve_model
 
 log = logging.getLogger("edge.daemon")
 
@@ -72,6 +72,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.adapt = None
         self.metrics_server: MetricsServer | None = None
+        self.status_socket = None
         self.backend_reason = ""
         # every long-lived thread is watched: a death fails health and ends `edge run` non-zero
         self.supervisor = Supervisor(on_death=self._thread_died)
@@ -84,6 +85,7 @@ class Daemon:
 
         cfg = self.cfg
         self.model = resolve_model(cfg.model.path)
+        check_pin(self.model, cfg.model.sha256)  # before any code of the folder runs
         m = self.model.manifest
         precision = None if cfg.model.precision == "auto" else cfg.model.precision
         t0 = time.monotonic()
@@ -111,6 +113,18 @@ class Daemon:
         window_kw = dict(length=cfg.window.length or m.window, hop=cfg.window.hop or cfg.window.length or m.window,
                          sample_rate=cfg.window.sample_rate or m.sample_rate,
                          rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill)
+        gate = None
+        if cfg.labels.keys_dir or cfg.labels.max_per_s:
+            from edge.ingest.labelauth import LabelGate, load_label_keys
+
+            keys = load_label_keys(cfg.labels.keys_dir) if cfg.labels.keys_dir else None
+            gate = LabelGate(keys=keys, max_per_s=cfg.labels.max_per_s, burst=cfg.labels.burst,
+                             max_age_s=cfg.labels.max_age_s)
+            log.info("labels: %s%s", f"signed by {len(keys)} labeller(s)" if keys else "unsigned",
+                     f", at most {cfg.labels.max_per_s:g}/s each" if cfg.labels.max_per_s else "")
+        elif cfg.adapt.enabled:
+            log.warning("labels are unsigned: any client that may publish on %s/labels can retrain this device "
+                        "(set [labels] keys_dir, and restrict the topic in the broker's ACL)", base)
         if cfg.adapt.enabled:
             from edge.adapt.worker import AdaptWorker
 
@@ -123,6 +137,7 @@ class Daemon:
             max_lag_s=q.max_lag_s, drain_s=q.shutdown_drain_s,
             max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s,
             max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes, supervisor=self.supervisor,
+            label_gate=gate, on_stream=self._new_stream if cfg.mqtt.ha_discovery else None,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None,
@@ -130,12 +145,13 @@ class Daemon:
         client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
         self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
                              subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message)
-        self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id))
+        self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id,
+                                                   supervisor=self.supervisor))
 
     def _on_link_message(self, topic: str, payload: bytes, received: float) -> None:
         # paho's network thread: an exception escaping a callback would end paho's loop
         try:
-            self.supervisor.fault_point("mqtt-link")  # EDGE_FAULTS=mqtt-link:item:P (a no-op otherwise)
+            self.supervisor.fault_point("mqtt-link")
             self.pipeline.offer_message(topic, payload, received)
         except Exception as e:
             self.supervisor.item_failed("mqtt-link", e, where=brief(topic))
@@ -144,6 +160,7 @@ class Daemon:
     def start(self, *, connect_timeout: float = 0.0) -> None:
         """Load, warm up, connect and start every thread; ready once the first connect succeeds
         (or immediately when ``connect_timeout`` is 0: the daemon keeps retrying in the background)."""
+        self._prepare_state_dir()
         self._load_model()
         self._build()
         sup = self.supervisor
@@ -158,10 +175,12 @@ class Daemon:
             for name, t in src.threads().items():
                 sup.adopt(name, t)
         if self.cfg.metrics.port:
-            self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health)
+            self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health,
+                                                ready=self.readiness, status=self.status)
             self.metrics_server.start()
             sup.adopt("metrics", self.metrics_server.thread)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
+        self._start_status_socket()
         if connect_timeout and not self._wait_connected(connect_timeout):
             log.warning("broker %s:%d not reachable yet; retrying in the background", self.cfg.mqtt.host, self.cfg.mqtt.port)
         # Everything loaded so far (torch, onnxruntime, the model) lives as long as the
@@ -171,6 +190,27 @@ class Daemon:
         gc.freeze()
         self.ready.set()
         sd_notify("READY=1\nSTATUS=serving")
+
+    def _prepare_state_dir(self) -> None:
+        """The node's state folder, private to the daemon's user (0700), made or fixed at start."""
+        d = state_dir(self.cfg)
+        try:
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.chmod(d, 0o700)
+        except OSError as e:
+            log.warning("cannot make %s private: %s", d, e)
+
+    def _start_status_socket(self) -> None:
+        from edge.control import StatusSocket
+
+        path = state_dir(self.cfg) / "edge.sock"
+        try:
+            self.status_socket = StatusSocket(path, self.status)
+        except OSError as e:  # e.g. a path longer than a Unix socket allows: `edge status` falls back to the file
+            log.warning("no status socket at %s (%s); `edge status` will read status.json", path, e)
+            return
+        self.status_socket.start()
+        self.supervisor.adopt("control", self.status_socket.thread)
 
     def stop(self) -> None:
         if self._stop.is_set():
@@ -191,6 +231,8 @@ class Daemon:
             self.pipeline.count_left()  # labels that arrived on the link after the pipeline's drain
         if self.metrics_server:
             self.metrics_server.stop()
+        if self.status_socket is not None:
+            self.status_socket.stop()
         log.info("stopped")
 
     def _thread_died(self, name: str, why: str) -> None:
@@ -236,20 +278,31 @@ class Daemon:
         return 1 if dead else 0
 
     def write_status(self) -> None:
-        """Write ``status.json`` (atomically) for `edge status`."""
+        """Write ``status.json`` (atomically, mode 0600) for `edge status` when the socket is gone."""
         d = state_dir(self.cfg)
         try:
-            d.mkdir(parents=True, exist_ok=True)
+            d.mkdir(parents=True, exist_ok=True, mode=0o700)
             tmp = d / "status.json.tmp"
-            tmp.write_bytes(orjson.dumps({"written": time.time(), **self.status()}, default=str,
-                                         option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY))
+            data = orjson.dumps({"written": time.time(), **self.status()}, default=str,
+                                option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o600)  # an older file may have had wider permissions
             os.replace(tmp, d / "status.json")
         except (OSError, TypeError) as e:
             log.warning("cannot write %s: %s", d / "status.json", e)
 
     # ---- outputs ---------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes) -> bool:
-        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos)
+        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos, retain=self.cfg.mqtt.retain_predictions)
+
+    def _new_stream(self, key) -> None:
+        """Announce a stream to Home Assistant (MQTT discovery), retained, as Zigbee2MQTT and ESPHome do."""
+        from edge.ha import discovery_message
+
+        topic, payload = discovery_message(self.cfg, self.model.manifest, key)
+        self.link.publish(topic, payload, qos=1, retain=True)
 
     def event(self, kind: str, **fields) -> None:
         """Publish an event on ``<prefix>/<node>/events`` and log it."""
@@ -274,6 +327,15 @@ class Daemon:
         return ok, {"ready": ok, "dead_threads": dead, "broker_connected": self.broker_connected(),
                     "uptime_s": round(time.time() - self.started_at, 1)}
 
+    def readiness(self) -> tuple[bool, dict]:
+        """Readiness: live, the model loaded and warmed up, and every connection up."""
+        live, info = self.health()
+        sources = {src.name: src.connected() for src in self.sources}
+        link = bool(self.link and self.link.connected.is_set())
+        ok = live and self.engine.ready and link and all(sources.values())
+        return ok, {"ready": ok, "live": live, "model_loaded": bool(self.engine.ready), "node_connection": link,
+                    "sources": sources, "dead_threads": info["dead_threads"]}
+
     def status(self) -> dict[str, Any]:
         """Everything `edge status` shows: backend choice, streams, counters, head version."""
         p = self.pipeline
@@ -295,7 +357,7 @@ class Daemon:
         return st
 
     def registry(self) -> Registry:
-        reg = Registry()
+        reg = Registry(build_info=build_info())
         p = self.pipeline
         sup = self.supervisor
 
@@ -344,11 +406,11 @@ class Daemon:
                 lambda: self.link.counters["publish_errors"])
         if self.ingest is not None:
             ing = self.ingest
-            reg.add("edge_mqtt_ingest_total", "counter", "the sensor ingest connection's counters, by name",
-                    lambda: [({"name": k}, v) for k, v in ing.counters.items()])
+            for name in list(ing.counters):  # one family per quantity: bytes and counts apart
+                reg.add(f"edge_mqtt_ingest_{name}_total", "counter", f"sensor ingest connection: {name.replace('_', ' ')}",
+                        lambda n=name: ing.counters[n])
         if self.adapt is not None:
-            reg.add("edge_adapt", "gauge", "learner counters and prequential metrics (rejections by reason)",
-                    lambda: _flatten(self.adapt.metrics()))
+            _adapt_families(reg, self.adapt.metrics)
         return reg
 
 
@@ -356,14 +418,34 @@ def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
     return labels, snap["buckets"], snap["sum_s"], snap["count"]
 
 
-def _flatten(metrics: dict) -> list[tuple[dict[str, str], float]]:
-    out: list[tuple[dict[str, str], float]] = []
-    for k, v in metrics.items():
+def _adapt_families(reg: Registry, read) -> None:
+    """The learner's metrics as proper families: ``*_total`` and per-reason dicts are counters
+    (``edge_adapt_<name>_total``, reasons as a label), other numbers gauges; strings are skipped."""
+    for key, v in read().items():
         if isinstance(v, dict):
-            out += [({"name": k, "reason": str(r)}, float(n)) for r, n in v.items()]
-        elif isinstance(v, (int, float)) and v == v:  # skips NaN and None
-            out.append(({"name": k}, float(v)))
-    return out
+            base = key[:-6] if key.endswith("_total") else key
+            reg.add(f"edge_adapt_{base}_total", "counter", f"learner: {base.replace('_', ' ')}, by reason",
+                    lambda k=key: [({"reason": str(r)}, float(n)) for r, n in read().get(k, {}).items()])
+        elif isinstance(v, (bool, int, float)):
+            kind = "counter" if key.endswith("_total") else "gauge"
+            reg.add(f"edge_adapt_{key}", kind, f"learner: {key.replace('_', ' ')}",
+                    lambda k=key: _number(read().get(k)))
+
+
+def _number(v) -> list:
+    return [] if v is None or not isinstance(v, (bool, int, float)) or v != v else [({}, float(v))]
+
+
+def build_info() -> dict[str, str]:
+    """Labels of ``edge_build_info``: the package version, Python and the machine."""
+    import platform
+    from importlib import metadata
+
+    try:
+        version = metadata.version("edge-runtime")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return {"version": version, "python": platform.python_version(), "machine": platform.machine()}
 
 
 def state_dir(cfg: Config) -> Path:

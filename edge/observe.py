@@ -1,7 +1,8 @@
-"""Logging, rate-limited warnings, Prometheus metrics and the health endpoint.
+"""Logging, rate-limited warnings, Prometheus metrics and the health and readiness endpoints.
 
-Metrics are collected, not pushed: each part keeps plain counters and the registry reads
-them when ``/metrics`` is scraped, so the hot path never touches a lock for metrics.
+Metrics are collected, not pushed: each part keeps plain counters and the registry (a
+prometheus-client collector) reads them when ``/metrics`` is scraped, so the hot path
+never touches a lock for metrics.
 """
 from __future__ import annotations
 
@@ -47,14 +48,35 @@ class RateLimitedLog:
 
 
 class Registry:
-    """Named metric families whose values are read from callables at scrape time."""
+    """Metric families whose values are read from callables at scrape time, on prometheus-client.
 
-    def __init__(self) -> None:
-        self._families: list[tuple[str, str, str, Callable[[], list[Sample]]]] = []
+    Each ``add`` is one family of one type (``counter`` or ``gauge``); ``read`` returns a
+    number or ``[(labels, value), ...]``. prometheus-client renders the exposition format;
+    the registry adds the ``process_*`` and ``python_*`` collectors and ``edge_build_info``.
+
+    >>> reg = Registry(process=False)
+    >>> reg.add("edge_things_total", "counter", "things seen", lambda: [({"kind": "a"}, 3)])
+    >>> [line for line in reg.render().splitlines() if line.startswith("edge_things")]
+    ['edge_things_total{kind="a"} 3.0']
+    """
+
+    def __init__(self, *, process: bool = True, build_info: dict[str, str] | None = None) -> None:
+        from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._families: list[tuple[str, str, str, Callable]] = []
         self._hists: list = []
+        self._failed: dict[str, int] = {}
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+        self._build_info = build_info
+        self.registry.register(self)
 
     def add(self, name: str, kind: str, help_text: str, read: Callable[[], list[Sample] | float]) -> None:
         """Register a family; ``read`` returns a number or ``[(labels, value), ...]``."""
+        if kind not in ("counter", "gauge"):
+            raise ValueError(f"metric {name}: kind {kind!r} (counter or gauge)")
         self._families.append((name, kind, help_text, read))
 
     def add_histogram(self, name: str, help_text: str,
@@ -62,67 +84,88 @@ class Registry:
         """Register a histogram; ``read`` returns ``[(labels, cumulative buckets [(le, n)], sum, count)]``."""
         self._hists.append((name, help_text, read))
 
-    def render(self) -> str:
-        """The Prometheus text exposition format (version 0.0.4)."""
-        out = self._render_families()
-        for name, help_text, read in self._hists:
-            try:
-                series = read()
-            except Exception as e:  # a broken reader must not break the scrape
-                out.append(f"# {name}: read failed: {type(e).__name__}")
-                continue
-            out += [f"# HELP {name} {help_text}", f"# TYPE {name} histogram"]
-            for labels, buckets, total, count in series:
-                for le, n in buckets:
-                    le_s = "+Inf" if le in ("+Inf", float("inf")) else f"{float(le):g}"
-                    out.append(f"{name}_bucket{{{_labels({**labels, 'le': le_s})}}} {n}")
-                lab = _labels(labels)
-                out.append(f"{name}_sum{{{lab}}} {total:g}" if lab else f"{name}_sum {total:g}")
-                out.append(f"{name}_count{{{lab}}} {count}" if lab else f"{name}_count {count}")
-        return "\n".join(out) + "\n"
+    def collect(self):
+        """prometheus-client's collector protocol: every family, read now."""
+        from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                            InfoMetricFamily)
 
-    def _render_families(self) -> list[str]:
-        out = []
+        if self._build_info:
+            info = InfoMetricFamily("edge_build", "edge-runtime version and platform")
+            info.add_metric([], self._build_info)
+            yield info
         for name, kind, help_text, read in self._families:
             try:
                 val = read()
-            except Exception as e:  # a broken reader must not break the scrape
-                out.append(f"# {name}: read failed: {type(e).__name__}")
+                samples = [({}, val)] if isinstance(val, (int, float)) else list(val)
+            except Exception:  # a broken reader must not break the scrape; it is counted instead
+                self._failed[name] = self._failed.get(name, 0) + 1
                 continue
-            out.append(f"# HELP {name} {help_text}")
-            out.append(f"# TYPE {name} {kind}")
-            samples = [({}, val)] if isinstance(val, (int, float)) else val
+            keys = sorted({k for labels, _ in samples for k in labels})
+            cls = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            fam = cls(name[:-6] if kind == "counter" and name.endswith("_total") else name, help_text, labels=keys)
             for labels, v in samples:
-                lab = _labels(labels)
-                out.append(f"{name}{{{lab}}} {float(v):g}" if lab else f"{name} {float(v):g}")
-        return out
+                fam.add_metric([str(labels.get(k, "")) for k in keys], float(v))
+            yield fam
+        for name, help_text, read in self._hists:
+            try:
+                series = list(read())
+            except Exception:
+                self._failed[name] = self._failed.get(name, 0) + 1
+                continue
+            keys = sorted({k for labels, *_ in series for k in labels})
+            fam = HistogramMetricFamily(name, help_text, labels=keys)
+            for labels, buckets, total, _count in series:
+                fam.add_metric([str(labels.get(k, "")) for k in keys],
+                               [("+Inf" if le in ("+Inf", float("inf")) else repr(float(le)), n) for le, n in buckets],
+                               sum_value=total)
+            yield fam
+        fail = CounterMetricFamily("edge_metric_read_errors", "metric families whose reader failed at a scrape",
+                                   labels=["family"])
+        for name, n in self._failed.items():
+            fail.add_metric([name], n)
+        yield fail
 
+    def render(self) -> str:
+        """The Prometheus text exposition format."""
+        from prometheus_client import generate_latest
 
-def _labels(labels: dict[str, str]) -> str:
-    return ",".join(f'{k}="{_esc(str(x))}"' for k, x in sorted(labels.items()))
-
-
-def _esc(s: str) -> str:
-    return s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return generate_latest(self.registry).decode()
 
 
 class MetricsServer:
-    """``/metrics`` (Prometheus) and ``/healthz`` (200 when ready, 503 otherwise) on a thread."""
+    """HTTP on a thread: ``/metrics`` (Prometheus), ``/healthz`` (liveness), ``/readyz``
+    (readiness) and ``/status`` (what `edge status` shows, as JSON).
 
-    def __init__(self, host: str, port: int, registry: Registry, health: Callable[[], tuple[bool, dict]]):
+    ``/healthz`` and ``/readyz`` answer 200 or 503 with a JSON body saying why, which is
+    what load balancers, Kubernetes probes and container health checks understand:
+    liveness fails when a thread died (restart me), readiness while the model is not
+    loaded or a source is not connected (do not count on me now).
+    """
+
+    def __init__(self, host: str, port: int, registry: Registry, health: Callable[[], tuple[bool, dict]],
+                 ready: Callable[[], tuple[bool, dict]] | None = None, status: Callable[[], dict] | None = None):
         import json
 
+        from prometheus_client import CONTENT_TYPE_LATEST
+
         reg, hl = registry, health
+        rd = ready or health
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 (http.server's naming)
-                if self.path.startswith("/metrics"):
-                    body, code, ctype = reg.render().encode(), 200, "text/plain; version=0.0.4"
-                elif self.path.startswith("/healthz"):
-                    ok, info = hl()
-                    body, code, ctype = json.dumps(info).encode(), (200 if ok else 503), "application/json"
-                else:
-                    body, code, ctype = b"not found\n", 404, "text/plain"
+                path = self.path.split("?", 1)[0]
+                try:
+                    if path == "/metrics":
+                        body, code, ctype = reg.render().encode(), 200, CONTENT_TYPE_LATEST
+                    elif path in ("/healthz", "/readyz"):
+                        ok, info = (hl if path == "/healthz" else rd)()
+                        body, code, ctype = json.dumps(info, default=str).encode(), (200 if ok else 503), "application/json"
+                    elif path == "/status" and status is not None:
+                        body, code, ctype = json.dumps(status(), default=str).encode(), 200, "application/json"
+                    else:
+                        body, code, ctype = b"not found\n", 404, "text/plain"
+                except Exception as e:  # a failing reader answers 500, never kills the server thread
+                    body, code, ctype = f"internal error: {type(e).__name__}\n".encode(), 500, "text/plain"
                 self.send_response(code)
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))

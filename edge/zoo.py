@@ -189,6 +189,35 @@ def shipped_models() -> dict[str, Path]:
     return out
 
 
+def folder_digest(path: str | Path) -> str:
+    """sha256 over every file of a model folder (relative paths and contents, sorted; no
+    ``__pycache__``): what ``[model] sha256`` pins, since every ``.py`` there can run as code.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "manifest.toml").write_text("name = 'x'")
+    >>> len(folder_digest(d))
+    64
+    """
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and "__pycache__" not in q.parts):
+        rel = p.relative_to(root).as_posix().encode()
+        data = p.read_bytes()
+        h.update(len(rel).to_bytes(4, "big") + rel + len(data).to_bytes(8, "big"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def check_pin(model: "ModelFolder", expected: str) -> None:
+    """Refuse a model folder whose content is not the pinned one (before any of its code runs)."""
+    if not expected:
+        return
+    got = folder_digest(model.path)
+    if got != expected.strip().lower():
+        raise ModelError(f"model folder {model.path} does not match [model] sha256 = {expected[:16]}... "
+                         f"(its content is {got[:16]}...): refusing to load code that is not the pinned one")
+
+
 def resolve_model(ref: str | Path | None) -> ModelFolder:
     """A model folder from a path, a shipped model's name, or None for the default model."""
     ref = DEFAULT_MODEL if ref is None or str(ref) == "" else ref

@@ -34,7 +34,7 @@ def test_defaults_are_valid():
     ({"adapt": {"head": "transformer"}}, "[adapt] head = 'transformer' is invalid: allowed: linear, lowrank, mlp"),
     ({"adapt": {"lr": -1}}, "[adapt] lr = -1.0 is invalid: must be >= 1e-09"),
     ({"adapt": {"eval_min": 500}}, "[adapt] eval_min = 500 is invalid: must not exceed eval_window (100)"),
-    ({"queues": {"ingest": 1}}, "[queues] ingest = 1 is invalid: must be >= 16"),
+    ({"queues": {"ingest_bytes": 1}}, "[queues] ingest_bytes = 1 is invalid: must be >= 65536"),
     ({"metrics": {"port": 70000}}, "[metrics] port = 70000 is invalid: must be <= 65535"),
     ({"sources": []}, "[[sources]] must be a non-empty array of tables"),
     ({"sources": [{"type": "can"}]}, "[sources[0]] type = 'can' is invalid: allowed: mqtt, serial"),

@@ -152,9 +152,9 @@ def test_metrics_endpoint_serves_prometheus_text_and_health(broker, tmp_path):
         c.publish("sensors/x/accel", batch(time.time(), 256))
         c.wait_for(lambda m: len(m) >= 1)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert "edge_windows_served_total 1" in text
+        assert "edge_windows_served_total 1.0" in text
         assert 'edge_backend_latency_seconds_bucket{backend="onnxruntime-int8",le="+Inf"}' in text
-        assert "edge_pipeline_latency_seconds_count 1" in text
+        assert "edge_pipeline_latency_seconds_count 1.0" in text
         health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status == 200 and b'"ready": true' in health.read()
         c.close()

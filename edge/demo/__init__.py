@@ -34,6 +34,8 @@ def _demo_config(host: str, port: int, protocol: str, state: Path, serial_port: 
     return {"node": {"name": "demo", "state_dir": str(state), "log_level": "warning"},
             "mqtt": {"host": host, "port": port, "protocol": protocol},
             "adapt": {"enabled": True, "checkpoint_interval_s": 10.0},
+            # only the demo's operator, who holds this key, can teach the daemon
+            "labels": {"keys_dir": str(state / "labellers"), "max_per_s": 50.0},
             "sources": sources}
 
 
@@ -62,6 +64,9 @@ def run_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-rep
             serial_dev = SerialDevice(SimDevice(name="serial-0", seed=200, t0=time.time()))
             parts.append(serial_dev)
             serial_dev.start()
+        from edge.ingest.labelauth import create_label_key
+
+        operator_key = create_label_key(state / "labellers", "operator").read_bytes().strip()
         cfg = parse_config(_demo_config(host, port, protocol, state, serial_dev.path if serial_dev else None))
         daemon = Daemon(cfg)
         print("loading the model (compiling it on first use) ...", flush=True)
@@ -90,7 +95,8 @@ def run_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-rep
         pub = MqttDevices(sims, host=host, port=port, protocol=protocol)
         pub.start()
         parts.append(pub)
-        operator = Operator(pub.client, topic=f"{cfg.topic_base}/labels", devices=list(all_devs.values()), every_s=0.25)
+        operator = Operator(pub.client, topic=f"{cfg.topic_base}/labels", devices=list(all_devs.values()), every_s=0.25,
+                            key=operator_key, name="operator")
         operator.start()
         parts.append(operator)
         drift_dev = sims[min(1, len(sims) - 1)]

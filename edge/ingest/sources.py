@@ -37,6 +37,7 @@ class SourceContext:
     cfg: Config
     inbox: Any  # edge.pipeline.Inbox (not imported: ingest does not depend on the pipeline)
     client_id: str
+    supervisor: Any = None  # edge.supervise.Supervisor: counts hand-off failures, injects faults
 
 
 SourceFactory = Callable[[list[SourceConfig], SourceContext], list[Source]]
@@ -78,8 +79,21 @@ class MqttSource:
         cfg = ctx.cfg
         self.name = "mqtt"
         subs = [(r.subscription, cfg.mqtt.qos) for r, _ in mqtt_routes(cfg)]
-        self.sub = FastSubscriber(cfg.mqtt, client_id=f"{ctx.client_id}-ingest", subscriptions=subs,
-                                  on_batch=ctx.inbox.offer_batch)
+        offer, sup = ctx.inbox.offer_batch, ctx.supervisor
+
+        def on_batch(msgs: list[tuple[str, bytes]], received: float) -> None:
+            # an exception here means "not taken": the subscriber leaves the QoS 1 messages
+            # unacknowledged for redelivery (fastmqtt's acknowledgement policy); count it too
+            try:
+                if sup is not None:
+                    sup.fault_point("mqtt-ingest")
+                offer(msgs, received)
+            except Exception as e:
+                if sup is not None:
+                    sup.item_failed("mqtt-ingest", e, where=f"a read of {len(msgs)} messages")
+                raise
+
+        self.sub = FastSubscriber(cfg.mqtt, client_id=f"{ctx.client_id}-ingest", subscriptions=subs, on_batch=on_batch)
 
     def start(self) -> None:
         self.sub.start()

@@ -56,6 +56,7 @@ class WindowerBank:
         self._stamp_kw = {} if resync_s is None else {"resync_s": resync_s}
         self.streams: dict[StreamKey, Stream] = {}
         self.flag_changes: list[tuple[StreamKey, str | None, str | None]] = []
+        self.new_streams: list[StreamKey] = []  # created since the pipeline last looked
 
     def stream(self, key: StreamKey, received: float) -> Stream:
         """The stream of ``key``, created (names checked, bound enforced) on first sight."""
@@ -66,6 +67,7 @@ class WindowerBank:
             key = StreamKey(check_name(key.device, what="device"), check_name(key.stream, what="stream"))
             w = Windower(channels=self.channels, **self.window_kw)
             s = self.streams[key] = Stream(key, w, received, self._stamp_kw)
+            self.new_streams.append(key)
             log.info("new stream %s", key)
         return s
 

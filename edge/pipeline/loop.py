@@ -44,12 +44,14 @@ class Pipeline:
                  supervisor: Supervisor | None = None,
                  on_window: Callable[..., None] | None = None, on_label: Callable[..., None] | None = None,
                  on_samples: Callable[..., None] | None = None,
-                 on_flag: Callable[[Any, str | None, str | None], None] | None = None):
+                 on_flag: Callable[[Any, str | None, str | None], None] | None = None,
+                 on_stream: Callable[[Any], None] | None = None):
         self.inbox, self.router, self.bank, self.server, self.publisher = inbox, router, bank, server, publisher
         self.topic_base = topic_base
         self.max_batch, self.max_wait, self.drain_s = max_batch, max_wait_ms / 1e3, drain_s
         self.sup = supervisor or Supervisor()
         self.on_window, self.on_label, self.on_samples, self.on_flag = on_window, on_label, on_samples, on_flag
+        self.on_stream = on_stream
         self.latency = LatencyHistogram()
         self.counters = {"messages": 0, "windows_served": 0, "serve_errors": 0, "batches": 0, "labels": 0,
                          "stream_resets": 0, "shutdown_dropped": 0}
@@ -223,18 +225,16 @@ class Pipeline:
                         s = sink[0]
                         if t is None:
                             t = s.stamper.stamp_one(None, received)
-                        w = s.windower
-                        out = w.push_one(t, row)
+                        out = s.windower.push_one(t, row)
+                        s.last = received
                         if out:
                             key = s.key
                             for t0, t1, x in out:
                                 ready.append(Window(key, t0, t1, x, received))
+                            bank.check_flag(s)  # once a window, not once a sample: flags move slowly
                             if len(ready) >= max_batch:
                                 self._serve(ready)
                                 ready.clear()
-                        s.last = received
-                        if w.flagged != s.flag:
-                            bank.check_flag(s)
                         if on_samples is not None:
                             on_samples(s.key, [t], [row])
                         continue
@@ -261,7 +261,7 @@ class Pipeline:
             if self.on_samples is not None:
                 self.on_samples(s.key, ts, rows)
         elif route.kind == LABEL:
-            self._label(self.router.decode_label(route, payload, received))
+            self._label(self.router.decode_label(route, payload, received, topic))
 
     def _label(self, label: LabelIn) -> None:
         self.counters["labels"] += 1
@@ -269,6 +269,14 @@ class Pipeline:
             self.on_label(label.key, label.t, label.value)
 
     def _report_flags(self) -> None:
+        if self.bank.new_streams:
+            new, self.bank.new_streams = self.bank.new_streams, []
+            if self.on_stream is not None:
+                for key in new:
+                    try:
+                        self.on_stream(key)
+                    except Exception as e:
+                        self.sup.item_failed(THREAD, e, where=f"announcing {key}")
         changes = self.bank.flag_changes
         if not changes:
             return

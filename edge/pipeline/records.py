@@ -51,6 +51,7 @@ class LabelIn:
     key: StreamKey | None
     t: float
     value: Any
+    by: str = ""  # the labeller whose signature verified ("" when labels are unsigned)
 
 
 @dataclass(frozen=True, slots=True)

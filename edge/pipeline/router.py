@@ -12,7 +12,7 @@ Route(kind='sensor', key=StreamKey(device='m1', stream='accel'), fmt='auto')
 >>> r.route("edge/n/labels/m1/accel").key
 StreamKey(device='m1', stream='accel')
 >>> r.decode_label(r.route("edge/n/labels"), b'{"t": 5.0, "label": "normal", "device": "m2"}', 5.0)
-LabelIn(key=StreamKey(device='m2', stream=''), t=5.0, value='normal')
+LabelIn(key=StreamKey(device='m2', stream=''), t=5.0, value='normal', by='')
 """
 from __future__ import annotations
 
@@ -42,8 +42,9 @@ class Router:
     """Routes topics and decodes payloads for the pipeline thread."""
 
     def __init__(self, *, sources: list[tuple[TopicRoute, str]], label_route: TopicRoute | None,
-                 channels: int = 1, max_skew: float = 0.0, max_payload: int = 1 << 20):
+                 channels: int = 1, max_skew: float = 0.0, max_payload: int = 1 << 20, label_gate=None):
         self.sources, self.label_route = sources, label_route
+        self.label_gate = label_gate  # edge.ingest.labelauth.LabelGate: signatures and rate limits
         self.channels, self.max_skew, self.max_payload = channels, max_skew, max_payload
         self._label_base = label_route.subscription.rstrip("#").rstrip("/") if label_route is not None else ""
         self._cache: dict[str, Route | DecodeError] = {}
@@ -84,12 +85,16 @@ class Router:
         return decode_payload(payload, channels=self.channels, now=received, fmt=route.fmt,
                               max_skew=self.max_skew, max_bytes=self.max_payload)
 
-    def decode_label(self, route: Route, payload: bytes, received: float) -> LabelIn:
-        """A label message; its device/stream fields narrow a topic without them."""
+    def decode_label(self, route: Route, payload: bytes, received: float, topic: str = "") -> LabelIn:
+        """A label message (opened and rate-limited by the label gate, if any); its
+        device/stream fields narrow a topic without them."""
         if len(payload) > self.max_payload:
             raise DecodeError("oversized", f"label of {len(payload)} bytes exceeds max_payload_bytes")
+        by = ""
+        if self.label_gate is not None:
+            payload, by = self.label_gate.open(payload, topic=topic, now=received)
         t, value, dev, stm = decode_label(payload, now=received, max_skew=self.max_skew)
         key = route.key
         if key is None and dev:
             key = StreamKey(dev, stm)
-        return LabelIn(key, t, value)
+        return LabelIn(key, t, value, by)
