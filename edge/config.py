@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
+from edge.ingest.names import MAX_NAME, NAME_CHARS, is_valid_name
 
 try:
     import tomllib
@@ -135,20 +136,23 @@ class WindowConfig(_Section):
     max_fill: int = _opt(2, lo=0, hi=1000, doc="missing samples filled by interpolation; larger gaps restart the window")
     max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="samples further from the receive time are rejected; 0 disables")
     max_streams: int = _opt(10_000, lo=1, hi=10_000_000, doc="streams beyond this many are rejected (bounds memory against stray topics)")
+    max_fill_share: float = _opt(0.05, lo=0.0, hi=1.0, doc="recent share of filled samples above which a stream is flagged (fill)")
+    resync_s: float = _opt(1.0, lo=0.001, hi=3600.0, doc="samples without t: exact spacing while within this of the receive time, never beyond twice it")
+    rate_window_s: float = _opt(2.0, lo=0.1, hi=3600.0, doc="samples without t: span over which their arrival rate is measured")
 
 
 @dataclass(frozen=True)
 class QueueConfig(_Section):
     _name = "queues"
     ingest_bytes: int = _opt(64 << 20, lo=1 << 16, hi=1 << 36, doc="sensor lane: bytes of raw messages waiting to be decoded (drop oldest)")
-    labels_bytes: int = _opt(8 << 20, lo=1 << 12, hi=1 << 34, doc="label lane: bytes of labels waiting (never shed by sensor overload)")
+    labels_bytes: int = _opt(8 << 20, lo=1 << 12, hi=1 << 34, doc="each label lane (the pipeline's and the learner's): bytes of labels waiting; never shed by sensor or window overload")
     control_bytes: int = _opt(1 << 20, lo=1 << 12, hi=1 << 30, doc="control lane: bytes of stream resets waiting")
     max_lag_s: float = _opt(2.0, lo=0.0, hi=86400.0, doc="sensor data that waited longer is shed when taken (fresh data first after an overload); 0 disables")
     shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=600.0, doc="at stop, serve and learn what is queued for up to this long; the rest is counted")
-    labels: int = _opt(10_000, lo=16, hi=10_000_000, doc="labelled features waiting for the learner (drop oldest)")
+    learner_bytes: int = _opt(16 << 20, lo=1 << 16, hi=1 << 34, doc="learner lane: served windows and forecast samples waiting for the learner, in bytes (drop oldest)")
     publish: int = _opt(10_000, lo=16, hi=10_000_000,
-                        doc="QoS 1 publishes held for the node's connection (in flight or awaiting a reconnect); "
-                            "beyond it a publish is refused and counted (queue_full); QoS 0 is not held")
+                        doc="publishes the node's MQTT client may hold, QoS 1 (in flight or awaiting a reconnect) "
+                            "and QoS 0 (not yet written) each; beyond it a publish is refused and counted (queue_full)")
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,10 @@ def _section(where: str, cls: type, table: Any) -> Any:
 def _check_source(where: str, s: SourceConfig) -> None:
     if s.type == "serial" and not s.port:
         raise ConfigError(f"[{where}] port is required for a serial source (a path such as /dev/ttyUSB0 or a pyserial URL)")
+    for key in ("device", "stream"):  # names become topic levels: the same rule as names from outside
+        value = getattr(s, key)
+        if value and not is_valid_name(value):
+            raise ConfigError(f"[{where}] {key} = {value[:80]!r} is not a valid name: 1-{MAX_NAME} characters of {NAME_CHARS}")
     if s.type == "mqtt":
         levels = s.topic.split("/")
         if not s.topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:

@@ -112,7 +112,10 @@ class Daemon:
         label_route = TopicRoute(f"{base}/labels/#")
         window_kw = dict(length=cfg.window.length or m.window, hop=cfg.window.hop or cfg.window.length or m.window,
                          sample_rate=cfg.window.sample_rate or m.sample_rate,
-                         rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill)
+                         rate_tolerance=cfg.window.rate_tolerance, max_fill=cfg.window.max_fill,
+                         max_fill_share=cfg.window.max_fill_share)
+        stamp_kw = dict(resync_s=cfg.window.resync_s, rate_tolerance=cfg.window.rate_tolerance,
+                        rate_window_s=cfg.window.rate_window_s)
         gate = None
         if cfg.labels.keys_dir or cfg.labels.max_per_s:
             from edge.ingest.labelauth import LabelGate, load_label_keys
@@ -127,8 +130,12 @@ class Daemon:
                         "(set [labels] keys_dir, and restrict the topic in the broker's ACL)", base)
         if cfg.adapt.enabled:
             from edge.adapt.worker import AdaptWorker
+            from edge.state import CheckpointStore, ModelIdentity
 
-            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event)
+            store = CheckpointStore(state_dir(cfg) / "adapt", keep=3,
+                                    identity=ModelIdentity.of(self.model, head=cfg.adapt.head))
+            self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event,
+                                     store=store, supervisor=self.supervisor)
         self.pipeline = build_pipeline(
             sources=mqtt_routes(cfg), label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
@@ -137,14 +144,15 @@ class Daemon:
             max_lag_s=q.max_lag_s, drain_s=q.shutdown_drain_s,
             max_batch=cfg.model.max_batch, max_wait_ms=cfg.model.max_wait_ms, max_skew=cfg.window.max_clock_skew_s,
             max_streams=cfg.window.max_streams, max_payload=cfg.mqtt.max_payload_bytes, supervisor=self.supervisor,
-            label_gate=gate, on_stream=self._new_stream if cfg.mqtt.ha_discovery else None,
+            label_gate=gate, stamp_kw=stamp_kw, on_stream=self._new_stream if cfg.mqtt.ha_discovery else None,
             on_window=self.adapt.offer_window if self.adapt else None,
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None,
             on_flag=self._stream_flag)
         client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
         self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
-                             subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message)
+                             subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message,
+                             max_queued=cfg.queues.publish)
         self.sources = build_sources(SourceContext(cfg=cfg, inbox=self.pipeline.inbox, client_id=client_id,
                                                    supervisor=self.supervisor))
 
@@ -224,7 +232,7 @@ class Daemon:
         if self.pipeline:
             self.pipeline.stop()
         if self.adapt is not None:
-            self.adapt.stop()  # learns what is queued (bounded), then checkpoints
+            self.adapt.stop(timeout_s=max(1.0, self.cfg.queues.shutdown_drain_s))  # learns what is queued, then checkpoints
         if self.link:
             self.link.stop()
         if self.pipeline:
@@ -402,8 +410,8 @@ class Daemon:
                                    for label, snap in self.engine.latency_snapshot().items()])
         reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker (every connection)",
                 lambda: float(self.broker_connected()))
-        reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused",
-                lambda: self.link.counters["publish_errors"])
+        reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused, by reason",
+                lambda: [({"reason": k}, v) for k, v in self.link.publish_errors.items()])
         if self.ingest is not None:
             ing = self.ingest
             for name in list(ing.counters):  # one family per quantity: bytes and counts apart

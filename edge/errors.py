@@ -65,7 +65,7 @@ _SCALARS = (type(None), bool, float)
 
 
 def brief(value: object, limit: int = 80) -> str:
-    """A short description of an untrusted value for a message: at most ``limit`` characters.
+    """A short description of an untrusted value for a message: at most ``limit`` (>= 4) characters.
 
     It never raises and never recurses: nested lists, tuples, dicts and sets are walked with
     an explicit stack and the walk stops once ``limit`` characters are written, so a

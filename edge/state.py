@@ -12,16 +12,27 @@ it gets its final name, and the rename is atomic, so ``kill -9`` at any instant 
 either the previous checkpoint or the new one, never a torn one under a final name.
 Damage from elsewhere (a bad disk, a truncated copy) is caught by the checksum, and
 ``load_latest`` falls back to the previous checkpoint with a log line saying why.
+
+A store given a ``ModelIdentity`` (name, version, content hash, classes, outputs, head)
+wraps each state as ``{"__edge_checkpoint__": 2, "identity": ..., "state": ...}`` and
+restores only checkpoints of the same identity; others are moved aside, never applied.
+Saves survive a tight disk (prune first, never the last good one) and resume by
+themselves once space returns. See ``CheckpointStore`` and docs/STATE.md.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import struct
+import time
+from dataclasses import asdict, dataclass, fields, replace  # noqa: F401 (replace: doctest)
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -105,8 +116,147 @@ def decode_state(data: bytes) -> dict:
     return _unflatten(tree, blobs)
 
 
+def _cut(value, limit: int = 80) -> str:
+    """A bounded, printable rendering of a value read from a file (any depth, any size).
+
+    >>> _cut("x" * 100, 10)
+    "'xxxxxx..."
+    """
+    try:
+        text = repr(value) if not isinstance(value, (list, tuple)) or len(value) <= 64 else f"<{len(value)} items>"
+    except Exception:  # noqa: BLE001 - RecursionError on deep values, a hostile __repr__
+        text = f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _safe_name(value, limit: int = 40) -> str:
+    """A folder-name-safe piece: ``[A-Za-z0-9._-]`` only, bounded, never empty.
+
+    >>> _safe_name("../vib ration"), _safe_name(""), _safe_name(None)
+    ('.._vib_ration', 'unknown', 'unknown')
+    """
+    text = re.sub(r"[^A-Za-z0-9._-]", "_", str(value)[:limit]) if value not in (None, "") else ""
+    return text.strip(".") and text or "unknown"
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a learner checkpoint belongs to; it is restored only into the same model and head.
+
+    ``content_hash`` is ``ModelFolder.content_hash`` (manifest, model code, weights), so a
+    retrained or replaced model is another identity even with the same name and shapes.
+    ``head`` is the learner's adapter head kind (``[adapt] head``).
+
+    >>> a = ModelIdentity(name="vib", version="1", content_hash="ab" * 32, task="classification",
+    ...                   classes=("ok", "worn"), outputs=2, feature_size=32, head="linear")
+    >>> a.mismatch(a) is None
+    True
+    >>> a.mismatch(replace(a, classes=("ok", "bad")))
+    "classes ('ok', 'bad') != ('ok', 'worn')"
+    >>> a.mismatch(ModelIdentity.from_dict(a.to_dict())) is None
+    True
+    >>> a.mismatch(None)
+    'the checkpoint records no model identity (written before checkpoints were bound to their model)'
+    """
+
+    name: str
+    version: str
+    content_hash: str
+    task: str
+    classes: tuple[str, ...]
+    outputs: int
+    feature_size: int
+    head: str
+
+    @classmethod
+    def of(cls, model, *, head: str) -> "ModelIdentity":
+        """The identity of a model folder (``edge.zoo.ModelFolder``) learnt with ``head``."""
+        m = model.manifest
+        return cls(name=m.name, version=m.version, content_hash=model.content_hash, task=m.task,
+                   classes=tuple(str(c) for c in m.classes), outputs=int(m.outputs),
+                   feature_size=int(m.feature_size), head=str(head))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["classes"] = list(self.classes)
+        return d
+
+    @classmethod
+    def from_dict(cls, d) -> "ModelIdentity":
+        """Parse the identity recorded in a checkpoint; ``StateError`` if it is malformed."""
+        try:
+            return cls(name=str(d["name"]), version=str(d["version"]), content_hash=str(d["content_hash"]),
+                       task=str(d["task"]), classes=tuple(str(c) for c in d["classes"]), outputs=int(d["outputs"]),
+                       feature_size=int(d["feature_size"]), head=str(d["head"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise StateError(f"malformed model identity in checkpoint: {type(e).__name__}: {_cut(str(e))}") from None
+
+    def mismatch(self, saved: "ModelIdentity | None") -> str | None:
+        """Why a checkpoint of ``saved`` must not be restored into this model; None when it may."""
+        if saved is None:
+            return "the checkpoint records no model identity (written before checkpoints were bound to their model)"
+        why = []
+        for f in fields(self):
+            have, want = getattr(saved, f.name), getattr(self, f.name)
+            if have != want:
+                if f.name == "content_hash":
+                    have, want = str(have)[:12], str(want)[:12]
+                why.append(f"{f.name} {_cut(have)} != {_cut(want)}")
+        return "; ".join(why) or None
+
+
+@dataclass(frozen=True)
+class Restored:
+    """What ``CheckpointStore.restore`` found: the state to apply, or why there is none."""
+
+    state: dict | None
+    path: Path | None = None
+    mismatch: str | None = None  # set when a checkpoint of another model was found (and moved aside)
+    saved_identity: dict | None = None  # that checkpoint's identity, as recorded
+    moved_to: Path | None = None
+
+
+_ENVELOPE = "__edge_checkpoint__"
+_NOSPACE = {errno.ENOSPC, errno.EDQUOT}
+_FREE_SLACK = 16 << 10  # directory entry, block rounding, the fs's own bookkeeping
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and missing parents) as 0700; make an existing one 0700."""
+    missing = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:  # another process made it meanwhile
+            pass
+    _chmod(path, 0o700)
+
+
+def _chmod(path: Path, mode: int) -> None:
+    if path.is_symlink():
+        return  # never follow a link planted in the state folder
+    if stat.S_IMODE(path.stat().st_mode) != mode:
+        os.chmod(path, mode)
+
+
 class CheckpointStore:
     """Numbered checkpoints in one directory, newest last; keeps the last ``keep``.
+
+    Bound to a model when given ``identity``: every checkpoint records it, and
+    ``restore`` applies a checkpoint only when it was written for the same identity.
+    A checkpoint of another model is never applied: the folder's checkpoints move,
+    not deleted, into ``stale-<their model>-<hash8>-<UTC time>/`` beside them, with a
+    ``WHY.txt``, and ``Restored.mismatch`` says why (the caller logs and emits an event).
+
+    Tight disk: a save needs room for one new checkpoint beside the last good one. When
+    free space is short before writing, or a write fails with ENOSPC/EDQUOT, older
+    checkpoints are pruned first (never the last good one) and the write is retried
+    once; the temp file of a failed save is always removed, and nothing is sticky: the
+    next save simply tries again. Files are 0600, folders 0700 (fixed on start).
 
     >>> import tempfile
     >>> store = CheckpointStore(tempfile.mkdtemp(), keep=2)
@@ -115,58 +265,178 @@ class CheckpointStore:
     [1.0, 1.0, 1.0]
     """
 
-    def __init__(self, dir: str | Path, *, keep: int = 3):
+    def __init__(self, dir: str | Path, *, keep: int = 3, identity: ModelIdentity | None = None,
+                 clock: Callable[[], float] = time.time):
         self.dir = Path(dir)
         self.keep = max(1, int(keep))
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.identity = identity
+        self.clock = clock
         self.loaded_path: Path | None = None
-        for tmp in self.dir.glob(".ckpt-*.tmp"):  # leftovers of a save killed mid-write
-            tmp.unlink(missing_ok=True)
+        self.last_good: Path | None = None  # never pruned to make room
+        self.counters = {"pruned_for_room": 0, "retried": 0, "set_aside": 0}
+        try:
+            _private_dir(self.dir)
+            for tmp in self.dir.glob(".ckpt-*.tmp"):  # leftovers of a save killed mid-write
+                tmp.unlink(missing_ok=True)
+            for p in self.dir.iterdir():  # earlier versions wrote with the umask's modes
+                if _NAME.match(p.name) or p.name.startswith("stale-"):
+                    _chmod(p, 0o600 if p.is_file() else 0o700)
+        except OSError as e:
+            raise StateError(f"{self.dir}: cannot set up the checkpoint folder (0700, files 0600): {e}") from e
+        existing = self.paths()
+        self._seq = self._seq_of(existing[-1]) if existing else 0
+
+    @staticmethod
+    def _seq_of(p: Path) -> int:
+        return int(_NAME.match(p.name).group(1))
 
     def paths(self) -> list[Path]:
         """Checkpoint files, oldest first."""
         found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := _NAME.match(p.name))]
         return [p for _, p in sorted(found)]
 
+    # ---- saving --------------------------------------------------------------------------
     def save(self, state: dict) -> Path:
-        """Write ``state`` as the next checkpoint, durably; prune beyond ``keep``."""
-        data = encode_state(state)
-        existing = self.paths()
-        seq = int(_NAME.match(existing[-1].name).group(1)) + 1 if existing else 1
-        final = self.dir / f"ckpt-{seq:010d}.edge"
-        tmp = self.dir / f".ckpt-{seq:010d}-{os.getpid()}.tmp"
+        """Write ``state`` as the next checkpoint, durably; prune beyond ``keep``.
+
+        ``StateError`` when it cannot be written even after pruning for room.
+        """
+        ident = self.identity.to_dict() if self.identity is not None else None
+        data = encode_state({_ENVELOPE: 2, "identity": ident, "state": state})
         try:
-            with open(tmp, "wb") as f:
+            if not self.dir.is_dir():  # removed under us (an operator's cleanup): make it again
+                _private_dir(self.dir)
+            self._seq = max([self._seq] + [self._seq_of(p) for p in self.paths()[-1:]]) + 1
+        except OSError as e:
+            raise StateError(f"{self.dir}: cannot write checkpoint: {e}") from e
+        final = self.dir / f"ckpt-{self._seq:010d}.edge"
+        tmp = self.dir / f".ckpt-{self._seq:010d}-{os.getpid()}.tmp"
+        if self._free_bytes() < len(data) + _FREE_SLACK:
+            self._prune_for_room()
+        try:
+            self._write(tmp, final, data)
+        except OSError as e:
+            if e.errno not in _NOSPACE or not self._prune_for_room():
+                raise StateError(f"{final}: cannot write checkpoint: {e}") from e
+            self.counters["retried"] += 1
+            try:
+                self._write(tmp, final, data)
+            except OSError as e2:
+                raise StateError(f"{final}: cannot write checkpoint even after pruning: {e2}") from e2
+        self.last_good = final
+        try:
+            for old in self.paths()[: -self.keep]:
+                old.unlink(missing_ok=True)
+        except OSError as e:  # the new checkpoint is safe; pruning is retried at the next save
+            log.warning("could not prune old checkpoints in %s: %s", self.dir, e)
+        return final
+
+    def _write(self, tmp: Path, final: Path, data: bytes) -> None:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
-            self._fsync_dir()
-        except OSError as e:
-            tmp.unlink(missing_ok=True)
-            raise StateError(f"{final}: cannot write checkpoint: {e}") from e
-        for old in self.paths()[: -self.keep]:
-            old.unlink(missing_ok=True)
-        return final
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed save leaves nothing behind, whatever failed
+            raise
+        self._fsync_dir()
 
-    def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY)
+    def _free_bytes(self) -> int:
+        try:
+            st = os.statvfs(self.dir)
+        except OSError:
+            return 1 << 62  # unknown: just try, the write's error path still prunes
+        return st.f_bavail * st.f_frsize
+
+    def _prune_for_room(self) -> int:
+        """Delete every checkpoint but the last good one (or the newest); how many went."""
+        paths = self.paths()
+        keep = self.last_good if self.last_good in paths else (paths[-1] if paths else None)
+        gone = 0
+        for p in paths:
+            if p != keep:
+                p.unlink(missing_ok=True)
+                gone += 1
+        if gone:
+            self.counters["pruned_for_room"] += gone
+            log.info("disk short in %s: pruned %d older checkpoint(s) to make room, kept %s",
+                     self.dir, gone, keep.name if keep else "none")
+        return gone
+
+    def _fsync_dir(self, d: Path | None = None) -> None:
+        fd = os.open(d or self.dir, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
 
-    def load_latest(self) -> dict | None:
-        """The newest readable checkpoint, falling back past damaged ones; None if there is none."""
+    # ---- restoring -----------------------------------------------------------------------
+    def restore(self) -> Restored:
+        """The newest readable checkpoint written for this identity, falling back past damaged
+        ones. A readable checkpoint of another model sets the whole folder aside (see the class)."""
         paths = self.paths()
         for i, p in enumerate(reversed(paths)):
             try:
-                state = decode_state(p.read_bytes())
-            except (StateError, OSError) as e:
+                raw = decode_state(p.read_bytes())
+                saved, state = self._unwrap(raw)
+            except (StateError, OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 older = paths[-2 - i].name if i + 1 < len(paths) else None
-                log.warning("checkpoint %s is damaged (%s); falling back to %s", p, e,
+                log.warning("checkpoint %s is damaged (%s); falling back to %s", p, _cut(str(e), 200),
                             older or "no checkpoint (starting fresh)")
                 continue
-            self.loaded_path = p
-            return state
-        return None
+            why = self.identity.mismatch(saved) if self.identity is not None else None
+            if why is not None:
+                saved_d = saved.to_dict() if saved is not None else None
+                try:
+                    moved = self.set_aside(why, saved_d)
+                except OSError as e:  # still never applied; rotation may prune them later
+                    log.error("could not move the checkpoints of another model out of %s: %s", self.dir, e)
+                    moved = None
+                log.warning("checkpoint %s is not for this model (%s); not applied, moved to %s; "
+                            "starting from the shipped head", p.name, why, moved)
+                return Restored(None, p, mismatch=why, saved_identity=saved_d, moved_to=moved)
+            self.loaded_path = self.last_good = p
+            return Restored(state, p)
+        return Restored(None)
+
+    @staticmethod
+    def _unwrap(raw) -> tuple[ModelIdentity | None, dict]:
+        if isinstance(raw, dict) and raw.get(_ENVELOPE) == 2:
+            ident = raw.get("identity")
+            return (ModelIdentity.from_dict(ident) if ident is not None else None), raw["state"]
+        return None, raw  # format of before checkpoints were bound to their model
+
+    def load_latest(self) -> dict | None:
+        """``restore().state``: the state to apply, or None (nothing usable, or another model's)."""
+        return self.restore().state
+
+    def set_aside(self, why: str, saved_identity: dict | None = None) -> Path | None:
+        """Move every checkpoint into a new ``stale-...`` folder (with ``WHY.txt``); its path,
+        or None when there was nothing to move. Renames only, so it needs no free space."""
+        files = self.paths()
+        if not files:
+            return None
+        sid = saved_identity or {}
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.clock()))
+        base = f"stale-{_safe_name(sid.get('name'))}-{_safe_name(sid.get('content_hash'))[:8]}-{stamp}"
+        dest, n = self.dir / base, 1
+        while dest.exists():
+            n += 1
+            dest = self.dir / f"{base}-{n}"
+        os.mkdir(dest, 0o700)
+        for p in files:
+            os.replace(p, dest / p.name)
+        try:
+            fd = os.open(dest / "WHY.txt", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with open(fd, "w") as f:
+                f.write(f"set aside {stamp}: {why}\nrecorded identity: {_cut(sid, 2000)}\n")
+        except OSError:  # a full disk must not stop the move; the log line says why too
+            pass
+        self._fsync_dir(dest)
+        self._fsync_dir()
+        self.loaded_path = self.last_good = None
+        self.counters["set_aside"] += 1
+        return dest

@@ -17,6 +17,8 @@ class CuttableProxy:
         self.port = self.srv.getsockname()[1]
         self.accepted = 0
         self._up = True
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._closed = False
         self._lock = threading.Lock()
         self._socks: list[socket.socket] = []
@@ -42,10 +44,9 @@ class CuttableProxy:
             for a, b in ((conn, up), (up, conn)):
                 threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
-            while data := src.recv(65536):
+            while self._flowing.wait() and (data := src.recv(65536)):
                 dst.sendall(data)
         except OSError:
             pass
@@ -70,7 +71,16 @@ class CuttableProxy:
     def up(self) -> None:
         self._up = True
 
+    def pause(self) -> None:
+        """Keep the connections open but stop forwarding (a broker or link that does not keep up):
+        the sender's socket buffers fill. A pump already inside recv forwards that one read."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        self._flowing.set()
+
     def close(self) -> None:
+        self._flowing.set()
         self.down()
         self._closed = True
         self.srv.close()

@@ -10,6 +10,7 @@ from edge.adapt.worker import AdaptWorker
 from edge.config import parse_config
 from edge.ingest.types import StreamKey
 from edge.sim import ProcessSim
+from edge.state import CheckpointStore, ModelIdentity
 from edge.zoo import resolve_model
 
 
@@ -20,7 +21,9 @@ def test_forecast_windows_are_trained_on_their_own_future(tmp_path):
     ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear", task=m.task, version="g")
     cfg = parse_config({"node": {"name": "fc", "state_dir": str(tmp_path)}})
     events = []
-    w = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda kind, **f: events.append(kind))
+    store = CheckpointStore(tmp_path / "fc" / "adapt", identity=ModelIdentity.of(model, head=cfg.adapt.head))
+    w = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda kind, **f: events.append(kind),
+                    store=store)
     backbone, _ = model.build()
     key = StreamKey("pump", "load")
     t, v = ProcessSim(seed=4).read(64 + 60 * 10 + 10)
@@ -43,3 +46,194 @@ def test_forecast_windows_are_trained_on_their_own_future(tmp_path):
     finally:
         w.stop()
     assert list((tmp_path / "fc" / "adapt").glob("*")), "no checkpoint at stop"
+
+
+# ---- lanes, supervision, shutdown (issue 8) ------------------------------------------------
+
+import itertools  # noqa: E402
+
+import pytest  # noqa: E402
+
+from edge.supervise import Supervisor, wait_until  # noqa: E402
+
+KEY = StreamKey("m1", "vib")
+
+
+def _worker(tmp_path, *, supervisor=None, queues=None, clock=None, model=None, events=None):
+    model = model or resolve_model("vibration")
+    m = model.manifest
+    _, head_sd = model.state_dicts()
+    ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear", task=m.task, version="g")
+    cfg = parse_config({"node": {"name": "w", "state_dir": str(tmp_path)}, "queues": queues or {}})
+    store = CheckpointStore(tmp_path / "adapt", identity=ModelIdentity.of(model, head=cfg.adapt.head))
+    events = events if events is not None else []
+    kw = {"clock": clock} if clock is not None else {}
+    return AdaptWorker(cfg=cfg, model=model, global_head=ghead, store=store, supervisor=supervisor,
+                       publish_event=lambda kind, **f: events.append((kind, f)), **kw)
+
+
+def _z(i: int) -> np.ndarray:
+    return np.random.default_rng(i).normal(size=64).astype(np.float32)
+
+
+def _window(w, i: int, key=KEY) -> None:
+    w.offer_window(key, float(i), float(i) + 1.0, _z(i), np.full(4, 0.25, np.float32))
+
+
+CLASSES = ("normal", "imbalance", "misalignment", "bearing_wear")
+
+
+def test_labels_survive_a_flood_of_windows(tmp_path):
+    w = _worker(tmp_path, queues={"learner_bytes": 1 << 16})
+    n = 3000
+    for i in range(n):  # not started yet: the learner lane must shed, the labels lane must not
+        _window(w, i)
+        if i >= n - 100:
+            w.offer_label(None, i + 0.5, CLASSES[i % 4])  # node-wide labels for the newest windows
+    met = w.metrics()
+    assert met["lane_labels_dropped"] == 0 and met["lane_labels_depth"] == 100
+    assert met["lane_learner_dropped"] > n - 200 and met["lane_learner_depth_bytes"] <= 1 << 16
+    w.start()
+    try:
+        assert wait_until(lambda: w.metrics()["matcher_labels_matched_total"] == 100, timeout=60)
+        assert wait_until(lambda: w.metrics()["lane_learner_depth"] == 0, timeout=60)
+    finally:
+        w.stop()
+    met = w.metrics()
+    assert met["worker_learned"] == 100 and met["learner_labels_total"] == 100 and met["worker_item_errors"] == 0
+
+
+def test_an_item_that_raises_is_counted_and_skipped(tmp_path):
+    sup = Supervisor(faults="")
+    w = _worker(tmp_path, supervisor=sup)
+    w.start()
+    try:
+        _window(w, 0, key=["not", "hashable"])  # a producer's bug: the matcher raises TypeError on this item
+        for i in range(1, 4):
+            _window(w, i)
+            w.offer_label(KEY, i + 0.5, "imbalance")
+        assert wait_until(lambda: w.counters["learned"] == 3, timeout=60)
+        assert w.counters["item_errors"] == 1 and sup.errors == {("learner", "TypeError"): 1}
+        assert w.thread.is_alive() and not sup.dead()
+    finally:
+        sup.stopping()
+        w.stop()
+
+
+def test_injected_faults_are_counted_and_the_loop_goes_on(tmp_path):
+    sup = Supervisor(faults="learner:item:0.3", seed=1)
+    w = _worker(tmp_path, supervisor=sup)
+    w.start()
+    try:
+        for i in range(200):
+            _window(w, i)
+        assert wait_until(lambda: w.metrics()["lane_learner_taken"] == 200, timeout=60)
+        assert wait_until(lambda: w.counters["item_errors"] == sup.errors.get(("learner", "InjectedFault")), timeout=10)
+        n = sup.errors[("learner", "InjectedFault")]
+        assert 20 < n < 120 and w.thread.is_alive() and not sup.dead()
+        assert w.metrics()["matcher_windows_cached"] == 200 - n  # exactly the faulted items were skipped
+    finally:
+        sup.stopping()
+        w.stop()
+
+
+def test_a_killed_learner_thread_is_seen_as_dead(tmp_path):
+    deaths = []
+    sup = Supervisor(faults="learner:kill:3", on_death=lambda name, why: deaths.append(name))
+    w = _worker(tmp_path, supervisor=sup)
+    w.start()
+    for i in range(5):
+        _window(w, i)
+    assert wait_until(lambda: "learner" in sup.dead(), timeout=30)
+    assert "ThreadKill" in sup.dead()["learner"] and deaths == ["learner"]
+    sup.stopping()
+    w.stop(timeout_s=10)  # still drains what is queued and checkpoints
+    assert w.counters["checkpoints"] == 1 and w.metrics()["matcher_windows_cached"] == 4
+
+
+def test_shutdown_learns_what_is_queued_within_its_budget_and_counts_the_rest(tmp_path):
+    ticks = itertools.count()
+    w = _worker(tmp_path, clock=lambda: float(next(ticks)))  # one tick per look at the clock: a budget in items
+    order = []
+    for i in range(200):
+        _window(w, i)
+        order.append("w")
+        if i % 10 == 0:
+            w.offer_label(None, i + 0.5, CLASSES[i % 4])
+            order.append("l")
+    w.stop(timeout_s=100)  # never started: stop() itself drains
+    c = w.counters
+    assert c["shutdown_drained"] + c["shutdown_dropped"] == 220
+    assert 0 < c["shutdown_dropped"] < 200
+    assert c["learned"] == order[: c["shutdown_drained"]].count("l") > 5  # in offer order, each label learned
+    again = _worker(tmp_path)  # the final checkpoint holds them
+    assert again.metrics()["learner_labels_total"] == c["learned"]
+
+
+def test_shutdown_of_a_running_worker_drains_everything_within_its_budget(tmp_path):
+    w = _worker(tmp_path)
+    w.start()
+    for i in range(300):
+        _window(w, i)
+        w.offer_label(None, i + 0.5, CLASSES[i % 4])
+    w.stop(timeout_s=120)
+    met = w.metrics()
+    assert met["worker_shutdown_dropped"] == 0 and met["matcher_labels_matched_total"] == 300
+    assert met["lane_labels_depth"] == 0 and met["lane_learner_depth"] == 0 and w.counters["checkpoints"] >= 1
+
+
+@pytest.mark.parametrize("change", ["retrained", "classes"])
+def test_another_models_checkpoint_is_not_applied_and_an_event_says_why(tmp_path, change):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(resolve_model("vibration").path, other)
+    if change == "retrained":
+        with open(other / "model.py", "a") as f:
+            f.write("\n# retrained\n")  # same shapes and classes, other content hash
+    else:  # same shapes, one class renamed (the hash changes too: the manifest is hashed)
+        text = (other / "manifest.toml").read_text()
+        (other / "manifest.toml").write_text(text.replace('"bearing_wear"', '"cavitation"'))
+    w1 = _worker(tmp_path, model=resolve_model(other))
+    w1.start()
+    for i in range(10):
+        _window(w1, i)
+        w1.offer_label(KEY, i + 0.5, "imbalance")
+    w1.stop(timeout_s=60)
+    assert w1.metrics()["learner_labels_total"] == 10
+    events = []
+    w2 = _worker(tmp_path, events=events)
+    assert w2.metrics()["learner_labels_total"] == 0 and w2.champion.version == "g"
+    assert w2.counters["checkpoint_mismatches"] == 1 and not w2.store.paths()
+    stale = list((tmp_path / "adapt").glob("stale-vibration-*"))
+    assert len(stale) == 1 and list(stale[0].glob("ckpt-*.edge")) and (stale[0] / "WHY.txt").is_file()
+    w2.start()
+    w2.stop()
+    (kind, fields), = [e for e in events if e[0] == "checkpoint_mismatch"]
+    assert ("content_hash" if change == "retrained" else "classes") in fields["why"]
+    assert fields["moved_to"] == str(stale[0])
+    assert fields["saved"]["content_hash"] != fields["model"]["content_hash"]
+
+
+def test_a_store_not_bound_to_a_model_is_refused(tmp_path):
+    model = resolve_model("vibration")
+    _, head_sd = model.state_dicts()
+    ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear", task="classification", version="g")
+    cfg = parse_config({"node": {"name": "w", "state_dir": str(tmp_path)}})
+    with pytest.raises(ValueError, match="bound"):
+        AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda *a, **k: None,
+                    store=CheckpointStore(tmp_path / "x"))
+
+
+def test_a_checkpoint_the_learner_cannot_take_is_set_aside_too(tmp_path):
+    model = resolve_model("vibration")
+    ident = ModelIdentity.of(model, head="linear")
+    CheckpointStore(tmp_path / "adapt", identity=ident).save({"format": 0, "task": "classification"})  # an old layout
+    events = []
+    w = _worker(tmp_path, events=events)
+    assert w.counters["checkpoint_mismatches"] == 1 and w.champion.version == "g" and not w.store.paths()
+    w.start()
+    w.stop()
+    (kind, fields), = [e for e in events if e[0] == "checkpoint_mismatch"]
+    assert "cannot take" in fields["why"] and list((tmp_path / "adapt").glob("stale-vibration-*/ckpt-*.edge"))
+    assert w.store.paths()  # the new lineage was saved at stop

@@ -121,6 +121,7 @@ def test_broker_restart_reconnects_and_resubscribes(broker):
     pub.send(publish_packet(b"rs/a", b"after"))
     assert sink.wait_count(2)[1] == ("rs/a", b"after")
     assert sub.counters["connects"] == 2 and sub.counters["disconnects"] == 1
+    assert sub.counters["sessions_lost"] == 1  # the test broker keeps no sessions across a restart
     pub.close()
     sub.stop()
 

@@ -165,3 +165,104 @@ def test_firmware_frame_with_wrong_channel_count_is_rejected():
     with pytest.raises(DecodeError) as e:
         dec(frame)
     assert e.value.kind == "wrong_channels"
+
+
+# -- hostile input: only DecodeError, with bounded messages ------------------------------------
+
+MAX_MESSAGE = 300
+
+
+def _nested(depth: int, leaf: bytes = b"1") -> bytes:
+    return b"[" * depth + leaf + b"]" * depth
+
+
+def _deep_obj(depth: int) -> bytes:
+    return b'{"a":' * depth + b"1" + b"}" * depth
+
+
+odd_numbers = [b"1e308", b"-1e308", b"1e400", b"-0.0", b"18446744073709551616", b"9" * 400, b"1" * 5000,
+               b"-9223372036854775809", b"0.0000000000000000000000001", b"true", b"null", b'"1"', b"[]", b"{}"]
+deep = [_nested(d) for d in (1, 10, 500, 999, 1000, 1023, 1030, 5000)] + [_deep_obj(d) for d in (999, 1000, 1100)]
+hostile_values = st.sampled_from(odd_numbers + deep) | st.binary(max_size=40).map(lambda b: b'"' + b + b'"')
+fields = st.sampled_from([b"t", b"v", b"t0", b"dt", b"label", b"y", b"device", b"stream", b"x"])
+
+
+@st.composite
+def hostile_docs(draw):
+    """JSON objects (or lists of them) whose fields hold deep, huge, odd or non-UTF-8 values."""
+    items = draw(st.lists(st.tuples(fields, hostile_values | st.just(b"[1,2,3]") | st.just(b"[[1,2,3],[4,5,6]]")),
+                          max_size=5))
+    obj = b"{" + b",".join(b'"' + k + b'":' + v for k, v in items) + b"}"
+    return draw(st.sampled_from([obj, b"[" + obj + b"," + obj + b"]", b" " + obj]))
+
+
+def _only_decode_error(fn, payload, **kw):
+    try:
+        return fn(payload, **kw)
+    except DecodeError as e:
+        assert len(str(e)) <= MAX_MESSAGE, str(e)[:400]
+        return None
+
+
+@settings(max_examples=400, deadline=None)
+@given(payload=hostile_docs())
+def test_hostile_json_raises_only_bounded_decode_errors(payload):
+    from edge.ingest.payload import decode_sample
+
+    out = _only_decode_error(decode_payload, payload, channels=3, now=NOW, max_skew=0.0)
+    if out is not None:
+        ts, rows = out
+        assert len(ts) == len(rows) and all(t is None or math.isfinite(t) for t in ts)
+    _only_decode_error(decode_payload, payload, channels=3, now=NOW, max_skew=3600.0)
+    _only_decode_error(decode_label, payload, now=NOW)
+    r = decode_sample(payload, channels=3, now=NOW, max_skew=3600.0)  # never raises
+    assert r is None or len(r[1]) == 3
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=2000))
+def test_any_bytes_raise_only_bounded_decode_errors(data):
+    from edge.ingest.payload import decode_sample
+
+    for fmt in ("auto", "json", "csv", "frame"):
+        _only_decode_error(decode_payload, data, channels=3, now=NOW, fmt=fmt)
+    _only_decode_error(decode_label, data, now=NOW)
+    assert decode_sample(data, channels=3, now=NOW) is None or True
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"v": [1, 2, ' + _nested(1000) + b']}',
+    b'{"t": ' + _nested(1000) + b', "v": [1, 2, 3]}',
+    b'{"t0": 1700000000, "dt": ' + _nested(1000) + b', "v": [[1, 2, 3]]}',
+    b'{"v": [[1, 2, 3], ' + _nested(1000) + b']}',
+    b"[" + b'{"v": [1, 2, ' + _nested(999) + b']}' + b"]",
+])
+def test_a_thousand_deep_value_is_a_decode_error(payload):
+    with pytest.raises(DecodeError) as e:
+        dec(payload)
+    assert len(str(e.value)) <= MAX_MESSAGE
+
+
+@pytest.mark.parametrize("payload", [
+    b'{"label": ' + _nested(1000) + b'}',
+    b'{"y": ' + _nested(1000) + b'}',
+    b'{"t": ' + _nested(1000) + b', "label": "a"}',
+    b'{"label": "a", "device": ' + _nested(1000) + b'}',
+    b'{"label": "a", "stream": "' + b"s" * 100_000 + b'"}',
+])
+def test_a_hostile_label_is_a_bounded_decode_error(payload):
+    with pytest.raises(DecodeError) as e:
+        decode_label(payload, now=NOW)
+    assert len(str(e.value)) <= MAX_MESSAGE
+
+
+def test_a_batch_whose_end_overflows_is_rejected_even_without_a_skew_limit():
+    with pytest.raises(DecodeError) as e:
+        decode_payload(b'{"t0": 1e308, "dt": 1e308, "v": [[1,2,3],[1,2,3],[1,2,3]]}', channels=3, now=NOW)
+    assert e.value.kind == "bad_time"
+
+
+def test_csv_error_messages_are_bounded():
+    with pytest.raises(DecodeError) as e:
+        dec(b"x" * 100_000 + b",1,2")
+    assert len(str(e.value)) <= MAX_MESSAGE

@@ -131,3 +131,94 @@ def test_kill_9_during_training_and_checkpointing_never_loses_the_checkpoint(tmp
     state = store.load_latest()
     assert state is not None and store.loaded_path == store.paths()[-1]
     assert not list((tmp_path / "ckpt").glob(".ckpt-*.tmp"))  # leftovers of a torn save are swept
+
+
+# ---- bound to the model, permissions (issue 8) ------------------------------------------------
+
+import dataclasses  # noqa: E402
+import stat  # noqa: E402
+
+from edge.state import ModelIdentity  # noqa: E402
+
+IDENT = ModelIdentity(name="vibration", version="1.0.0", content_hash="a1" * 32, task="classification",
+                      classes=("normal", "imbalance", "misalignment", "bearing_wear"), outputs=4,
+                      feature_size=64, head="linear")
+
+
+@pytest.mark.parametrize("change", [
+    {"content_hash": "b2" * 32},  # retrained: same shapes, other weights
+    {"classes": ("normal", "imbalance", "misalignment", "cavitation")},  # same count, other classes
+    {"name": "pump"}, {"version": "1.1.0"}, {"head": "mlp"},
+])
+def test_a_checkpoint_of_another_model_is_set_aside_not_applied(tmp_path, caplog, change):
+    old = CheckpointStore(tmp_path, identity=dataclasses.replace(IDENT, **change))
+    old.save(_state(3))
+    old.save(_state(4))
+    store = CheckpointStore(tmp_path, identity=IDENT)
+    with caplog.at_level(logging.WARNING, logger="edge.state"):
+        r = store.restore()
+    field = next(iter(change))
+    assert r.state is None and r.mismatch.startswith(field) and r.saved_identity[field] != getattr(IDENT, field)
+    assert store.paths() == [] and r.moved_to.parent == tmp_path
+    assert r.moved_to.name.startswith(f"stale-{change.get('name', 'vibration')}-") and len(list(r.moved_to.glob("ckpt-*.edge"))) == 2
+    assert field in (r.moved_to / "WHY.txt").read_text() and "not for this model" in caplog.text
+    assert stat.S_IMODE(r.moved_to.stat().st_mode) == 0o700
+    store.save({"step": 9})  # the new lineage starts beside the stale folder
+    assert CheckpointStore(tmp_path, identity=IDENT).load_latest() == {"step": 9}
+
+
+def test_a_checkpoint_without_identity_is_not_applied_to_a_bound_store(tmp_path):
+    CheckpointStore(tmp_path).save({"step": 1})  # as written before checkpoints were bound to their model
+    r = CheckpointStore(tmp_path, identity=IDENT).restore()
+    assert r.state is None and "no model identity" in r.mismatch and r.moved_to.name.startswith("stale-unknown-")
+
+
+def test_same_identity_restores_and_unbound_stores_read_anything(tmp_path):
+    CheckpointStore(tmp_path, identity=IDENT).save({"step": 2})
+    assert CheckpointStore(tmp_path, identity=ModelIdentity.from_dict(IDENT.to_dict())).load_latest() == {"step": 2}
+    assert CheckpointStore(tmp_path).load_latest() == {"step": 2}
+
+
+def test_a_hostile_identity_in_a_file_is_cut_in_messages_and_names(tmp_path):
+    evil = dataclasses.replace(IDENT, name="../" + "x" * 5000, content_hash="/" * 64)
+    CheckpointStore(tmp_path, identity=evil).save({"step": 1})
+    r = CheckpointStore(tmp_path, identity=IDENT).restore()
+    assert r.state is None and len(r.mismatch) < 400 and r.moved_to.parent == tmp_path
+    assert len(r.moved_to.name) < 100 and "/" not in r.moved_to.name
+
+
+def test_modes_are_0600_and_0700_and_existing_ones_are_fixed(tmp_path):
+    old_umask = os.umask(0o022)
+    try:
+        d = tmp_path / "a" / "b" / "adapt"
+        p = CheckpointStore(d).save({"k": 1})
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600
+        for folder in (d, d.parent, d.parent.parent):  # the folders it created
+            assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+        os.chmod(p, 0o644)
+        os.chmod(d, 0o755)
+        CheckpointStore(d)
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600 and stat.S_IMODE(d.stat().st_mode) == 0o700
+    finally:
+        os.umask(old_umask)
+
+
+def test_pruning_for_room_never_removes_the_last_good_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path, keep=3)
+    for i in range(3):
+        store.save({"step": i})
+    newest = store.paths()[-1]
+    newest.write_bytes(b"torn")  # damaged by something else: the last good one is the one before
+    assert store.restore().state == {"step": 1}
+    good = store.last_good
+    assert store._prune_for_room() == 2 and store.paths() == [good]
+
+
+def test_saves_resume_after_the_folder_was_removed_under_the_store(tmp_path):
+    import shutil
+
+    store = CheckpointStore(tmp_path / "adapt", keep=2)
+    store.save({"step": 1})
+    shutil.rmtree(tmp_path / "adapt")
+    store.save({"step": 2})
+    assert store.load_latest() == {"step": 2} and stat.S_IMODE((tmp_path / "adapt").stat().st_mode) == 0o700

@@ -1,19 +1,45 @@
 """The learner thread: the one owner of the learner, the label matcher and the checkpoints.
 
-The pipeline thread offers it served windows (features and the scores served) and
-labels; serial sources offer labels too. Everything crosses through one bounded queue
-(oldest dropped and counted when full). The thread matches labels to cached windows
-(or, for a forecast model, pairs windows with the stream's own future samples), calls
-``learn_one`` for each match, publishes the learner's events, and checkpoints on an
-interval and at stop. The serving thread only ever reads ``champion``: one reference.
+Inputs. The pipeline thread offers it served windows (features and the scores served)
+and, for a forecast model, the streams' samples; the pipeline and serial sources offer
+labels. They cross through two byte-bounded ``Lane``\\ s (drop oldest, counted):
+
+* ``learner`` (``[queues] learner_bytes``): windows and forecast samples, in one lane
+  because ``ForecastTargets`` needs them in the windower's order;
+* ``labels`` (``[queues] labels_bytes``): labels only, so a flood of windows never sheds
+  a label.
+
+The loop handles items in the order they were offered (a sequence number merges the two
+lanes), because a label needs the windows offered before it: taking labels ahead of
+queued windows would reject them as "future" after a backlog. Labels are matched to cached windows (or, for a forecast model, windows are paired with
+the stream's own future samples), ``learn_one`` is called for each match, the learner's
+events are published, and the state is checkpointed on an interval. The serving thread
+only ever reads ``champion``: one reference.
+
+Supervision. Each item's work is guarded: an exception is handed to
+``supervisor.item_failed("learner", exc, where)`` and the item skipped;
+``supervisor.fault_point("learner")`` runs at each item (``EDGE_FAULTS``); the thread is
+started by ``supervisor.spawn("learner", ...)`` so that its death is seen.
+
+State. The worker is handed its ``CheckpointStore``, bound to the model
+(``ModelIdentity``). A checkpoint of another model is not applied: the store moves it
+aside, the worker starts from the shipped head and emits ``checkpoint_mismatch``. A
+failed save is counted (``checkpoint_errors``), logged rate-limited, and the next
+interval simply tries again.
+
+Shutdown. ``stop(timeout_s)`` ends the loop, learns what is still queued (in the same
+order: each label against the cached windows and the queued windows before it; only
+label matches cost a training step, windows are cheap) until ``timeout_s`` is spent,
+checkpoints, and counts what it could not handle as ``shutdown_dropped``.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
-from collections import deque
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,30 +48,89 @@ from edge.adapt.heads import HeadSnapshot
 from edge.adapt.labels import LabelMatcher
 from edge.adapt.learner import Learner
 from edge.errors import StateError
+from edge.lanes import Lane
+from edge.observe import RateLimitedLog
 from edge.state import CheckpointStore
+from edge.supervise import Supervisor
 
 log = logging.getLogger("edge.adapt")
 
-_WINDOW, _LABEL, _SAMPLES = 0, 1, 2
+THREAD = "learner"
+_OVERHEAD = 256  # bytes of Python objects around an item's arrays (record, key, floats)
+_PER_ROUND = 256  # items between looks at the checkpoint clock
+
+
+@dataclass(frozen=True, slots=True)
+class WindowItem:
+    """A served window: its span, features ``z [D]`` and the scores served for it."""
+
+    key: Any
+    t0: float
+    t1: float
+    z: np.ndarray
+    scores: Any
+    seq: int = 0  # offer order across both lanes
+
+
+@dataclass(frozen=True, slots=True)
+class LabelItem:
+    """A label (class name or target values) for the window of ``key`` around ``t``."""
+
+    key: Any
+    t: float
+    value: Any
+    seq: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SamplesItem:
+    """Samples of ``key`` (``ts [n]``, ``rows [n, C]``): the future of a forecast model's windows."""
+
+    key: Any
+    ts: np.ndarray
+    rows: np.ndarray
+    seq: int = 0
+
+
+def _value_bytes(value) -> int:
+    """What a label or a scores value adds to an item's cost in its lane.
+
+    >>> _value_bytes("worn"), _value_bytes(np.zeros(8, np.float32)), _value_bytes([1.0, 2.0]), _value_bytes(3)
+    (4, 32, 16, 8)
+    """
+    if isinstance(value, (str, bytes)):
+        return len(value)
+    if isinstance(value, np.ndarray):
+        return value.nbytes
+    if isinstance(value, (list, tuple)):
+        return 8 * len(value)
+    return 8
 
 
 class AdaptWorker:
-    """Runs online adaptation for one daemon on the thread named ``learner``."""
+    """Runs online adaptation for one daemon on the supervised thread named ``learner``.
+
+    ``store`` must be bound to the model (``CheckpointStore(..., identity=ModelIdentity.of(
+    model, head=cfg.adapt.head))``). ``supervisor`` is the daemon's; without one the worker
+    keeps a private one (unit tests), whose ``stopping()`` it calls itself at ``stop``.
+    """
 
     def __init__(self, *, cfg, model, global_head: HeadSnapshot, publish_event: Callable[..., None],
-                 state_path=None, queue_size: int | None = None):
-        from edge.daemon import state_dir
-
+                 store: CheckpointStore, supervisor: Supervisor | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if store.identity is None:
+            raise ValueError("the learner's CheckpointStore must be bound to its model (identity=ModelIdentity.of(...))")
         m = model.manifest
         a = cfg.adapt
         self.task = m.task
         self.publish_event = publish_event
-        self.learner = Learner(task=m.task, feature_size=m.feature_size,
-                               classes=m.classes if m.task == "classification" else None,
-                               outputs=None if m.task == "classification" else m.outputs,
-                               global_head={k: np.array(v) for k, v in global_head.arrays.items()},
-                               global_version=global_head.version, config=a,
-                               on_event=self._on_event)
+        self.clock = clock
+        self._learner_kw = dict(task=m.task, feature_size=m.feature_size,
+                                classes=m.classes if m.task == "classification" else None,
+                                outputs=None if m.task == "classification" else m.outputs,
+                                global_version=global_head.version, config=a, on_event=self._on_event)
+        self._global_arrays = dict(global_head.arrays)
+        self.learner = self._new_learner()
         if m.task == "classification":
             self.matcher = LabelMatcher(classes=m.classes, max_windows=a.label_cache_windows,
                                         tolerance_s=a.label_tolerance_s, max_future_s=a.label_max_future_s)
@@ -56,12 +141,21 @@ class AdaptWorker:
             horizon = max(1, m.outputs // max(1, m.channels))
             self.forecast = ForecastTargets(horizon=horizon)
         self.interval = a.checkpoint_interval_s
-        self.store = CheckpointStore(state_path or state_dir(cfg) / "adapt", keep=3)
-        self.queue: deque = deque(maxlen=queue_size or cfg.queues.labels)
-        self.counters = {"dropped": 0, "learned": 0, "checkpoints": 0, "checkpoint_errors": 0, "self_supervised": 0}
+        self.store = store
+        q = cfg.queues
+        self.data = Lane("learner", max_bytes=q.learner_bytes, clock=clock)
+        self.labels = Lane("labels", max_bytes=q.labels_bytes, clock=clock)
+        self.counters = {"learned": 0, "checkpoints": 0, "checkpoint_errors": 0, "self_supervised": 0,
+                         "item_errors": 0, "checkpoint_mismatches": 0, "shutdown_drained": 0, "shutdown_dropped": 0}
+        self._own_supervisor = supervisor is None
+        self.supervisor = supervisor if supervisor is not None else Supervisor(faults="")
+        self._errlog = RateLimitedLog(log)
+        self._seq = itertools.count()  # next() is atomic in CPython: producers need no lock
+        self._ahead: list = [None, None]  # the item taken from each lane and not yet handled
         self._stop = threading.Event()
-        self._last_ckpt = time.monotonic()
-        self.thread = threading.Thread(target=self._run, name="learner", daemon=True)
+        self._last_ckpt = clock()
+        self._pending_events: list[tuple[str, dict]] = []
+        self.thread = self.supervisor.spawn(THREAD, self._run)
         self._restore()
 
     @property
@@ -70,78 +164,161 @@ class AdaptWorker:
         return self.learner.champion
 
     # ---- producers (other threads) ---------------------------------------------------------
-    def _offer(self, item) -> None:
-        q = self.queue
-        if len(q) == q.maxlen:
-            self.counters["dropped"] += 1
-        q.append(item)
-
     def offer_window(self, key, t0: float, t1: float, z, scores) -> None:
-        self._offer((_WINDOW, key, t0, t1, np.array(z, dtype=np.float32), scores))
+        z = np.array(z, dtype=np.float32)
+        self.data.put(WindowItem(key, float(t0), float(t1), z, scores, next(self._seq)), _OVERHEAD + z.nbytes + _value_bytes(scores))
 
     def offer_label(self, key, t: float, value) -> None:
-        self._offer((_LABEL, key, t, value))
+        self.labels.put(LabelItem(key, float(t), value, next(self._seq)), _OVERHEAD + _value_bytes(value))
 
     def offer_samples(self, key, ts, rows) -> None:
-        self._offer((_SAMPLES, key, ts, rows))
+        ts = np.asarray(ts, np.float64).reshape(-1)
+        rows = np.asarray(rows, np.float32).reshape(len(ts), -1)
+        self.data.put(SamplesItem(key, ts, rows, next(self._seq)), _OVERHEAD + ts.nbytes + rows.nbytes)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def _restore(self) -> None:
-        try:
-            state = self.store.load_latest()
-        except StateError as e:
-            log.warning("no usable checkpoint (%s); starting from the shipped head", e)
+        r = self.store.restore()
+        if r.mismatch is not None:
+            self.counters["checkpoint_mismatches"] += 1
+            self._pending_events.append(("checkpoint_mismatch", {
+                "why": r.mismatch, "checkpoint": r.path.name if r.path else None,
+                "moved_to": str(r.moved_to) if r.moved_to else None, "saved": r.saved_identity,
+                "model": self.store.identity.to_dict()}))
             return
-        if state is None:
+        if r.state is None:
             log.info("no checkpoint in %s; starting from the shipped head", self.store.dir)
             return
         try:
-            self.learner.load_state_dict(state)
-            log.info("restored the learner from %s (serving head %s)", self.store.loaded_path, self.champion.version)
-        except StateError as e:
-            log.warning("checkpoint %s does not fit this model (%s); starting from the shipped head", self.store.loaded_path, e)
+            self.learner.load_state_dict(r.state)
+        except (StateError, KeyError, TypeError, ValueError) as e:
+            # Same model, but a state this learner cannot take (another head kind, an older
+            # learner's layout): never half-applied; set aside like another model's.
+            why = f"the learner cannot take this checkpoint: {type(e).__name__}: {str(e)[:200]}"
+            try:
+                moved = self.store.set_aside(why, self.store.identity.to_dict())
+            except OSError as e2:
+                log.error("could not move checkpoint %s aside: %s", r.path, e2)
+                moved = None
+            self.learner = self._new_learner()  # load_state_dict may have changed part of it
+            log.warning("checkpoint %s not applied (%s); moved to %s; starting from the shipped head", r.path, why, moved)
+            self.counters["checkpoint_mismatches"] += 1
+            self._pending_events.append(("checkpoint_mismatch", {
+                "why": why, "checkpoint": r.path.name if r.path else None, "moved_to": str(moved) if moved else None,
+                "saved": self.store.identity.to_dict(), "model": self.store.identity.to_dict()}))
+            return
+        log.info("restored the learner from %s (serving head %s)", r.path, self.champion.version)
+
+    def _new_learner(self) -> Learner:
+        """A learner starting from the shipped (or fleet's global) head."""
+        return Learner(global_head={k: np.array(v) for k, v in self._global_arrays.items()}, **self._learner_kw)
 
     def start(self) -> None:
+        for kind, fields in self._pending_events:  # restore ran before the daemon could publish
+            self.publish_event(kind, **fields)
+        self._pending_events.clear()
         self.thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the loop, learn what is queued within ``timeout_s``, checkpoint, count the rest."""
+        deadline = self.clock() + timeout_s
         self._stop.set()
-        self.thread.join(10)
+        if self._own_supervisor:
+            self.supervisor.stopping()
+        if self.thread.ident is not None:
+            self.thread.join(max(0.1, timeout_s))
+        if self.thread.is_alive():  # stuck in one item: do not touch the learner beside it
+            left = len(self.labels) + len(self.data) + sum(x is not None for x in self._ahead)
+            self.counters["shutdown_dropped"] += left
+            log.error("the learner thread did not stop within %.1f s; %d queued items dropped, no final checkpoint",
+                      timeout_s, left)
+            return
+        pending = sorted([x for x in self._ahead if x is not None] + self.labels.drain() + self.data.drain(),
+                         key=lambda x: x.seq)  # the loop's order (module docstring)
+        self._ahead = [None, None]
+        done = 0
+        for item in pending:
+            if self.clock() >= deadline:
+                break
+            self._guarded(item, fault=False)
+            done += 1
+        self.counters["shutdown_drained"] += done
+        self.counters["shutdown_dropped"] += len(pending) - done
+        if pending:
+            log.info("shutdown: learned from %d queued items, dropped %d past the %.1f s budget",
+                     done, len(pending) - done, timeout_s)
         self.checkpoint()
+        late = len(self.labels) + len(self.data)  # offered after the drain
+        self.counters["shutdown_dropped"] += late
 
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> bool:
+        """Save the learner's state now; True when saved. A failure is counted, logged
+        rate-limited, and not sticky: the next call tries again."""
+        self._last_ckpt = self.clock()
         try:
             self.store.save(self.learner.state_dict())
-            self.counters["checkpoints"] += 1
         except (OSError, StateError) as e:
             self.counters["checkpoint_errors"] += 1
-            log.error("checkpoint failed: %s", e)
-        self._last_ckpt = time.monotonic()
+            self._errlog.warn("checkpoint", "checkpoint failed (%d failures so far; the next interval tries again): %s",
+                              self.counters["checkpoint_errors"], str(e)[:300])
+            return False
+        self.counters["checkpoints"] += 1
+        return True
 
     # ---- the loop ----------------------------------------------------------------------------
+    def _next(self):
+        """The oldest offered item across both lanes, or None when both are empty."""
+        ahead = self._ahead
+        for i, lane in enumerate((self.labels, self.data)):
+            if ahead[i] is None:
+                ahead[i] = lane.take()
+        a, b = ahead
+        if a is None and b is None:
+            return None
+        i = 0 if b is None or (a is not None and a.seq < b.seq) else 1
+        item, ahead[i] = ahead[i], None
+        return item
+
     def _run(self) -> None:
-        q = self.queue
         while not self._stop.is_set():
-            if not q:
+            busy = False
+            for _ in range(_PER_ROUND):
+                item = self._next()
+                if item is None:
+                    break
+                busy = True
+                self._guarded(item, fault=True)
+                if self._stop.is_set():
+                    return  # the rest is stop()'s to drain and count
+            if self.clock() - self._last_ckpt >= self.interval:
+                try:
+                    self.checkpoint()
+                except Exception as e:  # noqa: BLE001 - e.g. a state the codec cannot encode
+                    self.supervisor.item_failed(THREAD, e, where="checkpoint")
+            if not busy:
                 self._stop.wait(0.005)
-            while q and not self._stop.is_set():
-                self._handle(q.popleft())
-            if time.monotonic() - self._last_ckpt >= self.interval:
-                self.checkpoint()
+
+    def _guarded(self, item, *, fault: bool) -> None:
+        """One item's work; an exception is counted and the item skipped (ThreadKill is not caught)."""
+        try:
+            if fault:
+                self.supervisor.fault_point(THREAD)
+            self._handle(item)
+        except Exception as e:  # noqa: BLE001 - the item boundary of a supervised loop
+            self.counters["item_errors"] += 1
+            self.supervisor.item_failed(THREAD, e, where=f"{type(item).__name__} of {str(item.key)[:80]}")
 
     def _handle(self, item) -> None:
-        kind = item[0]
-        if kind == _WINDOW:
-            _, key, t0, t1, z, scores = item
-            matches = self.matcher.add_window(key, t0, t1, z, scores)
+        if isinstance(item, WindowItem):
+            matches = self.matcher.add_window(item.key, item.t0, item.t1, item.z, item.scores)
             if self.forecast is not None:
-                self.forecast.add_window(key, t_end=t1, z=z, served=scores)
-        elif kind == _LABEL:
-            _, key, t, value = item
-            matches = self.matcher.match(key, t, value)
+                self.forecast.add_window(item.key, t_end=item.t1, z=item.z, served=item.scores)
+        elif isinstance(item, LabelItem):
+            matches = self.matcher.match(item.key, item.t, item.value)
         else:
-            _, key, ts, rows = item
-            for _, z, target in self.forecast.add_samples(key, ts, rows):
+            if self.forecast is None:
+                return
+            for _, z, target in self.forecast.add_samples(item.key, item.ts, item.rows):
                 self.counters["self_supervised"] += 1
                 self._learn(z, target)
             return
@@ -164,5 +341,9 @@ class AdaptWorker:
         if self.forecast is not None:
             out["forecast_pending"] = self.forecast.pending()
             out["forecast_dropped"] = self.forecast.dropped  # windows whose future never came
-        out["queue_depth"] = len(self.queue)
+        for lane in (self.data, self.labels):
+            for k, v in lane.stats().items():
+                out[f"lane_{lane.name}_{k}"] = v
+        out.update({f"store_{k}": v for k, v in self.store.counters.items()})
+        out["queue_depth"] = len(self.data) + len(self.labels)
         return out

@@ -9,11 +9,20 @@ The policy, in the order it is applied to each sample (each outcome has a counte
   interpolation (``filled``); a longer gap discards the partial window and starts a new
   one at the sample after the gap (``gaps``, ``discarded``), because a window that
   straddles a hole would show the model a signal that never existed.
-* **Rate**: the spacing of consecutive (non-gap) samples is averaged (EWMA); when the
-  estimate leaves ``sample_rate * (1 +- rate_tolerance)`` the stream is flagged
-  (``rate_mismatch`` counts each transition into the flagged state, and
-  ``rate_ok`` tells the pipeline to warn). Windows are still served: a speed change is a
-  drift the adapter can learn, and silence would hide it.
+* **Rate**: every spacing between consecutive samples, filled or not, feeds an EWMA of
+  the spacing (weight 0.01 per sample); only a gap longer than ``max_fill`` does not,
+  because an outage says nothing about the rate the sensor samples at (it restarts the
+  window instead, and is counted). After 100 spacings, and then every 32, the estimate
+  is checked: outside ``sample_rate * (1 +- rate_tolerance)`` the stream is flagged
+  ``"rate"`` (``rate_ok`` False; ``rate_mismatch`` counts each transition into it). A
+  500 Hz stream fed to a 1 kHz windower is thus flagged although its holes are filled.
+* **Fill share**: at the same checks, the share of filled samples among the samples of
+  the last 32 spacings updates an EWMA (weight 1/8, so it remembers about 250 samples);
+  above ``max_fill_share`` the stream is flagged ``"fill"`` (``fill_mismatch`` counts
+  transitions): a stream that needs steady interpolation shows the model a smoothed
+  signal. ``flagged`` is None, ``"rate"`` or ``"fill"`` (rate first). Windows are still
+  served in both cases: a speed change is a drift the adapter can learn, and silence
+  would hide it; the flags make it visible.
 * **Windows**: every ``hop`` samples once ``length`` samples are buffered, a window
   ``[channels, length]`` float32 is emitted with the times of its first and last sample.
 
@@ -25,19 +34,26 @@ from __future__ import annotations
 
 import numpy as np
 
+_WARMUP = 100  # spacings before the first check of the flags
+_EVERY = 32    # spacings between checks
+
 
 class Windower:
     """Windows for one stream; ``push`` returns ``[(t_start, t_end, window[C, L])]``."""
 
-    __slots__ = ("length", "hop", "channels", "sample_rate", "rate_tolerance", "max_fill",
-                 "_ts", "_rows", "_skip", "_last_t", "_dt_est", "_n_dt", "rate_ok", "counters", "_dt", "_gap_at")
+    __slots__ = ("length", "hop", "channels", "sample_rate", "rate_tolerance", "max_fill", "max_fill_share",
+                 "_ts", "_rows", "_skip", "_last_t", "_dt_est", "_n_dt", "rate_ok", "fill_ok", "counters", "_dt",
+                 "_gap_at", "_check_at", "_filled_at", "_fill_share")
 
     def __init__(self, *, length: int, hop: int, channels: int, sample_rate: float,
-                 rate_tolerance: float = 0.1, max_fill: int = 2):
+                 rate_tolerance: float = 0.1, max_fill: int = 2, max_fill_share: float = 0.05):
         if length < 1 or hop < 1 or channels < 1 or sample_rate <= 0:
             raise ValueError("length, hop, channels and sample_rate must be positive")
+        if not 0.0 <= max_fill_share <= 1.0:
+            raise ValueError("max_fill_share must be within 0..1")
         self.length, self.hop, self.channels = length, hop, channels
         self.sample_rate, self.rate_tolerance, self.max_fill = sample_rate, rate_tolerance, max_fill
+        self.max_fill_share = max_fill_share
         self._dt = 1.0 / sample_rate
         self._gap_at = 1.5 * self._dt
         self._ts: list[float] = []
@@ -46,19 +62,30 @@ class Windower:
         self._last_t: float | None = None
         self._dt_est = self._dt
         self._n_dt = 0
+        self._check_at = _WARMUP  # spacing count at which the flags are next checked
+        self._filled_at = 0       # counters["filled"] at the last check
+        self._fill_share = 0.0
         self.rate_ok = True
+        self.fill_ok = True
         self.counters = {"samples": 0, "windows": 0, "out_of_order": 0, "filled": 0, "gaps": 0,
-                         "discarded": 0, "rate_mismatch": 0}
-
-    @property
-    def flagged(self) -> str | None:
-        """None while the stream is within tolerance, else why it is flagged ("rate")."""
-        return None if self.rate_ok else "rate"
+                         "discarded": 0, "rate_mismatch": 0, "fill_mismatch": 0}
 
     @property
     def estimated_rate(self) -> float:
         """The stream's measured sample rate (Hz), from the EWMA of sample spacing."""
         return 1.0 / self._dt_est
+
+    @property
+    def fill_share(self) -> float:
+        """The recent share of filled samples among all samples (EWMA, see the module doc)."""
+        return self._fill_share
+
+    @property
+    def flagged(self) -> str | None:
+        """Why the stream is flagged now: ``"rate"``, ``"fill"``, or None when it is fine."""
+        if not self.rate_ok:
+            return "rate"
+        return None if self.fill_ok else "fill"
 
     def reset(self) -> None:
         """Forget the partial window (e.g. after the source reconnects)."""
@@ -84,18 +111,20 @@ class Windower:
                     continue
                 if d > gap_at:
                     missing = int(round(d / dt)) - 1
-                    if 0 < missing <= self.max_fill and brows:
-                        prev = brows[-1]
-                        for k in range(1, missing + 1):
-                            a = k / (missing + 1)
-                            self._append(last + a * d, [p + a * (x - p) for p, x in zip(prev, row)], out)
-                        c["filled"] += missing
-                    elif missing > self.max_fill:
+                    if missing > self.max_fill:  # an outage: restart, and leave the rate estimate alone
                         c["gaps"] += 1
                         c["discarded"] += len(brows)
                         bts.clear()
                         brows.clear()
                         self._skip = 0
+                    else:
+                        if missing > 0 and brows:
+                            prev = brows[-1]
+                            for k in range(1, missing + 1):
+                                a = k / (missing + 1)
+                                self._append(last + a * d, [p + a * (x - p) for p, x in zip(prev, row)], out)
+                            c["filled"] += missing
+                        self._track_rate(d)
                 else:
                     self._track_rate(d)
             last = t
@@ -131,12 +160,24 @@ class Windower:
     def _track_rate(self, d: float) -> None:
         self._dt_est += 0.01 * (d - self._dt_est)
         self._n_dt += 1
-        if self._n_dt < 100:
-            return
+        if self._n_dt >= self._check_at:
+            self._check()
+
+    def _check(self) -> None:
+        """Update both flags; runs every ``_EVERY`` spacings so the per-sample path stays cheap."""
+        self._check_at = self._n_dt + _EVERY
+        c = self.counters
         ok = abs(self._dt / self._dt_est - 1.0) <= self.rate_tolerance
         if self.rate_ok and not ok:
-            self.counters["rate_mismatch"] += 1
+            c["rate_mismatch"] += 1
         self.rate_ok = ok
+        filled = c["filled"] - self._filled_at
+        self._filled_at = c["filled"]
+        self._fill_share += 0.125 * (filled / (filled + _EVERY) - self._fill_share)
+        ok = self._fill_share <= self.max_fill_share
+        if self.fill_ok and not ok:
+            c["fill_mismatch"] += 1
+        self.fill_ok = ok
 
     def _append(self, t: float, row: list[float], out: list) -> None:
         if self._skip:

@@ -34,14 +34,14 @@ def build_pipeline(*, sources: list[tuple[TopicRoute, str]], label_route: TopicR
                    classes: tuple[str, ...], send: Callable[[str, bytes], Any], topic_base: str, model_id: str,
                    sensor_bytes: int = 64 << 20, labels_bytes: int = 8 << 20, control_bytes: int = 1 << 20,
                    max_lag_s: float = 0.0, max_batch: int = 32, max_wait_ms: float = 0.0, max_skew: float = 0.0,
-                   max_payload: int = 1 << 20, max_streams: int = 10_000, resync_s: float | None = None,
+                   max_payload: int = 1 << 20, max_streams: int = 10_000, stamp_kw: dict[str, Any] | None = None,
                    drain_s: float = 2.0, supervisor: Supervisor | None = None, label_gate=None, **callbacks) -> Pipeline:
     """A ``Pipeline`` with its parts built from plain settings."""
     inbox = Inbox(sensor_bytes=sensor_bytes, labels_bytes=labels_bytes, control_bytes=control_bytes,
                   max_lag_s=max_lag_s, label_route=label_route)
     router = Router(sources=sources, label_route=label_route, channels=channels, max_skew=max_skew,
                     max_payload=max_payload, label_gate=label_gate)
-    bank = WindowerBank(channels=channels, window_kw=window_kw, max_streams=max_streams, resync_s=resync_s)
+    bank = WindowerBank(channels=channels, window_kw=window_kw, max_streams=max_streams, stamp_kw=stamp_kw)
     server = Server(features=features, head_ref=head_ref, classes=classes, model_id=model_id)
     return Pipeline(inbox=inbox, router=router, bank=bank, server=server, publisher=Publisher(send),
                     topic_base=topic_base, max_batch=max_batch, max_wait_ms=max_wait_ms, drain_s=drain_s,

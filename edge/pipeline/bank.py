@@ -51,9 +51,9 @@ class WindowerBank:
     """Streams by key; ``push`` stamps, windows and returns the windows completed."""
 
     def __init__(self, *, channels: int, window_kw: dict[str, Any], max_streams: int = 10_000,
-                 resync_s: float | None = None):
+                 stamp_kw: dict[str, Any] | None = None):
         self.channels, self.window_kw, self.max_streams = channels, window_kw, max_streams
-        self._stamp_kw = {} if resync_s is None else {"resync_s": resync_s}
+        self._stamp_kw = dict(stamp_kw or {})  # Stamper options: resync_s, rate_tolerance, rate_window_s
         self.streams: dict[StreamKey, Stream] = {}
         self.flag_changes: list[tuple[StreamKey, str | None, str | None]] = []
         self.new_streams: list[StreamKey] = []  # created since the pipeline last looked
