@@ -59,8 +59,6 @@ def test_injected_faults_in_pipeline_and_mqtt_link_cost_only_their_items(broker,
         d.stop()
 
 
-@pytest.mark.xfail(reason="needs the supervised learner thread (learner-state work: fault point and item guard "
-                          "in the learner loop)", strict=False)
 def test_injected_faults_in_the_learner_are_counted_and_learning_goes_on(broker, tmp_path):
     node = "injl"
     d = start_daemon(broker, tmp_path, node=node, adapt=True, faults="learner:item:0.3")
@@ -83,13 +81,14 @@ def test_injected_faults_in_the_learner_are_counted_and_learning_goes_on(broker,
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # paho's thread ends by the kill
-@pytest.mark.parametrize("thread", ["pipeline", "mqtt-link"])
+@pytest.mark.parametrize("thread", ["pipeline", "mqtt-link", "learner"])
 def test_a_killed_thread_fails_health(broker, tmp_path, thread):
     node = f"kill-{thread.replace('-', '')}"
-    d = start_daemon(broker, tmp_path, node=node, faults=f"{thread}:kill:3")
+    d = start_daemon(broker, tmp_path, node=node, faults=f"{thread}:kill:3", adapt=thread == "learner")
     try:
         assert healthz(d.metrics_port) == 200
-        c = _fire(broker, node, 4, 0, "k") if thread == "pipeline" else _fire(broker, node, 0, 4, "k")
+        # the pipeline's items are messages, paho's are label messages, the learner's windows
+        c = _fire(broker, node, 0, 4, "k") if thread == "mqtt-link" else _fire(broker, node, 4, 0, "k")
         poll(lambda: thread in d.supervisor.dead(), 60, what=f"{thread} to be reported dead")
         assert healthz(d.metrics_port) == 503
         ok, info = d.health()
