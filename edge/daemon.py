@@ -235,6 +235,8 @@ class Daemon:
             self.adapt.stop(timeout_s=max(1.0, self.cfg.queues.shutdown_drain_s))  # learns what is queued, then checkpoints
         if self.link:
             self.link.stop()
+        if self.pipeline:
+            self.pipeline.count_left()  # labels that arrived on the link after the pipeline's drain
         if self.metrics_server:
             self.metrics_server.stop()
         if self.status_socket is not None:

@@ -137,6 +137,11 @@ class Pipeline:
                 ready = []
         if ready:
             self._serve(ready)
+        self.count_left()
+
+    def count_left(self) -> int:
+        """Empty the lanes into ``shutdown_dropped``: at stop, and again once the producers
+        have stopped (labels still arrive on the node's connection while the pipeline drains)."""
         left = 0
         for lane in self.inbox.lanes:
             for item in lane.drain():
@@ -144,6 +149,7 @@ class Pipeline:
         if left:
             self.counters["shutdown_dropped"] += left
             log.warning("pipeline stopped with %d queued items unprocessed (shutdown_dropped)", left)
+        return left
 
     def _drain(self, ready: list[Window], budget: int = 8192) -> bool:
         """Take control and labels, then up to ``budget`` sensor messages; True when anything was taken."""

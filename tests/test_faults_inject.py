@@ -1,0 +1,99 @@
+"""Fault suite, part 2: exceptions injected into each thread's per-item work, and threads
+killed outright, in a live daemon (``EDGE_FAULTS`` specs through ``Supervisor(faults=...)``).
+
+An injected ``InjectedFault`` must cost exactly the item it hit: it is counted in
+``edge_internal_errors_total{thread,kind}`` (scraped from /metrics), the item is skipped,
+and everything else is served. A ``ThreadKill`` ends the thread: /healthz turns 503 and
+the thread is reported dead (the `edge run` exit code is in test_faults_process.py).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.faultkit import WINDOW, healthz, metric, poll, scrape, start_daemon
+from tests.helpers import Client, batch
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def _fire(broker, node: str, n_windows: int, n_labels: int, prefix: str) -> Client:
+    c = Client(broker, f"edge/{node}/predictions/#")
+    t0 = time.time()
+    for i in range(n_windows):  # one stream per message: each message is exactly one window
+        c.publish(f"sensors/{prefix}{i}/accel", batch(t0, WINDOW))
+    for i in range(n_labels):
+        c.publish(f"edge/{node}/labels", {"t": t0 + i * 0.001, "label": "normal"})
+    return c
+
+
+def test_injected_faults_in_pipeline_and_mqtt_link_cost_only_their_items(broker, tmp_path):
+    node, S, L = "inj", 60, 60
+    d = start_daemon(broker, tmp_path, node=node, faults="pipeline:item:0.2,mqtt-link:item:0.2")
+    try:
+        c = _fire(broker, node, S, L, "f")
+        errs = d.supervisor.errors
+
+        def accounted():
+            # each item either got through (a prediction, a label counted) or was hit by exactly one fault
+            preds = sum(1 for t, _, _ in list(c.msgs) if "/predictions/f" in t)
+            got = preds + d.pipeline.counters["labels"]
+            lost = errs.get(("pipeline", "InjectedFault"), 0) + errs.get(("mqtt-link", "InjectedFault"), 0)
+            return got + lost == S + L and (preds, lost)
+        preds, lost = poll(accounted, 90, what="every item to be served or counted as an injected fault")
+        text = scrape(d.metrics_port)
+        n_pipe = metric(text, "edge_internal_errors_total", thread="pipeline", kind="InjectedFault")
+        n_link = metric(text, "edge_internal_errors_total", thread="mqtt-link", kind="InjectedFault")
+        assert n_pipe > 0 and n_link > 0 and n_pipe + n_link == lost, text
+        assert preds > 0 and d.pipeline.counters["labels"] > 0
+        assert not d.supervisor.dead() and healthz(d.metrics_port) == 200
+        assert metric(text, "edge_thread_alive", thread="pipeline") == 1.0
+        assert metric(text, "edge_thread_alive", thread="mqtt-link") == 1.0
+        # serving goes on: later windows are still served (some are hit too, at the same rate)
+        more = _fire(broker, node, 20, 0, "g")
+        poll(lambda: any("/predictions/g" in t for t, _, _ in list(more.msgs)), 60, what="a later prediction")
+        c.close()
+        more.close()
+    finally:
+        d.stop()
+
+
+def test_injected_faults_in_the_learner_are_counted_and_learning_goes_on(broker, tmp_path):
+    node = "injl"
+    d = start_daemon(broker, tmp_path, node=node, adapt=True, faults="learner:item:0.3")
+    try:
+        t0 = time.time()
+        c = Client(broker, f"edge/{node}/predictions/#")
+        for k in range(30):  # one stream, consecutive windows, each labelled
+            c.publish("sensors/lrn/accel", batch(t0 + k * WINDOW * 0.001, WINDOW))
+            c.publish(f"edge/{node}/labels", {"t": t0 + (k + 0.5) * WINDOW * 0.001, "label": "normal",
+                                              "device": "lrn", "stream": "accel"})
+        poll(lambda: d.supervisor.errors.get(("learner", "InjectedFault"), 0) > 0, 30, what="a learner fault")
+        poll(lambda: d.adapt.metrics().get("matcher_labels_matched_total", 0) > 0, 60, what="labels learned")
+        text = scrape(d.metrics_port)
+        assert metric(text, "edge_internal_errors_total", thread="learner", kind="InjectedFault") > 0
+        assert metric(text, "edge_thread_alive", thread="learner") == 1.0
+        assert healthz(d.metrics_port) == 200 and not d.supervisor.dead()
+        c.close()
+    finally:
+        d.stop()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # paho's thread ends by the kill
+@pytest.mark.parametrize("thread", ["pipeline", "mqtt-link", "learner"])
+def test_a_killed_thread_fails_health(broker, tmp_path, thread):
+    node = f"kill-{thread.replace('-', '')}"
+    d = start_daemon(broker, tmp_path, node=node, faults=f"{thread}:kill:3", adapt=thread == "learner")
+    try:
+        assert healthz(d.metrics_port) == 200
+        # the pipeline's items are messages, paho's are label messages, the learner's windows
+        c = _fire(broker, node, 0, 4, "k") if thread == "mqtt-link" else _fire(broker, node, 4, 0, "k")
+        poll(lambda: thread in d.supervisor.dead(), 60, what=f"{thread} to be reported dead")
+        assert healthz(d.metrics_port) == 503
+        ok, info = d.health()
+        assert not ok and thread in info["dead_threads"], info
+        assert metric(scrape(d.metrics_port), "edge_thread_alive", thread=thread) == 0.0
+        c.close()
+    finally:
+        d.stop()
