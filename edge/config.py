@@ -187,6 +187,15 @@ class AdaptConfig(_Section):
     boost_lr: float = _opt(3.0, lo=1e-6, hi=100.0, doc="after a drift: learning-rate factor")
     boost_steps: int = _opt(2, lo=1, hi=100, doc="after a drift: steps per label")
     seed: int = _opt(0, lo=0, hi=2**31, doc="seed of replay sampling and head init")
+    # -- issue 10: promotion test, plasticity, scaling (docs/LEARNING.md) --
+    promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion: one-sided paired t-test level on per-block loss differences")
+    promote_block: int = _opt(10, lo=1, hi=100_000, doc="promotion: labels per block of the paired test")
+    promote_min_blocks: int = _opt(6, lo=2, hi=100_000, doc="promotion: blocks since the last swap before a test (half while boosting)")
+    boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
+    boost_anchor: float = _opt(0.1, lo=0.0, hi=1.0, doc="while boosting: anchor factor")
+    plastic_ratio: float = _opt(2.0, lo=1.0, hi=1e6, doc="new-label loss above this times the replayed rows' loss (both faded) starts a boost")
+    plastic_min: int = _opt(50, lo=1, hi=1_000_000, doc="labels before the loss-ratio trigger may fire, and between two firings")
+    scale: bool = _opt(False, doc="standardise features online (running mean/variance) before the head")
 
     def __post_init__(self) -> None:
         super().__post_init__()
