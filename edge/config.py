@@ -193,7 +193,7 @@ class AdaptConfig(_Section):
     promote_min_blocks: int = _opt(6, lo=2, hi=100_000, doc="promotion: blocks since the last swap before a test (half while boosting)")
     boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
     boost_anchor: float = _opt(0.1, lo=0.0, hi=1.0, doc="while boosting: anchor factor")
-    plastic_ratio: float = _opt(2.0, lo=1.0, hi=1e6, doc="new-label loss above this times the replayed rows' loss (both faded) starts a boost")
+    plastic_ratio: float = _opt(3.0, lo=1.0, hi=1e6, doc="new-label error above this times the replayed rows' error (both faded, for plastic_min labels in a row) starts a boost")
     plastic_min: int = _opt(50, lo=1, hi=1_000_000, doc="labels before the loss-ratio trigger may fire, and between two firings")
     scale: bool = _opt(False, doc="standardise features online (running mean/variance) before the head")
 

@@ -119,7 +119,7 @@ class Learner:
         self.rejected = collections.Counter()
         self.boost_left = 0
         self.since_swap = 0
-        self.fade = {"new": 0.0, "replay": 0.0, "w_new": 0.0, "w_replay": 0.0, "since_trigger": 0}
+        self.fade = {"new": 0.0, "replay": 0.0, "w_new": 0.0, "w_replay": 0.0, "since_trigger": 0, "above": 0}
         self._set_global_snapshot(None, None, global_version)
         self.champion = self._global
 
@@ -225,8 +225,7 @@ class Learner:
             l_glob, _ = l_champ, preq["global"].update_values(l_champ, e_champ)
         else:
             l_glob, _ = preq["global"].update(self._score(glob, z2), t)
-        preq["reference"].update(self.reference.scores(), t)
-        self.reference.learn_one(t)
+        preq["reference"].update_values(*self.reference.test_then_learn(t))
         self._reference_snap = None
         zt = z
         if self.scaler is not None:
@@ -244,18 +243,19 @@ class Learner:
                 break
             t0 = time.perf_counter()
             n = tr.fill(zt, t, self._sources)
-            tr.last_loss_of = tr.ranges[1] if s_chal is None else None
+            # the replayed rows' loss (plasticity rule) on every 4th label: it is a faded mean anyway
+            tr.last_loss_of = tr.ranges[1] if s_chal is None and not counters["labels"] & 3 else None
             s = tr.step(n)
             if s_chal is None:
                 s_chal = s
-                if tr.ranges[1][1] > tr.ranges[1][0]:
+                if tr.last_loss_of and tr.ranges[1][1] > tr.ranges[1][0]:
                     self._fade("replay", tr.last_loss)
             self.budget.charge(time.perf_counter() - t0)
             counters["train_steps"] += 1
         if s_chal is None:
             s_chal = tr.score(zt)
-        l_chal, _ = preq["challenger"].update(s_chal, t)
-        self._fade("new", l_chal)
+        l_chal, e_chal = preq["challenger"].update(s_chal, t)
+        self._fade("new", e_chal)
         self.pairs["promote"].add(l_champ, l_chal)
         if champion is not glob:
             self.pairs["rollback"].add(l_champ, l_glob)
@@ -342,13 +342,14 @@ class Learner:
                 rol.add(lc, lg)
         f = self.fade  # the batch's rows, faded in as row by row
         w = _FADE ** np.arange(m - 1, -1, -1)
-        f["new"] = _FADE**m * f["new"] + float(w @ l_chal)
+        f["new"] = _FADE**m * f["new"] + float(w @ e_chal)
         f["w_new"] = _FADE**m * f["w_new"] + float(w.sum())
         self.replay.add_many(Zt, T)
         self.recent.add_many(Zt, T)
         self.since_swap += m
         self.boost_left = max(0, self.boost_left - m)
         f["since_trigger"] += m - 1
+        f["above"] = f["above"] + m - 1 if f["above"] else 0
         watch = e_champ if cfg.drift_on == "error" else l_champ
         drift = self._update_drift_many(float(watch.mean()), m) or self._loss_ratio_trigger()
         counters["labels"] += m
@@ -361,14 +362,18 @@ class Learner:
         f["w_" + key] = _FADE * f["w_" + key] + 1.0
 
     def _loss_ratio_trigger(self) -> str | None:
-        """Plastic when the new labels' loss stays well above the replayed rows' loss."""
+        """Plastic when the new labels' error stays well above the replayed rows' error."""
         f, cfg = self.fade, self.cfg
         f["since_trigger"] += 1
-        if f["since_trigger"] < cfg.plastic_min or self.boost_left > 0 or not f["w_replay"]:
+        if self.boost_left > 0 or not f["w_replay"] or len(self.replay) < 16 * cfg.batch:
+            f["above"] = 0
             return None
         new, old = f["new"] / f["w_new"], f["replay"] / f["w_replay"]
-        if new <= cfg.plastic_ratio * old + 1e-12:
+        # "stays": the ratio must hold on every one of plastic_min labels in a row
+        f["above"] = f.get("above", 0) + 1 if new > cfg.plastic_ratio * old + 1e-12 else 0
+        if f["above"] < cfg.plastic_min or f["since_trigger"] < cfg.plastic_min:
             return None
+        f["above"] = 0
         self._start_boost("loss_ratio", new_loss=new, replay_loss=old)
         return "loss_ratio"
 
@@ -557,7 +562,7 @@ class Learner:
         self._reference_snap = None
         if self.scaler is not None:
             self.scaler.load_state_dict(s["scaler"])
-        self.fade = {k: (int(v) if k == "since_trigger" else float(v)) for k, v in s["fade"].items()}
+        self.fade = {k: (int(v) if k in ("since_trigger", "above") else float(v)) for k, v in s["fade"].items()}
         self.counters = collections.Counter(s["counters"])
         self.rejected = collections.Counter(s["rejected"])
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])

@@ -8,6 +8,8 @@ other head. Pure: values in, values out.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from edge.adapt.heads import HeadSnapshot
@@ -39,6 +41,29 @@ class Reference:
             self.counts[int(y)] += 1.0
         else:
             self.mean += (np.asarray(y, np.float64).reshape(-1) - self.mean) / self.n
+
+    def test_then_learn(self, y) -> tuple[float, float]:
+        """``(loss, error)`` of the current prediction for ``y`` (as ``sample_loss``), then learn
+        ``y``: the per-label path, in plain floats where it can (it runs on every label)."""
+        if self.classification:
+            c, counts = int(y), self.counts
+            total = float(counts.sum())
+            p = float(counts[c]) / total
+            err = 0.0 if float(counts[c]) >= float(counts.max()) and int(counts.argmax()) == c else 1.0
+            counts[c] += 1.0
+            self.n += 1
+            return -math.log(max(p, 1e-7)), err
+        if self.outputs == 1:
+            t = float(np.asarray(y).reshape(-1)[0])
+            m = float(self.mean[0])
+            d = m - t
+            self.n += 1
+            self.mean[0] = m + (t - m) / self.n
+            return d * d, abs(d)
+        t = np.asarray(y, np.float64).reshape(-1)
+        d = self.mean - t
+        self.learn_one(t)
+        return float(np.mean(d * d)), float(np.mean(np.abs(d)))
 
     def learn_many(self, Y) -> np.ndarray:
         """Learn a batch row by row (vectorised); returns each row's scores *before* it was learned."""

@@ -81,8 +81,9 @@ class HeadTrainer:
 
         Scores are probabilities for classification, raw outputs otherwise (the
         challenger's test-then-train prediction of the new sample). The batch loss is
-        not computed; only, when ``last_loss_of`` names rows, their mean loss
-        (``last_loss``: the replayed rows' loss that the plasticity rule compares).
+        not computed; only, when ``last_loss_of`` names rows, their mean error
+        (``last_loss``: 0/1 error or mean absolute error, the replayed rows' error that the
+        plasticity rule compares; errors, not log-loss or MSE, because their tails are light).
         """
         if not self.closed_form:
             return self._scores(self.head.autograd_step(self.z_np[:n], self.y_np[:n], self._lr, self.anchor, self.binary))
@@ -109,8 +110,7 @@ class HeadTrainer:
             s0 = np.stack([1.0 - p0, p0], axis=1)
             if want and want[1] > want[0]:
                 a, b = want
-                p, t = g[a:b, 0].astype(np.float64), y[a:b]
-                self.last_loss = float(-np.mean(np.log(np.clip(np.where(t == 1, p, 1.0 - p), 1e-7, None))))
+                self.last_loss = float(np.mean((g[a:b, 0] >= 0.5) != (y[a:b] == 1)))
             g[:, 0] -= y
             g /= n
         elif self.classification:  # d(mean cross-entropy)/d(logits) = (softmax - onehot) / n
@@ -121,7 +121,7 @@ class HeadTrainer:
             rows = self._rows[:n] if n <= self.batch else np.arange(n)
             if want and want[1] > want[0]:
                 a, b = want
-                self.last_loss = float(-np.mean(np.log(np.maximum(g[rows[a:b], y[a:b]], 1e-7))))
+                self.last_loss = float(np.mean(g[a:b].argmax(1) != y[a:b]))
             g[rows, y] -= 1.0
             g /= n
         else:  # d(mean squared error)/d(outputs)
@@ -129,7 +129,7 @@ class HeadTrainer:
             g -= y
             if want and want[1] > want[0]:
                 a, b = want
-                self.last_loss = float(np.mean(g[a:b] ** 2))
+                self.last_loss = float(np.mean(np.abs(g[a:b])))
             g *= 2.0 / g.size
         self.head.grad_np(z, g, self.anchor, self.grad, cache)
         self.opt.update(self.head.flat, self.grad, self._lr)

@@ -22,7 +22,6 @@ from edge.adapt.heads import HeadSnapshot
 from edge.adapt.labels import LabelMatcher
 from edge.adapt.learner import Learner
 from edge.errors import StateError
-from edge.state import CheckpointStore
 
 log = logging.getLogger("edge.adapt")
 
@@ -56,6 +55,8 @@ class AdaptWorker:
             horizon = max(1, m.outputs // max(1, m.channels))
             self.forecast = ForecastTargets(horizon=horizon)
         self.interval = a.checkpoint_interval_s
+        from edge.state import CheckpointStore  # lazily: edge.state imports torch for tensor checkpoints
+
         self.store = CheckpointStore(state_path or state_dir(cfg) / "adapt", keep=3)
         self.queue: deque = deque(maxlen=queue_size or cfg.queues.labels)
         self.counters = {"dropped": 0, "learned": 0, "checkpoints": 0, "checkpoint_errors": 0, "self_supervised": 0}
