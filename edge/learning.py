@@ -361,9 +361,7 @@ class IncrementalModel:
         Z, T = X.reshape(len(X), -1).astype(np.float32), _labels(Y, lr)
         if lr.scaler is not None:
             lr.scaler.learn_many(Z)
-            Zt = lr.scaler.transform_many(Z)
-        else:
-            Zt = Z
+        Zt = Z
         rng = np.random.default_rng(self.seed + self.samples_seen)
         n_replay = int(round(batch_size * replay_ratio / (1.0 - replay_ratio)))
         tr = lr.trainer
@@ -377,6 +375,8 @@ class IncrementalModel:
                 rep = lr.replay.sample_indices(n_replay)
                 zb = np.concatenate([Zt[idx], lr.replay.z[rep]])
                 yb = np.concatenate([T[idx], lr.replay.y[rep]])
+                if lr.scaler is not None:
+                    lr.scaler.transform_many(zb, out=zb)
                 tr.last_loss_of = (0, len(idx))
                 tr.step_arrays(zb, yb, first=0)
                 losses.append(tr.last_loss if tr.closed_form else math.nan)

@@ -21,7 +21,8 @@ Per label (``learn_one``) the learner
    lower recent loss (the library's do-no-harm rule).
 
 With ``AdaptConfig.scale`` the features are standardised online (``edge.adapt.scaler``)
-before the head; snapshots fold the scaling in, so they still take raw features.
+before the head (the replay keeps raw features; every batch is scaled with the current
+statistics); snapshots fold the scaling in, so they still take raw features.
 
 It runs in the daemon's learner thread; it does no I/O. Events go to ``on_event`` and
 to a bounded queue drained by ``events()``.
@@ -227,10 +228,9 @@ class Learner:
             l_glob, _ = preq["global"].update(self._score(glob, z2), t)
         preq["reference"].update_values(*self.reference.test_then_learn(t))
         self._reference_snap = None
-        zt = z
-        if self.scaler is not None:
-            zt = self.scaler.transform_one(z)
-            self.scaler.learn_one(z)
+        sc = self.scaler
+        if sc is not None:  # replay keeps raw features: each batch is scaled with today's statistics
+            sc.learn_one(z)
         boosting = self.boost_left > 0
         if boosting != self._boosting:
             self._set_sources(boosting=boosting)
@@ -242,7 +242,9 @@ class Learner:
                 counters["train_steps_skipped"] += 1
                 break
             t0 = time.perf_counter()
-            n = tr.fill(zt, t, self._sources)
+            n = tr.fill(z, t, self._sources)
+            if sc is not None:
+                sc.transform_many(tr.z_np[:n], out=tr.z_np[:n])
             # the replayed rows' loss (plasticity rule) on every 4th label: it is a faded mean anyway
             tr.last_loss_of = tr.ranges[1] if s_chal is None and not counters["labels"] & 3 else None
             s = tr.step(n)
@@ -253,14 +255,14 @@ class Learner:
             self.budget.charge(time.perf_counter() - t0)
             counters["train_steps"] += 1
         if s_chal is None:
-            s_chal = tr.score(zt)
+            s_chal = tr.score(z if sc is None else sc.transform_one(z))
         l_chal, e_chal = preq["challenger"].update(s_chal, t)
         self._fade("new", e_chal)
         self.pairs["promote"].add(l_champ, l_chal)
         if champion is not glob:
             self.pairs["rollback"].add(l_champ, l_glob)
-        self.replay.add(zt, t)
-        self.recent.add(zt, t)
+        self.replay.add(z, t)
+        self.recent.add(z, t)
         counters["labels"] += 1
         self.since_swap += 1
         self.boost_left = max(0, self.boost_left - 1)
@@ -310,10 +312,6 @@ class Learner:
         preq["global"].update_many(l_glob, e_glob)
         preq["reference"].update_many(*sample_losses(self.reference.learn_many(T), T, self.task))
         self._reference_snap = None
-        Zt = Z
-        if self.scaler is not None:
-            Zt = self.scaler.transform_many(Z)
-            self.scaler.learn_many(Z)
         boosting = self.boost_left > 0
         if boosting != self._boosting:
             self._set_sources(boosting=boosting)
@@ -323,7 +321,10 @@ class Learner:
         scale = m / max(1, cfg.batch - n_rec - n_rep)
         idx_rec = self.recent.sample_indices(int(round(n_rec * scale)))
         idx_rep = self.replay.sample_indices(int(round(n_rep * scale)))
-        zb = np.concatenate([Zt, self.recent.z[idx_rec], self.replay.z[idx_rep]])
+        zb = np.concatenate([Z, self.recent.z[idx_rec], self.replay.z[idx_rep]])
+        if self.scaler is not None:
+            self.scaler.learn_many(Z)
+            self.scaler.transform_many(zb, out=zb)
         yb = np.concatenate([T, self.recent.y[idx_rec], self.replay.y[idx_rep]])
         tr.last_loss_of = (m + len(idx_rec), len(zb))
         steps = cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
@@ -344,8 +345,8 @@ class Learner:
         w = _FADE ** np.arange(m - 1, -1, -1)
         f["new"] = _FADE**m * f["new"] + float(w @ e_chal)
         f["w_new"] = _FADE**m * f["w_new"] + float(w.sum())
-        self.replay.add_many(Zt, T)
-        self.recent.add_many(Zt, T)
+        self.replay.add_many(Z, T)
+        self.recent.add_many(Z, T)
         self.since_swap += m
         self.boost_left = max(0, self.boost_left - m)
         f["since_trigger"] += m - 1
@@ -435,7 +436,10 @@ class Learner:
             self._rollback(champ, glob)
             return "rollback"
         p = self.pairs["promote"]
-        if p.blocks >= min_blocks and p.mean_gain() > max(champ * cfg.promote_margin, glob * cfg.promote_floor) + 1e-9 \
+        # the floor's scale: the better of the global head and the trivial reference (a
+        # fresh random global head can be worse than predicting the mean by orders of magnitude)
+        scale = min(glob, self.preq["reference"].loss.get())
+        if p.blocks >= min_blocks and p.mean_gain() > max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9 \
                 and p.significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
             self._promote(champ, self.preq["challenger"].loss.get(), p.statistic())
             return "promotion"
