@@ -95,7 +95,7 @@ def sample_losses(scores: np.ndarray, y, task: str) -> tuple[np.ndarray, np.ndar
 
     >>> l, e = sample_losses(np.array([[0.25, 0.75], [0.9, 0.1]]), np.array([1, 1]), "classification")
     >>> [round(float(x), 3) for x in l], e.tolist()
-    [0.288, 2.303], [0.0, 1.0]
+    ([0.288, 2.303], [0.0, 1.0])
     """
     scores = np.asarray(scores, np.float64)
     if task == "classification":
