@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict:
+    """``typing.get_type_hints`` once per section class: it costs ~1 ms a call, and every
+    config object (the library builds one per model) coerces each of its fields."""
+    return typing.get_type_hints(cls)
+
+
 def _opt(default, *, choices=None, lo=None, hi=None, doc=""):
     return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
 
@@ -36,7 +44,7 @@ def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
 
 
 def _coerce(where: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     md = f.metadata
     if hint is bool:
         if not isinstance(value, bool):
@@ -359,7 +367,7 @@ def reference_table() -> str:
         cls = SourceConfig if sec == "sources" else typing.get_type_hints(Config)[sec]
         head = "[[sources]]" if sec == "sources" else f"[{sec}]"
         lines += [f"#### `{head}`", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         for g in dataclasses.fields(cls):
             md = g.metadata
             allowed = ", ".join(map(str, md["choices"])) if md.get("choices") else (

@@ -393,6 +393,7 @@ class IncrementalModel:
         for p in lr.pairs.values():
             p.reset()
         lr.since_swap = 0
+        lr.serve_reference = False  # until the reference proves better by the paired test
         self.samples_seen += len(Zt)
         self._sync_module()
         return {"loss": float(np.mean(losses)) if losses else math.nan, "samples": len(Zt), "steps": steps}

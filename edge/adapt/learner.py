@@ -107,7 +107,9 @@ class Learner:
         self.preq = {k: Prequential(task, window=cfg.eval_window) for k in ("champion", "challenger", "global", "reference")}
         max_blocks = max(2, cfg.eval_window // cfg.promote_block)
         self.pairs = {"promote": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
-                      "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
+                      "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
+                      "serve": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
+        self.serve_reference = True  # best(): the prior is a safer guess than an unproven head
         self.detectors = {}
         if cfg.drift_detector in ("page_hinkley", "both"):
             self.detectors["page_hinkley"] = PageHinkley(threshold=cfg.ph_threshold, delta=cfg.ph_delta, mode="up")
@@ -175,9 +177,9 @@ class Learner:
         self._emit("global", version=self.global_version)
 
     def best(self) -> HeadSnapshot:
-        """Do no harm: the champion, or the trivial reference while its recent loss is lower."""
-        ref, champ = self.preq["reference"].loss, self.preq["champion"].loss
-        if ref.n and ref.get() < champ.get():
+        """Do no harm: the trivial reference until the champion beats it by the paired test
+        (the same rule as promotions, ``_maybe_serve``), and again if it then loses by it."""
+        if self.serve_reference and not (self.champion is not self._global and not self.preq["champion"].loss.n):
             if self._reference_snap is None:
                 self._reference_snap = self.reference.snapshot(f"{self.global_version}+reference")
             return self._reference_snap
@@ -226,7 +228,10 @@ class Learner:
             l_glob, _ = l_champ, preq["global"].update_values(l_champ, e_champ)
         else:
             l_glob, _ = preq["global"].update(self._score(glob, z2), t)
-        preq["reference"].update_values(*self.reference.test_then_learn(t))
+        l_ref, e_ref = self.reference.test_then_learn(t)
+        preq["reference"].update_values(l_ref, e_ref)
+        if self.pairs["serve"].add(l_ref, l_champ) if self.serve_reference else self.pairs["serve"].add(l_champ, l_ref):
+            self._maybe_serve()
         self._reference_snap = None
         sc = self.scaler
         if sc is not None:  # replay keeps raw features: each batch is scaled with today's statistics
@@ -310,7 +315,12 @@ class Learner:
         else:
             l_glob, e_glob = sample_losses(glob.predict(Z), T, self.task)
         preq["global"].update_many(l_glob, e_glob)
-        preq["reference"].update_many(*sample_losses(self.reference.learn_many(T), T, self.task))
+        l_ref, e_ref = sample_losses(self.reference.learn_many(T), T, self.task)
+        preq["reference"].update_many(l_ref, e_ref)
+        sv = self.pairs["serve"]
+        for a, b in zip(l_ref.tolist(), l_champ.tolist()):
+            if sv.add(a, b) if self.serve_reference else sv.add(b, a):
+                self._maybe_serve()
         self._reference_snap = None
         boosting = self.boost_left > 0
         if boosting != self._boosting:
@@ -356,6 +366,13 @@ class Learner:
         counters["labels"] += m
         swap = self._maybe_swap()
         return {"accepted": m, "served": s_champ, "drift": drift, "swap": swap}
+
+    def _maybe_serve(self) -> None:
+        """Switch what ``best()`` serves when the other one's gain is statistically clear."""
+        cfg, p = self.cfg, self.pairs["serve"]
+        if p.significant(alpha=cfg.promote_alpha, min_blocks=cfg.promote_min_blocks):
+            self.serve_reference = not self.serve_reference
+            p.reset()
 
     def _fade(self, key: str, loss: float) -> None:
         f = self.fade
@@ -525,7 +542,7 @@ class Learner:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "fade": dict(self.fade),
             "counters": dict(self.counters), "rejected": dict(self.rejected),
-            "boost_left": self.boost_left, "since_swap": self.since_swap,
+            "boost_left": self.boost_left, "since_swap": self.since_swap, "serve_reference": self.serve_reference,
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -570,4 +587,5 @@ class Learner:
         self.counters = collections.Counter(s["counters"])
         self.rejected = collections.Counter(s["rejected"])
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
+        self.serve_reference = bool(s["serve_reference"])
         self._set_sources(boosting=self.boost_left > 0)

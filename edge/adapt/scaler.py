@@ -53,10 +53,12 @@ class OnlineScaler:
         self._refresh()
 
     def _refresh(self) -> None:
-        var = self.m2 / self.n if self.n else np.zeros_like(self.m2)
-        std = np.sqrt(var)
         self._mean32[:] = self.mean
-        self._inv32[:] = np.where(std > 1e-12, 1.0 / np.where(std > 1e-12, std, 1.0), 1.0)
+        if self.n:
+            var = self.m2 / self.n
+            var[var <= 1e-24] = 1.0  # a constant feature so far: centre it only
+            np.sqrt(var, out=var)
+            np.divide(1.0, var, out=self._inv32, casting="unsafe")
 
     def transform_one(self, z: np.ndarray) -> np.ndarray:
         return (np.asarray(z, np.float32) - self._mean32) * self._inv32

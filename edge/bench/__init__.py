@@ -1,1 +1,1 @@
-"""Benchmarks behind `edge bench pipeline|serve|adapt|serial` (figures go to BENCHMARKS.md)."""
+"""Benchmarks behind `edge bench pipeline|serve|adapt|serial|learning` (figures go to BENCHMARKS.md)."""
