@@ -108,7 +108,10 @@ class Learner:
         max_blocks = max(2, cfg.eval_window // cfg.promote_block)
         self.pairs = {"promote": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
                       "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
-                      "serve": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
+                      "serve": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
+                      # the same comparison for the challenger: on promotion it becomes the
+                      # serve evidence, so a promoted head need not prove itself twice
+                      "serve_next": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
         self.serve_reference = True  # best(): the prior is a safer guess than an unproven head
         self.detectors = {}
         if cfg.drift_detector in ("page_hinkley", "both"):
@@ -263,6 +266,8 @@ class Learner:
             s_chal = tr.score(z if sc is None else sc.transform_one(z))
         l_chal, e_chal = preq["challenger"].update(s_chal, t)
         self._fade("new", e_chal)
+        nxt = self.pairs["serve_next"]
+        nxt.add(l_ref, l_chal) if self.serve_reference else nxt.add(l_chal, l_ref)
         self.pairs["promote"].add(l_champ, l_chal)
         if champion is not glob:
             self.pairs["rollback"].add(l_champ, l_glob)
@@ -346,6 +351,9 @@ class Learner:
             self._fade("replay", tr.last_loss)
         l_chal, e_chal = sample_losses(s_chal, T, self.task)
         preq["challenger"].update_many(l_chal, e_chal)
+        nxt = self.pairs["serve_next"]
+        for a, b in zip(l_ref.tolist(), l_chal.tolist()):
+            nxt.add(a, b) if self.serve_reference else nxt.add(b, a)
         pro, rol = self.pairs["promote"], self.pairs["rollback"]
         for lc, lh, lg in zip(l_champ.tolist(), l_chal.tolist(), l_glob.tolist()):
             pro.add(lc, lh)
@@ -470,8 +478,11 @@ class Learner:
         self.preq["champion"].loss.copy_from(self.preq["challenger"].loss)
         self.preq["champion"].err.copy_from(self.preq["challenger"].err)
         self.since_swap = 0
+        nxt = self.pairs["serve_next"].state_dict()
         for p in self.pairs.values():
             p.reset()
+        self.pairs["serve"].load_state_dict(nxt)
+        self._maybe_serve()
         self._emit("promotion", version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss,
                    t_statistic=t_stat)
 
