@@ -58,7 +58,7 @@ def _bench(what: str, argv: list[str]) -> int:
     import importlib
 
     modname = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
-               "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt"}[what]
+               "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt", "learning": "edge.bench.learning"}[what]
     return int(importlib.import_module(modname).main(argv) or 0)
 
 
@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compile)
 
-    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, mqtt (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial", "mqtt"])
+    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, mqtt, learning (see BENCHMARKS.md)")
+    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial", "mqtt", "learning"])
     b.set_defaults(func=None)
 
     s = sub.add_parser("status", help="backend availability and the running daemon's status")
