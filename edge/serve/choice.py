@@ -215,7 +215,9 @@ def decide(trials: list[Trial], *, policy: str, max_accuracy_loss: dict[str, flo
     if refused:
         parts.append("refused: " + "; ".join(refused))
     gain = f", {base.p50_ms / best.p50_ms:.2f}x {base.candidate.label}" if base is not None and base is not best else ""
-    parts.append(f"-> {best.candidate.label}{gain}")
+    loss = _worst_loss(best, base) if best is not base else None
+    acc = f", worst accuracy loss {loss[1]:+.2f} points ({loss[0]})" if loss is not None else ""
+    parts.append(f"-> {best.candidate.label}{gain}{acc}")
     return Decision(best.candidate, "; ".join(parts), policy, tuple(trials))
 
 

@@ -84,8 +84,10 @@ def obtain(model, key: str, precision: str, *, cache: ArtifactCache, calibration
     t0 = time.perf_counter()
     if not cls.needs_artifact:
         b = cls.load(model, precision=precision, artifact_dir=None, threads=threads)
+        b.variant = variant
         return b, CompileResult(key, precision, None, None, "reference", None,
-                                timings={"load_s": time.perf_counter() - t0}, platform=cls.platform())
+                                timings={"load_s": time.perf_counter() - t0}, platform=cls.platform(),
+                                variant=variant)
     ck = CacheKey(model.manifest.name, model.content_hash, key, precision, cls.platform(), variant=variant)
     refused = _refusal_path(cache, ck)
     if force:
