@@ -54,11 +54,14 @@ def _cmd_compile(args) -> int:
     return 0
 
 
+BENCHES = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
+           "serial": "edge.bench.serial"}
+
+
 def _bench(what: str, argv: list[str]) -> int:
     import importlib
 
-    modname = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
-               "serial": "edge.bench.serial"}[what]
+    modname = BENCHES[what]
     return int(importlib.import_module(modname).main(argv) or 0)
 
 
@@ -124,7 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = build_parser()
-    args, rest = ap.parse_known_args(argv)
+    if len(argv) >= 2 and argv[0] == "bench" and argv[1] in BENCHES:
+        # the benchmark parses its own options (and its own --help), not the parent's
+        args, rest = argparse.Namespace(cmd="bench", what=argv[1]), argv[2:]
+    else:
+        args, rest = ap.parse_known_args(argv)
     try:
         if args.cmd == "bench":
             return _bench(args.what, rest)
