@@ -227,3 +227,16 @@ def test_real_measurement_serves_the_fastest_gated_candidate_and_records_why(tin
     [rec] = status["choices"]
     assert rec["chosen"] == {"backend": served.key, "precision": served.precision, "variant": served.variant}
     assert Path(rec["file"]).is_file() and rec["reason"] == d.reason
+
+
+def test_planned_says_what_run_will_serve_and_agrees_with_compile(tmp_path):
+    from edge.serve import planned
+
+    model = make_tiny_model(tmp_path / "m", name="planned")
+    before = planned(model, cache_dir=tmp_path / "c")
+    built = compile_model(model, cache_dir=tmp_path / "c", progress=False)
+    after = planned(model, cache_dir=tmp_path / "c")
+
+    assert before["backend"] is None and "not measured on this device yet" in before["source"]
+    c = built.decision.chosen
+    assert (after["backend"], after["precision"], after["variant"]) == (c.backend, c.precision, c.variant)

@@ -70,6 +70,29 @@ def load_backbone(model, *, backend: str = "auto", precision: str | None = None,
     raise EdgeError("no backbone could be served: " + "; ".join(refusals))
 
 
+def planned(model, *, backend: str = "auto", precision: str | None = None, cache_dir=None) -> dict:
+    """What ``edge run`` would serve for ``model``, without building anything (for ``--check``).
+
+    The same policy and record that ``load_backbone`` and ``compile_model`` use, so the
+    three agree: ``{"policy", "backend", "precision", "variant", "source"}``; ``source``
+    says whether it is the recorded measured choice or will be measured at first start.
+    """
+    policy = precision_policy(model.manifest.serve, precision)
+    if backend != "auto":
+        return {"policy": policy, "backend": backend, "precision": resolve_precision(backend, policy),
+                "variant": None, "source": "configured backend (falls back along the chain if refused)"}
+    from edge.serve.select import platform_key, read_record, record_path
+
+    path = record_path(ArtifactCache(cache_dir), model, platform_key(availability(), policy))
+    rec = read_record(path)
+    if rec is None or rec.chosen is None:
+        return {"policy": policy, "backend": None, "precision": None, "variant": None,
+                "source": f"not measured on this device yet: the first start (or `edge compile`) measures; {path}"}
+    c = rec.chosen
+    return {"policy": policy, "backend": c.backend, "precision": c.precision, "variant": c.variant,
+            "source": f"recorded choice {path}"}
+
+
 def serve_status(cache_dir=None) -> dict:
     """Plain data for ``edge status``: backends available here and the cached artifacts."""
     from edge.serve.select import records
@@ -93,7 +116,7 @@ def serve_status(cache_dir=None) -> dict:
 
 
 __all__ = [
-    "load_backbone", "compile_model", "serve_status", "CompileResult", "Engine", "ParityReport", "Backend",
+    "load_backbone", "compile_model", "serve_status", "planned", "CompileResult", "Engine", "ParityReport", "Backend",
     "ArtifactCache", "default_cache_dir", "register_backend", "get_backend", "backend_keys", "availability",
     "choose_auto", "fallback_chain",
 ]
