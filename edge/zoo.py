@@ -268,9 +268,9 @@ SERVING_START, SERVING_END = "<!-- serving:start", "<!-- serving:end -->"
 def write_serving_card(folder: str | Path, block: str, *, heading: str = "## int8 (filled by `edge bench serve`)") -> None:
     """Put ``block`` into CARD.md between ``<!-- serving:start`` and ``<!-- serving:end -->``.
 
-    The first time, the block replaces the body of the ``heading`` section (up to the
-    next ``## ``); later it replaces only what is between the markers, so text written
-    by hand after them survives.
+    The first time, the block goes at the top of the ``heading`` section, replacing its
+    "Not measured yet" sentence and keeping any other notes below it; later it replaces
+    only what is between the markers, so text written by hand around them survives.
     """
     import re
 
@@ -282,8 +282,10 @@ def write_serving_card(folder: str | Path, block: str, *, heading: str = "## int
     elif heading in text:
         head, rest = text.split(heading, 1)
         nxt = rest.find("\n## ")
-        tail = rest[nxt:] if nxt >= 0 else "\n"
-        text = f"{head}{heading}\n{wrapped}\n{tail}"
+        body, tail = (rest[:nxt], rest[nxt:]) if nxt >= 0 else (rest, "\n")
+        # the placeholder sentence goes; any hand-written notes after it stay, below the block
+        body = re.sub(r"Not measured yet.*?\.(\s+|$)", "", body, count=1, flags=re.S).strip()
+        text = f"{head}{heading}\n{wrapped}\n" + (f"\n{body}\n" if body else "") + tail
     else:
         text = text.rstrip() + f"\n\n{heading}\n{wrapped}\n"
     card.write_text(text)
