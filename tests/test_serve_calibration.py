@@ -102,3 +102,14 @@ def test_generator_golden_windows_are_drawn_with_another_seed_than_calibration(t
 
     assert not _rows(calibration_windows(model)) & _rows(golden.inputs["simulated"])
     assert "calibration uses seed 0" in golden.source
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(n=st.integers(2, 100_000), n_calib=st.integers(1, 5_000), n_golden=st.integers(1, 500))
+def test_split_file_never_overlaps_and_never_comes_up_empty(n, n_calib, n_golden):
+    calib, held = split_file(n, n_calib=n_calib, n_golden=n_golden)
+
+    assert 0 == calib.start < calib.stop <= held.start < held.stop == n
+    assert calib.stop - calib.start <= n_calib and held.stop - held.start <= n_golden

@@ -240,3 +240,33 @@ def test_planned_says_what_run_will_serve_and_agrees_with_compile(tmp_path):
     assert before["backend"] is None and "not measured on this device yet" in before["source"]
     c = built.decision.chosen
     assert (after["backend"], after["precision"], after["variant"]) == (c.backend, c.precision, c.variant)
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+_CANDS = [I8, S8, F32, TORCH, Candidate("tensorrt", "fp16")]
+_trial = st.builds(lambda c, ok, p50, acc: Trial(c, ok, "" if ok else "refused", p50 if ok else None,
+                                                 {"a": acc} if ok else None),
+                   st.sampled_from(_CANDS), st.booleans(), st.floats(0.001, 10.0), st.floats(0.0, 1.0))
+
+
+@given(trials=st.lists(_trial, min_size=1, max_size=6, unique_by=lambda t: t.candidate),
+       policy=st.sampled_from(["auto", "fp32", "int8"]))
+def test_decide_serves_only_what_passed_and_never_reduced_precision_slower_or_worse_than_fp32(trials, policy):
+    d = decide(trials, policy=policy)
+
+    ok = [t for t in trials if t.ok]
+    if d.chosen is None:
+        assert not [t for t in ok if t.candidate.precision == "fp32"]
+        return
+    chosen = next(t for t in trials if t.candidate == d.chosen)
+    assert chosen.ok
+    fp32 = [t for t in ok if t.candidate.precision == "fp32"]
+    if chosen.candidate.precision != "fp32":
+        assert policy in ("auto", chosen.candidate.precision)
+        if fp32:
+            base = min(fp32, key=lambda t: t.p50_ms)
+            assert chosen.p50_ms * 1.05 <= base.p50_ms
+            assert 100 * (base.accuracy["a"] - chosen.accuracy["a"]) <= 0.5
+    else:
+        assert chosen.p50_ms == min(t.p50_ms for t in fp32)

@@ -83,3 +83,14 @@ def test_shipped_int8_accuracy_is_within_a_point_of_fp32(shipped, int8):
     acc8 = (head(backend.features(x)).argmax(1) == y).mean()
 
     assert abs(acc8 - acc32) <= 0.01, (acc8, acc32)
+
+
+def test_edge_compile_forecast_with_defaults_succeeds_and_serves_fp32(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", "forecast", "--quiet", "--cache-dir", str(tmp_path)],
+                       capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.startswith("onnxruntime fp32: cache miss") and "policy fp32" in r.stdout
