@@ -105,7 +105,9 @@ def serve_status(cache_dir=None) -> dict:
         auto = (None, None, str(e))
     return {
         "backends": {k: {"available": ok, "why": why} for k, (ok, why) in avail.items()},
-        "auto": {"backend": auto[0], "precision": auto[1], "reason": auto[2]},
+        # by availability alone; what `auto` serves is the measured choice in "choices"
+        "auto": {"backend": auto[0], "precision": auto[1],
+                 "reason": f"{auto[2]} (preference by availability; auto serves the measured choice, see choices)"},
         "cache_dir": str(cache.root),
         "artifacts": [{"dir": str(e.dir), "backend": e.meta.get("backend"), "precision": e.meta.get("precision"),
                        "variant": e.meta.get("variant", ""), "model": e.meta.get("model"),
