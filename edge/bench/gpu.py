@@ -75,6 +75,10 @@ def timing(run, x_for_batch, *, iters: int, seconds: float, sync=lambda: None) -
             "throughput_wps": thr, "best_batch": int(best), "best_throughput_wps": thr[best]}
 
 
+class Skip(Exception):
+    """Raised by a part that finds, only when it runs, that it cannot run here (not a failure)."""
+
+
 class Report:
     """Sections, each ok (with figures), skipped (with the reason) or failed (with the error)."""
 
@@ -89,6 +93,10 @@ class Report:
         t = time.perf_counter()
         try:
             out = fn()
+        except Skip as e:
+            self.sections[name] = {"status": "skipped", "reason": str(e)}
+            print(f"[gpu-check] {name}: SKIPPED ({e})", file=sys.stderr)
+            return None
         except Exception as e:  # noqa: BLE001  one failing part must not hide the others
             self.sections[name] = {"status": "failed", "error": f"{type(e).__name__}: {e}",
                                    "traceback": traceback.format_exc()[-2000:]}
@@ -197,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             so.log_severity_level = 3
             sess = ort.InferenceSession(str(onnx_path), so, providers=[(provider, options or {}), "CPUExecutionProvider"])
             used = sess.get_providers()[0]
+            if used != provider and provider == "TensorrtExecutionProvider":
+                # onnxruntime-gpu lists it even without the TensorRT libraries, then falls back
+                raise Skip(f"TensorrtExecutionProvider is listed but could not load (session runs on {used}); "
+                           "install TensorRT (pip install tensorrt) for this part")
             if used != provider:
                 raise RuntimeError(f"{provider} was requested but the session runs on {used}")
             name = sess.get_inputs()[0].name
