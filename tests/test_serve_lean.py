@@ -48,7 +48,7 @@ def warm(tmp_path_factory):
     compile_model(resolve_model("vibration"), cache_dir=work / "cache", progress=False)
     cfg = work / "edge.toml"
     cfg.write_text(f'[node]\nname = "lean"\nstate_dir = "{work / "state"}"\n\n'
-                   f'[model]\npath = "vibration"\ncache_dir = "{work / "cache"}"\n\n[adapt]\nenabled = false\n')
+                   f'[model]\npath = "vibration"\ncache_dir = "{work / "cache"}"\n')  # the learner on, as by default
     return cfg
 
 
@@ -58,7 +58,4 @@ def test_the_daemon_on_the_onnxruntime_path_does_not_import_torch(warm):
     out = json.loads(r.stdout.strip().splitlines()[-1])
 
     assert out["backend"][0] == "onnxruntime" and "recorded choice" in out["reason"]
-    outside_adapt = [m for m in out["importers"] if not m.startswith("edge.adapt")]
-    assert not outside_adapt, f"torch imported by {outside_adapt}"
-    if out["torch"]:
-        pytest.xfail(f"heads still import torch until issue 10's branch lands (imported by {out['importers']})")
+    assert not out["torch"], f"torch imported by {out['importers']}"
