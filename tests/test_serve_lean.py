@@ -36,7 +36,9 @@ PROBE = textwrap.dedent('''
     from edge.daemon import Daemon
 
     d = Daemon(load_config(sys.argv[1]))
+    d._prepare_state_dir()
     d._load_model()
+    d._build()  # the learner, the pipeline and the sources, as start() builds them
     print(json.dumps({"torch": "torch" in sys.modules, "importers": sorted(importers),
                       "backend": [d.engine.backend.key, d.engine.backend.precision], "reason": d.backend_reason}))
 ''')
