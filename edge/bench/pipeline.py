@@ -182,17 +182,17 @@ def _rss_mb(pid: int) -> float:
 
 
 def _start_edge(host: str, port: int, model: str, tmp: Path, cache: str, *, src: str = "",
-                extra: str = "") -> tuple[subprocess.Popen, int]:
+                extra: str = "", node: str = "bench", prefix: str = "bench") -> tuple[subprocess.Popen, int]:
     mport = free_port()
-    cfg = tmp / "edge.toml"
-    cfg.write_text(f"""[node]\nname = "bench"\nstate_dir = "{tmp / 'state'}"\nlog_level = "warning"\n
+    cfg = tmp / f"{node}.toml"
+    cfg.write_text(f"""[node]\nname = "{node}"\nstate_dir = "{tmp / 'state'}"\nlog_level = "warning"\n
 [mqtt]\nhost = "{host}"\nport = {port}\nprotocol = "3.1.1"\n[model]\npath = "{model}"\n{f'cache_dir = "{cache}"' if cache else ''}
-[adapt]\nenabled = false\n[metrics]\nport = {mport}\n{extra}\n[[sources]]\ntopic = "bench/{{device}}/{{stream}}"\n""")
+[adapt]\nenabled = false\n[metrics]\nport = {mport}\n{extra}\n[[sources]]\ntopic = "{prefix}/{{device}}/{{stream}}"\n""")
     env = dict(os.environ)
     if src:  # an earlier commit's tree: its edge package first on the path, and its folder as cwd
         env["PYTHONPATH"] = src
     p = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], preexec_fn=_pin(0),
-                         stdout=subprocess.DEVNULL, stderr=open(tmp / "edge.log", "wb"), env=env, cwd=src or None)
+                         stdout=subprocess.DEVNULL, stderr=open(tmp / f"{node}.log", "wb"), env=env, cwd=src or None)
     deadline = time.time() + 120
     while time.time() < deadline:
         try:
@@ -202,7 +202,7 @@ def _start_edge(host: str, port: int, model: str, tmp: Path, cache: str, *, src:
         except OSError:
             pass
         if p.poll() is not None:
-            raise RuntimeError(f"edge run exited: {(tmp / 'edge.log').read_text()[-2000:]}")
+            raise RuntimeError(f"edge run exited: {(tmp / f'{node}.log').read_text()[-2000:]}")
         time.sleep(0.2)
     raise RuntimeError("edge run did not become ready")
 
@@ -318,6 +318,39 @@ def _flood_capacity(pub: RawPublisher, rx: Receiver, pid: int, *, samples: int, 
     return count * min(1.0, rx.n / max(1, expected)) / max(cpu, 1e-9)
 
 
+def compare_interleaved(host: str, port: int, a, tmp: Path, before_src: str, rows) -> dict:
+    """Both daemons at once (each on its own topics, both pinned to CPU 0, the idle one costs
+    nothing), bursts sent to one then the other, ``--compare-rounds`` times: the ratio of
+    their median messages per CPU-second is what a shared, noisy machine cannot fake."""
+    procs = {}
+    try:
+        for name, src in (("edge", ""), ("edge_before", before_src)):
+            procs[name] = _start_edge(host, port, a.model, tmp, a.cache_dir, src=src, node=f"cmp-{name.replace('_', '-')}",
+                                      prefix=f"cmp{name[-1]}")
+        rounds: dict[str, list[float]] = {n: [] for n in procs}
+        for r in range(a.compare_rounds):
+            for name, (proc, _) in procs.items():
+                rx = Receiver(host, port, f"edge/cmp-{name.replace('_', '-')}/predictions/#")
+                pub = RawPublisher(host, port, client_id=f"bench-cmp-{name}-{r}")
+                try:
+                    time.sleep(0.3)
+                    b = run_burst(pub, rx, proc.pid, streams=a.streams, count=a.burst, rows=rows,
+                                  prefix=f"cmp{name[-1]}".encode(), timeout=120)
+                    rounds[name].append(b["messages_per_cpu_s"])
+                finally:
+                    pub.close()
+                    rx.close()
+            print(f"[compare] round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rounds.items()), flush=True)
+    finally:
+        for proc, _ in procs.values():
+            proc.terminate()
+            proc.wait(10)
+    med = {n: float(np.median(v)) for n, v in rounds.items()}
+    return {"rounds_messages_per_cpu_s": rounds, "median_messages_per_cpu_s": med,
+            "ratio_median": round(med["edge"] / max(1e-9, med["edge_before"]), 3),
+            "ratio_per_round": [round(x / max(1e-9, y), 3) for x, y in zip(rounds["edge"], rounds["edge_before"])]}
+
+
 def _export(ref: str, dest: Path) -> str:
     """``git archive`` of ``ref`` into ``dest`` (the daemon that ran before a change)."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -342,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--flood-factor", type=float, default=2.0)
     ap.add_argument("--flood-samples", type=int, default=1000, help="samples per flood message (~23 KB of JSON at 1000)")
     ap.add_argument("--ingest-bytes", type=int, default=64 << 20, help="[queues] ingest_bytes of the daemon in the flood")
+    ap.add_argument("--compare-rounds", type=int, default=5, help="interleaved bursts per daemon with --before-ref")
     a = ap.parse_args(argv)
     _pin(1)()
     rows = _samples(a.streams, 20_000)
@@ -355,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
             results["before_commit"] = _export(a.before_ref, tmp / "before")
             before_src = str(tmp / "before")
         systems = ["edge"] + (["edge_before"] if before_src else []) + ([] if a.skip_baseline else ["naive"])
+        if before_src and a.compare_rounds:
+            print(f"[compare] {a.compare_rounds} interleaved bursts per daemon ...", flush=True)
+            results["compare_interleaved"] = compare_interleaved(broker.host, broker.port, a, tmp, before_src, rows)
         for name in systems:
             if name in ("edge", "edge_before"):
                 extra = f"[queues]\ningest_bytes = {a.ingest_bytes}\n" if name == "edge" else ""
@@ -394,10 +431,10 @@ def main(argv: list[str] | None = None) -> int:
                 rx.close()
                 proc.terminate()
                 proc.wait(10)
-                if name != "naive" and (tmp / "edge.log").exists():
+                if name != "naive" and (tmp / "bench.log").exists():
                     log_out = Path(a.out).with_suffix(f".{name}.log")
                     log_out.parent.mkdir(parents=True, exist_ok=True)
-                    log_out.write_bytes((tmp / "edge.log").read_bytes()[-200_000:])
+                    log_out.write_bytes((tmp / "bench.log").read_bytes()[-200_000:])
     if "edge_before" in results:
         results["ratio_per_cpu_s_vs_before"] = round(results["edge"]["burst"]["messages_per_cpu_s"] /
                                                      max(1e-9, results["edge_before"]["burst"]["messages_per_cpu_s"]), 3)
