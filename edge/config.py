@@ -133,9 +133,9 @@ class WindowConfig(_Section):
 class QueueConfig(_Section):
     _name = "queues"
     ingest: int = _opt(200_000, lo=16, hi=10_000_000, doc="raw messages waiting to be decoded (drop oldest)")
-    labels_bytes: int = _opt(8 << 20, lo=1 << 12, hi=1 << 34, doc="each label lane (the pipeline's and the learner's): bytes of labels waiting; never shed by sensor or window overload")
-    shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=600.0, doc="at stop, serve and learn what is queued for up to this long; the rest is counted")
-    learner_bytes: int = _opt(16 << 20, lo=1 << 16, hi=1 << 34, doc="learner lane: served windows and forecast samples waiting for the learner, in bytes (drop oldest)")
+    # The learner's input lanes (issue 8): bounded in bytes; labels never share a lane with windows.
+    learner_bytes: int = _opt(16 << 20, lo=1 << 16, hi=1 << 34, doc="served windows and forecast samples waiting for the learner, in bytes (drop oldest)")
+    labels_bytes: int = _opt(4 << 20, lo=1 << 16, hi=1 << 34, doc="labels waiting for the learner, in bytes (drop oldest); never shed by window overload")
     publish: int = _opt(10_000, lo=16, hi=10_000_000, doc="predictions waiting to be published (drop oldest)")
 
 

@@ -27,11 +27,11 @@ aside, the worker starts from the shipped head and emits ``checkpoint_mismatch``
 failed save is counted (``checkpoint_errors``), logged rate-limited, and the next
 interval simply tries again.
 
-Shutdown. ``stop(timeout_s)`` (default ``[queues] shutdown_drain_s``) ends the loop,
-learns what is still queued (in the same order: each label against the cached windows
-and the queued windows before it; only label matches cost a training step, windows
-are cheap) until ``timeout_s`` is spent, checkpoints, and counts what it could not
-handle as ``shutdown_dropped``.
+Shutdown. ``stop(timeout_s)`` (the daemon passes ``[queues] shutdown_drain_s``) ends
+the loop, learns what is still queued (in the same order: each label against the
+cached windows and the queued windows before it; only label matches cost a training
+step, windows are cheap) until ``timeout_s`` is spent, checkpoints, and counts what it
+could not handle as ``shutdown_dropped``.
 """
 from __future__ import annotations
 
@@ -144,7 +144,6 @@ class AdaptWorker:
             horizon = max(1, m.outputs // max(1, m.channels))
             self.forecast = ForecastTargets(horizon=horizon)
         self.interval = a.checkpoint_interval_s
-        self.shutdown_drain_s = cfg.queues.shutdown_drain_s
         self.store = store
         q = cfg.queues
         self.data = Lane("learner", max_bytes=q.learner_bytes, clock=clock)
@@ -223,11 +222,9 @@ class AdaptWorker:
         self._pending_events.clear()
         self.thread.start()
 
-    def stop(self, timeout_s: float | None = None) -> None:
-        """End the loop, learn what is queued within ``timeout_s`` (default ``[queues]
-        shutdown_drain_s``), checkpoint, count the rest."""
-        if timeout_s is None:
-            timeout_s = self.shutdown_drain_s
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the loop, learn what is queued within ``timeout_s`` (the daemon passes
+        ``[queues] shutdown_drain_s``), checkpoint, count the rest."""
         deadline = self.clock() + timeout_s
         self._stop.set()
         if self._own_supervisor:
