@@ -256,3 +256,26 @@ def test_the_learner_lanes_bound_real_memory_not_just_their_own_count(tmp_path):
     met = w.metrics()
     assert met["lane_learner_dropped"] > 0 and met["lane_labels_dropped"] > 0
     assert grown < 2 * bound * 1.2, grown  # both lanes full, plus 20% for what the sizes leave out
+
+
+def test_other_head_options_set_the_checkpoint_aside_instead_of_failing_the_start(tmp_path):
+    model = resolve_model("vibration")
+    m = model.manifest
+    _, head_sd = model.state_dicts()
+    ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear", task=m.task, version="g")
+
+    def worker(rank: int) -> AdaptWorker:
+        cfg = parse_config({"node": {"name": "w", "state_dir": str(tmp_path)},
+                            "adapt": {"head": "lowrank", "head_rank": rank}})
+        store = CheckpointStore(tmp_path / "adapt", identity=ModelIdentity.of(model, head=cfg.adapt.head))
+        return AdaptWorker(cfg=cfg, model=model, global_head=ghead, store=store, publish_event=lambda *a, **k: None)
+
+    w = worker(4)
+    for i in range(5):
+        _window(w, i)
+        w.offer_label(KEY, i + 0.5, "normal")
+    w.stop(timeout_s=60)
+    assert w.metrics()["learner_labels_total"] == 5
+    w2 = worker(8)  # the same identity (model and head kind), but the state's shapes differ: torch raises
+    assert w2.counters["checkpoint_mismatches"] == 1 and w2.metrics()["learner_labels_total"] == 0
+    assert list((tmp_path / "adapt").glob("stale-vibration-*/WHY.txt"))

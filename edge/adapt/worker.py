@@ -194,9 +194,10 @@ class AdaptWorker:
             return
         try:
             self.learner.load_state_dict(r.state)
-        except (StateError, KeyError, TypeError, ValueError) as e:
-            # Same model, but a state this learner cannot take (another head kind, an older
-            # learner's layout): never half-applied; set aside like another model's.
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError on a shape mismatch
+            # Same model, but a state this learner cannot take (other head options such as
+            # [adapt] head_rank, an older learner's layout): never half-applied; set aside
+            # like another model's, and start fresh rather than fail the daemon's start.
             why = f"the learner cannot take this checkpoint: {type(e).__name__}: {str(e)[:200]}"
             try:
                 moved = self.store.set_aside(why, self.store.identity.to_dict())
