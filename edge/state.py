@@ -40,6 +40,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
 from edge.errors import StateError
+from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.state")
 MAGIC = b"EDGECKPT"
@@ -278,6 +279,7 @@ class CheckpointStore:
         self.loaded_path: Path | None = None
         self.last_good: Path | None = None  # never pruned to make room
         self.counters = {"pruned_for_room": 0, "retried": 0, "set_aside": 0}
+        self._disklog = RateLimitedLog(log)  # a tight disk prunes at every save: say so once a minute
         try:
             _private_dir(self.dir)
             for tmp in self.dir.glob(".ckpt-*.tmp"):  # leftovers of a save killed mid-write
@@ -366,8 +368,8 @@ class CheckpointStore:
                 gone += 1
         if gone:
             self.counters["pruned_for_room"] += gone
-            log.info("disk short in %s: pruned %d older checkpoint(s) to make room, kept %s",
-                     self.dir, gone, keep.name if keep else "none")
+            self._disklog.warn("prune", "disk short in %s: pruned %d older checkpoint(s) to make room, kept %s",
+                               self.dir, gone, keep.name if keep else "none")
         return gone
 
     def _fsync_dir(self, d: Path | None = None) -> None:

@@ -84,7 +84,7 @@ CLASSES = ("normal", "imbalance", "misalignment", "bearing_wear")
 
 
 def test_labels_survive_a_flood_of_windows(tmp_path):
-    w = _worker(tmp_path, queues={"learner_bytes": 1 << 16})
+    w = _worker(tmp_path, queues={"learner_bytes": 1 << 17})
     n = 3000
     for i in range(n):  # not started yet: the learner lane must shed, the labels lane must not
         _window(w, i)
@@ -92,7 +92,7 @@ def test_labels_survive_a_flood_of_windows(tmp_path):
             w.offer_label(None, i + 0.5, CLASSES[i % 4])  # node-wide labels for the newest windows
     met = w.metrics()
     assert met["lane_labels_dropped"] == 0 and met["lane_labels_depth"] == 100
-    assert met["lane_learner_dropped"] > n - 200 and met["lane_learner_depth_bytes"] <= 1 << 16
+    assert met["lane_learner_dropped"] > n - 200 and met["lane_learner_depth_bytes"] <= 1 << 17
     w.start()
     try:
         assert wait_until(lambda: w.metrics()["matcher_labels_matched_total"] == 100, timeout=60)
@@ -237,3 +237,45 @@ def test_a_checkpoint_the_learner_cannot_take_is_set_aside_too(tmp_path):
     (kind, fields), = [e for e in events if e[0] == "checkpoint_mismatch"]
     assert "cannot take" in fields["why"] and list((tmp_path / "adapt").glob("stale-vibration-*/ckpt-*.edge"))
     assert w.store.paths()  # the new lineage was saved at stop
+
+
+def test_the_learner_lanes_bound_real_memory_not_just_their_own_count(tmp_path):
+    import tracemalloc
+
+    bound = 1 << 20
+    w = _worker(tmp_path, queues={"learner_bytes": bound, "labels_bytes": bound})
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(8_000):  # not started: everything beyond the bounds is shed
+            _window(w, i)
+            w.offer_label(None, i + 0.5, CLASSES[i % 4])
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    met = w.metrics()
+    assert met["lane_learner_dropped"] > 0 and met["lane_labels_dropped"] > 0
+    assert grown < 2 * bound * 1.2, grown  # both lanes full, plus 20% for what the sizes leave out
+
+
+def test_other_head_options_set_the_checkpoint_aside_instead_of_failing_the_start(tmp_path):
+    model = resolve_model("vibration")
+    m = model.manifest
+    _, head_sd = model.state_dicts()
+    ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear", task=m.task, version="g")
+
+    def worker(rank: int) -> AdaptWorker:
+        cfg = parse_config({"node": {"name": "w", "state_dir": str(tmp_path)},
+                            "adapt": {"head": "lowrank", "head_rank": rank}})
+        store = CheckpointStore(tmp_path / "adapt", identity=ModelIdentity.of(model, head=cfg.adapt.head))
+        return AdaptWorker(cfg=cfg, model=model, global_head=ghead, store=store, publish_event=lambda *a, **k: None)
+
+    w = worker(4)
+    for i in range(5):
+        _window(w, i)
+        w.offer_label(KEY, i + 0.5, "normal")
+    w.stop(timeout_s=60)
+    assert w.metrics()["learner_labels_total"] == 5
+    w2 = worker(8)  # the same identity (model and head kind), but the state's shapes differ: torch raises
+    assert w2.counters["checkpoint_mismatches"] == 1 and w2.metrics()["learner_labels_total"] == 0
+    assert list((tmp_path / "adapt").glob("stale-vibration-*/WHY.txt"))

@@ -27,10 +27,11 @@ aside, the worker starts from the shipped head and emits ``checkpoint_mismatch``
 failed save is counted (``checkpoint_errors``), logged rate-limited, and the next
 interval simply tries again.
 
-Shutdown. ``stop(timeout_s)`` ends the loop, learns what is still queued (in the same
-order: each label against the cached windows and the queued windows before it; only
-label matches cost a training step, windows are cheap) until ``timeout_s`` is spent,
-checkpoints, and counts what it could not handle as ``shutdown_dropped``.
+Shutdown. ``stop(timeout_s)`` (the daemon passes ``[queues] shutdown_drain_s``) ends
+the loop, learns what is still queued (in the same order: each label against the
+cached windows and the queued windows before it; only label matches cost a training
+step, windows are cheap) until ``timeout_s`` is spent, checkpoints, and counts what it
+could not handle as ``shutdown_dropped``.
 """
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ from edge.supervise import Supervisor
 log = logging.getLogger("edge.adapt")
 
 THREAD = "learner"
-_OVERHEAD = 256  # bytes of Python objects around an item's arrays (record, key, floats)
+_OVERHEAD = 256  # bytes of the record, its floats and the lane's entry around an item
+_ARRAY = 112  # an ndarray's header, beside its data
 _PER_ROUND = 256  # items between looks at the checkpoint clock
 
 
@@ -93,18 +95,19 @@ class SamplesItem:
 
 
 def _value_bytes(value) -> int:
-    """What a label or a scores value adds to an item's cost in its lane.
+    """What a label or a scores value adds to an item's cost in its lane, Python headers
+    included (measured with tracemalloc: a window item is about 480 bytes plus its arrays).
 
     >>> _value_bytes("worn"), _value_bytes(np.zeros(8, np.float32)), _value_bytes([1.0, 2.0]), _value_bytes(3)
-    (4, 32, 16, 8)
+    (53, 144, 120, 32)
     """
     if isinstance(value, (str, bytes)):
-        return len(value)
+        return 49 + len(value)
     if isinstance(value, np.ndarray):
-        return value.nbytes
+        return _ARRAY + value.nbytes
     if isinstance(value, (list, tuple)):
-        return 8 * len(value)
-    return 8
+        return 56 + 32 * len(value)  # pointers and the float objects they point to
+    return 32
 
 
 class AdaptWorker:
@@ -166,7 +169,7 @@ class AdaptWorker:
     # ---- producers (other threads) ---------------------------------------------------------
     def offer_window(self, key, t0: float, t1: float, z, scores) -> None:
         z = np.array(z, dtype=np.float32)
-        self.data.put(WindowItem(key, float(t0), float(t1), z, scores, next(self._seq)), _OVERHEAD + z.nbytes + _value_bytes(scores))
+        self.data.put(WindowItem(key, float(t0), float(t1), z, scores, next(self._seq)), _OVERHEAD + _ARRAY + z.nbytes + _value_bytes(scores))
 
     def offer_label(self, key, t: float, value) -> None:
         self.labels.put(LabelItem(key, float(t), value, next(self._seq)), _OVERHEAD + _value_bytes(value))
@@ -174,7 +177,7 @@ class AdaptWorker:
     def offer_samples(self, key, ts, rows) -> None:
         ts = np.asarray(ts, np.float64).reshape(-1)
         rows = np.asarray(rows, np.float32).reshape(len(ts), -1)
-        self.data.put(SamplesItem(key, ts, rows, next(self._seq)), _OVERHEAD + ts.nbytes + rows.nbytes)
+        self.data.put(SamplesItem(key, ts, rows, next(self._seq)), _OVERHEAD + 2 * _ARRAY + ts.nbytes + rows.nbytes)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def _restore(self) -> None:
@@ -191,9 +194,10 @@ class AdaptWorker:
             return
         try:
             self.learner.load_state_dict(r.state)
-        except (StateError, KeyError, TypeError, ValueError) as e:
-            # Same model, but a state this learner cannot take (another head kind, an older
-            # learner's layout): never half-applied; set aside like another model's.
+        except Exception as e:  # noqa: BLE001 - torch raises RuntimeError on a shape mismatch
+            # Same model, but a state this learner cannot take (other head options such as
+            # [adapt] head_rank, an older learner's layout): never half-applied; set aside
+            # like another model's, and start fresh rather than fail the daemon's start.
             why = f"the learner cannot take this checkpoint: {type(e).__name__}: {str(e)[:200]}"
             try:
                 moved = self.store.set_aside(why, self.store.identity.to_dict())
@@ -220,7 +224,8 @@ class AdaptWorker:
         self.thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """End the loop, learn what is queued within ``timeout_s``, checkpoint, count the rest."""
+        """End the loop, learn what is queued within ``timeout_s`` (the daemon passes
+        ``[queues] shutdown_drain_s``), checkpoint, count the rest."""
         deadline = self.clock() + timeout_s
         self._stop.set()
         if self._own_supervisor:
