@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
+@functools.lru_cache(maxsize=None)
+def _type_hints(cls: type) -> dict:
+    """``typing.get_type_hints`` once per section class: it costs ~1 ms a call, and every
+    config object (the library builds one per model) coerces each of its fields."""
+    return typing.get_type_hints(cls)
+
+
 def _opt(default, *, choices=None, lo=None, hi=None, doc=""):
     return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
 
@@ -37,7 +45,7 @@ def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
 
 
 def _coerce(where: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     md = f.metadata
     if hint is bool:
         if not isinstance(value, bool):
@@ -205,6 +213,15 @@ class AdaptConfig(_Section):
     boost_lr: float = _opt(3.0, lo=1e-6, hi=100.0, doc="after a drift: learning-rate factor")
     boost_steps: int = _opt(2, lo=1, hi=100, doc="after a drift: steps per label")
     seed: int = _opt(0, lo=0, hi=2**31, doc="seed of replay sampling and head init")
+    # -- issue 10: promotion test, plasticity, scaling (docs/LEARNING.md) --
+    promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion: one-sided paired t-test level on per-block loss differences")
+    promote_block: int = _opt(10, lo=1, hi=100_000, doc="promotion: labels per block of the paired test")
+    promote_min_blocks: int = _opt(6, lo=2, hi=100_000, doc="promotion: blocks since the last swap before a test (half while boosting)")
+    boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
+    boost_anchor: float = _opt(0.1, lo=0.0, hi=1.0, doc="while boosting: anchor factor")
+    plastic_ratio: float = _opt(3.0, lo=1.0, hi=1e6, doc="new-label error above this times the replayed rows' error (both faded, for plastic_min labels in a row) starts a boost")
+    plastic_min: int = _opt(50, lo=1, hi=1_000_000, doc="labels before the loss-ratio trigger may fire, and between two firings")
+    scale: bool = _opt(False, doc="standardise features online (running mean/variance) before the head")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -385,7 +402,7 @@ def reference_table() -> str:
         cls = SourceConfig if sec == "sources" else typing.get_type_hints(Config)[sec]
         head = "[[sources]]" if sec == "sources" else f"[{sec}]"
         lines += [f"#### `{head}`", "", "| key | type | default | allowed | meaning |", "|---|---|---|---|---|"]
-        hints = typing.get_type_hints(cls)
+        hints = _type_hints(cls)
         for g in dataclasses.fields(cls):
             md = g.metadata
             allowed = ", ".join(map(str, md["choices"])) if md.get("choices") else (

@@ -95,8 +95,8 @@ class Daemon:
         self.engine.warm_up()
         log.info("model %s %s on %s (%s); ready to serve in %.2f s", m.name, m.version, backend.describe().get("name", backend.key),
                  self.backend_reason, time.monotonic() - t0)
-        _, head_sd = self.model.state_dicts()
-        self.global_head = HeadSnapshot.from_arrays({k: v.numpy() for k, v in head_sd.items()}, kind="linear",
+        _, head_sd = self.model.arrays()  # numpy: the ONNX Runtime path needs no torch
+        self.global_head = HeadSnapshot.from_arrays(dict(head_sd), kind="linear",
                                                      task=m.task, version=f"{m.version}+shipped")
         self._head = self.global_head
 

@@ -61,9 +61,6 @@ class BrokerError(EdgeError):
 
 # -- describing untrusted values -------------------------------------------------------------
 
-_SCALARS = (type(None), bool, float)
-
-
 def brief(value: object, limit: int = 80) -> str:
     """A short description of an untrusted value for a message: at most ``limit`` (>= 4) characters.
 

@@ -1,25 +1,37 @@
 """The incremental-learning library API, usable without the daemon.
 
-``IncrementalModel`` wraps any ``nn.Module`` and learns from a stream with the same
-pieces the daemon uses (``edge.adapt``): test-then-train prequential metrics and a
-bounded latent replay buffer mixed into every step against forgetting.
+``IncrementalModel`` wraps an ``nn.Module`` and learns from a stream with the daemon's
+own learner (``edge.adapt.Learner``): test-then-train prequential metrics, a bounded
+latent replay buffer mixed into every step, champion/challenger promotions by a paired
+test, drift-aware plasticity and a trivial reference that keeps a stream with no signal
+from costing anything. See docs/LEARNING.md.
 
-- ``online_learning(dataset)``: fast per-sample updates on a stream; each sample is
-  scored first (prequential), then trained on together with replayed samples;
-- ``incremental_update(dataset, criterion, optimizer)``: consolidation, a few passes
-  over a batch of new data mixed with replay;
-- ``test(dataset)``: metrics (MSE/MAE/R2 or accuracy/log-loss); ``predict(x)``: numpy.
+- A ``LinearModel`` (or an ``edge.adapt.heads`` head) takes the fast path: closed-form
+  numpy steps, no autograd. Any other module trains by torch autograd through the same
+  learner.
+- The task comes from the criterion: ``MSELoss``/``L1Loss``/``HuberLoss`` regression,
+  ``CrossEntropyLoss`` multi-class (labels are class indices), ``BCEWithLogitsLoss``
+  binary classification (one logit, labels 0/1).
+- One optimizer per model: the optimizer given to the constructor, or to the first
+  call that passes one, is the model's; its hyper-parameters (Adam/AdamW: lr, betas,
+  eps, weight_decay; SGD: lr, momentum, dampening, nesterov, weight_decay) drive the
+  fast path. Passing a different optimizer later raises ``ConfigError``.
+
+- ``learn_one(x, y)`` / ``predict_one(x)``: river-style, one sample;
+- ``learn_many(X, y)`` / ``predict_many(X)``: vectorised batches;
+- ``online_learning(dataset)``: test-then-train over a stream;
+- ``incremental_update(dataset, criterion, optimizer)``: consolidation passes over a batch;
+- ``test(dataset)``: metrics; ``predict(x)``: the served outputs, numpy.
 
 Datasets may be a torch ``Dataset`` (indexable), a ``DataLoader`` (batches), a pair of
-arrays ``(X, y)``, or any iterable of ``(x, y)`` samples. See docs/LEARNING.md.
+arrays ``(X, y)``, or any iterable of ``(x, y)`` samples.
 
->>> import torch
 >>> model = LinearModel(in_features=3, out_features=1)
 >>> ilm = IncrementalModel(model, seed=0)
 >>> X = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
 >>> stats = ilm.online_learning((X, X @ np.array([[1.0], [2.0], [-1.0]], np.float32)))
->>> stats["n"], ilm.predict(X[:2]).shape
-(200, (2, 1))
+>>> stats["n"], stats["window"]["n"], ilm.predict(X[:2]).shape
+(200, 200, (2, 1))
 """
 from __future__ import annotations
 
@@ -29,10 +41,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.adapt.metrics import Prequential
-from edge.adapt.replay import ReplayBuffer
+from edge.adapt.heads import HEADS, LinearHead, make_head
+from edge.adapt.learner import Learner
+from edge.adapt.metrics import sample_losses
+from edge.adapt.optim import OptimizerSpec, spec_from_torch
+from edge.config import AdaptConfig
+from edge.errors import ConfigError, EdgeError
 
-__all__ = ["IncrementalModel", "LinearModel"]
+__all__ = ["DataError", "IncrementalModel", "LinearModel"]
+
+
+class DataError(EdgeError, ValueError):
+    """A sample or dataset the model cannot take: empty, wrong shape, label out of range."""
+
+    exit_code = 9
 
 
 class LinearModel(nn.Module):
@@ -46,146 +68,396 @@ class LinearModel(nn.Module):
         return self.linear(x)
 
 
-def _is_classifier(criterion) -> bool:
-    return isinstance(criterion, (nn.CrossEntropyLoss, nn.NLLLoss))
+_REGRESSION = (nn.MSELoss,)
+_MULTICLASS = (nn.CrossEntropyLoss,)
+_BINARY = (nn.BCEWithLogitsLoss,)
+
+
+def task_of(criterion) -> str:
+    """``"regression"``, ``"classification"`` or ``"binary"`` for a torch loss.
+
+    >>> task_of(nn.BCEWithLogitsLoss()), task_of(nn.CrossEntropyLoss()), task_of(nn.MSELoss())
+    ('binary', 'classification', 'regression')
+    """
+    if isinstance(criterion, _BINARY):
+        return "binary"
+    if isinstance(criterion, _MULTICLASS):
+        return "classification"
+    if isinstance(criterion, _REGRESSION):
+        return "regression"
+    raise ConfigError(f"criterion {type(criterion).__name__} is not supported: use MSELoss (regression), "
+                      "CrossEntropyLoss (classes) or BCEWithLogitsLoss (binary)")
+
+
+def _np(a):
+    return np.asarray(a.detach().cpu() if isinstance(a, torch.Tensor) else a)
 
 
 def _pairs(dataset):
     """Yield ``(x, y)`` numpy samples from any of the supported dataset forms."""
     if isinstance(dataset, tuple) and len(dataset) == 2 and all(hasattr(a, "shape") for a in dataset) \
-            and np.ndim(dataset[0]) >= 2 and len(dataset[0]) == len(dataset[1]):
-        X, Y = (np.asarray(a.detach() if isinstance(a, torch.Tensor) else a) for a in dataset)
+            and np.ndim(dataset[0]) >= 2:
+        X, Y = _np(dataset[0]), _np(dataset[1])
+        if len(X) != len(Y):
+            raise DataError(f"X has {len(X)} rows but y has {len(Y)}")
         yield from zip(X, Y)
         return
     if isinstance(dataset, torch.utils.data.DataLoader):
         for xb, yb in dataset:
-            yield from zip(np.asarray(xb), np.asarray(yb))
+            yield from zip(_np(xb), _np(yb))
         return
     items = dataset
     if isinstance(dataset, torch.utils.data.Dataset) and hasattr(dataset, "__len__"):
         items = (dataset[i] for i in range(len(dataset)))
-    for x, y in items:
-        yield (np.asarray(x.detach() if isinstance(x, torch.Tensor) else x),
-               np.asarray(y.detach() if isinstance(y, torch.Tensor) else y))
+    for item in items:
+        try:
+            x, y = item
+        except (TypeError, ValueError):
+            raise DataError(f"a dataset item must be an (x, y) pair, got {type(item).__name__}") from None
+        yield _np(x), _np(y)
+
+
+def _arrays(dataset) -> tuple[np.ndarray, np.ndarray]:
+    data = list(_pairs(dataset))
+    if not data:
+        raise DataError("the dataset is empty")
+    X = np.stack([np.asarray(x, np.float32) for x, _ in data])
+    Y = np.stack([np.asarray(y) for _, y in data])
+    return X, Y
 
 
 class IncrementalModel:
-    """Online and incremental learning for one ``nn.Module``, with replay against forgetting.
+    """Online and incremental learning for one ``nn.Module``, on the daemon's learner.
 
-    ``criterion`` defaults to MSE (regression); pass ``nn.CrossEntropyLoss()`` for
-    classification (labels are class indices). The default optimizer is Adam at ``lr``.
-    ``replay_bytes`` bounds the replay buffer; ``replay_batch`` replayed samples join
-    every online step.
+    ``criterion`` sets the task (default MSE, regression). ``optimizer`` is the model's
+    one optimizer (default Adam at ``lr``). ``replay_bytes`` bounds the replay buffer;
+    ``replay_batch`` replayed rows join every online step. ``window`` is the recent
+    window of the metrics. ``scale=True`` standardises inputs online (fast path only).
+    ``config`` (an ``AdaptConfig``) overrides the learner's other settings.
     """
 
-    def __init__(self, model: nn.Module, *, criterion=None, optimizer=None, lr: float = 1e-3,
-                 replay_bytes: int = 4 << 20, replay_batch: int = 15, window: int = 200, seed: int = 0):
+    def __init__(self, model, *, criterion=None, optimizer=None, lr: float = 1e-3, replay_bytes: int = 4 << 20,
+                 replay_batch: int = 15, window: int = 200, seed: int = 0, scale: bool = False,
+                 config: AdaptConfig | None = None):
         torch.manual_seed(seed)
         self.model = model
-        self.criterion = criterion if criterion is not None else nn.MSELoss()
-        self.optimizer = optimizer if optimizer is not None else torch.optim.Adam(model.parameters(), lr=lr)
+        self.criterion = criterion
+        self.optimizer = optimizer
+        self.lr = float(lr)
         self.replay_bytes, self.replay_batch, self.window, self.seed = replay_bytes, replay_batch, window, seed
-        self.replay: ReplayBuffer | None = None  # sized on the first sample
-        self._x_shape: tuple | None = None
+        self.scale = bool(scale)
+        self.config = config
+        self.learner: Learner | None = None  # built on the first sample: its shape fixes the features
+        self.x_shape: tuple | None = None
         self.samples_seen = 0
+
+    # -- set-up -----------------------------------------------------------------------------
 
     @property
     def task(self) -> str:
-        return "classification" if _is_classifier(self.criterion) else "regression"
+        t = task_of(self.criterion if self.criterion is not None else nn.MSELoss())
+        return "classification" if t == "binary" else t
 
-    def _buffer(self, x, y) -> ReplayBuffer:
-        if self.replay is None:
-            self._x_shape = tuple(np.shape(x))
-            classes = self._n_classes() if self.task == "classification" else None
-            self.replay = ReplayBuffer(feature_size=int(np.prod(self._x_shape)), max_bytes=self.replay_bytes,
-                                       classes=classes, outputs=int(np.size(y)), seed=self.seed)
-        return self.replay
+    @property
+    def fast_path(self) -> bool:
+        return isinstance(self.model, (LinearModel, LinearHead))
 
-    def _n_classes(self) -> int:
+    def _adopt(self, criterion, optimizer) -> None:
+        """The first criterion/optimizer given anywhere becomes the model's."""
+        if criterion is not None:
+            if self.criterion is None and self.learner is None:
+                self.criterion = criterion
+            elif self.criterion is not None and task_of(criterion) != task_of(self.criterion):
+                raise ConfigError(f"this model learns with {type(self.criterion).__name__}; "
+                                  f"{type(criterion).__name__} is another task (one criterion per model)")
+            elif self.criterion is None and task_of(criterion) != "regression":
+                raise ConfigError(f"this model already learns regression (MSELoss); {type(criterion).__name__} is another task")
+        if optimizer is not None and optimizer is not self.optimizer:
+            if self.optimizer is not None or self.learner is not None:
+                raise ConfigError("this model already has its optimizer; pass the same one (one optimizer per model)")
+            self.optimizer = optimizer
+
+    def _outputs(self, x_shape) -> int:
+        if isinstance(self.model, LinearModel):
+            return self.model.linear.out_features
+        if isinstance(self.model, LinearHead):
+            return self.model.out_features
         with torch.no_grad():
-            return int(self.model(torch.zeros(1, *self._x_shape)).shape[-1])
+            was = self.model.training
+            self.model.eval()
+            out = self.model(torch.zeros(1, *x_shape))
+            self.model.train(was)
+        return int(np.prod(out.shape[1:]))
 
-    def _tensors(self, xs, ys):
-        x = torch.as_tensor(np.asarray(xs, np.float32).reshape(len(xs), *self._x_shape))
-        if self.task == "classification":
-            return x, torch.as_tensor(np.asarray(ys, np.int64).reshape(-1))
-        return x, torch.as_tensor(np.asarray(ys, np.float32).reshape(len(ys), -1))
+    def _build(self, x) -> Learner:
+        x = np.asarray(x)
+        self.x_shape = tuple(x.shape)
+        d = int(np.prod(self.x_shape))
+        crit = self.criterion if self.criterion is not None else nn.MSELoss()
+        kind = task_of(crit)
+        k = self._outputs(self.x_shape)
+        if kind == "binary" and k != 1:
+            raise ConfigError(f"BCEWithLogitsLoss needs a model with one output, this one has {k}")
+        if kind == "classification" and k < 2:
+            raise ConfigError(f"CrossEntropyLoss needs a model with at least 2 outputs, this one has {k}")
+        spec = spec_from_torch(self.optimizer) if self.optimizer is not None and self.fast_path else \
+            (_try_spec(self.optimizer) or OptimizerSpec(kind="adam", lr=self.lr))
+        cfg = self.config or AdaptConfig(
+            batch=self.replay_batch + 1, replay_bytes=self.replay_bytes, eval_window=self.window,
+            eval_min=min(40, self.window), anchor=0.0, budget_steps_per_s=1e6, budget_cpu_share=1.0,
+            seed=self.seed, scale=self.scale)
+        head = self._head(d, k, crit, spec)
+        task = "regression" if kind == "regression" else "classification"
+        classes = None if task == "regression" else (range(2) if kind == "binary" else range(k))
+        self.learner = Learner(task=task, feature_size=d, classes=classes, outputs=k, config=cfg, head=head,
+                               optimizer=spec, global_version="0")
+        return self.learner
 
-    def _step(self, x, y, criterion, optimizer) -> float:
-        self.model.train()
-        optimizer.zero_grad()
-        out = self.model(x)
-        loss = criterion(out, y if self.task == "classification" else y.reshape(out.shape))
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
+    def _head(self, d, k, crit, spec):
+        if isinstance(self.model, LinearHead):
+            return self.model
+        if isinstance(self.model, LinearModel):
+            lin = self.model.linear
+            if lin.in_features != d:
+                raise DataError(f"samples have {d} features but the model takes {lin.in_features}")
+            w = lin.weight.detach().numpy()
+            b = lin.bias.detach().numpy() if lin.bias is not None else np.zeros(k, np.float32)
+            return make_head("linear", in_features=d, out_features=k, base_weight=w, base_bias=b)
+        from edge.adapt.torch_head import ModuleHead  # the only path that trains by autograd
 
-    def _mixed(self, xs, ys, n_replay):
-        """The new samples plus ``n_replay`` replayed ones, as tensors."""
-        idx = self.replay.sample_indices(n_replay) if self.replay is not None else np.empty(0, np.int64)
-        if len(idx):
-            xs = np.concatenate([np.asarray(xs, np.float32).reshape(len(xs), -1), self.replay.z[idx]])
-            ys = np.concatenate([np.asarray(ys).reshape(len(ys), -1), self.replay.y[idx].reshape(len(idx), -1)])
-        return self._tensors(xs, ys)
+        return ModuleHead(self.model, in_shape=self.x_shape, out_features=k, criterion=crit, optimizer=self.optimizer)
 
-    def online_learning(self, dataset, criterion=None, optimizer=None) -> dict:
-        """Test-then-train, one sample at a time; returns the prequential metrics of this pass."""
-        criterion = criterion or self.criterion
-        optimizer = optimizer or self.optimizer
-        preq = Prequential(self.task, window=self.window)
+    def _engine(self, x) -> Learner:
+        if self.learner is None:
+            return self._build(x)
+        shape = tuple(np.shape(x))
+        if shape != self.x_shape:
+            raise DataError(f"sample has shape {shape}; this model takes {self.x_shape}")
+        return self.learner
+
+    def _check_label(self, y) -> None:
+        lr = self.learner
+        if lr.task == "classification":
+            c = np.asarray(y).reshape(-1)
+            if c.size != 1 or not float(c[0]).is_integer() or not 0 <= int(c[0]) < lr._n_classes:
+                raise DataError(f"label {str(np.asarray(y).tolist())[:40]} is not a class index in 0..{lr._n_classes - 1}")
+        elif np.size(y) != lr.outputs:
+            raise DataError(f"target has {np.size(y)} values; the model has {lr.outputs} outputs")
+
+    def _sync_module(self) -> None:
+        """Write the served head's weights back into a ``LinearModel`` so that the user's
+        module is the model being served (the fast path trains a numpy copy)."""
+        if isinstance(self.model, LinearModel) and self.learner is not None:
+            a = self.learner.champion.arrays
+            with torch.no_grad():
+                self.model.linear.weight.copy_(torch.from_numpy(np.array(a["weight"])))
+                if self.model.linear.bias is not None:
+                    self.model.linear.bias.copy_(torch.from_numpy(np.array(a["bias"])))
+
+    # -- river-style ------------------------------------------------------------------------
+
+    def learn_one(self, x, y) -> dict:
+        """Test then train on one sample; returns the served prediction (before training) and its loss."""
+        x = _np(x)
+        self._engine(x)
+        self._check_label(y)
+        served, out = self._learn_row(x, y)
+        return {"served": served, "loss": out["loss"], "drift": out["drift"], "swap": out["swap"]}
+
+    def _learn_row(self, x, y):
+        lr = self.learner
+        ref = lr.best() is not lr.champion
+        served = lr.reference.scores() if ref else None
+        out = lr.learn_one(np.asarray(x, np.float32).reshape(-1), _label(y, lr))
+        if not out["accepted"]:
+            raise DataError(f"sample {self.samples_seen} rejected: {out['reason']}")
+        self.samples_seen += 1
+        if ref:
+            out["loss"] = float(sample_losses(served[None], np.asarray([_label(y, lr)]), lr.task)[0][0])
+            if lr.task == "classification" and lr.outputs == 1:
+                served = np.asarray(served, np.float32)
+        else:
+            served = out["served"]
+        return served, out
+
+    def predict_one(self, x) -> np.ndarray:
+        """The served outputs for one sample: ``[K]`` (logits for a classifier)."""
+        return self.predict(_np(x)[None])[0]
+
+    def learn_many(self, X, y) -> dict:
+        """Test then train on a batch (vectorised); returns ``{"n", "loss"}`` of the served predictions."""
+        X, Y = _np(X), _np(y)
+        if len(X) == 0:
+            raise DataError("learn_many got an empty batch")
+        if len(X) != len(Y):
+            raise DataError(f"X has {len(X)} rows but y has {len(Y)}")
+        lr = self._engine(X[0])
+        if tuple(X.shape[1:]) != self.x_shape:
+            raise DataError(f"samples have shape {tuple(X.shape[1:])}; this model takes {self.x_shape}")
+        self._check_labels(Y)
+        served = self._served_scores(X.reshape(len(X), -1))
+        out = lr.learn_many(X.reshape(len(X), -1), _labels(Y, lr))
+        self.samples_seen += out["accepted"]
+        loss, _ = sample_losses(served, _labels(Y, lr), lr.task)
+        return {"n": out["accepted"], "loss": float(loss.mean()), "drift": out["drift"], "swap": out["swap"]}
+
+    def predict_many(self, X) -> np.ndarray:
+        return self.predict(X)
+
+    def _check_labels(self, Y) -> None:
+        lr = self.learner
+        if lr.task == "classification":
+            c = np.asarray(Y).reshape(len(Y), -1)
+            if c.shape[1] != 1 or not np.all(np.mod(c, 1) == 0) or c.min() < 0 or c.max() >= lr._n_classes:
+                bad = c[(c < 0) | (c >= lr._n_classes) | (np.mod(c, 1) != 0)].reshape(-1)[:3].tolist()
+                raise DataError(f"labels {str(bad)[:60]} are not class indices in 0..{lr._n_classes - 1}")
+        elif np.asarray(Y).reshape(len(Y), -1).shape[1] != lr.outputs:
+            raise DataError(f"targets have {np.asarray(Y).reshape(len(Y), -1).shape[1]} values; the model has {lr.outputs} outputs")
+
+    def _served_scores(self, Z: np.ndarray) -> np.ndarray:
+        """Probabilities (classification) or values (regression) of what ``predict`` serves."""
+        lr = self.learner
+        snap = lr.best()
+        return snap.predict(Z)
+
+    # -- the seed API -----------------------------------------------------------------------
+
+    def online_learning(self, dataset, criterion=None, optimizer=None, *, return_predictions: bool = False) -> dict:
+        """Test-then-train, one sample at a time.
+
+        Returns ``{"n", <metrics over the whole pass>, "window": <metrics over the last
+        window samples>}`` (metrics: mse/mae or accuracy/log_loss), and with
+        ``return_predictions=True`` also ``"predictions"``: every sample's served output
+        (values, or class probabilities) before it was learned.
+        """
+        self._adopt(criterion, optimizer)
+        preds, ys = [], []
         for x, y in _pairs(dataset):
-            buf = self._buffer(x, y)
-            out = self.predict(np.asarray(x)[None])[0]
-            if self.task == "classification":
-                out = np.exp(out - out.max())
-                out /= out.sum()
-            preq.update(out, y)
-            self._step(*self._mixed([x], [y], self.replay_batch), criterion, optimizer)
-            buf.add(np.asarray(x, np.float32).reshape(-1), int(y) if self.task == "classification" else y)
-            self.samples_seen += 1
-        return preq.get()
+            lr = self._engine(x)
+            self._check_label(y)
+            s, _ = self._learn_row(x, y)
+            preds.append(s)
+            ys.append(_label(y, lr))
+        if not preds:
+            raise DataError("online_learning got an empty dataset")
+        self._sync_module()
+        P = np.stack(preds)
+        res = {"n": len(P), **_metrics(P, ys, self.learner.task), "window": {"n": min(len(P), self.window),
+               **_metrics(P[-self.window:], ys[-self.window:], self.learner.task)}}
+        if return_predictions:
+            res["predictions"] = P
+        return res
 
-    def incremental_update(self, dataset, criterion, optimizer, *, epochs: int = 3, batch_size: int = 32,
+    def incremental_update(self, dataset, criterion=None, optimizer=None, *, epochs: int = 3, batch_size: int = 32,
                            replay_ratio: float = 0.5) -> dict:
-        """Consolidate on new data: ``epochs`` shuffled passes, each batch mixed with replay."""
-        data = list(_pairs(dataset))
-        if not data:
-            return {"loss": math.nan, "samples": 0, "steps": 0}
-        buf = self._buffer(*data[0])
+        """Consolidate on new data: ``epochs`` shuffled passes in batches, each batch mixed
+        with replayed rows so that ``replay_ratio`` of every step's rows are old ones."""
+        self._adopt(criterion, optimizer)
+        X, Y = _arrays(dataset)
+        lr = self._engine(X[0])
+        self._check_labels(Y)
+        if not 0.0 <= replay_ratio < 1.0:
+            raise ConfigError(f"replay_ratio = {replay_ratio} must be in [0, 1)")
+        Z, T = X.reshape(len(X), -1).astype(np.float32), _labels(Y, lr)
+        if lr.scaler is not None:
+            lr.scaler.learn_many(Z)
+        Zt = Z
         rng = np.random.default_rng(self.seed + self.samples_seen)
-        n_replay = int(round(batch_size * replay_ratio / max(1e-9, 1 - replay_ratio))) if replay_ratio < 1 else batch_size
+        n_replay = int(round(batch_size * replay_ratio / (1.0 - replay_ratio)))
+        tr = lr.trainer
+        tr.set_lr(lr.lr)
         losses, steps = [], 0
         for _ in range(epochs):
-            losses, order = [], rng.permutation(len(data))
-            for start in range(0, len(data), batch_size):
-                xs, ys = zip(*(data[i] for i in order[start: start + batch_size]))
-                losses.append(self._step(*self._mixed(xs, ys, n_replay), criterion, optimizer))
+            order = rng.permutation(len(Zt))
+            losses = []
+            for start in range(0, len(Zt), batch_size):
+                idx = order[start: start + batch_size]
+                rep = lr.replay.sample_indices(n_replay)
+                zb = np.concatenate([Zt[idx], lr.replay.z[rep]])
+                yb = np.concatenate([T[idx], lr.replay.y[rep]])
+                if lr.scaler is not None:
+                    lr.scaler.transform_many(zb, out=zb)
+                tr.last_loss_of = (0, len(idx))
+                tr.step_arrays(zb, yb, first=0)
+                losses.append(tr.last_loss if tr.closed_form else math.nan)
                 steps += 1
-        for x, y in data:
-            buf.add(np.asarray(x, np.float32).reshape(-1), int(y) if self.task == "classification" else y)
-        self.samples_seen += len(data)
-        return {"loss": float(np.mean(losses)), "samples": len(data), "steps": steps}
+        for i in range(len(Zt)):
+            lr.replay.add(Zt[i], T[i])
+            lr.recent.add(Zt[i], T[i])
+            lr.reference.learn_one(T[i])
+        lr._reference_snap = None
+        # consolidation is an explicit request: serve its result (no prequential evidence to test)
+        lr.champion = lr._snapshot(f"{lr.global_version}+u{steps}")
+        lr.preq["champion"].loss.copy_from(lr.preq["challenger"].loss)
+        lr.preq["champion"].err.copy_from(lr.preq["challenger"].err)
+        for p in lr.pairs.values():
+            p.reset()
+        lr.since_swap = 0
+        lr.serve_reference = False  # until the reference proves better by the paired test
+        self.samples_seen += len(Zt)
+        self._sync_module()
+        return {"loss": float(np.mean(losses)) if losses else math.nan, "samples": len(Zt), "steps": steps}
 
     def test(self, dataset) -> dict:
         """Metrics on held-out data: mse, mae, r2 (regression) or accuracy, log_loss (classification)."""
-        xs, ys = zip(*_pairs(dataset))
-        pred = self.predict(np.stack(xs))
-        y = np.asarray(ys)
-        if self.task == "classification":
-            p = np.exp(pred - pred.max(1, keepdims=True))
-            p /= p.sum(1, keepdims=True)
-            y = y.astype(np.int64).reshape(-1)
-            return {"accuracy": float((pred.argmax(1) == y).mean()),
-                    "log_loss": float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-7, None)).mean()), "n": len(y)}
-        y = y.reshape(pred.shape).astype(np.float64)
-        err = pred - y
-        var = float(((y - y.mean(0)) ** 2).mean())
-        mse = float((err**2).mean())
-        return {"mse": mse, "mae": float(np.abs(err).mean()), "r2": 1 - mse / var if var > 0 else math.nan, "n": len(y)}
+        X, Y = _arrays(dataset)
+        if self.learner is None:
+            self._engine(X[0])
+        self._check_labels(Y)
+        lr = self.learner
+        P = self._served_scores(X.reshape(len(X), -1).astype(np.float32))
+        m = _metrics(P, _labels(Y, lr), lr.task)
+        if lr.task == "regression":
+            y = np.asarray(Y, np.float64).reshape(P.shape)
+            var = float(((y - y.mean(0)) ** 2).mean())
+            m["r2"] = 1 - m["mse"] / var if var > 0 else math.nan
+        m["n"] = len(X)
+        return m
 
     def predict(self, x) -> np.ndarray:
-        """Model outputs for a batch ``x`` (numpy or tensor), as numpy; raw logits for classifiers."""
-        self.model.eval()
-        with torch.no_grad():
-            out = self.model(torch.as_tensor(np.asarray(x, np.float32)))
-        return out.numpy()
+        """The served outputs for a batch ``x`` (numpy or tensor), as numpy: values for
+        regression, raw logits for a classifier. Served = whichever of the champion and
+        the trivial reference has the lower recent prequential loss (do no harm)."""
+        x = _np(x)
+        if self.learner is None:
+            self.model.eval()
+            with torch.no_grad():
+                return self.model(torch.as_tensor(np.asarray(x, np.float32))).numpy()
+        if tuple(x.shape[1:]) != self.x_shape:
+            raise DataError(f"samples have shape {tuple(x.shape[1:])}; this model takes {self.x_shape}")
+        return self.learner.best().logits(x.reshape(len(x), -1).astype(np.float32))
+
+    def metrics(self) -> dict:
+        """The learner's counters and per-head recent metrics (``Learner.metrics``)."""
+        return {} if self.learner is None else self.learner.metrics()
+
+
+def _try_spec(opt):
+    if opt is None:
+        return None
+    try:
+        return spec_from_torch(opt)
+    except ConfigError:
+        return OptimizerSpec(kind="adam", lr=float(opt.param_groups[0].get("lr", 1e-3)))
+
+
+def _label(y, lr: Learner):
+    if lr.task == "classification":
+        return int(np.asarray(y).reshape(-1)[0])
+    return np.asarray(y, np.float32).reshape(-1)
+
+
+def _labels(Y, lr: Learner) -> np.ndarray:
+    if lr.task == "classification":
+        return np.asarray(Y).reshape(len(Y)).astype(np.int64)
+    return np.asarray(Y, np.float32).reshape(len(Y), -1)
+
+
+def _metrics(P: np.ndarray, ys, task: str) -> dict:
+    if not len(P):
+        return {}
+    y = np.asarray(ys)
+    loss, err = sample_losses(P, y, task)
+    if task == "classification":
+        return {"accuracy": float(1.0 - err.mean()), "log_loss": float(loss.mean())}
+    return {"mse": float(loss.mean()), "mae": float(err.mean())}

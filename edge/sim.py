@@ -377,3 +377,16 @@ def make_forecast_dataset(n: int, *, seed: int, window: int = 64, horizon: int =
 def forecast_calibration_windows(n: int = 256, seed: int = 0) -> np.ndarray:
     """Nominal process windows [n, 1, 64] float32: calibration inputs of the forecast model."""
     return make_forecast_dataset(n, seed=int(seed) + 10_007)[0]
+
+
+def eval_sets(n: int = 500, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Labelled check sets, one per condition of ``SHIFTS``: the vibration model's ``[eval] generator``.
+
+    Seeds are offset from training (1, 1000+) and calibration (10_007+) seeds.
+
+    >>> sets = eval_sets(8, seed=0)
+    >>> sorted(sets) == sorted(SHIFTS), sets["nominal"][0].shape
+    (True, (8, 3, 256))
+    """
+    return {name: make_dataset(n, seed=int(seed) + 20_011 + i, condition=cond)
+            for i, (name, cond) in enumerate(SHIFTS.items())}

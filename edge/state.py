@@ -29,13 +29,13 @@ import os
 import re
 import stat
 import struct
+import sys
 import time
 from dataclasses import asdict, dataclass, fields, replace  # noqa: F401 (replace: doctest)
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
@@ -50,7 +50,9 @@ _NAME = re.compile(r"^ckpt-(\d{10})\.edge$")
 
 def _flatten(obj, blobs: dict):
     """The JSON-able tree of ``obj``, moving tensors and arrays into ``blobs``."""
-    if isinstance(obj, torch.Tensor):
+    # torch only if loaded: a tensor cannot exist without it, and a lean daemon never loads it
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Tensor):
         key = f"t{len(blobs)}"
         blobs[key] = obj.detach().cpu().contiguous().numpy().copy()
         return {"__tensor__": key}
@@ -74,6 +76,8 @@ def _flatten(obj, blobs: dict):
 def _unflatten(tree, blobs: dict):
     if isinstance(tree, dict):
         if "__tensor__" in tree:
+            import torch
+
             return torch.from_numpy(blobs[tree["__tensor__"]].copy())
         if "__array__" in tree:
             return blobs[tree["__array__"]].copy()

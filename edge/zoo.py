@@ -3,7 +3,12 @@
 A model folder (DESIGN.md, "A model folder") holds ``manifest.toml``, ``model.py``
 (``Backbone`` and ``Head`` nn.Modules), ``weights.safetensors`` (keys prefixed
 ``backbone.`` and ``head.``), ``train.py`` and ``CARD.md``. Shipped models are found
-by name in the installed ``edge_models`` package or the repository's ``models/``.
+by name in the repository's ``models/`` (when running from a checkout) or the installed
+``edge_models`` package.
+
+Reading a folder needs no torch: weights come back as numpy arrays (``arrays``), and
+torch is imported only to build the modules (``build``, ``state_dicts``), so a daemon
+serving a compiled artifact stays lean.
 """
 from __future__ import annotations
 
@@ -42,6 +47,10 @@ class Manifest:
     head_kind: str
     parity: dict[str, float] = field(default_factory=dict)
     calibration: dict[str, Any] = field(default_factory=dict)
+    #: ``[serve]``: ``precision = "fp32"`` restricts serving to fp32 artifacts
+    serve: dict[str, Any] = field(default_factory=dict)
+    #: ``[eval]``: labelled check data (``generator`` or ``file``) for accuracy checks
+    eval: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
@@ -66,6 +75,8 @@ class Manifest:
                 head_kind=str(head.get("kind", "linear")),
                 parity=dict(d.get("parity", {})),
                 calibration=dict(d.get("calibration", {})),
+                serve=dict(d.get("serve", {})),
+                eval=dict(d.get("eval", {})),
                 metrics=dict(d.get("metrics", {})),
                 raw=d,
             )
@@ -79,6 +90,8 @@ class Manifest:
             raise ModelError(f"{where}: a classification task needs task.classes with at least 2 names")
         if m.channels < 1 or m.window < 2 or m.sample_rate <= 0 or m.feature_size < 1 or m.outputs < 1:
             raise ModelError(f"{where}: input.channels, input.window, input.sample_rate, features.size and outputs must be positive")
+        if str(m.serve.get("precision", "auto")) not in ("auto", "fp32", "fp16", "int8"):
+            raise ModelError(f"{where}: serve.precision {m.serve['precision']!r} is not one of auto, fp32, fp16, int8")
         if len(m.channel_names) != m.channels:
             raise ModelError(f"{where}: input.channel_names has {len(m.channel_names)} names for {m.channels} channels")
         return m
@@ -133,9 +146,9 @@ class ModelFolder:
                 raise ModelError(f"{src}: model.py defines no {cls} class")
         return mod
 
-    def state_dicts(self) -> tuple[dict, dict]:
-        """(backbone, head) tensors from ``weights.safetensors``."""
-        from safetensors.torch import load_file
+    def arrays(self) -> tuple[dict, dict]:
+        """(backbone, head) weights as numpy arrays, read with safetensors' numpy API (no torch)."""
+        from safetensors.numpy import load_file
 
         wp = self.path / "weights.safetensors"
         if not wp.is_file():
@@ -149,6 +162,13 @@ class ModelFolder:
         if not bb or not hd:
             raise ModelError(f"{wp}: weights need keys prefixed 'backbone.' and 'head.'")
         return bb, hd
+
+    def state_dicts(self) -> tuple[dict, dict]:
+        """(backbone, head) torch tensors: ``arrays`` converted, for ``load_state_dict``."""
+        import torch
+
+        bb, hd = self.arrays()
+        return ({k: torch.from_numpy(v) for k, v in bb.items()}, {k: torch.from_numpy(v) for k, v in hd.items()})
 
     def build(self):
         """(backbone, head) nn.Modules in eval mode with the shipped weights loaded."""
@@ -165,17 +185,24 @@ class ModelFolder:
 
 
 def zoo_roots() -> list[Path]:
-    """Where shipped models live: the installed ``edge_models`` package, then the repo's ``models/``."""
+    """Where shipped models live: the repository's ``models/`` first, then ``edge_models``.
+
+    A checkout (or a worktree) sees its own models even when another copy of the package
+    is installed; a plain install has no ``models/`` next to ``edge`` and uses the
+    installed ``edge_models`` distribution.
+    """
     roots = []
+    repo = Path(__file__).resolve().parent.parent / "models"
+    if repo.is_dir():
+        roots.append(repo)
     try:
         import edge_models  # installed (non-editable or editable) distribution
 
-        roots.append(Path(edge_models.__file__).parent)
+        installed = Path(edge_models.__file__).parent.resolve()
+        if installed not in [r.resolve() for r in roots]:
+            roots.append(installed)
     except ImportError:
         pass
-    repo = Path(__file__).resolve().parent.parent / "models"
-    if repo.is_dir() and repo not in roots:
-        roots.append(repo)
     return roots
 
 
@@ -262,3 +289,32 @@ def write_metrics(folder: str | Path, metrics: dict[str, Any], card_block: str) 
     if card.exists():
         block = f"<!-- metrics:start (written by train.py) -->\n{card_block}\n<!-- metrics:end -->"
         card.write_text(re.sub(r"<!-- metrics:start.*?<!-- metrics:end -->", lambda _: block, card.read_text(), flags=re.S))
+
+
+SERVING_START, SERVING_END = "<!-- serving:start", "<!-- serving:end -->"
+
+
+def write_serving_card(folder: str | Path, block: str, *, heading: str = "## int8 (filled by `edge bench serve`)") -> None:
+    """Put ``block`` into CARD.md between ``<!-- serving:start`` and ``<!-- serving:end -->``.
+
+    The first time, the block goes at the top of the ``heading`` section, replacing its
+    "Not measured yet" sentence and keeping any other notes below it; later it replaces
+    only what is between the markers, so text written by hand around them survives.
+    """
+    import re
+
+    card = Path(folder) / "CARD.md"
+    text = card.read_text() if card.exists() else ""
+    wrapped = f"{SERVING_START} (written by edge bench serve --write-card) -->\n{block.rstrip()}\n{SERVING_END}"
+    if SERVING_START in text:
+        text = re.sub(r"<!-- serving:start.*?<!-- serving:end -->", lambda _: wrapped, text, flags=re.S)
+    elif heading in text:
+        head, rest = text.split(heading, 1)
+        nxt = rest.find("\n## ")
+        body, tail = (rest[:nxt], rest[nxt:]) if nxt >= 0 else (rest, "\n")
+        # the placeholder sentence goes; any hand-written notes after it stay, below the block
+        body = re.sub(r"Not measured yet.*?\.(\s+|$)", "", body, count=1, flags=re.S).strip()
+        text = f"{head}{heading}\n{wrapped}\n" + (f"\n{body}\n" if body else "") + tail
+    else:
+        text = text.rstrip() + f"\n\n{heading}\n{wrapped}\n"
+    card.write_text(text)

@@ -8,7 +8,8 @@ import pytest
 
 MODULES = ["edge.adapt.heads", "edge.adapt.adam", "edge.adapt.replay", "edge.adapt.metrics", "edge.adapt.drift", "edge.adapt.labels",
            "edge.adapt.forecast", "edge.adapt.budget", "edge.adapt.synth", "edge.state",
-           "edge.adapt.worker"]
+           "edge.adapt.worker", "edge.adapt.optim", "edge.adapt.promotion", "edge.adapt.reference", "edge.adapt.scaler",
+           "edge.learning"]
 
 
 @pytest.mark.parametrize("name", MODULES)

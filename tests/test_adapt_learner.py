@@ -193,8 +193,9 @@ def test_near_perfect_heads_do_not_churn_promotions(world):
     stream, _ = world
     rng = np.random.default_rng(8)
     z, y = stream.sample(1200, rng=rng, shifted=True)
-    churn = _learner(world, promote_floor=0.0, drift_detector="none")
-    calm = _learner(world, drift_detector="none")  # default floor: 1 % of the global head's loss
+    # no real test (alpha 0.5 over two blocks), no floor: promotes on noise
+    churn = _learner(world, promote_floor=0.0, promote_alpha=0.5, promote_min_blocks=2, drift_detector="none")
+    calm = _learner(world, drift_detector="none")  # default: paired t-test at 1 % over >= 6 blocks, 1 % floor
     _feed(churn, z, y)
     _feed(calm, z, y)
     assert calm.metrics()["promotions_total"] >= 1  # the shift is still learned and served

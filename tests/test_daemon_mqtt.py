@@ -30,9 +30,10 @@ def daemon(broker, tmp_path_factory):
     d.stop()
 
 
-def test_daemon_serves_int8_by_default_on_the_cpu(daemon):
-    desc = daemon.engine.backend.describe()
-    assert daemon.engine.backend.key == "onnxruntime" and daemon.engine.backend.precision == "int8", desc
+def test_daemon_serves_the_measured_choice_by_default_on_the_cpu(daemon):
+    b = daemon.engine.backend
+    label = f"onnxruntime {b.precision}" + (f" ({b.variant})" if b.variant else "")
+    assert b.key == "onnxruntime" and f"-> {label}" in daemon.backend_reason, (b.describe(), daemon.backend_reason)
 
 
 def test_predictions_are_routed_per_device_and_stream(broker, daemon):
@@ -113,7 +114,7 @@ def test_availability_is_retained_online_then_offline(broker, tmp_path):
 
 def test_status_reports_streams_backend_and_counters(daemon):
     st = daemon.status()
-    assert st["backend"]["precision"] == "int8"
+    assert st["backend"]["precision"] == daemon.engine.backend.precision
     assert "sensors" not in st["streams"] and any(k.startswith("m1/") for k in st["streams"])
     assert st["pipeline"]["windows_served"] >= 2
     assert daemon.registry().render().count("edge_windows_served_total") >= 1
@@ -153,7 +154,7 @@ def test_metrics_endpoint_serves_prometheus_text_and_health(broker, tmp_path):
         c.wait_for(lambda m: len(m) >= 1)
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         assert "edge_windows_served_total 1.0" in text
-        assert 'edge_backend_latency_seconds_bucket{backend="onnxruntime-int8",le="+Inf"}' in text
+        assert f'edge_backend_latency_seconds_bucket{{backend="{d.engine.label}",le="+Inf"}}' in text
         assert "edge_pipeline_latency_seconds_count 1.0" in text
         health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status == 200 and b'"ready": true' in health.read()

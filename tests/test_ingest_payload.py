@@ -266,3 +266,22 @@ def test_csv_error_messages_are_bounded():
     with pytest.raises(DecodeError) as e:
         dec(b"x" * 100_000 + b",1,2")
     assert len(str(e.value)) <= MAX_MESSAGE
+
+
+@settings(max_examples=200, deadline=None)
+@given(rate=st.floats(width=32) | st.sampled_from([1e-38, 1e-30, 3.4e38, 0.0, -1.0]),
+       t_us=st.integers(0, 2 ** 32 - 1), n=st.integers(1, 20), skew=st.sampled_from([0.0, 3600.0]),
+       scale=st.floats(width=32))
+def test_firmware_frames_with_odd_rates_and_clocks_decode_or_raise_decode_error(rate, t_us, n, skew, scale):
+    import numpy as np
+
+    from firmware_bridge.codec import encode_frame
+    from firmware_bridge.messages import Hello, Samples
+
+    hello = encode_frame(Hello("m1", "fw", 1000.0, 1, ("a", "b", "c"), ("g", "g", "g"), scale, 1, 0))
+    frame = encode_frame(Samples(seq=1, t_us=t_us, sample_rate=rate, values=np.ones((n, 3), np.int16)))
+    for payload in (frame, hello + frame):
+        out = _only_decode_error(decode_payload, payload, channels=3, now=NOW, max_skew=skew)
+        if out is not None:
+            ts, rows = out
+            assert all(math.isfinite(t) for t in ts) and all(math.isfinite(x) for r in rows for x in r)

@@ -227,3 +227,16 @@ def test_untimed_csv_lines_paced_at_1khz_lose_nothing():
     c = w.counters
     assert c["samples"] == 1200 and c["out_of_order"] == 0 and c["filled"] == 0 and c["gaps"] == 0
     assert windows == 12 and w.flagged is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(msgs=st.lists(st.tuples(st.floats(0.0, 3.0), st.lists(st.none() | st.floats(-2.0, 5.0), max_size=20)),
+                     max_size=30))
+def test_stamp_of_a_list_is_stamp_one_of_each(msgs):
+    a, b = Stamper(sample_rate=100.0), Stamper(sample_rate=100.0)
+    r = NOW
+    for dr, ts in msgs:
+        r += dr
+        ts = [None if t is None else NOW + t for t in ts]
+        assert a.stamp(list(ts), r) == [b.stamp_one(t, r) for t in ts]
+    assert (a._last, a._anchor, a._k, a.counters) == (b._last, b._anchor, b._k, b.counters)

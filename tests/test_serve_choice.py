@@ -58,16 +58,17 @@ def test_fallback_chain_walks_down_from_the_request():
     assert fallback_chain("torch", "fp32") == [("torch", "fp32")]
 
 
-def test_the_cpu_default_is_onnxruntime_int8(tmp_path, monkeypatch):
-    import edge.serve as serve
+def test_auto_on_the_cpu_serves_the_measured_choice_and_says_why(tmp_path, monkeypatch):
+    import edge.serve.select as select
 
-    monkeypatch.setattr(serve, "availability", lambda: {**ALL, "tensorrt": (False, "no CUDA device")})
+    monkeypatch.setattr(select, "availability", lambda: {**ALL, "tensorrt": (False, "no CUDA device")})
     model = make_tiny_model(tmp_path / "m")
 
     backend, reason = load_backbone(model, cache_dir=tmp_path / "cache")
 
-    assert (backend.key, backend.precision) == ("onnxruntime", "int8")
-    assert reason.startswith("auto: tensorrt unavailable (no CUDA device)") and "parity ok" in reason
+    assert backend.key == "onnxruntime" and backend.precision in ("int8", "fp32")
+    assert reason.startswith("auto on ") and "tensorrt: no CUDA device" in reason and "parity ok" in reason
+    assert "measured batch-1 p50: " in reason and "measured now" in reason
 
 
 def test_an_unavailable_configured_backend_falls_back_with_the_install_hint(tmp_path):

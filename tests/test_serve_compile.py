@@ -60,5 +60,5 @@ def test_long_steps_report_progress_and_the_result_summarises(tiny, tmp_path, mo
 
     out = stream.getvalue()
     assert "export backbone to ONNX" in out and "calibrate and quantize int8" in out and "done in" in out
-    assert r.summary().startswith("onnxruntime int8: cache miss; parity max_abs_err=")
+    assert r.summary().startswith(f"onnxruntime int8 ({r.variant}): cache miss; parity max_abs_err=")
     assert r.to_dict()["parity"]["passed"] is True

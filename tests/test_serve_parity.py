@@ -114,14 +114,23 @@ def test_an_artifact_outside_tolerance_is_refused_saying_what_differed(strict, t
 
 
 def test_the_daemon_falls_back_to_the_next_backend_and_says_why(strict, tmp_path):
-    backend, reason = load_backbone(strict, backend="auto", cache_dir=tmp_path)
-    again, reason2 = load_backbone(strict, backend="auto", cache_dir=tmp_path)
+    backend, reason = load_backbone(strict, backend="onnxruntime", cache_dir=tmp_path)
+    again, reason2 = load_backbone(strict, backend="onnxruntime", cache_dir=tmp_path)
 
     assert (backend.key, backend.precision) == ("onnxruntime", "fp32")
     assert "onnxruntime int8 refused" in reason and "mean cosine" in reason
     assert "serving onnxruntime fp32" in reason
     assert (again.key, again.precision) == ("onnxruntime", "fp32")
     assert "was refused when built" in reason2, "the refusal should be remembered, not rebuilt every start"
+
+
+def test_auto_never_serves_a_refused_artifact_and_records_why(strict, tmp_path):
+    backend, reason = load_backbone(strict, backend="auto", cache_dir=tmp_path)
+    again, reason2 = load_backbone(strict, backend="auto", cache_dir=tmp_path)
+
+    assert backend.precision == "fp32" and (again.key, again.precision) == (backend.key, "fp32")
+    assert "onnxruntime int8 artifact refused: mean cosine" in reason and "measured now" in reason
+    assert "recorded choice" in reason2, "the second start should serve the recorded choice, not re-measure"
 
 
 def test_force_retries_a_remembered_refusal(strict, tmp_path):

@@ -47,11 +47,16 @@ def test_compile_save_reload_and_parity(tiny, tmp_path, precision):
     assert built.cache == "miss" and "cache hit" in reason
     assert (backend.key, backend.precision) == ("tensorrt", precision)
     assert report.passed, report.summary()
-    assert backend.features(x[:1]).shape == (1, tiny.manifest.feature_size)
+    for b in (1, 8, 64, 100):  # the saved program keeps its dynamic batch (100: sliced by MAX_BATCH)
+        assert backend.features(np.resize(x, (b,) + x.shape[1:])).shape == (b, tiny.manifest.feature_size)
     assert np.isfinite(backend.features(x)).all()
 
 
-def test_auto_picks_tensorrt_on_this_device(tiny, tmp_path):
+def test_auto_measures_tensorrt_on_this_device(tiny, tmp_path):
+    built = compile_model(tiny, cache_dir=tmp_path, progress=False)
     backend, reason = load_backbone(tiny, cache_dir=tmp_path)
 
-    assert backend.key == "tensorrt" and reason.startswith("auto: ")
+    trials = {t.candidate.label: t for t in built.decision.trials}
+    assert trials["tensorrt fp16"].ok, trials["tensorrt fp16"].why
+    assert (backend.key, backend.precision) == (built.decision.chosen.backend, built.decision.chosen.precision)
+    assert reason.startswith("auto on ") and "recorded choice" in reason

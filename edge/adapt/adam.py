@@ -3,33 +3,38 @@
 ``torch.optim.Adam.step`` spends ~30 microseconds in its Python wrapper, profiler hooks
 and tensor grouping before a fused kernel that takes a few; for a head of a few
 hundred parameters the same arithmetic in numpy costs ~7. Pure: arrays in, arrays
-updated in place.
+updated in place; no torch.
 """
 from __future__ import annotations
 
 import math
 
 import numpy as np
-import torch
 
 
 class AdamState:
     """Adam's moments and step count for one flat parameter buffer, updated in numpy.
 
-    The same update as ``torch.optim.Adam`` (no weight decay, no amsgrad), in the same
-    float32 arithmetic; results agree with torch's fused kernel to float32 rounding
-    (``tests/test_adapt_trainer.py``), not bit for bit: torch fuses multiply-adds.
-    ``to_torch`` / ``from_torch`` move the state through a torch optimizer's per-parameter
-    state, so checkpoints keep torch's format.
+    The same update as ``torch.optim.Adam`` (``weight_decay`` added to the gradient, as
+    torch's L2 form) or ``torch.optim.AdamW`` (``decoupled=True``: the weights shrink by
+    ``lr * weight_decay`` first), in float32; results agree with torch to float32
+    rounding (``tests/test_adapt_trainer.py``), not bit for bit: torch fuses
+    multiply-adds.
     """
 
-    def __init__(self, size: int, *, betas=(0.9, 0.999), eps: float = 1e-8):
+    kind = "adam"
+
+    def __init__(self, size: int, *, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
+                 decoupled: bool = False):
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
+        self.weight_decay = float(weight_decay)
+        self.decoupled = bool(decoupled)
         self.m = np.zeros(size, np.float32)
         self.v = np.zeros(size, np.float32)
         self._tmp = np.zeros(size, np.float32)
         self._den = np.zeros(size, np.float32)
+        self._g = np.zeros(size, np.float32)
         self.steps = 0
 
     def clear(self) -> None:
@@ -49,6 +54,13 @@ class AdamState:
         """
         b1, b2 = self.beta1, self.beta2
         self.steps += 1
+        if self.weight_decay:
+            if self.decoupled:
+                p *= np.float32(1.0 - lr * self.weight_decay)
+            else:
+                np.multiply(p, np.float32(self.weight_decay), out=self._g)
+                self._g += g
+                g = self._g
         bias_correction1 = 1.0 - b1**self.steps
         bias_correction2_sqrt = math.sqrt(1.0 - b2**self.steps)
         m, v, tmp, den = self.m, self.v, self._tmp, self._den
@@ -68,27 +80,11 @@ class AdamState:
         tmp /= den
         p += tmp
 
-    def to_torch(self, opt: torch.optim.Optimizer, params) -> None:
-        opt.state.clear()
-        if not self.steps:
-            return
-        off = 0
-        for q in params:
-            n = q.numel()
-            opt.state[q] = {"step": torch.tensor(float(self.steps)),
-                            "exp_avg": torch.from_numpy(self.m[off: off + n].copy()).view_as(q),
-                            "exp_avg_sq": torch.from_numpy(self.v[off: off + n].copy()).view_as(q)}
-            off += n
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "steps": self.steps, "m": self.m.copy(), "v": self.v.copy()}
 
-    def from_torch(self, opt: torch.optim.Optimizer, params) -> None:
-        self.clear()
-        off = 0
-        for q in params:
-            n = q.numel()
-            st = opt.state.get(q)
-            if st:
-                self.m[off: off + n] = st["exp_avg"].detach().reshape(-1).numpy()
-                self.v[off: off + n] = st["exp_avg_sq"].detach().reshape(-1).numpy()
-                self.steps = int(float(st["step"]))
-            off += n
-        opt.state.clear()  # the live state is here; to_torch writes it back for a checkpoint
+    def load_state_dict(self, s: dict) -> None:
+        if s.get("kind") != self.kind or np.shape(s["m"]) != self.m.shape:
+            raise ValueError(f"optimizer state is {s.get('kind')!r} of size {np.size(s.get('m'))}, "
+                             f"expected {self.kind!r} of size {self.m.size}")
+        self.m[:], self.v[:], self.steps = s["m"], s["v"], int(s["steps"])

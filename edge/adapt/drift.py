@@ -58,6 +58,28 @@ class PageHinkley:
             self.reset()
         return hit
 
+    def update_many(self, mean: float, count: int) -> bool:
+        """``count`` values whose mean is ``mean`` in one update (``learn_many``): the sums
+        grow by ``count`` deviations, as they would row by row for a constant run."""
+        if count <= 0:
+            return False
+        self.n += count
+        self.mean += (mean - self.mean) * count / self.n
+        dev = mean - self.mean
+        fade = self.alpha**count
+        self.sum_inc = fade * self.sum_inc + count * (dev - self.delta)
+        self.sum_dec = fade * self.sum_dec + count * (dev + self.delta)
+        self.min_inc = min(self.min_inc, self.sum_inc)
+        self.max_dec = max(self.max_dec, self.sum_dec)
+        if self.n < self.min_instances:
+            return False
+        up = self.mode != "down" and self.sum_inc - self.min_inc > self.threshold
+        down = self.mode != "up" and self.max_dec - self.sum_dec > self.threshold
+        if up or down:
+            self.reset()
+            return True
+        return False
+
     _STATE = ("n", "mean", "sum_inc", "sum_dec", "min_inc", "max_dec")
 
     def state_dict(self) -> dict:

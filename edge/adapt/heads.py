@@ -13,89 +13,79 @@ squared distance to the base: the L2 anchor that keeps it from wandering) and
 ``arrays()`` (its effective parameters as numpy). ``HeadSnapshot`` freezes those arrays
 so the serving thread can predict with pure numpy: no torch, no locks, no autograd.
 
-Training needs no autograd either: every head keeps its trainable parameters in one
-flat float32 buffer (``flat``, shared with the torch parameters) and has a closed-form
-numpy forward and gradient (``forward_np`` / ``grad_np``). On 32 x 64 arrays a torch op
-costs 5-10 microseconds of dispatch and a numpy op about one, and the per-label step is
-the learner's hot path; ``tests/test_adapt_heads.py`` checks the closed forms against
-autograd.
+The heads are plain numpy objects, not torch modules: importing this module (or the
+learner, or the learner thread) does not import torch, so a serving-only install and
+its start-up time stay free of it. Every head keeps its trainable parameters in one
+flat float32 buffer (``flat``; the named parameters are views of it) and has a
+closed-form forward and gradient (``forward_np`` / ``grad_np``): on 32 x 64 arrays a
+torch op costs 5-10 microseconds of dispatch and a numpy op about one, and the
+per-label step is the learner's hot path. ``tests/test_adapt_heads.py`` checks the
+closed forms against torch autograd on reference modules built inside the test.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
-from torch.nn import functional as F
 
 from edge.errors import ConfigError
 
 
 def _base(in_features, out_features, base_weight, base_bias):
-    """The base head as float32 tensors; zeros when none is shipped."""
-    w = torch.zeros(out_features, in_features) if base_weight is None else torch.as_tensor(np.asarray(base_weight, dtype=np.float32)).clone()
-    b = torch.zeros(out_features) if base_bias is None else torch.as_tensor(np.asarray(base_bias, dtype=np.float32)).clone()
-    if tuple(w.shape) != (out_features, in_features) or tuple(b.shape) != (out_features,):
+    """The base head as float32 arrays; zeros when none is shipped."""
+    w = np.zeros((out_features, in_features), np.float32) if base_weight is None else np.array(base_weight, np.float32)
+    b = np.zeros(out_features, np.float32) if base_bias is None else np.array(base_bias, np.float32).reshape(-1)
+    if w.shape != (out_features, in_features) or b.shape != (out_features,):
         raise ConfigError(
-            f"base head has weight {tuple(w.shape)} and bias {tuple(b.shape)}; "
+            f"base head has weight {w.shape} and bias {b.shape}; "
             f"expected ({out_features}, {in_features}) and ({out_features},)"
         )
-    return w.float(), b.float()
+    return w, b
 
 
-def _flatten_parameters(module: nn.Module) -> np.ndarray:
-    """Move the trainable parameters into one flat buffer; returns its numpy view.
+class LinearHead:
+    """A full linear head; the anchor pulls weight and bias toward the base.
 
-    The parameters stay the same objects with the same shapes (the optimizer, the
-    state dict and ``load_state_dict`` see no difference); their data become views of
-    the buffer, so one vectorised optimizer update covers every parameter.
+    >>> h = LinearHead(in_features=2, out_features=1, base_weight=[[1.0, 2.0]], base_bias=[0.5])
+    >>> h(np.array([[1.0, 1.0]], np.float32)).tolist(), h.param_names
+    ([[3.5]], ('weight', 'bias'))
     """
-    params = [p for p in module.parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    off = 0
-    for p in params:
-        p.data = flat[off: off + p.numel()].view_as(p)
-        off += p.numel()
-    return flat.numpy()
-
-
-def _views(module: nn.Module, names) -> dict[str, np.ndarray]:
-    """Numpy views (no copies) of the named parameters and buffers."""
-    return {k: getattr(module, k).detach().numpy() for k in names}
-
-
-class LinearHead(nn.Module):
-    """A full linear head; the anchor pulls weight and bias toward the base."""
 
     kind = "linear"
+    param_names: tuple = ("weight", "bias")
 
     def __init__(self, *, in_features, out_features, base_weight=None, base_bias=None):
-        super().__init__()
-        w, b = _base(in_features, out_features, base_weight, base_bias)
-        self.weight = nn.Parameter(w.clone())
-        self.bias = nn.Parameter(b.clone())
-        self.register_buffer("base_weight", w)
-        self.register_buffer("base_bias", b)
-        self._setup_numpy()
+        self.base_weight, self.base_bias = _base(in_features, out_features, base_weight, base_bias)
+        self._init_params({"weight": self.base_weight.copy(), "bias": self.base_bias.copy()})
 
-    _NAMES = ("weight", "bias", "base_weight", "base_bias")
+    def _init_params(self, initial: dict) -> None:
+        """Lay the named parameters out in one flat buffer and bind each name to a view of it."""
+        self.shapes = {k: initial[k].shape for k in self.param_names}
+        self.flat = np.concatenate([np.asarray(initial[k], np.float32).reshape(-1) for k in self.param_names])
+        off = 0
+        for k in self.param_names:
+            n = int(np.prod(self.shapes[k]))
+            setattr(self, k, self.flat[off: off + n].reshape(self.shapes[k]))
+            off += n
 
-    def _setup_numpy(self) -> None:
-        self.flat = _flatten_parameters(self)
-        self._np = _views(self, self._NAMES)
+    @property
+    def in_features(self) -> int:
+        return int(self.base_weight.shape[1])
 
-    def forward(self, z):
-        return F.linear(z, self.weight, self.bias)
+    @property
+    def out_features(self) -> int:
+        return int(self.base_weight.shape[0])
 
-    def anchor_loss(self):
-        return (self.weight - self.base_weight).pow(2).sum() + (self.bias - self.base_bias).pow(2).sum()
+    def __call__(self, z) -> np.ndarray:
+        return self.forward_np(np.asarray(z, np.float32))[0]
+
+    def anchor_loss(self) -> float:
+        return float(((self.weight - self.base_weight) ** 2).sum() + ((self.bias - self.base_bias) ** 2).sum())
 
     def forward_np(self, z: np.ndarray):
         """``(outputs [B, K], cache)`` for features ``z [B, D]``; the cache feeds ``grad_np``."""
-        a = self._np
-        out = z @ a["weight"].T
-        out += a["bias"]
+        out = z @ self.weight.T
+        out += self.bias
         return out, None
 
     def grad_np(self, z: np.ndarray, g: np.ndarray, anchor: float, out: np.ndarray, cache=None) -> None:
@@ -104,41 +94,43 @@ class LinearHead(nn.Module):
         ``g`` is dLoss/dOutput for the batch ``z``; ``cache`` is what ``forward_np``
         returned with the outputs.
         """
-        a = self._np
-        k, d = a["weight"].shape
+        k, d = self.weight.shape
         gw = out[: k * d].reshape(k, d)
         gb = out[k * d:]
         np.matmul(g.T, z, out=gw)
         g.sum(axis=0, out=gb)
         if anchor:
-            gw += (a["weight"] - a["base_weight"]) * np.float32(2 * anchor)
-            gb += (a["bias"] - a["base_bias"]) * np.float32(2 * anchor)
+            gw += (self.weight - self.base_weight) * np.float32(2 * anchor)
+            gb += (self.bias - self.base_bias) * np.float32(2 * anchor)
 
-    @torch.no_grad()
-    def backward_from(self, z, g, anchor: float) -> None:
-        """Set ``.grad`` in closed form from torch ``z`` and ``g = dLoss/dOutput`` (with the anchor term)."""
-        flat = np.empty_like(self.flat)
-        z_np, g_np = z.numpy(), g.numpy()
-        self.grad_np(z_np, g_np, anchor, flat, self.forward_np(z_np)[1])
-        grad = torch.from_numpy(flat)
-        off = 0
-        for p in self.parameters():
-            if p.requires_grad:
-                p.grad = grad[off: off + p.numel()].view_as(p)
-                off += p.numel()
-
-    def set_base(self, weight, bias):
+    def set_base(self, weight, bias) -> None:
         """Adopt a new base (fleet global head); the head itself is left where it is."""
-        self.base_weight.copy_(torch.from_numpy(np.array(weight, dtype=np.float32)))
-        self.base_bias.copy_(torch.from_numpy(np.array(bias, dtype=np.float32)))
+        self.base_weight[...] = np.asarray(weight, np.float32)
+        self.base_bias[...] = np.asarray(bias, np.float32).reshape(-1)
 
-    def reset_to_base(self):
-        with torch.no_grad():
-            self.weight.copy_(self.base_weight)
-            self.bias.copy_(self.base_bias)
+    def reset_to_base(self) -> None:
+        """In place: the flat buffer keeps backing the named parameters."""
+        self.weight[...] = self.base_weight
+        self.bias[...] = self.base_bias
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"weight": self.weight.detach().numpy().copy(), "bias": self.bias.detach().numpy().copy()}
+        return {"weight": self.weight.copy(), "bias": self.bias.copy()}
+
+    def snapshot(self, *, task: str, version: str) -> "HeadSnapshot":
+        return HeadSnapshot.from_arrays(self.arrays(), kind=self.kind, task=task, version=version)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        s = {k: getattr(self, k).copy() for k in self.param_names}
+        s["base_weight"], s["base_bias"] = self.base_weight.copy(), self.base_bias.copy()
+        return s
+
+    def load_state_dict(self, s: dict) -> None:
+        for k in (*self.param_names, "base_weight", "base_bias"):
+            a = np.asarray(s[k], np.float32)
+            dst = getattr(self, k)
+            if a.shape != dst.shape:
+                raise ValueError(f"head state {k} has shape {a.shape}, expected {dst.shape}")
+            dst[...] = a
 
 
 class LowRankHead(LinearHead):
@@ -150,103 +142,78 @@ class LowRankHead(LinearHead):
     """
 
     kind = "lowrank"
+    param_names = ("u", "v", "bias_delta")
 
     def __init__(self, *, in_features, out_features, base_weight=None, base_bias=None, rank=4, seed=0):
-        nn.Module.__init__(self)
-        w, b = _base(in_features, out_features, base_weight, base_bias)
-        self.register_buffer("base_weight", w)
-        self.register_buffer("base_bias", b)
-        g = torch.Generator().manual_seed(seed)
-        self.u = nn.Parameter(torch.zeros(out_features, rank))
-        self.v = nn.Parameter(torch.randn(rank, in_features, generator=g) / in_features**0.5)
-        self.bias_delta = nn.Parameter(torch.zeros(out_features))
-        self._setup_numpy()
+        self.base_weight, self.base_bias = _base(in_features, out_features, base_weight, base_bias)
+        rng = np.random.default_rng(seed)
+        self._init_params({"u": np.zeros((out_features, rank), np.float32),
+                           "v": (rng.standard_normal((rank, in_features)) / in_features**0.5).astype(np.float32),
+                           "bias_delta": np.zeros(out_features, np.float32)})
 
-    _NAMES = ("u", "v", "bias_delta", "base_weight", "base_bias")
-
-    def forward(self, z):
-        return F.linear(z, self.base_weight + self.u @ self.v, self.base_bias + self.bias_delta)
-
-    def anchor_loss(self):
-        return (self.u @ self.v).pow(2).sum() + self.bias_delta.pow(2).sum()
+    def anchor_loss(self) -> float:
+        return float(((self.u @ self.v) ** 2).sum() + (self.bias_delta**2).sum())
 
     def forward_np(self, z: np.ndarray):
-        a = self._np
-        delta = a["u"] @ a["v"]
-        out = z @ (a["base_weight"] + delta).T
-        out += a["base_bias"] + a["bias_delta"]
+        delta = self.u @ self.v
+        out = z @ (self.base_weight + delta).T
+        out += self.base_bias + self.bias_delta
         return out, delta
 
     def grad_np(self, z: np.ndarray, g: np.ndarray, anchor: float, out: np.ndarray, cache=None) -> None:
         """Closed-form gradients through ``W = W0 + U V`` (see ``LinearHead.grad_np``); ``cache`` is ``U V``."""
-        a = self._np
-        u, v = a["u"], a["v"]
+        u, v = self.u, self.v
         delta = u @ v if cache is None else cache
         gw = g.T @ z
         gb = g.sum(0)
         if anchor:
             gw += delta * np.float32(2 * anchor)
-            gb += a["bias_delta"] * np.float32(2 * anchor)
+            gb += self.bias_delta * np.float32(2 * anchor)
         nu, nv = u.size, v.size
         np.matmul(gw, v.T, out=out[:nu].reshape(u.shape))
         np.matmul(u.T, gw, out=out[nu: nu + nv].reshape(v.shape))
         out[nu + nv:] = gb
 
-    def reset_to_base(self):
-        with torch.no_grad():
-            self.u.zero_()
-            self.bias_delta.zero_()
+    def reset_to_base(self) -> None:
+        self.u[...] = 0.0
+        self.bias_delta[...] = 0.0
 
     def arrays(self) -> dict[str, np.ndarray]:
-        with torch.no_grad():
-            w = self.base_weight + self.u @ self.v
-            b = self.base_bias + self.bias_delta
-        return {"weight": w.numpy().copy(), "bias": b.numpy().copy()}
+        return {"weight": self.base_weight + self.u @ self.v, "bias": self.base_bias + self.bias_delta}
 
 
 class MLPHead(LinearHead):
     """Base head frozen, plus a residual ``W2 relu(W1 z + b1) + b2`` with ``W2 = 0`` at start."""
 
     kind = "mlp"
+    param_names = ("w1", "b1", "w2", "b2")
 
     def __init__(self, *, in_features, out_features, base_weight=None, base_bias=None, hidden=32, seed=0):
-        nn.Module.__init__(self)
-        w, b = _base(in_features, out_features, base_weight, base_bias)
-        self.register_buffer("base_weight", w)
-        self.register_buffer("base_bias", b)
-        g = torch.Generator().manual_seed(seed)
-        self.w1 = nn.Parameter(torch.randn(hidden, in_features, generator=g) * (2.0 / in_features) ** 0.5)
-        self.b1 = nn.Parameter(torch.zeros(hidden))
-        self.w2 = nn.Parameter(torch.zeros(out_features, hidden))
-        self.b2 = nn.Parameter(torch.zeros(out_features))
-        self._setup_numpy()
+        self.base_weight, self.base_bias = _base(in_features, out_features, base_weight, base_bias)
+        rng = np.random.default_rng(seed)
+        self._init_params({"w1": (rng.standard_normal((hidden, in_features)) * (2.0 / in_features) ** 0.5).astype(np.float32),
+                           "b1": np.zeros(hidden, np.float32), "w2": np.zeros((out_features, hidden), np.float32),
+                           "b2": np.zeros(out_features, np.float32)})
 
-    _NAMES = ("w1", "b1", "w2", "b2", "base_weight", "base_bias")
-
-    def forward(self, z):
-        return F.linear(z, self.base_weight, self.base_bias) + F.linear(F.relu(F.linear(z, self.w1, self.b1)), self.w2, self.b2)
-
-    def anchor_loss(self):
-        return self.w2.pow(2).sum() + self.b2.pow(2).sum()
+    def anchor_loss(self) -> float:
+        return float((self.w2**2).sum() + (self.b2**2).sum())
 
     def forward_np(self, z: np.ndarray):
-        a = self._np
-        h = z @ a["w1"].T
-        h += a["b1"]
+        h = z @ self.w1.T
+        h += self.b1
         np.maximum(h, 0.0, out=h)
-        out = z @ a["base_weight"].T
-        out += a["base_bias"]
-        out += h @ a["w2"].T + a["b2"]
+        out = z @ self.base_weight.T
+        out += self.base_bias
+        out += h @ self.w2.T + self.b2
         return out, h
 
     def grad_np(self, z: np.ndarray, g: np.ndarray, anchor: float, out: np.ndarray, cache=None) -> None:
         """Closed-form backprop through the residual MLP; ``cache`` is the hidden activation."""
-        a = self._np
-        w1, w2 = a["w1"], a["w2"]
+        w1, w2 = self.w1, self.w2
         h = cache
         if h is None:
-            h = np.maximum(z @ w1.T + a["b1"], 0.0)
-        n1, nb1, n2 = w1.size, a["b1"].size, w2.size
+            h = np.maximum(z @ w1.T + self.b1, 0.0)
+        n1, nb1, n2 = w1.size, self.b1.size, w2.size
         gh = g @ w2
         gh *= h > 0  # relu: no gradient where the unit is off (as torch, also at exactly 0)
         np.matmul(gh.T, z, out=out[:n1].reshape(w1.shape))
@@ -257,28 +224,27 @@ class MLPHead(LinearHead):
         g.sum(axis=0, out=gb2)
         if anchor:
             gw2 += w2 * np.float32(2 * anchor)
-            gb2 += a["b2"] * np.float32(2 * anchor)
+            gb2 += self.b2 * np.float32(2 * anchor)
 
-    def reset_to_base(self):
-        with torch.no_grad():
-            self.w2.zero_()
-            self.b2.zero_()
+    def reset_to_base(self) -> None:
+        self.w2[...] = 0.0
+        self.b2[...] = 0.0
 
     def arrays(self) -> dict[str, np.ndarray]:
-        out = {"weight": self.base_weight.numpy().copy(), "bias": self.base_bias.numpy().copy()}
-        for k in ("w1", "b1", "w2", "b2"):
-            out[k] = getattr(self, k).detach().numpy().copy()
+        out = {"weight": self.base_weight.copy(), "bias": self.base_bias.copy()}
+        for k in self.param_names:
+            out[k] = getattr(self, k).copy()
         return out
 
 
 HEADS: dict[str, type[LinearHead]] = {h.kind: h for h in (LinearHead, LowRankHead, MLPHead)}
 
 
-def make_head(kind: str, *, in_features: int, out_features: int, base_weight=None, base_bias=None, **options) -> nn.Module:
+def make_head(kind: str, *, in_features: int, out_features: int, base_weight=None, base_bias=None, **options) -> LinearHead:
     """A head by type key, starting equal to the base head (zeros when none is given).
 
     >>> h = make_head("lowrank", in_features=8, out_features=3, rank=2)
-    >>> tuple(h(torch.zeros(5, 8)).shape)
+    >>> h(np.zeros((5, 8), np.float32)).shape
     (5, 3)
     """
     if kind not in HEADS:
@@ -296,12 +262,20 @@ def _softmax(s: np.ndarray) -> np.ndarray:
     return s
 
 
+def _sigmoid2(s: np.ndarray) -> np.ndarray:
+    """``[1 - p, p]`` for one binary logit per row: the softmax of ``[0, s]``."""
+    p = 1.0 / (1.0 + np.exp(-np.clip(s[:, :1], -60.0, 60.0)))
+    return np.concatenate([1.0 - p, p], axis=1)
+
+
 @dataclass(frozen=True)
 class HeadSnapshot:
     """An immutable head in numpy: what the serving thread predicts with.
 
     Swapping the serving head is one reference assignment of a new snapshot, atomic in
     Python; the arrays are read-only so no thread can change a head another one serves.
+    A classification head with a single output is a binary logit (``BCEWithLogitsLoss``):
+    its scores are ``[1 - p, p]``.
 
     >>> snap = HeadSnapshot.from_arrays({"weight": np.eye(2, dtype=np.float32), "bias": np.zeros(2, np.float32)},
     ...                                 kind="linear", task="classification", version="v1")
@@ -324,7 +298,7 @@ class HeadSnapshot:
         return cls(kind=kind, task=task, version=str(version), arrays=frozen)
 
     @classmethod
-    def from_head(cls, head: nn.Module, *, task: str, version: str) -> "HeadSnapshot":
+    def from_head(cls, head, *, task: str, version: str) -> "HeadSnapshot":
         return cls.from_arrays(head.arrays(), kind=head.kind, task=task, version=version)
 
     @property
@@ -351,4 +325,6 @@ class HeadSnapshot:
     def predict(self, z) -> np.ndarray:
         """Scores ``[B, K]``: softmax probabilities for classification, raw values otherwise."""
         s = self.logits(z)
-        return _softmax(s) if self.task == "classification" else s
+        if self.task != "classification":
+            return s
+        return _sigmoid2(s) if s.shape[1] == 1 else _softmax(s)

@@ -7,12 +7,22 @@ Per label (``learn_one``) the learner
 2. trains the challenger for ``steps_per_label`` steps on the new sample plus replayed
    features (recent labels and a class-balanced reservoir), pulled toward the global
    head by the L2 anchor, within the training budget;
-3. promotes the challenger when it beats the champion by the margin over the recent
-   window, or rolls the champion back to the global head when it has become worse than
-   it; both swap an immutable ``HeadSnapshot`` in one assignment, so the serving thread
-   reads ``learner.champion`` without a lock and never waits;
-4. feeds the champion's error to the drift detectors and, on drift, adapts faster for a
-   while (``AdaptConfig`` "Drift").
+3. promotes the challenger only when a paired test on per-block losses says its gain
+   over the champion, on the same labels, is statistically clear and passes the margin
+   (``edge.adapt.promotion``), and rolls the champion back to the global head by the
+   same test; both swap an immutable ``HeadSnapshot`` in one assignment, so the serving
+   thread reads ``learner.champion`` without a lock and never waits;
+4. feeds the champion's error to the drift detectors; on drift, or when the new labels'
+   loss stays well above the replayed rows' loss, it becomes plastic for a while: a
+   higher learning rate, more steps, fewer reservoir rows and a weaker anchor
+   (docs/LEARNING.md, "Plasticity");
+5. keeps a trivial reference (running mean or class prior, ``edge.adapt.reference``)
+   scored the same way: ``best()`` serves whichever of champion and reference has the
+   lower recent loss (the library's do-no-harm rule).
+
+With ``AdaptConfig.scale`` the features are standardised online (``edge.adapt.scaler``)
+before the head (the replay keeps raw features; every batch is scaled with the current
+statistics); snapshots fold the scaling in, so they still take raw features.
 
 It runs in the daemon's learner thread; it does no I/O. Events go to ``on_event`` and
 to a bounded queue drained by ``events()``.
@@ -29,43 +39,80 @@ from edge.adapt.budget import TrainingBudget
 from edge.config import AdaptConfig
 from edge.adapt.drift import ADWIN, PageHinkley
 from edge.adapt.heads import HeadSnapshot, make_head
-from edge.adapt.metrics import Prequential
+from edge.adapt.metrics import Prequential, sample_losses
+from edge.adapt.optim import OptimizerSpec
+from edge.adapt.promotion import PairedBlocks
+from edge.adapt.reference import Reference
 from edge.adapt.replay import RecentBuffer, ReplayBuffer
+from edge.adapt.scaler import OnlineScaler
 from edge.adapt.trainer import HeadTrainer
-from edge.errors import StateError
+from edge.errors import ConfigError, StateError
+
+STATE_FORMAT = 2
+_FADE = 0.98  # the plasticity rule's faded losses: about the last 50 labels
 
 log = logging.getLogger("edge.adapt")
 
 
 class Learner:
-    """Learns an adapter head online from ``(z, y)`` pairs; see the module docstring."""
+    """Learns an adapter head online from ``(z, y)`` pairs; see the module docstring.
+
+    ``head`` (optional) is a prebuilt head object (``edge.adapt.heads`` or
+    ``edge.adapt.torch_head.ModuleHead``) used instead of ``config.head``; ``optimizer``
+    (an ``OptimizerSpec``) overrides ``config.optimizer`` / ``config.lr``. A
+    classification learner with ``outputs=1`` and two classes learns one binary logit.
+    """
 
     def __init__(self, *, task: str, feature_size: int, classes=None, outputs: int | None = None,
                  global_head: dict | None = None, global_version: str = "0", config: AdaptConfig | None = None,
-                 on_event=None, clock=time.monotonic):
+                 on_event=None, clock=time.monotonic, head=None, optimizer: OptimizerSpec | None = None):
         self.task = task
         self.cfg = cfg = config or AdaptConfig()
         self.classes = tuple(classes) if classes is not None else ()
         if task == "classification":
             if len(self.classes) < 2:
-                raise ValueError("a classification learner needs at least 2 classes")
-            self.outputs = len(self.classes)
+                raise ConfigError("a classification learner needs at least 2 classes")
+            self.outputs = 1 if outputs == 1 and len(self.classes) == 2 else len(self.classes)
+            self._n_classes = len(self.classes)
         else:
             self.outputs = int(outputs or 1)
+            self._n_classes = 0
         self.feature_size = int(feature_size)
         self._class_index = {str(c): i for i, c in enumerate(self.classes)}
-        gw = None if global_head is None else np.asarray(global_head["weight"], np.float32)
-        gb = None if global_head is None else np.asarray(global_head["bias"], np.float32)
-        self.head = make_head(cfg.head, in_features=self.feature_size, out_features=self.outputs,
-                              base_weight=gw, base_bias=gb, **cfg.head_options)
-        self.trainer = HeadTrainer(self.head, task=task, batch=cfg.batch, lr=cfg.lr, optimizer=cfg.optimizer, anchor=cfg.anchor)
-        ncls = self.outputs if task == "classification" else None
+        if head is None:
+            gw = None if global_head is None else np.asarray(global_head["weight"], np.float32)
+            gb = None if global_head is None else np.asarray(global_head["bias"], np.float32)
+            head = make_head(cfg.head, in_features=self.feature_size, out_features=self.outputs,
+                             base_weight=gw, base_bias=gb, **cfg.head_options)
+        if (head.in_features, head.out_features) != (self.feature_size, self.outputs):
+            raise ConfigError(f"head maps {head.in_features} -> {head.out_features} but the learner needs "
+                              f"{self.feature_size} -> {self.outputs}")
+        self.head = head
+        self.head_kind = getattr(head, "kind", cfg.head)
+        self.closed_form = getattr(head, "grad_np", None) is not None
+        if cfg.scale and not self.closed_form:
+            raise ConfigError("adapt.scale needs a closed-form head (linear, lowrank, mlp); scale the inputs of a module yourself")
+        spec = optimizer or OptimizerSpec(kind=cfg.optimizer, lr=cfg.lr)
+        self.lr = spec.lr
+        self.anchor = cfg.anchor if self.closed_form else 0.0
+        self.trainer = HeadTrainer(self.head, task=task, batch=cfg.batch, lr=spec.lr, optimizer=spec, anchor=self.anchor)
+        ncls = self._n_classes or None
         self.replay = ReplayBuffer(feature_size=self.feature_size, max_bytes=cfg.replay_bytes, classes=ncls, outputs=self.outputs, seed=cfg.seed)
         self.recent = RecentBuffer(feature_size=self.feature_size, size=2 * cfg.batch, classes=ncls, outputs=self.outputs, seed=cfg.seed)
-        n_recent = round((cfg.batch - 1) * cfg.recent_share)
-        self._sources = [(self.recent, n_recent), (self.replay, cfg.batch - 1 - n_recent)]
+        self._set_sources(boosting=False)
+        self.scaler = OnlineScaler(self.feature_size) if cfg.scale else None
+        self.reference = Reference(task=task, outputs=self.outputs, in_features=self.feature_size)
+        self._reference_snap: HeadSnapshot | None = None
         self.budget = TrainingBudget(steps_per_s=cfg.budget_steps_per_s, cpu_share=cfg.budget_cpu_share, clock=clock)
-        self.preq = {k: Prequential(task, window=cfg.eval_window) for k in ("champion", "challenger", "global")}
+        self.preq = {k: Prequential(task, window=cfg.eval_window) for k in ("champion", "challenger", "global", "reference")}
+        max_blocks = max(2, cfg.eval_window // cfg.promote_block)
+        self.pairs = {"promote": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
+                      "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
+                      "serve": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
+                      # the same comparison for the challenger: on promotion it becomes the
+                      # serve evidence, so a promoted head need not prove itself twice
+                      "serve_next": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
+        self.serve_reference = True  # best(): the prior is a safer guess than an unproven head
         self.detectors = {}
         if cfg.drift_detector in ("page_hinkley", "both"):
             self.detectors["page_hinkley"] = PageHinkley(threshold=cfg.ph_threshold, delta=cfg.ph_delta, mode="up")
@@ -78,14 +125,40 @@ class Learner:
         self.rejected = collections.Counter()
         self.boost_left = 0
         self.since_swap = 0
-        self._set_global_snapshot(self.head.base_weight.numpy(), self.head.base_bias.numpy(), global_version)
-        self.champion: HeadSnapshot = self._global
+        self.fade = {"new": 0.0, "replay": 0.0, "w_new": 0.0, "w_replay": 0.0, "since_trigger": 0, "above": 0}
+        self._set_global_snapshot(None, None, global_version)
+        self.champion = self._global
+
+    def _set_sources(self, *, boosting: bool) -> None:
+        """The batch's rows: the new label, then recent labels, then the reservoir.
+
+        While boosting only ``boost_replay`` of the reservoir's usual rows stay; the
+        rest come from the recent labels (the plasticity policy)."""
+        cfg = self.cfg
+        rest = cfg.batch - 1
+        n_replay = rest - round(rest * cfg.recent_share)
+        if boosting:
+            n_replay = round(n_replay * cfg.boost_replay)
+        self._sources = [(self.recent, rest - n_replay), (self.replay, n_replay)]
+        self.trainer.anchor = self.anchor * (cfg.boost_anchor if boosting else 1.0)
+        self._boosting = boosting
 
     # -- the serving side reads only this attribute: one atomic reference -----------------
 
     def _set_global_snapshot(self, weight, bias, version: str) -> None:
         self.global_version = str(version)
-        self._global = HeadSnapshot.from_arrays({"weight": weight, "bias": bias}, kind="linear", task=self.task, version=self.global_version)
+        if self.closed_form:
+            if weight is None:
+                weight, bias = self.head.base_weight, self.head.base_bias
+            self._global = HeadSnapshot.from_arrays({"weight": weight, "bias": bias}, kind="linear", task=self.task, version=self.global_version)
+        else:
+            self._global = self.head.base_snapshot(task=self.task, version=self.global_version)
+
+    def _snapshot(self, version: str):
+        snap = self.head.snapshot(task=self.task, version=version)
+        if self.scaler is not None:
+            snap = HeadSnapshot.from_arrays(self.scaler.fold(snap.arrays), kind=snap.kind, task=self.task, version=version)
+        return snap
 
     def set_global(self, weights: dict, version: str) -> None:
         """Adopt a new fleet global head: it becomes the anchor and the rollback target.
@@ -93,15 +166,27 @@ class Learner:
         A champion that is the old global head is replaced at once; an adapted champion
         keeps serving and is rolled back only if the new global head proves better.
         """
+        if not self.closed_form:
+            raise ConfigError("a learner over a torch module has no fleet global head")
         was_global = self.champion is self._global
         w, b = np.asarray(weights["weight"], np.float32), np.asarray(weights["bias"], np.float32)
         self.head.set_base(w, b)
         self._set_global_snapshot(w, b, version)
         self.preq["global"] = Prequential(self.task, window=self.cfg.eval_window)
         self.since_swap = 0
+        self.pairs["rollback"].reset()
         if was_global:
             self.champion = self._global
         self._emit("global", version=self.global_version)
+
+    def best(self) -> HeadSnapshot:
+        """Do no harm: the trivial reference until the champion beats it by the paired test
+        (the same rule as promotions, ``_maybe_serve``), and again if it then loses by it."""
+        if self.serve_reference and not (self.champion is not self._global and not self.preq["champion"].loss.n):
+            if self._reference_snap is None:
+                self._reference_snap = self.reference.snapshot(f"{self.global_version}+reference")
+            return self._reference_snap
+        return self.champion
 
     # -- learning ---------------------------------------------------------------------------
 
@@ -115,7 +200,7 @@ class Learner:
                 c = int(y)
             except (TypeError, ValueError, OverflowError):
                 return None, "unknown_class"
-            if c != y or not 0 <= c < self.outputs:
+            if c != y or not 0 <= c < self._n_classes:
                 return None, "unknown_class"
             return c, None
         t = np.asarray(y, dtype=np.float32).reshape(-1)
@@ -143,40 +228,189 @@ class Learner:
         s_champ = self._score(champion, z2)
         l_champ, e_champ = preq["champion"].update(s_champ, t)
         if champion is glob:
-            preq["global"].update_values(l_champ, e_champ)
+            l_glob, _ = l_champ, preq["global"].update_values(l_champ, e_champ)
         else:
-            preq["global"].update(self._score(glob, z2), t)
+            l_glob, _ = preq["global"].update(self._score(glob, z2), t)
+        l_ref, e_ref = self.reference.test_then_learn(t)
+        preq["reference"].update_values(l_ref, e_ref)
+        if self.pairs["serve"].add(l_ref, l_champ) if self.serve_reference else self.pairs["serve"].add(l_champ, l_ref):
+            self._maybe_serve()
+        self._reference_snap = None
+        sc = self.scaler
+        if sc is not None:  # replay keeps raw features: each batch is scaled with today's statistics
+            sc.learn_one(z)
         boosting = self.boost_left > 0
-        self.trainer.set_lr(cfg.lr * cfg.boost_lr if boosting else cfg.lr)
+        if boosting != self._boosting:
+            self._set_sources(boosting=boosting)
+        self.trainer.set_lr(self.lr * cfg.boost_lr if boosting else self.lr)
         s_chal, steps = None, cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
+        tr = self.trainer
         for _ in range(steps):
             if not self.budget.allow():
                 counters["train_steps_skipped"] += 1
                 break
             t0 = time.perf_counter()
-            s = self.trainer.step(self.trainer.fill(z, t, self._sources))
+            n = tr.fill(z, t, self._sources)
+            if sc is not None:
+                sc.transform_many(tr.z_np[:n], out=tr.z_np[:n])
+            # the replayed rows' loss (plasticity rule) on every 4th label: it is a faded mean anyway
+            tr.last_loss_of = tr.ranges[1] if s_chal is None and not counters["labels"] & 3 else None
+            s = tr.step(n)
             if s_chal is None:
                 s_chal = s
+                if tr.last_loss_of and tr.ranges[1][1] > tr.ranges[1][0]:
+                    self._fade("replay", tr.last_loss)
             self.budget.charge(time.perf_counter() - t0)
             counters["train_steps"] += 1
         if s_chal is None:
-            s_chal = self.trainer.score(z)
-        preq["challenger"].update(s_chal, t)
+            s_chal = tr.score(z if sc is None else sc.transform_one(z))
+        l_chal, e_chal = preq["challenger"].update(s_chal, t)
+        self._fade("new", e_chal)
+        nxt = self.pairs["serve_next"]
+        nxt.add(l_ref, l_chal) if self.serve_reference else nxt.add(l_chal, l_ref)
+        self.pairs["promote"].add(l_champ, l_chal)
+        if champion is not glob:
+            self.pairs["rollback"].add(l_champ, l_glob)
         self.replay.add(z, t)
         self.recent.add(z, t)
         counters["labels"] += 1
         self.since_swap += 1
         self.boost_left = max(0, self.boost_left - 1)
         drift = self._update_drift(e_champ if cfg.drift_on == "error" else l_champ)
+        if drift is None:
+            drift = self._loss_ratio_trigger()
         swap = self._maybe_swap()
         return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ,
                 "drift": drift, "swap": swap, "champion_version": self.champion.version}
 
-    def _score(self, snap: HeadSnapshot, z2: np.ndarray) -> np.ndarray:
+    def learn_many(self, Z, Y) -> dict:
+        """Test then train on a batch: every row is scored by every head before one step on
+        the batch plus its share of replayed rows (``batch - 1`` new rows per reservoir
+        share, as ``learn_one``). Rows that ``learn_one`` would reject are rejected and
+        counted; returns ``{"accepted", "served" [n, K], "drift", "swap"}``."""
+        Z = np.asarray(Z, np.float32).reshape(len(Z), -1) if len(Z) else np.zeros((0, self.feature_size), np.float32)
+        if Z.shape[1] != self.feature_size:
+            for _ in range(len(Z)):
+                self.reject("bad_shape")
+            return {"accepted": 0, "served": np.zeros((0, self.outputs)), "drift": None, "swap": None}
+        keep = np.isfinite(Z).all(1)
+        for _ in range(int((~keep).sum())):
+            self.reject("non_finite")
+        targets = []
+        rows = []
+        for i in np.flatnonzero(keep).tolist():
+            t, why = self._target(Y[i])
+            if why:
+                self.reject(why)
+            else:
+                targets.append(t)
+                rows.append(i)
+        if not rows:
+            return {"accepted": 0, "served": np.zeros((0, self.outputs)), "drift": None, "swap": None}
+        Z = Z[rows]
+        T = np.asarray(targets, np.int64) if self.task == "classification" else np.stack(targets).astype(np.float32)
+        m = len(Z)
+        cfg, preq, counters = self.cfg, self.preq, self.counters
+        champion, glob = self.champion, self._global
+        s_champ = champion.predict(Z)
+        l_champ, e_champ = sample_losses(s_champ, T, self.task)
+        preq["champion"].update_many(l_champ, e_champ)
+        if champion is glob:
+            l_glob, e_glob = l_champ, e_champ
+        else:
+            l_glob, e_glob = sample_losses(glob.predict(Z), T, self.task)
+        preq["global"].update_many(l_glob, e_glob)
+        l_ref, e_ref = sample_losses(self.reference.learn_many(T), T, self.task)
+        preq["reference"].update_many(l_ref, e_ref)
+        sv = self.pairs["serve"]
+        for a, b in zip(l_ref.tolist(), l_champ.tolist()):
+            if sv.add(a, b) if self.serve_reference else sv.add(b, a):
+                self._maybe_serve()
+        self._reference_snap = None
+        boosting = self.boost_left > 0
+        if boosting != self._boosting:
+            self._set_sources(boosting=boosting)
+        tr = self.trainer
+        tr.set_lr(self.lr * cfg.boost_lr if boosting else self.lr)
+        n_rec, n_rep = (n for _, n in self._sources)
+        scale = m / max(1, cfg.batch - n_rec - n_rep)
+        idx_rec = self.recent.sample_indices(int(round(n_rec * scale)))
+        idx_rep = self.replay.sample_indices(int(round(n_rep * scale)))
+        zb = np.concatenate([Z, self.recent.z[idx_rec], self.replay.z[idx_rep]])
+        if self.scaler is not None:
+            self.scaler.learn_many(Z)
+            self.scaler.transform_many(zb, out=zb)
+        yb = np.concatenate([T, self.recent.y[idx_rec], self.replay.y[idx_rep]])
+        tr.last_loss_of = (m + len(idx_rec), len(zb))
+        steps = cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
+        s_chal = tr.step_arrays(zb, yb, first=m)
+        for _ in range(steps - 1):
+            tr.step_arrays(zb, yb, first=0)
+        counters["train_steps"] += steps
+        if len(idx_rep):
+            self._fade("replay", tr.last_loss)
+        l_chal, e_chal = sample_losses(s_chal, T, self.task)
+        preq["challenger"].update_many(l_chal, e_chal)
+        nxt = self.pairs["serve_next"]
+        for a, b in zip(l_ref.tolist(), l_chal.tolist()):
+            nxt.add(a, b) if self.serve_reference else nxt.add(b, a)
+        pro, rol = self.pairs["promote"], self.pairs["rollback"]
+        for lc, lh, lg in zip(l_champ.tolist(), l_chal.tolist(), l_glob.tolist()):
+            pro.add(lc, lh)
+            if champion is not glob:
+                rol.add(lc, lg)
+        f = self.fade  # the batch's rows, faded in as row by row
+        w = _FADE ** np.arange(m - 1, -1, -1)
+        f["new"] = _FADE**m * f["new"] + float(w @ e_chal)
+        f["w_new"] = _FADE**m * f["w_new"] + float(w.sum())
+        self.replay.add_many(Z, T)
+        self.recent.add_many(Z, T)
+        self.since_swap += m
+        self.boost_left = max(0, self.boost_left - m)
+        f["since_trigger"] += m - 1
+        f["above"] = f["above"] + m - 1 if f["above"] else 0
+        watch = e_champ if cfg.drift_on == "error" else l_champ
+        drift = self._update_drift_many(float(watch.mean()), m) or self._loss_ratio_trigger()
+        counters["labels"] += m
+        swap = self._maybe_swap()
+        return {"accepted": m, "served": s_champ, "drift": drift, "swap": swap}
+
+    def _maybe_serve(self) -> None:
+        """Switch what ``best()`` serves when the other one's gain is statistically clear."""
+        cfg, p = self.cfg, self.pairs["serve"]
+        if p.significant(alpha=cfg.promote_alpha, min_blocks=cfg.promote_min_blocks):
+            self.serve_reference = not self.serve_reference
+            p.reset()
+
+    def _fade(self, key: str, loss: float) -> None:
+        f = self.fade
+        f[key] = _FADE * f[key] + loss
+        f["w_" + key] = _FADE * f["w_" + key] + 1.0
+
+    def _loss_ratio_trigger(self) -> str | None:
+        """Plastic when the new labels' error stays well above the replayed rows' error."""
+        f, cfg = self.fade, self.cfg
+        f["since_trigger"] += 1
+        if self.boost_left > 0 or not f["w_replay"] or len(self.replay) < 16 * cfg.batch:
+            f["above"] = 0
+            return None
+        new, old = f["new"] / f["w_new"], f["replay"] / f["w_replay"]
+        # "stays": the ratio must hold on every one of plastic_min labels in a row
+        f["above"] = f.get("above", 0) + 1 if new > cfg.plastic_ratio * old + 1e-12 else 0
+        if f["above"] < cfg.plastic_min or f["since_trigger"] < cfg.plastic_min:
+            return None
+        f["above"] = 0
+        self._start_boost("loss_ratio", new_loss=new, replay_loss=old)
+        return "loss_ratio"
+
+    def _score(self, snap, z2: np.ndarray) -> np.ndarray:
         """``snap.predict(z2)[0]`` (same arithmetic, so the same numbers as the serving
         thread), without the batch-shaped softmax's extra allocations."""
         s = snap.logits(z2)[0]
         if self.task == "classification":
+            if len(s) == 1:
+                p = 1.0 / (1.0 + np.exp(-np.clip(s, -60.0, 60.0)))
+                return np.concatenate([1.0 - p, p])
             s -= s.max()
             np.exp(s, out=s)
             s /= s.sum()
@@ -189,39 +423,68 @@ class Learner:
             if det.update(x) and hit is None and getattr(det, "change", 1.0) > 0:
                 hit = name
         if hit:
-            self.counters["drifts"] += 1
-            self.boost_left = self.cfg.boost_labels
-            self._emit("drift", detector=hit, labels=self.counters["labels"], **self._losses())
+            self._start_boost(hit)
         return hit
+
+    def _update_drift_many(self, mean: float, count: int) -> str | None:
+        """The batch's mean error, once: Page-Hinkley weighs it by ``count`` rows; ADWIN
+        sees it as one value (a smoother stream of its own)."""
+        hit = None
+        for name, det in self.detectors.items():
+            fired = det.update_many(mean, count) if hasattr(det, "update_many") else det.update(mean)
+            if fired and hit is None and getattr(det, "change", 1.0) > 0:
+                hit = name
+        if hit:
+            self._start_boost(hit)
+        return hit
+
+    def _start_boost(self, detector: str, **why) -> None:
+        self.counters["drifts"] += 1
+        self.boost_left = self.cfg.boost_labels
+        self.fade["since_trigger"] = 0
+        self._emit("drift", detector=detector, labels=self.counters["labels"], **self._losses(), **why)
 
     def _losses(self) -> dict:
         return {f"{k}_loss": v.loss.get() for k, v in self.preq.items()}
 
     def _maybe_swap(self) -> str | None:
         cfg = self.cfg
-        need = cfg.eval_min // 2 if self.boost_left > 0 else cfg.eval_min
+        boosting = self.boost_left > 0
+        need = cfg.eval_min // 2 if boosting else cfg.eval_min
         if self.since_swap < need:
             return None
+        min_blocks = max(2, cfg.promote_min_blocks // 2) if boosting else cfg.promote_min_blocks
         champ = self.preq["champion"].loss.get()
-        chal = self.preq["challenger"].loss.get()
         glob = self.preq["global"].loss.get()
-        if self.champion is not self._global and champ > glob * (1 + cfg.rollback_margin) + 1e-9:
+        if self.champion is not self._global and champ > glob * (1 + cfg.rollback_margin) + 1e-9 \
+                and self.pairs["rollback"].significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
             self._rollback(champ, glob)
             return "rollback"
-        if champ - chal > max(champ * cfg.promote_margin, glob * cfg.promote_floor) + 1e-9:
-            self._promote(champ, chal)
+        p = self.pairs["promote"]
+        # the floor's scale: the better of the global head and the trivial reference (a
+        # fresh random global head can be worse than predicting the mean by orders of magnitude)
+        scale = min(glob, self.preq["reference"].loss.get())
+        if p.blocks >= min_blocks and p.mean_gain() > max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9 \
+                and p.significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
+            self._promote(champ, self.preq["challenger"].loss.get(), p.statistic())
             return "promotion"
         return None
 
-    def _promote(self, champ_loss: float, chal_loss: float) -> None:
+    def _promote(self, champ_loss: float, chal_loss: float, t_stat: float) -> None:
         self.counters["promotions"] += 1
         version = f"{self.global_version}+a{self.counters['promotions']}"
         old = self.champion.version
-        self.champion = HeadSnapshot.from_head(self.head, task=self.task, version=version)  # the atomic swap
+        self.champion = self._snapshot(version)  # the atomic swap
         self.preq["champion"].loss.copy_from(self.preq["challenger"].loss)
         self.preq["champion"].err.copy_from(self.preq["challenger"].err)
         self.since_swap = 0
-        self._emit("promotion", version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss)
+        nxt = self.pairs["serve_next"].state_dict()
+        for p in self.pairs.values():
+            p.reset()
+        self.pairs["serve"].load_state_dict(nxt)
+        self._maybe_serve()
+        self._emit("promotion", version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss,
+                   t_statistic=t_stat)
 
     def _rollback(self, champ_loss: float, glob_loss: float) -> None:
         self.counters["rollbacks"] += 1
@@ -232,6 +495,8 @@ class Learner:
             self.preq[k].loss.copy_from(self.preq["global"].loss)
             self.preq[k].err.copy_from(self.preq["global"].err)
         self.since_swap = 0
+        for p in self.pairs.values():
+            p.reset()
         self._emit("rollback", version=self.global_version, previous=old, champion_loss=champ_loss, global_loss=glob_loss)
 
     # -- events, metrics, state -------------------------------------------------------------
@@ -256,7 +521,6 @@ class Learner:
     def metrics(self) -> dict:
         """Counters and gauges for export; ``labels_rejected`` is per reason."""
         c = self.counters
-        champ, chal = self.preq["champion"].get(), self.preq["challenger"].get()
         m = {
             "labels_total": c["labels"], "labels_rejected": dict(self.rejected),
             "train_steps_total": c["train_steps"], "train_steps_skipped_total": c["train_steps_skipped"],
@@ -265,35 +529,55 @@ class Learner:
             "boost_labels_left": self.boost_left, "champion_is_global": self.champion is self._global,
             "champion_version": self.champion.version, "global_version": self.global_version,
         }
-        for k, v in (("champion", champ), ("challenger", chal), ("global", self.preq["global"].get())):
-            for name, val in v.items():
+        for k, v in self.preq.items():
+            for name, val in v.get().items():
                 if name != "n":
                     m[f"{k}_{name}"] = val
         return m
 
     def state_dict(self) -> dict:
         champ = self.champion
+        if champ is not self._global and not isinstance(champ, HeadSnapshot):
+            raise StateError("a learner over a torch module cannot checkpoint its champion as arrays")
         return {
-            "format": 1, "task": self.task, "head_kind": self.cfg.head, "feature_size": self.feature_size,
+            "format": STATE_FORMAT, "task": self.task, "head_kind": self.head_kind, "feature_size": self.feature_size,
             "outputs": self.outputs, "classes": list(self.classes),
             "trainer": self.trainer.state_dict(), "replay": self.replay.state_dict(), "recent": self.recent.state_dict(),
             "champion": None if champ is self._global else {"arrays": dict(champ.arrays), "version": champ.version, "kind": champ.kind},
-            "global": {"weight": self._global.arrays["weight"], "bias": self._global.arrays["bias"], "version": self.global_version},
+            "global": {"weight": self._global.arrays["weight"], "bias": self._global.arrays["bias"], "version": self.global_version}
+            if self.closed_form else {"version": self.global_version},
             "preq": {k: v.state_dict() for k, v in self.preq.items()},
             "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
+            "pairs": {k: p.state_dict() for k, p in self.pairs.items()},
+            "reference": self.reference.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "fade": dict(self.fade),
             "counters": dict(self.counters), "rejected": dict(self.rejected),
-            "boost_left": self.boost_left, "since_swap": self.since_swap,
+            "boost_left": self.boost_left, "since_swap": self.since_swap, "serve_reference": self.serve_reference,
         }
 
     def load_state_dict(self, s: dict) -> None:
-        """Restore from ``state_dict``; a state for another head or task raises ``StateError``."""
-        want = {"task": self.task, "head_kind": self.cfg.head, "feature_size": self.feature_size, "outputs": self.outputs}
+        """Restore from ``state_dict``; a state of another format, head or task raises ``StateError``."""
+        if not isinstance(s, dict) or s.get("format") != STATE_FORMAT:
+            got = s.get("format") if isinstance(s, dict) else type(s).__name__
+            raise StateError(f"checkpoint has learner state format {got!r}, this version reads {STATE_FORMAT}; "
+                             "not restoring it (the head starts from the global head)")
+        want = {"task": self.task, "head_kind": self.head_kind, "feature_size": self.feature_size, "outputs": self.outputs}
         for k, v in want.items():
             if s.get(k) != v:
                 raise StateError(f"checkpoint has {k} = {s.get(k)!r} but this learner has {v!r}; not restoring it")
+        if (s.get("scaler") is None) != (self.scaler is None):
+            raise StateError(f"checkpoint has scale = {s.get('scaler') is not None} but this learner has {self.scaler is not None}")
+        try:
+            self._load(s)
+        except (KeyError, ValueError, TypeError) as e:
+            raise StateError(f"learner checkpoint is inconsistent ({type(e).__name__}: {str(e)[:200]}); not restoring it") from None
+
+    def _load(self, s: dict) -> None:
         g = s["global"]
-        self.head.set_base(g["weight"], g["bias"])
-        self._set_global_snapshot(np.asarray(g["weight"]), np.asarray(g["bias"]), g["version"])
+        if self.closed_form:
+            self.head.set_base(g["weight"], g["bias"])
+            self._set_global_snapshot(np.asarray(g["weight"]), np.asarray(g["bias"]), g["version"])
         self.trainer.load_state_dict(s["trainer"])
         self.replay.load_state_dict(s["replay"])
         self.recent.load_state_dict(s["recent"])
@@ -304,6 +588,15 @@ class Learner:
         for k, v in s.get("detectors", {}).items():
             if k in self.detectors:
                 self.detectors[k].load_state_dict(v)
+        for k, v in s["pairs"].items():
+            self.pairs[k].load_state_dict(v)
+        self.reference.load_state_dict(s["reference"])
+        self._reference_snap = None
+        if self.scaler is not None:
+            self.scaler.load_state_dict(s["scaler"])
+        self.fade = {k: (int(v) if k in ("since_trigger", "above") else float(v)) for k, v in s["fade"].items()}
         self.counters = collections.Counter(s["counters"])
         self.rejected = collections.Counter(s["rejected"])
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
+        self.serve_reference = bool(s["serve_reference"])
+        self._set_sources(boosting=self.boost_left > 0)

@@ -82,9 +82,28 @@ def sample_loss(scores, y, task: str) -> tuple[float, float]:
         c = int(y)
         loss = -math.log(max(float(scores[c]), EPS))
         return loss, float(int(scores.argmax()) != c)
+    if np.size(scores) == 1 and np.size(y) == 1:  # one output: plain floats, a third of the cost
+        d = float(np.asarray(scores).reshape(-1)[0]) - float(np.asarray(y).reshape(-1)[0])
+        return d * d, abs(d)
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     d = scores - np.asarray(y, dtype=np.float64).reshape(-1)
     return float(np.mean(d * d)), float(np.mean(np.abs(d)))
+
+
+def sample_losses(scores: np.ndarray, y, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """``sample_loss`` for a batch: ``(losses [B], errors [B])`` from scores ``[B, K]``.
+
+    >>> l, e = sample_losses(np.array([[0.25, 0.75], [0.9, 0.1]]), np.array([1, 1]), "classification")
+    >>> [round(float(x), 3) for x in l], e.tolist()
+    ([0.288, 2.303], [0.0, 1.0])
+    """
+    scores = np.asarray(scores, np.float64)
+    if task == "classification":
+        c = np.asarray(y, np.int64).reshape(-1)
+        p = scores[np.arange(len(c)), c]
+        return -np.log(np.maximum(p, EPS)), (scores.argmax(1) != c).astype(np.float64)
+    d = scores - np.asarray(y, np.float64).reshape(scores.shape)
+    return (d * d).mean(1), np.abs(d).mean(1)
 
 
 class Prequential:
@@ -119,6 +138,10 @@ class Prequential:
         self._faded_loss = self.fading * self._faded_loss + loss
         self._faded_w = self.fading * self._faded_w + 1.0
         self.n += 1
+
+    def update_many(self, losses, errs) -> None:
+        for loss, err in zip(np.asarray(losses).tolist(), np.asarray(errs).tolist()):
+            self.update_values(loss, err)
 
     def get(self) -> dict:
         faded = self._faded_loss / self._faded_w if self._faded_w else math.nan

@@ -61,6 +61,26 @@ class ReplayBuffer:
         else:
             self._add_plain(z, y)
 
+    def add_many(self, Z: np.ndarray, Y) -> None:
+        """Offer a batch; the plain reservoir draws all its slots at once (same rule as ``add``)."""
+        if self.classes:
+            for z, y in zip(Z, Y):
+                self._add_balanced(z, int(y))
+            return
+        m = len(Z)
+        free = min(m, self.capacity - self.size)
+        if free:
+            self.z[self.size: self.size + free] = Z[:free]
+            self.y[self.size: self.size + free] = np.asarray(Y[:free]).reshape(free, -1)
+            self.size += free
+        seen = self.seen[0] + free + 1 + np.arange(m - free)
+        self.seen[0] += m
+        if m > free:
+            j = (self.rng.random(m - free) * seen).astype(np.int64)
+            keep = j < self.capacity
+            self.z[j[keep]] = Z[free:][keep]
+            self.y[j[keep]] = np.asarray(Y[free:]).reshape(m - free, -1)[keep]
+
     def _add_plain(self, z, y) -> None:
         self.seen[0] += 1
         if self.size < self.capacity:
@@ -167,6 +187,16 @@ class RecentBuffer:
         self.y[self.i] = y
         self.i = (self.i + 1) % self.capacity
         self.size = min(self.size + 1, self.capacity)
+
+    def add_many(self, Z: np.ndarray, Y) -> None:
+        m = len(Z)
+        if m >= self.capacity:
+            Z, Y, m = Z[-self.capacity:], Y[-self.capacity:], self.capacity
+        slots = (self.i + np.arange(m)) % self.capacity
+        self.z[slots] = Z
+        self.y[slots] = np.asarray(Y).reshape(self.y[slots].shape)
+        self.i = int((self.i + m) % self.capacity)
+        self.size = min(self.size + m, self.capacity)
 
     def sample_indices(self, n: int) -> np.ndarray:
         if self.size == 0 or n <= 0:

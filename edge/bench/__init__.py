@@ -1,1 +1,1 @@
-"""Benchmarks behind `edge bench pipeline|serve|adapt|serial|mqtt` (figures go to BENCHMARKS.md)."""
+"""Benchmarks behind `edge bench pipeline|serve|adapt|serial|mqtt|learning` (figures go to BENCHMARKS.md)."""

@@ -111,7 +111,18 @@ class Stamper:
         self._anchor, self._r, self._n, self._moved = None, None, 0, False
 
     def stamp(self, ts: list[float | None], received: float) -> list[float]:
-        """Times for one message's samples: given ones unchanged, ``None`` ones stamped."""
+        """Times for one message's samples: given ones unchanged, ``None`` ones stamped.
+
+        The same as ``[stamp_one(t, received) for t in ts]``; a list with no ``None`` (a
+        batch with its own times) is returned as it is, without a call per sample.
+        """
+        if None not in ts:
+            if ts:
+                m = max(ts)
+                if m > self._last:
+                    self._last = self._anchor = m
+                    self._k = 0
+            return ts
         one = self.stamp_one
         return [one(t, received) for t in ts]
 

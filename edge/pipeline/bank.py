@@ -43,8 +43,13 @@ class Stream:
 
     def stats(self) -> dict[str, Any]:
         w = self.windower
-        return {**w.counters, "rate_hz": round(w.estimated_rate, 2), "rate_ok": w.rate_ok,
-                "flag": w.flagged, "first_seen": self.first, "last_seen": self.last}
+        out = {**w.counters, "rate_hz": round(w.estimated_rate, 2), "rate_ok": w.rate_ok,
+               "flag": w.flagged, "first_seen": self.first, "last_seen": self.last}
+        st = self._stamper
+        if st is not None:  # samples without times: how the stamps were placed
+            out.update(stamped=st.stamped, stamps_behind=st.behind, stamps_ahead=st.ahead,
+                       arrival_rate_hz=round(st.arrival_rate, 2) if st.arrival_rate else None)
+        return out
 
 
 class WindowerBank:
@@ -75,7 +80,7 @@ class WindowerBank:
         """Add samples to stream ``s`` (a None time is stamped); append completed windows to ``out``.
 
         Returns the sample times used (the stamped ones where a time was None)."""
-        if None in ts:
+        if s._stamper is not None or None in ts:  # a stream that ever lacked times: its stamper sees every time
             ts = s.stamper.stamp(ts, received)
         key = s.key
         for t0, t1, x in s.windower.push(ts, rows):

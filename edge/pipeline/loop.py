@@ -223,8 +223,8 @@ class Pipeline:
                     if r is not None:
                         t, row = r
                         s = sink[0]
-                        if t is None:
-                            t = s.stamper.stamp_one(None, received)
+                        if t is None or s._stamper is not None:
+                            t = s.stamper.stamp_one(t, received)
                         out = s.windower.push_one(t, row)
                         s.last = received
                         if out:

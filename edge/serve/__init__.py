@@ -1,10 +1,13 @@
 """Serving the backbone: compiled, quantized, parity-checked, with fallback.
 
-The public face of ``edge.serve``. ``load_backbone`` is what the daemon calls at start:
-it picks a backend (``auto`` or the configured one), builds or loads its artifact from
-the cache, runs the parity gate, and falls back along tensorrt -> onnxruntime int8 ->
-onnxruntime fp32 -> torch fp32, saying why at each step. ``compile_model`` is
-``edge compile``; ``Engine`` batches and times the calls of the pipeline thread.
+The public face of ``edge.serve``. ``load_backbone`` is what the daemon calls at start.
+With ``auto`` it serves the measured choice (``edge.serve.select``): recorded in the
+cache at first start (or by ``edge compile``), measured now otherwise. With a configured
+backend it builds or loads that artifact, runs the parity gate, and falls back along
+tensorrt -> onnxruntime int8 -> onnxruntime fp32 -> torch fp32, saying why at each
+step. Both obey the manifest's ``[serve] precision`` policy, as ``compile_model``
+(``edge compile``) does, so the two always agree. ``Engine`` batches and times the
+calls of the pipeline thread.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import logging
 from edge.errors import EdgeError
 from edge.serve.backends import Backend, availability, backend_keys, get_backend, register_backend
 from edge.serve.cache import ArtifactCache, default_cache_dir
-from edge.serve.choice import choose_auto, fallback_chain, resolve_precision
+from edge.serve.choice import choose_auto, fallback_chain, precision_policy, resolve_precision
 from edge.serve.compile import CompileResult, compile_model, obtain
 from edge.serve.engine import Engine
 from edge.serve.parity import ParityReport
@@ -31,15 +34,24 @@ def load_backbone(model, *, backend: str = "auto", precision: str | None = None,
     """
     from edge.serve.progress import Progress
 
-    if backend == "auto":
-        backend, auto_precision, why = choose_auto(availability())
-        precision = precision or auto_precision
-    else:
-        why = f"configured: {backend}"
-    precision = resolve_precision(backend, precision)
+    policy = precision_policy(model.manifest.serve, precision)
     cache = ArtifactCache(cache_dir)
+    if backend == "auto":
+        from edge.serve.select import serve_auto
+
+        b, result, decision, how = serve_auto(model, cache=cache, policy=policy, calibration=calibration,
+                                              threads=threads, progress=Progress() if progress else None)
+        gate = result.parity.summary() if result.parity else "fp32 reference, no gate"
+        reason = f"{decision.reason} ({how}); serving {b.key} {b.precision}{' (' + b.variant + ')' if b.variant else ''} " \
+                 f"({b.provider}); cache {result.cache}; parity ok: {gate}"
+        log.info("backbone: %s", reason)
+        return b, reason
+    why = f"configured: {backend}" + (f", precision policy {policy}" if policy != "auto" else "")
+    precision = resolve_precision(backend, policy)
     refusals = []
     for key, prec in fallback_chain(backend, precision):
+        if policy == "fp32" and prec != "fp32":
+            continue
         try:
             b, result = obtain(model, key, prec, cache=cache, calibration=calibration, threads=threads,
                                progress=Progress() if progress else None)
@@ -58,8 +70,33 @@ def load_backbone(model, *, backend: str = "auto", precision: str | None = None,
     raise EdgeError("no backbone could be served: " + "; ".join(refusals))
 
 
+def planned(model, *, backend: str = "auto", precision: str | None = None, cache_dir=None) -> dict:
+    """What ``edge run`` would serve for ``model``, without building anything (for ``--check``).
+
+    The same policy and record that ``load_backbone`` and ``compile_model`` use, so the
+    three agree: ``{"policy", "backend", "precision", "variant", "source"}``; ``source``
+    says whether it is the recorded measured choice or will be measured at first start.
+    """
+    policy = precision_policy(model.manifest.serve, precision)
+    if backend != "auto":
+        return {"policy": policy, "backend": backend, "precision": resolve_precision(backend, policy),
+                "variant": None, "source": "configured backend (falls back along the chain if refused)"}
+    from edge.serve.select import platform_key, read_record, record_path
+
+    path = record_path(ArtifactCache(cache_dir), model, platform_key(availability(), policy))
+    rec = read_record(path)
+    if rec is None or rec.chosen is None:
+        return {"policy": policy, "backend": None, "precision": None, "variant": None,
+                "source": f"not measured on this device yet: the first start (or `edge compile`) measures; {path}"}
+    c = rec.chosen
+    return {"policy": policy, "backend": c.backend, "precision": c.precision, "variant": c.variant,
+            "source": f"recorded choice {path}"}
+
+
 def serve_status(cache_dir=None) -> dict:
     """Plain data for ``edge status``: backends available here and the cached artifacts."""
+    from edge.serve.select import records
+
     cache = ArtifactCache(cache_dir)
     avail = availability()
     try:
@@ -68,16 +105,20 @@ def serve_status(cache_dir=None) -> dict:
         auto = (None, None, str(e))
     return {
         "backends": {k: {"available": ok, "why": why} for k, (ok, why) in avail.items()},
-        "auto": {"backend": auto[0], "precision": auto[1], "reason": auto[2]},
+        # by availability alone; what `auto` serves is the measured choice in "choices"
+        "auto": {"backend": auto[0], "precision": auto[1],
+                 "reason": f"{auto[2]} (preference by availability; auto serves the measured choice, see choices)"},
         "cache_dir": str(cache.root),
         "artifacts": [{"dir": str(e.dir), "backend": e.meta.get("backend"), "precision": e.meta.get("precision"),
-                       "model": e.meta.get("model"), "parity": (e.meta.get("parity") or {}).get("reason")}
+                       "variant": e.meta.get("variant", ""), "model": e.meta.get("model"),
+                       "parity": (e.meta.get("parity") or {}).get("reason")}
                       for e in cache.entries()],
+        "choices": records(cache),
     }
 
 
 __all__ = [
-    "load_backbone", "compile_model", "serve_status", "CompileResult", "Engine", "ParityReport", "Backend",
+    "load_backbone", "compile_model", "serve_status", "planned", "CompileResult", "Engine", "ParityReport", "Backend",
     "ArtifactCache", "default_cache_dir", "register_backend", "get_backend", "backend_keys", "availability",
     "choose_auto", "fallback_chain",
 ]

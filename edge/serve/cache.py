@@ -51,11 +51,13 @@ class CacheKey:
     backend: str
     precision: str
     platform: dict = field(default_factory=dict, hash=False, compare=False)
+    variant: str = ""  # e.g. an int8 quantization format; part of the path
 
     @property
     def relpath(self) -> Path:
+        kind = f"{self.precision}-{self.variant}" if self.variant else self.precision
         return Path(f"{self.model_name}-{self.model_hash[:16]}") / (
-            f"{self.backend}-{self.precision}-{fingerprint(self.platform)}")
+            f"{self.backend}-{kind}-{fingerprint(self.platform)}")
 
 
 @dataclass
@@ -118,7 +120,7 @@ class ArtifactCache:
     def commit(self, key: CacheKey, staged: Path, files: list[str], extra: dict | None = None) -> Entry:
         """Hash, fsync and atomically rename a staged directory into place as ``key``'s entry."""
         staged = Path(staged)
-        meta = {"backend": key.backend, "precision": key.precision, "model": key.model_name,
+        meta = {"backend": key.backend, "precision": key.precision, "variant": key.variant, "model": key.model_name,
                 "model_hash": key.model_hash, "platform": key.platform, "created": time.time(),
                 "files": {}, **(extra or {})}
         for name in files:

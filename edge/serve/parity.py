@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from edge.errors import ParityError
-from edge.serve.calibration import load_windows_file, representative_windows
+from edge.serve.calibration import held_out_windows
 
 GOLDEN_SEED = 20_240_917
 N_SIMULATED, N_RANDOM = 96, 32
@@ -41,15 +41,14 @@ class Golden:
 
     inputs: dict[str, np.ndarray]
     reference: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
 
     @classmethod
     def make(cls, model, *, calibration_file=None, seed: int = GOLDEN_SEED) -> "Golden":
+        """Held-out windows (never the calibration ones) plus random windows of their statistics."""
         m = model.manifest
         sets = {}
-        if calibration_file is not None:  # a file has no seed: hold out its last windows
-            sim = load_windows_file(calibration_file, model)[-N_SIMULATED:]
-        else:
-            sim = representative_windows(model, N_SIMULATED, seed)
+        sim, source = held_out_windows(model, calibration_file, N_SIMULATED, seed)
         rng = np.random.default_rng(seed)
         if sim is not None:
             sets["simulated"] = sim
@@ -59,7 +58,7 @@ class Golden:
             mu, sd = 0.0, 1.0
         shape = (N_RANDOM, m.channels, m.window)
         sets["random"] = (rng.standard_normal(shape) * sd + mu).astype(np.float32)
-        return cls(inputs=sets)
+        return cls(inputs=sets, source=source)
 
     def with_reference(self, reference_backend) -> "Golden":
         self.reference = {k: reference_backend.features(x) for k, x in self.inputs.items()}

@@ -66,7 +66,7 @@ size = {features}
 kind = "linear"
 [calibration]
 generator = "edge.serve.testing:calibration_windows"
-[parity]
+{extra}[parity]
 {parity}
 '''
 
@@ -84,13 +84,22 @@ def synthetic_dataset(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return x.astype(np.float32), y.astype(np.int64)
 
 
+def eval_sets(n: int, seed: int = 0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The ``[eval] generator`` of a tiny model made with ``eval=True``: one labelled set."""
+    return {"nominal": synthetic_dataset(n, seed + 50_000)}
+
+
 def calibration_windows(n: int, seed: int = 0) -> np.ndarray:
     """The manifest's calibration generator: ``n`` unlabelled windows."""
     return synthetic_dataset(n, seed)[0]
 
 
-def make_tiny_model(folder: str | Path, *, seed: int = 0, name: str = "tiny", parity: dict | None = None):
+def make_tiny_model(folder: str | Path, *, seed: int = 0, name: str = "tiny", parity: dict | None = None,
+                    eval: bool = False, serve_precision: str | None = None):
     """Write a tiny model folder into ``folder`` and return it as a ``ModelFolder``.
+
+    ``eval`` adds an ``[eval] generator`` (labelled check data); ``serve_precision`` a
+    ``[serve] precision`` policy.
 
     Its head is a closed-form fit on random-feature CNN outputs (about 90% accurate),
     so more windows sit near a decision boundary than with a trained model: int8 class
@@ -105,8 +114,11 @@ def make_tiny_model(folder: str | Path, *, seed: int = 0, name: str = "tiny", pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     par = "\n".join(f"{k} = {v!r}" for k, v in (parity or {}).items())
+    extra = '[eval]\ngenerator = "edge.serve.testing:eval_sets"\nn = 300\n' if eval else ""
+    if serve_precision:
+        extra += f'[serve]\nprecision = "{serve_precision}"\n'
     (folder / "manifest.toml").write_text(MANIFEST.format(name=name, channels=CHANNELS, window=WINDOW,
-                                                          features=FEATURES, parity=par))
+                                                          features=FEATURES, parity=par, extra=extra))
     (folder / "model.py").write_text(MODEL_PY)
     (folder / "weights.safetensors").write_bytes(b"")
     mod = ModelFolder(folder).module

@@ -26,6 +26,8 @@ class Backend:
     install_hint: ClassVar[str] = ""
     #: False for the eager reference, which loads straight from the model folder
     needs_artifact: ClassVar[bool] = True
+    #: which build of a precision this is (an int8 quantization format); "" when only one
+    variant: str = ""
 
     def __init__(self, *, precision: str, channels: int, window: int, feature_size: int,
                  artifact: Path | None = None, artifact_hash: str | None = None, threads: int = 1):
@@ -45,6 +47,14 @@ class Backend:
     def platform(cls) -> dict[str, Any]:
         """What makes an artifact non-portable (library versions, device); part of the cache key."""
         raise NotImplementedError
+
+    @classmethod
+    def variants(cls, precision: str) -> list[str]:
+        """The builds of ``precision`` worth trying on this machine, usual best first ("" = the one build).
+
+        A backend with several (ONNX Runtime int8 formats) also accepts ``variant=`` in ``build``.
+        """
+        return [""]
 
     @classmethod
     def build(cls, model, *, precision: str, example: np.ndarray, calibration: np.ndarray | None,
@@ -86,6 +96,7 @@ class Backend:
         return {
             "backend": self.key,
             "precision": self.precision,
+            "variant": self.variant,
             "provider": self.provider,
             "artifact": str(self.artifact) if self.artifact else None,
             "artifact_sha256": self.artifact_hash,

@@ -1,7 +1,8 @@
 """``onnxruntime``: the backbone as ONNX, fp32 or static int8 (QDQ, per-channel weights).
 
-int8 is the CPU default: calibrated on representative windows, it is several times
-faster than eager torch at batch 1. Sessions run sequentially on a configured number of
+int8 is built in each quantization format that suits this CPU (``edge.serve.cpu``:
+u8s8 with VNNI, u8s8 with ``reduce_range`` or u8u8 on AVX2 without it, s8s8 on ARM),
+one cache entry per format (the variant); which one serves is measured. Sessions run sequentially on a configured number of
 intra-op threads (default 1) without spinning, so inference cannot starve the daemon's
 other threads. CUDA / TensorRT execution providers are used first when present.
 """
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edge.serve.backends.base import Backend
+from edge.serve.cpu import FORMATS, cpu_features, int8_formats
 from edge.serve.progress import step as _step
 
 log = logging.getLogger("edge.serve")
@@ -33,20 +35,16 @@ _PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "C
 
 def cpu_has_vnni() -> bool:
     """x86 VNNI makes u8*s8 dot products exact; without it ORT advises 7-bit weights."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+    return cpu_features().vnni
 
 
-def quant_settings() -> dict[str, Any]:
-    """Activation/weight types per ORT's CPU guidance (quantize_static docstring)."""
+def quant_settings(fmt: str | None = None) -> dict[str, Any]:
+    """``quantize_static`` keywords for the format ``fmt`` (default: the first that suits this CPU)."""
     from onnxruntime.quantization import QuantType
 
-    if _platform.machine().lower() in ("aarch64", "arm64"):
-        return {"activation_type": QuantType.QInt8, "weight_type": QuantType.QInt8, "reduce_range": False}
-    return {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "reduce_range": not cpu_has_vnni()}
+    f = FORMATS[fmt] if fmt else int8_formats(cpu_features())[0]
+    qtype = {"u8": QuantType.QUInt8, "s8": QuantType.QInt8}
+    return {"activation_type": qtype[f.activation], "weight_type": qtype[f.weight], "reduce_range": f.reduce_range}
 
 
 class _Windows:
@@ -88,7 +86,12 @@ class OnnxRuntimeBackend(Backend):
                 "vnni": cpu_has_vnni(), "providers": cls.providers()}
 
     @classmethod
-    def build(cls, model, *, precision, example, calibration, out_dir: Path, progress=None) -> list[str]:
+    def variants(cls, precision: str) -> list[str]:
+        return [f.name for f in int8_formats(cpu_features())] if precision == "int8" else [""]
+
+    @classmethod
+    def build(cls, model, *, precision, example, calibration, out_dir: Path, progress=None,
+              variant: str = "") -> list[str]:
         from edge.serve.export import export_onnx
 
         out_dir = Path(out_dir)
@@ -107,10 +110,11 @@ class OnnxRuntimeBackend(Backend):
         pre = out_dir / "preprocessed.onnx"
         with _step(progress, "optimize graph for quantization"):
             quant_pre_process(str(raw), str(pre))
-        with _step(progress, "calibrate and quantize int8 (QDQ, per-channel)", total=len(calibration)):
+        fmt = variant or int8_formats(cpu_features())[0].name
+        with _step(progress, f"calibrate and quantize int8 (QDQ {fmt}, per-channel)", total=len(calibration)):
             quantize_static(str(pre), str(out_dir / MODEL_FILE), _Windows(calibration, progress=progress),
                             quant_format=QuantFormat.QDQ, per_channel=True,
-                            calibrate_method=CalibrationMethod.MinMax, **quant_settings())
+                            calibrate_method=CalibrationMethod.MinMax, **quant_settings(fmt))
         raw.unlink()
         pre.unlink()
         for extra in out_dir.glob("*.onnx.data"):
