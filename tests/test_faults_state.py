@@ -44,8 +44,11 @@ def _learn(broker, d, node: str, n: int = 12) -> int:
         c.publish(f"edge/{node}/labels", {"t": t0 + (k + 0.5) * WINDOW * 0.001, "label": "imbalance",
                                           "device": "ck", "stream": "accel"})
     c.close()
-    return poll(lambda: d.adapt.metrics()["learner_labels_total"] >= n // 2 and d.adapt.metrics()["learner_labels_total"],
-                90, what="labels learned")
+
+    def learned():
+        n_learned = d.adapt.metrics()["learner_labels_total"]
+        return n_learned >= n // 2 and n_learned
+    return poll(learned, 90, what="labels learned")
 
 
 @pytest.mark.parametrize("change", ["none", "retrained", "classes"])
