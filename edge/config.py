@@ -212,6 +212,10 @@ class AdaptConfig(_Section):
     boost_labels: int = _opt(200, lo=0, hi=1_000_000, doc="after a drift: labels of faster adaptation")
     boost_lr: float = _opt(3.0, lo=1e-6, hi=100.0, doc="after a drift: learning-rate factor")
     boost_steps: int = _opt(2, lo=1, hi=100, doc="after a drift: steps per label")
+    guard: bool = _opt(True, doc="hold promotions while labels mostly contradict what the serving and global heads are both sure of (label_anomaly)")
+    guard_confidence: float = _opt(0.9, lo=0.5, hi=1.0, doc="guard: a prediction this sure, by both heads, that a label contradicts")
+    guard_share: float = _opt(0.5, lo=0.0, hi=1.0, doc="guard: trips when more of the recent labels than this contradict")
+    guard_ratio: float = _opt(10.0, lo=1.0, hi=1e6, doc="guard: ... and that share is this many times the stream's history")
     seed: int = _opt(0, lo=0, hi=2**31, doc="seed of replay sampling and head init")
     # -- issue 10: promotion test, plasticity, scaling (docs/LEARNING.md) --
     promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion: one-sided paired t-test level on per-block loss differences")

@@ -86,13 +86,26 @@ def test_no_promotion_without_the_margin(world):
     assert lr2.metrics()["promotions_total"] >= 1
 
 
-def test_poisoned_labels_promote_a_bad_head_that_is_then_rolled_back(world):
+def test_poisoned_labels_are_held_by_the_guard_not_promoted(world):
     stream, _ = world
     rng = np.random.default_rng(4)
     events = []
     lr = _learner(world, events, drift_detector="none")
     z, y = stream.sample(400, rng=rng)
-    _feed(lr, z, (y + 1) % K)  # a miswired label source: every label is wrong, consistently
+    _feed(lr, z, (y + 1) % K)  # a miswired or hostile label source: every label is wrong, consistently
+    m = lr.metrics()
+    assert m["promotions_total"] == 0 and lr.champion is lr._global
+    assert m["promotions_held_total"] >= 1 and m["label_anomalies_total"] == 1
+    assert [e for e in events if e["type"] == "label_anomaly"][0]["contradicting_share"] > 0.5
+
+
+def test_without_the_guard_poisoned_labels_promote_a_bad_head_that_is_then_rolled_back(world):
+    stream, _ = world
+    rng = np.random.default_rng(4)
+    events = []
+    lr = _learner(world, events, drift_detector="none", guard=False)
+    z, y = stream.sample(400, rng=rng)
+    _feed(lr, z, (y + 1) % K)
     assert lr.metrics()["promotions_total"] >= 1 and lr.champion is not lr._global
     _feed(lr, *stream.sample(300, rng=rng))  # correct labels again
     assert lr.metrics()["rollbacks_total"] >= 1

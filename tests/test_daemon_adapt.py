@@ -125,3 +125,37 @@ def test_kill_9_during_training_then_restart_resumes(broker, tmp_path):
         c.close()
         p.send_signal(signal.SIGTERM)
         p.wait(20)
+
+
+def test_a_poisoning_label_stream_is_held_and_predictions_stay_right(broker, tmp_path):
+    """Wrong labels from any client: the challenger learns them, but is held (label_anomaly), not served."""
+    cfg = parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
+                        "mqtt": {"host": broker.host, "port": broker.port},
+                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}})
+    d = Daemon(cfg)
+    d.start(connect_timeout=10)
+    c = Client(broker, "edge/ad/predictions/#", "edge/ad/events")
+    try:
+        m = Machine(seed=21, fault="normal", t0=time.time() - 600)
+        n = 400
+        for k in range(n):
+            t, v = m.read(256)
+            publish_window(c, "p1", t, v, label="bearing_wear")  # the machine runs normally
+            if k % 40 == 39:
+                c.wait_for(lambda msgs: len(msgs) >= k - 5, timeout=30)
+        c.wait_for(lambda msgs: len([x for x in msgs if "/predictions/" in x[0]]) >= n, timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and d.adapt.metrics()["learner_labels_total"] < n - 20:
+            time.sleep(0.1)
+        preds = c.json_on("edge/ad/predictions/p1/accel")
+        events = c.json_on("edge/ad/events")
+        kinds = [e["type"] for e in events]
+        mt = d.adapt.metrics()
+        assert "promotion" not in kinds, kinds
+        assert "label_anomaly" in kinds and mt["learner_promotions_held_total"] >= 1, (kinds, mt)
+        assert mt["learner_labels_total"] >= n - 20  # the poison is counted, not silently dropped
+        late = [p["prediction"] for p in preds[-100:]]
+        assert late.count("normal") >= 90, late
+    finally:
+        c.close()
+        d.stop()

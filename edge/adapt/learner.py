@@ -41,6 +41,7 @@ from edge.adapt.drift import ADWIN, PageHinkley
 from edge.adapt.heads import HeadSnapshot, make_head
 from edge.adapt.metrics import Prequential, sample_losses
 from edge.adapt.optim import OptimizerSpec
+from edge.adapt.guard import LabelGuard
 from edge.adapt.promotion import PairedBlocks
 from edge.adapt.reference import Reference
 from edge.adapt.replay import RecentBuffer, ReplayBuffer
@@ -113,6 +114,10 @@ class Learner:
                       # serve evidence, so a promoted head need not prove itself twice
                       "serve_next": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
         self.serve_reference = True  # best(): the prior is a safer guess than an unproven head
+        # labels that mostly contradict what both heads are sure of hold promotions (edge.adapt.guard)
+        self.guard = LabelGuard(confidence=cfg.guard_confidence, share=cfg.guard_share, ratio=cfg.guard_ratio,
+                                window=cfg.eval_window) if cfg.guard and task == "classification" else None
+        self._anomaly_open = False
         self.detectors = {}
         if cfg.drift_detector in ("page_hinkley", "both"):
             self.detectors["page_hinkley"] = PageHinkley(threshold=cfg.ph_threshold, delta=cfg.ph_delta, mode="up")
@@ -228,9 +233,13 @@ class Learner:
         s_champ = self._score(champion, z2)
         l_champ, e_champ = preq["champion"].update(s_champ, t)
         if champion is glob:
+            s_glob = s_champ
             l_glob, _ = l_champ, preq["global"].update_values(l_champ, e_champ)
         else:
-            l_glob, _ = preq["global"].update(self._score(glob, z2), t)
+            s_glob = self._score(glob, z2)
+            l_glob, _ = preq["global"].update(s_glob, t)
+        if self.guard is not None:
+            self.guard.observe(self.guard.contradicts(s_champ, s_glob, int(t)))
         l_ref, e_ref = self.reference.test_then_learn(t)
         preq["reference"].update_values(l_ref, e_ref)
         if self.pairs["serve"].add(l_ref, l_champ) if self.serve_reference else self.pairs["serve"].add(l_champ, l_ref):
@@ -464,11 +473,27 @@ class Learner:
         # the floor's scale: the better of the global head and the trivial reference (a
         # fresh random global head can be worse than predicting the mean by orders of magnitude)
         scale = min(glob, self.preq["reference"].loss.get())
+        g = self.guard
+        if g is not None and not g.tripped:
+            self._anomaly_open = False
         if p.blocks >= min_blocks and p.mean_gain() > max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9 \
                 and p.significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
+            if g is not None and g.tripped:
+                self.counters["promotions_held"] += 1
+                if not self._anomaly_open:  # one event per episode, not one per label
+                    self._anomaly_open = True
+                    self.counters["label_anomalies"] += 1
+                    self._emit("label_anomaly", held=self.challenger_version(), contradicting_share=round(g.recent_share, 3),
+                               history_share=round(g.history, 4), labels=self.counters["labels"],
+                               why="recent labels mostly contradict what the serving and global heads are both sure of")
+                return "held"
             self._promote(champ, self.preq["challenger"].loss.get(), p.statistic())
             return "promotion"
         return None
+
+    def challenger_version(self) -> str:
+        """The version a promotion would give the challenger now."""
+        return f"{self.global_version}+a{self.counters['promotions'] + 1}"
 
     def _promote(self, champ_loss: float, chal_loss: float, t_stat: float) -> None:
         self.counters["promotions"] += 1
@@ -525,6 +550,8 @@ class Learner:
             "labels_total": c["labels"], "labels_rejected": dict(self.rejected),
             "train_steps_total": c["train_steps"], "train_steps_skipped_total": c["train_steps_skipped"],
             "promotions_total": c["promotions"], "rollbacks_total": c["rollbacks"], "drifts_total": c["drifts"],
+            "promotions_held_total": c["promotions_held"], "label_anomalies_total": c["label_anomalies"],
+            "guard_recent_share": self.guard.recent_share if self.guard is not None else 0.0,
             "replay_samples": len(self.replay), "replay_bytes": self.replay.nbytes,
             "boost_labels_left": self.boost_left, "champion_is_global": self.champion is self._global,
             "champion_version": self.champion.version, "global_version": self.global_version,
@@ -554,6 +581,7 @@ class Learner:
             "fade": dict(self.fade),
             "counters": dict(self.counters), "rejected": dict(self.rejected),
             "boost_left": self.boost_left, "since_swap": self.since_swap, "serve_reference": self.serve_reference,
+            "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -599,4 +627,6 @@ class Learner:
         self.rejected = collections.Counter(s["rejected"])
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
         self.serve_reference = bool(s["serve_reference"])
+        if self.guard is not None and s.get("guard"):
+            self.guard.load_state_dict(s["guard"])
         self._set_sources(boosting=self.boost_left > 0)
