@@ -150,7 +150,8 @@ def flood(broker, tmp_path_factory):
 
 def test_flood_rss_growth_stays_under_the_lane_bound_plus_margin(flood):
     growth = flood["rss_peak"] - flood["rss_before"]
-    assert growth < INGEST_BYTES + MARGIN, f"RSS grew {growth / 2**20:.1f} MiB (bound {(INGEST_BYTES + MARGIN) / 2**20:.0f})"
+    bound = INGEST_BYTES + MARGIN
+    assert growth < bound, f"RSS grew {growth / 2**20:.1f} MiB (bound {bound / 2**20:.0f} MiB)"
 
 
 def test_flood_drops_are_counted(flood):

@@ -155,7 +155,8 @@ def label_messages(draw) -> tuple[str, bytes]:
     elif shape == "y":
         payload = f'{{"t":{now!r},"y":{draw(field)}}}'
     elif shape == "names":
-        payload = json.dumps({"t": now, "label": "normal", "device": draw(payload_names), "stream": draw(payload_names)})
+        payload = json.dumps({"t": now, "label": "normal", "device": draw(payload_names),
+                              "stream": draw(payload_names)})
     else:
         return topic, draw(st.binary(max_size=500))
     return topic, payload.encode()

@@ -80,6 +80,31 @@ def test_injected_faults_in_the_learner_are_counted_and_learning_goes_on(broker,
         d.stop()
 
 
+def test_injected_faults_in_mqtt_ingest_lose_no_qos1_message(broker, tmp_path):
+    """A read that fails to be handed on is not acknowledged: with QoS 1 the broker delivers
+    it again after the ingest reconnects, so nothing is lost but what the poison guard
+    gives up on (counted as ``handoff_lost``)."""
+    node, n = "inji", 40
+    d = start_daemon(broker, tmp_path, node=node, faults="mqtt-ingest:item:0.2",
+                     mqtt={"qos": 1, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5})
+    try:
+        c = _fire(broker, node, n, 0, "q")
+        ing = d.ingest
+
+        def served():
+            streams = {t for t, _, _ in list(c.msgs) if "/predictions/q" in t}
+            return len(streams) + ing.counters["handoff_lost"] == n and streams
+        streams = poll(served, 120, what="every QoS 1 message to be served or counted as lost")
+        text = scrape(d.metrics_port)
+        faults = metric(text, "edge_internal_errors_total", thread="mqtt-ingest", kind="InjectedFault")
+        assert faults > 0 and len(streams) > 0, text
+        assert ing.counters["handoff_unacked"] > 0  # left for redelivery, not acknowledged
+        assert not d.supervisor.dead() and healthz(d.metrics_port) == 200
+        c.close()
+    finally:
+        d.stop()
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # paho's thread ends by the kill
 @pytest.mark.parametrize("thread", ["pipeline", "mqtt-link", "learner"])
 def test_a_killed_thread_fails_health(broker, tmp_path, thread):

@@ -77,7 +77,7 @@ def test_sigterm_serves_or_counts_every_queued_window_and_label_and_exits_0(brok
         for k in range(n_msgs):  # one stream, consecutive 1000-sample batches
             c.publish("sensors/sd/accel", head + repr(t0 + k).encode() + b"}", qos=0)
             if k % 4 == 0:
-                c.publish(f"edge/{node}/labels", json.dumps({"t": t0 + k, "label": "normal"}), qos=1)
+                c.publish(f"edge/{node}/labels", json.dumps({"t": t0 + k + 0.5, "label": "normal"}), qos=1)
         run.proc.send_signal(signal.SIGCONT)
         run.proc.send_signal(signal.SIGTERM)
         assert run.proc.wait(90) == 0, run.log_text()[-3000:]
@@ -89,6 +89,14 @@ def test_sigterm_serves_or_counts_every_queued_window_and_label_and_exits_0(brok
         took_in = ingest["messages"] + lanes["labels"]["offered"]
         assert took_in > 0 and p["messages"] + p["shutdown_dropped"] == took_in, (p, lanes, ingest)
         assert p["published"] + p["publish_failed"] + p["publish_errors"] == p["windows_served"], p
+        # the learner got every served window and every label, and learned, rejected (counted
+        # by reason), kept pending or counted as dropped at shutdown each of its labels
+        a = st["adapt"]
+        assert a["lane_learner_offered"] == p["windows_served"] and a["lane_labels_offered"] == p["labels"], a
+        assert a["lane_labels_dropped"] == 0 and a["lane_labels_depth"] == 0, a
+        handled = a["matcher_labels_matched_total"] + sum(a["matcher_labels_rejected"].values()) + \
+            a["matcher_labels_pending"] + a["worker_shutdown_dropped"]
+        assert handled >= a["lane_labels_offered"], a
         assert "Traceback" not in run.log_text()
     finally:
         c.close()
