@@ -171,7 +171,8 @@ class AdaptConfig(_Section):
     the last ``eval_window`` labels is below the champion's by the relative
     ``promote_margin`` and by at least ``promote_floor`` times the global head's loss (so
     that noise between two near-perfect heads does not swap them every few labels), with
-    at least ``eval_min`` labels since the last swap; the champion
+    at least ``eval_min`` labels since the last swap, and only when a one-sided paired
+    t-test on per-block loss differences (``promote_*``) says the gain is clear; the champion
     is rolled back to the global head when its loss exceeds the global head's by
     ``rollback_margin``. Budget: labels past ``budget_steps_per_s`` / ``budget_cpu_share``
     are still scored and kept for replay; only their training steps are skipped (and

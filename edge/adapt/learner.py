@@ -50,7 +50,8 @@ from edge.adapt.trainer import HeadTrainer
 from edge.errors import ConfigError, StateError
 
 STATE_FORMAT = 2
-_FADE = 0.98  # the plasticity rule's faded losses: about the last 50 labels
+_FADE = 0.98  # the plasticity rule's faded errors: about the last 50 labels
+_SLOW = 0.998  # and the new labels' long-run error: about the last 500
 
 log = logging.getLogger("edge.adapt")
 
@@ -130,7 +131,8 @@ class Learner:
         self.rejected = collections.Counter()
         self.boost_left = 0
         self.since_swap = 0
-        self.fade = {"new": 0.0, "replay": 0.0, "w_new": 0.0, "w_replay": 0.0, "since_trigger": 0, "above": 0}
+        self.fade = {"new": 0.0, "replay": 0.0, "slow": 0.0, "w_new": 0.0, "w_replay": 0.0, "w_slow": 0.0,
+                     "since_trigger": 0, "above": 0}
         self._set_global_snapshot(None, None, global_version)
         self.champion = self._global
 
@@ -275,6 +277,7 @@ class Learner:
             s_chal = tr.score(z if sc is None else sc.transform_one(z))
         l_chal, e_chal = preq["challenger"].update(s_chal, t)
         self._fade("new", e_chal)
+        self._fade("slow", e_chal, _SLOW)
         nxt = self.pairs["serve_next"]
         nxt.add(l_ref, l_chal) if self.serve_reference else nxt.add(l_chal, l_ref)
         self.pairs["promote"].add(l_champ, l_chal)
@@ -372,6 +375,9 @@ class Learner:
         w = _FADE ** np.arange(m - 1, -1, -1)
         f["new"] = _FADE**m * f["new"] + float(w @ e_chal)
         f["w_new"] = _FADE**m * f["w_new"] + float(w.sum())
+        ws = _SLOW ** np.arange(m - 1, -1, -1)
+        f["slow"] = _SLOW**m * f.get("slow", 0.0) + float(ws @ e_chal)
+        f["w_slow"] = _SLOW**m * f.get("w_slow", 0.0) + float(ws.sum())
         self.replay.add_many(Z, T)
         self.recent.add_many(Z, T)
         self.since_swap += m
@@ -391,10 +397,10 @@ class Learner:
             self.serve_reference = not self.serve_reference
             p.reset()
 
-    def _fade(self, key: str, loss: float) -> None:
+    def _fade(self, key: str, loss: float, decay: float = _FADE) -> None:
         f = self.fade
-        f[key] = _FADE * f[key] + loss
-        f["w_" + key] = _FADE * f["w_" + key] + 1.0
+        f[key] = decay * f.get(key, 0.0) + loss
+        f["w_" + key] = decay * f.get("w_" + key, 0.0) + 1.0
 
     def _loss_ratio_trigger(self) -> str | None:
         """Plastic when the new labels' error stays well above the replayed rows' error."""
@@ -403,9 +409,12 @@ class Learner:
         if self.boost_left > 0 or not f["w_replay"] or len(self.replay) < 16 * cfg.batch:
             f["above"] = 0
             return None
-        new, old = f["new"] / f["w_new"], f["replay"] / f["w_replay"]
-        # "stays": the ratio must hold on every one of plastic_min labels in a row
-        f["above"] = f.get("above", 0) + 1 if new > cfg.plastic_ratio * old + 1e-12 else 0
+        new, old, slow = f["new"] / f["w_new"], f["replay"] / f["w_replay"], f["slow"] / f["w_slow"]
+        # "stays": the ratio must hold on every one of plastic_min labels in a row, and the
+        # new error must have risen above its own long-run level (else it is the
+        # generalisation gap of a stationary stream, not a change)
+        rising = new > 1.5 * slow + 1e-12
+        f["above"] = f.get("above", 0) + 1 if rising and new > cfg.plastic_ratio * old + 1e-12 else 0
         if f["above"] < cfg.plastic_min or f["since_trigger"] < cfg.plastic_min:
             return None
         f["above"] = 0

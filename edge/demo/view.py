@@ -113,15 +113,21 @@ def write_report(board: Scoreboard, out: Path, *, meta: dict) -> dict:
             roll = np.convolve(ok, np.ones(w) / w, mode="valid")
             ax.plot(t[w - 1:], 100 * roll, label=key)
         if meta.get("drift_at") is not None:
-            ax.axvline(meta["drift_at"], color="red", ls="--", lw=1)
+            ax.axvline(meta["drift_at"], color="red", ls="--", lw=1, label=f"drift injected ({meta.get('drift')})")
             ax.text(meta["drift_at"], 2, f" drift: {meta.get('drift_device')} ({meta.get('drift')})", color="red", fontsize=8)
+        style = {"promotion": ("green", "-", "head promotion"), "rollback": ("orange", "-", "rollback to the global head"),
+                 "drift": ("purple", ":", "drift detected by the learner")}
+        shown = set()
         for e in events:
-            if e.get("type") in ("promotion", "rollback"):
-                ax.axvline(e["t_rel"], color="green" if e["type"] == "promotion" else "orange", lw=0.6, alpha=0.6)
+            kind = e.get("type")
+            if kind in style:  # one legend entry per kind: the legend names every line's meaning
+                color, ls, name = style[kind]
+                ax.axvline(e["t_rel"], color=color, ls=ls, lw=0.8, alpha=0.7, label=None if kind in shown else name)
+                shown.add(kind)
         ax.set_xlabel("seconds since start")
         ax.set_ylabel("accuracy, rolling 20 windows (%)")
         ax.set_ylim(0, 102)
-        ax.set_title("edge demo: predictions scored against the simulated truth (green lines: head promotions)")
+        ax.set_title("edge demo: predictions scored against the simulated truth")
         ax.legend(loc="lower left", fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "report.png", dpi=110)
