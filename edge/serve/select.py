@@ -31,7 +31,7 @@ from edge.serve.evaluation import accuracy, eval_sets
 
 log = logging.getLogger("edge.serve")
 
-ROUNDS = 300
+ROUNDS = 40  # rounds of 10 calls per candidate
 
 
 def platform_key(avail: dict[str, tuple[bool, str]], policy: str) -> dict:
@@ -101,7 +101,7 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
         loaded[c] = (b, result)
     # timed together, in alternation, once all are loaded: see choice.interleaved_medians
     p50 = interleaved_medians({c: (lambda b=b: b.features(x1)) for c, (b, _) in loaded.items()},
-                              clock=clock, rounds=rounds)
+                              clock=clock, rounds=rounds, block=10)
     trials += [Trial(c, True, p50_ms=p50[c] * 1e3, accuracy=scores[c]) for c in loaded]
     order = {c: i for i, c in enumerate(cands)}
     trials.sort(key=lambda t: order[t.candidate])
