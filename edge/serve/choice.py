@@ -249,3 +249,36 @@ def median_seconds(fn, *, clock, rounds: int, warmup: int = 10) -> float:
     d.sort()
     n = len(d)
     return float(d[n // 2] if n % 2 else (d[n // 2 - 1] + d[n // 2]) / 2)
+
+
+def interleaved_medians(fns: dict, *, clock, rounds: int, block: int = 10, warmup: int = 10) -> dict:
+    """Median seconds per call of each ``fns[key]()``, timed in alternating blocks.
+
+    Each round times ``block`` consecutive calls of every function in turn, so a burst
+    of load from elsewhere on a shared machine slows all candidates alike instead of
+    whichever one happened to be timed during it, while each block runs with its own
+    model warm in the caches, as serving does.
+
+    >>> t = [0.0]
+    >>> def cost(s):
+    ...     def f(): t[0] += s
+    ...     return f
+    >>> interleaved_medians({"a": cost(1.0), "b": cost(3.0)}, clock=lambda: t[0], rounds=5, block=2, warmup=1)
+    {'a': 1.0, 'b': 3.0}
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict = {k: [] for k in fns}
+    for _ in range(max(1, rounds)):
+        for k, fn in fns.items():
+            t0 = clock()
+            for _ in range(block):
+                fn()
+            samples[k].append((clock() - t0) / block)
+    out = {}
+    for k, d in samples.items():
+        d.sort()
+        n = len(d)
+        out[k] = float(d[n // 2] if n % 2 else (d[n // 2 - 1] + d[n // 2]) / 2)
+    return out

@@ -2,8 +2,8 @@
 
 Every candidate this hardware supports (``choice.candidates``) is obtained through the
 same path as any artifact (``compile.obtain``: built or found in the cache, parity-gated
-on held-out windows), timed at batch 1 on this device, and scored on the model's
-labelled ``[eval]`` set where it has one. ``choice.decide`` picks; the decision, with
+on held-out windows), scored on the model's labelled ``[eval]`` set where it has one,
+and then all are timed at batch 1 on this device, in alternation. ``choice.decide`` picks; the decision, with
 every trial, is written next to the artifacts as ``choice-<fingerprint>.json`` so that
 later starts load the chosen artifact straight away and ``edge status`` can say why.
 The fingerprint covers the CPU's features, the available backends (with their
@@ -24,14 +24,14 @@ from edge.serve import parity
 from edge.serve.backends import availability, get_backend
 from edge.serve.cache import ArtifactCache, fingerprint
 from edge.serve.calibration import representative_windows
-from edge.serve.choice import Candidate, Decision, Trial, candidates, decide, median_seconds
+from edge.serve.choice import Candidate, Decision, Trial, candidates, decide, interleaved_medians
 from edge.serve.compile import obtain
 from edge.serve.cpu import cpu_features
 from edge.serve.evaluation import accuracy, eval_sets
 
 log = logging.getLogger("edge.serve")
 
-ROUNDS = 300
+ROUNDS = 40  # rounds of 10 calls per candidate
 
 
 def platform_key(avail: dict[str, tuple[bool, str]], policy: str) -> dict:
@@ -85,7 +85,7 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
     x1 = timing_windows(model)
     head = parity.head_scores(model)
     sets, eval_where = eval_sets(model) if head is not None else (None, "accuracy check: not a classification model")
-    trials, loaded = [], {}
+    trials, loaded, scores = [], {}, {}
     for c in cands:
         try:
             b, result = obtain(model, c.backend, c.precision, variant=c.variant, cache=cache, calibration=calibration,
@@ -97,10 +97,14 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
             log.exception("building %s failed unexpectedly", c.label)
             trials.append(Trial(c, False, why=f"{type(e).__name__}: {e}"[:300]))
             continue
-        p50 = median_seconds(lambda: b.features(x1), clock=clock, rounds=rounds) * 1e3
-        acc = accuracy(b.features, head, sets) if sets else None
-        trials.append(Trial(c, True, p50_ms=p50, accuracy=acc))
+        scores[c] = accuracy(b.features, head, sets) if sets else None
         loaded[c] = (b, result)
+    # timed together, in alternation, once all are loaded: see choice.interleaved_medians
+    p50 = interleaved_medians({c: (lambda b=b: b.features(x1)) for c, (b, _) in loaded.items()},
+                              clock=clock, rounds=rounds, block=10)
+    trials += [Trial(c, True, p50_ms=p50[c] * 1e3, accuracy=scores[c]) for c in loaded]
+    order = {c: i for i, c in enumerate(cands)}
+    trials.sort(key=lambda t: order[t.candidate])
     tol = {p: parity.tolerances(model, p).get("max_accuracy_loss", 0.5) for p in ("int8", "fp16")}
     d = decide(trials, policy=policy, max_accuracy_loss=tol)
     prefix = [f"auto on {cpu_features().summary()}, policy {policy}"] + [f"{s}" for s in skipped] + [eval_where]
