@@ -55,7 +55,8 @@ def _cmd_compile(args) -> int:
 
 
 BENCHES = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
-           "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt", "learning": "edge.bench.learning"}
+           "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt", "learning": "edge.bench.learning",
+           "device": "edge.bench.device"}
 
 
 def _bench(what: str, argv: list[str]) -> int:

@@ -34,13 +34,14 @@ class Lane:
     """A byte-bounded, drop-oldest FIFO between producers and one consumer thread."""
 
     def __init__(self, name: str, *, max_bytes: int, max_lag_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None):
         if max_bytes < 1:
             raise ValueError(f"lane {name!r}: max_bytes must be positive")
         self.name = name
         self.max_bytes = int(max_bytes)
         self.max_lag_s = float(max_lag_s)
         self.clock = clock
+        self.wake = wake  # set on every put, so that an idle consumer can block instead of polling
         self._q: deque = deque()  # (enqueued_at, nbytes, item)
         self._lock = threading.Lock()
         self._in_bytes = self._out_bytes = 0
@@ -69,6 +70,8 @@ class Lane:
                 over -= n
             self._in_bytes += nbytes
             q.append((self.clock(), nbytes, item))
+        if self.wake is not None:
+            self.wake.set()
         return True
 
     # ---- the consumer ----------------------------------------------------------------

@@ -146,8 +146,9 @@ class AdaptWorker:
         self.interval = a.checkpoint_interval_s
         self.store = store
         q = cfg.queues
-        self.data = Lane("learner", max_bytes=q.learner_bytes, clock=clock)
-        self.labels = Lane("labels", max_bytes=q.labels_bytes, clock=clock)
+        self._wake = threading.Event()  # set by every put and by stop: the idle loop blocks on it
+        self.data = Lane("learner", max_bytes=q.learner_bytes, clock=clock, wake=self._wake)
+        self.labels = Lane("labels", max_bytes=q.labels_bytes, clock=clock, wake=self._wake)
         self.counters = {"learned": 0, "checkpoints": 0, "checkpoint_errors": 0, "self_supervised": 0,
                          "item_errors": 0, "checkpoint_mismatches": 0, "shutdown_drained": 0, "shutdown_dropped": 0}
         self._own_supervisor = supervisor is None
@@ -228,6 +229,7 @@ class AdaptWorker:
         ``[queues] shutdown_drain_s``), checkpoint, count the rest."""
         deadline = self.clock() + timeout_s
         self._stop.set()
+        self._wake.set()
         if self._own_supervisor:
             self.supervisor.stopping()
         if self.thread.ident is not None:
@@ -301,7 +303,8 @@ class AdaptWorker:
                 except Exception as e:  # noqa: BLE001 - e.g. a state the codec cannot encode
                     self.supervisor.item_failed(THREAD, e, where="checkpoint")
             if not busy:
-                self._stop.wait(0.005)
+                self._wake.wait(0.25)
+                self._wake.clear()
 
     def _guarded(self, item, *, fault: bool) -> None:
         """One item's work; an exception is counted and the item skipped (ThreadKill is not caught)."""

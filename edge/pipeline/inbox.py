@@ -13,6 +13,7 @@ thread takes from the lanes, labels and control first. Every drop is counted per
 """
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -35,9 +36,10 @@ class Inbox:
 
     def __init__(self, *, sensor_bytes: int, labels_bytes: int, control_bytes: int = 1 << 20,
                  max_lag_s: float = 0.0, label_route: TopicRoute | None = None):
-        self.sensor = Lane("sensor", max_bytes=sensor_bytes, max_lag_s=max_lag_s)
-        self.labels = Lane("labels", max_bytes=labels_bytes)
-        self.control = Lane("control", max_bytes=control_bytes)
+        self.wake = threading.Event()  # set by every put: the idle pipeline thread blocks on it
+        self.sensor = Lane("sensor", max_bytes=sensor_bytes, max_lag_s=max_lag_s, wake=self.wake)
+        self.labels = Lane("labels", max_bytes=labels_bytes, wake=self.wake)
+        self.control = Lane("control", max_bytes=control_bytes, wake=self.wake)
         self._label_filter = label_route.subscription.split("/") if label_route is not None else None
 
     @property

@@ -97,6 +97,7 @@ class Pipeline:
     def stop(self, timeout: float | None = None) -> None:
         """Serve what is queued (up to ``drain_s``), count the rest, end the thread."""
         self._stop.set()
+        self.inbox.wake.set()
         if self.thread.ident is not None:
             self.thread.join(self.drain_s + 5.0 if timeout is None else timeout)
 
@@ -112,7 +113,11 @@ class Pipeline:
             ready: list[Window] = []
             if not self._drain(ready):
                 idle += 1
-                time.sleep(0.0002 if idle < 50 else 0.002)
+                if idle < 50:  # a burst's next read is usually moments away: poll briefly
+                    time.sleep(0.0002)
+                else:  # then block until a producer puts something (an idle device sleeps)
+                    inbox.wake.wait(0.1)
+                    inbox.wake.clear()
                 continue
             idle = 0
             if ready and len(ready) < self.max_batch and self.max_wait > 0:
