@@ -577,9 +577,12 @@ class Learner:
                 raise StateError(f"checkpoint has {k} = {s.get(k)!r} but this learner has {v!r}; not restoring it")
         if (s.get("scaler") is None) != (self.scaler is None):
             raise StateError(f"checkpoint has scale = {s.get('scaler') is not None} but this learner has {self.scaler is not None}")
+        backup = self.state_dict() if self.closed_form else None
         try:
             self._load(s)
         except (KeyError, ValueError, TypeError) as e:
+            if backup is not None:  # all or nothing: a half-restored learner would serve a mix
+                self._load(backup)
             raise StateError(f"learner checkpoint is inconsistent ({type(e).__name__}: {str(e)[:200]}); not restoring it") from None
 
     def _load(self, s: dict) -> None:
