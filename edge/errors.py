@@ -57,3 +57,12 @@ class BrokerError(EdgeError):
     """The MQTT broker cannot be reached or started."""
 
     exit_code = 8
+
+
+class DataError(EdgeError, ValueError):
+    """Data the incremental-learning library cannot take: an empty dataset, a sample of the
+    wrong shape, a label outside the model's classes (``edge.learning``; the CLI never
+    raises it, so it keeps the generic exit code)."""
+
+    exit_code = 1
+

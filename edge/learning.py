@@ -41,20 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.adapt.heads import HEADS, LinearHead, make_head
+from edge.adapt.heads import LinearHead, make_head
 from edge.adapt.learner import Learner
 from edge.adapt.metrics import sample_losses
 from edge.adapt.optim import OptimizerSpec, spec_from_torch
 from edge.config import AdaptConfig
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, DataError
 
 __all__ = ["DataError", "IncrementalModel", "LinearModel"]
-
-
-class DataError(EdgeError, ValueError):
-    """A sample or dataset the model cannot take: empty, wrong shape, label out of range."""
-
-    exit_code = 9
 
 
 class LinearModel(nn.Module):
