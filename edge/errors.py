@@ -59,6 +59,14 @@ class BrokerError(EdgeError):
     exit_code = 8
 
 
+class DataError(EdgeError, ValueError):
+    """Data the incremental-learning library cannot take: an empty dataset, a sample of the
+    wrong shape, a label outside the model's classes (``edge.learning``; the CLI never
+    raises it, so it keeps the generic exit code)."""
+
+    exit_code = 1
+
+
 # -- describing untrusted values -------------------------------------------------------------
 
 def brief(value: object, limit: int = 80) -> str:

@@ -41,20 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from edge.adapt.heads import HEADS, LinearHead, make_head
+from edge.adapt.heads import LinearHead, make_head
 from edge.adapt.learner import Learner
 from edge.adapt.metrics import sample_losses
 from edge.adapt.optim import OptimizerSpec, spec_from_torch
 from edge.config import AdaptConfig
-from edge.errors import ConfigError, EdgeError
+from edge.errors import ConfigError, DataError
 
 __all__ = ["DataError", "IncrementalModel", "LinearModel"]
-
-
-class DataError(EdgeError, ValueError):
-    """A sample or dataset the model cannot take: empty, wrong shape, label out of range."""
-
-    exit_code = 9
 
 
 class LinearModel(nn.Module):
@@ -377,9 +371,9 @@ class IncrementalModel:
                 yb = np.concatenate([T[idx], lr.replay.y[rep]])
                 if lr.scaler is not None:
                     lr.scaler.transform_many(zb, out=zb)
-                tr.last_loss_of = (0, len(idx))
-                tr.step_arrays(zb, yb, first=0)
-                losses.append(tr.last_loss if tr.closed_form else math.nan)
+                tr.last_loss_of = None
+                s_new = tr.step_arrays(zb, yb, first=len(idx))  # the new rows' scores before the step
+                losses.append(float(sample_losses(s_new, T[idx], lr.task)[0].mean()))
                 steps += 1
         for i in range(len(Zt)):
             lr.replay.add(Zt[i], T[i])

@@ -76,10 +76,16 @@ def test_an_old_format_checkpoint_is_a_state_error_not_a_key_error(world):
            "trainer": {"head": {}, "optimizer": {"state": {}, "param_groups": []}}}
     with pytest.raises(StateError, match="format 1"):
         lr.load_state_dict(old)
+    stream, _ = world
+    _feed(lr, *stream.sample(200, rng=np.random.default_rng(9), shifted=True))
     broken = lr.state_dict()
     del broken["pairs"]
+    fresh = _learner(world)
+    before = fresh.state_dict()
     with pytest.raises(StateError, match="inconsistent"):
-        _learner(world).load_state_dict(broken)
+        fresh.load_state_dict(broken)
+    after = fresh.state_dict()  # all or nothing: the failed load left the learner as it was
+    assert after["counters"] == before["counters"] and np.array_equal(after["replay"]["z"], before["replay"]["z"])
 
 
 def test_scaled_learner_round_trips_its_state_and_serves_raw_features(world):

@@ -10,7 +10,12 @@ from edge.adapt.heads import HEADS, HeadSnapshot, make_head
 from edge.adapt.labels import LabelMatcher, Match
 from edge.adapt.learner import Learner
 from edge.adapt.metrics import Prequential
+from edge.adapt.optim import OptimizerSpec
+from edge.adapt.promotion import PairedBlocks
+from edge.adapt.reference import Reference
 from edge.adapt.replay import ReplayBuffer
+from edge.adapt.scaler import OnlineScaler
 
 __all__ = ["ADWIN", "AdaptConfig", "ForecastTargets", "HEADS", "HeadSnapshot", "LabelMatcher", "Learner", "Match",
-           "PageHinkley", "Prequential", "ReplayBuffer", "make_head"]
+           "OnlineScaler", "OptimizerSpec", "PageHinkley", "PairedBlocks", "Prequential", "Reference", "ReplayBuffer",
+           "make_head"]

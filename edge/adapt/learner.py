@@ -35,11 +35,14 @@ import time
 
 import numpy as np
 
+from edge.adapt.batch import learn_many
 from edge.adapt.budget import TrainingBudget
 from edge.config import AdaptConfig
 from edge.adapt.drift import ADWIN, PageHinkley
 from edge.adapt.heads import HeadSnapshot, make_head
-from edge.adapt.metrics import Prequential, sample_losses
+from edge.adapt.metrics import FADE_FAST as _FADE
+from edge.adapt.metrics import FADE_SLOW as _SLOW
+from edge.adapt.metrics import Prequential
 from edge.adapt.optim import OptimizerSpec
 from edge.adapt.guard import LabelGuard
 from edge.adapt.promotion import PairedBlocks
@@ -50,8 +53,6 @@ from edge.adapt.trainer import HeadTrainer
 from edge.errors import ConfigError, StateError
 
 STATE_FORMAT = 2
-_FADE = 0.98  # the plasticity rule's faded errors: about the last 50 labels
-_SLOW = 0.998  # and the new labels' long-run error: about the last 500
 
 log = logging.getLogger("edge.adapt")
 
@@ -296,99 +297,9 @@ class Learner:
                 "drift": drift, "swap": swap, "champion_version": self.champion.version}
 
     def learn_many(self, Z, Y) -> dict:
-        """Test then train on a batch: every row is scored by every head before one step on
-        the batch plus its share of replayed rows (``batch - 1`` new rows per reservoir
-        share, as ``learn_one``). Rows that ``learn_one`` would reject are rejected and
-        counted; returns ``{"accepted", "served" [n, K], "drift", "swap"}``."""
-        Z = np.asarray(Z, np.float32).reshape(len(Z), -1) if len(Z) else np.zeros((0, self.feature_size), np.float32)
-        if Z.shape[1] != self.feature_size:
-            for _ in range(len(Z)):
-                self.reject("bad_shape")
-            return {"accepted": 0, "served": np.zeros((0, self.outputs)), "drift": None, "swap": None}
-        keep = np.isfinite(Z).all(1)
-        for _ in range(int((~keep).sum())):
-            self.reject("non_finite")
-        targets = []
-        rows = []
-        for i in np.flatnonzero(keep).tolist():
-            t, why = self._target(Y[i])
-            if why:
-                self.reject(why)
-            else:
-                targets.append(t)
-                rows.append(i)
-        if not rows:
-            return {"accepted": 0, "served": np.zeros((0, self.outputs)), "drift": None, "swap": None}
-        Z = Z[rows]
-        T = np.asarray(targets, np.int64) if self.task == "classification" else np.stack(targets).astype(np.float32)
-        m = len(Z)
-        cfg, preq, counters = self.cfg, self.preq, self.counters
-        champion, glob = self.champion, self._global
-        s_champ = champion.predict(Z)
-        l_champ, e_champ = sample_losses(s_champ, T, self.task)
-        preq["champion"].update_many(l_champ, e_champ)
-        if champion is glob:
-            l_glob, e_glob = l_champ, e_champ
-        else:
-            l_glob, e_glob = sample_losses(glob.predict(Z), T, self.task)
-        preq["global"].update_many(l_glob, e_glob)
-        l_ref, e_ref = sample_losses(self.reference.learn_many(T), T, self.task)
-        preq["reference"].update_many(l_ref, e_ref)
-        sv = self.pairs["serve"]
-        for a, b in zip(l_ref.tolist(), l_champ.tolist()):
-            if sv.add(a, b) if self.serve_reference else sv.add(b, a):
-                self._maybe_serve()
-        self._reference_snap = None
-        boosting = self.boost_left > 0
-        if boosting != self._boosting:
-            self._set_sources(boosting=boosting)
-        tr = self.trainer
-        tr.set_lr(self.lr * cfg.boost_lr if boosting else self.lr)
-        n_rec, n_rep = (n for _, n in self._sources)
-        scale = m / max(1, cfg.batch - n_rec - n_rep)
-        idx_rec = self.recent.sample_indices(int(round(n_rec * scale)))
-        idx_rep = self.replay.sample_indices(int(round(n_rep * scale)))
-        zb = np.concatenate([Z, self.recent.z[idx_rec], self.replay.z[idx_rep]])
-        if self.scaler is not None:
-            self.scaler.learn_many(Z)
-            self.scaler.transform_many(zb, out=zb)
-        yb = np.concatenate([T, self.recent.y[idx_rec], self.replay.y[idx_rep]])
-        tr.last_loss_of = (m + len(idx_rec), len(zb))
-        steps = cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
-        s_chal = tr.step_arrays(zb, yb, first=m)
-        for _ in range(steps - 1):
-            tr.step_arrays(zb, yb, first=0)
-        counters["train_steps"] += steps
-        if len(idx_rep):
-            self._fade("replay", tr.last_loss)
-        l_chal, e_chal = sample_losses(s_chal, T, self.task)
-        preq["challenger"].update_many(l_chal, e_chal)
-        nxt = self.pairs["serve_next"]
-        for a, b in zip(l_ref.tolist(), l_chal.tolist()):
-            nxt.add(a, b) if self.serve_reference else nxt.add(b, a)
-        pro, rol = self.pairs["promote"], self.pairs["rollback"]
-        for lc, lh, lg in zip(l_champ.tolist(), l_chal.tolist(), l_glob.tolist()):
-            pro.add(lc, lh)
-            if champion is not glob:
-                rol.add(lc, lg)
-        f = self.fade  # the batch's rows, faded in as row by row
-        w = _FADE ** np.arange(m - 1, -1, -1)
-        f["new"] = _FADE**m * f["new"] + float(w @ e_chal)
-        f["w_new"] = _FADE**m * f["w_new"] + float(w.sum())
-        ws = _SLOW ** np.arange(m - 1, -1, -1)
-        f["slow"] = _SLOW**m * f.get("slow", 0.0) + float(ws @ e_chal)
-        f["w_slow"] = _SLOW**m * f.get("w_slow", 0.0) + float(ws.sum())
-        self.replay.add_many(Z, T)
-        self.recent.add_many(Z, T)
-        self.since_swap += m
-        self.boost_left = max(0, self.boost_left - m)
-        f["since_trigger"] += m - 1
-        f["above"] = f["above"] + m - 1 if f["above"] else 0
-        watch = e_champ if cfg.drift_on == "error" else l_champ
-        drift = self._update_drift_many(float(watch.mean()), m) or self._loss_ratio_trigger()
-        counters["labels"] += m
-        swap = self._maybe_swap()
-        return {"accepted": m, "served": s_champ, "drift": drift, "swap": swap}
+        """Test then train on a batch (``edge.adapt.batch.learn_many``: every row scored by every
+        head, then one step on the batch plus its share of replayed rows)."""
+        return learn_many(self, Z, Y)
 
     def _maybe_serve(self) -> None:
         """Switch what ``best()`` serves when the other one's gain is statistically clear."""
@@ -605,9 +516,12 @@ class Learner:
                 raise StateError(f"checkpoint has {k} = {s.get(k)!r} but this learner has {v!r}; not restoring it")
         if (s.get("scaler") is None) != (self.scaler is None):
             raise StateError(f"checkpoint has scale = {s.get('scaler') is not None} but this learner has {self.scaler is not None}")
+        backup = self.state_dict() if self.closed_form else None
         try:
             self._load(s)
         except (KeyError, ValueError, TypeError) as e:
+            if backup is not None:  # all or nothing: a half-restored learner would serve a mix
+                self._load(backup)
             raise StateError(f"learner checkpoint is inconsistent ({type(e).__name__}: {str(e)[:200]}); not restoring it") from None
 
     def _load(self, s: dict) -> None:

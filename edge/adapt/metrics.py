@@ -13,6 +13,10 @@ import math
 import numpy as np
 
 EPS = 1e-7
+# the plasticity rule's faded errors (edge.adapt.learner, edge.adapt.batch): about the
+# last 50 labels, and the new labels' long-run level, about the last 500
+FADE_FAST = 0.98
+FADE_SLOW = 0.998
 
 
 class RollingMean:

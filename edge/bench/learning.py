@@ -192,6 +192,8 @@ def main(argv=None) -> int:
                 extra = res[2] if len(res) > 2 else None
                 best = min(best, dt)
             r[key] = {**_quality(ref_task, P, y), "rows_per_s": len(X) / best, "us_per_row": 1e6 * best / len(X)}
+            if key == "edge_learn_many32":  # the first batch is predicted before any label was seen
+                r[key]["after_first_batch"] = _quality(ref_task, P[32:], y[32:])
             if extra:
                 r[key].update(extra)
         r["reference"] = _quality(ref_task, run_reference(task, y, k), y)
