@@ -151,9 +151,10 @@ def test_measure_times_every_candidate_on_the_clock_and_serves_the_fastest(fakes
     clock = fakes({("onnxruntime", "int8", "u8s8"): 3.0, ("onnxruntime", "int8", "s8s8"): 1.0,
                    ("onnxruntime", "fp32", ""): 2.0, ("torch", "fp32", ""): 10.0})
 
-    d, chosen = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5)
+    served = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5)
+    d = served.decision
 
-    assert d.chosen == S8 and chosen[0].variant == "s8s8"
+    assert d.chosen == S8 and served.backend.variant == "s8s8"
     assert {t.candidate.label: t.p50_ms for t in d.trials} == pytest.approx(
         {"onnxruntime int8 (u8s8)": 3.0, "onnxruntime int8 (s8s8)": 1.0, "onnxruntime fp32": 2.0, "torch fp32": 10.0})
     assert "onnxruntime int8 (u8s8): not faster than fp32" in d.reason
@@ -163,7 +164,7 @@ def test_measure_refuses_int8_slower_than_fp32(fakes, tiny_eval, tmp_path):
     clock = fakes({("onnxruntime", "int8", "u8s8-rr"): 2.0, ("onnxruntime", "fp32", ""): 2.0,
                    ("torch", "fp32", ""): 9.0})
 
-    d, _ = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5)
+    d = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5).decision
 
     assert d.chosen == F32 and "not faster than fp32 (2 ms vs onnxruntime fp32 2 ms" in d.reason
 
@@ -172,7 +173,7 @@ def test_measure_refuses_int8_that_loses_accuracy_on_the_labelled_set(fakes, tin
     clock = fakes({("onnxruntime", "int8", "u8s8"): 1.0, ("onnxruntime", "fp32", ""): 2.0, ("torch", "fp32", ""): 9.0},
                   lossy={("int8", "u8s8")})
 
-    d, _ = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5)
+    d = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5).decision
 
     assert d.chosen == F32 and "onnxruntime int8 (u8s8): loses" in d.reason and "on nominal" in d.reason
 
@@ -181,7 +182,7 @@ def test_measure_skips_a_candidate_refused_at_its_gate(fakes, tiny_eval, tmp_pat
     clock = fakes({("onnxruntime", "int8", "u8s8"): 1.0, ("onnxruntime", "fp32", ""): 2.0, ("torch", "fp32", ""): 9.0},
                   refused={"int8"})
 
-    d, _ = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5)
+    d = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5).decision
 
     assert d.chosen == F32 and "artifact refused: fake" in d.reason
 
@@ -190,7 +191,7 @@ def test_tensorrt_is_a_candidate_where_available_and_wins_when_fastest(fakes, ti
     clock = fakes({("tensorrt", "fp16", ""): 0.5, ("tensorrt", "fp32", ""): 0.8, ("onnxruntime", "fp32", ""): 2.0,
                    ("torch", "fp32", ""): 9.0})
 
-    d, _ = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5)
+    d = measure(tiny_eval, cache=ArtifactCache(tmp_path), policy="auto", clock=clock, rounds=5).decision
 
     assert d.chosen == Candidate("tensorrt", "fp16") and "1.60x tensorrt fp32" in d.reason
 

@@ -39,8 +39,9 @@ def load_backbone(model, *, backend: str = "auto", precision: str | None = None,
     if backend == "auto":
         from edge.serve.select import serve_auto
 
-        b, result, decision, how = serve_auto(model, cache=cache, policy=policy, calibration=calibration,
-                                              threads=threads, progress=Progress() if progress else None)
+        served = serve_auto(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
+                            progress=Progress() if progress else None)
+        b, result, decision, how = served.backend, served.result, served.decision, served.how
         gate = result.parity.summary() if result.parity else "fp32 reference, no gate"
         reason = f"{decision.reason} ({how}); serving {b.key} {b.precision}{' (' + b.variant + ')' if b.variant else ''} " \
                  f"({b.provider}); cache {result.cache}; parity ok: {gate}"

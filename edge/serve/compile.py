@@ -182,11 +182,10 @@ def compile_model(model, *, backend: str = "auto", precision: str | None = None,
     if backend == "auto":
         from edge.serve.select import serve_auto
 
-        _, result, decision, _ = serve_auto(model, cache=cache, policy=policy, calibration=calibration,
-                                            threads=threads, remeasure=True, force=force,
-                                            progress=Progress() if progress else None)
-        result.decision = decision
-        return result
+        served = serve_auto(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
+                            remeasure=True, force=force, progress=Progress() if progress else None)
+        served.result.decision = served.decision
+        return served.result
     precision = resolve_precision(backend, policy)
     _, result = obtain(model, backend, precision, cache=cache, calibration=calibration,
                        threads=threads, progress=Progress() if progress else None, force=force)

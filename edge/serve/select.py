@@ -15,7 +15,9 @@ import json
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +34,17 @@ from edge.serve.evaluation import accuracy, eval_sets
 log = logging.getLogger("edge.serve")
 
 ROUNDS = 40  # rounds of 10 calls per candidate
+
+
+@dataclass(frozen=True)
+class Served:
+    """The outcome of the measured choice: the decision and, unless nothing passed, the
+    loaded backend with its ``CompileResult``; ``how`` says whether it was recorded or measured now."""
+
+    decision: Decision
+    backend: Any = None
+    result: Any = None
+    how: str = ""
 
 
 def platform_key(avail: dict[str, tuple[bool, str]], policy: str) -> dict:
@@ -74,7 +87,7 @@ def timing_windows(model) -> np.ndarray:
 
 def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threads: int = 1,
             clock=time.perf_counter, rounds: int = ROUNDS, force: bool = False, progress=None):
-    """(decision, (backend, CompileResult) of the chosen candidate or None)."""
+    """``Served``: the decision, and the chosen candidate's backend and result (None if none passed)."""
     avail = availability()
     variants = {}
     for key, (ok, _) in avail.items():
@@ -109,14 +122,14 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
     d = decide(trials, policy=policy, max_accuracy_loss=tol)
     prefix = [f"auto on {cpu_features().summary()}, policy {policy}"] + [f"{s}" for s in skipped] + [eval_where]
     d = Decision(d.chosen, "; ".join(prefix + [d.reason]), d.policy, d.trials)
-    chosen = loaded.get(d.chosen) if d.chosen is not None else None
+    b, result = loaded.get(d.chosen, (None, None)) if d.chosen is not None else (None, None)
     loaded.clear()  # the others' sessions go now, not at the next collection
-    return d, chosen
+    return Served(d, b, result, "measured now")
 
 
 def serve_auto(model, *, cache: ArtifactCache, policy: str, calibration=None, threads: int = 1,
                remeasure: bool = False, force: bool = False, progress=None):
-    """(backend, CompileResult, decision, how): the recorded choice if there is one, else measured now."""
+    """``Served``: the recorded choice if there is one, else measured now (and recorded)."""
     key = platform_key(availability(), policy)
     path = record_path(cache, model, key)
     rec = None if (remeasure or force) else read_record(path)
@@ -125,16 +138,16 @@ def serve_auto(model, *, cache: ArtifactCache, policy: str, calibration=None, th
         try:
             b, result = obtain(model, c.backend, c.precision, variant=c.variant, cache=cache, calibration=calibration,
                                threads=threads, progress=progress)
-            return b, result, rec, f"recorded choice {path.name}"
+            return Served(rec, b, result, f"recorded choice {path.name}")
         except EdgeError as e:
             log.warning("the recorded choice %s cannot be served (%s); measuring again", c.label, e)
-    decision, chosen = measure(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
-                               force=force, progress=progress)
-    write_record(path, decision, key)
-    log.info("serving choice: %s (recorded in %s)", decision.reason, path)
-    if chosen is None:
-        raise EdgeError(f"no backbone could be served: {decision.reason}")
-    return chosen[0], chosen[1], decision, f"measured now, recorded in {path.name}"
+    served = measure(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
+                     force=force, progress=progress)
+    write_record(path, served.decision, key)
+    log.info("serving choice: %s (recorded in %s)", served.decision.reason, path)
+    if served.backend is None:
+        raise EdgeError(f"no backbone could be served: {served.decision.reason}")
+    return Served(served.decision, served.backend, served.result, f"measured now, recorded in {path.name}")
 
 
 def records(cache: ArtifactCache) -> list[dict]:
@@ -150,4 +163,4 @@ def records(cache: ArtifactCache) -> list[dict]:
     return out
 
 
-__all__ = ["measure", "serve_auto", "records", "Candidate"]
+__all__ = ["measure", "serve_auto", "records", "Served", "Candidate"]
