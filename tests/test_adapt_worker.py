@@ -279,3 +279,18 @@ def test_other_head_options_set_the_checkpoint_aside_instead_of_failing_the_star
     w2 = worker(8)  # the same identity (model and head kind), but the state's shapes differ: torch raises
     assert w2.counters["checkpoint_mismatches"] == 1 and w2.metrics()["learner_labels_total"] == 0
     assert list((tmp_path / "adapt").glob("stale-vibration-*/WHY.txt"))
+
+
+def test_a_rejected_label_is_logged_with_its_reason(tmp_path, caplog):
+    w = _worker(tmp_path)
+    w.start()
+    try:
+        with caplog.at_level("WARNING", logger="edge.adapt"):
+            w.offer_window(KEY, 10.0, 10.255, np.zeros(64, np.float32), np.full(4, 0.25))
+            w.offer_label(KEY, 10.1, "gearbox" * 50)  # no such class; a long value is cut
+            assert wait_until(lambda: w.matcher.rejected.get("unknown_class") == 1, 10)
+            assert wait_until(lambda: "rejected (unknown_class)" in caplog.text, 10)
+        line = next(r.getMessage() for r in caplog.records if "unknown_class" in r.getMessage())
+        assert len(line) < 250
+    finally:
+        w.stop()

@@ -48,7 +48,7 @@ from edge.adapt.forecast import ForecastTargets
 from edge.adapt.heads import HeadSnapshot
 from edge.adapt.labels import LabelMatcher
 from edge.adapt.learner import Learner
-from edge.errors import StateError
+from edge.errors import StateError, brief
 from edge.lanes import Lane
 from edge.observe import RateLimitedLog
 from edge.state import CheckpointStore
@@ -322,7 +322,12 @@ class AdaptWorker:
             if self.forecast is not None:
                 self.forecast.add_window(item.key, t_end=item.t1, z=item.z, served=item.scores)
         elif isinstance(item, LabelItem):
+            before = dict(self.matcher.rejected)
             matches = self.matcher.match(item.key, item.t, item.value)
+            if self.matcher.rejected != before:  # every rejected label is logged (rate-limited per reason)
+                why = next(r for r, n in self.matcher.rejected.items() if n != before.get(r, 0))
+                self._errlog.warn(f"label:{why}", "label %s for %s at t=%.3f rejected (%s)", brief(item.value, 40),
+                                  brief(str(item.key), 80), item.t, why)
         else:
             if self.forecast is None:
                 return
@@ -337,6 +342,8 @@ class AdaptWorker:
         r = self.learner.learn_one(z, target)
         if r.get("accepted"):
             self.counters["learned"] += 1
+        else:
+            self._errlog.warn(f"learn:{r.get('reason')}", "labelled window rejected by the learner (%s)", r.get("reason"))
 
     def _on_event(self, event: dict) -> None:
         fields = {k: v for k, v in event.items() if k != "type"}
