@@ -42,13 +42,18 @@ def accuracy(preds, truth):
     return float(np.mean(ok)), len(ok)
 
 
-def test_drifted_device_recovers_accuracy_from_labels(broker, tmp_path):
+def _adapting_daemon(broker, tmp_path):
+    """A daemon that learns (node "ad") and a client listening to its predictions and events."""
     cfg = parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
                         "mqtt": {"host": broker.host, "port": broker.port},
                         "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}})
     d = Daemon(cfg)
     d.start(connect_timeout=10)
-    c = Client(broker, "edge/ad/predictions/#", "edge/ad/events")
+    return d, Client(broker, "edge/ad/predictions/#", "edge/ad/events")
+
+
+def test_drifted_device_recovers_accuracy_from_labels(broker, tmp_path):
+    d, c = _adapting_daemon(broker, tmp_path)
     try:
         truth: dict[float, str] = {}
         t0 = time.time() - 600
@@ -129,12 +134,7 @@ def test_kill_9_during_training_then_restart_resumes(broker, tmp_path):
 
 def test_a_poisoning_label_stream_is_held_and_predictions_stay_right(broker, tmp_path):
     """Wrong labels from any client: the challenger learns them, but is held (label_anomaly), not served."""
-    cfg = parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
-                        "mqtt": {"host": broker.host, "port": broker.port},
-                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}})
-    d = Daemon(cfg)
-    d.start(connect_timeout=10)
-    c = Client(broker, "edge/ad/predictions/#", "edge/ad/events")
+    d, c = _adapting_daemon(broker, tmp_path)
     try:
         m = Machine(seed=21, fault="normal", t0=time.time() - 600)
         n = 400

@@ -97,7 +97,7 @@ def test_a_full_sensor_lane_drops_the_oldest_by_bytes_and_counts_it():
 def test_labels_are_never_shed_by_sensor_overload():
     p, _, _, labels = make(sensor_bytes=1 << 16)
     for i in range(200):
-        p.offer_batch([(f"s/d/x", b'{"t": %d.0, "v": [1]}' % i)] * 50, float(i))
+        p.offer_batch([("s/d/x", b'{"t": %d.0, "v": [1]}' % i)] * 50, float(i))
         if i % 20 == 0:
             p.offer_message("edge/n/labels/d/x", b'{"t": %d.0, "label": "a"}' % i, float(i))
     assert p.inbox.sensor.counters["dropped"] > 0 and p.inbox.labels.counters["dropped"] == 0

@@ -1,8 +1,6 @@
 """edge.sim: determinism, shapes, stream continuity, fault signatures, documented shifts."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 

@@ -18,7 +18,6 @@ own, with ``NOTIFY_SOCKET`` pointing at a datagram socket of ours as systemd wou
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 import orjson
 import paho.mqtt.client as mqtt
 
-from edge.bench.machine import cpu_info
+from edge.bench.machine import cpu_info, write_result
 from edge.bench.pipeline import _cpu_seconds, _rss_mb, _samples
 from edge.broker import BrokerProcess, free_port, wait_for_port
 
@@ -177,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             proc.terminate()
             out["exit_code"] = proc.wait(20)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(out, indent=2))
-    print(f"written to {a.out}")
+    write_result(out, a.out)
     return 0
 
 

@@ -23,3 +23,13 @@ def cpu_info() -> dict:
         pass
     return {"model": model or platform.processor() or platform.machine(), "machine": platform.machine(),
             "cores": os.cpu_count(), "features": [f for f in FEATURES if f in flags]}
+
+
+def write_result(result: dict, path: str | Path) -> None:
+    """Write a benchmark's JSON (making its folder) and say where."""
+    import json
+
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(result, indent=2))
+    print(f"written to {p}")

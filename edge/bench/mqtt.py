@@ -33,7 +33,6 @@ import sys
 import threading
 import time
 from collections import deque
-from pathlib import Path
 
 STREAMS = 20
 
@@ -185,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--idle-s", type=float, default=5.0, help="a receiver ends after this long without a message")
     ap.add_argument("--out", default="bench/out/mqtt.json")
     a = ap.parse_args(argv)
-    from edge.bench.machine import cpu_info
+    from edge.bench.machine import cpu_info, write_result
     from edge.broker import BrokerProcess
 
     _pin(1)()
@@ -219,9 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[qos {qos}] raw / paho, messages per CPU-second of the receiving thread: "
                   f"{summary['ratio_raw_over_paho_messages_per_cpu_s']}x", flush=True)
     results["bench_wall_s"] = round(time.perf_counter() - T0, 1)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(results, indent=2))
-    print(f"written to {a.out}")
+    write_result(results, a.out)
     return 0
 
 
