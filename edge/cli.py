@@ -58,7 +58,7 @@ def _bench(what: str, argv: list[str]) -> int:
     import importlib
 
     modname = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
-               "serial": "edge.bench.serial"}[what]
+               "serial": "edge.bench.serial", "fleet": "edge.bench.fleet"}[what]
     return int(importlib.import_module(modname).main(argv) or 0)
 
 
@@ -111,13 +111,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compile)
 
-    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial"])
+    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, fleet (see BENCHMARKS.md)")
+    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial", "fleet"])
     b.set_defaults(func=None)
 
     s = sub.add_parser("status", help="backend availability and the running daemon's status")
     s.add_argument("--config", "-c")
     s.set_defaults(func=_cmd_status)
+
+    # fleet sync (issue 9): `edge keys ...`, `edge fleet-server ...`
+    from edge.fleet.cli import add_parsers as _fleet_parsers
+
+    _fleet_parsers(sub)
     return ap
 
 

@@ -29,7 +29,7 @@ ROLES = ("device", "server")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*$")
 
 
-class KeyError_(EdgeError):
+class KeyFileError(EdgeError):
     """A key file is missing, unreadable or not an Ed25519 key."""
 
     exit_code = 9
@@ -81,7 +81,7 @@ def create_key(keys_dir: str | Path, name: str, *, role: str = "device") -> KeyI
     d = _folder(keys_dir)
     priv, pub = d / f"{name}.{role}.key", d / f"{name}.{role}.pub"
     if priv.exists() or pub.exists():
-        raise KeyError_(f"a {role} key named {name!r} already exists in {d}; not overwriting it")
+        raise KeyFileError(f"a {role} key named {name!r} already exists in {d}; not overwriting it")
     key = generate_key()
     _write_0600(priv, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                         serialization.NoEncryption()))
@@ -123,9 +123,9 @@ def load_private(path: str | Path) -> Ed25519PrivateKey:
     try:
         key = serialization.load_pem_private_key(p.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as e:
-        raise KeyError_(f"cannot read the private key {p}: {e}") from None
+        raise KeyFileError(f"cannot read the private key {p}: {e}") from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise KeyError_(f"{p} is not an Ed25519 private key")
+        raise KeyFileError(f"{p} is not an Ed25519 private key")
     return key
 
 
@@ -134,9 +134,9 @@ def load_public(path: str | Path) -> Ed25519PublicKey:
     try:
         key = serialization.load_pem_public_key(p.read_bytes())
     except (OSError, ValueError, TypeError) as e:
-        raise KeyError_(f"cannot read the public key {p}: {e}") from None
+        raise KeyFileError(f"cannot read the public key {p}: {e}") from None
     if not isinstance(key, Ed25519PublicKey):
-        raise KeyError_(f"{p} is not an Ed25519 public key")
+        raise KeyFileError(f"{p} is not an Ed25519 public key")
     return key
 
 
@@ -149,6 +149,6 @@ def load_trusted(devices_dir: str | Path) -> dict[str, Ed25519PublicKey]:
     for p in sorted(d.glob("*.pub")) if d.is_dir() else ():
         try:
             out[p.name[:-4]] = load_public(p)
-        except KeyError_ as e:
+        except KeyFileError as e:
             logging.getLogger("edge.fleet").warning("skipping device key: %s", e)
     return out
