@@ -62,6 +62,7 @@ class Daemon:
         self.ingest: FastSubscriber | None = None
         self.pipeline: Pipeline | None = None
         self.adapt = None
+        self.sync = None  # fleet sync (issue 9)
         self.serial: list[Any] = []
         self.metrics_server: MetricsServer | None = None
         self.backend_reason = ""
@@ -106,6 +107,10 @@ class Daemon:
             from edge.adapt.worker import AdaptWorker
 
             self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event)
+            if cfg.fleet.enabled:  # fleet sync (issue 9): its own thread and MQTT connection
+                from edge.fleet.device import DeviceSync
+
+                self.sync = DeviceSync(cfg=cfg, worker=self.adapt, model=self.model, on_event=self.event)
         self.pipeline = Pipeline(
             sources=sources, label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
@@ -140,6 +145,8 @@ class Daemon:
         self.pipeline.start()
         if self.adapt is not None:
             self.adapt.start()
+        if self.sync is not None:
+            self.sync.start()
         self.link.start()
         if self.ingest is not None:
             self.ingest.start()
@@ -171,6 +178,8 @@ class Daemon:
             s.stop()
         if self.pipeline:
             self.pipeline.stop()
+        if self.sync is not None:
+            self.sync.stop()
         if self.adapt is not None:
             self.adapt.stop()  # checkpoints
         if self.link:
@@ -254,6 +263,8 @@ class Daemon:
             st["mqtt_ingest"] = dict(self.ingest.counters)
         if self.adapt is not None:
             st["adapt"] = self.adapt.metrics()
+        if self.sync is not None:
+            st["fleet"] = self.sync.metrics()
         for s in self.serial:
             st.setdefault("serial", {})[s.name] = s.stats()
         return st
@@ -284,6 +295,9 @@ class Daemon:
         if self.adapt is not None:
             reg.add("edge_adapt", "gauge", "learner counters and prequential metrics (rejections by reason)",
                     lambda: _flatten(self.adapt.metrics()))
+        if self.sync is not None:
+            reg.add("edge_fleet_sync", "gauge", "fleet sync counters (refused global heads by reason)",
+                    lambda: _flatten(self.sync.metrics()))
         return reg
 
 

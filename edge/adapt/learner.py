@@ -103,6 +103,20 @@ class Learner:
             self.champion = self._global
         self._emit("global", version=self.global_version)
 
+    def rebase(self, global_arrays: dict, version: str) -> None:
+        """Fleet sync (edge.fleet.client): adopt a global head given by all its arrays (an
+        ``mlp`` head's too) as the rollback target and the reference champion and
+        challenger are measured against. The caller has already set the head itself (new
+        global plus the residual not yet sent); otherwise as ``set_global``."""
+        was_global = self.champion is self._global
+        self.global_version = str(version)
+        self._global = HeadSnapshot.from_arrays(global_arrays, kind=self.head.kind, task=self.task, version=self.global_version)
+        self.preq["global"] = Prequential(self.task, window=self.cfg.eval_window)
+        self.since_swap = 0
+        if was_global:
+            self.champion = self._global
+        self._emit("global", version=self.global_version)
+
     # -- learning ---------------------------------------------------------------------------
 
     def _target(self, y):

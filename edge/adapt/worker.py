@@ -26,7 +26,7 @@ from edge.state import CheckpointStore
 
 log = logging.getLogger("edge.adapt")
 
-_WINDOW, _LABEL, _SAMPLES = 0, 1, 2
+_WINDOW, _LABEL, _SAMPLES, _CALL = 0, 1, 2, 3
 
 
 class AdaptWorker:
@@ -62,6 +62,8 @@ class AdaptWorker:
         self._stop = threading.Event()
         self._last_ckpt = time.monotonic()
         self.thread = threading.Thread(target=self._run, name="learner", daemon=True)
+        self.extras: dict = {}  # name -> object with state_dict/load_state_dict, checkpointed with the learner (fleet sync)
+        self._restored: dict = {}
         self._restore()
 
     @property
@@ -97,6 +99,7 @@ class AdaptWorker:
             return
         try:
             self.learner.load_state_dict(state)
+            self._restored = state
             log.info("restored the learner from %s (serving head %s)", self.store.loaded_path, self.champion.version)
         except StateError as e:
             log.warning("checkpoint %s does not fit this model (%s); starting from the shipped head", self.store.loaded_path, e)
@@ -109,9 +112,20 @@ class AdaptWorker:
         self.thread.join(10)
         self.checkpoint()
 
+    def attach_state(self, name: str, obj) -> None:
+        """Checkpoint ``obj.state_dict()`` under ``name`` with the learner's, atomically in one
+        file, and hand it back what the restored checkpoint held for it (fleet sync)."""
+        self.extras[name] = obj
+        if name in self._restored:
+            obj.load_state_dict(self._restored[name])
+
+    def offer_call(self, fn: Callable[["AdaptWorker"], None]) -> None:
+        """Run ``fn(self)`` on the learner thread, in order with labels (fleet sync's delta and rebase)."""
+        self._offer((_CALL, fn))
+
     def checkpoint(self) -> None:
         try:
-            self.store.save(self.learner.state_dict())
+            self.store.save({**self.learner.state_dict(), **{k: o.state_dict() for k, o in self.extras.items()}})
             self.counters["checkpoints"] += 1
         except (OSError, StateError) as e:
             self.counters["checkpoint_errors"] += 1
@@ -136,6 +150,9 @@ class AdaptWorker:
             matches = self.matcher.add_window(key, t0, t1, z, scores)
             if self.forecast is not None:
                 self.forecast.add_window(key, t_end=t1, z=z, served=scores)
+        elif kind == _CALL:
+            item[1](self)
+            return
         elif kind == _LABEL:
             _, key, t, value = item
             matches = self.matcher.match(key, t, value)
