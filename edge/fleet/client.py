@@ -175,6 +175,8 @@ class SyncClient:
     # ---- global heads (paho's thread, then the learner thread) ------------------------------
     def on_global(self, payload: bytes) -> None:
         """A message on the global topic: check it here, apply it on the learner thread."""
+        if not payload:
+            return  # a cleared retained topic: no global head, nothing to refuse
         v = check_global(payload, expected=self.expected, server_keys=self.server_keys, current_version=self.base_version)
         if not v.ok:
             if v.reason == "not_newer":
