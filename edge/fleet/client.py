@@ -116,7 +116,7 @@ class SyncClient:
                     self._now.clear()
                     next_at = time.monotonic() + self.interval_s
                     if self.outbox is None:
-                        self.worker.offer_call(self._prepare)
+                        self.worker.offer_call(self.prepare_delta)
             except Exception as e:  # one failed round must not end syncing
                 self.counters["errors"] += 1
                 self._rl.warn("sync", "fleet sync round failed: %s", str(e)[:200])
@@ -145,7 +145,8 @@ class SyncClient:
             self.counters["publish_failed"] += 1
 
     # ---- on the learner thread --------------------------------------------------------------
-    def _prepare(self, worker) -> None:
+    def prepare_delta(self, worker) -> None:
+        """On the learner thread: encode, sign and checkpoint the next delta into the outbox."""
         try:
             learner = worker.learner
             labels = learner.counters["labels"]
@@ -186,9 +187,10 @@ class SyncClient:
             self._rl.warn("refused", "refused a global head (%s): %s", v.reason, v.detail)
             self._emit("sync_refused", reason=v.reason, detail=v.detail)
             return
-        self.worker.offer_call(lambda w, m=v.message: self._rebase(w, m))
+        self.worker.offer_call(lambda w, m=v.message: self.apply_global(w, m))
 
-    def _rebase(self, worker, msg) -> None:
+    def apply_global(self, worker, msg) -> None:
+        """On the learner thread: rebase on a verified global head (``on_global`` checked it)."""
         try:
             from edge.fleet.heads import set_head_arrays
 

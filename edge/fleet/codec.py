@@ -185,11 +185,11 @@ class EncodedTensor:
     decoded: np.ndarray
 
 
-def encode_tensor(a: np.ndarray, encoding: str, *, fraction: float = 0.01) -> EncodedTensor:
+def encode_tensor(a: np.ndarray, encoding: str, *, fraction: float = 0.01, k: int | None = None) -> EncodedTensor:
     """The tensor encoded, with exactly what a receiver decodes from it.
 
-    ``topk8`` keeps the ``ceil(fraction * size)`` entries of largest magnitude, as
-    8-bit values on one symmetric scale, indices as LEB128 gaps.
+    ``topk8`` keeps the ``k`` (default ``ceil(fraction * size)``, at least 1) entries of
+    largest magnitude, as 8-bit values on one symmetric scale, indices as LEB128 gaps.
 
     >>> t = encode_tensor(np.array([3.0, 0.1, -1.0], np.float32), "topk8", fraction=0.6)
     >>> [round(x, 2) for x in t.decoded.tolist()]  # -1.0 comes back on the 8-bit grid of 3.0 / 127
@@ -205,7 +205,9 @@ def encode_tensor(a: np.ndarray, encoding: str, *, fraction: float = 0.01) -> En
         return EncodedTensor("fp16", h.tobytes(), shape, h.astype(np.float32).reshape(shape))
     if encoding != "topk8":
         raise ValueError(f"unknown encoding {encoding!r}; use one of {', '.join(ENCODINGS)}")
-    k = min(flat.size, max(1, math.ceil(fraction * flat.size))) if flat.size else 0
+    if k is None:
+        k = max(1, math.ceil(fraction * flat.size))
+    k = min(flat.size, max(0, int(k)))
     idx = np.sort(np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]) if k else np.zeros(0, np.int64)
     v = flat[idx]
     amax = float(np.abs(v).max()) if k else 0.0
