@@ -139,11 +139,24 @@ class FleetServer:
         self.connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:
+        # The broker sends at most its in-flight window (mosquitto: max_inflight_messages)
+        # of unacknowledged QoS 1 deliveries, so the queue stays short; what overflows it
+        # (a QoS 0 flood) is dropped, counted, and acknowledged so the stream never stalls.
         q = self.queue
+        if len(msg.payload) > self.cfg.mqtt.max_payload_bytes:
+            self.counters["too_large"] += 1
+            self._ack(msg.mid, msg.qos)
+            return
         if len(q) == q.maxlen:
-            self.counters["dropped"] += 1  # never acknowledged: the broker delivers it again
+            _, _, mid, qos = q.popleft()
+            self.counters["dropped"] += 1
+            self._ack(mid, qos)
         q.append((msg.topic, msg.payload, msg.mid, msg.qos))
         self._wake.set()
+
+    def _ack(self, mid: int, qos: int) -> None:
+        if qos:
+            self.client.ack(mid, qos)
 
     # ---- the aggregator thread --------------------------------------------------------------
     def _run(self) -> None:
@@ -172,8 +185,7 @@ class FleetServer:
             self.agg.ingest([(t, p) for t, p, _, _ in batch])
             self.counters["received"] += len(batch)
             for _, _, mid, qos in batch:
-                if qos:
-                    self.client.ack(mid, qos)
+                self._ack(mid, qos)  # only now: the batch is in the store
             if self.agg.maybe_commit() is not None:
                 self._publish_latest()
 
