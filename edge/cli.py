@@ -34,6 +34,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.fleet:  # fleet sync (issue 9)
+        from edge.demo.fleet import run_fleet_demo
+
+        return run_fleet_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), devices=args.devices + 1,
+                              live=not args.no_live)
     from edge.demo import run_demo
 
     return run_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), live=not args.no_live,
@@ -98,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drift-at", type=float, default=None, help="seconds until drift hits one device (default: a third of the run)")
     d.add_argument("--no-live", action="store_true", help="no live terminal view (log lines instead)")
     d.add_argument("--no-serial", action="store_true", help="no simulated serial device")
+    d.add_argument("--fleet", action="store_true", help="fleet sync: a server, devices with their own shifts, one joining late")
     d.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser("compile", help="compile a model's backbone for a backend into the cache")
