@@ -85,23 +85,36 @@ class PostgresStore:
         return self._one("SELECT 1 FROM deltas WHERE node = %s AND seq = %s", (node, seq)) is not None
 
     def add_deltas(self, records: list[DeltaRecord]) -> list[bool]:
-        out = []
+        # one pipelined executemany per statement: a batch costs a few round trips, not two per delta
+        if not records:
+            return []
         now = time.time()
         with self._lock, self._db.transaction():
-            db = self._db
+            cur = self._db.cursor()
+            cur.executemany("INSERT INTO deltas (node, seq, received, base_version, samples, norm, digest, message) "
+                            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node, seq) DO NOTHING RETURNING node, seq",
+                            [(r.node, r.seq, r.received or now, r.base_version, r.samples, r.norm, r.digest, r.message)
+                             for r in records], returning=True)
+            inserted = set()
+            while True:
+                inserted.update((row[0], row[1]) for row in cur.fetchall())
+                if not cur.nextset():
+                    break
+            out, per_node = [], {}
             for r in records:
-                cur = db.execute("INSERT INTO deltas (node, seq, received, base_version, samples, norm, digest, message) "
-                                 "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node, seq) DO NOTHING",
-                                 (r.node, r.seq, r.received or now, r.base_version, r.samples, r.norm, r.digest, r.message))
-                ok = cur.rowcount == 1
+                ok = (r.node, r.seq) in inserted
+                inserted.discard((r.node, r.seq))  # a second copy in the same batch is a replay
                 out.append(ok)
-                db.execute("INSERT INTO devices (node, last_seen, accepted, rejected) VALUES (%s, %s, %s, %s) "
-                           "ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen, "
-                           "accepted = devices.accepted + excluded.accepted, rejected = devices.rejected + excluded.rejected",
-                           (r.node, now, int(ok), int(not ok)))
-                if not ok:
-                    db.execute("INSERT INTO rejections VALUES (%s, 'replayed_seq', 1) "
-                               "ON CONFLICT (node, reason) DO UPDATE SET n = rejections.n + 1", (r.node,))
+                acc, rej = per_node.get(r.node, (0, 0))
+                per_node[r.node] = (acc + ok, rej + (not ok))
+            cur.executemany("INSERT INTO devices (node, last_seen, accepted, rejected) VALUES (%s, %s, %s, %s) "
+                            "ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen, "
+                            "accepted = devices.accepted + excluded.accepted, rejected = devices.rejected + excluded.rejected",
+                            [(n, now, a, j) for n, (a, j) in per_node.items()])
+            dup = [(n,) for n, (a, j) in per_node.items() for _ in range(j)]
+            if dup:
+                cur.executemany("INSERT INTO rejections VALUES (%s, 'replayed_seq', 1) "
+                                "ON CONFLICT (node, reason) DO UPDATE SET n = rejections.n + 1", dup)
         return out
 
     def count_rejections(self, items: list[tuple[str, str]]) -> None:
