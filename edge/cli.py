@@ -37,7 +37,7 @@ def _cmd_demo(args) -> int:
     if args.fleet:  # fleet sync (issue 9)
         from edge.demo.fleet import run_fleet_demo
 
-        return run_fleet_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), devices=args.devices + 1,
+        return run_fleet_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), devices=args.devices,
                               live=not args.no_live)
     from edge.demo import run_demo
 
