@@ -28,10 +28,9 @@ True
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import struct
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,7 +40,7 @@ MAGIC = b"EDFL"
 FORMAT_VERSION = 1
 KINDS = {"delta": 1, "global": 2}
 ENCODINGS = {"fp32": 0, "fp16": 1, "topk8": 2}
-MAX_HEADER = 8192
+MAX_HEADER = 4096
 MAX_TENSORS = 64
 MAX_NAME = 64
 MAX_NDIM = 4
@@ -54,6 +53,37 @@ _TENSOR = struct.Struct("<BI")  # encoding, body length
 _TOPK = struct.Struct("<If")  # k, scale
 _NAMES = {v: k for k, v in ENCODINGS.items()}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
+
+
+class _Reader:
+    """Reads a byte string front to back; running out raises ``DecodeError(short)``."""
+
+    def __init__(self, data: bytes, *, short: str = "truncated"):
+        self.data, self.pos, self.short = data, 0, short
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise DecodeError(self.short, f"ends at byte {len(self.data)}, needed {self.pos + n}")
+        out = self.data[self.pos: self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct):
+        return st.unpack(self.take(st.size))
+
+    def uvarint(self) -> int:
+        v = 0
+        for i in range(9):  # 9 x 7 bits hold every value below 2**63
+            (b,) = self.unpack(_B)
+            v |= (b & 0x7F) << (7 * i)
+            if b < 0x80:
+                if v >= 1 << 63:
+                    break
+                return v
+        raise DecodeError(self.short, "a header integer is too long")
+
+
+_B, _H, _F = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<f")
 
 
 @dataclass(frozen=True)
@@ -73,33 +103,78 @@ class Header:
     encoding: str = "fp32"
     metrics: dict = field(default_factory=dict)
 
-    _STR = ("kind", "fleet", "model", "model_hash", "head_kind", "node", "encoding")
+    _STR = ("fleet", "model", "model_hash", "head_kind", "node")
     _INT = ("seq", "base_version", "version", "samples")
 
-    def to_json(self) -> bytes:
-        d = asdict(self)
-        d["metrics"] = {str(k): (float(v) if isinstance(v, (int, float)) and math.isfinite(v) else None)
-                        for k, v in self.metrics.items()}
-        return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    def to_bytes(self) -> bytes:
+        """The binary header (FORMAT.md "Header"); ``kind`` travels in the container's kind byte.
+
+        >>> len(Header(kind="delta", fleet="f", model="m", model_hash="h", head_kind="linear", node="n").to_bytes())
+        21
+        """
+        out = bytearray()
+        for k in self._STR:
+            b = getattr(self, k).encode("utf-8")
+            if len(b) > 255:
+                raise ValueError(f"header field {k} is longer than 255 bytes")
+            out += bytes([len(b)]) + b
+        out.append(ENCODINGS[self.encoding])
+        for k in self._INT:
+            v = int(getattr(self, k))
+            if not 0 <= v < 1 << 63:
+                raise ValueError(f"header field {k} = {v} is out of range")
+            out += _uvarint(v)
+        if len(self.metrics) > 32:
+            raise ValueError("at most 32 metrics")
+        out.append(len(self.metrics))
+        for name, v in sorted(self.metrics.items()):
+            b = str(name).encode("utf-8")[:255]
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            out += bytes([len(b)]) + b + struct.pack("<f", float(v) if ok else math.nan)
+        return bytes(out)
 
     @classmethod
-    def from_json(cls, raw: bytes) -> "Header":
+    def from_bytes(cls, raw: bytes, kind: str) -> "Header":
+        """Parse ``to_bytes``; anything else raises ``DecodeError("bad_header")``."""
+        r = _Reader(raw, short="bad_header")
+        d: dict = {"kind": kind}
         try:
-            d = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError):
-            raise DecodeError("bad_header", "header is not UTF-8 JSON") from None
-        if not isinstance(d, dict) or set(d) != {f for f in cls.__dataclass_fields__}:
-            raise DecodeError("bad_header", "header fields are not the expected set")
-        for k in cls._STR:
-            if not isinstance(d[k], str) or len(d[k]) > 256:
-                raise DecodeError("bad_header", f"header field {k} is not a short string")
-        for k in cls._INT:
-            if isinstance(d[k], bool) or not isinstance(d[k], int) or not 0 <= d[k] < 1 << 63:
-                raise DecodeError("bad_header", f"header field {k} is not a non-negative integer")
-        m = d["metrics"]
-        if not isinstance(m, dict) or len(m) > 32 or not all(v is None or isinstance(v, (int, float)) for v in m.values()):
-            raise DecodeError("bad_header", "header metrics are not a small table of numbers")
+            for k in cls._STR:
+                d[k] = r.take(r.unpack(_B)[0]).decode("utf-8")
+            enc = r.unpack(_B)[0]
+            if enc not in _NAMES:
+                raise DecodeError("bad_header", f"unknown encoding {enc}")
+            d["encoding"] = _NAMES[enc]
+            for k in cls._INT:
+                d[k] = r.uvarint()
+            metrics = {}
+            for _ in range(r.unpack(_B)[0]):
+                name = r.take(r.unpack(_B)[0]).decode("utf-8")
+                (v,) = r.unpack(_F)
+                metrics[name] = None if math.isnan(v) else float(v)
+            d["metrics"] = metrics
+        except UnicodeDecodeError:
+            raise DecodeError("bad_header", "a header string is not UTF-8") from None
+        if r.pos != len(raw):
+            raise DecodeError("bad_header", f"{len(raw) - r.pos} bytes left over after the header")
         return cls(**d)
+
+
+def _uvarint(v: int) -> bytes:
+    """LEB128 of one non-negative integer.
+
+    >>> _uvarint(300).hex()
+    'ac02'
+    """
+    out = bytearray()
+    while True:
+        b = v & 0x7F
+        v >>= 7
+        if v:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
 
 
 @dataclass(frozen=True)
@@ -254,7 +329,7 @@ def decode_tensor(body: bytes, encoding: int, shape: tuple[int, ...]) -> np.ndar
 
 def pack_message(header: Header, tensors: dict, private_key) -> bytes:
     """Sign and serialise; ``tensors`` maps a name to an ``EncodedTensor``."""
-    hj = header.to_json()
+    hj = header.to_bytes()
     if len(hj) > MAX_HEADER or len(tensors) > MAX_TENSORS:
         raise ValueError("header or tensor table too large for the format")
     parts = [_PRE.pack(MAGIC, FORMAT_VERSION, KINDS[header.kind], len(hj)), hj, struct.pack("<H", len(tensors))]
@@ -272,22 +347,6 @@ def pack_message(header: Header, tensors: dict, private_key) -> bytes:
     return payload + private_key.sign(payload)
 
 
-class _Reader:
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
-            raise DecodeError("truncated", f"message ends at byte {len(self.data)}, needed {self.pos + n}")
-        out = self.data[self.pos: self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, st: struct.Struct):
-        return st.unpack(self.take(st.size))
-
-
-_B, _H = struct.Struct("<B"), struct.Struct("<H")
 
 
 def unpack_message(data: bytes) -> Message:
@@ -309,9 +368,7 @@ def unpack_message(data: bytes) -> Message:
         raise DecodeError("garbage", f"format version {fmt} is not {FORMAT_VERSION}")
     if kind not in _KIND_NAMES or hlen > MAX_HEADER:
         raise DecodeError("garbage", "unknown message kind or oversized header")
-    header = Header.from_json(r.take(hlen))
-    if header.kind != _KIND_NAMES[kind] or header.encoding not in ENCODINGS:
-        raise DecodeError("bad_header", "header kind or encoding disagrees with the container")
+    header = Header.from_bytes(r.take(hlen), _KIND_NAMES[kind])
     (count,) = r.unpack(_H)
     if count > MAX_TENSORS:
         raise DecodeError("garbage", f"{count} tensors is more than {MAX_TENSORS}")
