@@ -113,11 +113,10 @@ def _tamper(msg_bytes: bytes, key, how: str) -> bytes:
 
     m = unpack_message(msg_bytes)
     f = -1.0 if how == "flip" else 10.0
-    tensors = {k: encode_tensor(v * f, m.header.encoding if m.header.encoding != "topk8" else "fp32")
-               for k, v in m.tensors.items()}
     if m.header.encoding == "topk8":  # keep it sparse: re-encode exactly the entries that were sent
-        tensors = {k: encode_tensor(v * f, "topk8", fraction=max(1e-6, np.count_nonzero(v) / max(1, v.size)))
-                   for k, v in m.tensors.items()}
+        tensors = {k: encode_tensor(v * f, "topk8", k=int(np.count_nonzero(v))) for k, v in m.tensors.items()}
+    else:
+        tensors = {k: encode_tensor(v * f, m.header.encoding) for k, v in m.tensors.items()}
     return pack_message(m.header, tensors, key)
 
 
