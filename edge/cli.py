@@ -1,8 +1,8 @@
-"""The `edge` command: run, demo, compile, bench, status.
+"""The `edge` command: run, demo, compile, bench, status; keys and fleet-server (edge.fleet.cli).
 
 Every ``EdgeError`` becomes one line on stderr and its documented exit code:
 1 generic, 2 config, 3 model, 4 backend unavailable, 5 parity/artifact, 6 decode,
-7 state, 8 broker. Anything else is a bug and keeps its traceback.
+7 state, 8 broker, 9 fleet key file. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
