@@ -43,9 +43,9 @@ class SyncClient:
     def __init__(self, *, worker, node: str, fleet: str, model: str, model_hash: str, key, server_keys: list,
                  publish: Callable[..., object], topic_prefix: str = "fleet", interval_s: float = 60.0,
                  encoding: str = "topk8", fraction: float = 0.01, min_samples: int = 1,
-                 on_event: Callable[..., None] | None = None):
+                 on_event: Callable[..., None] | None = None, connected: Callable[[], bool] | None = None):
         self.worker, self.node, self.key, self.server_keys = worker, node, key, list(server_keys)
-        self.publish_fn, self.on_event = publish, on_event
+        self.publish_fn, self.on_event, self.connected = publish, on_event, connected
         self.interval_s, self.encoding, self.fraction, self.min_samples = interval_s, encoding, fraction, min_samples
         learner = worker.learner
         self.head_kind = learner.head.kind
@@ -127,6 +127,8 @@ class SyncClient:
         if ob is None:
             return
         info = self._inflight
+        if self.connected is not None and not self.connected() and not (info is not None and info[1].is_published()):
+            return  # offline: paho would only queue another copy; the outbox waits (and keeps its seq)
         if info is not None and info[0] == ob[0]:
             if info[1].is_published():
                 self.outbox = None  # acknowledged by the broker at QoS 1; it is the server's now

@@ -24,7 +24,8 @@ class DeviceSync:
                                  model_hash=model.content_hash, key=load_private(f.key_file),
                                  server_keys=[load_public(f.server_key)], publish=self._publish,
                                  topic_prefix=f.topic_prefix, interval_s=f.interval_s, encoding=f.encoding,
-                                 fraction=f.topk_fraction, min_samples=f.min_samples, on_event=on_event)
+                                 fraction=f.topk_fraction, min_samples=f.min_samples, on_event=on_event,
+                                 connected=lambda: self.link is not None and self.link.connected.is_set())
         self.link = MqttLink(cfg.mqtt, client_id=f"{cfg.mqtt.client_id or 'edge-' + cfg.node.name}-fleet",
                              status_topic=f"{base}/fleet/status",
                              subscriptions=[(self.client.global_topic, 1), (self.sync_topic, 1)], on_message=self._on_message)
