@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections import OrderedDict
 import time
 from typing import Callable, Mapping
 
@@ -41,6 +42,10 @@ class Aggregator:
         self.counters = collections.Counter()
         self.rejected = collections.Counter()
         self._rl = RateLimitedLog(log)
+        # tensors of deltas this instance validated, so its own commit need not decode them
+        # again; bounded in bytes (oldest out), a miss decodes from the stored message
+        self._decoded: OrderedDict[str, dict] = OrderedDict()
+        self._decoded_bytes, self.decoded_max_bytes = 0, 64 << 20
         if initial is not None:
             self.store.ensure_version0(self.pack_global(initial, version=0, parent=0, n=0))
         latest = self.store.latest()
@@ -81,6 +86,7 @@ class Aggregator:
                                 current_version=self.current, seen=lambda n, s: False, topic_node=node)
             verdicts.append(v)
             if v.ok:
+                self._remember(v.message.digest, v.message.tensors)
                 h = v.message.header
                 accepted.append((len(verdicts) - 1, DeltaRecord(node=h.node, seq=h.seq, base_version=h.base_version,
                                                                 samples=h.samples, norm=v.norm, digest=v.message.digest,
@@ -102,6 +108,22 @@ class Aggregator:
         self.store.count_rejections(rejections)
         return verdicts
 
+    def _remember(self, digest: str, tensors: dict) -> None:
+        if digest in self._decoded:
+            return
+        self._decoded[digest] = tensors
+        self._decoded_bytes += sum(a.nbytes for a in tensors.values())
+        while self._decoded_bytes > self.decoded_max_bytes and self._decoded:
+            _, old = self._decoded.popitem(last=False)
+            self._decoded_bytes -= sum(a.nbytes for a in old.values())
+
+    def _tensors(self, d: DeltaRecord) -> dict:
+        t = self._decoded.pop(d.digest, None)
+        if t is None:
+            return unpack_message(d.message).tensors  # stored by another instance, or evicted
+        self._decoded_bytes -= sum(a.nbytes for a in t.values())
+        return t
+
     def maybe_commit(self, *, force: bool = False) -> VersionRecord | None:
         """Commit a new version if the buffer is due (or ``force`` and not empty)."""
         p = self.store.pending()
@@ -118,7 +140,7 @@ class Aggregator:
 
     def _build(self, latest: VersionRecord, deltas: list[DeltaRecord]) -> tuple[bytes, str]:
         g = unpack_message(latest.message).tensors
-        contribs = [Contribution(arrays=unpack_message(d.message).tensors, samples=d.samples,
+        contribs = [Contribution(arrays=self._tensors(d), samples=d.samples,
                                  staleness=max(0, latest.version - d.base_version)) for d in deltas]
         agg = aggregate_deltas(contribs, rule=self.rule, clip_norm=self.clip_norm, trim=self.trim,
                                staleness_exponent=self.staleness_exponent)
