@@ -15,11 +15,21 @@ import logging
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 log = logging.getLogger("edge.demo")
+
+
+@dataclass(frozen=True)
+class _Broker:
+    """Where an existing broker (``--broker HOST:PORT``) listens."""
+
+    host: str
+    port: int
+    protocol: str
 
 
 def _device_cfg(node, broker, state, keys, interval):
@@ -107,12 +117,7 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
     try:
         if broker:
             host, _, p = broker.rpartition(":")
-
-            class _B:
-                pass
-
-            proc_b = _B()
-            proc_b.host, proc_b.port, proc_b.protocol = host or "127.0.0.1", int(p), "5"
+            proc_b = _Broker(host=host or "127.0.0.1", port=int(p), protocol="5")
         else:
             proc = proc_b = BrokerProcess().start()
             print(f"started {proc.kind} broker on {proc.host}:{proc.port}", flush=True)
