@@ -13,6 +13,6 @@ setup(
     package_data={
         "edge_models": ["*/*.toml", "*/*.py", "*/*.md", "*/*.safetensors", "*/*.json", "*/*.npz"],
         "firmware_bridge": ["*.md", "c/*.c", "c/*.h", "c/*/*.ino", "c/*/*"],
-        "edge": ["data/*"],
+        "edge": ["data/*", "fleet/*.md"],
     },
 )

@@ -1,8 +1,8 @@
-"""The `edge` command: run, demo, compile, bench, status.
+"""The `edge` command: run, demo, compile, bench, status; keys and fleet-server (edge.fleet.cli).
 
 Every ``EdgeError`` becomes one line on stderr and its documented exit code:
 1 generic, 2 config, 3 model, 4 backend unavailable, 5 parity/artifact, 6 decode,
-7 state, 8 broker. Anything else is a bug and keeps its traceback.
+7 state, 8 broker, 9 fleet key file. Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -34,6 +34,11 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_demo(args) -> int:
+    if args.fleet:  # fleet sync (issue 9)
+        from edge.demo.fleet import run_fleet_demo
+
+        return run_fleet_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), devices=args.devices,
+                              live=not args.no_live)
     from edge.demo import run_demo
 
     return run_demo(seconds=args.seconds, broker=args.broker, out=Path(args.out), live=not args.no_live,
@@ -56,7 +61,7 @@ def _cmd_compile(args) -> int:
 
 BENCHES = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
            "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt", "learning": "edge.bench.learning",
-           "device": "edge.bench.device"}
+           "device": "edge.bench.device", "fleet": "edge.bench.fleet"}
 
 
 def _bench(what: str, argv: list[str]) -> int:
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--drift-at", type=float, default=None, help="seconds until drift hits one device (default: a third of the run)")
     d.add_argument("--no-live", action="store_true", help="no live terminal view (log lines instead)")
     d.add_argument("--no-serial", action="store_true", help="no simulated serial device")
+    d.add_argument("--fleet", action="store_true", help="fleet sync: a server, devices with their own shifts, one joining late")
     d.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser("compile", help="compile a model's backbone for a backend into the cache")
@@ -142,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true")
     c.set_defaults(func=_cmd_compile)
 
-    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, mqtt, learning (see BENCHMARKS.md)")
+    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, mqtt, learning, device, fleet (see BENCHMARKS.md)")
     b.add_argument("what", choices=list(BENCHES))
     b.set_defaults(func=None)
 
@@ -159,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("name", help="the labeller's name (it signs as this)")
     lk.add_argument("--dir", default="/etc/edge-runtime/labellers", help="the keys folder")
     lk.set_defaults(func=_cmd_label_key)
+
+    # fleet sync (issue 9): `edge keys ...`, `edge fleet-server ...`
+    from edge.fleet.cli import add_parsers as _fleet_parsers
+
+    _fleet_parsers(sub)
     return ap
 
 

@@ -281,6 +281,21 @@ class SourceConfig(_Section):
     sample_rate: float = _opt(0.0, lo=0.0, hi=1e7, doc="serial text mode rate in Hz; 0 detects it")
 
 
+# ---- fleet sync (issue 9): the device side; the server's config is edge.fleet.config ----------
+@dataclass(frozen=True)
+class FleetConfig(_Section):
+    _name = "fleet"
+    enabled: bool = _opt(False, doc="sync the learned head with a fleet server (needs [adapt] enabled)")
+    fleet: str = _opt("default", doc="fleet name; topics are <topic_prefix>/<fleet>/<model>/...")
+    topic_prefix: str = _opt("fleet", doc="first level of the fleet topics")
+    interval_s: float = _opt(60.0, lo=0.1, hi=86400.0, doc="how often a delta is sent (also on demand: any message on <prefix>/<node>/fleet/sync)")
+    min_samples: int = _opt(1, lo=0, hi=1_000_000, doc="labels learned since the last delta before another is sent")
+    encoding: str = _opt("topk8", choices=("fp32", "fp16", "topk8"), doc="delta encoding (topk8: sparse, 8-bit, error feedback)")
+    topk_fraction: float = _opt(0.01, lo=1e-6, hi=1.0, doc="share of each array's entries a topk8 delta carries")
+    key_file: str = _opt("", doc="this device's Ed25519 private key (edge keys create NAME --role device)")
+    server_key: str = _opt("", doc="the fleet server's public key; a global head not signed by it is refused")
+
+
 @dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
@@ -292,6 +307,7 @@ class Config:
     labels: LabelsConfig = field(default_factory=LabelsConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
     @property
     def topic_base(self) -> str:
@@ -368,6 +384,8 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise _fix("mqtt", key, p, "no such file")
     if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
+    if cfg.fleet.enabled and not (cfg.fleet.key_file and cfg.fleet.server_key):
+        raise _fix("fleet", "key_file", cfg.fleet.key_file, "fleet sync needs key_file and server_key (see `edge keys`)")
     return cfg
 
 

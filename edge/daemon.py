@@ -71,6 +71,7 @@ class Daemon:
         self.sources: list[Any] = []
         self.pipeline: Pipeline | None = None
         self.adapt = None
+        self.sync = None  # fleet sync (issue 9)
         self.metrics_server: MetricsServer | None = None
         self.status_socket = None
         self.backend_reason = ""
@@ -136,6 +137,10 @@ class Daemon:
                                     identity=ModelIdentity.of(self.model, head=cfg.adapt.head))
             self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event,
                                      store=store, supervisor=self.supervisor)
+            if cfg.fleet.enabled:  # fleet sync (issue 9): its own thread and MQTT connection
+                from edge.fleet.device import DeviceSync
+
+                self.sync = DeviceSync(cfg=cfg, worker=self.adapt, model=self.model, on_event=self.event)
         self.pipeline = build_pipeline(
             sources=mqtt_routes(cfg), label_route=label_route, channels=m.channels, window_kw=window_kw,
             features=self.engine.features, head_ref=self.head, classes=m.classes if m.task == "classification" else (),
@@ -176,6 +181,10 @@ class Daemon:
         if self.adapt is not None:
             self.adapt.start()
             sup.adopt("learner", self.adapt.thread)
+        if self.sync is not None:
+            self.sync.start()
+            sup.adopt("sync", self.sync.client.thread)
+            sup.adopt("fleet-link", getattr(self.sync.link.client, "_thread", None))
         self.link.start()
         sup.adopt("mqtt-link", getattr(self.link.client, "_thread", None))  # paho's network loop
         for src in self.sources:
@@ -231,6 +240,8 @@ class Daemon:
             src.stop()
         if self.pipeline:
             self.pipeline.stop()
+        if self.sync is not None:
+            self.sync.stop()
         if self.adapt is not None:
             self.adapt.stop(timeout_s=max(1.0, self.cfg.queues.shutdown_drain_s))  # learns what is queued, then checkpoints
         if self.link:
@@ -362,6 +373,8 @@ class Daemon:
             st.setdefault("sources", {})[src.name] = src.stats()
         if self.adapt is not None:
             st["adapt"] = self.adapt.metrics()
+        if self.sync is not None:
+            st["fleet"] = self.sync.metrics()
         return st
 
     def registry(self) -> Registry:
@@ -419,6 +432,8 @@ class Daemon:
                         lambda n=name: ing.counters[n])
         if self.adapt is not None:
             _adapt_families(reg, self.adapt.metrics)
+        if self.sync is not None:
+            _prefixed_families(reg, "edge_fleet_sync", "fleet sync", self.sync.metrics)
         return reg
 
 
@@ -427,17 +442,21 @@ def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
 
 
 def _adapt_families(reg: Registry, read) -> None:
-    """The learner's metrics as proper families: ``*_total`` and per-reason dicts are counters
-    (``edge_adapt_<name>_total``, reasons as a label), other numbers gauges; strings are skipped."""
+    _prefixed_families(reg, "edge_adapt", "learner", read)
+
+
+def _prefixed_families(reg: Registry, prefix: str, what: str, read) -> None:
+    """A part's metrics dict as proper families: ``*_total`` and per-reason dicts are counters
+    (``<prefix>_<name>_total``, reasons as a label), other numbers gauges; strings are skipped."""
     for key, v in read().items():
         if isinstance(v, dict):
             base = key[:-6] if key.endswith("_total") else key
-            reg.add(f"edge_adapt_{base}_total", "counter", f"learner: {base.replace('_', ' ')}, by reason",
-                    lambda k=key: [({"reason": str(r)}, float(n)) for r, n in read().get(k, {}).items()])
+            reg.add(f"{prefix}_{base}_total", "counter", f"{what}: {base.replace('_', ' ')}, by reason",
+                    lambda k=key: [({"reason": str(r)}, float(n)) for r, n in read().get(k, {}).items()
+                                   if isinstance(n, (int, float))])
         elif isinstance(v, (bool, int, float)):
             kind = "counter" if key.endswith("_total") else "gauge"
-            reg.add(f"edge_adapt_{key}", kind, f"learner: {key.replace('_', ' ')}",
-                    lambda k=key: _number(read().get(k)))
+            reg.add(f"{prefix}_{key}", kind, f"{what}: {key.replace('_', ' ')}", lambda k=key: _number(read().get(k)))
 
 
 def _number(v) -> list:

@@ -196,6 +196,21 @@ class Learner:
             return self._reference_snap
         return self.champion
 
+    def rebase(self, global_arrays: dict, version: str) -> None:
+        """Fleet sync (edge.fleet.client): adopt a global head given by all its arrays (an
+        ``mlp`` head's too) as the rollback target and the reference champion and
+        challenger are measured against. The caller has already set the head itself (new
+        global plus the residual not yet sent). Unlike ``set_global``, the global head's
+        prequential record and the labels since the last swap carry over: a fleet's
+        global head moves often and in small steps, and restarting both at every sync
+        would keep a device from ever promoting what it learned."""
+        was_global = self.champion is self._global
+        self.global_version = str(version)
+        self._global = HeadSnapshot.from_arrays(global_arrays, kind=self.head.kind, task=self.task, version=self.global_version)
+        if was_global:
+            self.champion = self._global
+        self._emit("global", version=self.global_version)
+
     # -- learning ---------------------------------------------------------------------------
 
     def _target(self, y):

@@ -94,6 +94,15 @@ class SamplesItem:
     seq: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class CallItem:
+    """Work to run on the learner thread in order with the labels (fleet sync's delta and rebase)."""
+
+    fn: Callable[[Any], None]
+    seq: int = 0
+    key: Any = "call"
+
+
 def _value_bytes(value) -> int:
     """What a label or a scores value adds to an item's cost in its lane, Python headers
     included (measured with tracemalloc: a window item is about 480 bytes plus its arrays).
@@ -159,6 +168,8 @@ class AdaptWorker:
         self._stop = threading.Event()
         self._last_ckpt = clock()
         self._pending_events: list[tuple[str, dict]] = []
+        self.extras: dict = {}  # name -> object with state_dict/load_state_dict, checkpointed with the learner (fleet sync)
+        self._restored: dict = {}
         self.thread = self.supervisor.spawn(THREAD, self._run)
         self._restore()
 
@@ -212,6 +223,7 @@ class AdaptWorker:
                 "why": why, "checkpoint": r.path.name if r.path else None, "moved_to": str(moved) if moved else None,
                 "saved": self.store.identity.to_dict(), "model": self.store.identity.to_dict()}))
             return
+        self._restored = r.state
         log.info("restored the learner from %s (serving head %s)", r.path, self.champion.version)
 
     def _new_learner(self) -> Learner:
@@ -258,12 +270,23 @@ class AdaptWorker:
         late = len(self.labels) + len(self.data)  # offered after the drain
         self.counters["shutdown_dropped"] += late
 
+    def attach_state(self, name: str, obj) -> None:
+        """Checkpoint ``obj.state_dict()`` under ``name`` with the learner's, atomically in one
+        file, and hand it back what the restored checkpoint held for it (fleet sync)."""
+        self.extras[name] = obj
+        if name in self._restored:
+            obj.load_state_dict(self._restored[name])
+
+    def offer_call(self, fn: Callable[["AdaptWorker"], None]) -> None:
+        """Run ``fn(self)`` on the learner thread, in order with labels (fleet sync's delta and rebase)."""
+        self.labels.put(CallItem(fn, next(self._seq)), _OVERHEAD)
+
     def checkpoint(self) -> bool:
         """Save the learner's state now; True when saved. A failure is counted, logged
         rate-limited, and not sticky: the next call tries again."""
         self._last_ckpt = self.clock()
         try:
-            self.store.save(self.learner.state_dict())
+            self.store.save({**self.learner.state_dict(), **{k: o.state_dict() for k, o in self.extras.items()}})
         except (OSError, StateError) as e:
             self.counters["checkpoint_errors"] += 1
             self._errlog.warn("checkpoint", "checkpoint failed (%d failures so far; the next interval tries again): %s",
@@ -321,6 +344,9 @@ class AdaptWorker:
             matches = self.matcher.add_window(item.key, item.t0, item.t1, item.z, item.scores)
             if self.forecast is not None:
                 self.forecast.add_window(item.key, t_end=item.t1, z=item.z, served=item.scores)
+        elif isinstance(item, CallItem):
+            item.fn(self)
+            return
         elif isinstance(item, LabelItem):
             before = dict(self.matcher.rejected)
             matches = self.matcher.match(item.key, item.t, item.value)

@@ -1,0 +1,201 @@
+"""`edge demo --fleet`: a fleet server, a small fleet with their own shifts, a device joining late.
+
+Starts a broker (or uses the given one), creates keys, runs a ``FleetServer`` on SQLite,
+and a few simulated devices, each a real ``AdaptWorker`` (learner thread) with a real
+``DeviceSync`` (its own MQTT connection, signed deltas, verified global heads); each
+device's sensors have their own shift (``edge.sim``), and their features come from the
+shipped backbone, computed once up front so the demo runs on a small box. Two thirds of
+the way in, a fresh device joins: it adopts the retained global head before it has seen
+a single label, and the live view and the report compare it with the shipped head.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("edge.demo")
+
+
+@dataclass(frozen=True)
+class _Broker:
+    """Where an existing broker (``--broker HOST:PORT``) listens."""
+
+    host: str
+    port: int
+    protocol: str
+
+
+def _device_cfg(node, broker, state, keys, interval):
+    from edge.config import parse_config
+
+    return parse_config({"node": {"name": node, "state_dir": str(state), "log_level": "warning"},
+                         "mqtt": {"host": broker.host, "port": broker.port, "protocol": broker.protocol},
+                         "adapt": {"checkpoint_interval_s": 30.0},
+                         "fleet": {"enabled": True, "fleet": "demo", "interval_s": interval,
+                                   "key_file": str(keys[node].private_path), "server_key": str(keys["server"].public_path)}})
+
+
+class _Device:
+    """One simulated device: learner thread + sync, fed labelled features at ``rate`` per second."""
+
+    def __init__(self, node, cfg, model, data, rate):
+        from edge.adapt.heads import HeadSnapshot
+        from edge.adapt.worker import AdaptWorker
+        from edge.fleet.device import DeviceSync
+
+        m = model.manifest
+        _, sd = model.state_dicts()
+        self.shipped = HeadSnapshot.from_arrays({k: v.numpy() for k, v in sd.items()}, kind="linear", task=m.task,
+                                                version="shipped")
+        self.node, self.data, self.rate, self.classes = node, data, rate, m.classes
+        self.worker = AdaptWorker(cfg=cfg, model=model, global_head=self.shipped, publish_event=lambda k, **f: None)
+        self.sync = DeviceSync(cfg=cfg, worker=self.worker, model=model, on_event=lambda k, **f: None)
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._feed, name=f"sim:{node}", daemon=True)
+
+    def start(self):
+        self.worker.start()
+        self.sync.start()
+        self.thread.start()
+
+    def _feed(self):
+        from edge.ingest.types import StreamKey
+
+        z, y = self.data["train"]
+        key, t = StreamKey(self.node, "vib"), time.time()
+        for i in range(len(y)):
+            if self._stop.wait(1.0 / self.rate):
+                return
+            t += 0.5
+            self.worker.offer_window(key, t, t + 0.25, z[i], self.shipped.predict(z[i][None])[0])
+            self.worker.offer_label(key, t + 0.1, self.classes[int(y[i])])
+
+    def accuracy(self) -> float:
+        z, y = self.data["test"]
+        return float((self.worker.champion.predict(z).argmax(1) == y).mean())
+
+    def stop(self):
+        self._stop.set()
+        self.thread.join(5)
+        self.sync.stop()
+        self.worker.stop()
+
+
+def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-report"), devices: int = 4,
+                   live: bool = True) -> int:
+    import torch
+
+    from edge.bench.fleet import _conditions, _device_data
+    from edge.broker import BrokerProcess
+    from edge.fleet.config import parse_server_config
+    from edge.fleet.keys import create_key, export_public
+    from edge.fleet.server import FleetServer
+    from edge.observe import setup_logging
+    from edge.zoo import resolve_model
+
+    setup_logging("warning" if live else "info")
+    seconds = seconds or 90.0
+    torch.set_num_threads(1)
+    root = Path(tempfile.mkdtemp(prefix="edge-fleet-demo-"))
+    model = resolve_model("vibration")
+    bb, _ = model.build()
+    n_labels = int(seconds * 10) + 50
+    conds = _conditions(devices + 1, 7)
+    print(f"simulating {devices + 1} devices' sensors ({', '.join(s for s, _, _ in conds)}) ...", flush=True)
+    data = [dict(zip(("train", "test"), (lambda r: ((r[0], r[1]), (r[2], r[3])))(
+        _device_data(bb, c, n_train=n_labels, n_test=200, seed=700 + i, classes=len(model.manifest.classes), alpha=0.5))))
+        for i, (_, _, c) in enumerate(conds)]
+    proc = None
+    parts = []
+    try:
+        if broker:
+            host, _, p = broker.rpartition(":")
+            proc_b = _Broker(host=host or "127.0.0.1", port=int(p), protocol="5")
+        else:
+            proc = proc_b = BrokerProcess().start()
+            print(f"started {proc.kind} broker on {proc.host}:{proc.port}", flush=True)
+        nodes = [f"dev-{i}" for i in range(devices)] + ["late"]
+        keys = {"server": create_key(root / "keys", "server", role="server")}
+        for n in nodes:
+            keys[n] = create_key(root / "keys", n)
+            export_public(root / "keys", n, to=root / "devices")
+        scfg = parse_server_config({
+            "server": {"fleet": "demo", "model": str(model.path), "store": str(root / "fleet.db"),
+                       "key_file": str(keys["server"].private_path), "devices_dir": str(root / "devices"),
+                       "k": devices, "t_s": 3.0},
+            "mqtt": {"host": proc_b.host, "port": proc_b.port, "client_id": "demo-fleet-server"}})
+        server = FleetServer(scfg)
+        server.start()
+        parts.append(server)
+        fleet = [_Device(n, _device_cfg(n, proc_b, root / "state", keys, 2.0), model, data[i], rate=10.0)
+                 for i, n in enumerate(nodes[:-1])]
+        for d in fleet:
+            d.start()
+            parts.append(d)
+        late, late_at = None, seconds * 2 / 3
+        timeline, t0 = [], time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(1.0)
+            el = time.monotonic() - t0
+            if late is None and el >= late_at:
+                late = _Device("late", _device_cfg("late", proc_b, root / "state", keys, 2.0), model, data[-1], rate=0.001)
+                late.start()  # it gets no labels: whatever it knows comes from the fleet
+                parts.append(late)
+            row = {"t": round(el, 1), "global_version": server.agg.current,
+                   "devices": {d.node: {"base": d.sync.client.base_version, "acc": round(d.accuracy(), 3)} for d in fleet}}
+            if late is not None:
+                zt, yt = late.data["test"]
+                row["late"] = {"base": late.sync.client.base_version, "acc": round(late.accuracy(), 3),
+                               "shipped_acc": round(float((late.shipped.predict(zt).argmax(1) == yt).mean()), 3)}
+            timeline.append(row)
+            line = f"t={el:5.0f}s global v{row['global_version']:<3d} " + " ".join(
+                f"{n}:v{v['base']} {v['acc'] * 100:4.1f}%" for n, v in row["devices"].items())
+            if late is not None:
+                line += f" | late:v{row['late']['base']} {row['late']['acc'] * 100:4.1f}% (shipped {row['late']['shipped_acc'] * 100:4.1f}%)"
+            print(line, flush=True)
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "fleet-report.json").write_text(json.dumps({"devices": [s for s, _, _ in conds], "timeline": timeline}, indent=1))
+        _plot(timeline, out / "fleet-report.png")
+        print(f"report: {out / 'fleet-report.json'}, {out / 'fleet-report.png'}")
+        return 0
+    finally:
+        for p in reversed(parts):
+            try:
+                p.stop()
+            except Exception:
+                log.exception("stopping %s", p)
+        if proc is not None:
+            proc.stop()
+
+
+def _plot(timeline, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = [r["t"] for r in timeline]
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    ax[0].step(t, [r["global_version"] for r in timeline], where="post")
+    ax[0].set(title="global head version", xlabel="s", ylabel="version")
+    nodes = list(timeline[0]["devices"]) if timeline else []
+    for n in nodes:
+        ax[1].plot(t, [r["devices"][n]["acc"] * 100 for r in timeline], lw=1, label=n)
+    lt = [r for r in timeline if "late" in r]
+    if lt:
+        ax[1].plot([r["t"] for r in lt], [r["late"]["acc"] * 100 for r in lt], "k-", lw=2, label="late device (global head)")
+        ax[1].plot([r["t"] for r in lt], [r["late"]["shipped_acc"] * 100 for r in lt], "k--", lw=1, label="late device, shipped head")
+    ax[1].set(title="accuracy on each device's own shift", xlabel="s", ylabel="%")
+    ax[1].legend(fontsize=7)
+    for a in ax:
+        a.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,91 @@
+"""The fleet server's typed, closed configuration (its own TOML file).
+
+Sections: ``[server]`` (this file's own), and ``[mqtt]`` / ``[metrics]``, the same
+sections as the daemon's (``edge.config``).
+
+>>> cfg = parse_server_config({"server": {"fleet": "plant-a", "k": 4}})
+>>> cfg.server.fleet, cfg.server.k, cfg.server.rule, cfg.mqtt.port
+('plant-a', 4, 'clip', 1883)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edge.config import MetricsConfig, MqttConfig, _fix, _opt, _section, _Section, tomllib
+from edge.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ServerSection(_Section):
+    _name = "server"
+    name: str = _opt("fleet-server", doc="this instance's name (MQTT client id, global heads' node field)")
+    fleet: str = _opt("default", doc="fleet name")
+    topic_prefix: str = _opt("fleet", doc="first level of the fleet topics")
+    model: str = _opt("vibration", doc="a shipped model's name or a model folder (its hash is checked on every delta)")
+    head: str = _opt("linear", choices=("linear", "lowrank", "mlp"), doc="head kind the devices run ([adapt] head)")
+    head_rank: int = _opt(4, lo=1, hi=1024, doc="as the devices' [adapt] head_rank")
+    head_hidden: int = _opt(32, lo=1, hi=4096, doc="as the devices' [adapt] head_hidden")
+    store: str = _opt("~/.local/state/edge-fleet/fleet.db", doc="sqlite:///PATH, a plain path, or postgresql://...[?schema=NAME]")
+    key_file: str = _opt("", doc="the server's Ed25519 private key (edge keys create NAME --role server)")
+    devices_dir: str = _opt("", doc="folder of trusted device public keys, <node>.pub (edge keys export)")
+    group: str = _opt("", doc="MQTT shared-subscription group; set it on every instance that shares the delta stream")
+    k: int = _opt(10, lo=1, hi=1_000_000, doc="apply the buffer when this many deltas wait")
+    t_s: float = _opt(30.0, lo=0.01, hi=86400.0, doc="or when the oldest waiting delta is this old")
+    rule: str = _opt("clip", choices=("clip", "trimmed_mean", "median"), doc="robust aggregation rule")
+    clip_norm: float = _opt(0.0, lo=0.0, hi=1e9, doc="clip rule: L2 bound per delta; 0 takes the batch's median norm")
+    trim: float = _opt(0.2, lo=0.0, hi=0.49, doc="trimmed_mean: share cut from each end")
+    max_norm: float = _opt(100.0, lo=1e-9, hi=1e12, doc="deltas with a larger L2 norm are rejected (norm_too_large)")
+    staleness_exponent: float = _opt(0.5, lo=0.0, hi=10.0, doc="weight (1 + versions behind) ** -exponent")
+    server_lr: float = _opt(1.0, lo=1e-6, hi=100.0, doc="step applied to the aggregated delta")
+    queue: int = _opt(100_000, lo=16, hi=10_000_000, doc="received deltas waiting for validation (drop oldest)")
+    commit_pause_s: float = _opt(0.0, lo=0.0, hi=60.0, doc="fault testing only: pause inside the version transaction")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    server: ServerSection = field(default_factory=ServerSection)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(ServerConfig)}
+
+
+def parse_server_config(data: dict[str, Any]) -> ServerConfig:
+    """Validate a parsed TOML document; unknown sections and keys raise ``ConfigError``."""
+    if not isinstance(data, dict):
+        raise ConfigError("the fleet server configuration must be a TOML table")
+    kw = {}
+    for name, value in data.items():
+        if name not in _SECTIONS:
+            near = difflib.get_close_matches(name, _SECTIONS, n=1)
+            hint = f"; did you mean [{near[0]}]?" if near else f"; known sections: {', '.join(_SECTIONS)}"
+            raise ConfigError(f"unknown section [{name}]{hint}")
+        kw[name] = _section(name, typing.get_type_hints(ServerConfig)[name], value)
+    cfg = ServerConfig(**kw)
+    for key in ("name", "fleet", "topic_prefix", "group"):
+        v = getattr(cfg.server, key)
+        if any(c in v for c in "/+#") or (not v and key != "group"):
+            raise _fix("server", key, v, "must be one non-empty MQTT topic level (no '/', '+', '#')")
+    return cfg
+
+
+def load_server_config(path: str | Path | None) -> ServerConfig:
+    if path is None:
+        return ServerConfig()
+    p = Path(path).expanduser()
+    try:
+        data = tomllib.loads(p.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: invalid TOML: {e}") from None
+    try:
+        return parse_server_config(data)
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None

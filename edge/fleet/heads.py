@@ -1,0 +1,65 @@
+"""What fleet sync needs from a head: its initial arrays, its shapes, and setting them.
+
+``initial_arrays`` is version 0 of a fleet's global head: the shipped head in the given
+head kind (for ``mlp``, with the first layer every device draws alike).
+``set_head_arrays`` makes a live head's ``arrays()`` equal to given arrays, which is
+how a device rebases on a new global head (``edge.fleet.client``).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from edge.adapt.heads import make_head
+
+
+def delta_topic(prefix: str, fleet: str, model: str, node: str) -> str:
+    return f"{prefix}/{fleet}/{model}/delta/{node}"
+
+
+def global_topic(prefix: str, fleet: str, model: str) -> str:
+    return f"{prefix}/{fleet}/{model}/global"
+
+
+def head_options(kind: str, *, rank: int, hidden: int) -> dict:
+    return {"rank": rank} if kind == "lowrank" else {"hidden": hidden} if kind == "mlp" else {}
+
+
+def initial_arrays(model, *, kind: str, rank: int = 4, hidden: int = 32) -> dict[str, np.ndarray]:
+    """Version 0 of the global head of ``model`` (a ``ModelFolder``) for head ``kind``; built
+    as the devices' learner builds its head (``AdaptConfig.head_options``), so an ``mlp``
+    head's first layer is the same random draw on every device and on the server."""
+    m = model.manifest
+    _, sd = model.state_dicts()
+    opts = head_options(kind, rank=rank, hidden=hidden)
+    outputs = len(m.classes) if m.task == "classification" else m.outputs
+    head = make_head(kind, in_features=m.feature_size, out_features=outputs, base_weight=sd["weight"].numpy(),
+                     base_bias=sd["bias"].numpy(), **opts)
+    return head.arrays()
+
+
+@torch.no_grad()
+def set_head_arrays(head, arrays: dict) -> None:
+    """Set ``head`` so that ``head.arrays()`` equals ``arrays`` (in place: optimizer and
+    numpy views stay valid). A low-rank head takes the whole target as its base and a
+    zero residual; the others keep their structure.
+
+    >>> h = make_head("mlp", in_features=3, out_features=2, hidden=4)
+    >>> target = {k: v + 1 for k, v in h.arrays().items()}
+    >>> set_head_arrays(h, target)
+    >>> all(np.allclose(h.arrays()[k], target[k]) for k in target)
+    True
+    """
+    t = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
+    if head.kind == "linear":
+        head.weight.copy_(t["weight"])
+        head.bias.copy_(t["bias"])
+    elif head.kind == "lowrank":
+        head.base_weight.copy_(t["weight"])
+        head.base_bias.copy_(t["bias"])
+        head.reset_to_base()
+    else:
+        head.base_weight.copy_(t["weight"])
+        head.base_bias.copy_(t["bias"])
+        for k in ("w1", "b1", "w2", "b2"):
+            getattr(head, k).copy_(t[k])

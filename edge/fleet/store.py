@@ -1,0 +1,262 @@
+"""Where the fleet server keeps every accepted delta and every global version.
+
+Two stores share one interface: ``SQLiteStore`` (one file, WAL; the default) here and
+``PostgresStore`` (``edge.fleet.pgstore``) for several server instances. The one
+operation that must be serialised is ``commit_version``: in one transaction it claims
+the deltas not yet applied, hands them with the latest version to ``build`` (the
+aggregation, pure), inserts the new version and marks the deltas applied by it. A
+process that dies inside it leaves the transaction rolled back: the deltas stay
+unapplied, and the next commit (by any instance) takes them. A delta is stored once per
+``(node, seq)`` (a unique key), so a resend is never counted twice.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+@dataclass(frozen=True)
+class DeltaRecord:
+    node: str
+    seq: int
+    base_version: int
+    samples: int
+    norm: float
+    digest: str
+    message: bytes
+    received: float = 0.0
+    applied_version: int | None = None
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    version: int
+    parent: int
+    created: float
+    n_deltas: int
+    note: str
+    message: bytes
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    node: str
+    last_seen: float
+    accepted: int
+    rejected: int
+    reasons: dict
+
+
+@dataclass(frozen=True)
+class Pending:
+    count: int
+    oldest: float | None
+
+
+Build = Callable[[VersionRecord, list[DeltaRecord]], tuple[bytes, str]]
+"""``build(latest, deltas) -> (signed global message for latest.version + 1, note)``."""
+
+
+class Store(Protocol):
+    def ensure_version0(self, message: bytes) -> None: ...
+    def latest(self) -> VersionRecord | None: ...
+    def version(self, v: int) -> VersionRecord | None: ...
+    def seen(self, node: str, seq: int) -> bool: ...
+    def add_deltas(self, records: list[DeltaRecord]) -> list[bool]: ...
+    def count_rejections(self, items: list[tuple[str, str]]) -> None: ...
+    def pending(self) -> Pending: ...
+    def commit_version(self, build: Build, *, max_deltas: int = 100_000, pause_s: float = 0.0) -> VersionRecord | None: ...
+    def add_version(self, message_for: Callable[[int], bytes], note: str) -> VersionRecord: ...
+    def versions(self, limit: int = 100) -> list[VersionRecord]: ...
+    def deltas(self) -> list[DeltaRecord]: ...
+    def devices(self) -> list[DeviceRecord]: ...
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS versions (version INTEGER PRIMARY KEY, parent INTEGER NOT NULL, created REAL NOT NULL,
+    n_deltas INTEGER NOT NULL, note TEXT NOT NULL, message BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS deltas (id INTEGER PRIMARY KEY AUTOINCREMENT, node TEXT NOT NULL, seq INTEGER NOT NULL,
+    received REAL NOT NULL, base_version INTEGER NOT NULL, samples INTEGER NOT NULL, norm REAL NOT NULL,
+    digest TEXT NOT NULL, message BLOB NOT NULL, applied_version INTEGER, UNIQUE (node, seq));
+CREATE INDEX IF NOT EXISTS deltas_pending ON deltas (applied_version) WHERE applied_version IS NULL;
+CREATE TABLE IF NOT EXISTS devices (node TEXT PRIMARY KEY, last_seen REAL NOT NULL, accepted INTEGER NOT NULL DEFAULT 0,
+    rejected INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS rejections (node TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (node, reason));
+"""
+
+_DCOLS = "node, seq, base_version, samples, norm, digest, message, received, applied_version"
+_VCOLS = "version, parent, created, n_deltas, note, message"
+
+
+def _delta(row) -> DeltaRecord:
+    return DeltaRecord(node=row[0], seq=row[1], base_version=row[2], samples=row[3], norm=row[4], digest=row[5],
+                       message=bytes(row[6]), received=row[7], applied_version=row[8])
+
+
+def _version(row) -> VersionRecord | None:
+    if row is None:
+        return None
+    return VersionRecord(version=row[0], parent=row[1], created=row[2], n_deltas=row[3], note=row[4], message=bytes(row[5]))
+
+
+class SQLiteStore:
+    """One SQLite file in WAL mode; ``BEGIN IMMEDIATE`` serialises version commits across processes."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path).expanduser()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.executescript(_SCHEMA)
+
+    def _one(self, sql, args=()):
+        with self._lock:
+            return self._db.execute(sql, args).fetchone()
+
+    def ensure_version0(self, message: bytes) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR IGNORE INTO versions VALUES (0, 0, ?, 0, 'initial', ?)", (time.time(), message))
+
+    def latest(self) -> VersionRecord | None:
+        return _version(self._one(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1"))
+
+    def version(self, v: int) -> VersionRecord | None:
+        return _version(self._one(f"SELECT {_VCOLS} FROM versions WHERE version = ?", (v,)))
+
+    def seen(self, node: str, seq: int) -> bool:
+        return self._one("SELECT 1 FROM deltas WHERE node = ? AND seq = ?", (node, seq)) is not None
+
+    def add_deltas(self, records: list[DeltaRecord]) -> list[bool]:
+        out = []
+        now = time.time()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for r in records:
+                    cur = db.execute("INSERT OR IGNORE INTO deltas (node, seq, received, base_version, samples, norm, digest, "
+                                     "message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                     (r.node, r.seq, r.received or now, r.base_version, r.samples, r.norm, r.digest, r.message))
+                    ok = cur.rowcount == 1
+                    out.append(ok)
+                    db.execute("INSERT INTO devices (node, last_seen, accepted, rejected) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen, "
+                               "accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected",
+                               (r.node, now, int(ok), int(not ok)))
+                    if not ok:
+                        db.execute("INSERT INTO rejections VALUES (?, 'replayed_seq', 1) "
+                                   "ON CONFLICT (node, reason) DO UPDATE SET n = n + 1", (r.node,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return out
+
+    def count_rejections(self, items: list[tuple[str, str]]) -> None:
+        if not items:
+            return
+        now = time.time()
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for node, reason in items:
+                    db.execute("INSERT INTO rejections VALUES (?, ?, 1) ON CONFLICT (node, reason) DO UPDATE SET n = n + 1",
+                               (node, reason))
+                    db.execute("INSERT INTO devices (node, last_seen, rejected) VALUES (?, ?, 1) ON CONFLICT (node) "
+                               "DO UPDATE SET last_seen = excluded.last_seen, rejected = rejected + 1", (node, now))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def pending(self) -> Pending:
+        n, oldest = self._one("SELECT COUNT(*), MIN(received) FROM deltas WHERE applied_version IS NULL")
+        return Pending(count=int(n), oldest=oldest)
+
+    def commit_version(self, build: Build, *, max_deltas: int = 100_000, pause_s: float = 0.0) -> VersionRecord | None:
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
+                rows = db.execute(f"SELECT id, {_DCOLS} FROM deltas WHERE applied_version IS NULL ORDER BY id LIMIT ?",
+                                  (max_deltas,)).fetchall()
+                if not rows or latest is None:
+                    db.execute("ROLLBACK")
+                    return None
+                deltas = [_delta(r[1:]) for r in rows]
+                message, note = build(latest, deltas)
+                if pause_s:
+                    time.sleep(pause_s)  # fault tests: a window to kill the process inside the transaction
+                v = latest.version + 1
+                rec = VersionRecord(version=v, parent=latest.version, created=time.time(), n_deltas=len(deltas),
+                                    note=note, message=message)
+                db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                           (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
+                db.executemany("UPDATE deltas SET applied_version = ? WHERE id = ?", [(v, r[0]) for r in rows])
+                db.execute("COMMIT")
+                return rec
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def add_version(self, message_for: Callable[[int], bytes], note: str) -> VersionRecord:
+        """A new version made outside aggregation (a rollback): ``message_for(version)`` signs it."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (latest,) = db.execute("SELECT MAX(version) FROM versions").fetchone()
+                v = int(latest) + 1
+                rec = VersionRecord(version=v, parent=int(latest), created=time.time(), n_deltas=0, note=note,
+                                    message=message_for(v))
+                db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                           (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
+                db.execute("COMMIT")
+                return rec
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+    def versions(self, limit: int = 100) -> list[VersionRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT ?", (limit,)).fetchall()
+        return [_version(r) for r in rows]
+
+    def deltas(self) -> list[DeltaRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_DCOLS} FROM deltas ORDER BY id").fetchall()
+        return [_delta(r) for r in rows]
+
+    def devices(self) -> list[DeviceRecord]:
+        with self._lock:
+            devs = self._db.execute("SELECT node, last_seen, accepted, rejected FROM devices ORDER BY node").fetchall()
+            rej = self._db.execute("SELECT node, reason, n FROM rejections").fetchall()
+        reasons: dict = {}
+        for node, reason, n in rej:
+            reasons.setdefault(node, {})[reason] = n
+        return [DeviceRecord(node=d[0], last_seen=d[1], accepted=d[2], rejected=d[3], reasons=reasons.get(d[0], {})) for d in devs]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def open_store(url: str) -> Store:
+    """A store from a URL: ``sqlite:///path/to/file.db`` (or a plain path), or
+    ``postgresql://...`` (optionally ``?schema=NAME``; needs ``psycopg``)."""
+    if url.startswith(("postgresql://", "postgres://")):
+        from edge.fleet.pgstore import PostgresStore
+
+        return PostgresStore(url)
+    return SQLiteStore(url[len("sqlite://"):] if url.startswith("sqlite://") else url)

@@ -1,0 +1,108 @@
+"""Two fleet servers on one PostgreSQL and one broker (shared subscription); one is killed
+with SIGKILL inside its version transaction. Every accepted delta must end up applied
+exactly once, asserted from the stored versions and deltas. The killed instance is
+restarted as systemd would, so that the deliveries it never acknowledged come back to it."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from edge.fleet.codec import unpack_message
+from edge.fleet.store import open_store
+from tests.fleet_helpers import make_keys, server_toml, signed_delta
+from tests.helpers import Client
+
+ROOT = Path(__file__).resolve().parent.parent
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture
+def schema():
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        psycopg.connect(PG, connect_timeout=3).close()
+    except psycopg.Error:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts one)")
+    name = f"fleet_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(PG, autocommit=True) as c:
+        c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+def _commit_lock_held(url) -> bool:
+    import psycopg
+
+    with psycopg.connect(PG, autocommit=True) as c:
+        return c.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted").fetchone()[0] > 0
+
+
+def _spawn(cfg, log):
+    with open(log, "ab") as f:
+        return subprocess.Popen([sys.executable, "-m", "edge.cli", "fleet-server", "run", "-c", str(cfg)], cwd=ROOT,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=f, stderr=subprocess.STDOUT)
+
+
+def _wait(pred, timeout, what, logs=()):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}: " + " | ".join(Path(p).read_text()[-800:] for p in logs))
+
+
+def test_two_servers_apply_every_delta_exactly_once_when_one_dies_mid_aggregation(tmp_path, broker, schema):
+    nodes = [f"n{i}" for i in range(6)]
+    keys = make_keys(tmp_path, nodes)
+    url = f"{PG}?schema={schema}"
+    # a commits as soon as 3 deltas wait, then pauses inside the transaction (the kill window);
+    # b only commits what has waited 3 s, so it is the one left to take a's claimed deltas
+    cfg_a = server_toml(tmp_path, keys, broker, store=url, name="srv-a", k=3, t_s=3600.0, group="fleet", pause=30.0)
+    cfg_b = server_toml(tmp_path, keys, broker, store=url, name="srv-b", k=1000, t_s=3.0, group="fleet")
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = _spawn(cfg_a, logs[0])
+    b = _spawn(cfg_b, logs[1])
+    pub = Client(broker, "fleet/test/vibration/global")
+    try:
+        _wait(lambda: any(unpack_message(p).header.version == 0 for t, p, _ in pub.msgs if p), 90, "version 0", logs)
+        _wait(lambda: "subscribed" in logs[0].read_text() and "subscribed" in logs[1].read_text(), 60, "both subscribed", logs)
+        for i, n in enumerate(nodes):
+            pub.publish(f"fleet/test/vibration/delta/{n}", signed_delta(keys[n].private_path, node=n, seq=1, seed=i))
+        _wait(lambda: _commit_lock_held(url), 60, "srv-a inside its version transaction", logs)
+        a.send_signal(signal.SIGKILL)
+        a.wait(10)
+        # systemd restarts it: same client id, so the broker hands its session back with the
+        # deliveries it never acknowledged (a shared subscription does not move them to b)
+        cfg_a = server_toml(tmp_path, keys, broker, store=url, name="srv-a", k=3, t_s=3.0, group="fleet")
+        a = _spawn(cfg_a, logs[0])
+        store = open_store(url)
+        try:
+            _wait(lambda: store.pending().count == 0 and len(store.deltas()) == 6, 60, "srv-b to apply every delta", logs)
+            deltas, versions = store.deltas(), store.versions()
+            assert sorted(d.node for d in deltas) == nodes  # all six stored, each once
+            applied = [d.applied_version for d in deltas]
+            assert None not in applied
+            made = {v.version: v for v in versions if v.version > 0}
+            assert sum(v.n_deltas for v in made.values()) == 6  # no delta in two versions, none in none
+            assert {v: applied.count(v) for v in set(applied)} == {v: r.n_deltas for v, r in made.items()}
+            assert sorted(made) == list(range(1, len(made) + 1))  # versions contiguous: a's dead commit left no hole
+        finally:
+            store.close()
+    finally:
+        pub.close()
+        for p in (a, b):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(20)
+                except subprocess.TimeoutExpired:
+                    p.kill()

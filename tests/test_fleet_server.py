@@ -1,0 +1,95 @@
+"""The fleet server on a real broker and a real SQLite file: validate, store, aggregate, publish."""
+from __future__ import annotations
+
+import urllib.request
+
+import pytest
+
+from edge.broker import free_port
+from edge.cli import main
+from edge.fleet.codec import unpack_message, verify_signature
+from edge.fleet.config import load_server_config
+from edge.fleet.keys import load_public
+from edge.fleet.server import FleetServer
+from edge.fleet.store import open_store
+from tests.fleet_helpers import make_keys, server_toml, signed_delta
+from tests.helpers import Client
+
+
+@pytest.fixture
+def setup(tmp_path, broker):
+    keys = make_keys(tmp_path, ["n1", "n2"])
+    cfg_path = server_toml(tmp_path, keys, broker, store=str(tmp_path / "fleet.db"), k=2, t_s=60.0)
+    text = cfg_path.read_text() + f"\n[metrics]\nport = {free_port()}\n"
+    cfg_path.write_text(text)
+    server = FleetServer(load_server_config(cfg_path))
+    server.start()
+    watcher = Client(broker, "fleet/test/vibration/global")
+    yield keys, server, watcher, cfg_path
+    server.stop()
+    watcher.c.publish("fleet/test/vibration/global", b"", qos=1, retain=True).wait_for_publish(5)  # clear for the next test
+    watcher.close()
+
+
+def _globals(msgs):
+    return [unpack_message(p) for t, p, _ in msgs if t.endswith("/global")]
+
+
+def test_deltas_become_a_signed_retained_global_version(setup, broker):
+    keys, server, watcher, cfg_path = setup
+    assert server.connected.wait(10)
+    v0 = watcher.wait_for(lambda m: _globals(m))[0]
+    assert v0.header.version == 0 and verify_signature(v0, load_public(keys["server"].public_path))
+    watcher.publish("fleet/test/vibration/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=1))
+    watcher.publish("fleet/test/vibration/delta/n2", signed_delta(keys["n2"].private_path, node="n2", seq=1, seed=1))
+    v1 = watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 1])[0]
+    assert v1.header.samples == 2 and verify_signature(v1, load_public(keys["server"].public_path))
+    late = Client(broker, "fleet/test/vibration/global")  # a device joining later gets it retained
+    try:
+        assert late.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 1])
+    finally:
+        late.close()
+
+
+def test_bad_deltas_are_rejected_with_their_reason_per_device(setup, broker, capsys):
+    keys, server, watcher, cfg_path = setup
+    assert server.connected.wait(10)
+    good = signed_delta(keys["n1"].private_path, node="n1", seq=7)
+    watcher.publish("fleet/test/vibration/delta/n1", good)
+    watcher.publish("fleet/test/vibration/delta/n1", good)  # a resend after a lost ack
+    watcher.publish("fleet/test/vibration/delta/n1", signed_delta(keys["n2"].private_path, node="n1", seq=8))
+    watcher.publish("fleet/test/vibration/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=9, scale=100.0))
+    watcher.publish("fleet/test/vibration/delta/zz", b"garbage" * 20)
+    store = open_store(str(cfg_path.parent / "fleet.db"))
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            devs = {d.node: d for d in store.devices()}
+            if "n1" in devs and devs["n1"].rejected >= 3 and "(unknown)" in devs:
+                break
+            time.sleep(0.1)
+        assert devs["n1"].accepted == 1
+        assert devs["n1"].reasons == {"replayed_seq": 1, "bad_signature": 1, "norm_too_large": 1}
+        assert devs["(unknown)"].reasons == {"garbage": 1}
+    finally:
+        store.close()
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_server.port}/metrics", timeout=5).read().decode()
+    assert 'edge_fleet_deltas_rejected_total{reason="bad_signature"} 1' in body
+    assert main(["fleet-server", "devices", "-c", str(cfg_path)]) == 0
+    assert '"norm_too_large": 1' in capsys.readouterr().out
+
+
+def test_rollback_publishes_an_earlier_head_as_a_new_version(setup, broker, capsys):
+    keys, server, watcher, cfg_path = setup
+    assert server.connected.wait(10)
+    watcher.publish("fleet/test/vibration/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=1))
+    watcher.publish("fleet/test/vibration/delta/n2", signed_delta(keys["n2"].private_path, node="n2", seq=1))
+    watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 1])
+    assert main(["fleet-server", "rollback", "0", "-c", str(cfg_path)]) == 0
+    v2 = watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 2])[0]
+    v0 = [g for g in _globals(watcher.msgs) if g.header.version == 0][0]
+    assert all((v2.tensors[k] == v0.tensors[k]).all() for k in v0.tensors)
+    assert main(["fleet-server", "versions", "-c", str(cfg_path)]) == 0
+    assert "rollback to version 0" in capsys.readouterr().out
