@@ -131,12 +131,10 @@ class Daemon:
                         "(set [labels] keys_dir, and restrict the topic in the broker's ACL)", base)
         if cfg.adapt.enabled:
             from edge.adapt.worker import AdaptWorker
-            from edge.state import CheckpointStore, ModelIdentity
+            from edge.state import learner_store
 
-            store = CheckpointStore(state_dir(cfg) / "adapt", keep=3,
-                                    identity=ModelIdentity.of(self.model, head=cfg.adapt.head))
             self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event,
-                                     store=store, supervisor=self.supervisor)
+                                     store=learner_store(cfg, self.model), supervisor=self.supervisor)
             if cfg.fleet.enabled:  # fleet sync (issue 9): its own thread and MQTT connection
                 from edge.fleet.device import DeviceSync
 
@@ -476,4 +474,7 @@ def build_info() -> dict[str, str]:
 
 
 def state_dir(cfg: Config) -> Path:
-    return Path(cfg.node.state_dir).expanduser() / cfg.node.name
+    """The node's state folder (``edge.state.node_state_dir``)."""
+    from edge.state import node_state_dir
+
+    return node_state_dir(cfg)

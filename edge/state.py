@@ -248,6 +248,16 @@ def _chmod(path: Path, mode: int) -> None:
         os.chmod(path, mode)
 
 
+def node_state_dir(cfg) -> Path:
+    """The node's state folder: ``[node] state_dir / <node name>``."""
+    return Path(cfg.node.state_dir).expanduser() / cfg.node.name
+
+
+def learner_store(cfg, model, *, keep: int = 3) -> "CheckpointStore":
+    """The learner's checkpoint store of a node (``<state>/adapt``), bound to ``model`` and ``[adapt] head``."""
+    return CheckpointStore(node_state_dir(cfg) / "adapt", keep=keep, identity=ModelIdentity.of(model, head=cfg.adapt.head))
+
+
 class CheckpointStore:
     """Numbered checkpoints in one directory, newest last; keeps the last ``keep``.
 

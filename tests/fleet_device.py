@@ -26,15 +26,17 @@ def main(config: str, status: str, seed: int) -> int:
     from edge.config import load_config
     from edge.fleet.device import DeviceSync
     from edge.ingest.types import StreamKey
+    from edge.state import learner_store
     from edge.zoo import resolve_model
 
     cfg = load_config(config)
     model = resolve_model(cfg.model.path)
     m = model.manifest
-    _, sd = model.state_dicts()
-    ghead = HeadSnapshot.from_arrays({k: v.numpy() for k, v in sd.items()}, kind="linear", task=m.task, version="shipped")
+    _, sd = model.arrays()
+    ghead = HeadSnapshot.from_arrays(sd, kind="linear", task=m.task, version="shipped")
     events: list = []
-    worker = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda k, **f: events.append(k))
+    worker = AdaptWorker(cfg=cfg, model=model, global_head=ghead, publish_event=lambda k, **f: events.append(k),
+                         store=learner_store(cfg, model))
     sync = DeviceSync(cfg=cfg, worker=worker, model=model, on_event=lambda k, **f: events.append((k, f.get("reason"))))
     stop = threading.Event()
     link = sync.link.client

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 
 log = logging.getLogger("edge.demo")
 
@@ -49,13 +48,14 @@ class _Device:
         from edge.adapt.heads import HeadSnapshot
         from edge.adapt.worker import AdaptWorker
         from edge.fleet.device import DeviceSync
+        from edge.state import learner_store
 
         m = model.manifest
-        _, sd = model.state_dicts()
-        self.shipped = HeadSnapshot.from_arrays({k: v.numpy() for k, v in sd.items()}, kind="linear", task=m.task,
-                                                version="shipped")
+        _, sd = model.arrays()
+        self.shipped = HeadSnapshot.from_arrays(sd, kind="linear", task=m.task, version="shipped")
         self.node, self.data, self.rate, self.classes = node, data, rate, m.classes
-        self.worker = AdaptWorker(cfg=cfg, model=model, global_head=self.shipped, publish_event=lambda k, **f: None)
+        self.worker = AdaptWorker(cfg=cfg, model=model, global_head=self.shipped, publish_event=lambda k, **f: None,
+                                  store=learner_store(cfg, model))
         self.sync = DeviceSync(cfg=cfg, worker=self.worker, model=model, on_event=lambda k, **f: None)
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._feed, name=f"sim:{node}", daemon=True)

@@ -8,7 +8,6 @@ how a device rebases on a new global head (``edge.fleet.client``).
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from edge.adapt.heads import make_head
 
@@ -30,19 +29,18 @@ def initial_arrays(model, *, kind: str, rank: int = 4, hidden: int = 32) -> dict
     as the devices' learner builds its head (``AdaptConfig.head_options``), so an ``mlp``
     head's first layer is the same random draw on every device and on the server."""
     m = model.manifest
-    _, sd = model.state_dicts()
+    _, sd = model.arrays()
     opts = head_options(kind, rank=rank, hidden=hidden)
     outputs = len(m.classes) if m.task == "classification" else m.outputs
-    head = make_head(kind, in_features=m.feature_size, out_features=outputs, base_weight=sd["weight"].numpy(),
-                     base_bias=sd["bias"].numpy(), **opts)
+    head = make_head(kind, in_features=m.feature_size, out_features=outputs, base_weight=sd["weight"],
+                     base_bias=sd["bias"], **opts)
     return head.arrays()
 
 
-@torch.no_grad()
 def set_head_arrays(head, arrays: dict) -> None:
-    """Set ``head`` so that ``head.arrays()`` equals ``arrays`` (in place: optimizer and
-    numpy views stay valid). A low-rank head takes the whole target as its base and a
-    zero residual; the others keep their structure.
+    """Set ``head`` so that ``head.arrays()`` equals ``arrays`` (in place: optimizer state and
+    views stay valid). A low-rank head takes the whole target as its base and a zero
+    residual; the others keep their structure.
 
     >>> h = make_head("mlp", in_features=3, out_features=2, hidden=4)
     >>> target = {k: v + 1 for k, v in h.arrays().items()}
@@ -50,16 +48,16 @@ def set_head_arrays(head, arrays: dict) -> None:
     >>> all(np.allclose(h.arrays()[k], target[k]) for k in target)
     True
     """
-    t = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in arrays.items()}
+    t = {k: np.asarray(v, np.float32) for k, v in arrays.items()}
     if head.kind == "linear":
-        head.weight.copy_(t["weight"])
-        head.bias.copy_(t["bias"])
+        head.weight[...] = t["weight"]
+        head.bias[...] = t["bias"]
     elif head.kind == "lowrank":
-        head.base_weight.copy_(t["weight"])
-        head.base_bias.copy_(t["bias"])
+        head.base_weight[...] = t["weight"]
+        head.base_bias[...] = t["bias"]
         head.reset_to_base()
     else:
-        head.base_weight.copy_(t["weight"])
-        head.base_bias.copy_(t["bias"])
+        head.base_weight[...] = t["weight"]
+        head.base_bias[...] = t["bias"]
         for k in ("w1", "b1", "w2", "b2"):
-            getattr(head, k).copy_(t[k])
+            getattr(head, k)[...] = t[k]
