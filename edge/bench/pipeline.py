@@ -324,9 +324,10 @@ def compare_interleaved(host: str, port: int, a, tmp: Path, before_src: str, row
     their median messages per CPU-second is what a shared, noisy machine cannot fake."""
     procs = {}
     try:
+        prefixes = {"edge": "cmpnew", "edge_before": "cmpold"}  # each daemon its own topics
         for name, src in (("edge", ""), ("edge_before", before_src)):
             procs[name] = _start_edge(host, port, a.model, tmp, a.cache_dir, src=src, node=f"cmp-{name.replace('_', '-')}",
-                                      prefix=f"cmp{name[-1]}")
+                                      prefix=prefixes[name])
         rounds: dict[str, list[float]] = {n: [] for n in procs}
         for r in range(a.compare_rounds):
             for name, (proc, _) in procs.items():
@@ -335,7 +336,7 @@ def compare_interleaved(host: str, port: int, a, tmp: Path, before_src: str, row
                 try:
                     time.sleep(0.3)
                     b = run_burst(pub, rx, proc.pid, streams=a.streams, count=a.burst, rows=rows,
-                                  prefix=f"cmp{name[-1]}".encode(), timeout=120)
+                                  prefix=prefixes[name].encode(), timeout=120)
                     rounds[name].append(b["messages_per_cpu_s"])
                 finally:
                     pub.close()
