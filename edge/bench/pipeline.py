@@ -71,10 +71,13 @@ class Receiver:
         self.last = 0.0
         self.lock = threading.Lock()
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-rx-{topic[:5]}", protocol=mqtt.MQTTv311)
+        self.subscribed = threading.Event()
         self.c.on_connect = lambda c, *a: c.subscribe(topic)
+        self.c.on_subscribe = lambda *a: self.subscribed.set()
         self.c.on_message = self._on
         self.c.connect(host, port)
         self.c.loop_start()
+        self.subscribed.wait(30)  # a burst sent before the SUBACK would lose its first predictions
 
     def _on(self, c, u, m):
         now = time.time()
@@ -147,10 +150,15 @@ def run_paced(pub: RawPublisher, rx: Receiver, pid: int, *, streams: int, rate: 
             "cpu_core_share": round(cpu / (wall + 0.3), 3)}
 
 
+_BURST_END: dict[bytes, float] = {}  # the stream time each prefix's last burst reached
+
+
 def run_burst(pub: RawPublisher, rx: Receiver, pid: int, *, streams: int, count: int, rows, prefix: bytes, timeout: float) -> dict:
     topics = [prefix + b"/s%02d/accel" % s for s in range(streams)]
     per = count // streams
-    base = time.time() + 100.0  # later than anything paced, so windows never see time go backwards
+    # later than anything paced and than the previous burst on these streams, so windows never see time go back
+    base = max(time.time() + 100.0, _BURST_END.get(prefix, 0.0) + 1.0)
+    _BURST_END[prefix] = base + per / 1000.0
     pkts = []
     for i in range(per):
         for s in range(streams):
@@ -166,7 +174,7 @@ def run_burst(pub: RawPublisher, rx: Receiver, pid: int, *, streams: int, count:
     done = rx.wait_count(expected, timeout)
     el = (rx.last if rx.n else time.time()) - t0
     cpu = _cpu_seconds(pid) - cpu0
-    n = per * streams * (rx.n / max(1, expected))
+    n = per * streams * min(1.0, rx.n / max(1, expected))
     return {"messages": per * streams, "send_s": round(sent_s, 3), "windows_expected": expected,
             "windows_received": rx.n, "complete": done, "elapsed_s": round(el, 3),
             "messages_per_s": round(n / max(el, 1e-9), 1), "cpu_s": round(cpu, 3),
@@ -329,25 +337,29 @@ def compare_interleaved(host: str, port: int, a, tmp: Path, before_src: str, row
             procs[name] = _start_edge(host, port, a.model, tmp, a.cache_dir, src=src, node=f"cmp-{name.replace('_', '-')}",
                                       prefix=prefixes[name])
         rounds: dict[str, list[float]] = {n: [] for n in procs}
+        incomplete: dict[str, int] = {n: 0 for n in procs}
+        rxs = {name: Receiver(host, port, f"edge/cmp-{name.replace('_', '-')}/predictions/#") for name in procs}
+        pub = RawPublisher(host, port, client_id="bench-cmp-pub")
         for r in range(a.compare_rounds):
             for name, (proc, _) in procs.items():
-                rx = Receiver(host, port, f"edge/cmp-{name.replace('_', '-')}/predictions/#")
-                pub = RawPublisher(host, port, client_id=f"bench-cmp-{name}-{r}")
-                try:
-                    time.sleep(0.3)
-                    b = run_burst(pub, rx, proc.pid, streams=a.streams, count=a.burst, rows=rows,
-                                  prefix=prefixes[name].encode(), timeout=120)
+                time.sleep(0.5)
+                b = run_burst(pub, rxs[name], proc.pid, streams=a.streams, count=a.burst, rows=rows,
+                              prefix=prefixes[name].encode(), timeout=60)
+                if b["complete"]:  # a burst whose predictions did not all come back says nothing of its cost
                     rounds[name].append(b["messages_per_cpu_s"])
-                finally:
-                    pub.close()
-                    rx.close()
-            print(f"[compare] round {r + 1}: " + ", ".join(f"{n} {v[-1]:.0f}" for n, v in rounds.items()), flush=True)
+                else:
+                    incomplete[name] += 1
+            print(f"[compare] round {r + 1}: " + ", ".join(f"{n} {v[-1] if v else float('nan'):.0f}"
+                                                          for n, v in rounds.items()), flush=True)
+        pub.close()
+        for rx in rxs.values():
+            rx.close()
     finally:
         for proc, _ in procs.values():
             proc.terminate()
             proc.wait(10)
-    med = {n: float(np.median(v)) for n, v in rounds.items()}
-    return {"rounds_messages_per_cpu_s": rounds, "median_messages_per_cpu_s": med,
+    med = {n: float(np.median(v)) if v else float("nan") for n, v in rounds.items()}
+    return {"rounds_messages_per_cpu_s": rounds, "incomplete_rounds": incomplete, "median_messages_per_cpu_s": med,
             "ratio_median": round(med["edge"] / max(1e-9, med["edge_before"]), 3),
             "ratio_per_round": [round(x / max(1e-9, y), 3) for x, y in zip(rounds["edge"], rounds["edge_before"])]}
 
