@@ -70,7 +70,7 @@ class Receiver:
         self.n = 0
         self.last = 0.0
         self.lock = threading.Lock()
-        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-rx-{topic[:5]}", protocol=mqtt.MQTTv311)
+        self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-rx-{os.getpid()}-{abs(hash(topic)) % 10**8}", protocol=mqtt.MQTTv311)
         self.subscribed = threading.Event()
         self.c.on_connect = lambda c, *a: c.subscribe(topic)
         self.c.on_subscribe = lambda *a: self.subscribed.set()
@@ -355,9 +355,12 @@ def compare_interleaved(host: str, port: int, a, tmp: Path, before_src: str, row
         for rx in rxs.values():
             rx.close()
     finally:
-        for proc, _ in procs.values():
+        for name, (proc, _) in procs.items():
             proc.terminate()
             proc.wait(10)
+            log_file = tmp / f"cmp-{name.replace('_', '-')}.log"
+            if log_file.exists():
+                Path(a.out).with_suffix(f".compare-{name}.log").write_bytes(log_file.read_bytes()[-200_000:])
     med = {n: float(np.median(v)) if v else float("nan") for n, v in rounds.items()}
     return {"rounds_messages_per_cpu_s": rounds, "incomplete_rounds": incomplete, "median_messages_per_cpu_s": med,
             "ratio_median": round(med["edge"] / max(1e-9, med["edge_before"]), 3),
