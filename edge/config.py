@@ -112,7 +112,7 @@ class MqttConfig(_Section):
     reconnect_max_s: float = _opt(30.0, lo=0.1, hi=3600.0, doc="reconnect backoff cap")
     max_payload_bytes: int = _opt(1 << 20, lo=64, hi=256 << 20, doc="larger payloads are rejected")
     topic_prefix: str = _opt("edge", doc="prefix of the node's own topics: <prefix>/<node>/...")
-    retain_predictions: bool = _opt(True, doc="publish predictions retained, so a new subscriber sees each stream's latest at once")
+    retain_latest_s: float = _opt(1.0, lo=0.0, hi=86400.0, doc="a stream's prediction is published retained at most this often, so a new subscriber sees its latest (at most this old) at once; 0: never retained")
     ha_discovery: bool = _opt(False, doc="announce each stream to Home Assistant (MQTT discovery, retained)")
     ha_prefix: str = _opt("homeassistant", doc="Home Assistant's discovery prefix")
     session_expiry_s: int = _opt(3600, lo=0, hi=0xFFFFFFFF,

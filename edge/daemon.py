@@ -72,6 +72,7 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.adapt = None
         self.sync = None  # fleet sync (issue 9)
+        self._retained: dict[str, float] = {}  # prediction topic -> when it was last published retained
         self.metrics_server: MetricsServer | None = None
         self.status_socket = None
         self.backend_reason = ""
@@ -312,7 +313,17 @@ class Daemon:
 
     # ---- outputs ---------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes) -> bool:
-        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos, retain=self.cfg.mqtt.retain_predictions)
+        # Retaining every prediction costs the broker a store per message (it showed in the
+        # pipeline's p99); one retained per stream per retain_latest_s keeps "the latest"
+        # for new subscribers at a fraction of that. Called on the pipeline thread only.
+        every = self.cfg.mqtt.retain_latest_s
+        retain = False
+        if every:
+            now = time.monotonic()
+            if now - self._retained.get(topic, -1e18) >= every:
+                self._retained[topic] = now
+                retain = True
+        return self.link.publish(topic, payload, qos=self.cfg.mqtt.qos, retain=retain)
 
     def _new_stream(self, key) -> None:
         """Announce a stream to Home Assistant (MQTT discovery), retained, as Zigbee2MQTT and ESPHome do."""
