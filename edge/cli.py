@@ -80,8 +80,21 @@ def _cmd_status(args) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version, else the source tree's (a checkout on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge-runtime")
+    except PackageNotFoundError:
+        from edge import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge", description="Edge runtime: sensors in, compiled model served, head learned online.")
+    ap.add_argument("--version", action="version", version=f"edge-runtime {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run the daemon")
