@@ -16,17 +16,19 @@ from edge.errors import EdgeError
 
 
 def _cmd_run(args) -> int:
+    from edge.check import check_all, check_startup
     from edge.config import load_config
     from edge.observe import setup_logging
 
+    setup_logging(args.log_level or "info")  # before the config: loading it may warn (a readable password_file)
     cfg = load_config(args.config)
     if args.check:
-        from edge.zoo import resolve_model
-
-        m = resolve_model(cfg.model.path)
-        print(f"{args.config or '(defaults)'}: OK — node {cfg.node.name}, model {m.manifest.name}@{m.manifest.version}, "
-              f"{len(cfg.sources)} source(s), broker {cfg.mqtt.host}:{cfg.mqtt.port}")
+        mc = check_all(cfg)
+        print(f"{args.config or '(defaults)'}: OK — node {cfg.node.name}, model {mc.name}@{mc.version} "
+              f"(one window {mc.window_shape} -> {mc.output_shape}), {len(cfg.sources)} source(s), "
+              f"broker {cfg.mqtt.host}:{cfg.mqtt.port} {'TLS' if cfg.mqtt.tls else 'plaintext'}")
         return 0
+    check_startup(cfg)
     setup_logging(args.log_level or cfg.node.log_level)
     from edge.daemon import Daemon
 
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", "-c", help="TOML config (default: built-in defaults)")
-    r.add_argument("--check", action="store_true", help="validate the config and the model, then exit")
+    r.add_argument("--check", action="store_true", help="check all that start-up checks (config, TLS files, broker policy, state folder, model runs one window), then exit")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=_cmd_run)
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import ipaddress
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
@@ -27,17 +29,35 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 
-def _opt(default, *, choices=None, lo=None, hi=None, doc=""):
-    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+log = logging.getLogger("edge.config")
 
 
-def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"[{where}] {key} = {value!r} is invalid: {allowed}")
+def _opt(default, *, choices=None, lo=None, hi=None, doc="", secret=False):
+    # A secret is kept out of repr() too, so that logging a config cannot leak it.
+    return field(default=default, repr=not secret,
+                 metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc, "secret": secret})
+
+
+def _fix(where: str, key: str, value: Any, allowed: str, *, secret: bool = False) -> ConfigError:
+    """The error for a bad value; a secret's value is never shown, whatever its type.
+
+    >>> str(_fix("mqtt", "password", 123, "expected a string", secret=True))
+    '[mqtt] password = <hidden> is invalid: expected a string'
+    """
+    shown = "<hidden>" if secret else repr(value)
+    return ConfigError(f"[{where}] {key} = {shown} is invalid: {allowed}")
+
+
+_fix_value = _fix
 
 
 def _coerce(where: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
     hint = typing.get_type_hints(cls)[f.name]
     md = f.metadata
+
+    def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
+        return _fix_value(where, key, value, allowed, secret=bool(md.get("secret")))
+
     if hint is bool:
         if not isinstance(value, bool):
             raise _fix(where, f.name, value, "expected true or false")
@@ -92,7 +112,9 @@ class MqttConfig(_Section):
     protocol: str = _opt("5", choices=("5", "3.1.1"), doc="MQTT protocol version")
     client_id: str = _opt("", doc="client id; empty means edge-<node name>")
     username: str = _opt("", doc="user name; empty for none")
-    password: str = _opt("", doc="password")
+    password: str = _opt("", doc="password (prefer password_file)", secret=True)
+    password_file: str = _opt("", doc="file holding the password (mode 0600; a group- or world-readable one is warned about)")
+    allow_plaintext: bool = _opt(False, doc="allow a connection without TLS to a broker that is not on loopback")
     tls: bool = _opt(False, doc="connect with TLS")
     ca_file: str = _opt("", doc="CA bundle for TLS; empty uses the system's")
     cert_file: str = _opt("", doc="client certificate for mutual TLS")
@@ -311,7 +333,32 @@ def parse_config(data: dict[str, Any]) -> Config:
             raise _fix("mqtt", key, p, "no such file")
     if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
+    if cfg.mqtt.password_file:
+        if cfg.mqtt.password:
+            raise ConfigError("[mqtt] password and password_file are both set: keep only password_file")
+        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, password=read_secret_file("mqtt", "password_file", cfg.mqtt.password_file)))
     return cfg
+
+
+def read_secret_file(where: str, key: str, path: str) -> str:
+    """A secret from a file (one line; the trailing newline is dropped), warning when others can read it.
+
+    The message names the file, never its content.
+    """
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"[{where}] {key} = {str(p)!r}: cannot read it: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        log.warning("[%s] %s %s is readable or writable by group or others (mode %04o): chmod 600 it",
+                    where, key, p, st.st_mode & 0o7777)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"[{where}] {key} = {str(p)!r}: not UTF-8 text") from None
+    return text.rstrip("\r\n")
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -320,9 +367,14 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition; the bytes themselves are not shown (they may be a secret).
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
