@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except EdgeError as e:
-        print(f"edge: error: {e}", file=sys.stderr)
+        # One line, whatever the message holds (torch's load errors span several): journald
+        # and the unit's status show the first line only.
+        print("edge: error: " + " ".join(part.strip() for part in str(e).splitlines() if part.strip()), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130
