@@ -1,0 +1,265 @@
+"""The device path: deploy/install.sh in a real Debian chroot, the units checked by systemd's
+own tools, and the CPU container built where a Docker daemon is reachable.
+
+The chroot is a minimal Debian bookworm made once with debootstrap and cached outside the
+repository (``$EDGE_TEST_CHROOT``, default /var/cache/edge-test-chroot/bookworm; building it
+takes a few minutes and needs the Debian mirror); each test installs into a throw-away
+overlay of it (a copy where overlayfs cannot be mounted). The installer runs with
+``--no-deps`` there: the test proves the layout, the user, the config, the units and
+their enablement, not PyPI's torch download.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge.errors import BackendUnavailable, ConfigError, ModelError, ParityError
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "deploy" / "systemd"
+INSTALL = ROOT / "deploy" / "install.sh"
+CHROOT_CACHE = Path(os.environ.get("EDGE_TEST_CHROOT", "/var/cache/edge-test-chroot/bookworm"))
+MIRROR = os.environ.get("EDGE_TEST_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+pytestmark = pytest.mark.timeout(900)
+
+
+def _directives(unit: Path) -> dict[str, list[str]]:
+    """Key -> values of a unit file (keys may repeat, as SystemCallFilter= does)."""
+    out: dict[str, list[str]] = {}
+    for line in unit.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")) and "=" in line:
+            k, v = line.split("=", 1)
+            out.setdefault(k.strip(), []).append(v.strip())
+    return out
+
+
+# --- the unit files themselves (no tool needed) --------------------------------------------
+
+@pytest.mark.parametrize("name", ["edge-runtime.service", "edge-fleet.service"])
+def test_unit_has_the_required_hardening(name):
+    d = _directives(UNITS / name)
+    prevent = set(d["RestartPreventExitStatus"][0].split())
+    assert {str(ConfigError.exit_code), str(ModelError.exit_code)} <= prevent
+    assert {str(BackendUnavailable.exit_code), str(ParityError.exit_code)} <= prevent
+    assert d["UMask"] == ["0077"] and d["StateDirectoryMode"] == ["0700"]
+    after = d["After"][0].split()
+    assert "network-online.target" in after and "time-sync.target" in after
+    assert d["SystemCallFilter"][0] == "@system-service" and d["NoNewPrivileges"] == ["yes"]
+    assert d["User"] == ["edge"] and d["CapabilityBoundingSet"] == [""]
+
+
+def test_runtime_unit_allows_no_device_until_a_serial_port_is_configured():
+    d = _directives(UNITS / "edge-runtime.service")
+    assert d["DevicePolicy"] == ["closed"] and "DeviceAllow" not in d
+    assert d["SupplementaryGroups"] == ["dialout"]
+    assert d["ExecStartPre"][0].endswith("--check") and d["Type"] == ["notify"]
+
+
+def test_fleet_unit_runs_the_fleet_server():
+    d = _directives(UNITS / "edge-fleet.service")
+    assert d["ExecStart"] == ["/opt/edge-runtime/venv/bin/edge fleet-server run --config /etc/edge-runtime/fleet.toml"]
+    assert d["PrivateDevices"] == ["yes"]
+
+
+# --- systemd-analyze security ----------------------------------------------------------------
+
+def _security_score(unit: Path) -> float:
+    exe = shutil.which("systemd-analyze")
+    if not exe:
+        pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
+    r = subprocess.run([exe, "security", "--offline=yes", "--no-pager", str(unit)], capture_output=True, text=True, timeout=120)
+    if "--offline" in r.stderr and "unrecognized" in r.stderr:
+        pytest.skip("this systemd-analyze has no --offline (systemd >= 250 needed)")
+    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
+    assert m, r.stdout[-2000:] + r.stderr[-2000:]
+    return float(m.group(1))
+
+
+@pytest.mark.parametrize("name", ["edge-runtime.service", "edge-fleet.service"])
+def test_unit_security_exposure_is_at_most_2(name):
+    assert _security_score(UNITS / name) <= 2.0
+
+
+# --- deploy/install.sh in a Debian chroot ------------------------------------------------------
+
+def _need_root_tools() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("installing into a chroot needs root")
+    for tool in ("chroot", "mount", "systemd-analyze"):
+        if not shutil.which(tool):
+            pytest.skip(f"{tool} is not installed")
+
+
+def _debian_chroot() -> Path:
+    """The cached minimal bookworm tree; built once with debootstrap (minutes)."""
+    _need_root_tools()
+    if (CHROOT_CACHE / "usr" / "bin" / "systemd-analyze").exists():
+        return CHROOT_CACHE
+    if not shutil.which("debootstrap"):
+        pytest.skip(f"no cached chroot at {CHROOT_CACHE} and debootstrap is not installed (apt-get install debootstrap)")
+    tmp = CHROOT_CACHE.with_name(CHROOT_CACHE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["debootstrap", "--variant=minbase", "--include=python3,python3-venv,systemd,adduser,passwd",
+                        "bookworm", str(tmp), MIRROR], capture_output=True, text=True, timeout=840)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        pytest.skip(f"debootstrap from {MIRROR} failed (no mirror reachable?): {r.stderr[-300:]}")
+    tmp.rename(CHROOT_CACHE)
+    return CHROOT_CACHE
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheel")
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return next(out.glob("*.whl"))
+
+
+@pytest.fixture
+def root(tmp_path):
+    """A throw-away Debian root: an overlay on the cached chroot, else a copy of it."""
+    base = _debian_chroot()
+    upper, work, merged = tmp_path / "upper", tmp_path / "work", tmp_path / "root"
+    for p in (upper, work, merged):
+        p.mkdir()
+    r = subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={base},upperdir={upper},workdir={work}", str(merged)],
+                       capture_output=True, text=True)
+    mounted = r.returncode == 0
+    if not mounted:
+        merged.rmdir()
+        subprocess.run(["cp", "-a", str(base), str(merged)], check=True, timeout=600)
+    yield merged
+    if mounted:
+        subprocess.run(["umount", "-l", str(merged)], check=False)
+
+
+def _install(root: Path, wheel: Path, *args: str) -> subprocess.CompletedProcess:
+    r = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--wheel", str(wheel), "--no-deps", *args],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def _in(root: Path, *cmd: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, timeout=300)
+
+
+def _verify(root: Path) -> subprocess.CompletedProcess:
+    return _in(root, "systemd-analyze", "verify", "/etc/systemd/system/edge-runtime.service",
+               "/etc/systemd/system/edge-fleet.service")
+
+
+def test_install_creates_user_code_config_and_enabled_unit(root, wheel):
+    _install(root, wheel)
+    passwd = (root / "etc/passwd").read_text()
+    assert re.search(r"^edge:x:\d+:\d+:[^:]*:/var/lib/edge-runtime:/usr/sbin/nologin$", passwd, re.M)
+    assert "dialout" in _in(root, "id", "-nG", "edge").stdout.split()
+    cfg = root / "etc/edge-runtime/edge.toml"
+    assert cfg.read_bytes() == (ROOT / "deploy/config/edge.toml").read_bytes()
+    assert cfg.stat().st_mode & 0o777 == 0o640 and (root / "etc/edge-runtime").stat().st_mode & 0o777 == 0o750
+    assert _in(root, "/opt/edge-runtime/venv/bin/edge", "--version").stdout.startswith("edge-runtime ")
+    wants = root / "etc/systemd/system/multi-user.target.wants"
+    assert (wants / "edge-runtime.service").is_symlink() and not (wants / "edge-fleet.service").exists()
+
+
+def test_installed_units_pass_systemd_analyze_verify(root, wheel):
+    _install(root, wheel)
+    r = _verify(root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "edge" not in r.stderr, r.stderr
+
+
+def test_verify_fails_when_the_binary_is_missing(root, wheel):
+    # The check above means something: verify does look for ExecStart='s binary.
+    _install(root, wheel)
+    (root / "opt/edge-runtime/venv/bin/edge").unlink()
+    r = _verify(root)
+    assert r.returncode != 0 and "/opt/edge-runtime/venv/bin/edge" in r.stderr
+
+
+def test_reinstall_keeps_the_edited_config_and_allows_its_serial_port(root, wheel):
+    _install(root, wheel)
+    cfg = root / "etc/edge-runtime/edge.toml"
+    cfg.write_text(cfg.read_text() + '\n[[sources]]\ntype = "serial"\nport = "/dev/ttyACM3"\nstream = "accel"\n')
+    edited = cfg.read_bytes()
+    r = _install(root, wheel, "--fleet")
+    assert "kept the existing" in r.stdout and cfg.read_bytes() == edited
+    dropin = root / "etc/systemd/system/edge-runtime.service.d/serial.conf"
+    assert "DeviceAllow=/dev/ttyACM3 rw" in dropin.read_text().splitlines()
+    assert (root / "etc/passwd").read_text().count("\nedge:") == 1
+    assert (root / "etc/systemd/system/multi-user.target.wants/edge-fleet.service").is_symlink()
+    v = _verify(root)
+    assert v.returncode == 0, v.stderr
+
+
+def test_uninstall_removes_everything_but_the_state(root, wheel):
+    _install(root, wheel)
+    state = root / "var/lib/edge-runtime"
+    state.mkdir(parents=True, exist_ok=True)
+    (state / "head.ckpt").write_bytes(b"learned")
+    r = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--uninstall"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for gone in ("opt/edge-runtime", "etc/edge-runtime", "etc/systemd/system/edge-runtime.service",
+                 "etc/systemd/system/edge-fleet.service", "etc/systemd/system/multi-user.target.wants/edge-runtime.service"):
+        assert not (root / gone).exists(), gone
+    assert "\nedge:" not in (root / "etc/passwd").read_text()
+    assert (state / "head.ckpt").read_bytes() == b"learned"
+
+
+def test_uninstall_keeps_an_edited_config(root, wheel):
+    _install(root, wheel)
+    cfg = root / "etc/edge-runtime/edge.toml"
+    cfg.write_text(cfg.read_text().replace('name = "press-7"', 'name = "press-8"'))
+    r = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--uninstall"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "kept /etc/edge-runtime/edge.toml" in r.stdout
+    assert 'name = "press-8"' in cfg.read_text() and not (root / "opt/edge-runtime").exists()
+
+
+# --- containers ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.jetson"])
+def test_containerfile_has_health_check_state_volume_and_no_root(name):
+    text = (ROOT / "deploy/docker" / name).read_text()
+    assert "HEALTHCHECK" in text and 'VOLUME ["/var/lib/edge-runtime"]' in text
+    assert re.search(r"^USER edge$", text, re.M)
+    assert "scripts/lib/torch.sh" in text  # one torch choice for every install path
+
+
+def test_compose_runs_the_cpu_image_read_only_with_a_state_volume():
+    text = (ROOT / "deploy/docker/compose.yaml").read_text()
+    assert "read_only: true" in text and "edge-state:/var/lib/edge-runtime" in text
+
+
+def _docker_reason() -> str | None:
+    exe = shutil.which("docker")
+    if not exe:
+        return "docker is not installed"
+    r = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0:
+        return "no Docker daemon reachable: " + (r.stderr.strip().splitlines() or ["docker info failed"])[-1][:200]
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_cpu_container_builds_and_runs_check():
+    reason = _docker_reason()
+    if reason:
+        pytest.skip(reason)
+    tag = "edge-runtime:test-cpu"
+    r = subprocess.run(["docker", "build", "-f", "deploy/docker/Dockerfile.cpu", "-t", tag, "."], cwd=ROOT,
+                       capture_output=True, text=True, timeout=3000)
+    assert r.returncode == 0, r.stderr[-4000:]
+    r = subprocess.run(["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", tag,
+                        "run", "--config", "/etc/edge-runtime/edge.toml", "--check"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
