@@ -47,7 +47,7 @@ def _cmd_compile(args) -> int:
     from edge.serve.compile import compile_model
     from edge.zoo import resolve_model
 
-    setup_logging("info")
+    setup_logging("warning" if args.quiet else "info")  # --quiet: the summary line and warnings only
     res = compile_model(resolve_model(args.model), backend=args.backend,
                         precision=None if args.precision == "auto" else args.precision,
                         calibration=args.calibration, cache_dir=args.cache_dir, progress=not args.quiet,
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", help="artifact cache (default ~/.cache/edge-runtime)")
     c.add_argument("--threads", type=int, default=1, help="inference threads used for the parity check")
     c.add_argument("--force", action="store_true", help="rebuild even if cached or refused before")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="print only the summary line (and warnings)")
     c.set_defaults(func=_cmd_compile)
 
     b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial (see BENCHMARKS.md)")

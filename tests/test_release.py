@@ -2,6 +2,7 @@
 wheel and the sdist), the deploy files (in the sdist), and a build without warning walls."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -59,3 +60,29 @@ def test_building_prints_no_setuptools_warnings(built):
     _, _, log = built
     assert "BuildBackendWarning" not in log and "absent from the `packages`" not in log, log[-3000:]
     assert "SetuptoolsDeprecationWarning" not in log and "warning: no previously-included" not in log, log[-3000:]
+
+
+def test_library_info_lines_show_only_at_debug_level():
+    import logging
+
+    from edge.observe import setup_logging
+
+    try:
+        setup_logging("info")
+        assert not logging.getLogger("onnxscript.optimizer").isEnabledFor(logging.INFO)
+        assert logging.getLogger("onnxruntime.quantization").isEnabledFor(logging.WARNING)
+        assert logging.getLogger("edge.serve").isEnabledFor(logging.INFO)
+        setup_logging("debug")
+        assert logging.getLogger("onnx_ir.passes").isEnabledFor(logging.INFO)
+    finally:
+        setup_logging("warning")
+
+
+def test_compile_quiet_prints_the_summary_line_only(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "compile", str(ROOT / "models" / "vibration"),
+                        "--backend", "onnxruntime", "--cache-dir", str(tmp_path / "cache"), "--quiet"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=280,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("\n") == 1 and r.stdout.startswith("onnxruntime"), r.stdout
+    assert " INFO " not in r.stderr and "onnx" not in r.stderr, r.stderr[-3000:]
