@@ -60,7 +60,7 @@ def _bench(what: str, argv: list[str]) -> int:
     import importlib
 
     modname = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
-               "serial": "edge.bench.serial"}[what]
+               "serial": "edge.bench.serial", "units": "edge.bench.units"}[what]
     return int(importlib.import_module(modname).main(argv) or 0)
 
 
@@ -126,8 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="print only the summary line (and warnings)")
     c.set_defaults(func=_cmd_compile)
 
-    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial (see BENCHMARKS.md)")
-    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial"])
+    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, units (see BENCHMARKS.md)")
+    b.add_argument("what", choices=["pipeline", "serve", "adapt", "serial", "units"])
     b.set_defaults(func=None)
 
     s = sub.add_parser("status", help="backend availability and the running daemon's status")

@@ -71,15 +71,14 @@ def test_fleet_unit_runs_the_fleet_server():
 # --- systemd-analyze security ----------------------------------------------------------------
 
 def _security_score(unit: Path) -> float:
-    exe = shutil.which("systemd-analyze")
-    if not exe:
+    if not shutil.which("systemd-analyze"):
         pytest.skip("systemd-analyze is not installed (apt-get install systemd)")
-    r = subprocess.run([exe, "security", "--offline=yes", "--no-pager", str(unit)], capture_output=True, text=True, timeout=120)
-    if "--offline" in r.stderr and "unrecognized" in r.stderr:
+    r = subprocess.run(["systemd-analyze", "security", "--help"], capture_output=True, text=True, timeout=60)
+    if "--offline" not in r.stdout:
         pytest.skip("this systemd-analyze has no --offline (systemd >= 250 needed)")
-    m = re.search(r"Overall exposure level for \S+: ([0-9.]+)", r.stdout)
-    assert m, r.stdout[-2000:] + r.stderr[-2000:]
-    return float(m.group(1))
+    from edge.bench.units import score
+
+    return score(unit)["exposure"]
 
 
 @pytest.mark.parametrize("name", ["edge-runtime.service", "edge-fleet.service"])
