@@ -7,9 +7,16 @@ start-up. Each check raises an ``EdgeError`` (config 2, model 3, state 7):
 - the broker address policy (``check_broker_policy``, pure): no plaintext to a broker
   that is not on loopback unless ``[mqtt] allow_plaintext = true``;
 - the TLS files (``check_tls_files``): readable and parseable by the ssl module;
-- the model folder (``check_model``): ``model.py`` imports, the weights load, and one
-  window of zeros runs through backbone and head with the manifest's shapes;
+- the model folder: its files (``check_model_files``: manifest, ``model.py``, a readable
+  weights file with backbone and head tensors; without importing torch, so ``edge run``
+  checks it at every start), and with ``--check`` also its code (``check_model``:
+  ``model.py`` imports, the weights load, one window of zeros runs through backbone and
+  head with the manifest's shapes);
 - the state folder (``check_state_dir``): writable by this user, or creatable.
+
+``edge run`` makes the cheap checks (``check_startup``) itself, in the main process, so
+that their exit codes reach systemd's ``RestartPreventExitStatus=``, which looks at the
+main process only: a failing ``ExecStartPre=`` is restarted whatever its exit code.
 """
 from __future__ import annotations
 
@@ -150,6 +157,28 @@ def check_model(ref: str) -> ModelCheck:
                       feature_shape=tuple(feats.shape), output_shape=tuple(out.shape))
 
 
+def check_model_files(ref: str):
+    """The model folder's manifest, ``model.py`` and weights are there and readable (no torch)."""
+    from safetensors import SafetensorError, safe_open
+
+    from edge.zoo import resolve_model
+
+    folder = resolve_model(ref)  # parses the manifest
+    if not (folder.path / "model.py").is_file():
+        raise ModelError(f"{folder.path}: model folder has no model.py")
+    wp = folder.path / "weights.safetensors"
+    if not wp.is_file():
+        raise ModelError(f"{folder.path}: model folder has no weights.safetensors (run its train.py)")
+    try:
+        with safe_open(str(wp), framework="numpy") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{wp}: cannot read weights: {str(e)[:200]}") from None
+    if not any(k.startswith("backbone.") for k in keys) or not any(k.startswith("head.") for k in keys):
+        raise ModelError(f"{wp}: weights need keys prefixed 'backbone.' and 'head.'")
+    return folder
+
+
 def check_state_dir(path: str) -> Path:
     """The state folder exists and is writable, or its nearest existing parent is."""
     p = Path(path).expanduser()
@@ -164,13 +193,14 @@ def check_state_dir(path: str) -> Path:
 
 
 def check_startup(cfg: Config) -> None:
-    """The checks ``edge run`` makes before it starts the daemon (the cheap ones)."""
+    """The checks ``edge run`` makes before it starts the daemon: the cheap ones, no torch."""
     check_broker_policy(cfg.mqtt)
     check_tls_files(cfg.mqtt)
+    check_state_dir(cfg.node.state_dir)
+    check_model_files(cfg.model.path)
 
 
 def check_all(cfg: Config) -> ModelCheck:
     """Everything ``edge run --check`` checks; returns what the model check found."""
     check_startup(cfg)
-    check_state_dir(cfg.node.state_dir)
     return check_model(cfg.model.path)

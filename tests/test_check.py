@@ -256,3 +256,32 @@ def test_version_prints_the_package_version(capsys):
     assert e.value.code == 0
     assert capsys.readouterr().out.strip().startswith("edge-runtime ")
     assert __version__
+
+
+# --- what `edge run` itself checks before it starts ----------------------------------------
+
+def test_run_refuses_a_model_folder_without_weights_with_exit_3(tmp_path, capsys, model_copy):
+    (model_copy / "weights.safetensors").unlink()
+    rc = main(["run", "--config", str(_config(tmp_path, model=model_copy))])
+    assert rc == 3 and "no weights.safetensors" in capsys.readouterr().err
+
+
+def test_run_refuses_unreadable_weights_with_exit_3(tmp_path, capsys, model_copy):
+    (model_copy / "weights.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00not json")
+    rc = main(["run", "--config", str(_config(tmp_path, model=model_copy))])
+    assert rc == 3 and "cannot read weights" in capsys.readouterr().err
+
+
+def test_run_refuses_plaintext_to_a_remote_broker_with_exit_2(tmp_path, capsys):
+    rc = main(["run", "--config", str(_config(tmp_path, '[mqtt]\nhost = "192.0.2.10"\n'))])
+    assert rc == 2 and "not on loopback" in capsys.readouterr().err
+
+
+def test_start_up_checks_do_not_import_torch(tmp_path):
+    # The serving path is meant to run without torch (RSS); the checks must not pull it in.
+    code = ("import sys; from edge.check import check_startup; from edge.config import load_config; "
+            f"check_startup(load_config({str(_config(tmp_path))!r})); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "False"
