@@ -263,3 +263,100 @@ def test_cpu_container_builds_and_runs_check():
     r = subprocess.run(["docker", "run", "--rm", "--read-only", "--tmpfs", "/tmp", tag,
                         "run", "--config", "/etc/edge-runtime/edge.toml", "--check"], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+# --- the installed unit under a real systemd (systemd-nspawn boots the chroot) ----------------
+
+_PROBE_PY = r'''
+import json, sys, time
+import paho.mqtt.client as mqtt
+port, got = int(sys.argv[1]), []
+c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+c.on_message = lambda cl, u, m: got.append(m.payload)
+c.connect("127.0.0.1", port)
+c.subscribe("edge/press-7/predictions/#")
+c.loop_start()
+deadline = time.monotonic() + 120
+t0 = time.time()
+while not got and time.monotonic() < deadline:
+    for _ in range(4):
+        c.publish("sensors/m1/accel", json.dumps({"t0": t0, "dt": 0.001, "v": [[0.01 * i, 0.0, 1.0] for i in range(256)]}))
+        t0 += 0.256
+    time.sleep(1.0)
+print("PREDICTION=" + ("1 " + got[0].decode()[:200] if got else "0"))
+'''
+
+_PROBE_SH = r'''#!/bin/sh
+systemctl start edge-runtime; echo "START_RC=$?"
+systemctl show -p ActiveState -p NRestarts edge-runtime | sed 's/^/RUN_/'
+/opt/edge-runtime/venv/bin/python /usr/local/sbin/edge-probe.py "$1"
+stat -c 'MODE %a %U %n' /var/lib/edge-runtime /var/cache/edge-runtime
+systemctl stop edge-runtime; echo "STOP_RC=$?"
+systemctl show -p Result -p ExecMainStatus edge-runtime | sed 's/^/STOP_/'
+printf '[mqtt]\nport = "not a port"\n' > /etc/edge-runtime/edge.toml
+systemctl start edge-runtime; echo "BAD_START_RC=$?"
+sleep 8
+systemctl show -p ActiveState -p NRestarts -p ExecMainStatus edge-runtime | sed 's/^/BAD_/'
+journalctl -u edge-runtime --no-pager | tail -40 | sed 's/^/LOG /'
+'''
+
+
+def _copy_host_network_setup(root: Path) -> dict[str, str]:
+    """Let pip in the chroot reach the package index this host reaches (resolver, CA bundle, local wheels)."""
+    for f in ("etc/hosts", "etc/resolv.conf", "etc/ssl/certs/ca-certificates.crt"):
+        if (Path("/") / f).is_file():
+            (root / f).unlink(missing_ok=True)
+            shutil.copy(Path("/") / f, root / f)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PIP_")}
+    wheels = [w for d in os.environ.get("PIP_FIND_LINKS", "").split() if Path(d).is_dir() for w in Path(d).glob("torch-*.whl")]
+    if wheels:
+        (root / "tmp/wheels").mkdir(parents=True, exist_ok=True)
+        for w in wheels:
+            shutil.copy(w, root / "tmp/wheels" / w.name)
+        env["PIP_FIND_LINKS"] = "/tmp/wheels"
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_installed_unit_serves_stops_and_does_not_loop_on_a_bad_config(root, wheel, broker, tmp_path):
+    if not shutil.which("systemd-nspawn"):
+        pytest.skip("systemd-nspawn is not installed (apt-get install systemd-container)")
+    nspawn = ["systemd-nspawn", "-q", "--register=no", "--keep-unit", "-D", str(root)]
+    r = subprocess.run(nspawn + ["--pipe", "/bin/true"], capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        pytest.skip(f"systemd-nspawn cannot run a container here: {r.stderr.strip()[-200:]}")
+    env = _copy_host_network_setup(root)
+    inst = subprocess.run(["bash", str(INSTALL), "--root", str(root), "--wheel", str(wheel)], capture_output=True,
+                          text=True, timeout=1200, env=env)
+    if inst.returncode != 0 and ("No matching distribution" in inst.stderr or "Name or service not known" in inst.stderr):
+        pytest.skip("the package index is not reachable from the chroot: " + inst.stderr.strip()[-200:])
+    assert inst.returncode == 0, inst.stdout[-2000:] + inst.stderr[-3000:]
+    cfg = root / "etc/edge-runtime/edge.toml"
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    text = cfg.read_text().replace("port = 1883", f"port = {broker.port}").replace("port = 9108", f"port = {metrics_port}")
+    cfg.write_text(text)
+    (root / "usr/local/sbin/edge-probe.py").write_text(_PROBE_PY)
+    (root / "usr/local/sbin/edge-probe.sh").write_text(_PROBE_SH)
+    (root / "etc/systemd/system/edge-probe.service").write_text(
+        "[Unit]\nAfter=multi-user.target\n[Service]\nType=oneshot\nTimeoutStartSec=900\n"
+        f"StandardOutput=append:/probe.out\nExecStart=/bin/sh /usr/local/sbin/edge-probe.sh {broker.port}\n"
+        "ExecStartPost=/bin/systemctl poweroff\n[Install]\nWantedBy=multi-user.target\n")
+    (root / "etc/systemd/system/multi-user.target.wants/edge-probe.service").symlink_to("/etc/systemd/system/edge-probe.service")
+
+    boot = subprocess.run(nspawn + ["-b"], capture_output=True, text=True, timeout=1200)
+    out = (root / "probe.out").read_text() if (root / "probe.out").exists() else ""
+    assert out, boot.stdout[-3000:] + boot.stderr[-2000:]
+    kv = dict(line.split("=", 1) for line in out.splitlines() if "=" in line and not line.startswith("LOG "))
+    assert {"START_RC", "PREDICTION", "STOP_RC", "BAD_NRestarts"} <= set(kv), out[-4000:]
+    assert kv["START_RC"] == "0" and kv["RUN_ActiveState"] == "active" and kv["RUN_NRestarts"] == "0", out
+    assert kv["PREDICTION"].startswith("1 "), out
+    assert "MODE 700 edge /var/lib/edge-runtime" in out and "MODE 700 edge /var/cache/edge-runtime" in out, out
+    assert kv["STOP_RC"] == "0" and kv["STOP_Result"] == "success" and kv["STOP_ExecMainStatus"] == "0", out
+    # A bad config fails once with exit 2 and is not restarted (RestartPreventExitStatus=).
+    assert kv["BAD_START_RC"] != "0" and kv["BAD_ExecMainStatus"] == "2", out
+    assert kv["BAD_ActiveState"] == "failed" and kv["BAD_NRestarts"] == "0", out
