@@ -360,3 +360,53 @@ def test_installed_unit_serves_stops_and_does_not_loop_on_a_bad_config(root, whe
     # A bad config fails once with exit 2 and is not restarted (RestartPreventExitStatus=).
     assert kv["BAD_START_RC"] != "0" and kv["BAD_ExecMainStatus"] == "2", out
     assert kv["BAD_ActiveState"] == "failed" and kv["BAD_NRestarts"] == "0", out
+
+
+# --- the shared torch choice (scripts/lib/torch.sh) -----------------------------------------
+
+_FAKE_PY = """#!/bin/sh
+# Stands in for a venv's python: torch never imports; pip calls are recorded, and fail
+# for the local '+cpu' wheel so that the fallback to PyTorch's CPU index is taken.
+if [ "$1" = "-c" ]; then exit 1; fi
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then mkdir -p "$4/bin"; cp "$0" "$4/bin/python"; echo "VENV $*" >> "$LOG"; exit 0; fi
+echo "PIP $*" >> "$LOG"
+case "$*" in *+cpu*) exit 1 ;; esac
+"""
+
+
+@pytest.mark.parametrize("machine, expected", [
+    ("cpu", ["PIP -m pip install torch==2.13.0+cpu",
+             "PIP -m pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"]),
+    ("nvidia", ["PIP -m pip install torch>=2.2,<2.15"]),
+    ("jetson", ["VENV -m venv --system-site-packages"]),
+    ("spec", ["PIP -m pip install torch==2.9.1"]),
+])
+def test_torch_choice_follows_the_machine(tmp_path, machine, expected):
+    # A GPU or a Jetson cannot exist here: their markers (nvidia-smi, /etc/nv_tegra_release) are faked.
+    bindir, venv, log = tmp_path / "bin", tmp_path / "venv", tmp_path / "log"
+    (venv / "bin").mkdir(parents=True)
+    bindir.mkdir()
+    fake = venv / "bin" / "python"
+    fake.write_text(_FAKE_PY)
+    fake.chmod(0o755)
+    env = {"PATH": f"{bindir}:/usr/bin:/bin", "LOG": str(log), "EDGE_TEGRA_RELEASE": str(tmp_path / "no-tegra")}
+    if machine == "nvidia":
+        (bindir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\n")
+        (bindir / "nvidia-smi").chmod(0o755)
+    if machine == "jetson":
+        (tmp_path / "tegra").write_text("# R36 (release)\n")
+        env["EDGE_TEGRA_RELEASE"] = str(tmp_path / "tegra")
+        keep = bindir / "fake-python"  # the venv (and its python) is removed and made again
+        keep.write_text(_FAKE_PY)
+        keep.chmod(0o755)
+        sys_py = bindir / "python3"  # the system python, which has JetPack's torch
+        sys_py.write_text(f"#!/bin/sh\nif [ \"$1\" = -c ]; then exit 0; fi\nexec {keep} \"$@\"\n")
+        sys_py.chmod(0o755)
+    if machine == "spec":
+        env["EDGE_TORCH_SPEC"] = "torch==2.9.1"
+    py = "python3" if machine == "jetson" else str(fake)
+    r = subprocess.run(["bash", "-c", f'. {ROOT}/scripts/lib/torch.sh && edge_install_torch "{py}" "{venv}"'],
+                       capture_output=True, text=True, env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert [c[:len(e)] for c, e in zip(calls, expected)] == expected and len(calls) == len(expected), calls
