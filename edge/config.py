@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import ipaddress
 import logging
 import re
 import typing
@@ -48,41 +47,35 @@ def _fix(where: str, key: str, value: Any, allowed: str, *, secret: bool = False
     return ConfigError(f"[{where}] {key} = {shown} is invalid: {allowed}")
 
 
-_fix_value = _fix
-
-
 def _coerce(where: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
     hint = typing.get_type_hints(cls)[f.name]
     md = f.metadata
-
-    def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
-        return _fix_value(where, key, value, allowed, secret=bool(md.get("secret")))
-
+    secret = bool(md.get("secret"))
     if hint is bool:
         if not isinstance(value, bool):
-            raise _fix(where, f.name, value, "expected true or false")
+            raise _fix(where, f.name, value, "expected true or false", secret=secret)
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fix(where, f.name, value, "expected an integer")
+            raise _fix(where, f.name, value, "expected an integer", secret=secret)
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fix(where, f.name, value, "expected a number")
+            raise _fix(where, f.name, value, "expected a number", secret=secret)
         value = float(value)
     elif hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and md.get("choices"):
             value = str(value)  # protocol = 5 reads as the string "5"
         if not isinstance(value, str):
-            raise _fix(where, f.name, value, "expected a string")
+            raise _fix(where, f.name, value, "expected a string", secret=secret)
     elif hint == tuple[str, ...]:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise _fix(where, f.name, value, "expected a list of strings")
+            raise _fix(where, f.name, value, "expected a list of strings", secret=secret)
         value = tuple(value)
     if md.get("choices") and value not in md["choices"]:
-        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}")
+        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}", secret=secret)
     if md.get("lo") is not None and value < md["lo"]:
-        raise _fix(where, f.name, value, f"must be >= {md['lo']}")
+        raise _fix(where, f.name, value, f"must be >= {md['lo']}", secret=secret)
     if md.get("hi") is not None and value > md["hi"]:
-        raise _fix(where, f.name, value, f"must be <= {md['hi']}")
+        raise _fix(where, f.name, value, f"must be <= {md['hi']}", secret=secret)
     return value
 
 
