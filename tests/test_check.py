@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given, strategies as st
 
 from edge.check import check_tls_files
 from edge.cli import main
@@ -285,3 +286,18 @@ def test_start_up_checks_do_not_import_torch(tmp_path):
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "False"
+
+
+_TOML_VALUES = st.recursive(
+    st.integers() | st.floats(allow_nan=False) | st.booleans() | st.dates() | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(min_size=1, max_size=5), inner, max_size=3),
+    max_leaves=8)
+
+
+@given(_TOML_VALUES.filter(lambda v: not isinstance(v, str)))
+def test_a_secret_of_any_wrong_type_gives_the_same_message(value):
+    from edge.config import parse_config
+
+    with pytest.raises(ConfigError) as e:
+        parse_config({"mqtt": {"password": value}})
+    assert str(e.value) == "[mqtt] password = <hidden> is invalid: expected a string"
