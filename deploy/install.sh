@@ -5,6 +5,7 @@
 #   sudo deploy/install.sh                 install into /opt/edge-runtime, enable edge-runtime.service
 #   sudo systemctl start edge-runtime      (README, "Deploying on a device")
 #   sudo deploy/install.sh --uninstall     remove everything but the state (/var/lib/edge-runtime)
+#                                          and a config you edited
 #
 # Options:
 #   --root DIR     install into the Debian tree DIR (a chroot or an image) instead of /
