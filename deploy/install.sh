@@ -35,7 +35,7 @@ while [ $# -gt 0 ]; do
     --fleet) fleet=1; shift ;;
     --no-enable) enable=0; shift ;;
     --uninstall) uninstall=1; shift ;;
-    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
