@@ -301,8 +301,9 @@ def test_cpu_container_builds_checks_and_turns_healthy_read_only(tmp_path, broke
     r = _docker("build", "--network", "host", "--build-arg", f"PYTHON_IMAGE={base}", "-f", "deploy/docker/Dockerfile.cpu",
                 "-t", tag, ".", cwd=ctx, timeout=3000)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    conf = _docker("image", "inspect", "-f", "{{.Config.User}} {{json .Config.Volumes}} {{json .Config.Healthcheck.Test}}", tag)
-    assert conf.stdout.startswith("edge ") and "/var/lib/edge-runtime" in conf.stdout and "healthz" in conf.stdout, conf.stdout
+    conf = _docker("image", "inspect", "-f", "{{.Config.User}} {{json .Config.Volumes}} {{json .Config.Healthcheck.Test}} {{json .Config.Env}}", tag)
+    assert conf.stdout.startswith("edge ") and '"/var/lib/edge-runtime"' in conf.stdout, conf.stdout
+    assert "EDGE_HEALTH_URL" in conf.stdout and "/healthz" in conf.stdout, conf.stdout
 
     r = _docker("run", "--rm", "--read-only", "--tmpfs", "/tmp", "--network", "none", tag,
                 "run", "--config", "/etc/edge-runtime/edge.toml", "--check")
