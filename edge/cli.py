@@ -16,17 +16,19 @@ from edge.errors import EdgeError
 
 
 def _cmd_run(args) -> int:
+    from edge.check import check_all, check_startup
     from edge.config import load_config
     from edge.observe import setup_logging
 
+    setup_logging(args.log_level or "info")  # before the config: loading it may warn (a readable password_file)
     cfg = load_config(args.config)
     if args.check:
-        from edge.zoo import resolve_model
-
-        m = resolve_model(cfg.model.path)
-        print(f"{args.config or '(defaults)'}: OK — node {cfg.node.name}, model {m.manifest.name}@{m.manifest.version}, "
-              f"{len(cfg.sources)} source(s), broker {cfg.mqtt.host}:{cfg.mqtt.port}")
+        mc = check_all(cfg)
+        print(f"{args.config or '(defaults)'}: OK — node {cfg.node.name}, model {mc.name}@{mc.version} "
+              f"(one window {mc.window_shape} -> {mc.output_shape}), {len(cfg.sources)} source(s), "
+              f"broker {cfg.mqtt.host}:{cfg.mqtt.port} {'TLS' if cfg.mqtt.tls else 'plaintext'}")
         return 0
+    check_startup(cfg)
     setup_logging(args.log_level or cfg.node.log_level)
     from edge.daemon import Daemon
 
@@ -50,7 +52,7 @@ def _cmd_compile(args) -> int:
     from edge.serve.compile import compile_model
     from edge.zoo import resolve_model
 
-    setup_logging("info")
+    setup_logging("warning" if args.quiet else "info")  # --quiet: the summary line and warnings only
     res = compile_model(resolve_model(args.model), backend=args.backend,
                         precision=None if args.precision == "auto" else args.precision,
                         calibration=args.calibration, cache_dir=args.cache_dir, progress=not args.quiet,
@@ -61,7 +63,7 @@ def _cmd_compile(args) -> int:
 
 BENCHES = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
            "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt", "learning": "edge.bench.learning",
-           "device": "edge.bench.device", "fleet": "edge.bench.fleet"}
+           "device": "edge.bench.device", "fleet": "edge.bench.fleet", "units": "edge.bench.units"}
 
 
 def _bench(what: str, argv: list[str]) -> int:
@@ -116,13 +118,26 @@ def _cmd_label_key(args) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed distribution's version, else the source tree's (a checkout on PYTHONPATH)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("edge-runtime")
+    except PackageNotFoundError:
+        from edge import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge", description="Edge runtime: sensors in, compiled model served, head learned online.")
+    ap.add_argument("--version", action="version", version=f"edge-runtime {_version()}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", "-c", help="TOML config (default: built-in defaults)")
-    r.add_argument("--check", action="store_true", help="validate the config and the model, then exit")
+    r.add_argument("--check", action="store_true", help="check all that start-up checks (config, TLS files, broker policy, state folder, model runs one window), then exit")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=_cmd_run)
 
@@ -145,10 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--cache-dir", help="artifact cache (default ~/.cache/edge-runtime)")
     c.add_argument("--threads", type=int, default=1, help="inference threads used for the parity check")
     c.add_argument("--force", action="store_true", help="rebuild even if cached or refused before")
-    c.add_argument("--quiet", action="store_true")
+    c.add_argument("--quiet", action="store_true", help="print only the summary line (and warnings)")
     c.set_defaults(func=_cmd_compile)
 
-    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, mqtt, learning, device, fleet (see BENCHMARKS.md)")
+    b = sub.add_parser("bench", help="benchmarks: pipeline, serve, adapt, serial, mqtt, learning, device, fleet, units (see BENCHMARKS.md)")
     b.add_argument("what", choices=list(BENCHES))
     b.set_defaults(func=None)
 
@@ -188,7 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
     except EdgeError as e:
-        print(f"edge: error: {e}", file=sys.stderr)
+        # One line, whatever the message holds (torch's load errors span several): journald
+        # and the unit's status show the first line only.
+        print("edge: error: " + " ".join(part.strip() for part in str(e).splitlines() if part.strip()), file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         return 130

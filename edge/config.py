@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import logging
 import re
 import typing
 from dataclasses import dataclass, field
@@ -36,42 +37,54 @@ def _type_hints(cls: type) -> dict:
     return typing.get_type_hints(cls)
 
 
-def _opt(default, *, choices=None, lo=None, hi=None, doc=""):
-    return field(default=default, metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc})
+log = logging.getLogger("edge.config")
 
 
-def _fix(where: str, key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"[{where}] {key} = {value!r} is invalid: {allowed}")
+def _opt(default, *, choices=None, lo=None, hi=None, doc="", secret=False):
+    # A secret is kept out of repr() too, so that logging a config cannot leak it.
+    return field(default=default, repr=not secret,
+                 metadata={"choices": choices, "lo": lo, "hi": hi, "doc": doc, "secret": secret})
+
+
+def _fix(where: str, key: str, value: Any, allowed: str, *, secret: bool = False) -> ConfigError:
+    """The error for a bad value; a secret's value is never shown, whatever its type.
+
+    >>> str(_fix("mqtt", "password", 123, "expected a string", secret=True))
+    '[mqtt] password = <hidden> is invalid: expected a string'
+    """
+    shown = "<hidden>" if secret else repr(value)
+    return ConfigError(f"[{where}] {key} = {shown} is invalid: {allowed}")
 
 
 def _coerce(where: str, cls: type, f: dataclasses.Field, value: Any) -> Any:
     hint = _type_hints(cls)[f.name]
     md = f.metadata
+    secret = bool(md.get("secret"))
     if hint is bool:
         if not isinstance(value, bool):
-            raise _fix(where, f.name, value, "expected true or false")
+            raise _fix(where, f.name, value, "expected true or false", secret=secret)
     elif hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _fix(where, f.name, value, "expected an integer")
+            raise _fix(where, f.name, value, "expected an integer", secret=secret)
     elif hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise _fix(where, f.name, value, "expected a number")
+            raise _fix(where, f.name, value, "expected a number", secret=secret)
         value = float(value)
     elif hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and md.get("choices"):
             value = str(value)  # protocol = 5 reads as the string "5"
         if not isinstance(value, str):
-            raise _fix(where, f.name, value, "expected a string")
+            raise _fix(where, f.name, value, "expected a string", secret=secret)
     elif hint == tuple[str, ...]:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise _fix(where, f.name, value, "expected a list of strings")
+            raise _fix(where, f.name, value, "expected a list of strings", secret=secret)
         value = tuple(value)
     if md.get("choices") and value not in md["choices"]:
-        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}")
+        raise _fix(where, f.name, value, f"allowed: {', '.join(map(str, md['choices']))}", secret=secret)
     if md.get("lo") is not None and value < md["lo"]:
-        raise _fix(where, f.name, value, f"must be >= {md['lo']}")
+        raise _fix(where, f.name, value, f"must be >= {md['lo']}", secret=secret)
     if md.get("hi") is not None and value > md["hi"]:
-        raise _fix(where, f.name, value, f"must be <= {md['hi']}")
+        raise _fix(where, f.name, value, f"must be <= {md['hi']}", secret=secret)
     return value
 
 
@@ -101,7 +114,9 @@ class MqttConfig(_Section):
     protocol: str = _opt("5", choices=("5", "3.1.1"), doc="MQTT protocol version")
     client_id: str = _opt("", doc="client id; empty means edge-<node name>")
     username: str = _opt("", doc="user name; empty for none")
-    password: str = _opt("", doc="password")
+    password: str = _opt("", doc="password (prefer password_file)", secret=True)
+    password_file: str = _opt("", doc="file holding the password (mode 0600; a group- or world-readable one is warned about)")
+    allow_plaintext: bool = _opt(False, doc="allow a connection without TLS to a broker that is not on loopback")
     tls: bool = _opt(False, doc="connect with TLS")
     ca_file: str = _opt("", doc="CA bundle for TLS; empty uses the system's")
     cert_file: str = _opt("", doc="client certificate for mutual TLS")
@@ -386,7 +401,32 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
     if cfg.fleet.enabled and not (cfg.fleet.key_file and cfg.fleet.server_key):
         raise _fix("fleet", "key_file", cfg.fleet.key_file, "fleet sync needs key_file and server_key (see `edge keys`)")
+    if cfg.mqtt.password_file:
+        if cfg.mqtt.password:
+            raise ConfigError("[mqtt] password and password_file are both set: keep only password_file")
+        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, password=read_secret_file("mqtt", "password_file", cfg.mqtt.password_file)))
     return cfg
+
+
+def read_secret_file(where: str, key: str, path: str) -> str:
+    """A secret from a file (one line; the trailing newline is dropped), warning when others can read it.
+
+    The message names the file, never its content.
+    """
+    p = Path(path).expanduser()
+    try:
+        st = p.stat()
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"[{where}] {key} = {str(p)!r}: cannot read it: {e.strerror}") from None
+    if st.st_mode & 0o077:
+        log.warning("[%s] %s %s is readable or writable by group or others (mode %04o): chmod 600 it",
+                    where, key, p, st.st_mode & 0o7777)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"[{where}] {key} = {str(p)!r}: not UTF-8 text") from None
+    return text.rstrip("\r\n")
 
 
 def load_config(path: str | Path | None) -> Config:
@@ -395,9 +435,14 @@ def load_config(path: str | Path | None) -> Config:
         return Config()
     p = Path(path).expanduser()
     try:
-        text = p.read_text()
+        raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # TOML is UTF-8 by definition; the bytes themselves are not shown (they may be a secret).
+        raise ConfigError(f"{p}: not UTF-8 text (invalid byte at offset {e.start}); save it as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

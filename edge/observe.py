@@ -16,10 +16,18 @@ from typing import Callable
 Sample = tuple[dict[str, str], float]
 
 
+# Libraries that log their inner workings at INFO (the ONNX exporter's passes, ORT's
+# quantizer): an operator sees their warnings, their INFO lines only at debug level.
+CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "torch.export", "torch._export", "torch._dynamo")
+
+
 def setup_logging(level: str = "info") -> None:
     """Plain one-line logs on stderr (journald adds its own timestamps under systemd)."""
     fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper()), format=fmt, stream=sys.stderr, force=True)
+    lvl = getattr(logging, level.upper())
+    logging.basicConfig(level=lvl, format=fmt, stream=sys.stderr, force=True)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.NOTSET if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
 
 
 class RateLimitedLog:

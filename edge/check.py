@@ -1,0 +1,206 @@
+"""What ``edge run`` checks before it starts, and everything ``edge run --check`` reports.
+
+``edge run --check`` is the unit's ``ExecStartPre``: it must fail, with the documented
+exit code and one line naming the fault, wherever the daemon itself would fail at
+start-up. Each check raises an ``EdgeError`` (config 2, model 3, state 7):
+
+- the broker address policy (``check_broker_policy``, pure): no plaintext to a broker
+  that is not on loopback unless ``[mqtt] allow_plaintext = true``;
+- the TLS files (``check_tls_files``): readable and parseable by the ssl module;
+- the model folder: its files (``check_model_files``: manifest, ``model.py``, a readable
+  weights file with backbone and head tensors; without importing torch, so ``edge run``
+  checks it at every start), and with ``--check`` also its code (``check_model``:
+  ``model.py`` imports, the weights load, one window of zeros runs through backbone and
+  head with the manifest's shapes);
+- the state folder (``check_state_dir``): writable by this user, or creatable.
+
+``edge run`` makes the cheap checks (``check_startup``) itself, in the main process, so
+that their exit codes reach systemd's ``RestartPreventExitStatus=``, which looks at the
+main process only: a failing ``ExecStartPre=`` is restarted whatever its exit code.
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge.config import Config, MqttConfig
+from edge.errors import ConfigError, ModelError, StateError
+
+log = logging.getLogger("edge.check")
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses; a name is not resolved (DNS can change).
+
+    >>> [is_loopback_host(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost", "10.0.0.2", "broker.lan")]
+    [True, True, True, True, False, False]
+    """
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_broker_policy(mqtt: MqttConfig) -> None:
+    """Refuse plaintext MQTT to a broker off this machine unless the config allows it.
+
+    >>> check_broker_policy(MqttConfig(host="127.0.0.1", username="u", password="p"))
+    >>> check_broker_policy(MqttConfig(host="10.0.0.2", tls=True))
+    >>> check_broker_policy(MqttConfig(host="10.0.0.2"))  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    edge.errors.ConfigError: [mqtt] host = '10.0.0.2' is not on loopback and tls = false: ...
+    """
+    if mqtt.tls or is_loopback_host(mqtt.host):
+        return
+    what = "the connection and its username/password would travel" if mqtt.username else "the connection would travel"
+    if not mqtt.allow_plaintext:
+        raise ConfigError(f"[mqtt] host = {mqtt.host[:100]!r} is not on loopback and tls = false: {what} in clear; "
+                          "set tls = true (README, \"TLS policy\"), or allow_plaintext = true on a network you trust")
+    if mqtt.username:
+        log.warning("[mqtt] allow_plaintext = true: %s in clear to %s", what, mqtt.host[:100])
+
+
+def _readable(key: str, path: str) -> Path:
+    p = Path(path).expanduser()
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ConfigError(f"[mqtt] {key} = {str(p)!r}: cannot read it: {e.strerror}") from None
+    return p
+
+
+def _ssl_reason(e: ssl.SSLError) -> str:
+    return str(e.reason or e.strerror or type(e).__name__)[:100]
+
+
+def check_tls_files(mqtt: MqttConfig) -> None:
+    """Load the CA bundle and the client certificate and key as the MQTT client will.
+
+    A file that is missing, unreadable, not PEM, or a key that does not match its
+    certificate is one ``ConfigError`` naming the key and the file (never its content).
+    """
+    if not mqtt.tls:
+        return
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if mqtt.ca_file:
+        ca = _readable("ca_file", mqtt.ca_file)
+        try:
+            ctx.load_verify_locations(cafile=str(ca))
+        except (ssl.SSLError, ValueError) as e:
+            reason = _ssl_reason(e) if isinstance(e, ssl.SSLError) else "no certificate in it"
+            raise ConfigError(f"[mqtt] ca_file = {str(ca)!r}: not a PEM CA bundle ({reason})") from None
+    if not (mqtt.cert_file or mqtt.key_file):
+        return
+    if not (mqtt.cert_file and mqtt.key_file):
+        missing = "key_file" if mqtt.cert_file else "cert_file"
+        raise ConfigError(f"[mqtt] {missing} is empty: mutual TLS needs both cert_file and key_file")
+    cert, key = _readable("cert_file", mqtt.cert_file), _readable("key_file", mqtt.key_file)
+    try:
+        ssl.PEM_cert_to_DER_cert(cert.read_text("ascii", errors="replace"))
+    except ValueError:
+        raise ConfigError(f"[mqtt] cert_file = {str(cert)!r}: not a PEM certificate") from None
+    if b"PRIVATE KEY-----" not in key.read_bytes():
+        raise ConfigError(f"[mqtt] key_file = {str(key)!r}: not a PEM private key")
+
+    def no_passphrase() -> bytes:  # an encrypted key would make the daemon prompt on a tty it lacks
+        raise ConfigError(f"[mqtt] key_file = {str(key)!r}: the key is encrypted; the daemon needs an unencrypted key (mode 0600)")
+
+    try:
+        ctx.load_cert_chain(certfile=str(cert), keyfile=str(key), password=no_passphrase)
+    except ssl.SSLError as e:
+        raise ConfigError(f"[mqtt] key_file = {str(key)!r} cannot be used with cert_file = {str(cert)!r} "
+                          f"(ssl: {_ssl_reason(e)}): a corrupt key or one that does not match the certificate") from None
+
+
+@dataclass(frozen=True)
+class ModelCheck:
+    """What ``check_model`` found: the model and the shapes one window produced."""
+
+    name: str
+    version: str
+    window_shape: tuple[int, ...]
+    feature_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+
+
+def check_model(ref: str) -> ModelCheck:
+    """Import the folder's ``model.py``, load its weights and run one window of zeros through it."""
+    from edge.zoo import resolve_model
+
+    folder = resolve_model(ref)
+    m = folder.manifest
+    backbone, head = folder.build()  # ModelError for a bad model.py or weights
+    import torch
+
+    x = torch.zeros(1, m.channels, m.window)
+    try:
+        with torch.no_grad():
+            feats = backbone(x)
+            out = head(feats)
+    except Exception as e:  # a model folder's code may fail in any way
+        raise ModelError(f"{folder.path}: one window {tuple(x.shape)} does not run through the model: "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
+    if tuple(feats.shape) != (1, m.feature_size):
+        raise ModelError(f"{folder.path}: the backbone gives features of shape {tuple(feats.shape)}, "
+                         f"the manifest says (1, {m.feature_size}) (features.size)")
+    if tuple(out.shape) != (1, m.outputs):
+        raise ModelError(f"{folder.path}: the head gives outputs of shape {tuple(out.shape)}, "
+                         f"the manifest says (1, {m.outputs})")
+    return ModelCheck(name=m.name, version=m.version, window_shape=tuple(x.shape),
+                      feature_shape=tuple(feats.shape), output_shape=tuple(out.shape))
+
+
+def check_model_files(ref: str):
+    """The model folder's manifest, ``model.py`` and weights are there and readable (no torch)."""
+    from safetensors import SafetensorError, safe_open
+
+    from edge.zoo import resolve_model
+
+    folder = resolve_model(ref)  # parses the manifest
+    if not (folder.path / "model.py").is_file():
+        raise ModelError(f"{folder.path}: model folder has no model.py")
+    wp = folder.path / "weights.safetensors"
+    if not wp.is_file():
+        raise ModelError(f"{folder.path}: model folder has no weights.safetensors (run its train.py)")
+    try:
+        with safe_open(str(wp), framework="numpy") as f:
+            keys = list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelError(f"{wp}: cannot read weights: {str(e)[:200]}") from None
+    if not any(k.startswith("backbone.") for k in keys) or not any(k.startswith("head.") for k in keys):
+        raise ModelError(f"{wp}: weights need keys prefixed 'backbone.' and 'head.'")
+    return folder
+
+
+def check_state_dir(path: str) -> Path:
+    """The state folder exists and is writable, or its nearest existing parent is."""
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StateError(f"[node] state_dir = {str(p)!r}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StateError(f"[node] state_dir = {str(p)!r}: {probe} is not writable by this user")
+    return p
+
+
+def check_startup(cfg: Config) -> None:
+    """The checks ``edge run`` makes before it starts the daemon: the cheap ones, no torch."""
+    check_broker_policy(cfg.mqtt)
+    check_tls_files(cfg.mqtt)
+    check_state_dir(cfg.node.state_dir)
+    check_model_files(cfg.model.path)
+
+
+def check_all(cfg: Config) -> ModelCheck:
+    """Everything ``edge run --check`` checks; returns what the model check found."""
+    check_startup(cfg)
+    return check_model(cfg.model.path)
