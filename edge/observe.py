@@ -7,6 +7,7 @@ never touches a lock for metrics.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import time
@@ -21,11 +22,37 @@ Sample = tuple[dict[str, str], float]
 CHATTY_LOGGERS = ("onnx_ir", "onnxscript", "onnxruntime", "torch.onnx", "torch.export", "torch._export", "torch._dynamo")
 
 
+# syslog priorities in sd-daemon(3)'s "<N>" line prefix: journald stores them as the
+# entry's PRIORITY, so `journalctl -p warning` works, and prints no timestamps of ours
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6, logging.DEBUG: 7}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>logger: message`` for stderr connected to journald (systemd sets ``JOURNAL_STREAM``).
+
+    >>> JournalFormatter().format(logging.LogRecord("edge.x", logging.WARNING, "", 0, "disk full", None, None))
+    '<4>edge.x: disk full'
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        p = _PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)
+        text = f"{record.name}: {record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return "\n".join(f"<{p}>{line}" for line in text.splitlines())
+
+
 def setup_logging(level: str = "info") -> None:
-    """Plain one-line logs on stderr (journald adds its own timestamps under systemd)."""
-    fmt = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+    """One-line logs on stderr, plain text (no colour codes, whatever the terminal). Under
+    systemd with journald (``JOURNAL_STREAM`` set) each line carries its syslog priority
+    as ``<N>`` and no timestamp (journald adds its own)."""
     lvl = getattr(logging, level.upper())
-    logging.basicConfig(level=lvl, format=fmt, stream=sys.stderr, force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("JOURNAL_STREAM"):
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+    logging.basicConfig(level=lvl, handlers=[handler], force=True)
     for name in CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(logging.NOTSET if lvl <= logging.DEBUG else max(lvl, logging.WARNING))
 

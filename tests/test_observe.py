@@ -88,3 +88,17 @@ def test_readyz_turns_ready_once_connected(broker, tmp_path):
         assert code == 200 and json.loads(body)["model_loaded"] is True
     finally:
         d.stop()
+
+
+def test_logs_under_journald_carry_their_priority_and_no_colour(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("from edge.observe import setup_logging; import logging; setup_logging('info'); "
+            "logging.getLogger('edge.t').warning('disk full'); logging.getLogger('edge.t').error('bad')")
+    j = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**__import__("os").environ,
+                       "JOURNAL_STREAM": "8:1234"}, timeout=60)
+    assert j.stderr.splitlines() == ["<4>edge.t: disk full", "<3>edge.t: bad"]
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                           env={k: v for k, v in __import__("os").environ.items() if k != "JOURNAL_STREAM"})
+    assert "WARNING" in plain.stderr and "\x1b[" not in plain.stderr
