@@ -301,3 +301,24 @@ def test_a_secret_of_any_wrong_type_gives_the_same_message(value):
     with pytest.raises(ConfigError) as e:
         parse_config({"mqtt": {"password": value}})
     assert str(e.value) == "[mqtt] password = <hidden> is invalid: expected a string"
+
+
+def test_edge_run_exits_3_when_the_model_code_does_not_import(tmp_path):
+    """Not only --check: the daemon itself reports a broken model folder as a model error (exit 3),
+    which the unit's RestartPreventExitStatus keeps from restarting in a loop."""
+    import shutil
+    import subprocess
+    import sys
+
+    from edge.zoo import resolve_model
+
+    folder = tmp_path / "broken"
+    shutil.copytree(resolve_model("vibration").path, folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (folder / "model.py").write_text("raise RuntimeError('this model folder is broken')\n")
+    conf = tmp_path / "edge.toml"
+    conf.write_text(f'[node]\nname = "b"\nstate_dir = "{tmp_path / "state"}"\n'
+                    f'[model]\npath = "{folder}"\ncache_dir = "{tmp_path / "cache"}"\n')
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(conf)], capture_output=True, text=True,
+                       timeout=240, cwd=tmp_path)
+    assert r.returncode == 3, r.stderr[-2000:]
+    assert "importing model.py failed" in r.stderr.splitlines()[-1]

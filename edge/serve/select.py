@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from edge.errors import EdgeError
+from edge.errors import EdgeError, ModelError
 from edge.serve import parity
 from edge.serve.backends import availability, get_backend
 from edge.serve.cache import ArtifactCache, fingerprint
@@ -99,11 +99,14 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
     head = parity.head_scores(model)
     sets, eval_where = eval_sets(model) if head is not None else (None, "accuracy check: not a classification model")
     trials, loaded, scores = [], {}, {}
+    model_errors: list[ModelError] = []
     for c in cands:
         try:
             b, result = obtain(model, c.backend, c.precision, variant=c.variant, cache=cache, calibration=calibration,
                                threads=threads, force=force, progress=progress)
         except EdgeError as e:
+            if isinstance(e, ModelError):
+                model_errors.append(e)
             trials.append(Trial(c, False, why=str(e)[:300]))
             continue
         except Exception as e:  # noqa: BLE001  a backend library may fail in any way; refuse it, loudly
@@ -112,6 +115,8 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
             continue
         scores[c] = accuracy(b.features, head, sets) if sets else None
         loaded[c] = (b, result)
+    if cands and len(model_errors) == len(cands):  # the folder itself is at fault, not a backend: exit code 3
+        raise ModelError(f"no backend can serve {model.path}: {model_errors[0]}")
     # timed together, in alternation, once all are loaded: see choice.interleaved_medians
     p50 = interleaved_medians({c: (lambda b=b: b.features(x1)) for c, (b, _) in loaded.items()},
                               clock=clock, rounds=rounds, block=10)
