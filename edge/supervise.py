@@ -16,8 +16,9 @@ Two levels:
 Fault injection, for the fault suite and for operators who want to see it work: the
 environment variable ``EDGE_FAULTS`` (or ``Supervisor(faults=...)``) holds
 comma-separated ``THREAD:item:P`` (raise ``InjectedFault`` in that thread's per-item
-work with probability P) and ``THREAD:kill:N`` (kill the thread outright at its N-th
-item, with an exception that the item guard does not catch). Without it the check costs
+work with probability P, from a seeded generator), ``THREAD:every:N`` (at every N-th
+item: deterministic however the items are grouped) and ``THREAD:kill:N`` (kill the
+thread outright at its N-th item, with an exception that the item guard does not catch). Without it the check costs
 one falsy test per item.
 
 >>> sup = Supervisor()
@@ -56,26 +57,29 @@ def _cut(s: str, limit: int = 120) -> str:
     return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
-def parse_faults(spec: str) -> dict[str, tuple[float, int]]:
-    """``"pipeline:item:0.1,learner:kill:5"`` -> ``{thread: (item probability, kill at item N)}``.
+def parse_faults(spec: str) -> dict[str, tuple[float, int, int]]:
+    """``"pipeline:item:0.1,learner:kill:5"`` -> ``{thread: (item probability, every N-th item, kill at item N)}``.
 
-    >>> parse_faults("pipeline:item:0.5, learner:kill:3")
-    {'pipeline': (0.5, 0), 'learner': (0.0, 3)}
+    >>> parse_faults("pipeline:item:0.5, learner:kill:3, mqtt-ingest:every:2")
+    {'pipeline': (0.5, 0, 0), 'learner': (0.0, 0, 3), 'mqtt-ingest': (0.0, 2, 0)}
     """
-    out: dict[str, tuple[float, int]] = {}
+    out: dict[str, tuple[float, int, int]] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         try:
             thread, what, arg = part.split(":")
-            p, n = out.get(thread, (0.0, 0))
+            p, every, n = out.get(thread, (0.0, 0, 0))
             if what == "item":
                 p = float(arg)
+            elif what == "every":
+                every = int(arg)
             elif what == "kill":
                 n = int(arg)
             else:
                 raise ValueError(what)
         except ValueError:
-            raise ValueError(f"EDGE_FAULTS entry {_cut(part, 60)!r}: expected THREAD:item:P or THREAD:kill:N") from None
-        out[thread] = (p, n)
+            raise ValueError(f"EDGE_FAULTS entry {_cut(part, 60)!r}: expected THREAD:item:P, THREAD:every:N "
+                             "or THREAD:kill:N") from None
+        out[thread] = (p, every, n)
     return out
 
 
@@ -120,11 +124,11 @@ class Supervisor:
         f = self._faults.get(thread)
         if f is None:
             return
-        p, kill_at = f
+        p, every, kill_at = f
         n = self._fault_items[thread] = self._fault_items.get(thread, 0) + 1
         if kill_at and n >= kill_at:
             raise ThreadKill(f"{thread} killed by EDGE_FAULTS at item {n}")
-        if p and self._rng.random() < p:
+        if (every and n % every == 0) or (p and self._rng.random() < p):
             raise InjectedFault(f"injected fault in {thread} (item {n})")
 
     @property

@@ -85,7 +85,7 @@ def test_injected_faults_in_mqtt_ingest_lose_no_qos1_message(broker, tmp_path):
     it again after the ingest reconnects, so nothing is lost but what the poison guard
     gives up on (counted as ``handoff_lost``)."""
     node, n = "inji", 40
-    d = start_daemon(broker, tmp_path, node=node, faults="mqtt-ingest:item:0.2",
+    d = start_daemon(broker, tmp_path, node=node, faults="mqtt-ingest:every:2",
                      mqtt={"qos": 1, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5})
     try:
         c = _fire(broker, node, n, 0, "q")

@@ -87,3 +87,29 @@ def test_add_version_moves_forward(store):
     rec = store.add_version(lambda v: f"v{v}".encode(), "rollback to 0")
     assert rec.version == 1 and store.latest().message == b"v1"
     assert [v.version for v in store.versions()] == [1, 0]
+
+
+def test_two_instances_creating_one_new_schema_at_once_both_start():
+    """CREATE SCHEMA IF NOT EXISTS races on the catalog: the store serialises it."""
+    import threading
+
+    pytest.importorskip("psycopg")
+    from edge.fleet.pgstore import PostgresStore
+
+    url = f"{PG}?schema=race_{uuid.uuid4().hex[:10]}"
+    errors, stores = [], []
+    barrier = threading.Barrier(4)
+
+    def open_one():
+        barrier.wait()
+        try:
+            stores.append(PostgresStore(url))
+        except Exception as e:  # noqa: BLE001 - the test reports any failure
+            errors.append(e)
+
+    threads = [threading.Thread(target=open_one) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(stores) == 4

@@ -58,13 +58,16 @@ class PostgresStore:
             raise EdgeError(f"cannot connect to PostgreSQL at {parts.hostname}:{parts.port}: {str(e)[:200]}") from None
         self._lock = threading.Lock()
         with self._lock:
-            self._db.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
-            self._db.execute(f'SET search_path TO "{self.schema}"')
+            # CREATE ... IF NOT EXISTS is not safe against a concurrent create (two instances
+            # starting together race on the catalog's unique index): serialise it, schema included
             with self._db.transaction():
-                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))  # two instances creating at once
+                self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+                self._db.execute(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"')
+                self._db.execute(f'SET search_path TO "{self.schema}"')
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)
+            self._db.execute(f'SET search_path TO "{self.schema}"')
 
     def _one(self, sql, args=()):
         with self._lock:

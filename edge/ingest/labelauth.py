@@ -89,9 +89,14 @@ class LabelGate:
             t = orjson.loads(inner).get("t", now)
         except (orjson.JSONDecodeError, AttributeError):
             t = now  # the label decoder says what is wrong with it
-        if type(t) in (int, float) and now - t > self.max_age_s:
-            raise DecodeError("label_replay", f"signed label from {brief(by, 40)} is {now - t:.0f} s old "
-                                              f"(labels max_age_s = {self.max_age_s:g})")
+        if type(t) in (int, float):
+            try:
+                age = now - float(t)
+            except OverflowError:  # an int beyond a float: the label decoder would refuse it too
+                raise DecodeError("bad_label", f"signed label from {brief(by, 40)} has an absurd time") from None
+            if age > self.max_age_s:
+                raise DecodeError("label_replay", f"signed label from {brief(by, 40)} is {age:.4g} s old "
+                                                  f"(labels max_age_s = {self.max_age_s:g})")
         self._limit(by, now)
         self._seen[sig] = None
         if len(self._seen) > _SEEN_MAX:

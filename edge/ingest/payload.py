@@ -69,7 +69,7 @@ def _time(t, now: float, max_skew: float) -> float:
     if not _isfinite(t):
         raise DecodeError("bad_time", f"timestamp {brief(t)} is not finite")
     if max_skew and abs(t - now) > max_skew:
-        raise DecodeError("absurd_time", f"timestamp {t!r} is {t - now:+.0f} s from the receive time (max_clock_skew_s = {max_skew:g})")
+        raise DecodeError("absurd_time", f"timestamp {t!r} is {t - now:+.4g} s from the receive time (max_clock_skew_s = {max_skew:g})")
     return t
 
 
@@ -95,7 +95,7 @@ def _decode_json_obj(d, channels: int, now: float, max_skew: float, ts: list, ro
         if v and not _isfinite(ts[-1]):
             raise DecodeError("bad_time", "batch ends at a time that is not finite")
         if max_skew and v and abs(ts[-1] - now) > max_skew:
-            raise DecodeError("absurd_time", f"batch ends {ts[-1] - now:+.0f} s from the receive time")
+            raise DecodeError("absurd_time", f"batch ends {ts[-1] - now:+.4g} s from the receive time")
         return
     rows.append(_row(v, channels))
     ts.append(_time(d["t"], now, max_skew) if "t" in d else None)
