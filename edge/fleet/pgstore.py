@@ -16,7 +16,7 @@ from typing import Callable
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from edge.errors import EdgeError
-from edge.fleet.store import Build, DeltaRecord, DeviceRecord, Pending, VersionRecord, _delta, _version
+from edge.fleet.store import Build, DeltaRecord, Pending, StoreReads, VersionRecord, _delta, _version
 
 try:
     import psycopg
@@ -40,8 +40,10 @@ _DCOLS = "node, seq, base_version, samples, norm, digest, message, received, app
 _VCOLS = "version, parent, created, n_deltas, note, message"
 
 
-class PostgresStore:
+class PostgresStore(StoreReads):
     """A fleet store in PostgreSQL; one connection per instance, guarded by a lock."""
+
+    _PARAM = "%s"
 
     def __init__(self, url: str):
         if psycopg is None:
@@ -166,25 +168,3 @@ class PostgresStore:
                        (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
             return rec
 
-    def versions(self, limit: int = 100) -> list[VersionRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT %s", (limit,)).fetchall()
-        return [_version(r) for r in rows]
-
-    def deltas(self) -> list[DeltaRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_DCOLS} FROM deltas ORDER BY id").fetchall()
-        return [_delta(r) for r in rows]
-
-    def devices(self) -> list[DeviceRecord]:
-        with self._lock:
-            devs = self._db.execute("SELECT node, last_seen, accepted, rejected FROM devices ORDER BY node").fetchall()
-            rej = self._db.execute("SELECT node, reason, n FROM rejections").fetchall()
-        reasons: dict = {}
-        for node, reason, n in rej:
-            reasons.setdefault(node, {})[reason] = n
-        return [DeviceRecord(node=d[0], last_seen=d[1], accepted=d[2], rejected=d[3], reasons=reasons.get(d[0], {})) for d in devs]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()

@@ -105,7 +105,36 @@ def _version(row) -> VersionRecord | None:
     return VersionRecord(version=row[0], parent=row[1], created=row[2], n_deltas=row[3], note=row[4], message=bytes(row[5]))
 
 
-class SQLiteStore:
+class StoreReads:
+    """The read side both stores share (the same SQL; ``_PARAM`` is the driver's placeholder)."""
+
+    _PARAM = "?"
+
+    def versions(self, limit: int = 100) -> list[VersionRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT {self._PARAM}", (limit,)).fetchall()
+        return [_version(r) for r in rows]
+
+    def deltas(self) -> list[DeltaRecord]:
+        with self._lock:
+            rows = self._db.execute(f"SELECT {_DCOLS} FROM deltas ORDER BY id").fetchall()
+        return [_delta(r) for r in rows]
+
+    def devices(self) -> list[DeviceRecord]:
+        with self._lock:
+            devs = self._db.execute("SELECT node, last_seen, accepted, rejected FROM devices ORDER BY node").fetchall()
+            rej = self._db.execute("SELECT node, reason, n FROM rejections").fetchall()
+        reasons: dict = {}
+        for node, reason, n in rej:
+            reasons.setdefault(node, {})[reason] = n
+        return [DeviceRecord(node=d[0], last_seen=d[1], accepted=d[2], rejected=d[3], reasons=reasons.get(d[0], {})) for d in devs]
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+class SQLiteStore(StoreReads):
     """One SQLite file in WAL mode; ``BEGIN IMMEDIATE`` serialises version commits across processes."""
 
     def __init__(self, path: str | Path):
@@ -228,28 +257,6 @@ class SQLiteStore:
                 db.execute("ROLLBACK")
                 raise
 
-    def versions(self, limit: int = 100) -> list[VersionRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT ?", (limit,)).fetchall()
-        return [_version(r) for r in rows]
-
-    def deltas(self) -> list[DeltaRecord]:
-        with self._lock:
-            rows = self._db.execute(f"SELECT {_DCOLS} FROM deltas ORDER BY id").fetchall()
-        return [_delta(r) for r in rows]
-
-    def devices(self) -> list[DeviceRecord]:
-        with self._lock:
-            devs = self._db.execute("SELECT node, last_seen, accepted, rejected FROM devices ORDER BY node").fetchall()
-            rej = self._db.execute("SELECT node, reason, n FROM rejections").fetchall()
-        reasons: dict = {}
-        for node, reason, n in rej:
-            reasons.setdefault(node, {})[reason] = n
-        return [DeviceRecord(node=d[0], last_seen=d[1], accepted=d[2], rejected=d[3], reasons=reasons.get(d[0], {})) for d in devs]
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
 
 def open_store(url: str) -> Store:
