@@ -16,7 +16,7 @@ from typing import Callable
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from edge.errors import EdgeError
-from edge.fleet.store import Build, DeltaRecord, Pending, StoreReads, VersionRecord, _delta, _version
+from edge.fleet.store import _DCOLS, _VCOLS, Build, DeltaRecord, Pending, StoreReads, VersionRecord, _delta, _version
 
 try:
     import psycopg
@@ -36,8 +36,6 @@ CREATE TABLE IF NOT EXISTS devices (node TEXT PRIMARY KEY, last_seen DOUBLE PREC
     accepted BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rejections (node TEXT NOT NULL, reason TEXT NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (node, reason));
 """
-_DCOLS = "node, seq, base_version, samples, norm, digest, message, received, applied_version"
-_VCOLS = "version, parent, created, n_deltas, note, message"
 
 
 class PostgresStore(StoreReads):
