@@ -365,16 +365,21 @@ def _check_source(where: str, s: SourceConfig) -> None:
                 raise ConfigError(f"[{where}] topic level {lv!r} is not allowed: placeholders are {{device}} and {{stream}}, each a whole level")
 
 
+def check_section_name(name: str, known) -> None:
+    """``ConfigError`` for a section this file does not know, with the nearest known one."""
+    if name not in known:
+        near = difflib.get_close_matches(name, known, n=1)
+        hint = f"; did you mean [{near[0]}]?" if near else f"; known sections: {', '.join(known)}"
+        raise ConfigError(f"unknown section [{name}]{hint}")
+
+
 def parse_config(data: dict[str, Any]) -> Config:
     """Validate a parsed TOML document into a ``Config``; raise ``ConfigError`` naming the fault."""
     if not isinstance(data, dict):
         raise ConfigError("the configuration must be a TOML table")
     kwargs: dict[str, Any] = {}
     for name, value in data.items():
-        if name not in SECTIONS:
-            near = difflib.get_close_matches(name, SECTIONS, n=1)
-            hint = f"; did you mean [{near[0]}]?" if near else f"; known sections: {', '.join(SECTIONS)}"
-            raise ConfigError(f"unknown section [{name}]{hint}")
+        check_section_name(name, SECTIONS)
         if name == "sources":
             if not isinstance(value, list) or not value:
                 raise ConfigError("[[sources]] must be a non-empty array of tables ([[sources]] blocks)")

@@ -440,7 +440,7 @@ class Daemon:
                 reg.add(f"edge_mqtt_ingest_{name}_total", "counter", f"sensor ingest connection: {name.replace('_', ' ')}",
                         lambda n=name: ing.counters[n])
         if self.adapt is not None:
-            _adapt_families(reg, self.adapt.metrics)
+            _prefixed_families(reg, "edge_adapt", "learner", self.adapt.metrics)
         if self.sync is not None:
             _prefixed_families(reg, "edge_fleet_sync", "fleet sync", self.sync.metrics)
         return reg
@@ -448,10 +448,6 @@ class Daemon:
 
 def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
     return labels, snap["buckets"], snap["sum_s"], snap["count"]
-
-
-def _adapt_families(reg: Registry, read) -> None:
-    _prefixed_families(reg, "edge_adapt", "learner", read)
 
 
 def _prefixed_families(reg: Registry, prefix: str, what: str, read) -> None:

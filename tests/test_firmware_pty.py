@@ -74,6 +74,7 @@ def rig():
 
 
 def test_binary_stream_delivers_exact_samples_and_values(rig):
+    started = time.time()
     sim, src, sink = rig(max_frames=40, autostart=False)
     assert wait_for(lambda: sink.count() == 1600)
     time.sleep(0.1)
@@ -81,7 +82,7 @@ def test_binary_stream_delivers_exact_samples_and_values(rig):
     assert sink.blocks[0][0] == StreamKey("sim-mcu", "serial")
     t = sink.times()
     np.testing.assert_allclose(np.diff(t), 1 / 2000.0, atol=1e-6)
-    assert abs(t[-1] - time.time()) < 1.0
+    assert started - 5.0 <= t[-1] <= time.time() + 1.0  # Unix time of this run (the device clock maps onto it)
     st = src.stats()
     assert (st["frames"], st["samples"], st["lost_frames"], st["crc_errors"], st["resets"]) == (40, 1600, 0, 0, 0)
 
@@ -124,13 +125,14 @@ def test_unplug_and_replug_reconnects_and_resumes(rig):
 
 
 def test_label_frames_reach_the_sink(rig):
+    started = time.time()
     sim, src, sink = rig(max_frames=5, autostart=False)
     assert wait_for(lambda: sink.count() == 200)
     sim.send_label("imbalance")
     sim.send_label(2)
     assert wait_for(lambda: len(sink.labels) == 2)
     assert [lab for _, _, lab in sink.labels] == ["imbalance", 2]
-    assert abs(sink.labels[0][1] - time.time()) < 1.0
+    assert started - 5.0 <= sink.labels[0][1] <= time.time() + 1.0  # stamped in Unix time of this run
 
 
 def test_device_reset_is_counted_and_stream_continues(rig):

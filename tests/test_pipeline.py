@@ -208,3 +208,20 @@ def test_streams_beyond_max_streams_are_rejected_as_bad_input():
         assert set(map(str, p.windowers)) == {"a/x", "b/x"}
     finally:
         p.stop()
+
+
+def test_a_stream_reset_forgets_the_partial_window():
+    p, _, published, _ = make()
+    key = StreamKey("mcu", "x")
+    p.start()
+    try:
+        p.push_samples(key, np.arange(3) * 0.001 + 100.0, np.zeros((3, 1), np.float32))  # 3 of a 4-sample window
+        assert wait(lambda: key in p.windowers and p.windowers[key].counters["samples"] == 3)
+        p.reset_stream(key, "hello")  # the device restarted
+        assert wait(lambda: p.counters["stream_resets"] == 1)
+        p.push_samples(key, np.arange(2) * 0.001 + 100.003, np.zeros((2, 1), np.float32))
+        assert wait(lambda: p.windowers[key].counters["samples"] == 5)
+        w = p.windowers[key]
+        assert w.counters["discarded"] == 3 and w.counters["windows"] == 0 and published == []
+    finally:
+        p.stop()

@@ -10,13 +10,12 @@ sections as the daemon's (``edge.config``).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import MetricsConfig, MqttConfig, _fix, _opt, _section, _Section, tomllib
+from edge.config import MetricsConfig, MqttConfig, _fix, _opt, _section, _Section, check_section_name, tomllib
 from edge.errors import ConfigError
 
 
@@ -62,10 +61,7 @@ def parse_server_config(data: dict[str, Any]) -> ServerConfig:
         raise ConfigError("the fleet server configuration must be a TOML table")
     kw = {}
     for name, value in data.items():
-        if name not in _SECTIONS:
-            near = difflib.get_close_matches(name, _SECTIONS, n=1)
-            hint = f"; did you mean [{near[0]}]?" if near else f"; known sections: {', '.join(_SECTIONS)}"
-            raise ConfigError(f"unknown section [{name}]{hint}")
+        check_section_name(name, _SECTIONS)
         kw[name] = _section(name, typing.get_type_hints(ServerConfig)[name], value)
     cfg = ServerConfig(**kw)
     for key in ("name", "fleet", "topic_prefix", "group"):

@@ -59,10 +59,6 @@ class LabelGate:
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # who -> [tokens, last time]
 
-    @property
-    def signed(self) -> bool:
-        return self.keys is not None
-
     def open(self, payload: bytes, *, topic: str, now: float) -> tuple[bytes, str]:
         """The label message inside ``payload`` and who sent it; ``DecodeError`` when refused."""
         if self.keys is None:

@@ -97,6 +97,9 @@ class SerialSource:
             device = self._device
         self._unnamed = False
         self._key = StreamKey(self._device or device, self._stream)
+        reset = getattr(self.sink, "reset_stream", None)
+        if reset is not None:  # a HELLO means the device (re)started: its partial window is not continued
+            reset(self._key, "hello")
         try:
             self._index = self._resolve(hello.channels, len(hello.channels))
         except ConfigError as e:
