@@ -4,7 +4,8 @@
 own learner (``edge.adapt.Learner``): test-then-train prequential metrics, a bounded
 latent replay buffer mixed into every step, champion/challenger promotions by a paired
 test, drift-aware plasticity and a trivial reference that keeps a stream with no signal
-from costing anything. See docs/LEARNING.md.
+from costing anything (``predict`` serves whichever of the learned heads and the
+reference has the lower recent loss). See docs/LEARNING.md.
 
 - A ``LinearModel`` (or an ``edge.adapt.heads`` head) takes the fast path: closed-form
   numpy steps, no autograd. Any other module trains by torch autograd through the same
@@ -43,7 +44,7 @@ from torch import nn
 
 from edge.adapt.heads import LinearHead, make_head
 from edge.adapt.learner import Learner
-from edge.adapt.metrics import sample_losses
+from edge.adapt.metrics import Prequential, sample_losses
 from edge.adapt.optim import OptimizerSpec, spec_from_torch
 from edge.config import AdaptConfig
 from edge.errors import ConfigError, DataError
@@ -260,16 +261,18 @@ class IncrementalModel:
 
     def _learn_row(self, x, y):
         lr = self.learner
-        ref = lr.best() is not lr.champion
-        served = lr.reference.scores() if ref else None
+        which = lr.serving()  # decided before the label is seen
+        served = lr.reference.scores() if which == "reference" else None
         out = lr.learn_one(np.asarray(x, np.float32).reshape(-1), _label(y, lr))
         if not out["accepted"]:
             raise DataError(f"sample {self.samples_seen} rejected: {out['reason']}")
         self.samples_seen += 1
-        if ref:
+        if which == "reference":
             out["loss"] = float(sample_losses(served[None], np.asarray([_label(y, lr)]), lr.task)[0][0])
             if lr.task == "classification" and lr.outputs == 1:
                 served = np.asarray(served, np.float32)
+        elif which == "challenger":
+            served, out["loss"] = out["challenger"], out["challenger_loss"]
         else:
             served = out["served"]
         return served, out
@@ -382,12 +385,13 @@ class IncrementalModel:
         lr._reference_snap = None
         # consolidation is an explicit request: serve its result (no prequential evidence to test)
         lr.champion = lr._snapshot(f"{lr.global_version}+u{steps}")
-        lr.preq["champion"].loss.copy_from(lr.preq["challenger"].loss)
-        lr.preq["champion"].err.copy_from(lr.preq["challenger"].err)
+        # the learned heads' records describe them before consolidation: start them afresh,
+        # so that the result is served until new labels compare it with the reference
+        for k in ("champion", "challenger"):
+            lr.preq[k] = Prequential(lr.task, window=lr.cfg.eval_window)
         for p in lr.pairs.values():
             p.reset()
         lr.since_swap = 0
-        lr.serve_reference = False  # until the reference proves better by the paired test
         self.samples_seen += len(Zt)
         self._sync_module()
         return {"loss": float(np.mean(losses)) if losses else math.nan, "samples": len(Zt), "steps": steps}
@@ -410,8 +414,9 @@ class IncrementalModel:
 
     def predict(self, x) -> np.ndarray:
         """The served outputs for a batch ``x`` (numpy or tensor), as numpy: values for
-        regression, raw logits for a classifier. Served = whichever of the champion and
-        the trivial reference has the lower recent prequential loss (do no harm)."""
+        regression, raw logits for a classifier. Served = whichever of the learned heads
+        (champion, challenger) and the trivial reference has the lower recent prequential
+        loss (do no harm, ``Learner.serving``)."""
         x = _np(x)
         if self.learner is None:
             self.model.eval()

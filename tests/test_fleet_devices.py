@@ -93,10 +93,17 @@ class Fleet:
         return self.root / f"{node}.status.json"
 
     def status(self, node) -> dict:
-        try:
-            return json.loads(self.status_path(node).read_text())
-        except (OSError, ValueError):
-            return {}
+        """The device's last status; {} only if none could be read for 5 s (one loaded run
+        of the suite read {} here once, cause not found: the writer replaces the file atomically)."""
+        for _ in range(100):
+            try:
+                st = json.loads(self.status_path(node).read_text())
+                if st:
+                    return st
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        return {}
 
     def wait(self, pred, timeout=120.0, what=""):
         deadline = time.monotonic() + timeout

@@ -57,10 +57,6 @@ def learn_many(lr, Z, Y) -> dict:
     preq["global"].update_many(l_glob, e_glob)
     l_ref, e_ref = sample_losses(lr.reference.learn_many(T), T, lr.task)
     preq["reference"].update_many(l_ref, e_ref)
-    sv = lr.pairs["serve"]
-    for a, b in zip(l_ref.tolist(), l_champ.tolist()):
-        if sv.add(a, b) if lr.serve_reference else sv.add(b, a):
-            lr._maybe_serve()
     lr._reference_snap = None
     boosting = lr.boost_left > 0
     if boosting != lr._boosting:
@@ -86,9 +82,6 @@ def learn_many(lr, Z, Y) -> dict:
         lr._fade("replay", tr.last_loss)
     l_chal, e_chal = sample_losses(s_chal, T, lr.task)
     preq["challenger"].update_many(l_chal, e_chal)
-    nxt = lr.pairs["serve_next"]
-    for a, b in zip(l_ref.tolist(), l_chal.tolist()):
-        nxt.add(a, b) if lr.serve_reference else nxt.add(b, a)
     pro, rol = lr.pairs["promote"], lr.pairs["rollback"]
     for lc, lh, lg in zip(l_champ.tolist(), l_chal.tolist(), l_glob.tolist()):
         pro.add(lc, lh)

@@ -17,8 +17,9 @@ Per label (``learn_one``) the learner
    higher learning rate, more steps, fewer reservoir rows and a weaker anchor
    (docs/LEARNING.md, "Plasticity");
 5. keeps a trivial reference (running mean or class prior, ``edge.adapt.reference``)
-   scored the same way: ``best()`` serves whichever of champion and reference has the
-   lower recent loss (the library's do-no-harm rule).
+   scored the same way: ``best()`` serves the learned head (champion or challenger)
+   with the lower recent loss, or the reference when its recent loss is lower still
+   (the library's do-no-harm rule; the daemon serves the champion).
 
 With ``AdaptConfig.scale`` the features are standardised online (``edge.adapt.scaler``)
 before the head (the replay keeps raw features; every batch is scaled with the current
@@ -106,16 +107,12 @@ class Learner:
         self.scaler = OnlineScaler(self.feature_size) if cfg.scale else None
         self.reference = Reference(task=task, outputs=self.outputs, in_features=self.feature_size)
         self._reference_snap: HeadSnapshot | None = None
+        self._live_snap: tuple[int, HeadSnapshot] | None = None  # (labels, the challenger's snapshot)
         self.budget = TrainingBudget(steps_per_s=cfg.budget_steps_per_s, cpu_share=cfg.budget_cpu_share, clock=clock)
         self.preq = {k: Prequential(task, window=cfg.eval_window) for k in ("champion", "challenger", "global", "reference")}
         max_blocks = max(2, cfg.eval_window // cfg.promote_block)
         self.pairs = {"promote": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
-                      "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
-                      "serve": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
-                      # the same comparison for the challenger: on promotion it becomes the
-                      # serve evidence, so a promoted head need not prove itself twice
-                      "serve_next": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
-        self.serve_reference = True  # best(): the prior is a safer guess than an unproven head
+                      "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
         # labels that mostly contradict what both heads are sure of hold promotions (edge.adapt.guard)
         self.guard = LabelGuard(confidence=cfg.guard_confidence, share=cfg.guard_share, ratio=cfg.guard_ratio,
                                 window=cfg.eval_window) if cfg.guard and task == "classification" else None
@@ -187,13 +184,40 @@ class Learner:
             self.champion = self._global
         self._emit("global", version=self.global_version)
 
+    def serving(self) -> str:
+        """What ``best()`` serves now: ``"reference"``, ``"champion"`` or ``"challenger"``.
+
+        Do no harm: of the learned heads, the one with the lower recent prequential loss
+        (the challenger while it is ahead of the champion, ``_live_better``), unless the
+        trivial reference's recent loss over the same labels is lower still; with fewer
+        than ``promote_block`` labels to compare, the reference (or an adapted champion
+        that has no record yet, e.g. after ``incremental_update``). The library's
+        ``predict`` so follows what it learns at once, while a promotion (the event, and
+        the head the daemon serves) still needs the paired test."""
+        learned = "challenger" if self._live_better() else "champion"
+        mine = self.preq[learned].loss
+        if mine.n >= self.cfg.promote_block:
+            return learned if mine.get() < self.preq["reference"].loss.get() else "reference"
+        return "champion" if self.champion is not self._global and not mine.n else "reference"
+
+    def _live_better(self) -> bool:
+        """The challenger's recent prequential loss is below the champion's (since the last
+        swap both are scored on the same labels)."""
+        chal, champ = self.preq["challenger"].loss, self.preq["champion"].loss
+        return chal.n >= self.cfg.promote_block and champ.n > 0 and chal.get() < champ.get()
+
     def best(self) -> HeadSnapshot:
-        """Do no harm: the trivial reference until the champion beats it by the paired test
-        (the same rule as promotions, ``_maybe_serve``), and again if it then loses by it."""
-        if self.serve_reference and not (self.champion is not self._global and not self.preq["champion"].loss.n):
+        """The snapshot ``serving()`` names (the library's served head)."""
+        which = self.serving()
+        if which == "reference":
             if self._reference_snap is None:
                 self._reference_snap = self.reference.snapshot(f"{self.global_version}+reference")
             return self._reference_snap
+        if which == "challenger":
+            n = self.counters["labels"]
+            if self._live_snap is None or self._live_snap[0] != n:
+                self._live_snap = (n, self._snapshot(f"{self.challenger_version()}~{n}"))
+            return self._live_snap[1]
         return self.champion
 
     def rebase(self, global_arrays: dict, version: str) -> None:
@@ -260,8 +284,6 @@ class Learner:
             self.guard.observe(self.guard.contradicts(s_champ, s_glob, int(t)))
         l_ref, e_ref = self.reference.test_then_learn(t)
         preq["reference"].update_values(l_ref, e_ref)
-        if self.pairs["serve"].add(l_ref, l_champ) if self.serve_reference else self.pairs["serve"].add(l_champ, l_ref):
-            self._maybe_serve()
         self._reference_snap = None
         sc = self.scaler
         if sc is not None:  # replay keeps raw features: each batch is scaled with today's statistics
@@ -294,8 +316,6 @@ class Learner:
         l_chal, e_chal = preq["challenger"].update(s_chal, t)
         self._fade("new", e_chal)
         self._fade("slow", e_chal, _SLOW)
-        nxt = self.pairs["serve_next"]
-        nxt.add(l_ref, l_chal) if self.serve_reference else nxt.add(l_chal, l_ref)
         self.pairs["promote"].add(l_champ, l_chal)
         if champion is not glob:
             self.pairs["rollback"].add(l_champ, l_glob)
@@ -308,20 +328,13 @@ class Learner:
         if drift is None:
             drift = self._loss_ratio_trigger()
         swap = self._maybe_swap()
-        return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ,
+        return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ, "challenger": s_chal, "challenger_loss": l_chal,
                 "drift": drift, "swap": swap, "champion_version": self.champion.version}
 
     def learn_many(self, Z, Y) -> dict:
         """Test then train on a batch (``edge.adapt.batch.learn_many``: every row scored by every
         head, then one step on the batch plus its share of replayed rows)."""
         return learn_many(self, Z, Y)
-
-    def _maybe_serve(self) -> None:
-        """Switch what ``best()`` serves when the other one's gain is statistically clear."""
-        cfg, p = self.cfg, self.pairs["serve"]
-        if p.significant(alpha=cfg.promote_alpha, min_blocks=cfg.promote_min_blocks):
-            self.serve_reference = not self.serve_reference
-            p.reset()
 
     def _fade(self, key: str, loss: float, decay: float = _FADE) -> None:
         f = self.fade
@@ -438,11 +451,8 @@ class Learner:
         self.preq["champion"].loss.copy_from(self.preq["challenger"].loss)
         self.preq["champion"].err.copy_from(self.preq["challenger"].err)
         self.since_swap = 0
-        nxt = self.pairs["serve_next"].state_dict()
         for p in self.pairs.values():
             p.reset()
-        self.pairs["serve"].load_state_dict(nxt)
-        self._maybe_serve()
         self._emit("promotion", version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss,
                    t_statistic=t_stat)
 
@@ -515,7 +525,7 @@ class Learner:
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
             "fade": dict(self.fade),
             "counters": dict(self.counters), "rejected": dict(self.rejected),
-            "boost_left": self.boost_left, "since_swap": self.since_swap, "serve_reference": self.serve_reference,
+            "boost_left": self.boost_left, "since_swap": self.since_swap,
             "guard": None if self.guard is None else self.guard.state_dict(),
         }
 
@@ -555,7 +565,9 @@ class Learner:
             if k in self.detectors:
                 self.detectors[k].load_state_dict(v)
         for k, v in s["pairs"].items():
-            self.pairs[k].load_state_dict(v)
+            if k in self.pairs:  # an older state's "serve" and "serve_next" pairs are no longer kept
+                self.pairs[k].load_state_dict(v)
+        self._live_snap = None
         self.reference.load_state_dict(s["reference"])
         self._reference_snap = None
         if self.scaler is not None:
@@ -564,7 +576,6 @@ class Learner:
         self.counters = collections.Counter(s["counters"])
         self.rejected = collections.Counter(s["rejected"])
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
-        self.serve_reference = bool(s["serve_reference"])
         if self.guard is not None and s.get("guard"):
             self.guard.load_state_dict(s["guard"])
         self._set_sources(boosting=self.boost_left > 0)

@@ -98,10 +98,12 @@ def _quality(task: str, P: np.ndarray, y: np.ndarray) -> dict:
 
 
 def run_edge(task, X, y, k, *, batch: int = 0, seed: int = 0):
+    import torch
     from torch import nn
 
     from edge.learning import IncrementalModel, LinearModel
 
+    torch.manual_seed(seed)  # the LinearModel's initial weights: the same on every run of a stream
     crit = {"regression": nn.MSELoss(), "binary": nn.BCEWithLogitsLoss(), "multiclass": nn.CrossEntropyLoss()}[task]
     out = 1 if task != "multiclass" else k
     ilm = IncrementalModel(LinearModel(X.shape[1], out), criterion=crit, lr=1e-2, scale=True, seed=seed)
@@ -171,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--post", type=int, default=1500, help="sim_drift: rows after the shift")
     ap.add_argument("--repeats", type=int, default=3, help="timing repeats (the best is kept: the box is shared)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=3,
+                    help="edge's quality is also reported over this many initial weights (seed, seed+1, ...); river's models start at zero")
     args = ap.parse_args(argv)
     cpu = _cpu()
     print(f"cpu: {cpu['model']} ({', '.join(cpu['features'])})", flush=True)
@@ -182,6 +186,8 @@ def main(argv=None) -> int:
         runs = {"edge": lambda: run_edge(task, X, y, k, seed=args.seed),
                 "edge_learn_many32": lambda: run_edge(task, X, y, k, batch=32, seed=args.seed),
                 "river_linear": lambda: run_river("linear", task, X, y, k)}
+        def fn_seed(key, seed):
+            return run_edge(task, X, y, k, batch=32 if key == "edge_learn_many32" else 0, seed=seed)
         if task != "regression":
             runs["river_hoeffding_tree"] = lambda: run_river("tree", task, X, y, k)
         for key, fn in runs.items():
@@ -196,6 +202,10 @@ def main(argv=None) -> int:
                 r[key]["after_first_batch"] = _quality(ref_task, P[32:], y[32:])
             if extra:
                 r[key].update(extra)
+            if key.startswith("edge") and args.seeds > 1:  # the same rows, other initial weights
+                qs = [r[key]] + [_quality(ref_task, fn_seed(key, args.seed + j)[0], y) for j in range(1, args.seeds)]
+                r[key]["over_seeds"] = {m: {"mean": float(np.mean([q[m] for q in qs])), "min": float(min(q[m] for q in qs)),
+                                            "max": float(max(q[m] for q in qs))} for m in _quality(ref_task, P, y)}
         r["reference"] = _quality(ref_task, run_reference(task, y, k), y)
         rl = r["river_linear"]["rows_per_s"]
         r["speed_vs_river_linear"] = {"edge_per_row": r["edge"]["rows_per_s"] / rl,
