@@ -70,6 +70,38 @@ def test_false_promotions_on_a_long_stationary_stream_stay_within_the_documented
     assert lr.metrics()["promotions_total"] <= FALSE_PROMOTIONS_PER_10K
 
 
+REFRESHES_PER_10K = 8  # the documented bound on the same stationary stream (docs/LEARNING.md, "Refreshes")
+
+
+def test_refreshes_on_a_long_stationary_stream_stay_within_the_documented_rate(world):
+    stream, _ = world
+    z, y = stream.sample(10_000, rng=np.random.default_rng(100))
+    lr = _learner(world)
+    _feed(lr, z, y)
+    assert lr.metrics()["refreshes_total"] <= REFRESHES_PER_10K
+
+
+def test_a_refresh_follows_the_challenger_without_counting_a_promotion(world):
+    """After a shift the adapted champion follows its own challenger (event "refresh",
+    its own counter and version suffix); with refresh_labels = 0 only promotions swap."""
+    stream, _ = world
+    z, y = stream.sample(1500, rng=np.random.default_rng(1), shifted=True)
+    events = []
+    lr = _learner(world)
+    lr.on_event = events.append
+    _feed(lr, z, y)
+    kinds = [e["type"] for e in events]
+    m = lr.metrics()
+    assert m["refreshes_total"] == kinds.count("refresh") >= 1 and m["promotions_total"] == kinds.count("promotion") >= 1
+    first = kinds.index("refresh")
+    assert "promotion" in kinds[:first]  # never from the global head: a promotion comes first
+    ev = events[first]
+    assert ".r1" in ev["version"] and ev["challenger_loss"] < ev["champion_loss"]
+    off = _learner(world, refresh_labels=0)
+    _feed(off, z, y)
+    assert off.metrics()["refreshes_total"] == 0
+
+
 def test_an_old_format_checkpoint_is_a_state_error_not_a_key_error(world):
     lr = _learner(world)
     old = {"format": 1, "task": "classification", "head_kind": "linear", "feature_size": D, "outputs": K,

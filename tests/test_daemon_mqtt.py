@@ -112,7 +112,11 @@ def test_availability_is_retained_online_then_offline(broker, tmp_path):
     late.close()
 
 
-def test_status_reports_streams_backend_and_counters(daemon):
+def test_status_reports_streams_backend_and_counters(broker, daemon):
+    c = Client(broker, "edge/t1/predictions/m1/#")  # its own windows: the test does not rely on the ones before
+    c.publish("sensors/m1/accel", batch(time.time() + 5.0, 512))
+    c.wait_for(lambda m: len(m) >= 2)
+    c.close()
     st = daemon.status()
     assert st["backend"]["precision"] == daemon.engine.backend.precision
     assert "sensors" not in st["streams"] and any(k.startswith("m1/") for k in st["streams"])

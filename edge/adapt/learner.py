@@ -437,15 +437,26 @@ class Learner:
                 return "held"
             self._promote(champ, self.preq["challenger"].loss.get(), p.statistic())
             return "promotion"
+        # refresh: an adapted champion follows the challenger that continues its training
+        # once it has been ahead over refresh_labels labels, by less than a clear gain: at
+        # most one swap per refresh_labels, never from the global head, never while the
+        # label guard holds promotions (docs/LEARNING.md, "Refreshes")
+        if cfg.refresh_labels and self.since_swap >= cfg.refresh_labels and self.champion is not self._global \
+                and not (g is not None and g.tripped) and p.mean_gain() > max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9:
+            self._promote(champ, self.preq["challenger"].loss.get(), p.statistic(), refresh=True)
+            return "refresh"
         return None
 
     def challenger_version(self) -> str:
         """The version a promotion would give the challenger now."""
         return f"{self.global_version}+a{self.counters['promotions'] + 1}"
 
-    def _promote(self, champ_loss: float, chal_loss: float, t_stat: float) -> None:
-        self.counters["promotions"] += 1
+    def _promote(self, champ_loss: float, chal_loss: float, t_stat: float, *, refresh: bool = False) -> None:
+        kind = "refresh" if refresh else "promotion"
+        self.counters["refreshes" if refresh else "promotions"] += 1
         version = f"{self.global_version}+a{self.counters['promotions']}"
+        if refresh:
+            version += f".r{self.counters['refreshes']}"
         old = self.champion.version
         self.champion = self._snapshot(version)  # the atomic swap
         self.preq["champion"].loss.copy_from(self.preq["challenger"].loss)
@@ -453,7 +464,7 @@ class Learner:
         self.since_swap = 0
         for p in self.pairs.values():
             p.reset()
-        self._emit("promotion", version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss,
+        self._emit(kind, version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss,
                    t_statistic=t_stat)
 
     def _rollback(self, champ_loss: float, glob_loss: float) -> None:
@@ -494,7 +505,8 @@ class Learner:
         m = {
             "labels_total": c["labels"], "labels_rejected": dict(self.rejected),
             "train_steps_total": c["train_steps"], "train_steps_skipped_total": c["train_steps_skipped"],
-            "promotions_total": c["promotions"], "rollbacks_total": c["rollbacks"], "drifts_total": c["drifts"],
+            "promotions_total": c["promotions"], "refreshes_total": c["refreshes"], "rollbacks_total": c["rollbacks"],
+            "drifts_total": c["drifts"],
             "promotions_held_total": c["promotions_held"], "label_anomalies_total": c["label_anomalies"],
             "guard_recent_share": self.guard.recent_share if self.guard is not None else 0.0,
             "replay_samples": len(self.replay), "replay_bytes": self.replay.nbytes,

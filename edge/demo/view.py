@@ -114,7 +114,8 @@ def write_report(board: Scoreboard, out: Path, *, meta: dict) -> dict:
         if meta.get("drift_at") is not None:
             ax.axvline(meta["drift_at"], color="red", ls="--", lw=1, label=f"drift injected ({meta.get('drift')})")
             ax.text(meta["drift_at"], 2, f" drift: {meta.get('drift_device')} ({meta.get('drift')})", color="red", fontsize=8)
-        style = {"promotion": ("green", "-", "head promotion"), "rollback": ("orange", "-", "rollback to the global head"),
+        style = {"promotion": ("green", "-", "head promotion"), "refresh": ("green", ":", "head refresh (follows its challenger)"),
+                 "rollback": ("orange", "-", "rollback to the global head"),
                  "drift": ("purple", ":", "drift detected by the learner")}
         shown = set()
         for e in events:
