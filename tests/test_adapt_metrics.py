@@ -22,6 +22,28 @@ def test_rolling_mean_equals_mean_of_last_window(window, xs):
     assert math.isclose(s.get(), r.get(), rel_tol=1e-9, abs_tol=1e-9)
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 20), st.lists(st.lists(st.floats(-1e3, 1e3), max_size=50), min_size=1, max_size=8),
+       st.integers(0, 7))
+def test_update_many_is_update_in_turn_even_across_a_reset(window, chunks, reset_after):
+    one, many = RollingMean(window), RollingMean(window)
+    for k, xs in enumerate(chunks):
+        for x in xs:
+            one.update(x)
+        many.update_many(xs)
+        assert (one.n, one.i) == (many.n, many.i) and np.allclose(one.buf, many.buf)
+        assert math.isclose(one.total, many.total, rel_tol=1e-9, abs_tol=1e-6)
+        if k == reset_after:
+            one.reset(), many.reset()
+    p, q = Prequential("regression", window=window), Prequential("regression", window=window)
+    flat = [x for xs in chunks for x in xs]
+    for x in flat:
+        p.update_values(abs(x), 1.0)
+    q.update_many([abs(x) for x in flat], [1.0] * len(flat))
+    assert p.n == q.n and math.isclose(p.get()["faded_loss"], q.get()["faded_loss"], rel_tol=1e-9, abs_tol=1e-9) \
+        if flat else q.n == 0
+
+
 def test_log_loss_is_clipped_not_infinite():
     loss, err = sample_loss(np.array([1.0, 0.0]), 1, "classification")
     assert math.isfinite(loss) and err == 1.0

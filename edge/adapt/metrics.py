@@ -48,6 +48,33 @@ class RollingMean:
         self.total += x
         self.i = i + 1 if i + 1 < self.window else 0
 
+    def update_many(self, values) -> None:
+        """``update`` with each value in turn, in a few list operations (``learn_many``)."""
+        xs = [float(x) for x in values]
+        m, w = len(xs), self.window
+        if not m:
+            return
+        if m > w:  # only the last window values stay; they land where single updates put them
+            skip = m - w
+            self.i = (self.i + skip) % w
+            self.n = w  # every slot is overwritten below, so what they held does not matter
+            self.total = sum(self.buf)
+            xs = xs[skip:]
+            m = w
+        i, buf, end = self.i, self.buf, self.i + m
+        full = self.n == w
+        # slots overwritten that held values: [i, end) when full, plus the wrapped-around part
+        # (while filling, the filled slots are [0, n) and i == n)
+        evicted = (sum(buf[i:min(end, w)]) if full else 0.0) + (sum(buf[:end - w]) if end > w else 0.0)
+        if end <= w:
+            buf[i:end] = xs
+        else:
+            buf[i:] = xs[:w - i]
+            buf[:end - w] = xs[w - i:]
+        self.total += sum(xs) - evicted
+        self.n = min(w, self.n + m)
+        self.i = end % w
+
     def get(self) -> float:
         return float(self.total / self.n) if self.n else math.nan
 
@@ -144,8 +171,18 @@ class Prequential:
         self.n += 1
 
     def update_many(self, losses, errs) -> None:
-        for loss, err in zip(np.asarray(losses).tolist(), np.asarray(errs).tolist()):
-            self.update_values(loss, err)
+        """``update_values`` for each pair in turn (the same sums, faded as row by row)."""
+        ls = np.asarray(losses, np.float64).reshape(-1)
+        m = len(ls)
+        if not m:
+            return
+        self.loss.update_many(ls.tolist())
+        self.err.update_many(np.asarray(errs, np.float64).reshape(-1).tolist())
+        f = self.fading
+        w = f ** np.arange(m - 1, -1, -1)
+        self._faded_loss = f**m * self._faded_loss + float(w @ ls)
+        self._faded_w = f**m * self._faded_w + float(w.sum())
+        self.n += m
 
     def get(self) -> dict:
         faded = self._faded_loss / self._faded_w if self._faded_w else math.nan
