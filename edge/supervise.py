@@ -60,13 +60,19 @@ def _cut(s: str, limit: int = 120) -> str:
 def parse_faults(spec: str) -> dict[str, tuple[float, int, int]]:
     """``"pipeline:item:0.1,learner:kill:5"`` -> ``{thread: (item probability, every N-th item, kill at item N)}``.
 
+    A thread's name may hold colons (``serial:serial1``): the last two fields are the rule.
+
     >>> parse_faults("pipeline:item:0.5, learner:kill:3, mqtt-ingest:every:2")
     {'pipeline': (0.5, 0, 0), 'learner': (0.0, 0, 3), 'mqtt-ingest': (0.0, 2, 0)}
+    >>> parse_faults("serial:serial1:every:3")
+    {'serial:serial1': (0.0, 3, 0)}
     """
     out: dict[str, tuple[float, int, int]] = {}
     for part in filter(None, (p.strip() for p in spec.split(","))):
         try:
-            thread, what, arg = part.split(":")
+            thread, what, arg = part.rsplit(":", 2)
+            if not thread:
+                raise ValueError(part)
             p, every, n = out.get(thread, (0.0, 0, 0))
             if what == "item":
                 p = float(arg)

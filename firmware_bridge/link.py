@@ -32,7 +32,11 @@ class SerialLink:
 
     ``on_samples(t [n] float64 Unix seconds, v [n, C] float32)``, ``on_label(t, label)``,
     ``on_hello(Hello)`` are called from the reader thread; an exception in one is counted
-    (``callback_errors``), logged, and does not stop the link.
+    (``callback_errors``), logged, and does not stop the link. An exception while decoding
+    a read (a decoder bug met by hostile bytes) is counted (``handle_errors``), the partial
+    frame is dropped (the decoder resyncs at the next delimiter), and the link reads on.
+    Both are also handed to ``on_error(exc, where)`` when given (the daemon's supervisor);
+    ``fault_point()``, when given, is called before each read is decoded (fault injection).
     """
 
     def __init__(self, *, port: str, on_samples: SamplesCallback, baud: int = 115200, protocol: str = "binary",
@@ -41,7 +45,9 @@ class SerialLink:
                  sample_rate: float | None = None, channels: int | None = None, autostart: bool = True,
                  retry_interval: float = 0.2, read_timeout: float = 0.05, hello_interval: float = 1.0,
                  tolerance: float = 0.5, text_min_seconds: float = 1.0, name: str | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time,
+                 on_error: Callable[[BaseException, str], None] | None = None,
+                 fault_point: Callable[[], None] | None = None):
         if protocol not in ("binary", "text"):
             raise ValueError(f"protocol = {protocol!r}; expected 'binary' or 'text'")
         self.port, self.baud, self.protocol = port, baud, protocol
@@ -50,12 +56,13 @@ class SerialLink:
         self.autostart, self.retry_interval, self.read_timeout = autostart, retry_interval, read_timeout
         self.hello_interval = hello_interval
         self._clock = clock
+        self._on_error, self._fault_point = on_error, fault_point
         self._decoder = FrameDecoder()
         self._session = BinarySession(tolerance=tolerance)
         self._text = TextStream(sample_rate=sample_rate, channels=channels, min_seconds=text_min_seconds,
                                 tolerance=tolerance)
         self._counters = dict.fromkeys(("bytes", "connects", "reconnects", "disconnects", "open_failures",
-                                        "callback_errors"), 0)
+                                        "callback_errors", "handle_errors"), 0)
         self._stop = threading.Event()
         self._write_lock = threading.Lock()
         self._serial: serial.SerialBase | None = None
@@ -189,7 +196,16 @@ class SerialLink:
                     continue
                 if data:
                     self._counters["bytes"] += len(data)
-                    self._handle(data, self._clock())
+                    try:
+                        if self._fault_point is not None:
+                            self._fault_point()
+                        self._handle(data, self._clock())
+                    except Exception as e:  # one read, however hostile, must not end the reader
+                        self._counters["handle_errors"] += 1
+                        self._decoder.reset()
+                        self._warn("handle", f"decoding a read of {len(data)} bytes from {self.port} raised "
+                                             f"{short_repr(e, 200)}; dropped it and resynced")
+                        self._report(e, f"a read of {len(data)} bytes")
         finally:
             self._close()
 
@@ -221,3 +237,11 @@ class SerialLink:
         except Exception as e:  # a sink bug must not kill the reader thread
             self._counters["callback_errors"] += 1
             self._warn("callback", f"callback {short_repr(getattr(fn, '__name__', fn))} raised {short_repr(e, 200)}")
+            self._report(e, f"callback {short_repr(getattr(fn, '__name__', fn))}")
+
+    def _report(self, exc: BaseException, where: str) -> None:
+        if self._on_error is not None:
+            try:
+                self._on_error(exc, where)
+            except Exception:  # the reporter's own failure is not the link's
+                log.exception("serial %s: on_error raised", self.name)

@@ -122,3 +122,29 @@ def test_a_killed_thread_fails_health(broker, tmp_path, thread):
         c.close()
     finally:
         d.stop()
+
+
+def test_injected_faults_in_a_serial_reader_cost_only_their_reads(broker, tmp_path):
+    """A serial link's per-read work fails on every 100th read: each failure is counted under
+    the link's thread, the partial frame is dropped, and the link keeps serving its stream."""
+    from edge.sim import Machine
+    from firmware_bridge.sim import FirmwareSim
+
+    node = "injs"
+    with FirmwareSim(source=Machine(seed=3).read, device_id="mcu-f", speed=2.0) as fw:
+        d = start_daemon(broker, tmp_path, node=node, faults="serial:serial0:every:100",
+                         sources=[{"type": "serial", "port": fw.path, "stream": "vib"}])
+        c = Client(broker, f"edge/{node}/predictions/mcu-f/vib")
+        try:
+            poll(lambda: d.supervisor.errors.get(("serial:serial0", "InjectedFault"), 0) >= 3, 60,
+                 what="faults in the serial reader")
+            seen = len(c.msgs)
+            poll(lambda: len(c.msgs) >= seen + 2, 60, what="serial predictions after the faults")
+            text = scrape(d.metrics_port)
+            assert metric(text, "edge_internal_errors_total", thread="serial:serial0", kind="InjectedFault") >= 3, text
+            assert metric(text, "edge_thread_alive", thread="serial:serial0") == 1.0
+            assert d.status()["sources"]["serial0"]["handle_errors"] >= 3
+            assert healthz(d.metrics_port) == 200 and not d.supervisor.dead()
+        finally:
+            c.close()
+            d.stop()

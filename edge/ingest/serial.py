@@ -37,7 +37,8 @@ class SerialSource:
     def __init__(self, *, name: str, port: str, sink, baud: int = 115200, protocol: str = "binary",
                  device: str | None = None, stream: str | None = None,
                  channels: Sequence[str | int] | None = None, sample_rate: float | None = None,
-                 retry_interval: float = 0.5, text_min_seconds: float = 1.0):
+                 retry_interval: float = 0.5, text_min_seconds: float = 1.0, supervisor=None,
+                 thread: str | None = None):
         if protocol not in ("binary", "text"):
             raise ConfigError(f"[[sources]] {name!r}: protocol = {protocol!r}; expected \"binary\" or \"text\"")
         self.name, self.sink = name, sink
@@ -50,9 +51,18 @@ class SerialSource:
         self._unnamed = False  # the last HELLO's device id broke the name rule
         self.link = SerialLink(port=port, baud=baud, protocol=protocol, sample_rate=sample_rate,
                                on_samples=self._on_samples, on_label=self._on_label, on_hello=self._on_hello,
-                               retry_interval=retry_interval, text_min_seconds=text_min_seconds, name=name)
+                               retry_interval=retry_interval, text_min_seconds=text_min_seconds, name=name,
+                               **self._supervised(supervisor, thread or f"serial:{name}"))
         if protocol == "text":
             self._key = self._key or StreamKey(name, self._stream)
+
+    @staticmethod
+    def _supervised(sup, thread: str) -> dict:
+        """The link's error and fault hooks, on the daemon's supervisor (none without one)."""
+        if sup is None:
+            return {}
+        return {"on_error": lambda e, where: sup.item_failed(thread, e, where=where),
+                "fault_point": lambda: sup.fault_point(thread)}
 
     @property
     def key(self) -> StreamKey | None:

@@ -123,7 +123,8 @@ class SerialPort:
         self.name = name
         self.src = SerialSource(name=name, port=s.port, baud=s.baud, protocol=s.protocol, device=s.device or None,
                                 stream=s.stream or None, channels=list(s.channels) or None,
-                                sample_rate=s.sample_rate or None, sink=ctx.inbox)
+                                sample_rate=s.sample_rate or None, sink=ctx.inbox, supervisor=ctx.supervisor,
+                                thread=f"serial:{name}")
 
     def start(self) -> None:
         self.src.start()
