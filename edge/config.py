@@ -237,7 +237,7 @@ class AdaptConfig(_Section):
     promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion: one-sided paired t-test level on per-block loss differences")
     promote_block: int = _opt(10, lo=1, hi=100_000, doc="promotion: labels per block of the paired test")
     promote_min_blocks: int = _opt(6, lo=2, hi=100_000, doc="promotion: blocks since the last swap before a test (half while boosting)")
-    refresh_labels: int = _opt(100, lo=0, hi=1_000_000, doc="an adapted champion follows its own challenger (a refresh, not a promotion) after this many labels since the last swap when the challenger's recent loss is lower by promote_floor; 0: only promotions")
+    refresh_labels: int = _opt(100, lo=0, hi=1_000_000, doc="an adapted champion follows its own challenger (a refresh, not a promotion) after this many labels since the last swap when the challenger's recent loss is lower by promote_margin and promote_floor (no paired test); 0: only promotions")
     boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
     boost_anchor: float = _opt(0.1, lo=0.0, hi=1.0, doc="while boosting: anchor factor")
     plastic_ratio: float = _opt(3.0, lo=1.0, hi=1e6, doc="new-label error above this times the replayed rows' error (both faded, for plastic_min labels in a row) starts a boost")

@@ -328,7 +328,8 @@ class Learner:
         if drift is None:
             drift = self._loss_ratio_trigger()
         swap = self._maybe_swap()
-        return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ, "challenger": s_chal, "challenger_loss": l_chal,
+        return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ,
+                "challenger": s_chal, "challenger_loss": l_chal,
                 "drift": drift, "swap": swap, "champion_version": self.champion.version}
 
     def learn_many(self, Z, Y) -> dict:
@@ -441,8 +442,9 @@ class Learner:
         # once it has been ahead over refresh_labels labels, by less than a clear gain: at
         # most one swap per refresh_labels, never from the global head, never while the
         # label guard holds promotions (docs/LEARNING.md, "Refreshes")
+        gain_needed = max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9
         if cfg.refresh_labels and self.since_swap >= cfg.refresh_labels and self.champion is not self._global \
-                and not (g is not None and g.tripped) and p.mean_gain() > max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9:
+                and not (g is not None and g.tripped) and p.mean_gain() > gain_needed:
             self._promote(champ, self.preq["challenger"].loss.get(), p.statistic(), refresh=True)
             return "refresh"
         return None
