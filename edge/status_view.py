@@ -54,8 +54,8 @@ def render_status(st: dict[str, Any], *, now: float | None = None, source: str =
     ad = st.get("adapt") or {}
     if ad:
         lines += ["", "learner: " + " · ".join(f"{k} {ad[k]}" for k in (
-            "learner_champion_version", "learner_labels_total", "learner_promotions_total", "learner_rollbacks_total",
-            "learner_drifts_total") if k in ad)]
+            "learner_champion_version", "learner_labels_total", "learner_promotions_total", "learner_refreshes_total",
+            "learner_rollbacks_total", "learner_drifts_total") if k in ad)]
     bad = {**(st.get("bad_input") or {}), **(st.get("internal_errors") or {})}
     if bad:
         lines += ["", "recent errors (counts): " + ", ".join(f"{_cut(k, 40)} {v}" for k, v in sorted(bad.items()))]
