@@ -5,11 +5,14 @@ the MQTT path share it, and it is tested without a port.
 
 Time mapping: the device stamps each SAMPLES frame with its clock (``t_us``, µs since
 boot, wrapping at 2**32; wraps are unwrapped with serial-number arithmetic). Host time
-of a sample = device time + offset. The offset is fixed at the first SAMPLES frame after
-a HELLO, a reset or a reconnect as ``arrival - device time of the frame's last sample``
-(so it includes the transfer latency of that frame), and re-anchored the same way when a
-later frame's implied offset differs by more than ``tolerance`` seconds (crystal drift,
-a host stall, a device pause). Re-anchors are counted.
+of a sample = device time + offset. Each SAMPLES frame implies an offset, ``arrival -
+device time of the frame's last sample``, which is the true offset plus that frame's
+transfer and queueing delay. The clock keeps the smallest implied offset seen since the
+first frame after a HELLO, a reset or a reconnect (the frame that travelled fastest is
+the closest bound), so no sample is ever stamped later than it arrived. A frame whose
+implied offset is more than ``tolerance`` seconds above the kept one re-anchors the
+clock to it (crystal drift, a device pause), and so does one more than ``tolerance``
+below it (a clock jump). Re-anchors are counted.
 """
 from __future__ import annotations
 
@@ -21,7 +24,15 @@ _HALF32 = 1 << 31
 
 
 class DeviceClock:
-    """Maps device seconds to host seconds with a fixed, re-anchored offset."""
+    """Maps device seconds to host seconds: the smallest implied offset, re-anchored
+    beyond ``tolerance`` (see the module docstring).
+
+    >>> c = DeviceClock(tolerance=0.5)
+    >>> c.offset_for(1.0, 101.02), c.offset_for(2.0, 102.005), c.offset_for(3.0, 103.3)
+    (100.02, 100.005, 100.005)
+    >>> c.offset_for(4.0, 105.0), c.reanchors   # 0.995 s late: drift or a pause
+    (101.0, 1)
+    """
 
     def __init__(self, *, tolerance: float = 0.5):
         self.tolerance = tolerance
@@ -36,6 +47,8 @@ class DeviceClock:
         elif abs(cand - self.offset) > self.tolerance:
             self.offset = cand
             self.reanchors += 1
+        elif cand < self.offset:  # this frame travelled faster: a closer bound on the offset
+            self.offset = cand
         return self.offset
 
     def reset(self) -> None:

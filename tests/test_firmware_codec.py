@@ -186,3 +186,22 @@ def test_firmware_bridge_never_imports_edge():
             "assert not [k for k in sys.modules if k == 'edge' or k.startswith('edge.')]")
     from pathlib import Path
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30, cwd=Path(__file__).resolve().parents[1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(-1e6, 1e6), st.lists(st.floats(0.0, 0.2), min_size=1, max_size=60),
+       st.floats(0.001, 0.1))
+def test_device_clock_never_stamps_a_sample_after_it_arrived(true_offset, delays, period):
+    """Frames with any transfer delay under the tolerance: the newest sample of every frame
+    is stamped at or before its arrival, the offset stays within [true, true + max delay],
+    and nothing re-anchors."""
+    from firmware_bridge.session import DeviceClock
+
+    c = DeviceClock(tolerance=0.5)
+    for k, d in enumerate(delays):
+        dev_last = 10.0 + k * period
+        arrival = dev_last + true_offset + d
+        off = c.offset_for(dev_last, arrival)
+        assert dev_last + off <= arrival + 1e-9
+        assert true_offset - 1e-6 <= off <= true_offset + max(delays[: k + 1]) + 1e-6
+    assert c.reanchors == 0
