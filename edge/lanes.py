@@ -106,6 +106,17 @@ class Lane:
                 self.counters["taken"] += 1
             out.append(item)
 
+    def mark(self) -> int:
+        """How many items were offered so far: a point in the lane's order (``passed``)."""
+        with self._lock:
+            return self.counters["offered"]
+
+    def passed(self, mark: int) -> bool:
+        """Every item offered before ``mark`` has left the lane (taken, dropped or shed)."""
+        c = self.counters
+        with self._lock:
+            return c["taken"] + c["dropped"] + c["stale"] >= mark
+
     def __bool__(self) -> bool:
         return bool(self._q)
 

@@ -210,6 +210,25 @@ def test_streams_beyond_max_streams_are_rejected_as_bad_input():
         p.stop()
 
 
+def test_a_stream_reset_cuts_the_stream_where_its_source_did_although_control_is_taken_first():
+    """Samples before the reset, the reset, samples after it, all queued before the pipeline
+    runs: control is drained before sensor data, yet the reset applies after the samples
+    offered before it (no window joins the two sessions)."""
+    p, _, published, _ = make()
+    key = StreamKey("mcu", "x")
+    p.push_samples(key, np.arange(3) * 0.001 + 100.0, np.zeros((3, 1), np.float32))  # 3 of a 4-sample window
+    p.reset_stream(key, "hello")  # the device restarted
+    p.push_samples(key, np.arange(2) * 0.001 + 100.003, np.zeros((2, 1), np.float32))
+    p.start()
+    try:
+        assert wait(lambda: key in p.windowers and p.windowers[key].counters["samples"] == 5)
+        w = p.windowers[key]
+        assert p.counters["stream_resets"] == 1 and w.counters["discarded"] == 3
+        assert w.counters["windows"] == 0 and published == []
+    finally:
+        p.stop()
+
+
 def test_a_stream_reset_forgets_the_partial_window():
     p, _, published, _ = make()
     key = StreamKey("mcu", "x")

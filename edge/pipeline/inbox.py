@@ -79,7 +79,7 @@ class Inbox:
 
     def reset_stream(self, key: StreamKey, why: str) -> bool:
         """A source restarted (a serial device said HELLO again): forget the partial window."""
-        return self.control.put(StreamReset(key, why), _BLOCK_OVERHEAD)
+        return self.control.put(StreamReset(key, why, after=self.sensor.mark()), _BLOCK_OVERHEAD)
 
     # ---- introspection -----------------------------------------------------------------
     def depth(self) -> int:

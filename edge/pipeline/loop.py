@@ -34,7 +34,7 @@ from edge.supervise import Supervisor
 log = logging.getLogger("edge.pipeline")
 THREAD = "pipeline"
 _SINKS_MAX = 100_000
-
+_MAX_PENDING_RESETS = 1024  # resets waiting for the sensor items offered before them
 
 class Pipeline:
     """Decode -> window -> serve -> publish, on one supervised thread."""
@@ -56,6 +56,7 @@ class Pipeline:
         self.counters = {"messages": 0, "windows_served": 0, "serve_errors": 0, "batches": 0, "labels": 0,
                          "stream_resets": 0, "shutdown_dropped": 0}
         self.bad: dict[str, int] = {}
+        self._resets: list[StreamReset] = []  # taken, waiting for the sensor items offered before them
         self._sinks: dict[str, tuple[Stream, bool]] = {}  # topic -> (its stream, single-sample fast path ok)
         self._badlog = RateLimitedLog(log)
         self._stop = threading.Event()
@@ -168,6 +169,8 @@ class Pipeline:
                 took = True
                 self._handle_one(item, ready)
         sensor = inbox.sensor
+        if self._resets:
+            self._apply_resets()
         while budget > 0 and sensor:
             item = sensor.take()
             if item is None:
@@ -179,6 +182,8 @@ class Pipeline:
             else:
                 budget -= 1
                 self._handle_one(item, ready)
+            if self._resets:
+                self._apply_resets()
             if len(ready) >= self.max_batch:
                 self._serve(ready)
                 ready.clear()
@@ -202,12 +207,22 @@ class Pipeline:
             elif type(item) is LabelIn:
                 self._label(item)
             elif type(item) is StreamReset:
-                if self.bank.reset(item.key):
-                    self.counters["stream_resets"] += 1
+                self._resets.append(item)
+                if len(self._resets) > _MAX_PENDING_RESETS:  # a HELLO storm: bounded, applied early
+                    if self.bank.reset(self._resets.pop(0).key):
+                        self.counters["stream_resets"] += 1
+                self._apply_resets()
         except DecodeError as e:
             self.bad_input(e.kind, where, str(e))
         except Exception as e:
             self.sup.item_failed(THREAD, e, where=brief(where))
+
+    def _apply_resets(self) -> None:
+        """Apply the resets whose sensor items before them have all left the lane, in order."""
+        sensor, resets = self.inbox.sensor, self._resets
+        while resets and sensor.passed(resets[0].after):
+            if self.bank.reset(resets.pop(0).key):
+                self.counters["stream_resets"] += 1
 
     def _handle_batch(self, msgs: list[tuple[str, bytes]], received: float, ready: list[Window]) -> None:
         """Every message of one read; a single-sample JSON object on a known stream takes

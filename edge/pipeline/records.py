@@ -56,10 +56,15 @@ class LabelIn:
 
 @dataclass(frozen=True, slots=True)
 class StreamReset:
-    """A control record: the source of ``key`` restarted; forget its partial window."""
+    """A control record: the source of ``key`` restarted; forget its partial window.
+
+    ``after`` is the sensor lane's count of items offered when the reset was made: it is
+    applied once every one of them has left the lane, so that it cuts the stream where
+    its source did, although control is taken before sensor data."""
 
     key: StreamKey
     why: str
+    after: int = 0
 
 
 @dataclass(frozen=True, slots=True)
