@@ -7,12 +7,13 @@ Time mapping: the device stamps each SAMPLES frame with its clock (``t_us``, µs
 boot, wrapping at 2**32; wraps are unwrapped with serial-number arithmetic). Host time
 of a sample = device time + offset. Each SAMPLES frame implies an offset, ``arrival -
 device time of the frame's last sample``, which is the true offset plus that frame's
-transfer and queueing delay. The clock keeps the smallest implied offset seen since the
-first frame after a HELLO, a reset or a reconnect (the frame that travelled fastest is
-the closest bound), so no sample is ever stamped later than it arrived. A frame whose
-implied offset is more than ``tolerance`` seconds above the kept one re-anchors the
-clock to it (crystal drift, a device pause), and so does one more than ``tolerance``
-below it (a clock jump). Re-anchors are counted.
+transfer and queueing delay. The offset is set by the first frame after a HELLO, a reset
+or a reconnect. A later frame that implies a smaller one (it travelled faster: a closer
+bound) moves the offset toward it, by at most ``slew`` (a tenth) of a sample period per
+frame, so that samples stay in order and evenly spaced within 10% while the stamps
+converge to "no sample later than it arrived". A frame whose implied offset differs by
+more than ``tolerance`` seconds re-anchors the clock to it at once (crystal drift, a
+device pause, a clock jump). Re-anchors are counted.
 """
 from __future__ import annotations
 
@@ -24,23 +25,29 @@ _HALF32 = 1 << 31
 
 
 class DeviceClock:
-    """Maps device seconds to host seconds: the smallest implied offset, re-anchored
-    beyond ``tolerance`` (see the module docstring).
+    """Maps device seconds to host seconds (see the module docstring): the first frame's
+    offset, slewed down toward the smallest implied one, re-anchored beyond ``tolerance``.
 
     >>> c = DeviceClock(tolerance=0.5)
-    >>> c.offset_for(1.0, 101.02), c.offset_for(2.0, 102.005), c.offset_for(3.0, 103.3)
-    (100.02, 100.005, 100.005)
-    >>> c.offset_for(4.0, 105.0), c.reanchors   # 0.995 s late: drift or a pause
+    >>> c.offset_for(1.0, 101.02, period=0.01)            # the first frame sets it
+    100.02
+    >>> round(c.offset_for(2.0, 102.005, period=0.01), 6)  # faster: one slew step (0.001)
+    100.019
+    >>> round(c.offset_for(3.0, 103.3, period=0.01), 6)    # slower, within tolerance: kept
+    100.019
+    >>> c.offset_for(4.0, 105.0, period=0.01), c.reanchors  # 0.98 s late: drift or a pause
     (101.0, 1)
     """
 
-    def __init__(self, *, tolerance: float = 0.5):
+    def __init__(self, *, tolerance: float = 0.5, slew: float = 0.1):
         self.tolerance = tolerance
+        self.slew = slew
         self.offset: float | None = None
         self.reanchors = 0
 
-    def offset_for(self, dev_last: float, arrival: float) -> float:
-        """Offset to add to device seconds, given the newest sample's device time and the arrival time."""
+    def offset_for(self, dev_last: float, arrival: float, *, period: float) -> float:
+        """Offset to add to device seconds, given the newest sample's device time, the
+        arrival time and the stream's sample period (seconds)."""
         cand = arrival - dev_last
         if self.offset is None:
             self.offset = cand
@@ -48,7 +55,7 @@ class DeviceClock:
             self.offset = cand
             self.reanchors += 1
         elif cand < self.offset:  # this frame travelled faster: a closer bound on the offset
-            self.offset = cand
+            self.offset -= min(self.offset - cand, self.slew * period)
         return self.offset
 
     def reset(self) -> None:
@@ -169,7 +176,7 @@ class BinarySession:
         rate = msg.sample_rate if msg.sample_rate > 0 else hello.sample_rate
         dev = ext / 1e6 + np.arange(n) / rate
         if n:
-            offset = self.clock.offset_for(float(dev[-1]), arrival)
+            offset = self.clock.offset_for(float(dev[-1]), arrival, period=1.0 / rate)
             self.counters["reanchors"] = self.clock.reanchors
         else:
             offset = 0.0

@@ -134,6 +134,6 @@ class TextStream:
         n = rows.shape[0]
         dev = (self._k + np.arange(n)) / self.sample_rate
         self._k += n
-        offset = self.clock.offset_for(float(dev[-1]), arrival)
+        offset = self.clock.offset_for(float(dev[-1]), arrival, period=1.0 / self.sample_rate)
         self.counters["samples"] += n
         return dev + offset, rows

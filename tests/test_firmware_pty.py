@@ -73,6 +73,14 @@ def rig():
         sim.stop()
 
 
+def _evenly_spaced(t, rate: float) -> None:
+    """Spaced at ``rate``; where a faster frame moves the device clock down toward it
+    (firmware_bridge.session.DeviceClock), a gap shrinks by at most a tenth of a period."""
+    gaps = np.diff(t)
+    assert gaps.min() >= 0.9 / rate - 1e-6 and gaps.max() <= 1 / rate + 1e-6, (gaps.min(), gaps.max())
+    assert np.mean(np.abs(gaps - 1 / rate) <= 1e-6) >= 0.9
+
+
 def test_binary_stream_delivers_exact_samples_and_values(rig):
     started = time.time()
     sim, src, sink = rig(max_frames=40, autostart=False)
@@ -81,7 +89,7 @@ def test_binary_stream_delivers_exact_samples_and_values(rig):
     np.testing.assert_array_equal(sink.values(), np.concatenate(sim.sent))
     assert sink.blocks[0][0] == StreamKey("sim-mcu", "serial")
     t = sink.times()
-    np.testing.assert_allclose(np.diff(t), 1 / 2000.0, atol=1e-6)
+    _evenly_spaced(t, 2000.0)
     assert started - 5.0 <= t[-1] <= time.time() + 1.0  # Unix time of this run (the device clock maps onto it)
     st = src.stats()
     assert (st["frames"], st["samples"], st["lost_frames"], st["crc_errors"], st["resets"]) == (40, 1600, 0, 0, 0)
@@ -157,7 +165,7 @@ def test_text_protocol_with_given_rate_delivers_exact_values(rig):
     assert wait_for(lambda: sink.count() == 800)
     np.testing.assert_array_equal(sink.values(), np.concatenate(sim.sent))
     assert sink.blocks[0][0] == StreamKey("uno", "serial")
-    np.testing.assert_allclose(np.diff(sink.times()), 1 / 2000.0, atol=1e-6)
+    _evenly_spaced(sink.times(), 2000.0)
 
 
 def test_text_protocol_estimates_the_sample_rate(rig):
