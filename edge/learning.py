@@ -4,8 +4,8 @@
 own learner (``edge.adapt.Learner``): test-then-train prequential metrics, a bounded
 latent replay buffer mixed into every step, champion/challenger promotions by a paired
 test, drift-aware plasticity and a trivial reference that keeps a stream with no signal
-from costing anything (``predict`` serves whichever of the learned heads and the
-reference has the lower recent loss). See docs/LEARNING.md.
+from costing anything (``predict`` serves the learned head with the lower recent loss,
+unless it does not beat the reference's by 5%). See docs/LEARNING.md.
 
 - A ``LinearModel`` (or an ``edge.adapt.heads`` head) takes the fast path: closed-form
   numpy steps, no autograd. Any other module trains by torch autograd through the same
@@ -414,9 +414,9 @@ class IncrementalModel:
 
     def predict(self, x) -> np.ndarray:
         """The served outputs for a batch ``x`` (numpy or tensor), as numpy: values for
-        regression, raw logits for a classifier. Served = whichever of the learned heads
-        (champion, challenger) and the trivial reference has the lower recent prequential
-        loss (do no harm, ``Learner.serving``)."""
+        regression, raw logits for a classifier. Served = the learned head (champion or
+        challenger) with the lower recent prequential loss, or the trivial reference when
+        that head does not beat it by ``promote_margin`` (do no harm, ``Learner.serving``)."""
         x = _np(x)
         if self.learner is None:
             self.model.eval()

@@ -101,6 +101,8 @@ def learn_many(lr, Z, Y) -> dict:
     f["since_trigger"] += m - 1
     f["above"] = f["above"] + m - 1 if f["above"] else 0
     watch = e_champ if cfg.drift_on == "error" else l_champ
+    if lr.exceed is not None:  # regression: exceedances of the error's running quantile (Learner)
+        watch = np.array([lr.exceed.update(x) for x in np.asarray(watch, np.float64).reshape(-1).tolist()])
     drift = lr._update_drift_many(float(watch.mean()), m) or lr._loss_ratio_trigger()
     counters["labels"] += m
     swap = lr._maybe_swap()

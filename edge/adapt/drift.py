@@ -212,3 +212,62 @@ class ADWIN:
         self.width, self.total = int(s["width"]), float(s["total"])
         self.variance, self.ticks = float(s["variance"]), int(s["ticks"])
 
+
+
+class Exceedance:
+    """A regression error stream -> a unit-free 0/1 stream for the drift detectors.
+
+    Page-Hinkley's threshold and tolerance are absolute, so on raw regression errors its
+    behaviour depends on the target's unit (a target in Pa alarms constantly, in MPa never).
+    ``update(e)`` returns 1.0 when ``e`` exceeds the running ``level`` quantile of the errors
+    before it, else 0.0: about ``1 - level`` of the labels on a stationary stream whatever
+    the unit or the error's distribution, and more after a change that makes the errors
+    larger, so the detectors see what they see on a classifier's 0/1 error. The quantile
+    starts as the empirical quantile of the first ``warmup`` errors (during which the
+    neutral ``1 - level`` is returned) and then moves by stochastic approximation, with a
+    step of ``rate`` times the running mean error (so it is unit-free too).
+
+    >>> import random
+    >>> rng = random.Random(1)
+    >>> ex = Exceedance()
+    >>> for scale in (1e-3, 1e3):
+    ...     ex = Exceedance()
+    ...     hits = [ex.update(abs(rng.gauss(0, scale))) for _ in range(4000)]
+    ...     print(round(sum(hits[1000:]) / 3000, 2))
+    0.15
+    0.15
+    """
+
+    def __init__(self, *, level: float = 0.85, rate: float = 0.02, warmup: int = 50):
+        self.level, self.rate, self.warmup = level, rate, warmup
+        self.reset()
+
+    def reset(self) -> None:
+        self.n = 0
+        self.q = 0.0
+        self.scale = 0.0
+        self._first: list[float] = []  # the warm-up errors (at most ``warmup``)
+
+    def update(self, e: float) -> float:
+        e = float(e)
+        if not math.isfinite(e):
+            return 1.0
+        self.n += 1
+        self.scale += (e - self.scale) / min(self.n, 100)  # the mean error, over about 100 labels
+        if self.n <= self.warmup:
+            self._first.append(e)
+            if self.n == self.warmup:  # the quantile starts where the warm-up errors put it
+                ranked = sorted(self._first)
+                self.q = ranked[min(len(ranked) - 1, int(self.level * len(ranked)))]
+                self._first = []
+            return 1.0 - self.level
+        hit = 1.0 if e > self.q else 0.0
+        self.q += self.rate * self.scale * (hit - (1.0 - self.level))
+        return hit
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "q": self.q, "scale": self.scale, "first": list(self._first)}
+
+    def load_state_dict(self, s: dict) -> None:
+        self.n, self.q, self.scale = int(s["n"]), float(s["q"]), float(s["scale"])
+        self._first = [float(x) for x in s.get("first", [])][: self.warmup]

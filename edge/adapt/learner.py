@@ -18,8 +18,8 @@ Per label (``learn_one``) the learner
    (docs/LEARNING.md, "Plasticity");
 5. keeps a trivial reference (running mean or class prior, ``edge.adapt.reference``)
    scored the same way: ``best()`` serves the learned head (champion or challenger)
-   with the lower recent loss, or the reference when its recent loss is lower still
-   (the library's do-no-harm rule; the daemon serves the champion).
+   with the lower recent loss, or the reference unless that head beats it by
+   ``promote_margin`` (the library's do-no-harm rule; the daemon serves the champion).
 
 With ``AdaptConfig.scale`` the features are standardised online (``edge.adapt.scaler``)
 before the head (the replay keeps raw features; every batch is scaled with the current
@@ -39,7 +39,7 @@ import numpy as np
 from edge.adapt.batch import learn_many
 from edge.adapt.budget import TrainingBudget
 from edge.config import AdaptConfig
-from edge.adapt.drift import ADWIN, PageHinkley
+from edge.adapt.drift import ADWIN, Exceedance, PageHinkley
 from edge.adapt.heads import HeadSnapshot, make_head
 from edge.adapt.metrics import FADE_FAST as _FADE
 from edge.adapt.metrics import FADE_SLOW as _SLOW
@@ -122,6 +122,9 @@ class Learner:
             self.detectors["page_hinkley"] = PageHinkley(threshold=cfg.ph_threshold, delta=cfg.ph_delta, mode="up")
         if cfg.drift_detector in ("adwin", "both"):
             self.detectors["adwin"] = ADWIN(delta=cfg.adwin_delta)
+        # regression and forecasting: the detectors watch exceedances of the error's running
+        # quantile, not the error itself, whose unit is the target's (edge.adapt.drift.Exceedance)
+        self.exceed = Exceedance() if task != "classification" and self.detectors else None
         self.on_event = on_event
         self.clock = clock
         self._events: collections.deque = collections.deque(maxlen=1024)
@@ -188,16 +191,17 @@ class Learner:
         """What ``best()`` serves now: ``"reference"``, ``"champion"`` or ``"challenger"``.
 
         Do no harm: of the learned heads, the one with the lower recent prequential loss
-        (the challenger while it is ahead of the champion, ``_live_better``), unless the
-        trivial reference's recent loss over the same labels is lower still; with fewer
-        than ``promote_block`` labels to compare, the reference (or an adapted champion
-        that has no record yet, e.g. after ``incremental_update``). The library's
+        (the challenger while it is ahead of the champion, ``_live_better``), when its
+        recent loss is below the trivial reference's over the same labels by
+        ``promote_margin``, else the reference; with fewer than ``promote_block`` labels
+        to compare, the reference (or an adapted champion that has no record yet, e.g.
+        after ``incremental_update``). The library's
         ``predict`` so follows what it learns at once, while a promotion (the event, and
         the head the daemon serves) still needs the paired test."""
         learned = "challenger" if self._live_better() else "champion"
         mine = self.preq[learned].loss
-        if mine.n >= self.cfg.promote_block:
-            return learned if mine.get() < self.preq["reference"].loss.get() else "reference"
+        if mine.n >= self.cfg.promote_block:  # lower by the promotion margin: no chasing of noise
+            return learned if mine.get() < self.preq["reference"].loss.get() * (1.0 - self.cfg.promote_margin) else "reference"
         return "champion" if self.champion is not self._global and not mine.n else "reference"
 
     def _live_better(self) -> bool:
@@ -324,7 +328,8 @@ class Learner:
         counters["labels"] += 1
         self.since_swap += 1
         self.boost_left = max(0, self.boost_left - 1)
-        drift = self._update_drift(e_champ if cfg.drift_on == "error" else l_champ)
+        watch = e_champ if cfg.drift_on == "error" else l_champ
+        drift = self._update_drift(watch if self.exceed is None else self.exceed.update(watch))
         if drift is None:
             drift = self._loss_ratio_trigger()
         swap = self._maybe_swap()
@@ -534,6 +539,7 @@ class Learner:
             if self.closed_form else {"version": self.global_version},
             "preq": {k: v.state_dict() for k, v in self.preq.items()},
             "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
+            "exceedance": None if self.exceed is None else self.exceed.state_dict(),
             "pairs": {k: p.state_dict() for k, p in self.pairs.items()},
             "reference": self.reference.state_dict(),
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
@@ -578,6 +584,10 @@ class Learner:
         for k, v in s.get("detectors", {}).items():
             if k in self.detectors:
                 self.detectors[k].load_state_dict(v)
+        if self.exceed is not None:  # an older state has none: the quantile starts afresh
+            self.exceed.reset()
+            if s.get("exceedance"):
+                self.exceed.load_state_dict(s["exceedance"])
         for k, v in s["pairs"].items():
             if k in self.pairs:  # an older state's "serve" and "serve_next" pairs are no longer kept
                 self.pairs[k].load_state_dict(v)
