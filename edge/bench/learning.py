@@ -183,11 +183,11 @@ def main(argv=None) -> int:
         task, X, y, k = load_stream(name, seed=args.seed, pre=args.pre, post=args.post)
         ref_task = "regression" if task == "regression" else task
         r = {"task": task, "rows": len(X), "features": int(X.shape[1])}
-        runs = {"edge": lambda: run_edge(task, X, y, k, seed=args.seed),
-                "edge_learn_many32": lambda: run_edge(task, X, y, k, batch=32, seed=args.seed),
-                "river_linear": lambda: run_river("linear", task, X, y, k)}
         def fn_seed(key, seed):
             return run_edge(task, X, y, k, batch=32 if key == "edge_learn_many32" else 0, seed=seed)
+        runs = {"edge": lambda: fn_seed("edge", args.seed),
+                "edge_learn_many32": lambda: fn_seed("edge_learn_many32", args.seed),
+                "river_linear": lambda: run_river("linear", task, X, y, k)}
         if task != "regression":
             runs["river_hoeffding_tree"] = lambda: run_river("tree", task, X, y, k)
         for key, fn in runs.items():

@@ -14,6 +14,7 @@ to ``drain_s`` seconds, and what is left after that is counted (``shutdown_dropp
 """
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -56,7 +57,7 @@ class Pipeline:
         self.counters = {"messages": 0, "windows_served": 0, "serve_errors": 0, "batches": 0, "labels": 0,
                          "stream_resets": 0, "shutdown_dropped": 0}
         self.bad: dict[str, int] = {}
-        self._resets: list[StreamReset] = []  # taken, waiting for the sensor items offered before them
+        self._resets: collections.deque[StreamReset] = collections.deque()  # taken, waiting for the sensor items before them
         self._sinks: dict[str, tuple[Stream, bool]] = {}  # topic -> (its stream, single-sample fast path ok)
         self._badlog = RateLimitedLog(log)
         self._stop = threading.Event()
@@ -209,8 +210,7 @@ class Pipeline:
             elif type(item) is StreamReset:
                 self._resets.append(item)
                 if len(self._resets) > _MAX_PENDING_RESETS:  # a HELLO storm: bounded, applied early
-                    if self.bank.reset(self._resets.pop(0).key):
-                        self.counters["stream_resets"] += 1
+                    self._reset(self._resets.popleft())
                 self._apply_resets()
         except DecodeError as e:
             self.bad_input(e.kind, where, str(e))
@@ -221,8 +221,11 @@ class Pipeline:
         """Apply the resets whose sensor items before them have all left the lane, in order."""
         sensor, resets = self.inbox.sensor, self._resets
         while resets and sensor.passed(resets[0].after):
-            if self.bank.reset(resets.pop(0).key):
-                self.counters["stream_resets"] += 1
+            self._reset(resets.popleft())
+
+    def _reset(self, item: StreamReset) -> None:
+        if self.bank.reset(item.key):
+            self.counters["stream_resets"] += 1
 
     def _handle_batch(self, msgs: list[tuple[str, bytes]], received: float, ready: list[Window]) -> None:
         """Every message of one read; a single-sample JSON object on a known stream takes
