@@ -193,6 +193,22 @@ def test_paired_statistic_is_antisymmetric(diffs):
     assert (math.isnan(sa) and math.isnan(sb)) or sa == pytest.approx(-sb)
 
 
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 50), st.floats(0, 50)), max_size=150), st.integers(1, 12), st.integers(2, 8),
+       st.lists(st.integers(1, 40), min_size=1, max_size=5))
+def test_paired_add_many_is_add_in_turn(pairs, block, max_blocks, chunks):
+    """learn_many's batch of pairs leaves the blocks exactly as one add per label."""
+    one, many = PairedBlocks(block=block, max_blocks=max_blocks), PairedBlocks(block=block, max_blocks=max_blocks)
+    done = sum(one.add(a, b) for a, b in pairs)
+    i, got = 0, 0
+    while i < len(pairs):
+        k = chunks[i % len(chunks)]
+        part = pairs[i: i + k]
+        got += many.add_many([a for a, _ in part], [b for _, b in part])
+        i += k
+    assert got == done and one.state_dict() == many.state_dict()
+
+
 def test_paired_test_needs_the_minimum_count_and_a_clear_gain():
     p = PairedBlocks(block=5, max_blocks=20)
     for i in range(25):  # 5 blocks of a steady gain

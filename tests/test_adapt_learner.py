@@ -1,8 +1,12 @@
 """The learner on seeded synthetic features: adapts, remembers, promotes with a margin, rolls back."""
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.config import AdaptConfig
 from edge.adapt.learner import Learner
@@ -123,6 +127,30 @@ def test_bad_labels_are_rejected_and_counted(world, z, y, reason):
     assert lr.learn_one(z, y) == {"accepted": False, "reason": reason}
     m = lr.metrics()
     assert m["labels_rejected"] == {reason: 1} and m["labels_total"] == 0
+
+
+_LABELS = st.one_of(st.integers(-3, K + 2), st.floats(allow_nan=True, allow_infinity=True, width=32),
+                    st.sampled_from([0.0, 1.0, 2.5, -0.0, float(K), 1e30]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(_LABELS, min_size=1, max_size=40), st.booleans())
+def test_learn_many_takes_and_rejects_the_labels_learn_one_would(world, labels, as_float):
+    """The batch's vectorised label check accepts, converts and rejects (by reason) exactly
+    the labels the per-row check does, for class indices and regression targets."""
+    from edge.adapt.batch import _targets
+
+    Y = np.asarray(labels, np.float64 if as_float or any(isinstance(v, float) for v in labels) else np.int64)
+    rows = np.arange(len(Y))
+    for lr in (_learner(world), Learner(task="regression", feature_size=D, config=AdaptConfig(seed=0))):
+        expect = [(i, lr._target(Y[i])) for i in rows]
+        kept, T = _targets(lr, Y, rows)
+        want = [(i, t) for i, (t, why) in expect if not why]
+        assert kept.tolist() == [i for i, _ in want]
+        for got, (_, t) in zip(T, want):
+            np.testing.assert_array_equal(np.asarray(got).reshape(-1), np.asarray(t).reshape(-1))
+        reasons = collections.Counter(why for _, (_, why) in expect if why)
+        assert dict(lr.rejected) == dict(reasons)
 
 
 def test_class_names_and_indices_are_both_labels(world):

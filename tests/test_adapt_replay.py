@@ -61,3 +61,27 @@ def test_recent_buffer_keeps_the_last_samples():
     for i in range(10):
         r.add(np.array([i], np.float32), i)
     assert sorted(r.y[: len(r)].tolist()) == [7, 8, 9]
+
+
+@given(st.lists(st.integers(0, 3), min_size=0, max_size=120), st.integers(1, 50),
+       st.lists(st.integers(1, 40), min_size=1, max_size=6), st.integers(0, 3))
+@settings(max_examples=60, deadline=None)
+def test_add_many_is_add_in_turn(labels, cap, chunks, seed):
+    """A batch offered at once leaves the class-balanced reservoir exactly as row-by-row offers:
+    the same slots, samples, counts and random state."""
+    one = ReplayBuffer(feature_size=3, max_bytes=cap * (3 * 4 + 8), classes=4, seed=seed)
+    many = ReplayBuffer(feature_size=3, max_bytes=cap * (3 * 4 + 8), classes=4, seed=seed)
+    Z = np.arange(len(labels) * 3, dtype=np.float32).reshape(len(labels), 3)
+    for z, c in zip(Z, labels):
+        one.add(z, c)
+    i = 0
+    for k in chunks * (len(labels) // max(1, sum(chunks)) + 1):
+        if i >= len(labels):
+            break
+        many.add_many(Z[i: i + k], np.asarray(labels[i: i + k], np.int64))
+        i += k
+    assert len(one) == len(many) and one.seen.tolist() == many.seen.tolist()
+    assert one._slots == many._slots
+    np.testing.assert_array_equal(one.z[: len(one)], many.z[: len(many)])
+    np.testing.assert_array_equal(one.y[: len(one)], many.y[: len(many)])
+    assert one.rng.bit_generator.state == many.rng.bit_generator.state

@@ -15,7 +15,7 @@ import numpy as np
 
 from edge.adapt.metrics import FADE_FAST as _FADE
 from edge.adapt.metrics import FADE_SLOW as _SLOW
-from edge.adapt.metrics import sample_losses
+from edge.adapt.metrics import fade_weights, sample_losses
 
 
 def learn_many(lr, Z, Y) -> dict:
@@ -29,21 +29,12 @@ def learn_many(lr, Z, Y) -> dict:
             lr.reject("bad_shape")
         return {"accepted": 0, "served": np.zeros((0, lr.outputs)), "drift": None, "swap": None}
     keep = np.isfinite(Z).all(1)
-    for _ in range(int((~keep).sum())):
-        lr.reject("non_finite")
-    targets = []
-    rows = []
-    for i in np.flatnonzero(keep).tolist():
-        t, why = lr._target(Y[i])
-        if why:
-            lr.reject(why)
-        else:
-            targets.append(t)
-            rows.append(i)
-    if not rows:
+    if not keep.all():
+        lr.rejected["non_finite"] += int((~keep).sum())
+    rows, T = _targets(lr, Y, np.flatnonzero(keep))
+    if not len(rows):
         return {"accepted": 0, "served": np.zeros((0, lr.outputs)), "drift": None, "swap": None}
     Z = Z[rows]
-    T = np.asarray(targets, np.int64) if lr.task == "classification" else np.stack(targets).astype(np.float32)
     m = len(Z)
     cfg, preq, counters = lr.cfg, lr.preq, lr.counters
     champion, glob = lr.champion, lr._global
@@ -82,18 +73,14 @@ def learn_many(lr, Z, Y) -> dict:
         lr._fade("replay", tr.last_loss)
     l_chal, e_chal = sample_losses(s_chal, T, lr.task)
     preq["challenger"].update_many(l_chal, e_chal)
-    pro, rol = lr.pairs["promote"], lr.pairs["rollback"]
-    for lc, lh, lg in zip(l_champ.tolist(), l_chal.tolist(), l_glob.tolist()):
-        pro.add(lc, lh)
-        if champion is not glob:
-            rol.add(lc, lg)
+    lr.pairs["promote"].add_many(l_champ, l_chal)
+    if champion is not glob:
+        lr.pairs["rollback"].add_many(l_champ, l_glob)
     f = lr.fade  # the batch's rows, faded in as row by row
-    w = _FADE ** np.arange(m - 1, -1, -1)
-    f["new"] = _FADE**m * f["new"] + float(w @ e_chal)
-    f["w_new"] = _FADE**m * f["w_new"] + float(w.sum())
-    ws = _SLOW ** np.arange(m - 1, -1, -1)
-    f["slow"] = _SLOW**m * f.get("slow", 0.0) + float(ws @ e_chal)
-    f["w_slow"] = _SLOW**m * f.get("w_slow", 0.0) + float(ws.sum())
+    for key, decay in (("new", _FADE), ("slow", _SLOW)):
+        w, total, last = fade_weights(decay, m)
+        f[key] = last * f.get(key, 0.0) + float(w @ e_chal)
+        f["w_" + key] = last * f.get("w_" + key, 0.0) + total
     lr.replay.add_many(Z, T)
     lr.recent.add_many(Z, T)
     lr.since_swap += m
@@ -107,3 +94,40 @@ def learn_many(lr, Z, Y) -> dict:
     counters["labels"] += m
     swap = lr._maybe_swap()
     return {"accepted": m, "served": s_champ, "drift": drift, "swap": swap}
+
+
+def _targets(lr, Y, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The rows among ``rows`` whose label ``Learner._target`` accepts, and their targets
+    (class indices, or ``[m, outputs]`` values); the others are counted as rejected by
+    the same reasons. Numeric labels are checked at once; anything else row by row."""
+    task = lr.task
+    try:
+        A = np.asarray(Y) if task == "classification" else np.asarray(Y, np.float32)
+    except (TypeError, ValueError):  # ragged: row by row
+        A = None
+    if A is not None and task == "classification" and A.dtype.kind in "biuf" and A.size == len(A) and len(rows):
+        v = A.reshape(-1)[rows]
+        ok = (v >= 0) & (v < lr._n_classes)
+        if v.dtype.kind == "f":
+            ok &= v == np.floor(v)  # NaN and inf fail
+        if not ok.all():
+            lr.rejected["unknown_class"] += int((~ok).sum())
+        return rows[ok], v[ok].astype(np.int64)
+    if A is not None and task != "classification" and A.dtype.kind == "f" and len(A) and A.size == len(A) * lr.outputs:
+        v = A.reshape(len(A), lr.outputs)[rows]
+        ok = np.isfinite(v).all(1)
+        if not ok.all():
+            lr.rejected["non_finite"] += int((~ok).sum())
+        return rows[ok], v[ok]
+    kept, targets = [], []
+    for i in rows.tolist():
+        t, why = lr._target(Y[i])
+        if why:
+            lr.reject(why)
+        else:
+            kept.append(i)
+            targets.append(t)
+    if not kept:
+        return np.empty(0, np.int64), np.empty(0, np.int64)
+    T = np.asarray(targets, np.int64) if task == "classification" else np.stack(targets).astype(np.float32)
+    return np.asarray(kept, np.int64), T

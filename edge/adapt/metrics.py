@@ -8,6 +8,7 @@ dashboards. Pure: values in, values out.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -17,6 +18,15 @@ EPS = 1e-7
 # last 50 labels, and the new labels' long-run level, about the last 500
 FADE_FAST = 0.98
 FADE_SLOW = 0.998
+
+
+@functools.lru_cache(maxsize=64)
+def fade_weights(decay: float, m: int) -> tuple[np.ndarray, float, float]:
+    """``(w, w.sum(), decay**m)`` with ``w[i] = decay**(m - 1 - i)``: what folding ``m``
+    values into a faded mean one by one gives each of them (``learn_many``)."""
+    w = decay ** np.arange(m - 1, -1, -1)
+    w.flags.writeable = False
+    return w, float(w.sum()), decay**m
 
 
 class RollingMean:
@@ -50,7 +60,7 @@ class RollingMean:
 
     def update_many(self, values) -> None:
         """``update`` with each value in turn, in a few list operations (``learn_many``)."""
-        xs = [float(x) for x in values]
+        xs = values if isinstance(values, list) else [float(x) for x in values]
         m, w = len(xs), self.window
         if not m:
             return
@@ -178,10 +188,9 @@ class Prequential:
             return
         self.loss.update_many(ls.tolist())
         self.err.update_many(np.asarray(errs, np.float64).reshape(-1).tolist())
-        f = self.fading
-        w = f ** np.arange(m - 1, -1, -1)
-        self._faded_loss = f**m * self._faded_loss + float(w @ ls)
-        self._faded_w = f**m * self._faded_w + float(w.sum())
+        w, total, last = fade_weights(self.fading, m)
+        self._faded_loss = last * self._faded_loss + float(w @ ls)
+        self._faded_w = last * self._faded_w + total
         self.n += m
 
     def get(self) -> dict:

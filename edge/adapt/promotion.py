@@ -19,6 +19,8 @@ from __future__ import annotations
 import math
 from statistics import NormalDist
 
+import numpy as np
+
 
 def t_quantile(p: float, df: int) -> float:
     """Approximate Student-t quantile.
@@ -68,6 +70,22 @@ class PairedBlocks:
             del self.means[0]
         self._acc, self._k = 0.0, 0
         return True
+
+    def add_many(self, champion_losses, challenger_losses) -> int:
+        """``add`` for each pair in turn, with the same arithmetic (``learn_many``); the
+        number of blocks completed."""
+        d = np.asarray(champion_losses, np.float64).reshape(-1) - np.asarray(challenger_losses, np.float64).reshape(-1)
+        acc, k, block, means, done = self._acc, self._k, self.block, self.means, 0
+        for x in d.tolist():
+            acc += x
+            k += 1
+            if k == block:
+                means.append(acc / k)
+                acc, k, done = 0.0, 0, done + 1
+        if len(means) > self.max_blocks:
+            del means[: len(means) - self.max_blocks]
+        self._acc, self._k = acc, k
+        return done
 
     def mean_gain(self) -> float:
         return sum(self.means) / len(self.means) if self.means else 0.0

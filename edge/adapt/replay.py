@@ -62,24 +62,32 @@ class ReplayBuffer:
             self._add_plain(z, y)
 
     def add_many(self, Z: np.ndarray, Y) -> None:
-        """Offer a batch; the plain reservoir draws all its slots at once (same rule as ``add``)."""
-        if self.classes:
-            for z, y in zip(Z, Y):
-                self._add_balanced(z, int(y))
-            return
+        """Offer a batch, by the same rule as ``add`` row by row: rows that find room are
+        stored at once; beyond that the plain reservoir draws all its slots at once and the
+        class-balanced one goes row by row (its rule is sequential, its draws those of ``add``)."""
         m = len(Z)
         free = min(m, self.capacity - self.size)
+        y = np.asarray(Y, np.int64).reshape(-1) if self.classes else np.asarray(Y).reshape(m, -1)
         if free:
-            self.z[self.size: self.size + free] = Z[:free]
-            self.y[self.size: self.size + free] = np.asarray(Y[:free]).reshape(free, -1)
+            s = self.size
+            self.z[s: s + free] = Z[:free]
+            self.y[s: s + free] = y[:free]
             self.size += free
+            if self.classes:
+                np.add.at(self.seen, y[:free], 1)
+                for slot, k in enumerate(y[:free].tolist(), start=s):
+                    self._slots[k].append(slot)
+        if self.classes:
+            for i in range(free, m):
+                self._add_balanced(Z[i], int(y[i]))
+            return
         seen = self.seen[0] + free + 1 + np.arange(m - free)
         self.seen[0] += m
         if m > free:
             j = (self.rng.random(m - free) * seen).astype(np.int64)
             keep = j < self.capacity
             self.z[j[keep]] = Z[free:][keep]
-            self.y[j[keep]] = np.asarray(Y[free:]).reshape(m - free, -1)[keep]
+            self.y[j[keep]] = y[free:][keep]
 
     def _add_plain(self, z, y) -> None:
         self.seen[0] += 1
