@@ -292,10 +292,16 @@ class IncrementalModel:
         if tuple(X.shape[1:]) != self.x_shape:
             raise DataError(f"samples have shape {tuple(X.shape[1:])}; this model takes {self.x_shape}")
         self._check_labels(Y)
-        served = self._served_scores(X.reshape(len(X), -1))
-        out = lr.learn_many(X.reshape(len(X), -1), _labels(Y, lr))
+        Z, T = X.reshape(len(X), -1), _labels(Y, lr)
+        which = lr.serving()  # decided before the batch is seen, as predict would
+        # the learner scores every row with the champion and the challenger before training:
+        # those are the served scores unless the reference serves or a row will be rejected
+        served = self._served_scores(Z) if which == "reference" or not np.isfinite(Z).all() else None
+        out = lr.learn_many(Z, T)
         self.samples_seen += out["accepted"]
-        loss, _ = sample_losses(served, _labels(Y, lr), lr.task)
+        if served is None:
+            served = out["challenger" if which == "challenger" else "served"]
+        loss, _ = sample_losses(served, T, lr.task)
         return {"n": out["accepted"], "loss": float(loss.mean()), "drift": out["drift"], "swap": out["swap"]}
 
     def predict_many(self, X) -> np.ndarray:

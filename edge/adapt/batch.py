@@ -22,7 +22,8 @@ def learn_many(lr, Z, Y) -> dict:
     """Test then train on a batch: every row is scored by every head before one step on
     the batch plus its share of replayed rows (``batch - 1`` new rows per reservoir
     share, as ``learn_one``). Rows that ``learn_one`` would reject are rejected and
-    counted; returns ``{"accepted", "served" [n, K], "drift", "swap"}``."""
+    counted; returns ``{"accepted", "served" [n, K], "challenger" [n, K], "drift", "swap"}``:
+    the champion's and the challenger's scores of the accepted rows before they trained."""
     Z = np.asarray(Z, np.float32).reshape(len(Z), -1) if len(Z) else np.zeros((0, lr.feature_size), np.float32)
     if Z.shape[1] != lr.feature_size:
         for _ in range(len(Z)):
@@ -93,7 +94,7 @@ def learn_many(lr, Z, Y) -> dict:
     drift = lr._update_drift_many(float(watch.mean()), m) or lr._loss_ratio_trigger()
     counters["labels"] += m
     swap = lr._maybe_swap()
-    return {"accepted": m, "served": s_champ, "drift": drift, "swap": swap}
+    return {"accepted": m, "served": s_champ, "challenger": s_chal, "drift": drift, "swap": swap}
 
 
 def _targets(lr, Y, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
