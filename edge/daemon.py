@@ -237,6 +237,11 @@ class Daemon:
         log.info("stopping")
         for src in self.sources:  # no new input; what is queued is still served and learned
             src.stop()
+        if self.link and self.cfg.mqtt.session_expiry_s > 0:
+            # labels from now on stay with the broker (unacknowledged) and come again at the
+            # next start, where the checkpointed label cache still has their windows; with
+            # clean sessions they would be lost at the disconnect, so they are taken as before
+            self.link.hold()
         if self.pipeline:
             self.pipeline.stop()
         if self.sync is not None:
@@ -246,7 +251,7 @@ class Daemon:
         if self.link:
             self.link.stop()
         if self.pipeline:
-            self.pipeline.count_left()  # labels that arrived on the link after the pipeline's drain
+            self.pipeline.count_left()  # clean sessions: labels that arrived on the link after the pipeline's drain
         if self.metrics_server:
             self.metrics_server.stop()
         if self.status_socket is not None:

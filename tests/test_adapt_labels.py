@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from edge.adapt.forecast import ForecastTargets
 from edge.adapt.labels import LabelMatcher
@@ -102,3 +104,69 @@ def test_forecast_cache_is_bounded():
     for i in range(5):
         ft.add_window("s", t_end=float(i), z=np.zeros(1, np.float32))
     assert ft.pending() == 2 and ft.dropped == 3
+
+
+_EVENTS = st.lists(st.one_of(
+    st.tuples(st.just("w"), st.sampled_from(["a", "b"]), st.floats(0.1, 2.0)),  # next window of a stream, this long
+    st.tuples(st.just("l"), st.sampled_from(["a", "b", None]), st.floats(-2.0, 12.0), st.sampled_from([0, 1, "imbalance"])),
+), max_size=80)
+
+
+@settings(max_examples=100, deadline=None)
+@given(_EVENTS, st.integers(0, 80), st.booleans())
+@example([("w", "a", 1.0), ("w", "b", 1.0), ("l", None, 1.5, 1), ("w", "a", 1.0), ("l", "a", 1.2, 0), ("w", "b", 1.0)], 4, True)
+def test_a_restored_label_cache_matches_as_if_there_had_been_no_restart(events, cut, stream_keys):
+    """Cut a stream of windows and labels anywhere, checkpoint the matcher through the real
+    checkpoint encoding and restore it into a fresh one: every later label is matched to
+    the same window (or rejected for the same reason) as without the restart."""
+    from edge.ingest.types import StreamKey
+    from edge.state import decode_state, encode_state
+
+    def key(k):
+        return None if k is None else (StreamKey("dev", k) if stream_keys else k)
+
+    def run(m, evs, ends):
+        out = []
+        for e in evs:
+            if e[0] == "w":
+                t0 = ends.get(e[1], 0.0)
+                ends[e[1]] = t0 + e[2]
+                got = m.add_window(key(e[1]), t0, t0 + e[2], np.full(3, t0, np.float32))
+            else:
+                got = m.match(key(e[1]), e[2], e[3])
+            out.append(sorted((str(x.key), x.window.t_start, x.target) for x in got))
+        return out
+
+    cut %= len(events) + 1
+    kw = dict(classes=CLASSES, tolerance_s=0.1, max_windows=6, max_pending=5)
+    whole = LabelMatcher(**kw)
+    expect = run(whole, events, {})
+    first, ends = LabelMatcher(**kw), {}
+    got = run(first, events[:cut], ends)
+    rejected = first.rejected.copy()
+    second = LabelMatcher(**kw)
+    for _ in range(2):  # restarted twice over: a restored cache checkpoints again
+        second.load_state_dict(decode_state(encode_state(first.state_dict())), make_key=lambda k: StreamKey(*k),
+                               feature_size=3)
+        first = second
+    second.rejected = rejected  # counters are not state; carried here to compare them
+    got += run(second, events[cut:], ends)
+    assert got == expect
+    assert dict(second.rejected) == dict(whole.rejected)
+
+
+def test_a_label_cache_that_does_not_fit_is_refused_whole():
+    m = _matcher()
+    s = m.state_dict()
+    fresh = LabelMatcher(classes=CLASSES, tolerance_s=0.1, max_windows=4)
+    with pytest.raises(ValueError, match="features"):
+        fresh.load_state_dict(s, feature_size=5)
+    s["streams"][0]["t_end"][1] = float("nan")
+    with pytest.raises(ValueError, match="times"):
+        fresh.load_state_dict(s)
+    other = LabelMatcher(classes=["x"], tolerance_s=0.1, max_windows=4)
+    s = _matcher().state_dict()
+    s["pending"] = [{"t": 9.0, "key": "a", "target": 1, "done": []}]
+    with pytest.raises(ValueError, match="does not fit"):
+        other.load_state_dict(s)
+    assert fresh.windows == {} and other.windows == {} and other.pending == []

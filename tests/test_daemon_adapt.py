@@ -81,6 +81,44 @@ def test_drifted_device_recovers_accuracy_from_labels(broker, tmp_path):
         d.stop()
 
 
+def test_labels_sent_while_the_daemon_is_down_still_find_their_windows(broker, tmp_path):
+    """A restart loses no label: windows served before a stop are in the checkpoint's label
+    cache, the broker keeps the labels sent while the daemon is down (persistent session),
+    and the next start matches every one of them to its window and learns it."""
+    d, c = _adapting_daemon(broker, tmp_path)
+    wins = list(labelled_windows(40, seed=7, shift="gain_offset", t0=time.time() - 120))
+    try:
+        for t, v, _ in wins:
+            publish_window(c, "r1", t, v)
+        c.wait_for(lambda m: len([x for x in m if "/predictions/" in x[0]]) >= 39, timeout=60)
+        deadline = time.monotonic() + 30
+        while d.adapt.metrics()["matcher_windows_cached"] < 39 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        cached = d.adapt.metrics()["matcher_windows_cached"]
+        assert cached >= 39
+    finally:
+        d.stop()
+    try:
+        for t, _, fault in wins:  # the daemon is down: the broker keeps these for the node's session
+            c.publish("edge/ad/labels", {"t": float(t[128]), "label": fault, "device": "r1", "stream": "accel"}, qos=1)
+        time.sleep(0.5)
+        d2 = Daemon(parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
+                                  "mqtt": {"host": broker.host, "port": broker.port},
+                                  "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}}))
+        d2.start(connect_timeout=10)
+        try:
+            deadline = time.monotonic() + 60
+            while d2.adapt.metrics()["matcher_labels_matched_total"] < cached and time.monotonic() < deadline:
+                time.sleep(0.1)
+            m = d2.adapt.metrics()
+            assert m["matcher_labels_matched_total"] == cached, m
+            assert m["learner_labels_total"] == cached and not m["matcher_labels_rejected"].get("unknown_stream"), m
+        finally:
+            d2.stop()
+    finally:
+        c.close()
+
+
 def _status(state: Path) -> dict:
     p = state / "kd" / "status.json"
     return json.loads(p.read_text()) if p.exists() else {}

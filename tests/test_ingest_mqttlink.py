@@ -139,6 +139,52 @@ def test_labels_published_while_reconnecting_arrive(broker, protocol):
         proxy.close()
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_held_messages_are_not_acknowledged_and_come_again_to_the_next_session(broker, protocol):
+    """After hold() (the daemon's stop) a QoS 1 label is left unacknowledged, so the broker
+    sends it again when the session reconnects: the next start gets it. What was handed
+    on, or refused by a failing handler, is acknowledged and does not come again."""
+    cid, topic = f"hold-{protocol}-{time.monotonic_ns()}", f"hl{protocol}/{time.monotonic_ns()}"
+
+    def link_with(inbox):
+        cfg = MqttConfig(host="127.0.0.1", port=broker.port, protocol=protocol, reconnect_min_s=0.05,
+                         reconnect_max_s=0.5, session_expiry_s=600)
+        link = MqttLink(cfg, client_id=cid, status_topic=f"st/{cid}", subscriptions=[(f"{topic}/#", 1)], on_message=inbox)
+        link.start()
+        assert link.wait_connected(20)
+        assert wait_until(lambda: link.client._out_messages == {}, 20)
+        time.sleep(0.2)  # let the SUBACK land
+        return link
+
+    first, second = Inbox(fail_first=1), Inbox()
+    pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    pub.connect(broker.host, broker.port)
+    pub.loop_start()
+    a = link_with(first)
+    b = None
+    try:
+        for p in (b"bad", b"taken"):
+            pub.publish(f"{topic}/x", p, qos=1).wait_for_publish(20)
+        assert wait_until(lambda: first.payloads() == [b"taken"], 20)
+        a.hold()
+        held = [b"held-%d" % i for i in range(30)]  # beyond the broker's messages in flight, too
+        for p in held:
+            pub.publish(f"{topic}/x", p, qos=1).wait_for_publish(20)
+        assert wait_until(lambda: a.counters["held_unacked"] >= 1, 20)
+        assert first.payloads() == [b"taken"]  # nothing handed on after hold()
+        a.stop()
+        b = link_with(second)
+        assert wait_until(lambda: set(held) <= set(second.payloads()), 30), \
+            f"{len(set(held) - set(second.payloads()))} held messages did not come again"
+        assert not {b"bad", b"taken"} & set(second.payloads())
+    finally:
+        pub.loop_stop()
+        pub.disconnect()
+        a.stop()
+        if b is not None:
+            b.stop()
+
+
 def test_a_failing_handler_is_counted_and_paho_keeps_running(broker, caplog):
     inbox = Inbox(fail_first=1)
     link = make_link(broker.port, "5", subs=[("hf/#", 1)], handler=inbox)

@@ -182,6 +182,71 @@ class LabelMatcher:
         self.pending = keep
         return out
 
+    # -- state: the cache outlives a restart, so that late labels still find their windows --
+
+    def state_dict(self) -> dict:
+        """The cached windows (times and labelled flags; features only of the windows not
+        yet labelled, the only ones a label can still train; not the served scores) and the
+        pending labels; the counters are not state. Tuple keys are stored as lists."""
+        streams = []
+        for key, dq in self.windows.items():
+            if not dq:
+                continue
+            ws = list(dq)
+            open_ = [w.z for w in ws if not w.labelled]
+            streams.append({"key": _enc(key), "t_start": np.array([w.t_start for w in ws], np.float64),
+                            "t_end": np.array([w.t_end for w in ws], np.float64),
+                            "z": np.stack(open_).astype(np.float32, copy=False) if open_ else np.zeros((0, ws[0].z.size), np.float32),
+                            "labelled": np.array([w.labelled for w in ws], np.bool_)})
+        pending = [{"t": t, "key": _enc(key), "target": target if isinstance(target, int) else np.asarray(target, np.float32),
+                    "done": [_enc(k) for k in done]} for t, key, target, done in self.pending]
+        return {"format": 1, "streams": streams, "pending": pending}
+
+    def load_state_dict(self, s: dict, *, make_key=tuple, feature_size: int | None = None) -> int:
+        """Restore what ``state_dict`` saved; list keys come back through ``make_key``.
+        Checked first, applied whole (``ValueError`` and nothing changed when it does not
+        fit: other features, targets or classes); keeps the newest ``max_windows`` per
+        stream and ``max_pending`` labels. Returns the number of windows restored."""
+        if not isinstance(s, dict) or s.get("format") != 1:
+            raise ValueError(f"label cache state has format {s.get('format') if isinstance(s, dict) else type(s).__name__!r}, expected 1")
+        dec = (lambda k: make_key(k) if isinstance(k, list) else k)
+        windows, ends = {}, {}
+        for st in s["streams"]:
+            key = dec(st["key"])
+            t0, t1 = np.asarray(st["t_start"], np.float64).reshape(-1), np.asarray(st["t_end"], np.float64).reshape(-1)
+            z, done = np.asarray(st["z"], np.float32), np.asarray(st["labelled"], np.bool_).reshape(-1)
+            n = len(t0)
+            if z.ndim != 2 or len(t1) != n or len(done) != n or len(z) != n - int(done.sum()) \
+                    or (feature_size is not None and len(z) and z.shape[1] != feature_size):
+                raise ValueError(f"label cache of {str(key)[:80]} has {n} times, {len(done)} flags and features {z.shape} "
+                                 "for its unlabelled windows" + (f"; this model has {feature_size} features" if feature_size is not None else ""))
+            if not (np.isfinite(t0).all() and np.isfinite(t1).all() and (t1 >= t0).all() and (np.diff(t1) >= 0).all()):
+                raise ValueError(f"label cache of {str(key)[:80]} has times that are not finite or not in order")
+            dq = collections.deque(maxlen=self.max_windows)
+            row = np.cumsum(~done) - 1  # window i's row in z, when it is not labelled
+            for i in range(max(0, n - self.max_windows), n):
+                dq.append(CachedWindow(key, float(t0[i]), float(t1[i]), _LABELLED if done[i] else z[row[i]].copy(), None, bool(done[i])))
+            windows[key] = dq
+            ends[key] = collections.deque((w.t_end for w in dq), maxlen=self.max_windows)
+        pending = []
+        for p in s["pending"][-self.max_pending:]:
+            target = p["target"]
+            target, why = self._target(int(target) if self.classes is not None and isinstance(target, (int, np.integer)) else target)
+            if why or not math.isfinite(float(p["t"])):
+                raise ValueError(f"pending label at {p['t']!r} does not fit this model ({why or 'bad_time'})")
+            pending.append((float(p["t"]), dec(p["key"]), target, {dec(k) for k in p["done"]}))
+        self.windows, self._ends, self.pending = windows, ends, pending
+        return sum(len(d) for d in windows.values())
+
     def metrics(self) -> dict:
         return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
                 "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values())}
+
+
+_LABELLED = np.zeros(0, np.float32)  # a restored window already labelled: its features can train nothing more
+_LABELLED.flags.writeable = False
+
+
+def _enc(key):
+    """A stream key as the checkpoint holds it: tuples (``StreamKey``) as lists."""
+    return list(key) if isinstance(key, tuple) else key

@@ -21,7 +21,9 @@ Supervision. Each item's work is guarded: an exception is handed to
 ``supervisor.fault_point("learner")`` runs at each item (``EDGE_FAULTS``); the thread is
 started by ``supervisor.spawn("learner", ...)`` so that its death is seen.
 
-State. The worker is handed its ``CheckpointStore``, bound to the model
+State. The checkpoint holds the learner's state and the label matcher's (its cached
+windows and pending labels), so that labels arriving after a restart still find the
+windows served before it. The worker is handed its ``CheckpointStore``, bound to the model
 (``ModelIdentity``). A checkpoint of another model is not applied: the store moves it
 aside, the worker starts from the shipped head and emits ``checkpoint_mismatch``. A
 failed save is counted (``checkpoint_errors``), logged rate-limited, and the next
@@ -49,6 +51,7 @@ from edge.adapt.heads import HeadSnapshot
 from edge.adapt.labels import LabelMatcher
 from edge.adapt.learner import Learner
 from edge.errors import StateError, brief
+from edge.ingest.types import StreamKey
 from edge.lanes import Lane
 from edge.observe import RateLimitedLog
 from edge.state import CheckpointStore
@@ -101,6 +104,11 @@ class CallItem:
     fn: Callable[[Any], None]
     seq: int = 0
     key: Any = "call"
+
+
+def _stream_key(k: list):
+    """A checkpointed stream key (a list) back as the pipeline's ``StreamKey``."""
+    return StreamKey(*k) if len(k) == 2 else tuple(k)
 
 
 def _value_bytes(value) -> int:
@@ -172,6 +180,7 @@ class AdaptWorker:
         self._restored: dict = {}
         self.thread = self.supervisor.spawn(THREAD, self._run)
         self._restore()
+        self._restore_label_cache()
 
     @property
     def champion(self) -> HeadSnapshot:
@@ -225,6 +234,20 @@ class AdaptWorker:
             return
         self._restored = r.state
         log.info("restored the learner from %s (serving head %s)", r.path, self.champion.version)
+
+    def _restore_label_cache(self) -> None:
+        """The cached windows of the restored checkpoint, so that labels that arrive after a
+        restart (late, or held by the broker while the daemon was down) still find them."""
+        s = self._restored.get("label_cache")
+        if s is None:
+            return
+        try:
+            n = self.matcher.load_state_dict(s, make_key=_stream_key, feature_size=self._learner_kw["feature_size"])
+        except (ValueError, TypeError, KeyError) as e:
+            log.warning("the checkpoint's label cache was not restored (%s: %s); labels for windows served before "
+                        "the restart will be rejected", type(e).__name__, str(e)[:200])
+            return
+        log.info("restored %d cached windows and %d pending labels for late labels", n, len(self.matcher.pending))
 
     def _new_learner(self) -> Learner:
         """A learner starting from the shipped (or fleet's global) head."""
@@ -286,7 +309,8 @@ class AdaptWorker:
         rate-limited, and not sticky: the next call tries again."""
         self._last_ckpt = self.clock()
         try:
-            self.store.save({**self.learner.state_dict(), **{k: o.state_dict() for k, o in self.extras.items()}})
+            self.store.save({**self.learner.state_dict(), "label_cache": self.matcher.state_dict(),
+                             **{k: o.state_dict() for k, o in self.extras.items()}})
         except (OSError, StateError) as e:
             self.counters["checkpoint_errors"] += 1
             self._errlog.warn("checkpoint", "checkpoint failed (%d failures so far; the next interval tries again): %s",

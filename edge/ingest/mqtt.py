@@ -99,15 +99,18 @@ class MqttLink:
         self._stopping = False
         self.counters = {"connects": 0, "disconnects": 0, "published": 0, "publish_errors": 0,
                          "queued_offline": 0, "qos0_lost": 0, "sessions_resumed": 0, "sessions_lost": 0,
-                         "handler_errors": 0}
+                         "handler_errors": 0, "held_unacked": 0}
         self.publish_errors = dict.fromkeys(PUBLISH_ERRORS, 0)
         self._lock = threading.Lock()  # publish() is called from several threads (pipeline, learner, events)
+        self._intake = threading.Lock()  # hold() waits for a message being handed on
+        self._held = False
         self._unsent0: deque = deque()  # MQTTMessageInfo of QoS 0 publishes paho took, oldest first
         self._badlog = RateLimitedLog(log)
         persistent = cfg.session_expiry_s > 0
         proto = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
         kw = {} if proto == mqtt.MQTTv5 else {"clean_session": not persistent}
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, **kw)
+        # QoS 1 messages are acknowledged by _on_message once handed on, not by paho before
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, manual_ack=True, **kw)
         if cfg.username:
             c.username_pw_set(cfg.username, cfg.password or None)
         if cfg.tls:
@@ -135,6 +138,15 @@ class MqttLink:
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
+
+    def hold(self) -> None:
+        """From now on take no message: each is left unacknowledged (``held_unacked``), so
+        that the broker sends it again when this session reconnects (the next start),
+        instead of it being taken while nothing can handle it any more. Waits for a
+        message being handed on. The daemon holds its link before the pipeline's last
+        drain at stop; publishing goes on."""
+        with self._intake:
+            self._held = True
 
     def stop(self) -> None:
         """Say ``offline`` (retained), then disconnect; bounded (about 2 s) when the broker is gone."""
@@ -226,9 +238,15 @@ class MqttLink:
             log.warning("disconnected from broker (%s); reconnecting with backoff", reason_code)
 
     def _on_message(self, client, userdata, msg) -> None:
-        try:
-            self._handler(msg.topic, msg.payload, time.time())
-        except Exception as e:  # an escaping exception would end paho's network thread
-            self.counters["handler_errors"] += 1
-            self._badlog.warn("handler", "message handler failed on a %d-byte message: %s",
-                              len(msg.payload), describe_error(e))
+        with self._intake:
+            if self._held:  # not acknowledged: the broker keeps it for this session
+                self.counters["held_unacked"] += 1
+                return
+            try:
+                self._handler(msg.topic, msg.payload, time.time())
+            except Exception as e:  # an escaping exception would end paho's network thread
+                self.counters["handler_errors"] += 1
+                self._badlog.warn("handler", "message handler failed on a %d-byte message: %s",
+                                  len(msg.payload), describe_error(e))
+        if msg.qos:  # handed on, or refused as bad: a message that cannot be handled must not come back
+            client.ack(msg.mid, msg.qos)
