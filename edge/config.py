@@ -202,6 +202,8 @@ class AdaptConfig(_Section):
     label_tolerance_s: float = _opt(0.25, lo=0.0, hi=3600.0, doc="a label matches a window whose span, widened by this, contains its time")
     label_max_future_s: float = _opt(10.0, lo=0.0, hi=3600.0, doc="labels this far ahead of the newest window wait for it; later ones are rejected")
     label_cache_windows: int = _opt(512, lo=8, hi=1_000_000, doc="recent windows per stream whose features are kept for late labels")
+    label_cache_bytes: int = _opt(64 << 20, lo=64 << 10, hi=1 << 40,
+                                  doc="all streams' cached windows together (features + ~320 B each); the oldest are evicted beyond it")
     checkpoint_interval_s: float = _opt(30.0, lo=1.0, hi=86400.0, doc="checkpoint period (and at shutdown)")
     head: str = _opt("linear", choices=("linear", "lowrank", "mlp"), doc="adapter head kind")
     head_rank: int = _opt(4, lo=1, hi=1024, doc="rank of the lowrank head")

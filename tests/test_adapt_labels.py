@@ -170,3 +170,40 @@ def test_a_label_cache_that_does_not_fit_is_refused_whole():
     with pytest.raises(ValueError, match="does not fit"):
         other.load_state_dict(s)
     assert fresh.windows == {} and other.windows == {} and other.pending == []
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=300), st.integers(1, 40), st.integers(1, 12),
+       st.integers(0, 300))
+def test_the_cache_is_bounded_in_bytes_and_keeps_the_newest_windows(streams, per_stream, budget_windows, cut):
+    """However many streams send windows, the cache holds at most max_bytes: what stays is,
+    of each stream's newest max_windows, the newest windows of all streams (a model of the
+    rule checked against it, through a checkpoint and restore at ``cut``); labels for
+    evicted windows are rejected, never matched to another window."""
+    from edge.adapt.labels import _WINDOW_BYTES
+
+    D = 4
+    budget = budget_windows * (_WINDOW_BYTES + 4 * D)
+    kw = dict(classes=CLASSES, tolerance_s=0.0, max_windows=per_stream, max_bytes=budget)
+    m = LabelMatcher(**kw)
+    t_end, arrived = {}, []
+    for i, s in enumerate(streams):
+        if i == cut:
+            m2 = LabelMatcher(**kw)
+            m2.load_state_dict(m.state_dict())
+            m = m2
+        t0 = t_end.get(s, 10.0 * s)
+        t_end[s] = t0 + 1.0
+        m.add_window(f"s{s}", t0, t0 + 1.0, np.full(D, i, np.float32))
+        arrived.append((f"s{s}", t0))
+        assert m.nbytes <= budget
+    newest_per_stream = [(k, t) for j, (k, t) in enumerate(arrived)
+                         if sum(1 for k2, _ in arrived[j + 1:] if k2 == k) < per_stream]
+    # a restore merges the streams by time, not arrival: compare as sets of the kept windows' count and newest
+    kept = {(k, w.t_start) for k, dq in m.windows.items() for w in dq}
+    assert len(kept) == min(len(newest_per_stream), budget_windows)
+    if cut >= len(streams):  # no restore: exactly the newest arrivals
+        assert kept == set(newest_per_stream[len(newest_per_stream) - len(kept):])
+    assert m.nbytes == sum(_WINDOW_BYTES + 4 * D for _ in kept)
+    for k, t in set(arrived) - kept:  # an evicted window's label finds nothing else
+        assert m.match(k, t + 0.5, 0) == []

@@ -13,6 +13,12 @@ window. A label after the end of the newest cached window, by at most ``max_futu
 waits (bounded, ``max_pending``) for the window that contains it, and is matched within
 the tolerance only once the stream has gone past it; each window is labelled at most once.
 
+Memory: each stream keeps its newest ``max_windows`` windows, and all streams together
+at most ``max_bytes`` (the features plus about 320 bytes a window): beyond that the
+oldest window of all streams is evicted and counted (``windows_evicted_total``), so
+that many streams (stray topics up to the pipeline's ``max_streams``) cannot grow the
+cache without bound.
+
 Rejected labels are counted per reason: ``bad_time`` (non-finite t), ``unknown_class``,
 ``non_finite`` / ``bad_shape`` (regression targets), ``unknown_stream``, ``too_old``
 (its window has left the cache), ``future`` (beyond ``max_future_s``), ``duplicate``
@@ -61,13 +67,22 @@ class LabelMatcher:
     """
 
     def __init__(self, *, classes=None, outputs: int | None = None, max_windows: int = 512,
-                 tolerance_s: float = 0.25, max_future_s: float = 10.0, max_pending: int = 256):
+                 tolerance_s: float = 0.25, max_future_s: float = 10.0, max_pending: int = 256,
+                 max_bytes: int | None = None):
         self.classes = tuple(classes) if classes is not None else None
         self._index = {str(c): i for i, c in enumerate(self.classes or ())}
         self.outputs = outputs
         self.max_windows, self.tolerance_s, self.max_future_s, self.max_pending = max_windows, tolerance_s, max_future_s, max_pending
+        self.max_bytes = max_bytes
         self.windows: dict[object, collections.deque] = {}
         self._ends: dict[object, collections.deque] = {}
+        # every cached window's stream, in the order the windows came: the byte bound evicts
+        # the oldest window of all streams; _stale counts entries of windows already gone
+        # (cut by the per-stream bound), which are always the first of their stream here
+        self._order: collections.deque = collections.deque()
+        self._stale: collections.Counter = collections.Counter()
+        self.nbytes = 0
+        self.evicted = 0
         self.pending: list[tuple[float, object, object, set]] = []  # (t, key or None, target, keys done)
         self.rejected = collections.Counter()
         self.accepted = 0
@@ -94,11 +109,38 @@ class LabelMatcher:
     def add_window(self, key, t_start: float, t_end: float, z, served=None) -> list[Match]:
         """Cache a served window (in time order per stream); returns pending labels it resolves."""
         w = CachedWindow(key, float(t_start), float(t_end), np.asarray(z, np.float32), served)
-        dq = self.windows.setdefault(key, collections.deque(maxlen=self.max_windows))
-        ends = self._ends.setdefault(key, collections.deque(maxlen=self.max_windows))
-        dq.append(w)
-        ends.append(w.t_end)
+        self._append(key, w)
         return self._resolve_pending()
+
+    def _append(self, key, w: CachedWindow) -> None:
+        """Cache ``w`` last in its stream; then the per-stream and the byte bounds, oldest first."""
+        dq = self.windows.get(key)
+        if dq is None:
+            dq = self.windows[key] = collections.deque()
+            self._ends[key] = collections.deque()
+        dq.append(w)
+        self._ends[key].append(w.t_end)
+        self._order.append(key)
+        self.nbytes += _cost(w)
+        if len(dq) > self.max_windows:
+            self._drop_first(key)
+            self._stale[key] += 1
+        while self.max_bytes is not None and self.nbytes > self.max_bytes and self._order:
+            k = self._order.popleft()
+            if self._stale[k]:
+                self._stale[k] -= 1
+                if not self._stale[k]:
+                    del self._stale[k]
+                continue
+            self._drop_first(k)
+            self.evicted += 1
+
+    def _drop_first(self, key) -> None:
+        dq = self.windows[key]
+        self.nbytes -= _cost(dq.popleft())
+        self._ends[key].popleft()
+        if not dq:  # a stream with nothing cached is forgotten (its labels are then unknown_stream)
+            del self.windows[key], self._ends[key]
 
     def _find(self, key, t: float):
         """The window of ``key`` for time ``t``, or the reason there is none."""
@@ -210,7 +252,7 @@ class LabelMatcher:
         if not isinstance(s, dict) or s.get("format") != 1:
             raise ValueError(f"label cache state has format {s.get('format') if isinstance(s, dict) else type(s).__name__!r}, expected 1")
         dec = (lambda k: make_key(k) if isinstance(k, list) else k)
-        windows, ends = {}, {}
+        restored = []
         for st in s["streams"]:
             key = dec(st["key"])
             t0, t1 = np.asarray(st["t_start"], np.float64).reshape(-1), np.asarray(st["t_end"], np.float64).reshape(-1)
@@ -222,12 +264,10 @@ class LabelMatcher:
                                  "for its unlabelled windows" + (f"; this model has {feature_size} features" if feature_size is not None else ""))
             if not (np.isfinite(t0).all() and np.isfinite(t1).all() and (t1 >= t0).all() and (np.diff(t1) >= 0).all()):
                 raise ValueError(f"label cache of {str(key)[:80]} has times that are not finite or not in order")
-            dq = collections.deque(maxlen=self.max_windows)
             row = np.cumsum(~done) - 1  # window i's row in z, when it is not labelled
-            for i in range(max(0, n - self.max_windows), n):
-                dq.append(CachedWindow(key, float(t0[i]), float(t1[i]), _LABELLED if done[i] else z[row[i]].copy(), None, bool(done[i])))
-            windows[key] = dq
-            ends[key] = collections.deque((w.t_end for w in dq), maxlen=self.max_windows)
+            restored += [(float(t1[i]), j, CachedWindow(key, float(t0[i]), float(t1[i]), _LABELLED if done[i] else z[row[i]].copy(),
+                                                       None, bool(done[i])))
+                         for j, i in enumerate(range(max(0, n - self.max_windows), n))]
         pending = []
         for p in s["pending"][-self.max_pending:]:
             target = p["target"]
@@ -235,12 +275,26 @@ class LabelMatcher:
             if why or not math.isfinite(float(p["t"])):
                 raise ValueError(f"pending label at {p['t']!r} does not fit this model ({why or 'bad_time'})")
             pending.append((float(p["t"]), dec(p["key"]), target, {dec(k) for k in p["done"]}))
-        self.windows, self._ends, self.pending = windows, ends, pending
-        return sum(len(d) for d in windows.values())
+        self.windows, self._ends, self.pending = {}, {}, pending
+        self._order.clear()
+        self._stale.clear()
+        self.nbytes = 0
+        restored.sort(key=lambda r: (r[0], r[1]))  # the streams merged in time order: the byte bound keeps the newest
+        for _, _, w in restored:
+            self._append(w.key, w)
+        return sum(len(d) for d in self.windows.values())
 
     def metrics(self) -> dict:
         return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
-                "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values())}
+                "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values()),
+                "cache_bytes": self.nbytes, "windows_evicted_total": self.evicted}
+
+
+_WINDOW_BYTES = 320  # a cached window beside its features: the record, its floats, the deque and order slots
+
+
+def _cost(w: CachedWindow) -> int:
+    return _WINDOW_BYTES + w.z.nbytes
 
 
 _LABELLED = np.zeros(0, np.float32)  # a restored window already labelled: its features can train nothing more

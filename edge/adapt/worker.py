@@ -152,11 +152,11 @@ class AdaptWorker:
         self._global_arrays = dict(global_head.arrays)
         self.learner = self._new_learner()
         if m.task == "classification":
-            self.matcher = LabelMatcher(classes=m.classes, max_windows=a.label_cache_windows,
+            self.matcher = LabelMatcher(classes=m.classes, max_windows=a.label_cache_windows, max_bytes=a.label_cache_bytes,
                                         tolerance_s=a.label_tolerance_s, max_future_s=a.label_max_future_s)
             self.forecast = None
         else:
-            self.matcher = LabelMatcher(outputs=m.outputs, max_windows=a.label_cache_windows,
+            self.matcher = LabelMatcher(outputs=m.outputs, max_windows=a.label_cache_windows, max_bytes=a.label_cache_bytes,
                                         tolerance_s=a.label_tolerance_s, max_future_s=a.label_max_future_s)
             horizon = max(1, m.outputs // max(1, m.channels))
             self.forecast = ForecastTargets(horizon=horizon)
