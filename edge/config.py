@@ -239,6 +239,7 @@ class AdaptConfig(_Section):
     promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion: one-sided paired t-test level on per-block loss differences")
     promote_block: int = _opt(10, lo=1, hi=100_000, doc="promotion: labels per block of the paired test")
     promote_min_blocks: int = _opt(6, lo=2, hi=100_000, doc="promotion: blocks since the last swap before a test (half while boosting)")
+    class_evidence: int = _opt(20, lo=0, hi=1_000_000, doc="classification: labels of a class before the device's other labels may unlearn it at full strength; a class with n < this keeps (n + 0.1) / this of their pull (docs/LEARNING.md, \"Class evidence\"); 0: off")
     refresh_labels: int = _opt(100, lo=0, hi=1_000_000, doc="an adapted champion follows its own challenger (a refresh, not a promotion) after this many labels since the last swap when the challenger's recent loss is lower by promote_margin and promote_floor (no paired test); 0: only promotions")
     boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
     boost_anchor: float = _opt(0.1, lo=0.0, hi=1.0, doc="while boosting: anchor factor")

@@ -241,3 +241,44 @@ def test_near_perfect_heads_do_not_churn_promotions(world):
     _feed(calm, z, y)
     assert calm.metrics()["promotions_total"] >= 1  # the shift is still learned and served
     assert calm.metrics()["promotions_total"] < churn.metrics()["promotions_total"]
+
+
+def _recall_after_labels_without_one_class(evidence: int):
+    """A mildly shifted device whose labels never include class 2: the champion's recall per class."""
+    stream = ClusterStream(dim=D, classes=K, sep=0.5, noise=1.0, seed=0, shift=0.35)
+    rng = np.random.default_rng(0)
+    head = fit_linear_head(*stream.sample(3000, rng=rng), K)
+    clock = [0.0]
+    lr = Learner(task="classification", feature_size=D, classes=[f"c{i}" for i in range(K)], global_head=head,
+                 global_version="1", config=AdaptConfig(seed=0, class_evidence=evidence), clock=lambda: clock[0])
+    zt, yt = stream.sample(2000, rng=rng, shifted=True)
+    z, y = stream.sample(1500, rng=rng, shifted=True, labels=rng.choice([0, 1, 3], 1500))
+    for a, b in zip(z, y):
+        clock[0] += 0.05
+        lr.learn_one(a, int(b))
+    pred = lr.champion.predict(zt).argmax(1)
+    return [float((pred[yt == c] == c).mean()) for c in range(K)], lr
+
+
+def test_a_class_without_labels_is_not_unlearnt():
+    """Class evidence: a class the device never labels keeps most of what the global head knew
+    of it, where plain cross-entropy erases it; the classes it does label learn as well."""
+    plain, _ = _recall_after_labels_without_one_class(0)
+    kept, lr = _recall_after_labels_without_one_class(20)
+    assert plain[2] < 0.3 and kept[2] >= 0.45 and kept[2] >= plain[2] + 0.25, (plain, kept)
+    seen = [0, 1, 3]
+    assert np.mean([kept[c] for c in seen]) >= np.mean([plain[c] for c in seen]) - 0.05, (plain, kept)
+    off = lr.trainer.logit_offset  # class 2 has no label: its pull is 0.1 / 20 of the others'
+    assert off is not None and off[2] == pytest.approx(np.log(0.1 / 20)) and off[[0, 1, 3]].tolist() == [0.0, 0.0, 0.0]
+    restored = Learner(task="classification", feature_size=D, classes=[f"c{i}" for i in range(K)], config=AdaptConfig(seed=0))
+    restored.load_state_dict(lr.state_dict())  # the offset comes back with the label counts
+    np.testing.assert_array_equal(restored.trainer.logit_offset, off)
+
+
+def test_the_class_evidence_offset_ends_once_every_class_has_its_labels(world):
+    lr = _learner(world, class_evidence=5)
+    stream = world[0]
+    z, y = stream.sample(200, rng=np.random.default_rng(3))
+    assert lr.trainer.logit_offset is not None and np.ptp(lr.trainer.logit_offset) == 0  # equal counts: no effect
+    _feed(lr, z, y)
+    assert lr.trainer.logit_offset is None and lr._offset_done

@@ -108,6 +108,36 @@ def test_numpy_step_matches_autograd_and_torch_adam(kind, task, k):
     np.testing.assert_allclose(head.flat, ref.flat(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("k", [K, 1])
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_logit_offset_step_matches_autograd_of_the_offset_loss_and_scores_stay_plain(kind, k):
+    """With a class-evidence offset the step is the gradient of the cross-entropy of
+    softmax(logits + offset) (BCE of logit + offset[1] - offset[0]), while the scores it
+    returns are the plain head's: the offset never reaches what is served."""
+    head = _head(kind, k=k)
+    ref = TorchRef(head)
+    tr = HeadTrainer(head, task="classification", batch=B, lr=0.01, anchor=0.05)
+    off = np.log(np.minimum(1.0, (np.array([0, 3, 30, 7][: max(2, k)], np.float64) + 0.1) / 20)).astype(np.float32)
+    tr.logit_offset = off
+    opt = torch.optim.Adam(ref.ordered(), lr=0.01)
+    for z, y in _batches("classification", 40, k=k):
+        tr.z_np[:], tr.y_np[:] = z, y
+        scores = tr.step(B)
+        out = ref(torch.from_numpy(z))
+        yt = torch.from_numpy(y)
+        if k == 1:
+            loss = F.binary_cross_entropy_with_logits(out[:, 0] + float(off[1] - off[0]), yt.float())
+            p = torch.sigmoid(out[0, 0])
+            expected = torch.stack([1 - p, p])
+        else:
+            loss, expected = F.cross_entropy(out + torch.from_numpy(off), yt), torch.softmax(out[0], 0)
+        opt.zero_grad()
+        (loss + 0.05 * ref.anchor_loss()).backward()
+        opt.step()
+        np.testing.assert_allclose(scores, expected.detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(head.flat, ref.flat(), rtol=1e-4, atol=1e-5)
+
+
 def test_sgd_doctest_matches_torch_sgd_with_momentum():
     ref = torch.nn.Parameter(torch.ones(1))
     opt = torch.optim.SGD([ref], lr=0.1, momentum=0.9)

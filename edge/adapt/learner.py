@@ -136,6 +136,20 @@ class Learner:
                      "since_trigger": 0, "above": 0}
         self._set_global_snapshot(None, None, global_version)
         self.champion = self._global
+        # class evidence: until a class has cfg.class_evidence labels, the loss pulls its
+        # logit down on the other classes' rows only in proportion (docs/LEARNING.md)
+        self._evidence = cfg.class_evidence if task == "classification" and self.closed_form else 0
+        self._update_logit_offset()
+
+    def _update_logit_offset(self) -> None:
+        """The trainer's logit offset from the labels seen per class: ``log(min(1, (n + 0.1) /
+        class_evidence))``, or none once every class has its evidence (counts only grow)."""
+        n = self.replay.seen.astype(np.float64)
+        if not self._evidence or n.min() >= self._evidence:
+            self.trainer.logit_offset, self._offset_done = None, True
+            return
+        self.trainer.logit_offset = np.log(np.minimum(1.0, (n + 0.1) / self._evidence)).astype(np.float32)
+        self._offset_done = False
 
     def _set_sources(self, *, boosting: bool) -> None:
         """The batch's rows: the new label, then recent labels, then the reservoir.
@@ -326,6 +340,8 @@ class Learner:
         self.replay.add(z, t)
         self.recent.add(z, t)
         counters["labels"] += 1
+        if self._evidence and not self._offset_done:
+            self._update_logit_offset()
         self.since_swap += 1
         self.boost_left = max(0, self.boost_left - 1)
         watch = e_champ if cfg.drift_on == "error" else l_champ
@@ -603,3 +619,5 @@ class Learner:
         if self.guard is not None and s.get("guard"):
             self.guard.load_state_dict(s["guard"])
         self._set_sources(boosting=self.boost_left > 0)
+        self._offset_done = False
+        self._update_logit_offset()

@@ -53,6 +53,9 @@ class HeadTrainer:
         self.ranges: list[tuple[int, int]] = []
         self.last_loss_of = None  # (start, end): rows whose mean loss the next step records
         self.last_loss = math.nan
+        # classification: added to the logits inside the loss only (never to what is served
+        # or scored), log of each class's evidence weight (edge.adapt.learner, "class evidence")
+        self.logit_offset: np.ndarray | None = None
 
     def set_lr(self, lr: float) -> None:
         self._lr = float(lr)
@@ -100,6 +103,9 @@ class HeadTrainer:
         n = len(z)
         g, cache = self.head.forward_np(z)
         want = self.last_loss_of
+        off = self.logit_offset if self.classification else None
+        if off is not None:  # the scores and the replayed rows' error come from the logits as served
+            return self._step_offset(z, y, g, cache, off, first=first)
         if self.binary:  # d(mean BCE)/d(logit) = (sigmoid - y) / n
             np.clip(g, -60.0, 60.0, out=g)
             np.negative(g, out=g)
@@ -131,6 +137,38 @@ class HeadTrainer:
                 a, b = want
                 self.last_loss = float(np.mean(np.abs(g[a:b])))
             g *= 2.0 / g.size
+        self.head.grad_np(z, g, self.anchor, self.grad, cache)
+        self.opt.update(self.head.flat, self.grad, self._lr)
+        return s0
+
+    def _step_offset(self, z, y, g, cache, off: np.ndarray, *, first: int) -> np.ndarray:
+        """``step_arrays`` with ``logit_offset`` added to the logits in the loss: the gradient
+        is that of the cross-entropy of ``softmax(logits + offset)`` (BCE of ``logit +
+        offset[1] - offset[0]`` for one logit), while the first rows' scores and the
+        replayed rows' error are those of the plain logits."""
+        n, want = len(z), self.last_loss_of
+        if self.binary:
+            p0 = 1.0 / (1.0 + np.exp(-np.clip(g[:first, 0], -60.0, 60.0)))
+            s0 = np.stack([1.0 - p0, p0], axis=1)
+        else:
+            s0 = np.exp(g[:first] - g[:first].max(axis=1, keepdims=True))
+            s0 /= s0.sum(axis=1, keepdims=True)
+        if want and want[1] > want[0]:
+            a, b = want
+            pred = (g[a:b, 0] >= 0.0).astype(np.int64) if self.binary else g[a:b].argmax(1)
+            self.last_loss = float(np.mean(pred != y[a:b]))
+        if self.binary:
+            g += off[1] - off[0]
+            np.clip(g, -60.0, 60.0, out=g)
+            g[:] = 1.0 / (1.0 + np.exp(-g))
+            g[:, 0] -= y
+        else:
+            g += off
+            g -= g.max(axis=1, keepdims=True)
+            np.exp(g, out=g)
+            g /= g.sum(axis=1, keepdims=True)
+            g[np.arange(n), y] -= 1.0
+        g /= n
         self.head.grad_np(z, g, self.anchor, self.grad, cache)
         self.opt.update(self.head.flat, self.grad, self._lr)
         return s0
