@@ -153,6 +153,14 @@ def test_learn_many_takes_and_rejects_the_labels_learn_one_would(world, labels, 
         assert dict(lr.rejected) == dict(reasons)
 
 
+def test_learn_many_rejects_a_batch_without_one_label_a_row(world):
+    lr = _learner(world)
+    z = np.zeros((3, D), np.float32)
+    for y in ([0, 1], 2, [[0, 1, 2]]):
+        assert lr.learn_many(z, y)["accepted"] == 0
+    assert lr.metrics()["labels_rejected"] == {"bad_shape": 9} and lr.metrics()["labels_total"] == 0
+
+
 def test_class_names_and_indices_are_both_labels(world):
     lr = _learner(world)
     assert lr.learn_one(np.zeros(D), "c2")["accepted"] and lr.learn_one(np.zeros(D), 2)["accepted"]

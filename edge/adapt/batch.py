@@ -25,9 +25,8 @@ def learn_many(lr, Z, Y) -> dict:
     counted; returns ``{"accepted", "served" [n, K], "challenger" [n, K], "drift", "swap"}``:
     the champion's and the challenger's scores of the accepted rows before they trained."""
     Z = np.asarray(Z, np.float32).reshape(len(Z), -1) if len(Z) else np.zeros((0, lr.feature_size), np.float32)
-    if Z.shape[1] != lr.feature_size:
-        for _ in range(len(Z)):
-            lr.reject("bad_shape")
+    if Z.shape[1] != lr.feature_size or _count(Y) != len(Z):  # features of another width, or not one label a row
+        lr.rejected["bad_shape"] += len(Z)
         return {"accepted": 0, "served": np.zeros((0, lr.outputs)), "drift": None, "swap": None}
     keep = np.isfinite(Z).all(1)
     if not keep.all():
@@ -97,6 +96,13 @@ def learn_many(lr, Z, Y) -> dict:
     counters["labels"] += m
     swap = lr._maybe_swap()
     return {"accepted": m, "served": s_champ, "challenger": s_chal, "drift": drift, "swap": swap}
+
+
+def _count(Y) -> int:
+    try:
+        return len(Y)
+    except TypeError:  # a scalar
+        return -1
 
 
 def _targets(lr, Y, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -131,6 +131,8 @@ def run_mode(mode, data, held, ctx, args, fraction: float | None = None) -> dict
     from edge.adapt.heads import HeadSnapshot
 
     extra = {} if args.refresh_labels is None else {"refresh_labels": args.refresh_labels}
+    if args.class_evidence is not None:
+        extra["class_evidence"] = args.class_evidence
     cfg = AdaptConfig(head=args.head, head_hidden=args.hidden, head_rank=args.rank, seed=0, **extra)
     n = len(data)
     clock = [0.0]
@@ -307,6 +309,8 @@ def main(argv=None) -> int:
     ap.add_argument("--head", default="mlp", choices=["linear", "lowrank", "mlp"])
     ap.add_argument("--hidden", type=int, default=160, help="mlp hidden units (160: 11,304 parameters)")
     ap.add_argument("--rank", type=int, default=4)
+    ap.add_argument("--class-evidence", type=int, default=None,
+                    help="[adapt] class_evidence of every device's learner (default: the config's; 0: plain cross-entropy)")
     ap.add_argument("--refresh-labels", type=int, default=None,
                     help="[adapt] refresh_labels of every device's learner (default: the config's; 0: promotions only)")
     ap.add_argument("--fraction", type=float, default=0.01, help="top-k share of the compressed modes")
