@@ -439,6 +439,10 @@ class Daemon:
                 lambda: float(self.broker_connected()))
         reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused, by reason",
                 lambda: [({"reason": k}, v) for k, v in self.link.publish_errors.items()])
+        link = self.link
+        for name in list(link.counters):  # the node's own connection (labels in, predictions out)
+            reg.add(f"edge_mqtt_link_{name}_total", "counter", f"node connection: {name.replace('_', ' ')}",
+                    lambda n=name: link.counters[n])
         if self.ingest is not None:
             ing = self.ingest
             for name in list(ing.counters):  # one family per quantity: bytes and counts apart
