@@ -207,3 +207,18 @@ def test_the_cache_is_bounded_in_bytes_and_keeps_the_newest_windows(streams, per
     assert m.nbytes == sum(_WINDOW_BYTES + 4 * D for _ in kept)
     for k, t in set(arrived) - kept:  # an evicted window's label finds nothing else
         assert m.match(k, t + 0.5, 0) == []
+
+
+def test_a_regression_label_cache_round_trips_with_its_pending_targets():
+    from edge.state import decode_state, encode_state
+
+    m = LabelMatcher(outputs=2, tolerance_s=0.0, max_windows=8)
+    m.add_window("a", 0.0, 1.0, np.zeros(3, np.float32))
+    assert m.match("a", 0.5, [1.0, 2.0]) and m.match("a", 3.0, [3.0, 4.0]) == [] and len(m.pending) == 1
+    r = LabelMatcher(outputs=2, tolerance_s=0.0, max_windows=8)
+    r.load_state_dict(decode_state(encode_state(m.state_dict())), feature_size=3)
+    assert r.match("a", 0.5, [1.0, 2.0]) == [] and r.rejected["duplicate"] == 1
+    (hit,) = r.add_window("a", 2.5, 3.5, np.ones(3, np.float32))
+    assert hit.window.t_start == 2.5 and hit.target.tolist() == [3.0, 4.0]
+    with pytest.raises(ValueError, match="does not fit"):
+        LabelMatcher(outputs=3, max_windows=8).load_state_dict(m.state_dict())
