@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
     from edge.bench.learning import load_stream
     from edge.bench.machine import cpu_info, write_result
-    from edge.learning import IncrementalModel, LinearModel
+    from edge.learning import IncrementalModel, LinearModel, _np
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out/learn_one_pieces.json")
@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     st = scratch.trainer
     s2 = np.array([0.3, 0.7])
     pieces = {
+        "library wrapper's checks (shape, label, what is served)": (
+            lambda: (ilm._engine(_np(z)), ilm._check_label(t), lr.serving()), 3000),
+        "score the global head (once it is not the champion)": (lambda: lr._score(lr._global, z[None]), 3000),
         "training step (16 rows)": (lambda: st.step_arrays(zb.copy(), yb, first=1), 3000),
         "fill the batch from recent and replay": (lambda: st.fill(z, t, scratch._sources), 3000),
         "score the champion": (lambda: lr._score(lr.champion, z[None]), 3000),
