@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import time
 import timeit
 
 import numpy as np
@@ -27,8 +28,6 @@ def _best(fn, number: int) -> float:
 def _whole(ilm, X, y, *, batch: int) -> float:
     """Microseconds per learn_one row (``batch`` 0) or per learn_many batch over the rest of
     the stream, each of 3 repeats on its own copy of ``ilm`` (made outside the timing); best."""
-    import time
-
     best = float("inf")
     start = 600 if not batch else 608
     for _ in range(3):

@@ -439,15 +439,10 @@ class Daemon:
                 lambda: float(self.broker_connected()))
         reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused, by reason",
                 lambda: [({"reason": k}, v) for k, v in self.link.publish_errors.items()])
-        link = self.link
-        for name in list(link.counters):  # the node's own connection (labels in, predictions out)
-            reg.add(f"edge_mqtt_link_{name}_total", "counter", f"node connection: {name.replace('_', ' ')}",
-                    lambda n=name: link.counters[n])
+        # one family per quantity of each MQTT connection: bytes and counts apart
+        _counter_families(reg, "edge_mqtt_link", "node connection", self.link.counters)
         if self.ingest is not None:
-            ing = self.ingest
-            for name in list(ing.counters):  # one family per quantity: bytes and counts apart
-                reg.add(f"edge_mqtt_ingest_{name}_total", "counter", f"sensor ingest connection: {name.replace('_', ' ')}",
-                        lambda n=name: ing.counters[n])
+            _counter_families(reg, "edge_mqtt_ingest", "sensor ingest connection", self.ingest.counters)
         if self.adapt is not None:
             _prefixed_families(reg, "edge_adapt", "learner", self.adapt.metrics)
         if self.sync is not None:
@@ -457,6 +452,12 @@ class Daemon:
 
 def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
     return labels, snap["buckets"], snap["sum_s"], snap["count"]
+
+
+def _counter_families(reg: Registry, prefix: str, what: str, counters: dict) -> None:
+    """``<prefix>_<name>_total`` for each of a connection's counters (read live)."""
+    for name in list(counters):
+        reg.add(f"{prefix}_{name}_total", "counter", f"{what}: {name.replace('_', ' ')}", lambda n=name: counters[n])
 
 
 def _prefixed_families(reg: Registry, prefix: str, what: str, read) -> None:

@@ -83,7 +83,7 @@ def learn_many(lr, Z, Y) -> dict:
         f["w_" + key] = last * f.get("w_" + key, 0.0) + total
     lr.replay.add_many(Z, T)
     lr.recent.add_many(Z, T)
-    if lr._evidence and not lr._offset_done:
+    if lr.trainer.logit_offset is not None:
         lr._update_logit_offset()
     lr.since_swap += m
     lr.boost_left = max(0, lr.boost_left - m)

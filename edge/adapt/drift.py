@@ -213,7 +213,6 @@ class ADWIN:
         self.variance, self.ticks = float(s["variance"]), int(s["ticks"])
 
 
-
 class Exceedance:
     """A regression error stream -> a unit-free 0/1 stream for the drift detectors.
 
@@ -229,7 +228,6 @@ class Exceedance:
 
     >>> import random
     >>> rng = random.Random(1)
-    >>> ex = Exceedance()
     >>> for scale in (1e-3, 1e3):
     ...     ex = Exceedance()
     ...     hits = [ex.update(abs(rng.gauss(0, scale))) for _ in range(4000)]

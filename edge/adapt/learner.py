@@ -146,10 +146,14 @@ class Learner:
         class_evidence))``, or none once every class has its evidence (counts only grow)."""
         n = self.replay.seen.astype(np.float64)
         if not self._evidence or n.min() >= self._evidence:
-            self.trainer.logit_offset, self._offset_done = None, True
+            self.trainer.logit_offset = None
             return
         self.trainer.logit_offset = np.log(np.minimum(1.0, (n + 0.1) / self._evidence)).astype(np.float32)
-        self._offset_done = False
+
+    @property
+    def _offset_done(self) -> bool:
+        """No class needs its evidence any more (or class evidence is off)."""
+        return self.trainer.logit_offset is None
 
     def _set_sources(self, *, boosting: bool) -> None:
         """The batch's rows: the new label, then recent labels, then the reservoir.
@@ -340,7 +344,7 @@ class Learner:
         self.replay.add(z, t)
         self.recent.add(z, t)
         counters["labels"] += 1
-        if self._evidence and not self._offset_done:
+        if self.trainer.logit_offset is not None:
             self._update_logit_offset()
         self.since_swap += 1
         self.boost_left = max(0, self.boost_left - 1)
@@ -619,5 +623,4 @@ class Learner:
         if self.guard is not None and s.get("guard"):
             self.guard.load_state_dict(s["guard"])
         self._set_sources(boosting=self.boost_left > 0)
-        self._offset_done = False
         self._update_logit_offset()

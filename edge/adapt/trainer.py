@@ -104,8 +104,11 @@ class HeadTrainer:
         g, cache = self.head.forward_np(z)
         want = self.last_loss_of
         off = self.logit_offset if self.classification else None
-        if off is not None:  # the scores and the replayed rows' error come from the logits as served
-            return self._step_offset(z, y, g, cache, off, first=first)
+        plain = None
+        if off is not None:  # the loss sees logits + offset; the scores and the replayed rows' error do not
+            plain = self._plain_scores(g, y, first, want)
+            want = None
+            g += off[1] - off[0] if self.binary else off
         if self.binary:  # d(mean BCE)/d(logit) = (sigmoid - y) / n
             np.clip(g, -60.0, 60.0, out=g)
             np.negative(g, out=g)
@@ -139,39 +142,20 @@ class HeadTrainer:
             g *= 2.0 / g.size
         self.head.grad_np(z, g, self.anchor, self.grad, cache)
         self.opt.update(self.head.flat, self.grad, self._lr)
-        return s0
+        return s0 if plain is None else plain
 
-    def _step_offset(self, z, y, g, cache, off: np.ndarray, *, first: int) -> np.ndarray:
-        """``step_arrays`` with ``logit_offset`` added to the logits in the loss: the gradient
-        is that of the cross-entropy of ``softmax(logits + offset)`` (BCE of ``logit +
-        offset[1] - offset[0]`` for one logit), while the first rows' scores and the
-        replayed rows' error are those of the plain logits."""
-        n, want = len(z), self.last_loss_of
-        if self.binary:
-            p0 = 1.0 / (1.0 + np.exp(-np.clip(g[:first, 0], -60.0, 60.0)))
-            s0 = np.stack([1.0 - p0, p0], axis=1)
-        else:
-            s0 = np.exp(g[:first] - g[:first].max(axis=1, keepdims=True))
-            s0 /= s0.sum(axis=1, keepdims=True)
+    def _plain_scores(self, g: np.ndarray, y: np.ndarray, first: int, want) -> np.ndarray:
+        """The first rows' scores, and the replayed rows' error (``last_loss``), from logits ``g``
+        as they are served, before a ``logit_offset`` is added for the loss."""
         if want and want[1] > want[0]:
             a, b = want
-            pred = (g[a:b, 0] >= 0.0).astype(np.int64) if self.binary else g[a:b].argmax(1)
-            self.last_loss = float(np.mean(pred != y[a:b]))
+            pred = (g[a:b, 0] >= 0.0) != (y[a:b] == 1) if self.binary else g[a:b].argmax(1) != y[a:b]
+            self.last_loss = float(np.mean(pred))
         if self.binary:
-            g += off[1] - off[0]
-            np.clip(g, -60.0, 60.0, out=g)
-            g[:] = 1.0 / (1.0 + np.exp(-g))
-            g[:, 0] -= y
-        else:
-            g += off
-            g -= g.max(axis=1, keepdims=True)
-            np.exp(g, out=g)
-            g /= g.sum(axis=1, keepdims=True)
-            g[np.arange(n), y] -= 1.0
-        g /= n
-        self.head.grad_np(z, g, self.anchor, self.grad, cache)
-        self.opt.update(self.head.flat, self.grad, self._lr)
-        return s0
+            p0 = 1.0 / (1.0 + np.exp(-np.clip(g[:first, 0], -60.0, 60.0)))
+            return np.stack([1.0 - p0, p0], axis=1)
+        s0 = np.exp(g[:first] - g[:first].max(axis=1, keepdims=True))
+        return s0 / s0.sum(axis=1, keepdims=True)
 
     def score(self, z) -> np.ndarray:
         """The head's scores for one sample, without training (see ``step``)."""

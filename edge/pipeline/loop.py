@@ -37,6 +37,7 @@ THREAD = "pipeline"
 _SINKS_MAX = 100_000
 _MAX_PENDING_RESETS = 1024  # resets waiting for the sensor items offered before them
 
+
 class Pipeline:
     """Decode -> window -> serve -> publish, on one supervised thread."""
 
