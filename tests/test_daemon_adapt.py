@@ -42,14 +42,18 @@ def accuracy(preds, truth):
     return float(np.mean(ok)), len(ok)
 
 
+def _learning_node(broker, tmp_path) -> Daemon:
+    """A started daemon that learns (node "ad"); the same state folder each time."""
+    d = Daemon(parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
+                             "mqtt": {"host": broker.host, "port": broker.port},
+                             "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}}))
+    d.start(connect_timeout=10)
+    return d
+
+
 def _adapting_daemon(broker, tmp_path):
     """A daemon that learns (node "ad") and a client listening to its predictions and events."""
-    cfg = parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
-                        "mqtt": {"host": broker.host, "port": broker.port},
-                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}})
-    d = Daemon(cfg)
-    d.start(connect_timeout=10)
-    return d, Client(broker, "edge/ad/predictions/#", "edge/ad/events")
+    return _learning_node(broker, tmp_path), Client(broker, "edge/ad/predictions/#", "edge/ad/events")
 
 
 def test_drifted_device_recovers_accuracy_from_labels(broker, tmp_path):
@@ -102,10 +106,7 @@ def test_labels_sent_while_the_daemon_is_down_still_find_their_windows(broker, t
         for t, _, fault in wins:  # the daemon is down: the broker keeps these for the node's session
             c.publish("edge/ad/labels", {"t": float(t[128]), "label": fault, "device": "r1", "stream": "accel"}, qos=1)
         time.sleep(0.5)
-        d2 = Daemon(parse_config({"node": {"name": "ad", "state_dir": str(tmp_path)},
-                                  "mqtt": {"host": broker.host, "port": broker.port},
-                                  "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": True}}))
-        d2.start(connect_timeout=10)
+        d2 = _learning_node(broker, tmp_path)
         try:
             deadline = time.monotonic() + 60
             while d2.adapt.metrics()["matcher_labels_matched_total"] < cached and time.monotonic() < deadline:
@@ -116,6 +117,46 @@ def test_labels_sent_while_the_daemon_is_down_still_find_their_windows(broker, t
         finally:
             d2.stop()
     finally:
+        c.close()
+
+
+def test_labels_that_arrive_while_the_daemon_stops_come_again_to_the_next_start(broker, tmp_path):
+    """From the start of a stop the node's connection takes no label: labels sent while the
+    pipeline drains are left unacknowledged (held), the broker sends them again to the next
+    start, and that start learns every one of them; none is taken and then dropped."""
+    from edge.supervise import wait_until
+
+    d, c = _adapting_daemon(broker, tmp_path)
+    wins = list(labelled_windows(12, seed=9, shift="gain_offset", t0=time.time() - 60))
+    late = wins[:10]
+    try:
+        for t, v, _ in wins:
+            publish_window(c, "s1", t, v)
+        c.wait_for(lambda m: len([x for x in m if "/predictions/" in x[0]]) >= 11, timeout=60)
+        assert wait_until(lambda: d.adapt.metrics()["matcher_windows_cached"] >= 11, timeout=30)
+        drain = d.pipeline.stop
+
+        def drain_while_labels_arrive(*a, **kw):  # the labels come while the daemon is stopping
+            for t, _, fault in late:
+                c.publish("edge/ad/labels", {"t": float(t[128]), "label": fault, "device": "s1", "stream": "accel"}, qos=1)
+            wait_until(lambda: d.link.counters["held_unacked"] >= len(late), timeout=20)
+            return drain(*a, **kw)
+
+        d.pipeline.stop = drain_while_labels_arrive
+    finally:
+        d.stop()
+    d2 = None
+    try:
+        m = d.adapt.metrics()
+        assert d.link.counters["held_unacked"] == len(late) and m["matcher_labels_matched_total"] == 0, m
+        assert d.pipeline.counters["shutdown_dropped"] == 0
+        d2 = _learning_node(broker, tmp_path)
+        assert wait_until(lambda: d2.adapt.metrics()["matcher_labels_matched_total"] >= len(late), timeout=60)
+        m = d2.adapt.metrics()
+        assert m["matcher_labels_matched_total"] == len(late) and m["learner_labels_total"] == len(late), m
+    finally:
+        if d2 is not None:
+            d2.stop()
         c.close()
 
 
