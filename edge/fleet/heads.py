@@ -20,6 +20,16 @@ def global_topic(prefix: str, fleet: str, model: str) -> str:
     return f"{prefix}/{fleet}/{model}/global"
 
 
+def receipt_topic(prefix: str, fleet: str, model: str, node: str) -> str:
+    """Where the server answers each of ``node``'s deltas (``edge.fleet.receipts``)."""
+    return f"{prefix}/{fleet}/{model}/receipt/{node}"
+
+
+def request_topic(prefix: str, fleet: str, model: str, node: str) -> str:
+    """Where ``node`` asks the server to publish its latest signed head (any payload)."""
+    return f"{prefix}/{fleet}/{model}/request/{node}"
+
+
 def head_options(kind: str, *, rank: int, hidden: int) -> dict:
     return {"rank": rank} if kind == "lowrank" else {"hidden": hidden} if kind == "mlp" else {}
 
