@@ -41,18 +41,16 @@ from __future__ import annotations
 
 import logging
 import socket
-import ssl
 import threading
 import time
 from collections import deque
 from typing import Callable
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
 
 from edge.config import MqttConfig
 from edge.ingest.fastmqtt import describe_error
+from edge.mqttconn import Will, make_client
 from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.mqtt")
@@ -106,30 +104,16 @@ class MqttLink:
         self._held = False
         self._unsent0: deque = deque()  # MQTTMessageInfo of QoS 0 publishes paho took, oldest first
         self._badlog = RateLimitedLog(log)
-        persistent = cfg.session_expiry_s > 0
-        proto = mqtt.MQTTv5 if cfg.protocol == "5" else mqtt.MQTTv311
-        kw = {} if proto == mqtt.MQTTv5 else {"clean_session": not persistent}
+        # one factory builds every connection (protocol, credentials, TLS, will, backoff);
         # QoS 1 messages are acknowledged by _on_message once handed on, not by paho before
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, manual_ack=True, **kw)
-        if cfg.username:
-            c.username_pw_set(cfg.username, cfg.password or None)
-        if cfg.tls:
-            c.tls_set(ca_certs=cfg.ca_file or None, certfile=cfg.cert_file or None,
-                      keyfile=cfg.key_file or None, cert_reqs=ssl.CERT_REQUIRED)
-        c.will_set(status_topic, b"offline", qos=1, retain=True)
-        c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        conn = make_client(cfg, client_id=client_id, will=Will(status_topic, b"offline"), manual_ack=True)
+        c = conn.client
         c.max_queued_messages_set(max_queued)
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         self.client = c
-        self._connect_kw: dict = {}
-        if proto == mqtt.MQTTv5:
-            props = None
-            if persistent:
-                props = Properties(PacketTypes.CONNECT)
-                props.SessionExpiryInterval = cfg.session_expiry_s
-            self._connect_kw = {"clean_start": not persistent, "properties": props}
+        self._connect_kw: dict = conn.connect_kw
 
     def start(self) -> None:
         """Connect in the background; paho keeps retrying until the broker answers."""
