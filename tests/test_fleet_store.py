@@ -5,7 +5,10 @@ import uuid
 
 import pytest
 
-from edge.fleet.store import DeltaRecord, SQLiteStore, open_store
+import dataclasses
+import sqlite3
+
+from edge.fleet.store import REPLAYED, RESENT, STORED, DeltaRecord, SQLiteStore, open_store
 
 PG = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -45,11 +48,88 @@ def _rec(node="n1", seq=1, base=0):
 
 def test_a_resent_delta_is_stored_once(store):
     store.ensure_version0(b"v0")
-    assert store.add_deltas([_rec(seq=1), _rec(seq=2)]) == [True, True]
-    assert store.add_deltas([_rec(seq=1)]) == [False]
+    assert store.add_deltas([_rec(seq=1), _rec(seq=2)]) == [STORED, STORED]
+    assert store.add_deltas([_rec(seq=1)]) == [RESENT]
     assert store.seen("n1", 1) and not store.seen("n1", 3)
     dev = store.devices()[0]
-    assert (dev.accepted, dev.rejected, dev.reasons) == (2, 1, {"replayed_seq": 1})
+    assert (dev.accepted, dev.rejected, dev.reasons) == (2, 0, {})  # a resend is neither new nor a fault
+
+
+def test_other_content_under_a_stored_seq_is_a_replay_and_an_identical_one_a_resend(store):
+    store.ensure_version0(b"v0")
+    other = dataclasses.replace(_rec(seq=1), digest="something else", message=b"other")
+    # within one batch too: the first copy is stored, the second compared with it
+    assert store.add_deltas([_rec(seq=1), _rec(seq=1), other]) == [STORED, RESENT, REPLAYED]
+    assert store.add_deltas([other, _rec(seq=1)]) == [REPLAYED, RESENT]
+    assert [d.message for d in store.deltas()] == [b"m"]
+    dev = store.devices()[0]
+    assert (dev.accepted, dev.rejected, dev.reasons) == (1, 2, {"replayed_seq": 2})
+
+
+def test_stored_seq_is_the_highest_seq_stored_per_node(store):
+    store.ensure_version0(b"v0")
+    store.add_deltas([_rec(seq=3), _rec(seq=9), _rec(seq=4), _rec(node="n2", seq=2)])
+    assert store.stored_seq("n1") == 9 and store.stored_seq("nobody") == 0
+    assert store.stored_seqs(["n1", "n2", "n3"]) == {"n1": 9, "n2": 2, "n3": 0}
+
+
+def test_a_store_has_an_epoch_from_its_creation(store):
+    e = store.epoch()
+    assert len(e) == 16 and int(e, 16) >= 0
+    assert store.epoch() == e  # kept, not drawn per call
+
+
+def test_an_sqlite_store_reopened_keeps_its_epoch_and_one_from_before_epochs_gets_one(tmp_path):
+    s = SQLiteStore(tmp_path / "a.db")
+    e = s.epoch()
+    s.close()
+    s = SQLiteStore(tmp_path / "a.db")
+    assert s.epoch() == e
+    s.close()
+    old = tmp_path / "old.db"  # a store made before the meta table existed
+    with sqlite3.connect(old) as c:
+        c.execute("CREATE TABLE versions (version INTEGER PRIMARY KEY, parent INTEGER NOT NULL, created REAL NOT NULL, "
+                  "n_deltas INTEGER NOT NULL, note TEXT NOT NULL, message BLOB NOT NULL)")
+        c.execute("INSERT INTO versions VALUES (0, 0, 0, 0, 'initial', x'00')")
+    s = SQLiteStore(old)
+    assert len(s.epoch()) == 16 and s.latest().version == 0
+    s.close()
+
+
+def test_a_new_epoch_resigns_the_latest_head_past_the_claimed_base(store):
+    store.ensure_version0(b"v0")
+    store.add_deltas([_rec(seq=1)])
+    store.commit_version(lambda latest, ds: (b"v1", "agg"))
+    e = store.epoch()
+    seen = []
+
+    def resign(latest, v):
+        seen.append((latest.version, latest.message, v))
+        return f"head of {latest.version} as {v}".encode()
+
+    rec = store.start_epoch(115, resign, "new epoch")
+    assert (rec.version, rec.parent, rec.n_deltas, rec.note) == (116, 1, 0, "new epoch")
+    assert seen == [(1, b"v1", 116)] and store.latest().message == b"head of 1 as 116"
+    assert store.epoch() != e
+    # a claim the store already reaches (a second future_base of the same restore) starts nothing
+    e2 = store.epoch()
+    assert store.start_epoch(116, resign, "again") is None and store.start_epoch(3, resign, "old") is None
+    assert store.epoch() == e2 and store.latest().version == 116
+    # aggregation goes on from the new version
+    store.add_deltas([_rec(seq=2, base=116)])
+    assert store.commit_version(lambda latest, ds: (b"v117", "agg")).version == 117
+
+
+def test_a_failed_resign_starts_no_epoch(store):
+    store.ensure_version0(b"v0")
+    e = store.epoch()
+
+    def boom(latest, v):
+        raise RuntimeError("signing failed")
+
+    with pytest.raises(RuntimeError):
+        store.start_epoch(10, boom, "new epoch")
+    assert store.epoch() == e and store.latest().version == 0
 
 
 def test_commit_claims_every_pending_delta_exactly_once(store):

@@ -16,7 +16,8 @@ from typing import Callable
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from edge.errors import EdgeError
-from edge.fleet.store import _DCOLS, _VCOLS, Build, DeltaRecord, Pending, StoreReads, VersionRecord, _delta, _version
+from edge.fleet.store import (_DCOLS, _VCOLS, REPLAYED, RESENT, STORED, Build, DeltaRecord, Pending, Resign, StoreReads,
+                              VersionRecord, _delta, _version, epoch_version, new_epoch_id)
 
 try:
     import psycopg
@@ -35,6 +36,7 @@ CREATE INDEX IF NOT EXISTS deltas_pending ON deltas (id) WHERE applied_version I
 CREATE TABLE IF NOT EXISTS devices (node TEXT PRIMARY KEY, last_seen DOUBLE PRECISION NOT NULL,
     accepted BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rejections (node TEXT NOT NULL, reason TEXT NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (node, reason));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 
@@ -67,6 +69,8 @@ class PostgresStore(StoreReads):
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         self._db.execute(stmt)
+                # made with the store; a store from before epochs gets its first one here
+                self._db.execute("INSERT INTO meta VALUES ('epoch', %s) ON CONFLICT DO NOTHING", (new_epoch_id(),))
             self._db.execute(f'SET search_path TO "{self.schema}"')
 
     def _one(self, sql, args=()):
@@ -87,7 +91,8 @@ class PostgresStore(StoreReads):
     def seen(self, node: str, seq: int) -> bool:
         return self._one("SELECT 1 FROM deltas WHERE node = %s AND seq = %s", (node, seq)) is not None
 
-    def add_deltas(self, records: list[DeltaRecord]) -> list[bool]:
+    def add_deltas(self, records: list[DeltaRecord]) -> list[str]:
+        """Store what is new; one of ``STORED``, ``RESENT``, ``REPLAYED`` per record, in order."""
         # one pipelined executemany per statement: a batch costs a few round trips, not two per delta
         if not records:
             return []
@@ -103,13 +108,26 @@ class PostgresStore(StoreReads):
                 inserted.update((row[0], row[1]) for row in cur.fetchall())
                 if not cur.nextset():
                     break
+            # the stored digest of each (node, seq) that was there already: a resend or a replay
+            others = [(r.node, r.seq) for r in records if (r.node, r.seq) not in inserted]
+            stored = {}
+            if others:
+                rows = self._db.execute("SELECT node, seq, digest FROM deltas WHERE (node, seq) IN "
+                                        "(SELECT * FROM unnest(%s::text[], %s::bigint[]))",
+                                        ([n for n, _ in others], [q for _, q in others])).fetchall()
+                stored = {(n, q): d for n, q, d in rows}
             out, per_node = [], {}
             for r in records:
-                ok = (r.node, r.seq) in inserted
-                inserted.discard((r.node, r.seq))  # a second copy in the same batch is a replay
-                out.append(ok)
+                key = (r.node, r.seq)
+                if key in inserted:
+                    what = STORED
+                    inserted.discard(key)  # a second copy in the same batch is a resend or a replay
+                    stored[key] = r.digest
+                else:
+                    what = RESENT if stored.get(key) == r.digest else REPLAYED
+                out.append(what)
                 acc, rej = per_node.get(r.node, (0, 0))
-                per_node[r.node] = (acc + ok, rej + (not ok))
+                per_node[r.node] = (acc + (what == STORED), rej + (what == REPLAYED))
             cur.executemany("INSERT INTO devices (node, last_seen, accepted, rejected) VALUES (%s, %s, %s, %s) "
                             "ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen, "
                             "accepted = devices.accepted + excluded.accepted, rejected = devices.rejected + excluded.rejected",
@@ -166,3 +184,19 @@ class PostgresStore(StoreReads):
                        (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
             return rec
 
+    def start_epoch(self, claimed_base: int, resign: Resign, note: str) -> VersionRecord | None:
+        """As ``SQLiteStore.start_epoch``; under the commit lock, so that it and version commits are serialised."""
+        with self._lock, self._db.transaction():
+            db = self._db
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
+            if latest is None or claimed_base <= latest.version:
+                return None
+            v = epoch_version(latest.version, claimed_base)
+            rec = VersionRecord(version=v, parent=latest.version, created=time.time(), n_deltas=0, note=note,
+                                message=resign(latest, v))
+            db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES (%s, %s, %s, %s, %s, %s)",
+                       (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
+            db.execute("INSERT INTO meta VALUES ('epoch', %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                       (new_epoch_id(),))
+            return rec

@@ -7,10 +7,21 @@ the deltas not yet applied, hands them with the latest version to ``build`` (the
 aggregation, pure), inserts the new version and marks the deltas applied by it. A
 process that dies inside it leaves the transaction rolled back: the deltas stay
 unapplied, and the next commit (by any instance) takes them. A delta is stored once per
-``(node, seq)`` (a unique key), so a resend is never counted twice.
+``(node, seq)`` (a unique key), so a resend is never counted twice: ``add_deltas`` tells
+apart a delta stored now (``STORED``), an identical resend of a stored one (``RESENT``,
+same digest: the device's earlier copy was ours, it only missed the answer) and another
+content under a stored seq (``REPLAYED``).
+
+The ``meta`` table holds the store's **epoch**, a random id made with the store (and
+added to a store made before it existed). A server restored from an older backup learns
+it from a trusted device's delta on a version it never made (``future_base``):
+``start_epoch`` then, in one transaction, draws a new epoch id and commits the latest
+head again as a version numbered past the device's claim, so that versions stay
+monotonic for every device and sync resumes without a person (docs/TRUST.md).
 """
 from __future__ import annotations
 
+import secrets
 import sqlite3
 import threading
 import time
@@ -60,13 +71,41 @@ class Pending:
 Build = Callable[[VersionRecord, list[DeltaRecord]], tuple[bytes, str]]
 """``build(latest, deltas) -> (signed global message for latest.version + 1, note)``."""
 
+Resign = Callable[[VersionRecord, int], bytes]
+"""``resign(latest, version) -> the latest head's arrays signed as ``version``."""
+
+STORED, RESENT, REPLAYED = "stored", "resent", "replayed"  # what add_deltas did with each record
+
+
+def new_epoch_id() -> str:
+    """A fresh random epoch id (16 hex digits).
+
+    >>> len(new_epoch_id()), new_epoch_id() != new_epoch_id()
+    (16, True)
+    """
+    return secrets.token_hex(8)
+
+
+def epoch_version(latest: int, claimed_base: int) -> int:
+    """The version a new epoch is committed as: past both the store's latest and what a
+    trusted device says it already has, so every device takes it as newer.
+
+    >>> epoch_version(3, 115), epoch_version(7, 2)
+    (116, 8)
+    """
+    return max(latest + 1, claimed_base + 1)
+
 
 class Store(Protocol):
     def ensure_version0(self, message: bytes) -> None: ...
     def latest(self) -> VersionRecord | None: ...
     def version(self, v: int) -> VersionRecord | None: ...
     def seen(self, node: str, seq: int) -> bool: ...
-    def add_deltas(self, records: list[DeltaRecord]) -> list[bool]: ...
+    def stored_seqs(self, nodes: list[str]) -> dict[str, int]: ...
+    def stored_seq(self, node: str) -> int: ...
+    def epoch(self) -> str: ...
+    def start_epoch(self, claimed_base: int, resign: Resign, note: str) -> VersionRecord | None: ...
+    def add_deltas(self, records: list[DeltaRecord]) -> list[str]: ...
     def count_rejections(self, items: list[tuple[str, str]]) -> None: ...
     def pending(self) -> Pending: ...
     def commit_version(self, build: Build, *, max_deltas: int = 100_000, pause_s: float = 0.0) -> VersionRecord | None: ...
@@ -88,6 +127,7 @@ CREATE TABLE IF NOT EXISTS devices (node TEXT PRIMARY KEY, last_seen REAL NOT NU
     rejected INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rejections (node TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (node, reason));
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 
 _DCOLS = "node, seq, base_version, samples, norm, digest, message, received, applied_version"
@@ -120,6 +160,23 @@ class StoreReads:
             rows = self._db.execute(f"SELECT {_DCOLS} FROM deltas ORDER BY id").fetchall()
         return [_delta(r) for r in rows]
 
+    def stored_seqs(self, nodes: list[str]) -> dict[str, int]:
+        """The highest seq stored for each of ``nodes`` (0 for a node with none)."""
+        out = dict.fromkeys(nodes, 0)
+        with self._lock:
+            for n in out:
+                (m,) = self._db.execute(f"SELECT MAX(seq) FROM deltas WHERE node = {self._PARAM}", (n,)).fetchone()
+                out[n] = int(m or 0)
+        return out
+
+    def stored_seq(self, node: str) -> int:
+        return self.stored_seqs([node])[node]
+
+    def epoch(self) -> str:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        return row[0] if row else ""
+
     def devices(self) -> list[DeviceRecord]:
         with self._lock:
             devs = self._db.execute("SELECT node, last_seen, accepted, rejected FROM devices ORDER BY node").fetchall()
@@ -146,6 +203,8 @@ class SQLiteStore(StoreReads):
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(_SCHEMA)
+            # made with the store; a store from before epochs gets its first one here
+            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('epoch', ?)", (new_epoch_id(),))
 
     def _one(self, sql, args=()):
         with self._lock:
@@ -164,7 +223,8 @@ class SQLiteStore(StoreReads):
     def seen(self, node: str, seq: int) -> bool:
         return self._one("SELECT 1 FROM deltas WHERE node = ? AND seq = ?", (node, seq)) is not None
 
-    def add_deltas(self, records: list[DeltaRecord]) -> list[bool]:
+    def add_deltas(self, records: list[DeltaRecord]) -> list[str]:
+        """Store what is new; one of ``STORED``, ``RESENT``, ``REPLAYED`` per record, in order."""
         out = []
         now = time.time()
         with self._lock:
@@ -175,13 +235,17 @@ class SQLiteStore(StoreReads):
                     cur = db.execute("INSERT OR IGNORE INTO deltas (node, seq, received, base_version, samples, norm, digest, "
                                      "message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                                      (r.node, r.seq, r.received or now, r.base_version, r.samples, r.norm, r.digest, r.message))
-                    ok = cur.rowcount == 1
-                    out.append(ok)
+                    if cur.rowcount == 1:
+                        what = STORED
+                    else:
+                        (digest,) = db.execute("SELECT digest FROM deltas WHERE node = ? AND seq = ?", (r.node, r.seq)).fetchone()
+                        what = RESENT if digest == r.digest else REPLAYED
+                    out.append(what)
                     db.execute("INSERT INTO devices (node, last_seen, accepted, rejected) VALUES (?, ?, ?, ?) "
                                "ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen, "
                                "accepted = accepted + excluded.accepted, rejected = rejected + excluded.rejected",
-                               (r.node, now, int(ok), int(not ok)))
-                    if not ok:
+                               (r.node, now, int(what == STORED), int(what == REPLAYED)))
+                    if what == REPLAYED:
                         db.execute("INSERT INTO rejections VALUES (?, 'replayed_seq', 1) "
                                    "ON CONFLICT (node, reason) DO UPDATE SET n = n + 1", (r.node,))
                 db.execute("COMMIT")
@@ -257,6 +321,30 @@ class SQLiteStore(StoreReads):
                 db.execute("ROLLBACK")
                 raise
 
+    def start_epoch(self, claimed_base: int, resign: Resign, note: str) -> VersionRecord | None:
+        """A new epoch id and the latest head re-signed as ``epoch_version(latest, claimed_base)``,
+        in one transaction; None when the latest already reaches the claim (another
+        instance, or an earlier batch, started the epoch)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
+                if latest is None or claimed_base <= latest.version:
+                    db.execute("ROLLBACK")
+                    return None
+                v = epoch_version(latest.version, claimed_base)
+                rec = VersionRecord(version=v, parent=latest.version, created=time.time(), n_deltas=0, note=note,
+                                    message=resign(latest, v))
+                db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES (?, ?, ?, ?, ?, ?)",
+                           (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
+                db.execute("INSERT INTO meta VALUES ('epoch', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                           (new_epoch_id(),))
+                db.execute("COMMIT")
+                return rec
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
 
 def open_store(url: str) -> Store:
