@@ -57,6 +57,25 @@ def test_unit_has_the_required_hardening(name):
     assert d["User"] == ["edge"] and d["CapabilityBoundingSet"] == [""]
 
 
+def _exit_codes_in_code() -> set[int]:
+    """Every ``exit_code = N`` an error class of the runtime declares, wherever it lives."""
+    codes = set()
+    for src in (ROOT / "edge").rglob("*.py"):
+        codes |= {int(n) for n in re.findall(r"^\s+exit_code = (\d+)\s*$", src.read_text(), flags=re.M)}
+    return codes
+
+
+@pytest.mark.parametrize("name", ["edge-runtime.service", "edge-fleet.service"])
+def test_every_non_transient_exit_code_prevents_a_restart(name):
+    """A fault a restart cannot cure (a missing key file: 9) must not restart forever."""
+    from edge.cli import TRANSIENT_EXIT_CODES
+
+    codes = _exit_codes_in_code()
+    assert {2, 3, 9} <= codes and TRANSIENT_EXIT_CODES <= codes
+    prevent = {int(c) for c in _directives(UNITS / name)["RestartPreventExitStatus"][0].split()}
+    assert prevent == codes - TRANSIENT_EXIT_CODES
+
+
 def test_runtime_unit_allows_no_device_until_a_serial_port_is_configured():
     d = _directives(UNITS / "edge-runtime.service")
     assert d["DevicePolicy"] == ["closed"] and "DeviceAllow" not in d
