@@ -14,7 +14,7 @@ from collections import OrderedDict
 import time
 from typing import Callable, Mapping
 
-from edge.fleet.aggregate import Contribution, aggregate_deltas, apply_delta, should_apply
+from edge.fleet.aggregate import Aggregate, Bounds, Contribution, Reference, aggregate, apply_delta, should_apply
 from edge.fleet.codec import Header, encode_tensor, pack_message, unpack_message
 from edge.fleet.store import DeltaRecord, Store, VersionRecord
 from edge.fleet.validate import Expected, Verdict, check_delta
@@ -30,7 +30,8 @@ class Aggregator:
     def __init__(self, *, store: Store, expected: Expected, key, trusted: Callable[[], Mapping[str, object]],
                  name: str = "fleet-server", k: int = 10, t_s: float = 30.0, rule: str = "clip", clip_norm: float = 0.0,
                  trim: float = 0.2, max_norm: float = 100.0, staleness_exponent: float = 0.5, server_lr: float = 1.0,
-                 commit_pause_s: float = 0.0, initial: dict | None = None, clock=time.time):
+                 commit_pause_s: float = 0.0, initial: dict | None = None, clock=time.time,
+                 max_samples: int = 10_000, samples_ratio: float = 2.0, reference_growth: float = 1.25):
         self.store, self.expected, self.key, self.name = store, expected, key, name
         self._trusted_fn = trusted
         self.trusted = dict(trusted())
@@ -38,6 +39,9 @@ class Aggregator:
         self.k, self.t_s, self.rule, self.clip_norm, self.trim = k, t_s, rule, clip_norm, trim
         self.max_norm, self.staleness_exponent, self.server_lr = max_norm, staleness_exponent, server_lr
         self.commit_pause_s = commit_pause_s
+        self.bounds = Bounds(max_samples=max_samples, samples_ratio=samples_ratio, growth=reference_growth,
+                             clip_norm=clip_norm)
+        self.last_aggregate: Aggregate | None = None  # what the last built version's aggregation saw (diagnostics)
         self.clock = clock
         self.counters = collections.Counter()
         self.rejected = collections.Counter()
@@ -139,13 +143,23 @@ class Aggregator:
         return rec
 
     def _build(self, latest: VersionRecord, deltas: list[DeltaRecord]) -> tuple[bytes, str]:
-        g = unpack_message(latest.message).tensors
-        contribs = [Contribution(arrays=self._tensors(d), samples=d.samples,
+        prev = unpack_message(latest.message)
+        # the clip bound and the typical sample count come from the fleet's history, carried in
+        # the signed header of each version, so no delta of this batch sets the bound it is held to
+        m = prev.header.metrics
+        ref = Reference(norm=float(m.get("ref_norm") or 0.0), samples=float(m.get("ref_samples") or 0.0))
+        contribs = [Contribution(arrays=self._tensors(d), samples=d.samples, node=d.node,
                                  staleness=max(0, latest.version - d.base_version)) for d in deltas]
-        agg = aggregate_deltas(contribs, rule=self.rule, clip_norm=self.clip_norm, trim=self.trim,
-                               staleness_exponent=self.staleness_exponent)
-        new = apply_delta(g, agg, server_lr=self.server_lr)
+        agg = aggregate(contribs, rule=self.rule, reference=ref, bounds=self.bounds, trim=self.trim,
+                        staleness_exponent=self.staleness_exponent)
+        self.last_aggregate = agg
+        new = apply_delta(prev.tensors, agg.delta, server_lr=self.server_lr)
         v = latest.version + 1
+        e = self.expected
+        h = Header(kind="global", fleet=e.fleet, model=e.model, model_hash=e.model_hash, head_kind=e.head_kind,
+                   node=self.name, base_version=latest.version, version=v, samples=len(deltas), encoding="fp32",
+                   metrics={"ref_norm": agg.reference.norm, "ref_samples": agg.reference.samples})
+        msg = pack_message(h, {k: encode_tensor(a, "fp32") for k, a in new.items()}, self.key)
         stale = sum(c.staleness for c in contribs) / len(contribs)
-        return self.pack_global(new, version=v, parent=latest.version, n=len(deltas)), \
-            f"{self.rule} of {len(deltas)} deltas from {len({d.node for d in deltas})} devices, mean staleness {stale:.2f}"
+        return msg, (f"{self.rule} of {len(deltas)} deltas from {agg.devices} devices, mean staleness {stale:.2f}, "
+                     f"clip {agg.tau:.4g}, weight cap {agg.weight_cap:.4g}")

@@ -43,6 +43,11 @@ class ServerSection(_Section):
     server_lr: float = _opt(1.0, lo=1e-6, hi=100.0, doc="step applied to the aggregated delta")
     queue: int = _opt(100_000, lo=16, hi=10_000_000, doc="received deltas waiting for validation (drop oldest)")
     commit_pause_s: float = _opt(0.0, lo=0.0, hi=60.0, doc="fault testing only: pause inside the version transaction")
+    max_samples: int = _opt(10_000, lo=1, hi=1 << 62, doc="aggregation weight cap: a device's claimed samples count at most this")
+    samples_ratio: float = _opt(2.0, lo=1.0, hi=1000.0,
+                                doc="and at most this many times the typical device's (the fleet's reference sample count)")
+    reference_growth: float = _opt(1.25, lo=1.0, hi=10.0,
+                                   doc="the fleet's reference norm and sample count move at most this factor per version")
 
 
 @dataclass(frozen=True)

@@ -52,7 +52,8 @@ def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
                       trusted=lambda: load_trusted(s.devices_dir) if s.devices_dir else {}, name=s.name, k=s.k, t_s=s.t_s,
                       rule=s.rule, clip_norm=s.clip_norm, trim=s.trim, max_norm=s.max_norm,
                       staleness_exponent=s.staleness_exponent, server_lr=s.server_lr, commit_pause_s=s.commit_pause_s,
-                      initial=arrays)
+                      initial=arrays, max_samples=s.max_samples, samples_ratio=s.samples_ratio,
+                      reference_growth=s.reference_growth)
 
 
 class FleetServer:
