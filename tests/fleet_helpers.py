@@ -60,3 +60,20 @@ def signed_delta(key_path, *, node: str, seq: int, base_version: int = 0, scale:
     h = Header(kind="delta", fleet="test", model=m.name, model_hash=model.content_hash, head_kind="linear", node=node,
                seq=seq, base_version=base_version, samples=samples, encoding=encoding)
     return pack_message(h, step.tensors, load_private(key_path))
+
+
+def acl_broker(*deny: str):
+    """A mosquitto (not started: use it as a context manager) whose ACL lets anonymous
+    clients read and write everything except the ``deny`` topic filters; an MQTT 5
+    publish to one of those is answered with PUBACK reason 0x87 (Not authorized)."""
+    import os
+
+    from edge.broker import BrokerProcess
+
+    b = BrokerProcess(kind="mosquitto")
+    os.chmod(b._dir, 0o755)  # mosquitto reads the ACL after dropping root to its own user
+    acl = b._dir / "deny.acl"
+    acl.write_text("topic readwrite #\n" + "".join(f"topic deny {t}\n" for t in deny))
+    os.chmod(acl, 0o644)
+    b.extra_conf = f"acl_file {acl}"
+    return b

@@ -284,3 +284,27 @@ def test_qos0_messages_dropped_by_a_broken_connection_are_counted(broker):
     finally:
         link.stop()
         proxy.close()
+
+
+def test_a_publish_the_broker_refuses_is_not_delivered_and_is_counted(caplog):
+    """MQTT 5: mosquitto answers a publish its ACL denies with PUBACK 0x87, which paho marks
+    published all the same; the link's Delivery says not ok, and the refusal is counted by
+    reason and logged (a plain publish() still answers True: paho took it)."""
+    from tests.fleet_helpers import acl_broker
+
+    with acl_broker("denied/#") as b:
+        link = make_link(b.port, "5")
+        try:
+            assert link.wait_connected(20)
+            with caplog.at_level("WARNING", logger="edge.mqtt"):
+                refused = link.publish_tracked("denied/x", b"delta")
+                taken = link.publish_tracked("allowed/x", b"delta")
+                assert refused is not None and refused.wait(20) and taken.wait(20)
+                assert link.publish("denied/y", b"plain", qos=1) is True
+                assert wait_until(lambda: link.counters["publish_refused"] == 2, 20)
+            assert (refused.ok, refused.reason, refused.code) == (False, "not_authorized", 0x87)
+            assert (taken.ok, taken.reason) == (True, "success")
+            assert link.publish_refused == {"not_authorized": 2}
+            assert any("0x87" in r.getMessage() and "denied/x" in r.getMessage() for r in caplog.records)
+        finally:
+            link.stop()

@@ -36,6 +36,16 @@ connection" but keeps it) and sent after the reconnect; that counts as taken
 (``queued_offline`` counts those too). A QoS 0 message paho took but had not written
 when the connection broke is dropped by paho at the reconnect; those are counted in
 ``qos0_lost`` (they were counted in ``published`` when taken).
+
+**Delivery.** "Taken" is not "delivered": an MQTT 5 broker answers a QoS 1 publish it
+refuses (an ACL: 0x87 Not authorized, a quota, ...) with a PUBACK whose reason code is a
+failure, and paho then marks the message published all the same (``is_published()`` is
+True). Every such refusal is counted (``counters["publish_refused"]``, and by reason name
+in ``publish_refused``) and logged, rate-limited, as a WARNING naming the code.
+``publish_tracked`` publishes at QoS 1 and returns a ``Delivery`` that says when the
+broker answered and whether it took the message, for a caller that must keep what was
+not delivered (fleet sync's outbox). MQTT 3.1.1 has no reason codes: mosquitto acks a
+refused publish there as a success, so only MQTT 5 can tell.
 """
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ import logging
 import socket
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Callable
 
 import paho.mqtt.client as mqtt
@@ -59,6 +69,58 @@ MessageHandler = Callable[[str, bytes, float], None]
 PUBLISH_ERRORS = ("invalid_topic", "too_long_topic", "queue_full", "no_connection", "other")
 _MAX_TOPIC_BYTES = 0xFFFF
 _STOP_WAIT_S = 2.0  # longest stop() waits for the retained "offline" to be acknowledged
+_EARLY_ACKS = 1024  # broker answers kept for a publish_tracked that has not registered its mid yet
+
+
+class Delivery:
+    """One QoS 1 publish of ``publish_tracked``: ``done`` once the broker answered it (PUBACK),
+    ``ok`` when that answer's reason code is a success, ``reason`` its name (``"success"``,
+    ``"not_authorized"``, ...; ``""`` until done) and ``code`` its value.
+
+    >>> d = Delivery(7, "fleet/f/m/delta/n1")
+    >>> d.done, d.ok
+    (False, False)
+    >>> d._resolve(0x87, "not_authorized"); (d.done, d.ok, d.reason, hex(d.code))
+    (True, False, 'not_authorized', '0x87')
+    """
+
+    __slots__ = ("mid", "topic", "code", "reason", "_done")
+
+    def __init__(self, mid: int, topic: str):
+        self.mid, self.topic, self.code, self.reason = mid, topic, 0, ""
+        self._done = threading.Event()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def ok(self) -> bool:
+        return self._done.is_set() and self.code < 0x80  # MQTT 5: reason codes from 0x80 up are failures
+
+    def wait(self, timeout: float) -> bool:
+        """Wait (bounded) until the broker answered; True when it did."""
+        return self._done.wait(timeout)
+
+    def _resolve(self, code: int, reason: str) -> None:
+        self.code, self.reason = int(code), reason
+        self._done.set()
+
+
+def reason_name(reason_code) -> str:
+    """A paho ``ReasonCode`` as a counter label: ``Not authorized`` -> ``not_authorized``.
+
+    >>> from paho.mqtt.reasoncodes import ReasonCode
+    >>> from paho.mqtt.packettypes import PacketTypes
+    >>> reason_name(ReasonCode(PacketTypes.PUBACK, identifier=0x87)), reason_name(None)
+    ('not_authorized', 'success')
+    """
+    if reason_code is None:
+        return "success"
+    try:
+        return str(reason_code.getName()).strip().lower().replace(" ", "_").replace("-", "_")[:40] or "unknown"
+    except Exception:  # noqa: BLE001 - a reason code paho cannot name
+        return f"code_{int(getattr(reason_code, 'value', 0)):#04x}"
 
 
 def topic_problem(topic: object) -> str | None:
@@ -97,8 +159,17 @@ class MqttLink:
         self._stopping = False
         self.counters = {"connects": 0, "disconnects": 0, "published": 0, "publish_errors": 0,
                          "queued_offline": 0, "qos0_lost": 0, "sessions_resumed": 0, "sessions_lost": 0,
-                         "handler_errors": 0, "held_unacked": 0}
+                         "handler_errors": 0, "held_unacked": 0, "publish_refused": 0}
         self.publish_errors = dict.fromkeys(PUBLISH_ERRORS, 0)
+        self.publish_refused: dict[str, int] = {}  # QoS 1 publishes the broker answered with a failure, by reason
+        # publish_tracked's deliveries by mid, and answers that came before their mid was
+        # registered (paho may handle the PUBACK before publish() has returned to us).
+        # Lock order: paho holds its message lock while calling _on_publish, and publish()
+        # takes that lock, so _dlock is never held around a paho call.
+        self._dlock = threading.Lock()
+        self._tracked: OrderedDict[int, Delivery] = OrderedDict()
+        self._early: OrderedDict[int, tuple[float, int, str]] = OrderedDict()
+        self._tracking = False  # no bookkeeping per publish until publish_tracked is used
         self._lock = threading.Lock()  # publish() is called from several threads (pipeline, learner, events)
         self._intake = threading.Lock()  # hold() waits for a message being handed on
         self._held = False
@@ -112,6 +183,7 @@ class MqttLink:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_publish = self._on_publish
         self.client = c
         self._connect_kw: dict = conn.connect_kw
 
@@ -146,6 +218,31 @@ class MqttLink:
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 0, retain: bool = False) -> bool:
         """Publish without blocking; False (counted by reason) when it was refused. Never raises."""
+        return self._publish(topic, payload, qos, retain) is not None
+
+    def publish_tracked(self, topic: str, payload: bytes, *, retain: bool = False) -> Delivery | None:
+        """Publish at QoS 1 without blocking and follow it to the broker's answer: a
+        ``Delivery`` (``done``/``ok``/``reason``), or None when paho refused it (counted by
+        reason like ``publish``). Never raises. A delivery paho never gets an answer for
+        (it gave the message up) stays not done: the caller decides when to try again."""
+        t0 = time.monotonic()
+        self._tracking = True  # from now on _on_publish keeps early answers
+        info = self._publish(topic, payload, 1, retain)
+        if info is None:
+            return None
+        d = Delivery(info.mid, topic)
+        with self._dlock:
+            early = self._early.pop(info.mid, None)
+            if early is not None and early[0] >= t0:  # answered before we got here: it is this message's
+                d._resolve(early[1], early[2])
+                return d
+            self._tracked[info.mid] = d
+            while len(self._tracked) > self.max_queued:  # paho holds at most that many: these were given up
+                self._tracked.popitem(last=False)
+        return d
+
+    def _publish(self, topic: str, payload: bytes, qos: int, retain: bool):
+        """``publish``'s work: paho's ``MQTTMessageInfo`` when it took the message, else None (counted)."""
         with self._lock:
             why = topic_problem(topic)
             if why is None and qos == 0 and self._qos0_backlog() >= self.max_queued:
@@ -163,15 +260,15 @@ class MqttLink:
                         self.counters["published"] += 1
                         if qos == 0:
                             self._unsent0.append(info)
-                        return True
+                        return info
                     if rc == mqtt.MQTT_ERR_NO_CONN and qos > 0:  # paho keeps it and sends it after the reconnect
                         self.counters["published"] += 1
                         self.counters["queued_offline"] += 1
-                        return True
+                        return info
                     why = {mqtt.MQTT_ERR_QUEUE_SIZE: "queue_full", mqtt.MQTT_ERR_NO_CONN: "no_connection"}.get(rc, "other")
             self.counters["publish_errors"] += 1
             self.publish_errors[why] += 1
-            return False
+            return None
 
     def _qos0_backlog(self) -> int:
         """QoS 0 messages paho took and has not written yet (paho writes them in order)."""
@@ -213,6 +310,30 @@ class MqttLink:
         log.info("connected to %s:%d (MQTT %s); subscribed to %s", self.cfg.host, self.cfg.port,
                  self.cfg.protocol, ", ".join(t for t, _ in self.subscriptions) or "nothing")
         self.connected.set()
+
+    def _on_publish(self, client, userdata, mid, reason_code, properties=None) -> None:
+        """The broker's answer to a publish (paho calls this for QoS 0 once written, too)."""
+        try:
+            code = int(getattr(reason_code, "value", 0) or 0)
+            name = "success" if code < 0x80 else reason_name(reason_code)
+            d = None
+            if self._tracking:
+                with self._dlock:
+                    d = self._tracked.pop(mid, None)
+                    if d is None:
+                        self._early[mid] = (time.monotonic(), code, name)
+                        if len(self._early) > _EARLY_ACKS:
+                            self._early.popitem(last=False)
+            if code >= 0x80:  # refused: paho marks it published anyway; it was not delivered
+                self.counters["publish_refused"] += 1
+                self.publish_refused[name] = self.publish_refused.get(name, 0) + 1
+                self._badlog.warn(f"refused:{name}", "the broker refused a QoS 1 publish%s (reason 0x%02X %s): "
+                                  "not delivered", f" to {d.topic[:120]!r}" if d is not None else "", code, name)
+            if d is not None:
+                d._resolve(code, name)
+        except Exception as e:  # noqa: BLE001 - an escaping exception would end paho's network thread
+            self.counters["handler_errors"] += 1
+            self._badlog.warn("on_publish", "handling a PUBACK failed: %s", describe_error(e))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         was = self.connected.is_set()
