@@ -1,22 +1,27 @@
-"""What ``edge run`` checks before it starts, and everything ``edge run --check`` reports.
+"""Every start-up check of ``edge run`` and ``edge fleet-server run``, and what ``--check`` adds.
 
-``edge run --check`` is the unit's ``ExecStartPre``: it must fail, with the documented
-exit code and one line naming the fault, wherever the daemon itself would fail at
-start-up. Each check raises an ``EdgeError`` (config 2, model 3, state 7):
+``edge run`` and ``edge run --check`` call the one function ``check_startup``; ``edge
+fleet-server run`` and its ``--check`` call ``check_server_startup``. So ``--check`` fails,
+with the documented exit code and one line naming the fault, wherever start-up would, and
+passes only where start-up would pass. Each check raises an ``EdgeError`` (config 2,
+model 3, state 7, key file 9):
 
 - the broker address policy (``check_broker_policy``, pure): no plaintext to a broker
   that is not on loopback unless ``[mqtt] allow_plaintext = true``;
 - the TLS files (``check_tls_files``): readable and parseable by the ssl module;
 - the model folder: its files (``check_model_files``: manifest, ``model.py``, a readable
-  weights file with backbone and head tensors; without importing torch, so ``edge run``
-  checks it at every start), and with ``--check`` also its code (``check_model``:
-  ``model.py`` imports, the weights load, one window of zeros runs through backbone and
-  head with the manifest's shapes);
+  weights file with backbone and head tensors; without importing torch) and its pin
+  (``[model] sha256`` over the bytes that will run, ``edge.zoo.check_pin``), before any of
+  its code runs; with ``--check`` also its code (``check_model``: ``model.py`` runs, the
+  weights load, one window of zeros runs through backbone and head with the manifest's
+  shapes), from the same verified bytes;
+- the key material start-up loads (``check_keys``): ``[labels] keys_dir`` and, with fleet
+  sync, ``[fleet] key_file`` and ``server_key``;
 - the state folder (``check_state_dir``): writable by this user, or creatable.
 
-``edge run`` makes the cheap checks (``check_startup``) itself, in the main process, so
-that their exit codes reach systemd's ``RestartPreventExitStatus=``, which looks at the
-main process only: a failing ``ExecStartPre=`` is restarted whatever its exit code.
+The daemon makes these checks itself (``Daemon.start``), in the main process, so that
+their exit codes reach systemd's ``RestartPreventExitStatus=``, which looks at the main
+process only: a failing ``ExecStartPre=`` is restarted whatever its exit code.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge.config import Config, MqttConfig
-from edge.errors import ConfigError, ModelError, StateError
+from edge.errors import ConfigError, EdgeError, ModelError, StateError
 
 log = logging.getLogger("edge.check")
 
@@ -130,11 +135,14 @@ class ModelCheck:
     output_shape: tuple[int, ...]
 
 
-def check_model(ref: str) -> ModelCheck:
-    """Import the folder's ``model.py``, load its weights and run one window of zeros through it."""
-    from edge.zoo import resolve_model
+def check_model(ref) -> ModelCheck:
+    """Run the folder's ``model.py``, load its weights and one window of zeros through it.
 
-    folder = resolve_model(ref)
+    ``ref`` is a ``ModelFolder`` (one ``check_startup`` verified: its pinned bytes run) or
+    a model reference."""
+    from edge.zoo import ModelFolder, resolve_model
+
+    folder = ref if isinstance(ref, ModelFolder) else resolve_model(ref)
     m = folder.manifest
     backbone, head = folder.build()  # ModelError for a bad model.py or weights
     import torch
@@ -192,15 +200,104 @@ def check_state_dir(path: str) -> Path:
     return p
 
 
-def check_startup(cfg: Config) -> None:
-    """The checks ``edge run`` makes before it starts the daemon: the cheap ones, no torch."""
+def check_keys(cfg: Config) -> None:
+    """Load every key the daemon loads at start-up, as it loads them: the labellers' keys
+    (``ConfigError``, 2) and, with fleet sync, the device key and the server's public key
+    (``KeyFileError``, 9)."""
+    if cfg.labels.keys_dir:
+        from edge.ingest.labelauth import load_label_keys
+
+        load_label_keys(cfg.labels.keys_dir)
+    if cfg.fleet_sync:
+        from edge.fleet.keys import load_private, load_public
+
+        load_private(cfg.fleet.key_file)
+        load_public(cfg.fleet.server_key)
+
+
+@dataclass(frozen=True)
+class Startup:
+    """What ``check_startup`` verified: the model folder whose pinned bytes are to run."""
+
+    model: object  # edge.zoo.ModelFolder
+
+
+def check_startup(cfg: Config) -> Startup:
+    """Every check ``edge run`` makes before it starts, and ``--check`` first: no torch, and
+    no code of the model folder runs (``check_model`` does that, for ``--check`` only)."""
+    from edge.zoo import check_pin
+
     check_broker_policy(cfg.mqtt)
     check_tls_files(cfg.mqtt)
     check_state_dir(cfg.node.state_dir)
-    check_model_files(cfg.model.path)
+    folder = check_model_files(cfg.model.path)
+    check_pin(folder, cfg.model.sha256)
+    check_keys(cfg)
+    return Startup(model=folder)
 
 
 def check_all(cfg: Config) -> ModelCheck:
     """Everything ``edge run --check`` checks; returns what the model check found."""
-    check_startup(cfg)
-    return check_model(cfg.model.path)
+    return check_model(check_startup(cfg).model)
+
+
+# ---- the fleet server --------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerStartup:
+    """What ``check_server_startup`` found: the model folder and the store's latest version."""
+
+    model: object  # edge.zoo.ModelFolder
+    latest_version: int | None
+    devices: int
+
+
+def check_devices_dir(path: str) -> int:
+    """``[server] devices_dir`` is a folder this user can list; returns its ``.pub`` count."""
+    d = Path(path).expanduser()
+    try:
+        return sum(1 for p in d.iterdir() if p.name.endswith(".pub"))
+    except NotADirectoryError:
+        raise ConfigError(f"[server] devices_dir = {str(d)!r}: not a folder") from None
+    except FileNotFoundError:
+        raise ConfigError(f"[server] devices_dir = {str(d)!r}: no such folder (edge keys export NAME --to DIR)") from None
+    except OSError as e:
+        raise ConfigError(f"[server] devices_dir = {str(d)!r}: cannot list it: {e.strerror}") from None
+
+
+def check_store(url: str) -> int | None:
+    """The store opens (it is created when missing, as the server would); its latest version.
+    A store that cannot be opened is a ``StateError`` (7), except PostgreSQL's own
+    connection errors (1: the database may come up later, so systemd restarts)."""
+    import sqlite3
+
+    from edge.fleet.store import open_store
+
+    shown = url.split("@")[-1][:200]  # never a password in a URL
+    try:
+        store = open_store(url)
+    except EdgeError:
+        raise
+    except (sqlite3.Error, OSError) as e:
+        raise StateError(f"[server] store = {shown!r} cannot be opened: {type(e).__name__}: {str(e)[:200]}") from None
+    try:
+        latest = store.latest()
+        return None if latest is None else latest.version
+    finally:
+        store.close()
+
+
+def check_server_startup(cfg) -> ServerStartup:
+    """Every check ``edge fleet-server run`` makes before it starts, and its ``--check``:
+    broker policy, TLS files, the model folder, the server key, ``devices_dir`` and the store."""
+    from edge.fleet.keys import load_private
+
+    s = cfg.server
+    check_broker_policy(cfg.mqtt)
+    check_tls_files(cfg.mqtt)
+    folder = check_model_files(s.model)
+    if not s.key_file:
+        raise ConfigError("[server] key_file is required: the server signs every global head (edge keys create NAME --role server)")
+    load_private(s.key_file)
+    devices = check_devices_dir(s.devices_dir) if s.devices_dir else 0
+    return ServerStartup(model=folder, latest_version=check_store(s.store), devices=devices)

@@ -3,6 +3,8 @@
 Every ``EdgeError`` becomes one line on stderr and its documented exit code:
 1 generic, 2 config, 3 model, 4 backend unavailable, 5 parity/artifact, 6 decode,
 7 state, 8 broker, 9 fleet key file. Anything else is a bug and keeps its traceback.
+Every code but ``TRANSIENT_EXIT_CODES`` is in the systemd units' ``RestartPreventExitStatus=``
+(tests/test_deploy.py derives the set from the code).
 """
 from __future__ import annotations
 
@@ -14,21 +16,29 @@ from pathlib import Path
 
 from edge.errors import EdgeError
 
+#: exit codes a restart may cure: 1 (a thread died, or an error with no kind of its own, e.g.
+#: a PostgreSQL store not up yet) and 8 (the broker cannot be reached). Every other code is
+#: a fault of the config, the model, the machine or a key that stays until a person fixes it.
+TRANSIENT_EXIT_CODES = frozenset({1, 8})
+
 
 def _cmd_run(args) -> int:
-    from edge.check import check_all, check_startup
+    from edge.check import check_model, check_startup
     from edge.config import load_config
     from edge.observe import setup_logging
 
     setup_logging(args.log_level or "info")  # before the config: loading it may warn (a readable password_file)
     cfg = load_config(args.config)
+    # the one function of every start-up check, for --check and the daemon alike (Daemon.start
+    # makes it again, so a daemon built without this command is held to the same checks)
+    startup = check_startup(cfg)
     if args.check:
-        mc = check_all(cfg)
+        mc = check_model(startup.model)  # only after the pin: the verified bytes run
         print(f"{args.config or '(defaults)'}: OK — node {cfg.node.name}, model {mc.name}@{mc.version} "
               f"(one window {mc.window_shape} -> {mc.output_shape}), {len(cfg.sources)} source(s), "
-              f"broker {cfg.mqtt.host}:{cfg.mqtt.port} {'TLS' if cfg.mqtt.tls else 'plaintext'}")
+              f"broker {cfg.mqtt.host}:{cfg.mqtt.port} {'TLS' if cfg.mqtt.tls else 'plaintext'}"
+              f"{', model pinned' if cfg.model.sha256 else ''}")
         return 0
-    check_startup(cfg)
     setup_logging(args.log_level or cfg.node.log_level)
     from edge.daemon import Daemon
 
@@ -137,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run the daemon")
     r.add_argument("--config", "-c", help="TOML config (default: built-in defaults)")
-    r.add_argument("--check", action="store_true", help="check all that start-up checks (config, TLS files, broker policy, state folder, model runs one window), then exit")
+    r.add_argument("--check", action="store_true", help="make every start-up check (config, TLS files, broker policy, state folder, model pin, label and fleet keys), "
+                        "then run one window through the model, and exit with the code start-up would")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     r.set_defaults(func=_cmd_run)
 

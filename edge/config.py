@@ -278,8 +278,9 @@ class LabelsConfig(_Section):
 @dataclass(frozen=True)
 class MetricsConfig(_Section):
     _name = "metrics"
-    port: int = _opt(0, lo=0, hi=65535, doc="Prometheus /metrics and /healthz port; 0 disables")
+    port: int = _opt(0, lo=0, hi=65535, doc="Prometheus /metrics, /healthz and /readyz port; 0 disables")
     host: str = _opt("127.0.0.1", doc="address to bind the metrics server")
+    status_endpoint: bool = _opt(False, doc="also serve /status (what `edge status` shows: stream names, counters, paths) to anyone who can reach the port; the 0600 status socket is the private way")
 
 
 @dataclass(frozen=True)
@@ -331,6 +332,11 @@ class Config:
     @property
     def topic_base(self) -> str:
         return f"{self.mqtt.topic_prefix}/{self.node.name}"
+
+    @property
+    def fleet_sync(self) -> bool:
+        """True when the daemon runs fleet sync: it needs the learner (``[adapt] enabled``)."""
+        return self.fleet.enabled and self.adapt.enabled
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
@@ -398,23 +404,37 @@ def parse_config(data: dict[str, Any]) -> Config:
     cfg = Config(**kwargs)
     if not _NAME_RE.match(cfg.node.name):
         raise _fix("node", "name", cfg.node.name, "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
-    if cfg.mqtt.reconnect_max_s < cfg.mqtt.reconnect_min_s:
-        raise _fix("mqtt", "reconnect_max_s", cfg.mqtt.reconnect_max_s, f"must be >= reconnect_min_s ({cfg.mqtt.reconnect_min_s})")
-    if (cfg.mqtt.cert_file or cfg.mqtt.key_file) and not cfg.mqtt.tls:
-        raise _fix("mqtt", "tls", cfg.mqtt.tls, "cert_file/key_file are set, so tls must be true")
-    for key in ("ca_file", "cert_file", "key_file"):
-        p = getattr(cfg.mqtt, key)
-        if p and not Path(p).expanduser().is_file():
-            raise _fix("mqtt", key, p, "no such file")
     if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
     if cfg.fleet.enabled and not (cfg.fleet.key_file and cfg.fleet.server_key):
         raise _fix("fleet", "key_file", cfg.fleet.key_file, "fleet sync needs key_file and server_key (see `edge keys`)")
-    if cfg.mqtt.password_file:
-        if cfg.mqtt.password:
-            raise ConfigError("[mqtt] password and password_file are both set: keep only password_file")
-        cfg = dataclasses.replace(cfg, mqtt=dataclasses.replace(cfg.mqtt, password=read_secret_file("mqtt", "password_file", cfg.mqtt.password_file)))
-    return cfg
+    return dataclasses.replace(cfg, mqtt=resolve_mqtt(cfg.mqtt))
+
+
+def resolve_mqtt(mqtt: MqttConfig) -> MqttConfig:
+    """The ``[mqtt]`` section as every MQTT connection uses it: checked, with the password
+    read from ``password_file``. The one loader of ``[mqtt]`` for the daemon's config and the
+    fleet server's (``edge.fleet.config``), so that both apply the same rules.
+
+    >>> resolve_mqtt(MqttConfig(password="p")).password
+    'p'
+    >>> resolve_mqtt(MqttConfig(cert_file="c.pem"))
+    Traceback (most recent call last):
+    edge.errors.ConfigError: [mqtt] tls = False is invalid: cert_file/key_file are set, so tls must be true
+    """
+    if mqtt.reconnect_max_s < mqtt.reconnect_min_s:
+        raise _fix("mqtt", "reconnect_max_s", mqtt.reconnect_max_s, f"must be >= reconnect_min_s ({mqtt.reconnect_min_s})")
+    if (mqtt.cert_file or mqtt.key_file) and not mqtt.tls:
+        raise _fix("mqtt", "tls", mqtt.tls, "cert_file/key_file are set, so tls must be true")
+    for key in ("ca_file", "cert_file", "key_file"):
+        p = getattr(mqtt, key)
+        if p and not Path(p).expanduser().is_file():
+            raise _fix("mqtt", key, p, "no such file")
+    if not mqtt.password_file:
+        return mqtt
+    if mqtt.password:
+        raise ConfigError("[mqtt] password and password_file are both set: keep only password_file")
+    return dataclasses.replace(mqtt, password=read_secret_file("mqtt", "password_file", mqtt.password_file))
 
 
 def read_secret_file(where: str, key: str, path: str) -> str:
@@ -442,6 +462,12 @@ def load_config(path: str | Path | None) -> Config:
     """Read and validate a TOML file; ``None`` gives the defaults."""
     if path is None:
         return Config()
+    return load_toml(path, parse_config)
+
+
+def load_toml(path: str | Path, parse: typing.Callable[[dict], Any]) -> Any:
+    """Read a TOML file and ``parse`` it; every error is a ``ConfigError`` naming the file.
+    The one reader of the daemon's and the fleet server's config files."""
     p = Path(path).expanduser()
     try:
         raw = p.read_bytes()
@@ -457,7 +483,7 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{p}: invalid TOML: {e}") from None
     try:
-        return parse_config(data)
+        return parse(data)
     except ConfigError as e:
         raise ConfigError(f"{p}: {e}") from None
 

@@ -37,7 +37,6 @@ from edge.ingest.topics import TopicRoute
 from edge.observe import MetricsServer, Registry
 from edge.pipeline import Pipeline, build_pipeline
 from edge.supervise import Supervisor
-from edge.zoo import check_pin, resolve_model
 
 log = logging.getLogger("edge.daemon")
 
@@ -80,14 +79,16 @@ class Daemon:
         self.supervisor = Supervisor(on_death=self._thread_died)
 
     # ---- building --------------------------------------------------------------------
-    def _load_model(self):
+    def _load_model(self, folder=None):
+        """Serve ``folder``: the one ``check_startup`` verified (checked now when not given), so
+        that the bytes the pin was checked over are the ones that run."""
         from edge.adapt.heads import HeadSnapshot
+        from edge.check import check_startup
         from edge.serve import load_backbone
         from edge.serve.engine import Engine
 
         cfg = self.cfg
-        self.model = resolve_model(cfg.model.path)
-        check_pin(self.model, cfg.model.sha256)  # before any code of the folder runs
+        self.model = folder if folder is not None else check_startup(cfg).model
         m = self.model.manifest
         precision = None if cfg.model.precision == "auto" else cfg.model.precision
         t0 = time.monotonic()
@@ -123,7 +124,7 @@ class Daemon:
             from edge.ingest.labelauth import LabelGate, load_label_keys
 
             keys = load_label_keys(cfg.labels.keys_dir) if cfg.labels.keys_dir else None
-            gate = LabelGate(keys=keys, max_per_s=cfg.labels.max_per_s, burst=cfg.labels.burst,
+            gate = LabelGate(keys=keys, node=cfg.node.name, max_per_s=cfg.labels.max_per_s, burst=cfg.labels.burst,
                              max_age_s=cfg.labels.max_age_s)
             log.info("labels: %s%s", f"signed by {len(keys)} labeller(s)" if keys else "unsigned",
                      f", at most {cfg.labels.max_per_s:g}/s each" if cfg.labels.max_per_s else "")
@@ -136,7 +137,9 @@ class Daemon:
 
             self.adapt = AdaptWorker(cfg=cfg, model=self.model, global_head=self.global_head, publish_event=self.event,
                                      store=learner_store(cfg, self.model), supervisor=self.supervisor)
-            if cfg.fleet.enabled:  # fleet sync (issue 9): its own thread and MQTT connection
+            if gate is not None:  # the label replay window is checkpointed with what the labels taught
+                self.adapt.attach_state("label_gate", gate)
+            if cfg.fleet_sync:  # fleet sync (issue 9): its own thread and MQTT connection
                 from edge.fleet.device import DeviceSync
 
                 self.sync = DeviceSync(cfg=cfg, worker=self.adapt, model=self.model, on_event=self.event)
@@ -172,8 +175,11 @@ class Daemon:
     def start(self, *, connect_timeout: float = 0.0) -> None:
         """Load, warm up, connect and start every thread; ready once the first connect succeeds
         (or immediately when ``connect_timeout`` is 0: the daemon keeps retrying in the background)."""
+        from edge.check import check_startup
+
+        startup = check_startup(self.cfg)  # the same checks as `edge run --check`, before any model code runs
         self._prepare_state_dir()
-        self._load_model()
+        self._load_model(startup.model)
         self._build()
         sup = self.supervisor
         self.pipeline.start()
@@ -191,8 +197,10 @@ class Daemon:
             for name, t in src.threads().items():
                 sup.adopt(name, t)
         if self.cfg.metrics.port:
+            # /status only when asked for: the port is open to every local user, the status socket is 0600
             self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health,
-                                                ready=self.readiness, status=self.status)
+                                                ready=self.readiness,
+                                                status=self.status if self.cfg.metrics.status_endpoint else None)
             self.metrics_server.start()
             sup.adopt("metrics", self.metrics_server.thread)
             log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
@@ -208,11 +216,13 @@ class Daemon:
         sd_notify("READY=1\nSTATUS=serving")
 
     def _prepare_state_dir(self) -> None:
-        """The node's state folder, private to the daemon's user (0700), made or fixed at start."""
+        """The node's state folder, private to the daemon's user (0700), made or fixed at start:
+        every folder made for it (``[node] state_dir`` and its missing parents too) is 0700."""
+        from edge.state import private_dir
+
         d = state_dir(self.cfg)
         try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
-            os.chmod(d, 0o700)
+            private_dir(d)
         except OSError as e:
             log.warning("cannot make %s private: %s", d, e)
 
@@ -302,9 +312,11 @@ class Daemon:
 
     def write_status(self) -> None:
         """Write ``status.json`` (atomically, mode 0600) for `edge status` when the socket is gone."""
+        from edge.state import private_dir
+
         d = state_dir(self.cfg)
         try:
-            d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            private_dir(d)
             tmp = d / "status.json.tmp"
             data = orjson.dumps({"written": time.time(), **self.status()}, default=str,
                                 option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_SERIALIZE_NUMPY)

@@ -226,8 +226,10 @@ _NOSPACE = {errno.ENOSPC, errno.EDQUOT}
 _FREE_SLACK = 16 << 10  # directory entry, block rounding, the fs's own bookkeeping
 
 
-def _private_dir(path: Path) -> None:
-    """Create ``path`` (and missing parents) as 0700; make an existing one 0700."""
+def private_dir(path: Path) -> None:
+    """Create ``path`` and every missing parent as 0700 (``mkdir(parents=True, mode=...)``
+    gives the mode to the last folder only); make an existing ``path`` 0700. Parents that
+    already exist keep their mode: they are not ours. The one helper for private folders."""
     missing = []
     p = path
     while not p.exists():
@@ -291,7 +293,7 @@ class CheckpointStore:
         self.counters = {"pruned_for_room": 0, "retried": 0, "set_aside": 0}
         self._disklog = RateLimitedLog(log)  # a tight disk prunes at every save: say so once a minute
         try:
-            _private_dir(self.dir)
+            private_dir(self.dir)
             for tmp in self.dir.glob(".ckpt-*.tmp"):  # leftovers of a save killed mid-write
                 tmp.unlink(missing_ok=True)
             for p in self.dir.iterdir():  # earlier versions wrote with the umask's modes
@@ -321,7 +323,7 @@ class CheckpointStore:
         data = encode_state({_ENVELOPE: 2, "identity": ident, "state": state})
         try:
             if not self.dir.is_dir():  # removed under us (an operator's cleanup): make it again
-                _private_dir(self.dir)
+                private_dir(self.dir)
             self._seq = max([self._seq] + [self._seq_of(p) for p in self.paths()[-1:]]) + 1
         except OSError as e:
             raise StateError(f"{self.dir}: cannot write checkpoint: {e}") from e

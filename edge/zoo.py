@@ -9,12 +9,20 @@ by name in the repository's ``models/`` (when running from a checkout) or the in
 Reading a folder needs no torch: weights come back as numpy arrays (``arrays``), and
 torch is imported only to build the modules (``build``, ``state_dicts``), so a daemon
 serving a compiled artifact stays lean.
+
+What runs is what is pinned: a folder's files are read once (``ModelFolder.files``); the
+pin (``check_pin``), the content hash, ``model.py``'s code and the weights all come from
+those same bytes. ``model.py`` is compiled from them and executed into a fresh module,
+so no bytecode is read from or written to ``__pycache__`` (Python's own importer would
+run a planted ``.pyc`` whose header matches the source's mtime and size), and a file
+changed after the pin was checked is never the one that runs.
 """
 from __future__ import annotations
 
 import hashlib
-import importlib.util
+import linecache
 import sys
+import types
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -105,8 +113,9 @@ class ModelFolder:
         mp = self.path / "manifest.toml"
         if not mp.is_file():
             raise ModelError(f"{self.path}: not a model folder (no manifest.toml)")
+        self._manifest_bytes = mp.read_bytes()
         try:
-            data = tomllib.loads(mp.read_text())
+            data = tomllib.loads(self._manifest_bytes.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ModelError(f"{mp}: invalid TOML: {e}") from None
         self.manifest = Manifest.from_dict(data, where=str(mp))
@@ -115,29 +124,46 @@ class ModelFolder:
         return f"ModelFolder({str(self.path)!r})"
 
     @cached_property
+    def files(self) -> dict[str, bytes]:
+        """Every file of the folder (relative POSIX path -> bytes, no ``__pycache__``), read once:
+        the pin, the content hash, the code that runs and the weights all come from these bytes."""
+        files = read_folder(self.path)
+        if files.get("manifest.toml") != self._manifest_bytes:
+            raise ModelError(f"{self.path}: manifest.toml changed while the folder was being read; try again")
+        return files
+
+    @cached_property
     def content_hash(self) -> str:
         """sha256 over manifest, model code and weights: the key of compiled artifacts."""
         h = hashlib.sha256()
         for name in ("manifest.toml", "model.py", "weights.safetensors"):
-            p = self.path / name
             h.update(name.encode())
-            h.update(p.read_bytes() if p.exists() else b"")
+            h.update(self.files.get(name, b""))
         return h.hexdigest()
 
     @cached_property
     def module(self):
-        """The folder's ``model.py`` imported under a private, unique module name."""
+        """The folder's ``model.py`` under a private, unique module name, executed from the
+        bytes in ``files`` (those the pin covers); no bytecode is read or written."""
         src = self.path / "model.py"
-        if not src.is_file():
+        code_bytes = self.files.get("model.py")
+        if code_bytes is None:
             raise ModelError(f"{self.path}: model folder has no model.py")
         modname = f"_edge_model_{self.content_hash[:12]}"
-        if modname in sys.modules:
+        if modname in sys.modules:  # the same content hash: the same bytes were executed before
             return sys.modules[modname]
-        spec = importlib.util.spec_from_file_location(modname, src)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[modname] = mod
+        mod = types.ModuleType(modname)
+        mod.__file__ = str(src)
         try:
-            spec.loader.exec_module(mod)
+            code = compile(code_bytes, str(src), "exec", dont_inherit=True)
+        except (SyntaxError, ValueError) as e:
+            raise ModelError(f"{src}: importing model.py failed: {type(e).__name__}: {e}") from None
+        # tracebacks and inspect.getsource show the executed text, not what is on disk now
+        text = code_bytes.decode("utf-8", errors="replace")
+        linecache.cache[str(src)] = (len(text), None, text.splitlines(True), str(src))
+        sys.modules[modname] = mod  # classes defined there find their module (pickling, dataclasses)
+        try:
+            exec(code, mod.__dict__)
         except Exception as e:  # a user's model.py may fail in any way
             del sys.modules[modname]
             raise ModelError(f"{src}: importing model.py failed: {type(e).__name__}: {e}") from e
@@ -148,13 +174,14 @@ class ModelFolder:
 
     def arrays(self) -> tuple[dict, dict]:
         """(backbone, head) weights as numpy arrays, read with safetensors' numpy API (no torch)."""
-        from safetensors.numpy import load_file
+        from safetensors.numpy import load
 
         wp = self.path / "weights.safetensors"
-        if not wp.is_file():
+        data = self.files.get("weights.safetensors")
+        if data is None:
             raise ModelError(f"{self.path}: model folder has no weights.safetensors (run its train.py)")
         try:
-            tensors = load_file(str(wp))
+            tensors = load(data)
         except Exception as e:
             raise ModelError(f"{wp}: cannot read weights: {e}") from e
         bb = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
@@ -216,30 +243,56 @@ def shipped_models() -> dict[str, Path]:
     return out
 
 
-def folder_digest(path: str | Path) -> str:
-    """sha256 over every file of a model folder (relative paths and contents, sorted; no
-    ``__pycache__``): what ``[model] sha256`` pins, since every ``.py`` there can run as code.
+def read_folder(path: str | Path) -> dict[str, bytes]:
+    """Every file under ``path`` but ``__pycache__``: relative POSIX path -> bytes.
 
-    >>> import tempfile, pathlib
-    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "manifest.toml").write_text("name = 'x'")
-    >>> len(folder_digest(d))
-    64
+    ``__pycache__`` stays out because nothing there is ever executed (``ModelFolder.module``
+    compiles ``model.py`` from its source bytes), and Python rewrites it at will.
     """
     root = Path(path)
+    return {p.relative_to(root).as_posix(): p.read_bytes()
+            for p in sorted(root.rglob("*")) if p.is_file() and "__pycache__" not in p.relative_to(root).parts}
+
+
+def digest_files(files: dict[str, bytes]) -> str:
+    """sha256 over a folder's files (relative paths and contents, in path order): what
+    ``[model] sha256`` pins. Each path and content is length-prefixed, so no two folders
+    share a digest by moving bytes between a name and a content.
+
+    >>> a = digest_files({"model.py": b"x = 1", "manifest.toml": b"name = 'x'"})
+    >>> a == digest_files({"manifest.toml": b"name = 'x'", "model.py": b"x = 1"}), len(a)
+    (True, 64)
+    >>> a == digest_files({"model.py": b"x = 2", "manifest.toml": b"name = 'x'"})
+    False
+    """
     h = hashlib.sha256()
-    for p in sorted(q for q in root.rglob("*") if q.is_file() and "__pycache__" not in q.parts):
-        rel = p.relative_to(root).as_posix().encode()
-        data = p.read_bytes()
-        h.update(len(rel).to_bytes(4, "big") + rel + len(data).to_bytes(8, "big"))
+    for rel in sorted(files, key=lambda r: r.split("/")):  # by path parts, as pins made before sorted them
+        name, data = rel.encode(), files[rel]
+        h.update(len(name).to_bytes(4, "big") + name + len(data).to_bytes(8, "big"))
         h.update(data)
     return h.hexdigest()
 
 
+def folder_digest(path: str | Path) -> str:
+    """``digest_files`` of a folder on disk (``edge pin``), the same value ``check_pin`` checks.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()); _ = (d / "manifest.toml").write_text("name = 'x'")
+    >>> folder_digest(d) == digest_files({"manifest.toml": b"name = 'x'"})
+    True
+    """
+    return digest_files(read_folder(path))
+
+
 def check_pin(model: "ModelFolder", expected: str) -> None:
-    """Refuse a model folder whose content is not the pinned one (before any of its code runs)."""
+    """Refuse a model folder whose content is not the pinned one (before any of its code runs).
+
+    The digest is taken over ``model.files``: the very bytes its code and weights are then
+    loaded from, so a file swapped after this check is never the one that runs.
+    """
     if not expected:
         return
-    got = folder_digest(model.path)
+    got = digest_files(model.files)
     if got != expected.strip().lower():
         raise ModelError(f"model folder {model.path} does not match [model] sha256 = {expected[:16]}... "
                          f"(its content is {got[:16]}...): refusing to load code that is not the pinned one")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 
 
 def add_parsers(sub) -> None:
@@ -23,15 +24,24 @@ def add_parsers(sub) -> None:
 
     f = sub.add_parser("fleet-server", help="the fleet sync server: run, versions, rollback VERSION, devices")
     fs = f.add_subparsers(dest="fleet_cmd", required=True)
-    for name, hlp in (("run", "run the server"), ("versions", "list global versions"),
+    for name, hlp in (("run", "run the server"), ("versions", "list global versions, newest first (paged)"),
                       ("rollback", "publish an earlier version's head as a new version"),
-                      ("devices", "per device: last seen, accepted and rejected counts, reasons")):
+                      ("devices", "per device, by name (paged): last seen, accepted and rejected counts, reasons")):
         p = fs.add_parser(name, help=hlp)
         p.add_argument("--config", "-c", help="fleet server TOML")
         if name == "rollback":
             p.add_argument("version", type=int)
         if name == "run":
             p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+            p.add_argument("--check", action="store_true",
+                           help="make every start-up check (config, TLS files, broker policy, model, key_file, "
+                                "devices_dir, store opens), then exit with the code start-up would")
+        if name in ("versions", "devices"):
+            p.add_argument("--limit", type=int, default=100, help="at most this many lines (default 100)")
+        if name == "versions":
+            p.add_argument("--before", type=int, help="only versions older than this one (the next page)")
+        if name == "devices":
+            p.add_argument("--after", help="only devices named after this one (the next page)")
     f.set_defaults(func=_cmd_fleet)
 
 
@@ -50,27 +60,58 @@ def _cmd_keys(args) -> int:
     return 0
 
 
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing: the items shown, and how many of the selection it leaves out."""
+
+    items: list
+    left_out: int
+
+
+def page(items: list, *, limit: int, key, after=None, before=None) -> Page:
+    """The first ``limit`` of ``items`` (already in listing order) past a cursor: ``key(item)``
+    greater than ``after``, or less than ``before``; ``left_out`` counts the rest.
+
+    >>> page([5, 4, 3, 2, 1], limit=2, key=int, before=5)
+    Page(items=[4, 3], left_out=2)
+    >>> page(["a", "b", "c"], limit=5, key=str, after="a")
+    Page(items=['b', 'c'], left_out=0)
+    """
+    if limit < 1:
+        from edge.errors import ConfigError
+
+        raise ConfigError(f"--limit {limit} is invalid: it must be at least 1")
+    if after is not None:
+        items = [i for i in items if key(i) > after]
+    if before is not None:
+        items = [i for i in items if key(i) < before]
+    return Page(items=items[:limit], left_out=max(0, len(items) - limit))
+
+
 def _cmd_fleet(args) -> int:
     from edge.fleet.config import load_server_config
     from edge.fleet.store import open_store
 
     cfg = load_server_config(args.config)
     if args.fleet_cmd == "run":
-        from edge.fleet.server import FleetServer
-        from edge.observe import setup_logging
-
-        setup_logging(args.log_level)
-        return FleetServer(cfg).run()
+        return _run(args, cfg)
     store = open_store(cfg.server.store)
     try:
         if args.fleet_cmd == "versions":
-            for v in store.versions():
+            # every version's row: the store reads newest first with a limit only
+            pg = page(store.versions(limit=2**62), limit=args.limit, key=lambda v: v.version, before=args.before)
+            for v in pg.items:
                 print(f"{v.version}\tparent {v.parent}\t{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(v.created))}Z\t"
                       f"{v.n_deltas} deltas\t{v.note}")
+            if pg.left_out:
+                print(f"... {pg.left_out} older version{'s' if pg.left_out != 1 else ''}: --before {pg.items[-1].version}")
         elif args.fleet_cmd == "devices":
-            for d in store.devices():
+            pg = page(store.devices(), limit=args.limit, key=lambda d: d.node, after=args.after)
+            for d in pg.items:
                 print(json.dumps({"node": d.node, "last_seen": d.last_seen, "accepted": d.accepted, "rejected": d.rejected,
                                   "reasons": d.reasons}))
+            if pg.left_out:
+                print(f"... {pg.left_out} more device{'s' if pg.left_out != 1 else ''}: --after {pg.items[-1].node}")
         else:
             from edge.errors import EdgeError
             from edge.fleet.codec import unpack_message
@@ -88,3 +129,21 @@ def _cmd_fleet(args) -> int:
     finally:
         store.close()
     return 0
+
+
+def _run(args, cfg) -> int:
+    """``fleet-server run [--check]``: every start-up check first (``edge.check``), then the server."""
+    from edge.check import check_server_startup
+    from edge.observe import setup_logging
+
+    setup_logging(args.log_level)
+    st = check_server_startup(cfg)
+    if args.check:
+        m, mq = st.model.manifest, cfg.mqtt
+        print(f"{args.config or '(defaults)'}: OK — fleet server {cfg.server.name}, fleet {cfg.server.fleet}, "
+              f"model {m.name}@{m.version}, {st.devices} device key(s), store at version {st.latest_version}, "
+              f"broker {mq.host}:{mq.port} {'TLS' if mq.tls else 'plaintext'}")
+        return 0
+    from edge.fleet.server import FleetServer
+
+    return FleetServer(cfg).run()

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import MetricsConfig, MqttConfig, _fix, _opt, _section, _Section, check_section_name, tomllib
+from edge.config import (MetricsConfig, MqttConfig, _fix, _opt, _section, _Section, check_section_name, load_toml,
+                         resolve_mqtt)
 from edge.errors import ConfigError
 
 
@@ -73,20 +74,12 @@ def parse_server_config(data: dict[str, Any]) -> ServerConfig:
         v = getattr(cfg.server, key)
         if any(c in v for c in "/+#") or (not v and key != "group"):
             raise _fix("server", key, v, "must be one non-empty MQTT topic level (no '/', '+', '#')")
-    return cfg
+    # the daemon's [mqtt] rules and password_file, by the same function
+    return dataclasses.replace(cfg, mqtt=resolve_mqtt(cfg.mqtt))
 
 
 def load_server_config(path: str | Path | None) -> ServerConfig:
+    """Read and validate the server's TOML file (the daemon's reader); ``None`` gives the defaults."""
     if path is None:
         return ServerConfig()
-    p = Path(path).expanduser()
-    try:
-        data = tomllib.loads(p.read_text())
-    except OSError as e:
-        raise ConfigError(f"cannot read config {p}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{p}: invalid TOML: {e}") from None
-    try:
-        return parse_server_config(data)
-    except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+    return load_toml(path, parse_server_config)
