@@ -322,3 +322,36 @@ def test_edge_run_exits_3_when_the_model_code_does_not_import(tmp_path):
                        timeout=240, cwd=tmp_path)
     assert r.returncode == 3, r.stderr[-2000:]
     assert "importing model.py failed" in r.stderr.splitlines()[-1]
+
+
+# --- --check makes every key load of start-up, with the run's exit codes -------------------
+
+def _both(tmp_path: Path, cfg: Path) -> tuple[subprocess.CompletedProcess, subprocess.CompletedProcess]:
+    """(`edge run --check`, `edge run`) on the same config, as real processes."""
+    def edge(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg), *extra],
+                              capture_output=True, text=True, timeout=100, cwd=tmp_path,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return edge("--check"), edge()
+
+
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_check_refuses_a_missing_or_empty_labels_keys_dir_as_run_does(tmp_path, make):
+    keys = tmp_path / "labellers"
+    if make == "empty":
+        keys.mkdir()
+    check, run = _both(tmp_path, _config(tmp_path, f'[labels]\nkeys_dir = "{keys}"\n'))
+    assert check.returncode == run.returncode == 2, (check.stderr[-1000:], run.stderr[-1000:])
+    assert "[labels] keys_dir" in check.stderr.splitlines()[-1]
+    assert check.stderr.splitlines()[-1] == run.stderr.splitlines()[-1]
+
+
+def test_check_refuses_a_missing_fleet_key_file_with_exit_9_as_run_does(tmp_path):
+    from edge.fleet.keys import create_key
+
+    server = create_key(tmp_path / "keys", "srv", role="server")
+    body = (f'[fleet]\nenabled = true\nkey_file = "{tmp_path / "keys" / "gone.device.key"}"\n'
+            f'server_key = "{server.public_path}"\n')
+    check, run = _both(tmp_path, _config(tmp_path, body))
+    assert check.returncode == run.returncode == 9, (check.stderr[-1000:], run.stderr[-1000:])
+    assert "gone.device.key" in check.stderr.splitlines()[-1]
