@@ -26,9 +26,9 @@ KEY = b"0123456789abcdef0123456789abcdef"
 @given(payload=st.binary(max_size=300) | st.builds(lambda d: orjson.dumps(d), st.dictionaries(
     st.sampled_from(["by", "msg", "sig", "t"]), st.one_of(st.text(max_size=80), st.integers(-2**63, 2**63 - 1), st.none()))))
 def test_the_gate_refuses_anything_unsigned_with_a_decode_error(payload):
-    gate = LabelGate(keys={"op1": KEY})
+    gate = LabelGate(keys={"op1": KEY}, node="n")
     try:
-        gate.open(payload, topic="edge/n/labels", now=100.0)
+        gate.open(payload, target=None, now=100.0)
     except DecodeError as e:
         assert e.kind in {"unsigned_label", "unknown_labeller", "bad_signature"}
     else:
@@ -38,38 +38,37 @@ def test_the_gate_refuses_anything_unsigned_with_a_decode_error(payload):
 @settings(max_examples=200, deadline=None)
 @given(label=st.sampled_from(["normal", "imbalance"]), flip=st.integers(0, 200))
 def test_a_signed_label_verifies_and_any_change_to_it_does_not(label, flip):
-    env = orjson.loads(sign_label(KEY, "op1", {"t": 100.0, "label": label}))
-    gate = LabelGate(keys={"op1": KEY})
-    inner, by = LabelGate(keys={"op1": KEY}).open(orjson.dumps(env), topic="t", now=100.0)
+    env = orjson.loads(sign_label(KEY, "op1", {"t": 100.0, "label": label}, node="n"))
+    gate = LabelGate(keys={"op1": KEY}, node="n")
+    inner, by = LabelGate(keys={"op1": KEY}, node="n").open(orjson.dumps(env), target=None, now=100.0)
     assert by == "op1" and orjson.loads(inner)["label"] == label
     msg = env["msg"]
     i = flip % len(msg)
     env["msg"] = msg[:i] + ("x" if msg[i] != "x" else "y") + msg[i + 1:]
     with pytest.raises(DecodeError) as e:
-        gate.open(orjson.dumps(env), topic="t", now=100.0)
+        gate.open(orjson.dumps(env), target=None, now=100.0)
     assert e.value.kind == "bad_signature"
 
 
 def test_replays_and_stale_labels_are_refused():
-    gate = LabelGate(keys={"op1": KEY}, max_age_s=60)
-    env = sign_label(KEY, "op1", {"t": 100.0, "label": "a"})
-    gate.open(env, topic="t", now=100.0)
+    gate = LabelGate(keys={"op1": KEY}, node="n", max_age_s=60)
+    env = sign_label(KEY, "op1", {"t": 100.0, "label": "a"}, node="n")
+    gate.open(env, target=None, now=100.0)
     with pytest.raises(DecodeError, match="replayed"):
-        gate.open(env, topic="t", now=101.0)
+        gate.open(env, target=None, now=101.0)
     with pytest.raises(DecodeError) as e:
-        gate.open(sign_label(KEY, "op1", {"t": 10.0, "label": "a"}), topic="t", now=100.0)
+        gate.open(sign_label(KEY, "op1", {"t": 10.0, "label": "a"}, node="n"), target=None, now=100.0)
     assert e.value.kind == "label_replay"
 
 
 def test_the_rate_limit_refuses_beyond_the_burst_and_refills():
     gate = LabelGate(max_per_s=2.0, burst=3)
     for _ in range(3):
-        gate.open(b"{}", topic="edge/n/labels", now=0.0)
+        gate.open(b"{}", target=None, now=0.0)
     with pytest.raises(DecodeError) as e:
-        gate.open(b"{}", topic="edge/n/labels", now=0.0)
+        gate.open(b"{}", target=None, now=0.0)
     assert e.value.kind == "label_rate"
-    gate.open(b"{}", topic="edge/n/labels", now=1.0)  # two tokens came back
-    gate.open(b"{}", topic="other", now=0.0)  # limits are per labeller (here: per topic)
+    gate.open(b"{}", target=None, now=1.0)  # two tokens came back
 
 
 def test_keys_are_created_private_and_loaded(tmp_path):
@@ -96,10 +95,10 @@ def test_signed_labels_are_accepted_and_forged_or_unsigned_ones_refused(broker, 
     c = Client(broker)
     try:
         now = time.time()
-        c.publish("edge/sig/labels", sign_label(key, "op1", {"t": now, "label": "normal"}))
-        c.publish("edge/sig/labels", sign_label(b"x" * 32, "op1", {"t": now, "label": "imbalance"}))  # forged
+        c.publish("edge/sig/labels", sign_label(key, "op1", {"t": now, "label": "normal"}, node="sig"))
+        c.publish("edge/sig/labels", sign_label(b"x" * 32, "op1", {"t": now, "label": "imbalance"}, node="sig"))  # forged
         c.publish("edge/sig/labels", {"t": now, "label": "bearing_wear"})  # unsigned
-        c.publish("edge/sig/labels", sign_label(key, "mallory", {"t": now, "label": "normal"}))  # unknown labeller
+        c.publish("edge/sig/labels", sign_label(key, "mallory", {"t": now, "label": "normal"}, node="sig"))  # unknown labeller
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and sum(d.pipeline.bad.values()) < 3:
             time.sleep(0.05)

@@ -96,7 +96,7 @@ def run_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("demo-rep
         pub.start()
         parts.append(pub)
         operator = Operator(pub.client, topic=f"{cfg.topic_base}/labels", devices=list(all_devs.values()), every_s=0.25,
-                            key=operator_key, name="operator")
+                            key=operator_key, name="operator", node=cfg.node.name)
         operator.start()
         parts.append(operator)
         drift_dev = sims[min(1, len(sims) - 1)]

@@ -95,9 +95,10 @@ class Operator:
     """Publishes ground-truth labels for some devices, as an inspector or an inline test would."""
 
     def __init__(self, client: mqtt.Client, *, topic: str, devices: list[SimDevice], every_s: float = 0.5,
-                 stream: str = "accel", key: bytes | None = None, name: str = "operator"):
+                 stream: str = "accel", key: bytes | None = None, name: str = "operator", node: str = ""):
         self.client, self.topic, self.devices, self.every_s, self.stream = client, topic, devices, every_s, stream
-        self.key, self.name = key, name  # labels are signed when a key is given ([labels] keys_dir)
+        # labels are signed for node ``node`` when a key is given ([labels] keys_dir)
+        self.key, self.name, self.node = key, name, node
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="sim-operator", daemon=True)
         self.sent = 0
@@ -114,7 +115,7 @@ class Operator:
             for d in self.devices:
                 t = time.time() - 0.5  # a label for a moment the device has already sent
                 msg = {"t": t, "label": d.true_fault(t), "device": d.name, "stream": self.stream}
-                payload = sign_label(self.key, self.name, msg) if self.key else orjson.dumps(msg)
+                payload = sign_label(self.key, self.name, msg, node=self.node) if self.key else orjson.dumps(msg)
                 self.client.publish(self.topic, payload, qos=1)
                 self.sent += 1
 

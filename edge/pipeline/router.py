@@ -86,13 +86,13 @@ class Router:
                               max_skew=self.max_skew, max_bytes=self.max_payload)
 
     def decode_label(self, route: Route, payload: bytes, received: float, topic: str = "") -> LabelIn:
-        """A label message (opened and rate-limited by the label gate, if any); its
-        device/stream fields narrow a topic without them."""
+        """A label message (opened, bound to ``route``'s stream and rate-limited by the label
+        gate, if any); its device/stream fields narrow a topic without them."""
         if len(payload) > self.max_payload:
             raise DecodeError("oversized", f"label of {len(payload)} bytes exceeds max_payload_bytes")
         by = ""
-        if self.label_gate is not None:
-            payload, by = self.label_gate.open(payload, topic=topic, now=received)
+        if self.label_gate is not None:  # a signed label must name the stream this topic names
+            payload, by = self.label_gate.open(payload, target=route.key, now=received)
         t, value, dev, stm = decode_label(payload, now=received, max_skew=self.max_skew)
         key = route.key
         if key is None and dev:
