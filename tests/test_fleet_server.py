@@ -67,12 +67,14 @@ def test_bad_deltas_are_rejected_with_their_reason_per_device(setup, broker, cap
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             devs = {d.node: d for d in store.devices()}
-            if "n1" in devs and devs["n1"].rejected >= 3 and "(unknown)" in devs:
+            if "n1" in devs and devs["n1"].rejected >= 1 and "(unknown)" in devs and devs["(unknown)"].rejected >= 2:
                 break
             time.sleep(0.1)
         assert devs["n1"].accepted == 1
-        assert devs["n1"].reasons == {"replayed_seq": 1, "bad_signature": 1, "norm_too_large": 1}
-        assert devs["(unknown)"].reasons == {"garbage": 1}
+        # the resend is the stored delta again (accepted, not a fault); a delta n1's key did not
+        # sign is blamed on nobody, like the garbage
+        assert devs["n1"].reasons == {"norm_too_large": 1}
+        assert devs["(unknown)"].reasons == {"garbage": 1, "bad_signature": 1}
     finally:
         store.close()
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_server.port}/metrics", timeout=5).read().decode()

@@ -16,12 +16,45 @@ from typing import Callable, Mapping
 
 from edge.fleet.aggregate import Aggregate, Bounds, Contribution, Reference, aggregate, apply_delta, should_apply
 from edge.fleet.codec import Header, encode_tensor, pack_message, unpack_message
-from edge.fleet.store import DeltaRecord, Store, VersionRecord
+from edge.fleet.receipts import Receipt
+from edge.fleet.store import REPLAYED, RESENT, STORED, DeltaRecord, Store, VersionRecord
 from edge.fleet.validate import Expected, Verdict, check_delta
 from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.fleet")
 UNKNOWN_NODE = "(unknown)"  # rejections from nodes without a trusted key share one row: bounded
+# verdicts given before (or instead of) a signature check with the named node's key: no
+# receipt, because nobody proved to be that node (blame by signature, not by topic or header)
+UNVERIFIED = frozenset({"truncated", "garbage", "bad_header", "wrong_kind", "node_mismatch", "unknown_key",
+                        "bad_signature", "revoked"})
+MAX_CLAIMED_BASE = 1 << 53  # a base version above this is garbage, never a reason to renumber
+
+
+def receipted_node(v: Verdict) -> str | None:
+    """The node a verdict is answered to: the signer of a delta whose signature verified
+    with that node's key, else None (no receipt).
+
+    >>> receipted_node(Verdict(ok=False, reason="bad_signature")) is None
+    True
+    """
+    if v.message is None or v.reason in UNVERIFIED:
+        return None
+    signer = getattr(v, "signer", None)
+    return signer if signer else v.message.header.node
+
+
+def receipt_for(v: Verdict, *, fleet: str, model: str, stored_seq: int, latest_version: int, epoch: str,
+                issued: float) -> Receipt | None:
+    """The receipt that answers a verdict (None for one that gets none: ``receipted_node``).
+    An ok verdict (stored now, or an identical resend of a stored delta) is ``accepted``;
+    any other is ``refused`` with its reason."""
+    node = receipted_node(v)
+    if node is None:
+        return None
+    h = v.message.header
+    return Receipt(fleet=fleet, model=model, node=node, seq=h.seq, status="accepted" if v.ok else "refused",
+                   reason="" if v.ok else v.reason, stored_seq=stored_seq, latest_version=latest_version, epoch=epoch,
+                   digest=v.message.digest, issued=issued)
 
 
 class Aggregator:
@@ -74,8 +107,11 @@ class Aggregator:
                 self._rl.warn("keys", "cannot reload device keys: %s", str(e)[:200])
 
     def ingest(self, items: list[tuple[str, bytes]]) -> list[Verdict]:
-        """Validate and store a batch; returns a verdict per item (a stored resend becomes
-        ``replayed_seq``)."""
+        """Validate and store a batch; returns a verdict per item (an identical resend of a
+        stored delta stays ok; other content under a stored seq becomes ``replayed_seq``).
+        A trusted device's delta on a version this store never made starts a new epoch
+        (``start_epoch``). A store error propagates with nothing half-done that a retry of
+        the same batch would not redo: storing is one transaction, and a resend is told apart."""
         latest = self.store.latest()
         if latest is not None:
             self.current = latest.version
@@ -102,15 +138,54 @@ class Aggregator:
                 self._rl.warn(v.reason, "delta rejected (%s) from %s: %s", v.reason, who, v.detail)
         if accepted:
             stored = self.store.add_deltas([r for _, r in accepted])
-            for (i, _), ok in zip(accepted, stored):
-                if ok:
+            for (i, _), what in zip(accepted, stored):
+                if what == STORED:
                     self.counters["accepted"] += 1
-                else:
+                elif what == RESENT:  # its earlier copy is stored: the device only missed the answer
+                    self.counters["resent"] += 1
+                elif what == REPLAYED:
                     verdicts[i] = Verdict(ok=False, reason="replayed_seq", message=verdicts[i].message,
-                                          detail="this (node, seq) is already stored")
+                                          detail="this (node, seq) is stored with other content")
                     self.rejected["replayed_seq"] += 1
+        self._maybe_start_epoch(verdicts)
         self.store.count_rejections(rejections)
         return verdicts
+
+    def _maybe_start_epoch(self, verdicts: list[Verdict]) -> None:
+        # a trusted device holds a version this store never made: the store was restored from
+        # an older backup. Renumber past its claim so devices take the next head as newer.
+        claims = [v.message.header.base_version for v in verdicts
+                  if v.reason == "future_base" and receipted_node(v) is not None]
+        sane = [c for c in claims if c <= MAX_CLAIMED_BASE]
+        if len(sane) < len(claims):
+            self._rl.warn("future_base_garbage", "a delta claims base version above 2**53: refused, no new epoch")
+        if not sane:
+            return
+        claim = max(sane)
+        rec = self.store.start_epoch(claim, self._resign, f"new epoch: a device holds version {claim}, "
+                                                           f"this store's latest was below it (restored from a backup?)")
+        if rec is not None:
+            self.current = rec.version
+            self.counters["epochs"] += 1
+            log.warning("new epoch %s: version %d re-signs version %d (a device claimed base %d)",
+                        self.store.epoch(), rec.version, rec.parent, claim)
+
+    def _resign(self, latest: VersionRecord, version: int) -> bytes:
+        return self.pack_global(unpack_message(latest.message).tensors, version=version, parent=latest.version, n=0)
+
+    def receipts(self, verdicts: list[Verdict]) -> list[Receipt]:
+        """One receipt per verdict of a signature-verified delta, in order: where the store
+        stands after the batch (each node's stored seq, the latest version, the epoch)."""
+        nodes = sorted({n for n in map(receipted_node, verdicts) if n is not None})
+        if not nodes:
+            return []
+        seqs = self.store.stored_seqs(nodes)
+        latest = self.store.latest()
+        latest_v, epoch, now = latest.version if latest else 0, self.store.epoch(), self.clock()
+        e = self.expected
+        out = (receipt_for(v, fleet=e.fleet, model=e.model, stored_seq=seqs.get(receipted_node(v) or "", 0),
+                           latest_version=latest_v, epoch=epoch, issued=now) for v in verdicts)
+        return [r for r in out if r is not None]
 
     def _remember(self, digest: str, tensors: dict) -> None:
         if digest in self._decoded:

@@ -42,8 +42,13 @@ class ServerSection(_Section):
     max_norm: float = _opt(100.0, lo=1e-9, hi=1e12, doc="deltas with a larger L2 norm are rejected (norm_too_large)")
     staleness_exponent: float = _opt(0.5, lo=0.0, hi=10.0, doc="weight (1 + versions behind) ** -exponent")
     server_lr: float = _opt(1.0, lo=1e-6, hi=100.0, doc="step applied to the aggregated delta")
-    queue: int = _opt(100_000, lo=16, hi=10_000_000, doc="received deltas waiting for validation (drop oldest)")
+    queue: int = _opt(100_000, lo=16, hi=10_000_000,
+                      doc="received deltas waiting for validation; also the MQTT 5 Receive Maximum (at most 65,535): "
+                          "a full queue leaves deliveries unacknowledged at the broker, none is dropped")
     commit_pause_s: float = _opt(0.0, lo=0.0, hi=60.0, doc="fault testing only: pause inside the version transaction")
+    republish_s: float = _opt(30.0, lo=0.1, hi=86400.0,
+                              doc="publish the latest signed head again (retained) this often, so that what sits "
+                                  "retained never decides for long what a device starts from")
     max_samples: int = _opt(10_000, lo=1, hi=1 << 62, doc="aggregation weight cap: a device's claimed samples count at most this")
     samples_ratio: float = _opt(2.0, lo=1.0, hi=1000.0,
                                 doc="and at most this many times the typical device's (the fleet's reference sample count)")

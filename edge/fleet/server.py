@@ -1,13 +1,26 @@
 """`edge fleet-server`: the MQTT shell around ``Aggregator``.
 
 Threads: paho's network loop receives deltas on ``<prefix>/<fleet>/<model>/delta/+``
-(``$share/<group>/...`` when a group is set, so several instances split the stream)
-and only appends them to a bounded queue; ``fleet-aggregator`` validates and stores them
-in batches, commits a version when the buffer is due, and publishes the latest version,
-signed and retained (QoS 1), whenever it is newer than what this instance last
-published (so a version another instance committed, or a rollback, goes out too).
-QoS 1 deliveries are acknowledged only after the batch is in the store (paho's manual
-acks): a delta the broker has handed over is either stored or will be delivered again.
+and head requests on ``.../request/+`` (``$share/<group>/...`` when a group is set, so
+several instances split the stream) and only appends deltas to a bounded queue;
+``fleet-aggregator`` validates and stores them in batches, answers each signature-verified
+delta with a signed receipt on ``.../receipt/<node>``, commits a version when the buffer
+is due, and publishes the latest version, signed and retained (QoS 1): whenever it is
+newer than what this instance last published (a version another instance committed, a
+rollback, a new epoch), when a device asks (at most once a second), and every
+``[server] republish_s``.
+
+Delivery: QoS 1 deliveries are acknowledged only after their batch is in the store
+(paho's manual acks), so a delta the broker handed over is either stored or delivered
+again. The queue holds ``[server] queue`` deliveries, which is also the MQTT 5 Receive
+Maximum the server announces: the broker sends no more unacknowledged deliveries than
+the queue holds (backpressure; ``backpressure`` counts the times it filled). One that
+arrives to a full queue anyway (MQTT 3.1.1, a broker that ignores the limit) is left
+unacknowledged (``held_unacked``), and once the queue drained the server reconnects its
+persistent session so the broker sends it again; nothing is dropped or acknowledged
+unstored. A store error (SQLite locked, a PostgreSQL blip) keeps the batch, is counted
+(``store_errors``), retried with backoff (0.1 s doubling to 5 s), and ``/healthz``
+answers 503 with the reason until a store succeeds again.
 """
 from __future__ import annotations
 
@@ -16,19 +29,31 @@ import logging
 import threading
 import time
 
+from dataclasses import dataclass
+
 import paho.mqtt.client as mqtt
-from paho.mqtt.properties import Properties
-from paho.mqtt.packettypes import PacketTypes
 
 from edge.fleet.aggregator import Aggregator
 from edge.fleet.config import ServerConfig
-from edge.fleet.heads import delta_topic, global_topic, initial_arrays
+from edge.fleet.receipts import pack_receipt
+from edge.fleet.heads import delta_topic, global_topic, initial_arrays, receipt_topic, request_topic
 from edge.fleet.keys import load_private, load_trusted
 from edge.fleet.store import open_store
 from edge.fleet.validate import Expected
-from edge.observe import MetricsServer, Registry
+from edge.mqttconn import make_client
+from edge.observe import MetricsServer, RateLimitedLog, Registry
 
 log = logging.getLogger("edge.fleet")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One received delta, kept until its batch is stored and it is acknowledged."""
+
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
 
 
 def expected_for(cfg: ServerConfig, model) -> Expected:
@@ -64,35 +89,39 @@ class FleetServer:
         s = cfg.server
         self.agg = aggregator or build_aggregator(cfg)
         model = self.agg.expected.model
-        self.delta_filter = delta_topic(s.topic_prefix, s.fleet, model, "+")
-        if s.group:
-            self.delta_filter = f"$share/{s.group}/{self.delta_filter}"
+        share = f"$share/{s.group}/" if s.group else ""
+        self.delta_filter = share + delta_topic(s.topic_prefix, s.fleet, model, "+")
+        self.request_filter = share + request_topic(s.topic_prefix, s.fleet, model, "+")
+        self._request_prefix = request_topic(s.topic_prefix, s.fleet, model, "")
         self.global_topic = global_topic(s.topic_prefix, s.fleet, model)
-        self.queue: collections.deque = collections.deque(maxlen=s.queue)
+        self.queue: collections.deque[Delivery] = collections.deque()
+        self.capacity = s.queue
+        self._batch: list[Delivery] = []  # taken from the queue, not yet stored: retried as is
         self.counters = collections.Counter()
         self.published = -1
+        self.store_error = ""  # why the last store attempt failed; "" while storing works
+        self._failures = 0
+        self._redeliver = False  # deliveries were left unacknowledged: reconnect once drained
+        self._head_requested = False
+        self._last_publish = float("-inf")  # monotonic time of the last publish of the head
+        self._last_request_publish = float("-inf")
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._rl = RateLimitedLog(log)
         self.thread = threading.Thread(target=self._run, name="fleet-aggregator", daemon=True)
-        m = cfg.mqtt
-        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=m.client_id or s.name, protocol=mqtt.MQTTv5)
-        if m.username:
-            c.username_pw_set(m.username, m.password or None)
-        if m.tls:
-            c.tls_set(ca_certs=m.ca_file or None, certfile=m.cert_file or None, keyfile=m.key_file or None)
-        c.reconnect_delay_set(m.reconnect_min_s, m.reconnect_max_s)
-        c.manual_ack_set(True)
+        # the daemon's connection factory: the resolved password_file, TLS policy, session and
+        # manual acks; Receive Maximum = the queue, so the broker never sends more than it holds
+        self.conn = make_client(cfg.mqtt, client_id=cfg.mqtt.client_id or s.name, manual_ack=True,
+                                receive_maximum=min(s.queue, 0xFFFF))
+        c = self.conn.client
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
         self.client = c
         self.metrics_server: MetricsServer | None = None
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
-        m = self.cfg.mqtt
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = 3600  # deltas sent while this instance restarts wait for it at the broker
-        self.client.connect_async(m.host, m.port, keepalive=m.keepalive_s, clean_start=False, properties=props)
+        self.conn.connect_async(self.cfg.mqtt)
         self.client.loop_start()
         self.thread.start()
         if self.cfg.metrics.port:
@@ -129,30 +158,43 @@ class FleetServer:
         if reason_code.is_failure:
             log.warning("broker refused the fleet server: %s", reason_code)
             return
-        client.subscribe(self.delta_filter, qos=1)
+        client.subscribe([(self.delta_filter, 1), (self.request_filter, 1)])
         self.counters["connects"] += 1
         self.connected.set()
         self.published = -1  # (re)publish the latest version after every connect
         self._wake.set()
-        log.info("fleet server %s subscribed to %s", self.cfg.server.name, self.delta_filter)
+        log.info("fleet server %s subscribed to %s and %s", self.cfg.server.name, self.delta_filter, self.request_filter)
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
 
     def _on_message(self, client, userdata, msg) -> None:
-        # The broker sends at most its in-flight window (mosquitto: max_inflight_messages)
-        # of unacknowledged QoS 1 deliveries, so the queue stays short; what overflows it
-        # (a QoS 0 flood) is dropped, counted, and acknowledged so the stream never stalls.
-        q = self.queue
+        if msg.topic.startswith(self._request_prefix):
+            # any message asks for the head; answered on the aggregator thread, rate-limited
+            self.counters["head_requests"] += 1
+            self._head_requested = True
+            self._ack(msg.mid, msg.qos)
+            self._wake.set()
+            return
         if len(msg.payload) > self.cfg.mqtt.max_payload_bytes:
-            self.counters["too_large"] += 1
+            self.counters["too_large"] += 1  # cannot ever be handled: taken, so it never comes back
+            self._rl.warn("too_large", "a %d-byte delta is over [mqtt] max_payload_bytes: dropped", len(msg.payload))
             self._ack(msg.mid, msg.qos)
             return
-        if len(q) == q.maxlen:
-            _, _, mid, qos = q.popleft()
-            self.counters["dropped"] += 1
-            self._ack(mid, qos)
-        q.append((msg.topic, msg.payload, msg.mid, msg.qos))
+        if len(self.queue) + len(self._batch) >= self.capacity:
+            # backpressure: a QoS 1 delivery is left unacknowledged, so the broker keeps it for
+            # this session and sends it again at the next connect (after the queue drained);
+            # a QoS 0 one carries no promise and is dropped, counted
+            if msg.qos:
+                self.counters["held_unacked"] += 1
+                self._redeliver = True
+            else:
+                self.counters["dropped_qos0"] += 1
+            self._rl.warn("queue_full", "fleet server queue full (%d): deliveries wait at the broker", self.capacity)
+            return
+        self.queue.append(Delivery(topic=msg.topic, payload=msg.payload, mid=msg.mid, qos=msg.qos))
+        if len(self.queue) + len(self._batch) >= self.capacity:
+            self.counters["backpressure"] += 1  # full now: the broker holds what comes next
         self._wake.set()
 
     def _ack(self, mid: int, qos: int) -> None:
@@ -172,39 +214,97 @@ class FleetServer:
                     last_check = now
                     self.agg.maybe_commit()
                     self._publish_latest()
-            except Exception as e:  # a store hiccup must not end the server; health shows it
-                self.counters["errors"] += 1
-                log.exception("fleet aggregator: %s", str(e)[:200])
-                self._stop.wait(1.0)
+                self._cleared()
+            except Exception as e:  # a store hiccup must not end the server: retried with backoff, on /healthz
+                self._failed(e)
 
     def _drain(self) -> None:
         q = self.queue
-        while q:
-            batch = []
-            while q and len(batch) < 512:
-                batch.append(q.popleft())
-            self.agg.ingest([(t, p) for t, p, _, _ in batch])
+        while q or self._batch:
+            if not self._batch:
+                self._batch = [q.popleft() for _ in range(min(512, len(q)))]
+            batch = self._batch
+            verdicts = self.agg.ingest([(d.topic, d.payload) for d in batch])
+            receipts = self.agg.receipts(verdicts)
+            self._batch = []
             self.counters["received"] += len(batch)
-            for _, _, mid, qos in batch:
-                self._ack(mid, qos)  # only now: the batch is in the store
+            self._send_receipts(receipts)
+            for d in batch:
+                self._ack(d.mid, d.qos)  # only now: the batch is in the store
             if self.agg.maybe_commit() is not None:
                 self._publish_latest()
+            self._publish_latest()  # a new epoch goes out at once
+        if self._redeliver and self.connected.is_set():
+            self._reconnect()
+
+    def _reconnect(self) -> None:
+        # the broker sends an unacknowledged delivery again only at a new connection of the
+        # session: drained, reconnect so that what waited there comes back
+        self._redeliver = False
+        self.counters["redeliver_reconnects"] += 1
+        log.info("fleet server queue drained after backpressure: reconnecting for the held deliveries")
+        self.client.disconnect()
+        self.client.loop_stop()
+        self.conn.connect_async(self.cfg.mqtt)
+        self.client.loop_start()
+
+    def _send_receipts(self, receipts) -> None:
+        s = self.cfg.server
+        for r in receipts:
+            topic = receipt_topic(s.topic_prefix, s.fleet, self.agg.expected.model, r.node)
+            info = self.client.publish(topic, pack_receipt(r, self.agg.key), qos=1)
+            # "no connection": paho keeps a QoS 1 message and sends it after the reconnect
+            if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+                self.counters["receipts"] += 1
+            else:
+                self.counters["receipt_errors"] += 1
+
+    def _failed(self, e: Exception) -> None:
+        self._failures += 1
+        self.counters["store_errors"] += 1
+        self.store_error = f"{type(e).__name__}: {str(e)[:200]}"
+        self._rl.warn("store", "fleet store failed (attempt %d; retrying): %s", self._failures, self.store_error)
+        self._stop.wait(min(0.1 * 2 ** min(self._failures - 1, 6), 5.0))  # 0.1 s doubling, at most 5 s
+        self._wake.set()
+
+    def _cleared(self) -> None:
+        if self.store_error:
+            log.info("fleet store works again after %d failed attempts", self._failures)
+        self.store_error, self._failures = "", 0
 
     def _publish_latest(self) -> None:
+        """The latest head, retained: when it is newer than what this instance published, when
+        a device asked (at most once a second), and every ``[server] republish_s``."""
         if not self.connected.is_set():
             return
+        now = time.monotonic()
+        requested = self._head_requested and now - self._last_request_publish >= 1.0
+        periodic = now - self._last_publish >= self.cfg.server.republish_s
         latest = self.agg.store.latest()
-        if latest is not None and latest.version > self.published:
-            info = self.client.publish(self.global_topic, latest.message, qos=1, retain=True)
-            if info.rc == mqtt.MQTT_ERR_SUCCESS:
-                self.published = latest.version
-                self.counters["published"] += 1
+        if latest is None or not (latest.version > self.published or requested or periodic):
+            return
+        if requested:
+            self._head_requested = False
+            self._last_request_publish = now
+            self.counters["republished_on_request"] += 1
+        elif periodic and latest.version <= self.published:
+            self.counters["republished_periodic"] += 1
+        info = self.client.publish(self.global_topic, latest.message, qos=1, retain=True)
+        if info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self.published = latest.version
+            self._last_publish = now
+            self.counters["published"] += 1
 
     # ---- introspection ----------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
-        ok = self.thread.is_alive() and self.connected.is_set()
-        return ok, {"ready": ok, "broker_connected": self.connected.is_set(), "version": self.agg.current,
-                    "queue": len(self.queue)}
+        alive, connected, store_ok = self.thread.is_alive(), self.connected.is_set(), not self.store_error
+        ok = alive and connected and store_ok
+        info = {"ready": ok, "broker_connected": connected, "version": self.agg.current,
+                "queue": len(self.queue) + len(self._batch), "store_ok": store_ok}
+        if not ok:
+            info["reason"] = ("aggregator thread died" if not alive else "not connected to the broker" if not connected
+                              else f"storing fails ({self._failures} attempts): {self.store_error}")
+        return ok, info
 
     def registry(self) -> Registry:
         reg = Registry()
@@ -215,7 +315,10 @@ class FleetServer:
         reg.add("edge_fleet_deltas_applied_total", "counter", "deltas applied into a version", lambda: a.counters["applied"])
         reg.add("edge_fleet_versions_total", "counter", "versions committed by this instance", lambda: a.counters["versions"])
         reg.add("edge_fleet_version", "gauge", "latest global version known to this instance", lambda: a.current)
-        reg.add("edge_fleet_queue_depth", "gauge", "received deltas waiting for validation", lambda: len(self.queue))
+        reg.add("edge_fleet_queue_depth", "gauge", "received deltas waiting for validation",
+                lambda: len(self.queue) + len(self._batch))
+        reg.add("edge_fleet_store_ok", "gauge", "1 while storing works, 0 while it fails (retried)",
+                lambda: float(not self.store_error))
         reg.add("edge_fleet_server", "counter", "server counters, by name",
                 lambda: [({"name": k}, v) for k, v in self.counters.items()])
         reg.add("edge_fleet_mqtt_connected", "gauge", "1 while connected to the broker", lambda: float(self.connected.is_set()))

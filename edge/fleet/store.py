@@ -194,10 +194,11 @@ class StoreReads:
 class SQLiteStore(StoreReads):
     """One SQLite file in WAL mode; ``BEGIN IMMEDIATE`` serialises version commits across processes."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, timeout: float = 30.0):
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None, check_same_thread=False)
+        # timeout: how long a write waits for another process's lock before it raises
+        self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -1,0 +1,171 @@
+"""The fleet server answers every verified delta with a signed receipt, starts a new epoch
+when a device holds a version its store never made, and republishes its head on request
+and periodically. Real mosquitto, real SQLite, a real ``FleetServer``."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from edge.fleet.codec import unpack_message
+from edge.fleet.config import load_server_config
+from edge.fleet.keys import load_public
+from edge.fleet.receipts import unpack_receipt
+from edge.fleet.server import FleetServer
+from edge.fleet.store import open_store
+from tests.fleet_helpers import make_keys, server_toml, signed_delta
+from tests.helpers import Client
+
+PREFIX = "fleet/test/vibration"
+
+
+def _start(tmp_path, broker, keys, *, republish_s: float = 3600.0, store: str | None = None) -> FleetServer:
+    p = server_toml(tmp_path, keys, broker, store=store or str(tmp_path / "fleet.db"), k=1000, t_s=3600.0)
+    p.write_text(p.read_text().replace("[mqtt]", f"republish_s = {republish_s}\n\n[mqtt]"))
+    server = FleetServer(load_server_config(p))
+    server.start()
+    assert server.connected.wait(10)
+    return server
+
+
+@pytest.fixture
+def keys(tmp_path):
+    return make_keys(tmp_path, ["n1", "n2"])
+
+
+@pytest.fixture
+def watcher(broker):
+    c = Client(broker, f"{PREFIX}/receipt/#", f"{PREFIX}/global")
+    yield c
+    c.c.publish(f"{PREFIX}/global", b"", qos=1, retain=True).wait_for_publish(5)  # clear for the next test
+    c.close()
+
+
+def _until(pred, timeout: float = 10.0):
+    """Poll ``pred`` (server state, not messages) until true; bounded."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def _receipts(keys, msgs, node="n1"):
+    pub = load_public(keys["server"].public_path)
+    return [unpack_receipt(p, [pub]) for t, p, _ in msgs if t == f"{PREFIX}/receipt/{node}"]
+
+
+def _globals(msgs):
+    return [unpack_message(p) for t, p, _ in msgs if t.endswith("/global") and p]
+
+
+def test_every_verified_delta_gets_a_signed_receipt_saying_what_became_of_it(tmp_path, broker, keys, watcher):
+    server = _start(tmp_path, broker, keys)
+    try:
+        k1 = keys["n1"].private_path
+        good = signed_delta(k1, node="n1", seq=5)
+        sends = [good,                                                   # stored: accepted
+                 good,                                                   # identical resend: accepted
+                 signed_delta(k1, node="n1", seq=5, seed=3),             # other content, same seq
+                 signed_delta(k1, node="n1", seq=6, scale=100.0),        # norm over max_norm
+                 signed_delta(keys["n2"].private_path, node="n1", seq=8),  # not n1's key: no receipt
+                 b"garbage" * 20]
+        for payload in sends:
+            watcher.publish(f"{PREFIX}/delta/n1", payload)
+        got = watcher.wait_for(lambda m: len(r := _receipts(keys, m)) >= 4 and r)
+        _until(lambda: server.counters["received"] == len(sends))
+        assert [(r.seq, r.status, r.reason) for r in got] == [
+            (5, "accepted", ""), (5, "accepted", ""), (5, "refused", "replayed_seq"), (6, "refused", "norm_too_large")]
+        assert {r.stored_seq for r in got} == {5}  # the highest seq stored for n1
+        assert got[0].digest == unpack_message(good).digest and got[0].fleet == "test" and got[0].node == "n1"
+        assert {r.epoch for r in got} == {server.agg.store.epoch()} and {r.latest_version for r in got} == {0}
+        # the forged one (n2's key under n1's name) and the garbage were answered to nobody
+        assert server.counters["receipts"] == 4
+        assert not _receipts(keys, watcher.msgs, node="n2")
+    finally:
+        server.stop()
+
+
+def test_a_delta_on_a_version_the_store_never_made_starts_a_new_epoch_past_it(tmp_path, broker, keys, watcher):
+    """A server restored from an older backup: a device on version 40 of the lost history
+    is refused (future_base), and the server re-signs its latest head as version 41 of a new
+    epoch, published at once, so that the device takes it as newer and sync resumes."""
+    server = _start(tmp_path, broker, keys)
+    try:
+        v0 = watcher.wait_for(lambda m: _globals(m))[0]
+        epoch0 = server.agg.store.epoch()
+        watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=3, base_version=40))
+        (r,) = watcher.wait_for(lambda m: _receipts(keys, m))
+        assert (r.status, r.reason, r.latest_version) == ("refused", "future_base", 41)
+        assert r.epoch != epoch0 and r.epoch == server.agg.store.epoch()
+        g = watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 41])[0]
+        assert g.header.base_version == 0 and all((g.tensors[k] == v0.tensors[k]).all() for k in v0.tensors)
+        assert "new epoch" in server.agg.store.latest().note
+        # the device rebases on 41 and sends again: stored as usual
+        watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=4, base_version=41))
+        r2 = watcher.wait_for(lambda m: [x for x in _receipts(keys, m) if x.seq == 4])[0]
+        assert (r2.status, r2.epoch, r2.stored_seq) == ("accepted", r.epoch, 4)
+    finally:
+        server.stop()
+
+
+def test_an_absurd_base_version_is_refused_without_renumbering(tmp_path, broker, keys, watcher):
+    server = _start(tmp_path, broker, keys)
+    try:
+        epoch0 = server.agg.store.epoch()
+        watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=1, base_version=1 << 60))
+        (r,) = watcher.wait_for(lambda m: _receipts(keys, m))
+        assert (r.reason, r.latest_version, r.epoch) == ("future_base", 0, epoch0)
+        assert server.agg.store.latest().version == 0
+    finally:
+        server.stop()
+
+
+def test_a_request_makes_the_server_publish_its_head_again(tmp_path, broker, keys, watcher):
+    server = _start(tmp_path, broker, keys)
+    try:
+        watcher.wait_for(lambda m: _globals(m))
+        # someone clears the retained head (or replaces it); a new device asks
+        watcher.c.publish(f"{PREFIX}/global", b"", qos=1, retain=True).wait_for_publish(5)
+        late = Client(broker, f"{PREFIX}/global")
+        try:
+            late.publish(f"{PREFIX}/request/n2", b"")
+            g = late.wait_for(lambda m: _globals(m))[0]
+            assert g.header.version == 0 and server.counters["republished_on_request"] == 1
+        finally:
+            late.close()
+        # requests in a burst are answered at most once a second in all
+        for _ in range(20):
+            watcher.publish(f"{PREFIX}/request/n1", b"?")
+        _until(lambda: server.counters["head_requests"] >= 21)
+        assert server.counters["republished_on_request"] <= 3
+    finally:
+        server.stop()
+
+
+def test_the_head_is_republished_periodically(tmp_path, broker, keys, watcher):
+    server = _start(tmp_path, broker, keys, republish_s=0.3)
+    try:
+        watcher.wait_for(lambda m: len(_globals(m)) >= 3, timeout=20)
+        assert server.counters["republished_periodic"] >= 2
+        assert {g.header.version for g in _globals(watcher.msgs)} == {0}
+    finally:
+        server.stop()
+
+
+def test_receipts_read_the_store_they_answer_from(tmp_path, broker, keys, watcher):
+    """A device that lost its state learns its stored seq from the first receipt."""
+    server = _start(tmp_path, broker, keys)
+    try:
+        for seq in (1, 2, 3):
+            watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=seq, seed=seq))
+        watcher.wait_for(lambda m: len(_receipts(keys, m)) >= 3)
+        watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=1, seed=99))
+        r = watcher.wait_for(lambda m: len(x := _receipts(keys, m)) >= 4 and x)[3]
+        assert (r.seq, r.reason, r.stored_seq) == (1, "replayed_seq", 3)
+        store = open_store(str(tmp_path / "fleet.db"))
+        try:
+            assert store.stored_seq("n1") == 3
+        finally:
+            store.close()
+    finally:
+        server.stop()
