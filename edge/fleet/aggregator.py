@@ -18,11 +18,12 @@ from edge.fleet.aggregate import Aggregate, Bounds, Contribution, Reference, agg
 from edge.fleet.codec import Header, encode_tensor, pack_message, unpack_message
 from edge.fleet.receipts import Receipt
 from edge.fleet.store import REPLAYED, RESENT, STORED, DeltaRecord, Store, VersionRecord
+from edge.fleet.trust import DeviceRegistry, TrustSnapshot
 from edge.fleet.validate import Expected, Verdict, check_delta
 from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.fleet")
-UNKNOWN_NODE = "(unknown)"  # rejections from nodes without a trusted key share one row: bounded
+UNKNOWN_NODE = "(unknown)"  # rejections no trusted key signed share one row: bounded, and blame nobody
 # verdicts given before (or instead of) a signature check with the named node's key: no
 # receipt, because nobody proved to be that node (blame by signature, not by topic or header)
 UNVERIFIED = frozenset({"truncated", "garbage", "bad_header", "wrong_kind", "node_mismatch", "unknown_key",
@@ -60,15 +61,16 @@ def receipt_for(v: Verdict, *, fleet: str, model: str, stored_seq: int, latest_v
 class Aggregator:
     """Validation, storage and FedBuff aggregation for one fleet and model."""
 
-    def __init__(self, *, store: Store, expected: Expected, key, trusted: Callable[[], Mapping[str, object]],
+    def __init__(self, *, store: Store, expected: Expected, key, registry: DeviceRegistry | None = None,
+                 trusted: Callable[[], Mapping[str, object]] | None = None,
                  name: str = "fleet-server", k: int = 10, t_s: float = 30.0, rule: str = "clip", clip_norm: float = 0.0,
                  trim: float = 0.2, max_norm: float = 100.0, staleness_exponent: float = 0.5, server_lr: float = 1.0,
                  commit_pause_s: float = 0.0, initial: dict | None = None, clock=time.time,
                  max_samples: int = 10_000, samples_ratio: float = 2.0, reference_growth: float = 1.25):
         self.store, self.expected, self.key, self.name = store, expected, key, name
-        self._trusted_fn = trusted
-        self.trusted = dict(trusted())
-        self._trusted_at = clock()
+        # the one owner of which device keys count (edge.fleet.trust); ``trusted`` (fixed keys,
+        # the benchmark's) is the same registry without a folder
+        self.trust = registry if registry is not None else DeviceRegistry.from_keys(dict(trusted()) if trusted else {})
         self.k, self.t_s, self.rule, self.clip_norm, self.trim = k, t_s, rule, clip_norm, trim
         self.max_norm, self.staleness_exponent, self.server_lr = max_norm, staleness_exponent, server_lr
         self.commit_pause_s = commit_pause_s
@@ -94,17 +96,10 @@ class Aggregator:
                    node=self.name, base_version=parent, version=version, samples=n, encoding="fp32")
         return pack_message(h, {k: encode_tensor(v, "fp32") for k, v in arrays.items()}, self.key)
 
-    def _keys(self) -> Mapping[str, object]:
-        return self.trusted
-
-    def _reload_keys(self) -> None:
-        now = self.clock()
-        if now - self._trusted_at >= 5.0:  # a new device's key appears without a restart, at most every 5 s
-            self._trusted_at = now
-            try:
-                self.trusted = dict(self._trusted_fn())
-            except Exception as e:  # an unreadable folder must not stop validation
-                self._rl.warn("keys", "cannot reload device keys: %s", str(e)[:200])
+    def _keys(self) -> TrustSnapshot:
+        """The keys trusted now: the registry re-reads its folder (at most once a second) when
+        anything in it changed, so added, removed, rotated and revoked keys count within ~1 s."""
+        return self.trust.current()
 
     def ingest(self, items: list[tuple[str, bytes]]) -> list[Verdict]:
         """Validate and store a batch; returns a verdict per item (an identical resend of a
@@ -116,14 +111,11 @@ class Aggregator:
         if latest is not None:
             self.current = latest.version
         verdicts, accepted, rejections = [], [], []
+        keys = self._keys()
         for topic, payload in items:
             node = topic.rsplit("/", 1)[-1] if topic else None
-            v = check_delta(payload, expected=self.expected, keys=self.trusted, max_norm=self.max_norm,
+            v = check_delta(payload, expected=self.expected, keys=keys, max_norm=self.max_norm,
                             current_version=self.current, seen=lambda n, s: False, topic_node=node)
-            if v.reason == "unknown_key":
-                self._reload_keys()
-                v = check_delta(payload, expected=self.expected, keys=self.trusted, max_norm=self.max_norm,
-                                current_version=self.current, seen=lambda n, s: False, topic_node=node)
             verdicts.append(v)
             if v.ok:
                 self._remember(v.message.digest, v.message.tensors)
@@ -132,7 +124,7 @@ class Aggregator:
                                                                 samples=h.samples, norm=v.norm, digest=v.message.digest,
                                                                 message=payload, received=self.clock())))
             else:
-                who = node if node in self.trusted else UNKNOWN_NODE
+                who = v.signer or UNKNOWN_NODE  # blame by signature: the topic proves nothing
                 rejections.append((who, v.reason))
                 self.rejected[v.reason] += 1
                 self._rl.warn(v.reason, "delta rejected (%s) from %s: %s", v.reason, who, v.detail)

@@ -9,8 +9,14 @@ values (``topk8``). ``encode_tensor`` returns the bytes *and* the array the rece
 will decode from them, so that the sender can keep what was not sent as its residual
 (error feedback, ``edge.fleet.feedback``).
 
-Decoding never raises anything but ``DecodeError`` (its ``kind`` is the rejection
-reason): the decoder is fuzzed with hypothesis in ``tests/test_fleet_codec.py``.
+Receiving is in two steps, so that nothing unsigned costs more than its header:
+``read_envelope`` parses the bounded part (magic, format, kind, header, key id, signature
+range), the caller checks the signature over the raw signed bytes (``verify_signature``),
+and only then ``decode_tensors`` decodes the tensors, each claimed size checked against
+the receiver's expected shapes before any array is allocated (``edge.fleet.validate``
+does both in that order). Decoding never raises anything but ``DecodeError`` (its
+``kind`` is the rejection reason): it is fuzzed with hypothesis, allocation included, in
+``tests/test_fleet_codec.py`` and ``tests/test_fleet_trust.py``.
 
 >>> import numpy as np
 >>> from edge.fleet.keys import generate_key
@@ -31,6 +37,7 @@ import hashlib
 import math
 import struct
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import numpy as np
 
@@ -44,7 +51,7 @@ MAX_HEADER = 4096
 MAX_TENSORS = 64
 MAX_NAME = 64
 MAX_NDIM = 4
-MAX_ELEMENTS = 1 << 24  # 16 M parameters per tensor: far beyond any head, bounds a forged size
+MAX_ELEMENTS = 1 << 24  # 16 M parameters in all tensors together: far beyond any head, bounds a forged size
 SIG_LEN = 64
 KEY_ID_LEN = 8
 
@@ -347,20 +354,44 @@ def pack_message(header: Header, tensors: dict, private_key) -> bytes:
     return payload + private_key.sign(payload)
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """What a message says about itself before anything large is decoded: its header, the
+    signer's key id, the signature and the signed bytes (``table_at`` is where the tensor
+    table starts in them). Reading it costs at most the header's 4096 bytes of parsing,
+    whatever the message claims, so the signature can be checked first (``verify_signature``)."""
+
+    header: Header
+    key_id: bytes
+    signature: bytes
+    signed: bytes = field(repr=False)
+    table_at: int = 0
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the whole message, as ``Message.digest``."""
+        return hashlib.sha256(self.signed + self.signature).hexdigest()
 
 
-def unpack_message(data: bytes) -> Message:
-    """Parse a message (signature not checked here: see ``verify_signature``).
+def read_envelope(data: bytes) -> Envelope:
+    """The envelope of a message (magic, format, kind, header, key id, signature range);
+    the tensor table is not read. Raises only ``DecodeError`` (``truncated``, ``garbage``,
+    ``bad_header``).
 
-    Raises only ``DecodeError``, with ``kind`` one of ``truncated``, ``garbage``,
-    ``bad_header``, ``wrong_shapes``.
+    >>> from edge.fleet.keys import generate_key
+    >>> k = generate_key()
+    >>> h = Header(kind="global", fleet="f", model="m", model_hash="h", head_kind="linear", node="srv", version=3)
+    >>> env = read_envelope(pack_message(h, {"b": encode_tensor(np.zeros(2, np.float32), "fp32")}, k))
+    >>> env.header.version, verify_signature(env, k.public_key()), verify_signature(env, generate_key().public_key())
+    (3, True, False)
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise DecodeError("garbage", "message is not bytes")
     data = bytes(data)
     if len(data) < _PRE.size + KEY_ID_LEN + SIG_LEN:
         raise DecodeError("truncated", f"message of {len(data)} bytes is shorter than the smallest one")
-    r = _Reader(data[:-SIG_LEN])
+    signed = data[:-SIG_LEN]
+    r = _Reader(signed[:-KEY_ID_LEN])
     magic, fmt, kind, hlen = r.unpack(_PRE)
     if magic != MAGIC:
         raise DecodeError("garbage", "not a fleet message (bad magic)")
@@ -369,10 +400,38 @@ def unpack_message(data: bytes) -> Message:
     if kind not in _KIND_NAMES or hlen > MAX_HEADER:
         raise DecodeError("garbage", "unknown message kind or oversized header")
     header = Header.from_bytes(r.take(hlen), _KIND_NAMES[kind])
+    return Envelope(header=header, key_id=signed[-KEY_ID_LEN:], signature=data[-SIG_LEN:], signed=signed,
+                    table_at=r.pos)
+
+
+def decode_tensors(env: Envelope, *, shapes: Mapping[str, tuple] | None = None,
+                   max_elements: int = MAX_ELEMENTS) -> dict[str, np.ndarray]:
+    """The tensors of a message, each size checked before its array is allocated.
+
+    With ``shapes`` (the receiver's head: every array's name and shape), a tensor whose
+    name or claimed shape differs, or a missing one, is ``wrong_shapes`` before anything
+    is allocated, so the arrays take exactly what the receiver expects. Without it (a
+    stored message), the claimed elements of all tensors together are bounded by
+    ``max_elements``. Raises only ``DecodeError``. Call it after ``verify_signature``:
+    nothing unsigned should cost a decode.
+
+    >>> from edge.fleet.keys import generate_key
+    >>> h = Header(kind="global", fleet="f", model="m", model_hash="h", head_kind="linear", node="srv")
+    >>> env = read_envelope(pack_message(h, {"b": encode_tensor(np.ones(2, np.float32), "fp32")}, generate_key()))
+    >>> decode_tensors(env, shapes={"b": (2,)})["b"].tolist()
+    [1.0, 1.0]
+    >>> decode_tensors(env, shapes={"b": (3,)})
+    Traceback (most recent call last):
+    edge.errors.DecodeError: tensor 'b' claims shape (2,), expected (3,)
+    """
+    r = _Reader(env.signed[:-KEY_ID_LEN])
+    r.pos = env.table_at
     (count,) = r.unpack(_H)
     if count > MAX_TENSORS:
         raise DecodeError("garbage", f"{count} tensors is more than {MAX_TENSORS}")
-    tensors = {}
+    if shapes is not None and count != len(shapes):
+        raise DecodeError("wrong_shapes", f"{count} tensors, expected {len(shapes)}")
+    tensors, total = {}, 0
     for _ in range(count):
         (nlen,) = r.unpack(_B)
         try:
@@ -383,18 +442,33 @@ def unpack_message(data: bytes) -> Message:
         if not name or ndim > MAX_NDIM or name in tensors:
             raise DecodeError("garbage", "empty or repeated tensor name, or rank too high")
         shape = struct.unpack(f"<{ndim}I", r.take(4 * ndim))
-        if math.prod(shape) > MAX_ELEMENTS:
-            raise DecodeError("wrong_shapes", f"tensor {name[:64]!r} claims {math.prod(shape)} elements")
+        if shapes is not None and (name not in shapes or tuple(shapes[name]) != shape):
+            want = tuple(shapes[name]) if name in shapes else "no such array"
+            raise DecodeError("wrong_shapes", f"tensor {name[:64]!r} claims shape {shape}, expected {want}")
+        total += math.prod(shape)
+        if total > max_elements:
+            raise DecodeError("wrong_shapes", f"tensors claim {total} elements, more than {max_elements}")
         enc, blen = r.unpack(_TENSOR)
         tensors[name] = decode_tensor(r.take(blen), enc, tuple(shape))
-    kid = r.take(KEY_ID_LEN)
     if r.pos != len(r.data):
         raise DecodeError("garbage", f"{len(r.data) - r.pos} unexpected bytes before the signature")
-    return Message(header=header, tensors=tensors, key_id=kid, signature=data[-SIG_LEN:], signed=data[:-SIG_LEN])
+    return tensors
 
 
-def verify_signature(msg: Message, public_key) -> bool:
-    """True when ``msg`` was signed by the private half of ``public_key``."""
+def unpack_message(data: bytes, *, max_elements: int = MAX_ELEMENTS) -> Message:
+    """Parse a whole message without checking its signature: for messages already checked
+    (the store's). What comes from outside goes through ``edge.fleet.validate``, which
+    verifies first. Raises only ``DecodeError``, with ``kind`` one of ``truncated``,
+    ``garbage``, ``bad_header``, ``wrong_shapes``.
+    """
+    env = read_envelope(data)
+    tensors = decode_tensors(env, max_elements=max_elements)
+    return Message(header=env.header, tensors=tensors, key_id=env.key_id, signature=env.signature, signed=env.signed)
+
+
+def verify_signature(msg: Message | Envelope, public_key) -> bool:
+    """True when ``msg`` (a ``Message`` or an ``Envelope``) was signed by the private half
+    of ``public_key``: the key id matches and the signature verifies over the raw bytes."""
     from cryptography.exceptions import InvalidSignature
 
     if msg.key_id != key_id(public_key):

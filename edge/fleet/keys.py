@@ -141,14 +141,8 @@ def load_public(path: str | Path) -> Ed25519PublicKey:
 
 
 def load_trusted(devices_dir: str | Path) -> dict[str, Ed25519PublicKey]:
-    """``{node: public key}`` from ``<node>.pub`` files; unreadable files are skipped (and named)."""
-    import logging
+    """``{node: public key}`` from ``<node>.pub`` files, as the server's registry reads them
+    (``edge.fleet.trust.DeviceRegistry``: unreadable files are skipped and named)."""
+    from edge.fleet.trust import DeviceRegistry
 
-    out = {}
-    d = Path(devices_dir).expanduser()
-    for p in sorted(d.glob("*.pub")) if d.is_dir() else ():
-        try:
-            out[p.name[:-4]] = load_public(p)
-        except KeyFileError as e:
-            logging.getLogger("edge.fleet").warning("skipping device key: %s", e)
-    return out
+    return {n: dk.public_key for n, dk in DeviceRegistry(devices_dir).snapshot.keys.items()}

@@ -37,8 +37,9 @@ from edge.fleet.aggregator import Aggregator
 from edge.fleet.config import ServerConfig
 from edge.fleet.receipts import pack_receipt
 from edge.fleet.heads import delta_topic, global_topic, initial_arrays, receipt_topic, request_topic
-from edge.fleet.keys import load_private, load_trusted
+from edge.fleet.keys import load_private
 from edge.fleet.store import open_store
+from edge.fleet.trust import DeviceRegistry
 from edge.fleet.validate import Expected
 from edge.mqttconn import make_client
 from edge.observe import MetricsServer, RateLimitedLog, Registry
@@ -74,7 +75,7 @@ def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
     model = resolve_model(s.model)
     expected, arrays = expected_for(cfg, model)
     return Aggregator(store=store or open_store(s.store), expected=expected, key=load_private(s.key_file),
-                      trusted=lambda: load_trusted(s.devices_dir) if s.devices_dir else {}, name=s.name, k=s.k, t_s=s.t_s,
+                      registry=DeviceRegistry(s.devices_dir or None), name=s.name, k=s.k, t_s=s.t_s,
                       rule=s.rule, clip_norm=s.clip_norm, trim=s.trim, max_norm=s.max_norm,
                       staleness_exponent=s.staleness_exponent, server_lr=s.server_lr, commit_pause_s=s.commit_pause_s,
                       initial=arrays, max_samples=s.max_samples, samples_ratio=s.samples_ratio,
