@@ -1,6 +1,10 @@
 """The fleet server on a real broker and a real SQLite file: validate, store, aggregate, publish."""
 from __future__ import annotations
 
+import json
+import sqlite3
+import time
+import urllib.error
 import urllib.request
 
 import pytest
@@ -10,8 +14,9 @@ from edge.cli import main
 from edge.fleet.codec import unpack_message, verify_signature
 from edge.fleet.config import load_server_config
 from edge.fleet.keys import load_public
-from edge.fleet.server import FleetServer
-from edge.fleet.store import open_store
+from edge.fleet.receipts import unpack_receipt
+from edge.fleet.server import FleetServer, build_aggregator
+from edge.fleet.store import SQLiteStore, open_store
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
 from tests.helpers import Client
 
@@ -62,8 +67,6 @@ def test_bad_deltas_are_rejected_with_their_reason_per_device(setup, broker, cap
     watcher.publish("fleet/test/vibration/delta/zz", b"garbage" * 20)
     store = open_store(str(cfg_path.parent / "fleet.db"))
     try:
-        import time
-
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             devs = {d.node: d for d in store.devices()}
@@ -95,3 +98,61 @@ def test_rollback_publishes_an_earlier_head_as_a_new_version(setup, broker, caps
     assert all((v2.tensors[k] == v0.tensors[k]).all() for k in v0.tensors)
     assert main(["fleet-server", "versions", "-c", str(cfg_path)]) == 0
     assert "rollback to version 0" in capsys.readouterr().out
+
+
+def _until(pred, timeout: float = 20.0, what: str = ""):
+    deadline = time.monotonic() + timeout
+    while not (v := pred()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)
+    return v
+
+
+def _healthz(server) -> tuple[int, dict]:
+    try:
+        r = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_server.port}/healthz", timeout=5)
+        return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_full_queue_and_a_locked_store_lose_nothing_and_ack_nothing_unstored(tmp_path, broker, protocol):
+    """The store is locked by another process while 40 deltas arrive at a server whose queue
+    holds 16: storing is retried (counted, /healthz 503 with the reason), the queue never
+    holds more than 16, what does not fit waits unacknowledged at the broker (MQTT 5: the
+    Receive Maximum; 3.1.1: left unacked, fetched again by a reconnect once drained), and
+    once the lock is gone every delta is stored and receipted, none twice."""
+    keys = make_keys(tmp_path, ["n1"])
+    name = f"srv-bp-{protocol.replace('.', '')}"
+    cfg_path = server_toml(tmp_path, keys, broker, store=str(tmp_path / "fleet.db"), name=name, k=1000, t_s=3600.0)
+    cfg_path.write_text(cfg_path.read_text().replace("[mqtt]", "queue = 16\n\n[mqtt]")
+                        + f'protocol = "{protocol}"\n\n[metrics]\nport = {free_port()}\n')
+    cfg = load_server_config(cfg_path)
+    store = SQLiteStore(tmp_path / "fleet.db", timeout=0.05)  # a locked write fails fast, so the test does not wait 30 s
+    server = FleetServer(cfg, aggregator=build_aggregator(cfg, store=store))
+    server.start()
+    receipts = Client(broker, "fleet/test/vibration/receipt/n1")
+    lock = sqlite3.connect(tmp_path / "fleet.db", isolation_level=None)
+    try:
+        assert server.connected.wait(10)
+        lock.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+        for seq in range(1, 41):
+            receipts.publish("fleet/test/vibration/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=seq, seed=seq))
+        _until(lambda: server.counters["store_errors"] >= 2 and server.counters["backpressure"] >= 1, what="backpressure")
+        code, body = _healthz(server)
+        assert code == 503 and "locked" in body["reason"] and body["store_ok"] is False
+        assert body["queue"] <= 16 and not receipts.msgs
+        lock.execute("ROLLBACK")
+        _until(lambda: len(store.deltas()) >= 40, what="40 deltas stored")
+        assert sorted(d.seq for d in store.deltas()) == list(range(1, 41))
+        _until(lambda: len({unpack_receipt(p, [load_public(keys["server"].public_path)]).seq for t, p, _ in receipts.msgs}) == 40,
+               what="a receipt for each")
+        assert _healthz(server)[0] == 200
+        if protocol == "3.1.1":
+            assert server.counters["held_unacked"] >= 1 and server.counters["redeliver_reconnects"] >= 1
+    finally:
+        lock.close()
+        receipts.close()
+        server.stop()
+        store.close()
