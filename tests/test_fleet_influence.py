@@ -82,8 +82,8 @@ def test_a_device_with_several_deltas_among_honest_ones_is_one_contribution(flee
     agg.ingest(items)
     rec = agg.maybe_commit()
     step = _step(agg, rec)
-    # still the honest direction: 3 honest devices outweigh 1 device's 3 deltas (its weight is capped at
-    # samples_ratio = 2 typical devices; the old rule made it 3 of 6 at the bound the batch's median set)
+    # still the honest direction: 3 honest devices outweigh 1 device's 3 deltas (merged, its weight is
+    # capped at samples_ratio typical devices; the old rule made it 3 of 6 at the bound the batch's median set)
     assert step[0] > 0
     shares = agg.last_aggregate.shares
     assert np.linalg.norm(shares["evil"]["w"]) <= 3 * np.median([np.linalg.norm(shares[h]["w"]) for h in ("h0", "h1", "h2")])
@@ -100,7 +100,8 @@ def test_a_huge_sample_claim_does_not_dictate_the_version(fleet, claim):
     cos = float(step @ _unit(1) / np.linalg.norm(step))
     # the old weight was the claim itself: cosine 1.000 with the attacker
     assert cos < 0.5
-    assert agg.last_aggregate.weights["evil"] <= 2 * 20 / (4 * 20 + 2 * 20) + 1e-9
+    rho = agg.bounds.samples_ratio  # it weighs at most rho typical (20-sample) devices
+    assert agg.last_aggregate.weights["evil"] <= rho * 20 / (4 * 20 + rho * 20) + 1e-9
 
 
 def test_a_huge_sample_claim_is_capped_in_the_pure_rule():

@@ -13,6 +13,16 @@ aggregates them; every device then checks and applies the signed global head. Co
 - ``compressed_malicious``: the same with 20% of the devices sending sign-flipped or
   scaled (x10) deltas, validly signed (compromised devices).
 
+``--attack NAME[,NAME...]`` (or ``all``) runs instead the honest ``compressed`` baseline
+and, in the same run, one ``attack:NAME`` mode per attack, 20% of the devices (``--malicious``)
+validly signed and compromised: ``sign-flip`` (their delta negated), ``scaled`` (x10),
+``colluding`` (all send one shared vector, -10 x their mean delta, each claiming 2**62
+samples), ``clip-game`` (each sends 3 deltas of 5 x its negated delta per batch) and
+``label-flip`` (they learn from flipped labels and send what they learned). Per version it
+records each device's step (its weighted clipped share of the version, from the
+aggregator) as the largest malicious step over the median honest one; the JSON goes to
+``fleet_attack.json``.
+
 Reported: accuracy per round on every training device (its served head on its own
 shift) and on held-out devices that never trained (each with its own shift; they would
 start from the global head, against the shipped head), bytes per sync with the fixed
@@ -33,6 +43,7 @@ import numpy as np
 import torch
 
 MODES = ("alone", "dense", "compressed", "compressed_malicious")
+ATTACKS = ("sign-flip", "scaled", "colluding", "clip-game", "label-flip")
 
 
 class _InlineWorker:
@@ -109,15 +120,38 @@ def _acc(snap, z, y) -> float:
 
 def _tamper(msg_bytes: bytes, key, how: str) -> bytes:
     """A compromised device's delta: its honest one sign-flipped or scaled x10, re-signed with its key."""
+    return _resign(msg_bytes, key, factor=-1.0 if how == "flip" else 10.0)
+
+
+def _resign(msg_bytes: bytes, key, *, factor: float = 1.0, tensors: dict | None = None, **header) -> bytes:
+    """A delta re-signed with ``key``: its tensors (or ``tensors``) times ``factor``, header fields replaced."""
     from edge.fleet.codec import encode_tensor, pack_message, unpack_message
 
     m = unpack_message(msg_bytes)
-    f = -1.0 if how == "flip" else 10.0
-    if m.header.encoding == "topk8":  # keep it sparse: re-encode exactly the entries that were sent
-        tensors = {k: encode_tensor(v * f, "topk8", k=int(np.count_nonzero(v))) for k, v in m.tensors.items()}
+    arrays = {k: v * factor for k, v in (tensors if tensors is not None else m.tensors).items()}
+    if m.header.encoding == "topk8":  # keep it sparse: re-encode exactly the entries that are set
+        enc = {k: encode_tensor(v, "topk8", k=max(1, int(np.count_nonzero(v)))) for k, v in arrays.items()}
     else:
-        tensors = {k: encode_tensor(v * f, m.header.encoding) for k, v in m.tensors.items()}
-    return pack_message(m.header, tensors, key)
+        enc = {k: encode_tensor(v, m.header.encoding) for k, v in arrays.items()}
+    return pack_message(dataclasses.replace(m.header, **header), enc, key)
+
+
+def _attack(attack: str, msgs: dict, keys, r: int) -> list[tuple[int, bytes]]:
+    """What the compromised devices send this round, from their honest deltas ``msgs`` (device -> bytes)."""
+    from edge.fleet.codec import unpack_message
+
+    if attack == "sign-flip":
+        return [(i, _resign(m, keys[i], factor=-1.0)) for i, m in msgs.items()]
+    if attack == "scaled":
+        return [(i, _resign(m, keys[i], factor=10.0)) for i, m in msgs.items()]
+    if attack == "colluding":
+        dec = [unpack_message(m).tensors for m in msgs.values()]
+        shared = {k: -10.0 * np.mean([d[k] for d in dec], axis=0) for k in dec[0]} if dec else {}
+        return [(i, _resign(m, keys[i], tensors=shared, samples=2**62)) for i, m in msgs.items()]
+    if attack == "clip-game":  # several deltas per batch, each under max_norm; seqs apart from the client's own
+        return [(i, _resign(m, keys[i], factor=-5.0, **({"seq": 10**6 + 3 * r + j} if j else {})))
+                for i, m in msgs.items() for j in range(3)]
+    return list(msgs.items())  # label-flip: what it learned is the attack
 
 
 def run_mode(mode, data, held, ctx, args, fraction: float | None = None) -> dict:
@@ -142,7 +176,10 @@ def run_mode(mode, data, held, ctx, args, fraction: float | None = None) -> dict
     skey = generate_key()
     keys = [generate_key() for _ in range(n)]
     encoding = {"dense": "fp32"}.get(mode, "topk8")
-    malicious = set(range(0, n, max(1, round(1 / args.malicious)))) if mode == "compressed_malicious" else set()
+    attack = mode.split(":", 1)[1] if mode.startswith("attack:") else None
+    bad = mode == "compressed_malicious" or attack is not None
+    malicious = set(range(0, n, max(1, round(1 / args.malicious)))) if bad else set()
+    classes = len(ctx["classes"])
     tmp = tempfile.mkdtemp(prefix="edge-bench-fleet-")
     exp = Expected(fleet="bench", model="vibration", model_hash=ctx["hash"], head_kind=args.head,
                    shapes={k: tuple(v.shape) for k, v in init.items()})
@@ -153,35 +190,51 @@ def run_mode(mode, data, held, ctx, args, fraction: float | None = None) -> dict
                          trusted=lambda: {f"d{i}": k.public_key() for i, k in enumerate(keys)}, name="bench",
                          k=n, t_s=1e9, rule="clip" if mode == "dense" else args.rule,
                          clip_norm=1e12 if mode == "dense" else args.clip_norm, max_norm=1e6,
-                         initial=init)
+                         initial=init, samples_ratio=args.samples_ratio, reference_growth=args.reference_growth)
         for i, lr in enumerate(learners):
             clients.append(SyncClient(worker=_InlineWorker(lr), node=f"d{i}", fleet="bench", model="vibration",
                                       model_hash=ctx["hash"], key=keys[i], server_keys=[skey.public_key()],
                                       publish=lambda *a, **k: None, encoding=encoding,
                                       fraction=args.fraction if fraction is None else fraction))
-    curve, held_curve, sizes = [], [], []
+    curve, held_curve, sizes, step_ratio, step_norm = [], [], [], [], []
     per_round = args.labels_per_round
     for r in range(args.rounds):
         for i, lr in enumerate(learners):
             z, y = data[i]["train"]
+            flip = attack == "label-flip" and i in malicious
             for j in range(r * per_round, min(len(y), (r + 1) * per_round)):
                 clock[0] += 1.0 / 20
-                lr.learn_one(z[j], int(y[j]))
+                lr.learn_one(z[j], classes - 1 - int(y[j]) if flip else int(y[j]))
         if agg is not None:
-            items = []
+            items, bad_msgs = [], {}
             for i, c in enumerate(clients):
                 c.prepare_delta(c.worker)
                 if c.outbox is None:
                     continue
                 msg = c.outbox[1]
                 c.outbox = None  # acknowledged
+                if i in malicious and attack is not None:
+                    bad_msgs[i] = msg
+                    continue
                 if i in malicious:
                     msg = _tamper(msg, keys[i], "flip" if i % 2 == 0 else "scale")
                 sizes.append(len(msg))
                 items.append((f"fleet/bench/vibration/delta/d{i}", msg))
+            items += [(f"fleet/bench/vibration/delta/d{i}", m) for i, m in _attack(attack, bad_msgs, keys, r)] if attack else []
             agg.ingest(items)
+            before = agg.store.latest()
             rec = agg.maybe_commit(force=True)
             if rec is not None:
+                from edge.fleet.codec import unpack_message as _um
+
+                a, b = _um(rec.message).tensors, _um(before.message).tensors
+                step_norm.append(float(np.sqrt(sum(float(np.square(a[k] - b[k]).sum()) for k in a))))
+                shares = getattr(agg.last_aggregate, "shares", None) or {}
+                norm = {nd: float(np.sqrt(sum(float(np.square(v).sum()) for v in sh.values()))) for nd, sh in shares.items()}
+                honest_steps = [v for nd, v in norm.items() if int(nd[1:]) not in malicious]
+                bad_steps = [v for nd, v in norm.items() if int(nd[1:]) in malicious]
+                if honest_steps and bad_steps and np.median(honest_steps) > 0:
+                    step_ratio.append(float(max(bad_steps) / np.median(honest_steps)))
                 for c in clients:
                     c.on_global(rec.message)
         honest = [i for i in range(n) if i not in malicious]
@@ -200,6 +253,11 @@ def run_mode(mode, data, held, ctx, args, fraction: float | None = None) -> dict
         out["bytes_per_sync_mean"] = float(np.mean(sizes))
         out["rejected"] = dict(agg.rejected)
         out["versions"] = agg.current
+        out["version_step_norm_median"] = float(np.median(step_norm)) if step_norm else None
+        out["global_message_bytes"] = len(agg.store.latest().message)
+    if step_ratio:
+        out["malicious_over_honest_median_step"] = step_ratio
+        out["malicious_over_honest_median_step_max"] = max(step_ratio)
     return out
 
 
@@ -297,7 +355,56 @@ def _plot(results, path, rounds) -> None:
     fig.savefig(path, dpi=110)
 
 
+def _throughputs(ctx, args) -> dict:
+    out = {"sqlite": throughput(ctx, args, None)}
+    if args.postgres:
+        import uuid
+
+        schema = f"bench_{uuid.uuid4().hex[:8]}"
+        try:
+            out["postgres"] = throughput(ctx, args, f"{args.postgres}?schema={schema}")
+        finally:
+            try:
+                import psycopg
+
+                with psycopg.connect(args.postgres, autocommit=True) as c:
+                    c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            except Exception:
+                pass
+    return out
+
+
+def _attack_report(attacks, data, held, conds, ctx, args, argv, out: Path, t_feat: float) -> int:
+    """The honest baseline and each attack in one run, against the issue's targets (``fleet_attack.json``)."""
+    results = {"compressed": run_mode("compressed", data, held, ctx, args)}
+    for a in attacks:
+        results[f"attack:{a}"] = run_mode(f"attack:{a}", data, held, ctx, args)
+    base = results["compressed"]
+    targets = {}
+    for a in attacks:
+        r = results[f"attack:{a}"]
+        dev = round((base["final_device_accuracy"] - r["final_device_accuracy"]) * 100, 2)
+        hold = round((base["final_held_out_accuracy"] - r["final_held_out_accuracy"]) * 100, 2)
+        ratio = r.get("malicious_over_honest_median_step_max")
+        targets[a] = {"device_points_below_no_attack": dev, "held_out_points_below_no_attack": hold,
+                      "max_malicious_over_honest_median_step": None if ratio is None else round(ratio, 2),
+                      "accuracy_met": dev <= 2.0 and hold <= 2.0, "step_met": ratio is not None and ratio <= 3.0}
+    report = {"command": "edge bench fleet " + " ".join(argv or []), "cpu": _cpu(), "args": vars(args),
+              "feature_seconds": round(t_feat, 1),
+              "devices": [{"shift": s, "strength": k} for s, k, _ in conds[: args.devices]],
+              "modes": results, "throughput": _throughputs(ctx, args), "targets": targets,
+              "bytes_per_sync_no_attack": base.get("bytes_per_sync_mean")}
+    (out / "fleet_attack.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({"cpu": report["cpu"], "targets": targets, "throughput": report["throughput"],
+                      "bytes_per_sync": report["bytes_per_sync_no_attack"],
+                      "final": {m: (round(r["final_device_accuracy"] * 100, 2), round(r["final_held_out_accuracy"] * 100, 2))
+                                for m, r in results.items()}}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
+    from edge.fleet.config import ServerSection
+
     ap = argparse.ArgumentParser(prog="edge bench fleet", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--devices", type=int, default=20)
@@ -318,10 +425,19 @@ def main(argv=None) -> int:
     ap.add_argument("--malicious", type=float, default=0.2)
     ap.add_argument("--rule", default="clip", choices=["clip", "trimmed_mean", "median"], help="compressed modes' rule")
     ap.add_argument("--clip-norm", type=float, default=0.0, help="compressed modes' clip bound; 0: the batch's median norm")
+    ap.add_argument("--samples-ratio", type=float, default=ServerSection.samples_ratio,
+                    help="[server] samples_ratio: a device weighs at most this many typical devices")
+    ap.add_argument("--reference-growth", type=float, default=ServerSection.reference_growth,
+                    help="[server] reference_growth: the fleet's reference norm moves at most this factor per version")
     ap.add_argument("--throughput-deltas", type=int, default=5000)
     ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test", help="'' to skip")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--attack", default="", help=f"run the honest baseline and these attacks: {','.join(ATTACKS)} or all")
     args = ap.parse_args(argv)
+    attacks = list(ATTACKS) if args.attack == "all" else [a for a in args.attack.split(",") if a]
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        ap.error(f"unknown attack {unknown[0]!r}; use one of {', '.join(ATTACKS)} or all")
     torch.set_num_threads(1)
     from edge.zoo import resolve_model
 
@@ -343,6 +459,8 @@ def main(argv=None) -> int:
         else:
             held.append((ze, ye))
     t_feat = time.perf_counter() - t0
+    if attacks:
+        return _attack_report(attacks, data, held, conds, ctx, args, argv, out, t_feat)
     results = {m: run_mode(m, data, held, ctx, args) for m in MODES}
     for f in [float(x) for x in args.sweep.split(",") if x]:
         results[f"compressed@{f:g}"] = run_mode("compressed", data, held, ctx, args, fraction=f)
@@ -350,22 +468,7 @@ def main(argv=None) -> int:
               "feature_seconds": round(t_feat, 1),
               "devices": [{"shift": s, "strength": k} for s, k, _ in conds[: args.devices]],
               "held_out": [{"shift": s, "strength": k} for s, k, _ in conds[args.devices:]],
-              "modes": results, "bytes": bytes_per_head(ctx, args),
-              "throughput": {"sqlite": throughput(ctx, args, None)}}
-    if args.postgres:
-        import uuid
-
-        schema = f"bench_{uuid.uuid4().hex[:8]}"
-        try:
-            report["throughput"]["postgres"] = throughput(ctx, args, f"{args.postgres}?schema={schema}")
-        finally:
-            try:
-                import psycopg
-
-                with psycopg.connect(args.postgres, autocommit=True) as c:
-                    c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
-            except Exception:
-                pass
+              "modes": results, "bytes": bytes_per_head(ctx, args), "throughput": _throughputs(ctx, args)}
     dense, comp, mal = (results[m]["final_device_accuracy"] for m in ("dense", "compressed", "compressed_malicious"))
     big = report["bytes"][f"mlp-{args.hidden}"]
     # measured message sizes of the big head at each swept share (bytes of real deltas, from the runs)

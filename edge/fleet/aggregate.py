@@ -38,8 +38,10 @@ Rules (``aggregate(rule=...)``), each after the per-device merge:
 >>> import numpy as np
 >>> c = [Contribution(arrays={"w": np.array([1.0, 0.0])}, samples=10, staleness=0),
 ...      Contribution(arrays={"w": np.array([0.0, 1.0])}, samples=30, staleness=0)]
->>> aggregate_deltas(c, rule="clip", clip_norm=10.0)["w"].tolist()
+>>> aggregate_deltas(c, rule="clip", clip_norm=10.0, samples_ratio=2.0)["w"].tolist()
 [0.25, 0.75]
+>>> aggregate_deltas(c, rule="clip", clip_norm=10.0)["w"].tolist()  # default: none weighs more than the typical device
+[0.3333333432674408, 0.6666666865348816]
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ class Bounds:
     """The server's influence bounds ([server] max_samples, samples_ratio, reference_growth, clip_norm)."""
 
     max_samples: int = 10_000
-    samples_ratio: float = 2.0
+    samples_ratio: float = 1.0
     growth: float = 1.25
     clip_norm: float = 0.0
 
@@ -158,8 +160,8 @@ def _claims(merged: list[Contribution], max_samples: int) -> np.ndarray:
 def weight_cap(typical: float, bounds: Bounds) -> float:
     """The most samples any device is weighted by: ``min(max_samples, samples_ratio * typical)``.
 
-    >>> weight_cap(20, Bounds()), weight_cap(1e12, Bounds())
-    (40.0, 10000.0)
+    >>> weight_cap(20, Bounds()), weight_cap(20, Bounds(samples_ratio=2.0)), weight_cap(1e12, Bounds())
+    (20.0, 40.0, 10000.0)
     """
     return min(float(bounds.max_samples), bounds.samples_ratio * max(float(typical), 1.0))
 
@@ -168,7 +170,7 @@ def capped_weight(samples: int, staleness: int, *, typical: float, bounds: Bound
     """``staleness_weight * min(samples, weight_cap)`` (samples at least 1).
 
     >>> capped_weight(2**62, 0, typical=20, bounds=Bounds()), capped_weight(10, 3, typical=20, bounds=Bounds())
-    (40.0, 5.0)
+    (20.0, 5.0)
     """
     return staleness_weight(staleness, exponent=exponent) * min(float(max(int(samples), 1)), weight_cap(typical, bounds))
 
@@ -235,7 +237,7 @@ def aggregate(contributions: list[Contribution], *, rule: str = "clip", referenc
 
 def aggregate_deltas(contributions: list[Contribution], *, rule: str = "clip", clip_norm: float = 0.0,
                      trim: float = 0.2, staleness_exponent: float = 0.5, reference: Reference = Reference(),
-                     max_samples: int = 10_000, samples_ratio: float = 2.0) -> dict:
+                     max_samples: int = 10_000, samples_ratio: float = 1.0) -> dict:
     """``aggregate(...).delta``: just the aggregated delta."""
     b = Bounds(max_samples=max_samples, samples_ratio=samples_ratio, clip_norm=clip_norm)
     return aggregate(contributions, rule=rule, reference=reference, bounds=b, trim=trim,

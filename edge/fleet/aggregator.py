@@ -66,7 +66,7 @@ class Aggregator:
                  name: str = "fleet-server", k: int = 10, t_s: float = 30.0, rule: str = "clip", clip_norm: float = 0.0,
                  trim: float = 0.2, max_norm: float = 100.0, staleness_exponent: float = 0.5, server_lr: float = 1.0,
                  commit_pause_s: float = 0.0, initial: dict | None = None, clock=time.time,
-                 max_samples: int = 10_000, samples_ratio: float = 2.0, reference_growth: float = 1.25):
+                 max_samples: int = 10_000, samples_ratio: float = 1.0, reference_growth: float = 1.25):
         self.store, self.expected, self.key, self.name = store, expected, key, name
         # the one owner of which device keys count (edge.fleet.trust); ``trusted`` (fixed keys,
         # the benchmark's) is the same registry without a folder

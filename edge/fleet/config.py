@@ -50,7 +50,7 @@ class ServerSection(_Section):
                               doc="publish the latest signed head again (retained) this often, so that what sits "
                                   "retained never decides for long what a device starts from")
     max_samples: int = _opt(10_000, lo=1, hi=1 << 62, doc="aggregation weight cap: a device's claimed samples count at most this")
-    samples_ratio: float = _opt(2.0, lo=1.0, hi=1000.0,
+    samples_ratio: float = _opt(1.0, lo=1.0, hi=1000.0,
                                 doc="and at most this many times the typical device's (the fleet's reference sample count)")
     reference_growth: float = _opt(1.25, lo=1.0, hi=10.0,
                                    doc="the fleet's reference norm and sample count move at most this factor per version")
