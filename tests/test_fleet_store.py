@@ -193,3 +193,26 @@ def test_two_instances_creating_one_new_schema_at_once_both_start():
     for t in threads:
         t.join(60)
     assert errors == [] and len(stores) == 4
+
+
+def test_a_postgresql_store_reconnects_after_its_connection_is_killed():
+    """A PostgreSQL blip (restart, failover, a killed backend) fails the operation in flight;
+    the next one opens a new connection and stores, so the server's retry resumes."""
+    psycopg = pytest.importorskip("psycopg")
+    if not _pg_available():
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts one)")
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    s = open_store(f"{PG}?schema={schema}")
+    try:
+        s.ensure_version0(b"v0")
+        (pid,) = s._one("SELECT pg_backend_pid()")
+        with psycopg.connect(PG, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        with pytest.raises(psycopg.OperationalError):
+            s.add_deltas([_rec(seq=1)])
+        assert s.add_deltas([_rec(seq=1)]) == [STORED]
+        assert s.stored_seq("n1") == 1 and s.latest().version == 0 and s.reconnects == 1
+    finally:
+        s.close()
+        with psycopg.connect(PG, autocommit=True) as c:
+            c.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -53,11 +53,9 @@ class PostgresStore(StoreReads):
         self.schema = (q.pop("schema", ["public"]) or ["public"])[0]
         if not self.schema.replace("_", "").isalnum():
             raise EdgeError(f"schema {self.schema[:64]!r} must be letters, digits and '_'")
-        dsn = urlunsplit(parts._replace(query=urlencode(q, doseq=True)))
-        try:
-            self._db = psycopg.connect(dsn, autocommit=True)
-        except psycopg.Error as e:
-            raise EdgeError(f"cannot connect to PostgreSQL at {parts.hostname}:{parts.port}: {str(e)[:200]}") from None
+        self._dsn, self._where = urlunsplit(parts._replace(query=urlencode(q, doseq=True))), f"{parts.hostname}:{parts.port}"
+        self._closing, self.reconnects = False, 0
+        self._conn = self._connect()
         self._lock = threading.Lock()
         with self._lock:
             # CREATE ... IF NOT EXISTS is not safe against a concurrent create (two instances
@@ -72,6 +70,29 @@ class PostgresStore(StoreReads):
                 # made with the store; a store from before epochs gets its first one here
                 self._db.execute("INSERT INTO meta VALUES ('epoch', %s) ON CONFLICT DO NOTHING", (new_epoch_id(),))
             self._db.execute(f'SET search_path TO "{self.schema}"')
+
+    def _connect(self):
+        try:
+            return psycopg.connect(self._dsn, autocommit=True)
+        except psycopg.Error as e:
+            raise EdgeError(f"cannot connect to PostgreSQL at {self._where}: {str(e)[:200]}") from None
+
+    @property
+    def _db(self):
+        # a connection that PostgreSQL or the network broke (a restart, a failover, a killed
+        # backend) fails the operation in flight; the next one opens a new connection, so the
+        # server's retry resumes storing without a restart (callers hold self._lock)
+        c = self._conn
+        if (c.broken or c.closed) and not self._closing:
+            c = self._conn = self._connect()
+            c.execute(f'SET search_path TO "{self.schema}"')
+            self.reconnects += 1
+        return c
+
+    def close(self) -> None:
+        with self._lock:
+            self._closing = True
+            self._conn.close()
 
     def _one(self, sql, args=()):
         with self._lock:
