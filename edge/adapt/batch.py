@@ -5,11 +5,17 @@ reference before anything learns from it (prequential, as ``learn_one``); then o
 optimizer step (``steps_per_label``, boosted after a drift) runs on the batch plus its
 share of recent and replayed rows, in the proportions of a ``learn_one`` batch. Per-row
 Python is left only where the rule is sequential: the class-balanced reservoir, the
-paired-test blocks. Drift detectors see the batch once (Page-Hinkley weighs the batch
+paired-test blocks, the label guard. The guard and the training budget are the learner's
+own (``Learner._observe_guard``, ``Learner._grant``), the same rules as ``learn_one``'s: a
+batch of contradicting labels is held as the same labels one by one, and the budget pays
+for ``steps_per_label`` steps a row, the first rows first (the others are scored and kept
+for replay, not trained, and counted as skipped). Drift detectors see the batch once (Page-Hinkley weighs the batch
 mean by its row count; ADWIN takes it as one value). Kept apart from ``learner.py``
 so that the learner reads as the per-label rule; it uses the learner's own parts.
 """
 from __future__ import annotations
+
+import time
 
 import numpy as np
 
@@ -42,10 +48,12 @@ def learn_many(lr, Z, Y) -> dict:
     l_champ, e_champ = sample_losses(s_champ, T, lr.task)
     preq["champion"].update_many(l_champ, e_champ)
     if champion is glob:
-        l_glob, e_glob = l_champ, e_champ
+        s_glob, l_glob, e_glob = s_champ, l_champ, e_champ
     else:
-        l_glob, e_glob = sample_losses(glob.predict(Z), T, lr.task)
+        s_glob = glob.predict(Z)
+        l_glob, e_glob = sample_losses(s_glob, T, lr.task)
     preq["global"].update_many(l_glob, e_glob)
+    held = lr._observe_guard(s_champ, s_glob, T) if lr.guard is not None else False
     l_ref, e_ref = sample_losses(lr.reference.learn_many(T), T, lr.task)
     preq["reference"].update_many(l_ref, e_ref)
     lr._reference_snap = None
@@ -54,8 +62,10 @@ def learn_many(lr, Z, Y) -> dict:
         lr._set_sources(boosting=boosting)
     tr = lr.trainer
     tr.set_lr(lr.lr * cfg.boost_lr if boosting else lr.lr)
+    steps = cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
+    k = lr._grant(m, steps)  # the first k rows train, as learn_one's labels would until the budget ran out
     n_rec, n_rep = (n for _, n in lr._sources)
-    scale = m / max(1, cfg.batch - n_rec - n_rep)
+    scale = k / max(1, cfg.batch - n_rec - n_rep)
     idx_rec = lr.recent.sample_indices(int(round(n_rec * scale)))
     idx_rep = lr.replay.sample_indices(int(round(n_rep * scale)))
     zb = np.concatenate([Z, lr.recent.z[idx_rec], lr.replay.z[idx_rep]])
@@ -63,13 +73,21 @@ def learn_many(lr, Z, Y) -> dict:
         lr.scaler.learn_many(Z)
         lr.scaler.transform_many(zb, out=zb)
     yb = np.concatenate([T, lr.recent.y[idx_rec], lr.replay.y[idx_rep]])
-    tr.last_loss_of = (m + len(idx_rec), len(zb))
-    steps = cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
-    s_chal = tr.step_arrays(zb, yb, first=m)
-    for _ in range(steps - 1):
-        tr.step_arrays(zb, yb, first=0)
-    counters["train_steps"] += steps
-    if len(idx_rep):
+    before = lr._arrays_if(held)
+    t0 = time.perf_counter()
+    if k < m:  # scored before any step, then only the paid rows (and their replay share) train
+        s_chal = np.stack([tr.score(z) for z in zb[:m]])
+        keep = np.r_[0:k, m:len(zb)]
+        zb, yb = zb[keep], yb[keep]
+    tr.last_loss_of = (k + len(idx_rec), len(zb))
+    for i in range(steps if k else 0):
+        s = tr.step_arrays(zb, yb, first=m if i == 0 and k == m else 0)
+        if i == 0 and k == m:
+            s_chal = s
+    lr.budget.charge(time.perf_counter() - t0)
+    lr._keep_apart(before)
+    counters["train_steps"] += k * steps  # label-steps, as learn_one counts them
+    if len(idx_rep) and k:
         lr._fade("replay", tr.last_loss)
     l_chal, e_chal = sample_losses(s_chal, T, lr.task)
     preq["challenger"].update_many(l_chal, e_chal)

@@ -40,12 +40,26 @@ class TrainingBudget:
 
     def allow(self) -> bool:
         """Take one step's token if the budget has one; count a skip otherwise."""
+        return self.take(1) == 1
+
+    def take(self, items: int, cost: int = 1) -> int:
+        """How many of ``items`` (each ``cost`` steps: a label's steps) the budget pays for now,
+        first ones first; the others are counted as skipped. An item is paid while a token is
+        left (its cost may go into debt, which the refill pays back, so an item dearer than
+        the burst still runs now and then); one rule for a label and for a batch of them.
+
+        >>> t = [0.0]
+        >>> b = TrainingBudget(steps_per_s=4, clock=lambda: t[0])
+        >>> b.take(5, cost=2), b.skipped
+        (2, 3)
+        """
         self._refill()
-        if self.tokens >= 1.0 and self.cpu_credit > 0.0:
-            self.tokens -= 1.0
-            return True
-        self.skipped += 1
-        return False
+        n = 0
+        if self.tokens >= 1.0 and self.cpu_credit > 0.0 and items > 0:
+            n = min(int(items), int((self.tokens - 1.0) // cost) + 1)
+            self.tokens -= n * cost
+        self.skipped += int(items) - n
+        return n
 
     def charge(self, seconds: float) -> None:
         """Account CPU time spent training (may go into debt; the refill pays it back)."""

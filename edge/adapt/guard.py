@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections import deque
 
+import numpy as np
+
 
 class LabelGuard:
     """Tracks labels that contradict confident predictions; ``tripped`` holds promotions."""
@@ -43,6 +45,24 @@ class LabelGuard:
         return (k == int(global_scores.argmax()) and k != label and served[k] >= self.confidence
                 and global_scores[k] >= self.confidence)
 
+    def contradicts_many(self, served, global_scores, labels) -> np.ndarray:
+        """``contradicts`` for each row of ``served`` / ``global_scores`` ``[n, K]`` and ``labels`` ``[n]``.
+
+        >>> g = LabelGuard()
+        >>> g.contradicts_many(np.array([[0.95, 0.05], [0.5, 0.5]]), np.array([[0.99, 0.01], [0.9, 0.1]]), [1, 1]).tolist()
+        [True, False]
+        """
+        s, gs = np.asarray(served), np.asarray(global_scores)
+        k, labels = s.argmax(1), np.asarray(labels).reshape(-1)
+        rows = np.arange(len(s))
+        return (k == gs.argmax(1)) & (k != labels) & (s[rows, k] >= self.confidence) & (gs[rows, k] >= self.confidence)
+
+    def observe_many(self, contradicting) -> bool:
+        """``observe`` each flag in order (the rule is sequential); whether the guard is tripped now."""
+        for c in contradicting:
+            self.observe(bool(c))
+        return self.tripped
+
     def observe(self, contradicting: bool) -> bool:
         """Note one label; returns whether the guard is tripped now.
 
@@ -57,9 +77,7 @@ class LabelGuard:
         q.append(bool(contradicting))
         self._hits += bool(contradicting)
         self.seen += 1
-        r = self.recent_share
-        self.tripped = (self.seen >= self.warmup and len(q) >= min(self.window, 20) and r > self.share
-                        and r > self.ratio * self.history)
+        self.tripped = self._holds()
         if evicted is not None and not self.tripped:
             self.history += self.history_weight * (float(evicted) - self.history)
         return self.tripped
@@ -76,4 +94,10 @@ class LabelGuard:
         self._recent = deque((bool(x) for x in s["recent"]), maxlen=self.window)
         self._hits = sum(self._recent)
         self.seen = int(s["seen"])
-        self.tripped = False
+        self.tripped = self._holds()  # a hold outlives a restart: the restored window decides, as before it
+
+    def _holds(self) -> bool:
+        """The rule: enough labels seen, and the recent share above ``share`` and ``ratio`` times the history."""
+        r = self.recent_share
+        return (self.seen >= self.warmup and len(self._recent) >= min(self.window, 20) and r > self.share
+                and r > self.ratio * self.history)

@@ -117,6 +117,8 @@ class Learner:
         self.guard = LabelGuard(confidence=cfg.guard_confidence, share=cfg.guard_share, ratio=cfg.guard_ratio,
                                 window=cfg.eval_window) if cfg.guard and task == "classification" else None
         self._anomaly_open = False
+        # the sum of the steps the head took while the guard held: kept out of what fleet sync shares
+        self._unshared: dict | None = None
         self.detectors = {}
         if cfg.drift_detector in ("page_hinkley", "both"):
             self.detectors["page_hinkley"] = PageHinkley(threshold=cfg.ph_threshold, delta=cfg.ph_delta, mode="up")
@@ -302,8 +304,7 @@ class Learner:
         else:
             s_glob = self._score(glob, z2)
             l_glob, _ = preq["global"].update(s_glob, t)
-        if self.guard is not None:
-            self.guard.observe(self.guard.contradicts(s_champ, s_glob, int(t)))
+        held = self._observe_guard(s_champ[None], s_glob[None], [int(t)]) if self.guard is not None else False
         l_ref, e_ref = self.reference.test_then_learn(t)
         preq["reference"].update_values(l_ref, e_ref)
         self._reference_snap = None
@@ -316,10 +317,8 @@ class Learner:
         self.trainer.set_lr(self.lr * cfg.boost_lr if boosting else self.lr)
         s_chal, steps = None, cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
         tr = self.trainer
-        for _ in range(steps):
-            if not self.budget.allow():
-                counters["train_steps_skipped"] += 1
-                break
+        before = self._arrays_if(held)
+        for _ in range(steps if self._grant(1, steps) else 0):
             t0 = time.perf_counter()
             n = tr.fill(z, t, self._sources)
             if sc is not None:
@@ -333,6 +332,7 @@ class Learner:
                     self._fade("replay", tr.last_loss)
             self.budget.charge(time.perf_counter() - t0)
             counters["train_steps"] += 1
+        self._keep_apart(before)
         if s_chal is None:
             s_chal = tr.score(z if sc is None else sc.transform_one(z))
         l_chal, e_chal = preq["challenger"].update(s_chal, t)
@@ -361,6 +361,41 @@ class Learner:
         """Test then train on a batch (``edge.adapt.batch.learn_many``: every row scored by every
         head, then one step on the batch plus its share of replayed rows)."""
         return learn_many(self, Z, Y)
+
+    # -- the rules learn_one and learn_many share ----------------------------------------------
+
+    def _observe_guard(self, served, global_scores, targets) -> bool:
+        """Note each label with the guard (rows of the champion's and the global head's scores
+        before training); whether it holds now. The one guard path of both entry points."""
+        g = self.guard
+        if g is None:
+            return False
+        return g.observe_many(g.contradicts_many(served, global_scores, targets))
+
+    def _grant(self, labels: int, steps: int) -> int:
+        """How many of ``labels`` labels (the first ones) may train their ``steps`` steps now;
+        the others are counted as skipped. The one budget path of both entry points."""
+        n = self.budget.take(labels, cost=steps)
+        self.counters["train_steps_skipped"] += labels - n
+        return n
+
+    def _arrays_if(self, held: bool) -> dict | None:
+        return self.head.arrays() if held and self.closed_form else None
+
+    def _keep_apart(self, before: dict | None) -> None:
+        """Add what the head learned since ``before`` (taken while the guard held) to the unshared sum."""
+        if before is None:
+            return
+        now, u = self.head.arrays(), self._unshared
+        self._unshared = {k: now[k] - before[k] + (u[k] if u is not None else 0.0) for k in now}
+
+    def fleet_arrays(self) -> dict:
+        """The head's arrays that fleet sync may share: the learning head's, less every step it
+        took while the label guard held. A held challenger so contributes nothing to the fleet
+        (while held, this is the head as it was when the guard tripped, moved by rebases only);
+        what it learned stays on the device, where the guard keeps it from serving."""
+        a, u = self.head.arrays(), self._unshared
+        return a if u is None else {k: a[k] - u[k] for k in a}
 
     def _fade(self, key: str, loss: float, decay: float = _FADE) -> None:
         f = self.fade
@@ -499,6 +534,7 @@ class Learner:
         old = self.champion.version
         self.champion = self._global  # the atomic swap
         self.trainer.reset()  # the challenger starts over from the global head too
+        self._unshared = None  # ... and with it, what it learned while held is gone
         for k in ("champion", "challenger"):
             self.preq[k].loss.copy_from(self.preq["global"].loss)
             self.preq[k].err.copy_from(self.preq["global"].err)
@@ -567,6 +603,7 @@ class Learner:
             "counters": dict(self.counters), "rejected": dict(self.rejected),
             "boost_left": self.boost_left, "since_swap": self.since_swap,
             "guard": None if self.guard is None else self.guard.state_dict(),
+            "unshared": None if self._unshared is None else dict(self._unshared),
         }
 
     def load_state_dict(self, s: dict) -> None:
@@ -622,5 +659,7 @@ class Learner:
         self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
         if self.guard is not None and s.get("guard"):
             self.guard.load_state_dict(s["guard"])
+        u = s.get("unshared")  # an older state has none
+        self._unshared = None if u is None else {k: np.asarray(v, np.float32) for k, v in u.items()}
         self._set_sources(boosting=self.boost_left > 0)
         self._update_logit_offset()

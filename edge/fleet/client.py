@@ -155,7 +155,7 @@ class SyncClient:
             if self.outbox is not None or labels - self.labels_at_send < self.min_samples:
                 self.counters["skipped"] += 1
                 return
-            pending = subtract(subtract(learner.head.arrays(), self.base), self.sent)
+            pending = subtract(subtract(learner.fleet_arrays(), self.base), self.sent)
             step = encode_pending(pending, encoding=self.encoding, fraction=self.fraction)
             e = self.expected
             m = learner.metrics()
