@@ -195,6 +195,75 @@ def test_global_needs_the_server_key_and_a_newer_version():
     assert check_global(_delta(), expected=EXP, server_keys=server, current_version=0).reason == "wrong_kind"
 
 
+# ---- verify first: the order of the reasons, and whom they blame --------------------------------
+
+def _unsigned(data: bytes) -> bytes:
+    """``data`` with its signature zeroed: a forgery with a valid envelope."""
+    return data[:-64] + bytes(64)
+
+
+def test_the_signature_is_checked_before_the_tensor_table():
+    data = bytearray(_delta())
+    data[-80] ^= 0xFF  # inside the tensor table
+    data[-72 - 1] = 0xEE  # and a stray byte before the key id
+    v = _check(_unsigned(bytes(data)))
+    assert v.reason == "bad_signature" and v.signer is None and v.message is None
+
+
+def test_signed_content_is_judged_only_once_the_signature_verified():
+    forged = _delta(model_hash="other", key=_key(2))  # wrong content, and not n1's key
+    assert _check(forged).reason == "bad_signature"
+    assert _check(_delta(model_hash="other")).reason == "wrong_model_hash"
+
+
+def test_a_revoked_node_or_key_is_refused_and_blamed_on_its_signer():
+    from edge.fleet.codec import key_id
+    from edge.fleet.trust import TrustSnapshot
+
+    by_node = TrustSnapshot.from_keys({"n1": _key(1).public_key()}, revoked="n1\n")
+    by_id = TrustSnapshot.from_keys({"n1": _key(1).public_key()}, revoked=key_id(_key(1).public_key()).hex())
+    for keys in (by_node, by_id):
+        v = _check(_delta(), keys=keys)
+        assert v.reason == "revoked" and v.signer == "n1"
+    assert _check(_delta(key=_key(2)), keys=by_node).reason == "bad_signature"  # a forgery blames nobody
+
+
+@pytest.mark.parametrize("make, reason, signer", [
+    (lambda: b"garbage" * 20, "garbage", None),
+    (lambda: _delta(node="stranger"), "unknown_key", None),
+    (lambda: _delta(key=_key(2)), "bad_signature", None),
+    (lambda: _delta(arrays=_arrays(scale=10.0)), "norm_too_large", "n1"),
+    (lambda: _delta(base_version=9), "future_base", "n1"),
+])
+def test_the_verdict_names_a_signer_only_when_its_key_verified(make, reason, signer):
+    v = _check(make(), max_norm=1.0)
+    assert (v.reason, v.signer) == (reason, signer)
+
+
+def test_node_mismatch_is_blamed_on_the_signer_not_the_topic():
+    v = _check(_delta(), topic_node="n2")
+    assert (v.reason, v.signer) == ("node_mismatch", "n1")
+    v = _check(_unsigned(_delta()), topic_node="n2")
+    assert (v.reason, v.signer) == ("bad_signature", None)
+
+
+def test_an_old_global_head_is_refused_without_decoding_its_tensors():
+    g = pack_message(_header(kind="global", node="server", version=2),
+                     {k: encode_tensor(v, "fp32") for k, v in _arrays().items()}, _key(5))
+    v = check_global(g, expected=EXP, server_keys=[_key(5).public_key()], current_version=2)
+    assert v.reason == "not_newer" and v.message is None and v.header.version == 2
+
+
+def test_the_reasons_are_documented_in_format_md_in_the_order_checked():
+    text = (Path(__file__).parents[1] / "edge" / "fleet" / "FORMAT.md").read_text()
+    section = text[text.index("## Validation"):]
+    for r in REASONS:
+        assert f"`{r}`" in section, r
+    pos = [section.index(f"`{r}`") for r in ("bad_header", "wrong_kind", "unknown_key", "bad_signature", "revoked",
+                                              "node_mismatch", "wrong_fleet", "not_newer", "non_finite", "norm_too_large")]
+    assert pos == sorted(pos)
+
+
 # ---- fuzzing: nothing but a Verdict comes out ----------------------------------------------
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
