@@ -9,6 +9,12 @@ labels. They cross through two byte-bounded ``Lane``\\ s (drop oldest, counted):
 * ``labels`` (``[queues] labels_bytes``): labels only, so a flood of windows never sheds
   a label.
 
+Fleet sync's work on the learner thread (prepare a delta, rebase on a global head,
+handle receipts, checkpoint) goes through a third lane, ``fleet`` (``CallLane``), which
+never drops: it is bounded by construction instead, holding at most one pending call of
+each kind (a call offered again while pending is coalesced into it), so a burst of
+labels can no longer push a delta or a rebase out of the drop-oldest labels lane.
+
 The loop handles items in the order they were offered (a sequence number merges the two
 lanes), because a label needs the windows offered before it: taking labels ahead of
 queued windows would reject them as "future" after a backlog. Labels are matched to cached windows (or, for a forecast model, windows are paired with
@@ -106,6 +112,66 @@ class CallItem:
     key: Any = "call"
 
 
+class CallLane:
+    """Calls for the learner thread that are never dropped: at most one pending per kind.
+
+    A call offered while one of its kind is pending replaces that one's callable and keeps
+    its place in the order (``coalesced``): the callers' work is idempotent (prepare the
+    next delta, apply the newest global head, handle the receipts received so far), so
+    running it once covers every offer. More than ``max_kinds`` kinds pending is a bug
+    of the caller: refused and counted, never a silent drop.
+
+    >>> lane = CallLane("fleet", max_kinds=2)
+    >>> lane.put("delta", print, 1), lane.put("rebase", print, 2), lane.put("delta", repr, 3)
+    (True, True, True)
+    >>> [(i.seq, i.fn.__name__) for i in (lane.take(), lane.take())], lane.take(), lane.counters["coalesced"]
+    ([(1, 'repr'), (2, 'print')], None, 1)
+    """
+
+    def __init__(self, name: str, *, max_kinds: int = 64, wake: threading.Event | None = None):
+        self.name, self.max_kinds, self.wake = name, max_kinds, wake
+        self._q: dict = {}  # kind -> CallItem
+        self._lock = threading.Lock()
+        self.counters = {"offered": 0, "taken": 0, "coalesced": 0, "refused": 0, "dropped": 0}
+
+    def put(self, kind, fn: Callable, seq: int) -> bool:
+        with self._lock:
+            self.counters["offered"] += 1
+            old = self._q.get(kind)
+            if old is not None:
+                self._q[kind] = CallItem(fn, old.seq)
+                self.counters["coalesced"] += 1
+            elif len(self._q) >= self.max_kinds:
+                self.counters["refused"] += 1
+                return False
+            else:
+                self._q[kind] = CallItem(fn, seq)
+        if self.wake is not None:
+            self.wake.set()
+        return True
+
+    def take(self) -> CallItem | None:
+        """The pending call offered first (by sequence number), or None."""
+        with self._lock:
+            if not self._q:
+                return None
+            kind = min(self._q, key=lambda k: self._q[k].seq)
+            self.counters["taken"] += 1
+            return self._q.pop(kind)
+
+    def drain(self) -> list:
+        out = []
+        while (item := self.take()) is not None:
+            out.append(item)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._q)
+
+    def stats(self) -> dict[str, int]:
+        return {**self.counters, "depth": len(self._q)}
+
+
 def _stream_key(k: list):
     """A checkpointed stream key (a list) back as the pipeline's ``StreamKey``."""
     return StreamKey(*k) if len(k) == 2 else tuple(k)
@@ -166,13 +232,14 @@ class AdaptWorker:
         self._wake = threading.Event()  # set by every put and by stop: the idle loop blocks on it
         self.data = Lane("learner", max_bytes=q.learner_bytes, clock=clock, wake=self._wake)
         self.labels = Lane("labels", max_bytes=q.labels_bytes, clock=clock, wake=self._wake)
+        self.calls = CallLane("fleet", wake=self._wake)  # never dropped (CallLane)
         self.counters = {"learned": 0, "checkpoints": 0, "checkpoint_errors": 0, "self_supervised": 0,
                          "item_errors": 0, "checkpoint_mismatches": 0, "shutdown_drained": 0, "shutdown_dropped": 0}
         self._own_supervisor = supervisor is None
         self.supervisor = supervisor if supervisor is not None else Supervisor(faults="")
         self._errlog = RateLimitedLog(log)
         self._seq = itertools.count()  # next() is atomic in CPython: producers need no lock
-        self._ahead: list = [None, None]  # the item taken from each lane and not yet handled
+        self._ahead: list = [None, None, None]  # the item taken from each lane (labels, data, calls) and not yet handled
         self._stop = threading.Event()
         self._last_ckpt = clock()
         self._pending_events: list[tuple[str, dict]] = []
@@ -270,14 +337,14 @@ class AdaptWorker:
         if self.thread.ident is not None:
             self.thread.join(max(0.1, timeout_s))
         if self.thread.is_alive():  # stuck in one item: do not touch the learner beside it
-            left = len(self.labels) + len(self.data) + sum(x is not None for x in self._ahead)
+            left = len(self.labels) + len(self.data) + len(self.calls) + sum(x is not None for x in self._ahead)
             self.counters["shutdown_dropped"] += left
             log.error("the learner thread did not stop within %.1f s; %d queued items dropped, no final checkpoint",
                       timeout_s, left)
             return
-        pending = sorted([x for x in self._ahead if x is not None] + self.labels.drain() + self.data.drain(),
-                         key=lambda x: x.seq)  # the loop's order (module docstring)
-        self._ahead = [None, None]
+        pending = sorted([x for x in self._ahead if x is not None] + self.labels.drain() + self.data.drain()
+                         + self.calls.drain(), key=lambda x: x.seq)  # the loop's order (module docstring)
+        self._ahead = [None, None, None]
         done = 0
         for item in pending:
             if self.clock() >= deadline:
@@ -290,7 +357,7 @@ class AdaptWorker:
             log.info("shutdown: learned from %d queued items, dropped %d past the %.1f s budget",
                      done, len(pending) - done, timeout_s)
         self.checkpoint()
-        late = len(self.labels) + len(self.data)  # offered after the drain
+        late = len(self.labels) + len(self.data) + len(self.calls)  # offered after the drain
         self.counters["shutdown_dropped"] += late
 
     def attach_state(self, name: str, obj) -> None:
@@ -300,9 +367,15 @@ class AdaptWorker:
         if name in self._restored:
             obj.load_state_dict(self._restored[name])
 
-    def offer_call(self, fn: Callable[["AdaptWorker"], None]) -> None:
-        """Run ``fn(self)`` on the learner thread, in order with labels (fleet sync's delta and rebase)."""
-        self.labels.put(CallItem(fn, next(self._seq)), _OVERHEAD)
+    def offer_call(self, fn: Callable[["AdaptWorker"], None], *, kind=None) -> bool:
+        """Run ``fn(self)`` on the learner thread, in order with labels and windows (fleet
+        sync's delta, rebase, receipts). Never dropped; one pending call per ``kind``
+        (default: ``fn`` itself, so a bound method offered again while pending runs once).
+        False only when ``CallLane.max_kinds`` kinds are already pending (counted)."""
+        ok = self.calls.put(fn if kind is None else kind, fn, next(self._seq))
+        if not ok:
+            self._errlog.warn("calls", "learner-thread call refused: %d kinds already pending", len(self.calls))
+        return ok
 
     def checkpoint(self) -> bool:
         """Save the learner's state now; True when saved. A failure is counted, logged
@@ -321,15 +394,15 @@ class AdaptWorker:
 
     # ---- the loop ----------------------------------------------------------------------------
     def _next(self):
-        """The oldest offered item across both lanes, or None when both are empty."""
+        """The oldest offered item across the lanes, or None when all are empty."""
         ahead = self._ahead
-        for i, lane in enumerate((self.labels, self.data)):
+        for i, lane in enumerate((self.labels, self.data, self.calls)):
             if ahead[i] is None:
                 ahead[i] = lane.take()
-        a, b = ahead
-        if a is None and b is None:
+        live = [i for i, x in enumerate(ahead) if x is not None]
+        if not live:
             return None
-        i = 0 if b is None or (a is not None and a.seq < b.seq) else 1
+        i = min(live, key=lambda j: ahead[j].seq)
         item, ahead[i] = ahead[i], None
         return item
 
@@ -406,7 +479,7 @@ class AdaptWorker:
         if self.forecast is not None:
             out["forecast_pending"] = self.forecast.pending()
             out["forecast_dropped"] = self.forecast.dropped  # windows whose future never came
-        for lane in (self.data, self.labels):
+        for lane in (self.data, self.labels, self.calls):
             for k, v in lane.stats().items():
                 out[f"lane_{lane.name}_{k}"] = v
         out.update({f"store_{k}": v for k, v in self.store.counters.items()})

@@ -1,9 +1,12 @@
 """Fleet sync in the daemon: the sync client and its own MQTT connection, built from the config.
 
 The connection (client id ``<client_id>-fleet``, status ``<prefix>/<node>/fleet/status``)
-subscribes to the retained global head and to ``<prefix>/<node>/fleet/sync`` (any
-message there asks for a delta now). Keeping it apart from the node's own connection
-means sync traffic never queues behind predictions, and sync can be offline alone.
+subscribes to the retained global head, to this node's receipt topic (the server's
+signed answer to each delta) and to ``<prefix>/<node>/fleet/sync`` (any message there
+asks for a delta now). Deltas and head requests are published tracked
+(``MqttLink.publish_tracked``): a delta counts as handed over only when the broker's
+PUBACK carries a success code. Keeping it apart from the node's own connection means
+sync traffic never queues behind predictions, and sync can be offline alone.
 """
 from __future__ import annotations
 
@@ -28,14 +31,17 @@ class DeviceSync:
                                  connected=lambda: self.link is not None and self.link.connected.is_set())
         self.link = MqttLink(cfg.mqtt, client_id=f"{cfg.mqtt.client_id or 'edge-' + cfg.node.name}-fleet",
                              status_topic=f"{base}/fleet/status",
-                             subscriptions=[(self.client.global_topic, 1), (self.sync_topic, 1)], on_message=self._on_message)
+                             subscriptions=[(self.client.global_topic, 1), (self.client.receipt_topic, 1),
+                                            (self.sync_topic, 1)], on_message=self._on_message)
 
     def _publish(self, topic: str, payload: bytes, *, qos: int = 1):
-        return self.link.client.publish(topic, payload, qos=qos)
+        return self.link.publish_tracked(topic, payload)
 
     def _on_message(self, topic: str, payload: bytes, received_at: float) -> None:
         if topic == self.client.global_topic:
             self.client.on_global(payload)
+        elif topic == self.client.receipt_topic:
+            self.client.on_receipt(payload)
         elif topic == self.sync_topic:
             self.client.sync_now()
 

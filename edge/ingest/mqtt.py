@@ -75,7 +75,8 @@ _EARLY_ACKS = 1024  # broker answers kept for a publish_tracked that has not reg
 class Delivery:
     """One QoS 1 publish of ``publish_tracked``: ``done`` once the broker answered it (PUBACK),
     ``ok`` when that answer's reason code is a success, ``reason`` its name (``"success"``,
-    ``"not_authorized"``, ...; ``""`` until done) and ``code`` its value.
+    ``"not_authorized"``, ...; ``""`` until done), ``code`` its value and ``acked_at`` when
+    it came (``time.monotonic()``).
 
     >>> d = Delivery(7, "fleet/f/m/delta/n1")
     >>> d.done, d.ok
@@ -84,10 +85,10 @@ class Delivery:
     (True, False, 'not_authorized', '0x87')
     """
 
-    __slots__ = ("mid", "topic", "code", "reason", "_done")
+    __slots__ = ("mid", "topic", "code", "reason", "acked_at", "_done")
 
     def __init__(self, mid: int, topic: str):
-        self.mid, self.topic, self.code, self.reason = mid, topic, 0, ""
+        self.mid, self.topic, self.code, self.reason, self.acked_at = mid, topic, 0, "", 0.0
         self._done = threading.Event()
 
     @property
@@ -102,8 +103,8 @@ class Delivery:
         """Wait (bounded) until the broker answered; True when it did."""
         return self._done.wait(timeout)
 
-    def _resolve(self, code: int, reason: str) -> None:
-        self.code, self.reason = int(code), reason
+    def _resolve(self, code: int, reason: str, at: float | None = None) -> None:
+        self.code, self.reason, self.acked_at = int(code), reason, time.monotonic() if at is None else at
         self._done.set()
 
 
@@ -234,7 +235,7 @@ class MqttLink:
         with self._dlock:
             early = self._early.pop(info.mid, None)
             if early is not None and early[0] >= t0:  # answered before we got here: it is this message's
-                d._resolve(early[1], early[2])
+                d._resolve(early[1], early[2], early[0])
                 return d
             self._tracked[info.mid] = d
             while len(self._tracked) > self.max_queued:  # paho holds at most that many: these were given up
