@@ -266,13 +266,15 @@ class AdaptConfig(_Section):
 @dataclass(frozen=True)
 class LabelsConfig(_Section):
     """Who may teach the device. Labels are accepted only on the node's label topics; with
-    ``keys_dir`` set, only when signed (HMAC-SHA256) by a labeller whose key is in it."""
+    ``keys_dir`` set, only when signed (HMAC-SHA256) by a labeller whose key is in it, for
+    this node and the topic's stream, with a recent ``t``, once (docs/TRUST.md, "Labels that
+    name their target")."""
 
     _name = "labels"
     keys_dir: str = _opt("", doc="folder of <labeller>.key files; when set, unsigned or badly signed labels are refused")
-    max_per_s: float = _opt(0.0, lo=0.0, hi=1e6, doc="labels per second accepted from one labeller (or label topic when unsigned); 0: no limit")
-    burst: int = _opt(100, lo=1, hi=1_000_000, doc="labels one labeller may send at once above max_per_s")
-    max_age_s: float = _opt(600.0, lo=1.0, hi=1e7, doc="signed labels older than this (by their t) are refused as replays")
+    max_per_s: float = _opt(0.0, lo=0.0, hi=1e6, doc="labels per second accepted from one labeller across all label topics (unsigned: from all unsigned labels together); 0: no limit")
+    burst: int = _opt(100, lo=1, hi=1_000_000, doc="labels one labeller (unsigned: all unsigned labels) may send at once above max_per_s")
+    max_age_s: float = _opt(600.0, lo=1.0, hi=1e7, doc="signed labels older than this by their t, or this far ahead, are refused; accepted ones are remembered this long against replays")
 
 
 @dataclass(frozen=True)
