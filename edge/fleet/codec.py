@@ -466,12 +466,14 @@ def unpack_message(data: bytes, *, max_elements: int = MAX_ELEMENTS) -> Message:
     return Message(header=env.header, tensors=tensors, key_id=env.key_id, signature=env.signature, signed=env.signed)
 
 
-def verify_signature(msg: Message | Envelope, public_key) -> bool:
+def verify_signature(msg: Message | Envelope, public_key, *, known_key_id: bytes | None = None) -> bool:
     """True when ``msg`` (a ``Message`` or an ``Envelope``) was signed by the private half
-    of ``public_key``: the key id matches and the signature verifies over the raw bytes."""
+    of ``public_key``: the key id matches and the signature verifies over the raw bytes.
+    ``known_key_id``: ``key_id(public_key)`` when the caller keeps it (the registry does),
+    so that it is not computed again for every message."""
     from cryptography.exceptions import InvalidSignature
 
-    if msg.key_id != key_id(public_key):
+    if msg.key_id != (known_key_id if known_key_id is not None else key_id(public_key)):
         return False
     try:
         public_key.verify(msg.signature, msg.signed)

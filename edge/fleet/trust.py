@@ -112,7 +112,7 @@ def authenticate(env: Envelope, snapshot: TrustSnapshot) -> Authentication:
     dk = snapshot.keys.get(node)
     if dk is None:
         return Authentication(None, "unknown_key", f"no trusted key for node {node[:64]!r}")
-    if not verify_signature(env, dk.public_key):
+    if not verify_signature(env, dk.public_key, known_key_id=dk.key_id):
         return Authentication(None, "bad_signature", f"signature does not verify with {node[:64]!r}'s key")
     if snapshot.is_revoked(dk):
         return Authentication(node, "revoked", f"node {node[:64]!r} or its key {dk.key_id.hex()} is revoked")

@@ -17,6 +17,7 @@ never made), ``not_newer`` (a global head that does not move the version forward
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Mapping
 
@@ -80,7 +81,7 @@ def _header_content(h: Header, exp: Expected) -> tuple[str, str] | None:
 def _decode(env: Envelope, exp: Expected) -> Message | tuple[str, str]:
     """The message with its tensors, decoded against the expected shapes (nothing else is
     allocated), or ``(reason, detail)``."""
-    max_elements = min(MAX_ELEMENTS, sum(int(np.prod(s)) for s in exp.shapes.values()))
+    max_elements = min(MAX_ELEMENTS, sum(math.prod(s) for s in exp.shapes.values()))
     try:
         tensors = decode_tensors(env, shapes=exp.shapes, max_elements=max_elements)
     except DecodeError as e:
