@@ -41,6 +41,26 @@ def test_contradiction_needs_both_heads_sure_of_the_same_class():
     assert not g.contradicts(sure, np.array([0.05, 0.95]), 1)
 
 
+@settings(max_examples=200, deadline=None)
+@given(rows=st.lists(st.tuples(st.floats(0, 1), st.floats(0, 1), st.integers(0, 2)), min_size=1, max_size=20),
+       conf=st.floats(0.5, 1.0))
+def test_the_batch_form_of_the_contradiction_rule_is_the_scalar_one(rows, conf):
+    g = LabelGuard(confidence=conf)
+    served = np.array([[a, 1 - a, 0.0] for a, _, _ in rows])
+    glob = np.array([[b, 0.0, 1 - b] for _, b, _ in rows])
+    labels = [c for _, _, c in rows]
+    assert g.contradicts_many(served, glob, labels).tolist() == [g.contradicts(s, h, c) for s, h, c in zip(served, glob, labels)]
+
+
+def test_a_restored_guard_holds_as_it_did_before_the_restart():
+    g = LabelGuard(window=20, warmup=0)
+    for _ in range(20):
+        g.observe(True)
+    h = LabelGuard(window=20, warmup=0)
+    h.load_state_dict(g.state_dict())
+    assert g.tripped and h.tripped
+
+
 def test_state_round_trips():
     g = LabelGuard(window=10)
     for x in [True, False] * 20:

@@ -370,6 +370,8 @@ class Learner:
         g = self.guard
         if g is None:
             return False
+        if len(targets) == 1:  # learn_one's hot path: the scalar form of the same rule (tested equal)
+            return g.observe(g.contradicts(served[0], global_scores[0], int(targets[0])))
         return g.observe_many(g.contradicts_many(served, global_scores, targets))
 
     def _grant(self, labels: int, steps: int) -> int:
