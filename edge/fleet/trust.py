@@ -39,7 +39,7 @@ from types import MappingProxyType
 from typing import Callable, Mapping
 
 from edge.fleet.codec import KEY_ID_LEN, Envelope, key_id, verify_signature
-from edge.fleet.keys import KeyFileError, load_public
+from edge.fleet.keys import load_public
 from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.fleet")
@@ -208,10 +208,11 @@ class DeviceRegistry:
             return False
         try:
             snap = self._load() if stamp is not None else TrustSnapshot()
-        except OSError as e:  # a revocation list that cannot be read must not be ignored: keep the old state
-            self.counters["error_revoked"] += 1
-            self._rl.warn("trust_revoked", "cannot read %s: %s; device keys not reloaded",
-                          self.devices_dir / REVOKED_FILE, str(e)[:200])
+        except OSError as e:  # e.g. a revocation list that cannot be read: never ignore it, keep the old state
+            kind = "revoked" if getattr(e, "filename", None) == str(self.devices_dir / REVOKED_FILE) else "folder"
+            self.counters[f"error_{kind}"] += 1
+            self._rl.warn(f"trust_{kind}", "cannot reload the device keys of %s: %s; the last ones stay",
+                          self.devices_dir, str(e)[:200])
             return False
         self._stamp, self._racy = stamp, racy
         if snap != self.snapshot:
@@ -234,7 +235,7 @@ class DeviceRegistry:
             try:
                 k = load_public(p)
                 keys[p.name[:-4]] = DeviceKey(node=p.name[:-4], public_key=k, key_id=key_id(k), since=p.stat().st_mtime)
-            except (KeyFileError, OSError) as e:  # half-written or broken: not trusted, and said
+            except Exception as e:  # half-written, broken, or a key type the library refuses: not trusted, and said
                 self.counters["error_key"] += 1
                 self._rl.warn(f"trust_key:{p.name[:64]}", "skipping device key: %s", str(e)[:200])
         return TrustSnapshot(keys=MappingProxyType(keys), revoked_nodes=nodes, revoked_key_ids=ids)
