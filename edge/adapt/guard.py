@@ -59,8 +59,8 @@ class LabelGuard:
 
     def observe_many(self, contradicting) -> bool:
         """``observe`` each flag in order (the rule is sequential); whether the guard is tripped now."""
-        for c in contradicting:
-            self.observe(bool(c))
+        for c in np.asarray(contradicting, bool).tolist():  # Python bools: numpy scalars cost more per row
+            self.observe(c)
         return self.tripped
 
     def observe(self, contradicting: bool) -> bool:
