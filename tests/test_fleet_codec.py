@@ -240,6 +240,15 @@ def test_the_verdict_names_a_signer_only_when_its_key_verified(make, reason, sig
     assert (v.reason, v.signer) == (reason, signer)
 
 
+def test_a_refusal_before_decoding_still_names_the_signed_header_and_digest():
+    from edge.fleet.codec import Message
+
+    data = _delta(model_hash="other", seq=7)
+    v = _check(data)
+    assert v.reason == "wrong_model_hash" and v.message is None and v.signer == "n1"
+    assert v.header.seq == 7 and v.digest == Message(v.header, {}, b"", data[-64:], data[:-64]).digest
+
+
 def test_node_mismatch_is_blamed_on_the_signer_not_the_topic():
     v = _check(_delta(), topic_node="n2")
     assert (v.reason, v.signer) == ("node_mismatch", "n1")

@@ -61,7 +61,13 @@ class Verdict:
 
     @property
     def header(self) -> Header | None:
+        """The message's header once its envelope parsed (also for a refusal before decoding)."""
         return self.envelope.header if self.envelope is not None else None
+
+    @property
+    def digest(self) -> str:
+        """sha256 of the whole message (``Message.digest``) once its envelope parsed, else ""."""
+        return self.envelope.digest if self.envelope is not None else ""
 
 
 def _reject(reason: str, detail: str = "", message: Message | None = None, *, env: Envelope | None = None,
