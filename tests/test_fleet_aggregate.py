@@ -87,3 +87,15 @@ def test_buffer_applies_at_k_or_after_t():
 
 def test_apply_delta_adds_scaled():
     np.testing.assert_allclose(apply_delta({"w": np.ones(2)}, {"w": np.array([1.0, -1.0])}, server_lr=0.5)["w"], [1.5, 0.5])
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(-10, 10)), min_size=1, max_size=8),
+       st.sampled_from(["clip", "trimmed_mean", "median"]))
+def test_aggregation_leaves_its_inputs_untouched(rows, rule):
+    """Merging and clipping work on copies: the caller's (e.g. the decoded-tensor cache's) arrays stay as they were."""
+    batch = [Contribution({"w": np.array([v, 1.0], np.float64)}, samples=10 + d, staleness=0, node=f"d{d}") for d, v in rows]
+    before = [c.arrays["w"].copy() for c in batch]
+    aggregate(batch, rule=rule, reference=Reference(norm=0.5, samples=10.0))
+    for c, b in zip(batch, before):
+        np.testing.assert_array_equal(c.arrays["w"], b)

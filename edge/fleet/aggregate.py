@@ -145,11 +145,12 @@ def merge_by_device(contributions: list[Contribution]) -> list[Contribution]:
         key = ("node", c.node) if c.node is not None else ("anon", i)
         prev = out.get(key)
         if prev is None:
-            out[key] = Contribution({k: np.asarray(v, np.float64) for k, v in c.arrays.items()}, int(c.samples),
+            out[key] = Contribution({k: np.array(v, np.float64) for k, v in c.arrays.items()}, int(c.samples),
                                     int(c.staleness), c.node)
         else:
-            out[key] = Contribution({k: prev.arrays[k] + np.asarray(v, np.float64) for k, v in c.arrays.items()},
-                                    prev.samples + int(c.samples), max(prev.staleness, int(c.staleness)), c.node)
+            for k, v in c.arrays.items():  # in place: the arrays are this function's own float64 copies
+                prev.arrays[k] += v
+            out[key] = Contribution(prev.arrays, prev.samples + int(c.samples), max(prev.staleness, int(c.staleness)), c.node)
     return list(out.values())
 
 
@@ -215,8 +216,9 @@ def aggregate(contributions: list[Contribution], *, rule: str = "clip", referenc
     shares: dict = {}
     if rule == "clip":
         out = {k: np.zeros(np.shape(merged[0].arrays[k]), np.float64) for k in names}
-        for key, wi, c in zip(keys, w, merged):
-            share = {k: wi * v for k, v in clip_by_norm(c.arrays, tau).items()}
+        for key, wi, c, n in zip(keys, w, merged, norms):
+            f = wi * (1.0 if n <= tau or n == 0 else tau / n)  # clip_by_norm's factor, the norm already known
+            share = {k: np.multiply(v, f, out=v) for k, v in c.arrays.items()}  # in place: merge's own copies
             shares[key] = share
             for k in names:
                 out[k] += share[k]
