@@ -353,3 +353,18 @@ def test_an_unreadable_revocation_list_keeps_the_last_keys_and_says_so(tmp_path)
     rev.mkdir()  # unreadable as a file, whoever runs the test (root reads a mode-0 file)
     now[0] = 1.0
     assert reg.current().revoked_nodes == {"a"} and reg.counters["error_revoked"] == 1
+
+
+def test_the_registry_counters_render_as_prometheus_families(tmp_path):
+    from edge.observe import Registry
+
+    keys = make_keys(tmp_path, ["a", "b"])
+    (keys["devices_dir"] / "revoked").write_text("b\n")
+    (keys["devices_dir"] / "c.pub").write_text("not a key")
+    reg = DeviceRegistry(keys["devices_dir"])
+    prom = Registry()
+    for fam in reg.metric_families():
+        prom.add(*fam)
+    text = prom.render()
+    assert "edge_fleet_trust_reloads_total 1.0" in text and 'edge_fleet_trust_errors_total{kind="key"} 1.0' in text
+    assert "edge_fleet_trusted_keys 2.0" in text and "edge_fleet_revoked_keys 1.0" in text
