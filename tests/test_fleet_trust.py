@@ -368,3 +368,22 @@ def test_the_registry_counters_render_as_prometheus_families(tmp_path):
     text = prom.render()
     assert "edge_fleet_trust_reloads_total 1.0" in text and 'edge_fleet_trust_errors_total{kind="key"} 1.0' in text
     assert "edge_fleet_trusted_keys 2.0" in text and "edge_fleet_revoked_keys 1.0" in text
+
+
+def test_a_key_replaced_within_one_clock_tick_is_still_seen(tmp_path):
+    """File times are coarse: a key rewritten in place, same size, in the same tick, has the
+    same stat. A recently written file is re-read at the next look all the same."""
+    import os
+
+    keys = make_keys(tmp_path, ["a"])
+    pub = keys["devices_dir"] / "a.pub"
+    before = pub.stat()
+    now = [0.0]
+    reg = DeviceRegistry(keys["devices_dir"], clock=lambda: now[0])
+    new = create_key(tmp_path / "new", "a", role="device")
+    with open(pub, "r+b") as f:  # in place: same inode
+        f.write(new.public_path.read_bytes())
+    os.utime(pub, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert pub.stat().st_ino == before.st_ino and pub.stat().st_size == before.st_size
+    now[0] = 1.0
+    assert reg.current().keys["a"].key_id == key_id(load_public(new.public_path))
