@@ -265,7 +265,9 @@ def test_an_old_global_head_is_refused_without_decoding_its_tensors():
 
 def test_the_reasons_are_documented_in_format_md_in_the_order_checked():
     text = (Path(__file__).parents[1] / "edge" / "fleet" / "FORMAT.md").read_text()
-    section = text[text.index("## Validation"):]
+    start = text.index("## Validation")
+    end = text.find("\n## ", start)
+    section = text[start:end if end >= 0 else len(text)]
     for r in REASONS:
         assert f"`{r}`" in section, r
     pos = [section.index(f"`{r}`") for r in ("bad_header", "wrong_kind", "unknown_key", "bad_signature", "revoked",
