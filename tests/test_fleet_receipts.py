@@ -7,12 +7,15 @@ import time
 
 import pytest
 
-from edge.fleet.codec import unpack_message
+import numpy as np
+
+from edge.fleet.codec import Header, encode_tensor, pack_message, unpack_message
 from edge.fleet.config import load_server_config
-from edge.fleet.keys import load_public
+from edge.fleet.keys import load_private, load_public
 from edge.fleet.receipts import unpack_receipt
 from edge.fleet.server import FleetServer
 from edge.fleet.store import open_store
+from edge.zoo import resolve_model
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
 from tests.helpers import Client
 
@@ -54,6 +57,15 @@ def _receipts(keys, msgs, node="n1"):
     return [unpack_receipt(p, [pub]) for t, p, _ in msgs if t == f"{PREFIX}/receipt/{node}"]
 
 
+def _wrong_shapes_delta(key_path, *, seq: int) -> bytes:
+    """A delta n1 signed whose arrays are not the head's shapes (refused before decoding)."""
+    m = resolve_model("vibration")
+    arrays = {"weight": np.zeros((2, 3), np.float32), "bias": np.zeros(2, np.float32)}
+    h = Header(kind="delta", fleet="test", model=m.manifest.name, model_hash=m.content_hash, head_kind="linear",
+               node="n1", seq=seq, base_version=0, samples=10, encoding="fp32")
+    return pack_message(h, {k: encode_tensor(v, "fp32") for k, v in arrays.items()}, load_private(key_path))
+
+
 def _globals(msgs):
     return [unpack_message(p) for t, p, _ in msgs if t.endswith("/global") and p]
 
@@ -67,19 +79,21 @@ def test_every_verified_delta_gets_a_signed_receipt_saying_what_became_of_it(tmp
                  good,                                                   # identical resend: accepted
                  signed_delta(k1, node="n1", seq=5, seed=3),             # other content, same seq
                  signed_delta(k1, node="n1", seq=6, scale=100.0),        # norm over max_norm
+                 _wrong_shapes_delta(k1, seq=7),                         # refused before its tensors are decoded
                  signed_delta(keys["n2"].private_path, node="n1", seq=8),  # not n1's key: no receipt
                  b"garbage" * 20]
         for payload in sends:
             watcher.publish(f"{PREFIX}/delta/n1", payload)
-        got = watcher.wait_for(lambda m: len(r := _receipts(keys, m)) >= 4 and r)
+        got = watcher.wait_for(lambda m: len(r := _receipts(keys, m)) >= 5 and r)
         _until(lambda: server.counters["received"] == len(sends))
         assert [(r.seq, r.status, r.reason) for r in got] == [
-            (5, "accepted", ""), (5, "accepted", ""), (5, "refused", "replayed_seq"), (6, "refused", "norm_too_large")]
+            (5, "accepted", ""), (5, "accepted", ""), (5, "refused", "replayed_seq"), (6, "refused", "norm_too_large"),
+            (7, "refused", "wrong_shapes")]
         assert {r.stored_seq for r in got} == {5}  # the highest seq stored for n1
         assert got[0].digest == unpack_message(good).digest and got[0].fleet == "test" and got[0].node == "n1"
         assert {r.epoch for r in got} == {server.agg.store.epoch()} and {r.latest_version for r in got} == {0}
         # the forged one (n2's key under n1's name) and the garbage were answered to nobody
-        assert server.counters["receipts"] == 4
+        assert server.counters["receipts"] == 5
         assert not _receipts(keys, watcher.msgs, node="n2")
     finally:
         server.stop()

@@ -9,6 +9,7 @@ server's throughput.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from collections import OrderedDict
 import time
@@ -33,15 +34,16 @@ MAX_CLAIMED_BASE = 1 << 53  # a base version above this is garbage, never a reas
 
 def receipted_node(v: Verdict) -> str | None:
     """The node a verdict is answered to: the signer of a delta whose signature verified
-    with that node's key, else None (no receipt).
+    with that node's trusted key, else None (no receipt).
 
     >>> receipted_node(Verdict(ok=False, reason="bad_signature")) is None
     True
+    >>> receipted_node(Verdict(ok=False, reason="node_mismatch", signer="n1")) is None  # replayed onto another topic
+    True
     """
-    if v.message is None or v.reason in UNVERIFIED:
+    if v.reason in UNVERIFIED or v.header is None:
         return None
-    signer = getattr(v, "signer", None)
-    return signer if signer else v.message.header.node
+    return v.signer or None
 
 
 def receipt_for(v: Verdict, *, fleet: str, model: str, stored_seq: int, latest_version: int, epoch: str,
@@ -52,10 +54,9 @@ def receipt_for(v: Verdict, *, fleet: str, model: str, stored_seq: int, latest_v
     node = receipted_node(v)
     if node is None:
         return None
-    h = v.message.header
-    return Receipt(fleet=fleet, model=model, node=node, seq=h.seq, status="accepted" if v.ok else "refused",
+    return Receipt(fleet=fleet, model=model, node=node, seq=v.header.seq, status="accepted" if v.ok else "refused",
                    reason="" if v.ok else v.reason, stored_seq=stored_seq, latest_version=latest_version, epoch=epoch,
-                   digest=v.message.digest, issued=issued)
+                   digest=v.digest, issued=issued)
 
 
 class Aggregator:
@@ -136,8 +137,8 @@ class Aggregator:
                 elif what == RESENT:  # its earlier copy is stored: the device only missed the answer
                     self.counters["resent"] += 1
                 elif what == REPLAYED:
-                    verdicts[i] = Verdict(ok=False, reason="replayed_seq", message=verdicts[i].message,
-                                          detail="this (node, seq) is stored with other content")
+                    verdicts[i] = dataclasses.replace(verdicts[i], ok=False, reason="replayed_seq",
+                                                      detail="this (node, seq) is stored with other content")
                     self.rejected["replayed_seq"] += 1
         self._maybe_start_epoch(verdicts)
         self.store.count_rejections(rejections)
@@ -146,7 +147,7 @@ class Aggregator:
     def _maybe_start_epoch(self, verdicts: list[Verdict]) -> None:
         # a trusted device holds a version this store never made: the store was restored from
         # an older backup. Renumber past its claim so devices take the next head as newer.
-        claims = [v.message.header.base_version for v in verdicts
+        claims = [v.header.base_version for v in verdicts
                   if v.reason == "future_base" and receipted_node(v) is not None]
         sane = [c for c in claims if c <= MAX_CLAIMED_BASE]
         if len(sane) < len(claims):
