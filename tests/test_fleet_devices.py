@@ -33,7 +33,7 @@ def _env():
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _device_toml(root: Path, keys: dict, broker, node: str) -> Path:
+def _device_toml(root: Path, keys: dict, broker, node: str, fleet_extra: str = "") -> Path:
     p = root / f"{node}.toml"
     p.write_text(f'''[node]
 name = "{node}"
@@ -59,16 +59,20 @@ encoding = "topk8"
 topk_fraction = 0.05
 key_file = "{keys[node].private_path}"
 server_key = "{keys['server'].public_path}"
+{fleet_extra}
 ''')
     return p
 
 
 class Fleet:
-    def __init__(self, root: Path, broker):
+    def __init__(self, root: Path, broker, *, nodes=NODES, server_extra: str = ""):
         self.root, self.broker = root, broker
-        self.keys = make_keys(root, NODES)
+        self.keys = make_keys(root, nodes)
         self.db = root / "fleet.db"
         self.server_cfg = server_toml(root, self.keys, broker, store=str(self.db), k=3, t_s=1.0)
+        if server_extra:  # more [server] keys (the helper writes [server] first, then [mqtt])
+            text = self.server_cfg.read_text()
+            self.server_cfg.write_text(text.replace("\n[mqtt]\n", f"\n{server_extra}\n\n[mqtt]\n", 1))
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = root / "logs"
         self.logs.mkdir()
@@ -77,8 +81,8 @@ class Fleet:
         self.procs["server"] = self._spawn("server", [sys.executable, "-m", "edge.cli", "fleet-server", "run", "-c",
                                                      str(self.server_cfg)])
 
-    def start_device(self, node: str, seed: int):
-        cfg = _device_toml(self.root, self.keys, self.broker, node)
+    def start_device(self, node: str, seed: int, fleet_extra: str = ""):
+        cfg = _device_toml(self.root, self.keys, self.broker, node, fleet_extra)
         self.procs[node] = self._spawn(node, [sys.executable, str(ROOT / "tests" / "fleet_device.py"), str(cfg),
                                               str(self.status_path(node)), str(seed)])
 
@@ -133,12 +137,12 @@ class Fleet:
         """Stored seqs are 1..N, and their samples add up to what the device had sent by seq S."""
         def settled():
             st = self.status(node)
-            if not st or st["outbox"] or st["seq"] == 0:
+            if not st or st["outbox"] or st["seq"] == 0 or st.get("unreceipted"):
                 return None
             rows = self.stored(node)
             return (st, rows) if rows and rows[-1][0] >= st["seq"] else None
 
-        st, rows = self.wait(settled, what=f"{node}'s deltas to settle")
+        st, rows = self.wait(settled, what=f"{node}'s deltas to settle and be receipted")
         seqs = [r[0] for r in rows]
         assert seqs == list(range(1, len(seqs) + 1)), f"{node}: a gap or a duplicate in {seqs}"
         assert sum(r[1] for r in rows if r[0] <= st["seq"]) == st["labels_at_send"], (rows, st)
@@ -172,6 +176,8 @@ def test_deltas_flow_versions_advance_and_devices_rebase(fleet):
     assert all(fleet.status(n)["global_version"].startswith("fleet-") for n in NODES)
     for n in NODES:
         fleet.assert_nothing_lost(n)
+        st = fleet.status(n)  # every delta was answered by the server, and accepted
+        assert st["counters"].get("receipts_accepted", 0) >= 1 and not st["receipts_refused"], st
 
 
 def test_an_offline_device_catches_up_with_everything_it_learned(fleet):

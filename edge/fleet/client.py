@@ -52,6 +52,7 @@ from edge.observe import RateLimitedLog
 log = logging.getLogger("edge.fleet")
 _RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0  # backoff after the broker refused the outbox
 _ASK_MIN_S, _ASK_MAX_S = 2.0, 30.0  # between head requests while one is wanted
+_RESEND_MAX_S = 600.0  # longest wait between resends of a delta whose receipt did not come
 
 
 class SyncClient:
@@ -96,6 +97,7 @@ class SyncClient:
         self._wake = threading.Event()
         self._due = threading.Event()
         self._inflight = None  # (seq, Delivery, sent_at)
+        self._resend: dict[int, tuple[float, float]] = {}  # ledger seq -> (next resend at, wait): sync thread only
         self._retry_at, self._retry_s = 0.0, _RETRY_MIN_S
         self._want_head, self._asked, self._ask_at, self._ask_s, self._head_at = False, None, 0.0, _ASK_MIN_S, 0.0
         self.thread = threading.Thread(target=self._run, name="sync", daemon=True)
@@ -161,6 +163,7 @@ class SyncClient:
             try:
                 self._ask()
                 self._send_outbox()
+                self._resend_unreceipted()
                 if self._due.is_set() or time.monotonic() >= next_at:
                     self._due.clear()
                     next_at = time.monotonic() + self.interval_s
@@ -202,6 +205,27 @@ class SyncClient:
             self.counters["published"] += 1
         else:
             self.counters["publish_failed"] += 1
+
+    def _resend_unreceipted(self) -> None:
+        """A delta whose receipt did not come (lost with a crash, or the server was away) is
+        sent again, the same bytes, with backoff: the server stores an identical resend
+        once and answers it, so the ledger empties without guessing."""
+        entries = self.ledger.entries
+        live = {e.seq for e in entries}
+        for seq in [q for q in self._resend if q not in live]:
+            del self._resend[seq]
+        ob = self.outbox
+        now = time.monotonic()
+        first = max(10.0, 3 * self.interval_s)
+        for e in entries:
+            if ob is not None and e.seq == ob[0]:
+                continue  # the outbox has its own resends
+            at, wait = self._resend.setdefault(e.seq, (now + first, first))
+            if now >= at and self._online():
+                self.publish_fn(self.delta_topic, e.message, qos=1)
+                self._resend[e.seq] = (now + wait * 2, min(_RESEND_MAX_S, wait * 2))
+                self.counters["resent_unreceipted"] += 1
+                return  # one a round
 
     def _handed_over(self, ob) -> None:
         with self._lock:
