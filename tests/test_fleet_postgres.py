@@ -106,3 +106,35 @@ def test_two_servers_apply_every_delta_exactly_once_when_one_dies_mid_aggregatio
                     p.wait(20)
                 except subprocess.TimeoutExpired:
                     p.kill()
+
+
+def test_a_postgresql_blip_is_retried_and_loses_no_delta(tmp_path, broker, schema):
+    """The server's database connection is killed (a restart, a failover): the batch in
+    flight fails, is counted and retried; the store reconnects and the delta is stored and
+    receipted; nothing was acknowledged before."""
+    import psycopg
+
+    from edge.fleet.config import load_server_config
+    from edge.fleet.keys import load_public
+    from edge.fleet.receipts import unpack_receipt
+    from edge.fleet.server import FleetServer
+
+    keys = make_keys(tmp_path, ["n1"])
+    url = f"{PG}?schema={schema}"
+    server = FleetServer(load_server_config(server_toml(tmp_path, keys, broker, store=url, name="srv-blip", k=1000,
+                                                        t_s=3600.0)))
+    server.start()
+    watch = Client(broker, "fleet/test/vibration/receipt/n1")
+    try:
+        assert server.connected.wait(10)
+        (pid,) = server.agg.store._one("SELECT pg_backend_pid()")
+        with psycopg.connect(PG, autocommit=True) as c:
+            c.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        watch.publish("fleet/test/vibration/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=1))
+        (r,) = watch.wait_for(lambda m: [unpack_receipt(p, [load_public(keys["server"].public_path)]) for t, p, _ in m])
+        assert (r.seq, r.status, r.stored_seq) == (1, "accepted", 1)
+        assert server.counters["store_errors"] >= 1 and server.agg.store.reconnects >= 1
+        assert server.health()[0] and server.agg.store.stored_seq("n1") == 1
+    finally:
+        watch.close()
+        server.stop()

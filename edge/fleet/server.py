@@ -228,13 +228,13 @@ class FleetServer:
             verdicts = self.agg.ingest([(d.topic, d.payload) for d in batch])
             receipts = self.agg.receipts(verdicts)
             self._batch = []
+            self._cleared()  # stored: healthy again before anyone hears of it
             self.counters["received"] += len(batch)
             self._send_receipts(receipts)
             for d in batch:
                 self._ack(d.mid, d.qos)  # only now: the batch is in the store
-            if self.agg.maybe_commit() is not None:
-                self._publish_latest()
-            self._publish_latest()  # a new epoch goes out at once
+            self.agg.maybe_commit()
+            self._publish_latest()  # a new version, or a new epoch, goes out at once
         if self._redeliver and self.connected.is_set():
             self._reconnect()
 
@@ -320,7 +320,7 @@ class FleetServer:
                 lambda: len(self.queue) + len(self._batch))
         reg.add("edge_fleet_store_ok", "gauge", "1 while storing works, 0 while it fails (retried)",
                 lambda: float(not self.store_error))
-        reg.add("edge_fleet_server", "counter", "server counters, by name",
+        reg.add("edge_fleet_server_total", "counter", "server counters, by name",
                 lambda: [({"name": k}, v) for k, v in self.counters.items()])
         reg.add("edge_fleet_mqtt_connected", "gauge", "1 while connected to the broker", lambda: float(self.connected.is_set()))
         return reg
