@@ -34,7 +34,7 @@ from edge.errors import brief
 from edge.ingest.mqtt import MqttLink
 from edge.ingest.sources import SourceContext, build_sources, mqtt_routes
 from edge.ingest.topics import TopicRoute
-from edge.observe import MetricsServer, Registry
+from edge.observe import MetricsServer, Registry, add_sync_families
 from edge.pipeline import Pipeline, build_pipeline
 from edge.supervise import Supervisor
 
@@ -458,7 +458,7 @@ class Daemon:
         if self.adapt is not None:
             _prefixed_families(reg, "edge_adapt", "learner", self.adapt.metrics)
         if self.sync is not None:
-            _prefixed_families(reg, "edge_fleet_sync", "fleet sync", self.sync.metrics)
+            add_sync_families(reg, self.sync.metrics)
         return reg
 
 

@@ -220,3 +220,82 @@ class MetricsServer:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+#: Fleet sync on /metrics (the daemon's registry), declared here, not from what ``SyncClient.metrics()`` holds when the
+#: registry is built (its counters appear only once they are non-zero): (family, kind, help,
+#: label, {label value: metrics() key}). A dict-valued key gives one series per entry instead.
+SYNC_FAMILIES = (
+    ("edge_fleet_sync_deltas_total", "counter", "fleet sync: deltas, by what became of them", "outcome",
+     {"prepared": "sync_prepared", "skipped": "sync_skipped", "checkpoint_failed": "sync_checkpoint_failed",
+      "published": "sync_published", "publish_failed": "sync_publish_failed", "publish_refused": "sync_publish_refused",
+      "acked": "sync_acked", "returned": "sync_returned", "evicted_unreceipted": "sync_unreceipted_evicted"}),
+    ("edge_fleet_sync_clipped_total", "counter", "fleet sync: deltas sent as a smaller (clipped) step", None,
+     "sync_clipped"),
+    ("edge_fleet_sync_receipts_total", "counter", "fleet sync: receipts from the server, by outcome", "outcome",
+     {"handled": "sync_receipts", "accepted": "sync_receipts_accepted", "bad": "sync_receipts_bad",
+      "misaddressed": "sync_receipts_misaddressed", "unmatched": "sync_receipts_unmatched"}),
+    ("edge_fleet_sync_receipts_refused_total", "counter", "fleet sync: this device's deltas the server refused, by reason",
+     "reason", "sync_receipts_refused"),
+    ("edge_fleet_sync_globals_total", "counter", "fleet sync: global heads received, by outcome", "outcome",
+     {"rebased": "sync_rebased", "not_newer": "sync_globals_not_newer"}),
+    ("edge_fleet_sync_globals_refused_total", "counter", "fleet sync: global heads this device refused, by reason",
+     "reason", "sync_refused"),
+    ("edge_fleet_sync_head_requests_total", "counter", "fleet sync: requests for the server's latest head", None,
+     "sync_requests"),
+    ("edge_fleet_sync_epoch_changes_total", "counter", "fleet sync: new store epochs of the server followed", None,
+     "sync_epoch_changes"),
+    ("edge_fleet_sync_seq_resumed_total", "counter", "fleet sync: seq moved past the server's stored seq", None,
+     "sync_seq_resumed"),
+    ("edge_fleet_sync_errors_total", "counter", "fleet sync: rounds or steps that failed (logged)", None, "sync_errors"),
+    ("edge_fleet_sync_base_version", "gauge", "fleet sync: the global version the head is based on", None,
+     "sync_base_version"),
+    ("edge_fleet_sync_seq", "gauge", "fleet sync: sequence number of the last delta prepared", None, "sync_seq"),
+    ("edge_fleet_sync_outbox", "gauge", "fleet sync: 1 while a delta waits to be handed to the broker", None,
+     "sync_outbox"),
+    ("edge_fleet_sync_unreceipted", "gauge", "fleet sync: deltas sent and not yet receipted", None, "sync_unreceipted"),
+    ("edge_fleet_sync_step_cap", "gauge", "fleet sync: L2 cap of a step after norm_too_large (0: none)", None,
+     "sync_step_cap"),
+    ("edge_fleet_sync_want_head", "gauge", "fleet sync: 1 while the device asks for the latest head", None,
+     "sync_want_head"),
+    ("edge_fleet_sync_server_latest_version", "gauge", "fleet sync: the server's latest version (last receipt)", None,
+     "sync_server_latest_version"),
+    ("edge_fleet_sync_server_stored_seq", "gauge", "fleet sync: this device's highest seq the server stores", None,
+     "sync_server_stored_seq"),
+    ("edge_fleet_sync_epoch", "gauge", "fleet sync: the server's store epoch (first 8 hex digits as a number)", None,
+     "sync_epoch"),
+)
+
+
+def sync_samples(spec, m: dict) -> list:
+    """The series of one ``SYNC_FAMILIES`` entry from a ``metrics()`` dict; zero where absent.
+
+    >>> sync_samples(SYNC_FAMILIES[0], {"sync_acked": 2})[:2]
+    [({'outcome': 'prepared'}, 0.0), ({'outcome': 'skipped'}, 0.0)]
+    >>> sync_samples(SYNC_FAMILIES[3], {"sync_receipts_refused": {"norm_too_large": 1}})
+    [({'reason': 'norm_too_large'}, 1.0)]
+    >>> sync_samples(SYNC_FAMILIES[1], {})
+    [({}, 0.0)]
+    """
+    _, _, _, label, keys = spec
+    if isinstance(keys, dict):
+        return [({label: value}, _num(m.get(key))) for value, key in keys.items()]
+    v = m.get(keys)
+    if isinstance(v, dict):
+        return [({label: str(k)}, _num(n)) for k, n in sorted(v.items())]
+    return [({}, _num(v))]
+
+
+def sync_keys() -> set[str]:
+    """Every ``metrics()`` key ``SYNC_FAMILIES`` exports (a test holds the client's keys to it)."""
+    return {k for *_, keys in SYNC_FAMILIES for k in (keys.values() if isinstance(keys, dict) else [keys])}
+
+
+def add_sync_families(reg: Registry, read) -> None:
+    """Every ``SYNC_FAMILIES`` family, read from ``read()`` (``SyncClient.metrics``) at each scrape."""
+    for spec in SYNC_FAMILIES:
+        reg.add(spec[0], spec[1], spec[2], lambda spec=spec: sync_samples(spec, read()))
+
+
+def _num(v) -> float:
+    return float(v) if isinstance(v, (bool, int, float)) and v == v else 0.0

@@ -56,7 +56,44 @@ def render_status(st: dict[str, Any], *, now: float | None = None, source: str =
         lines += ["", "learner: " + " · ".join(f"{k} {ad[k]}" for k in (
             "learner_champion_version", "learner_labels_total", "learner_promotions_total", "learner_refreshes_total",
             "learner_rollbacks_total", "learner_drifts_total") if k in ad)]
+    if st.get("fleet"):
+        lines += ["", sync_line(st["fleet"])]
     bad = {**(st.get("bad_input") or {}), **(st.get("internal_errors") or {})}
     if bad:
         lines += ["", "recent errors (counts): " + ", ".join(f"{_cut(k, 40)} {v}" for k, v in sorted(bad.items()))]
     return "\n".join(lines)
+
+
+_SYNC_SHOWN = ("sync_base_version", "sync_seq", "sync_outbox", "sync_prepared", "sync_acked", "sync_publish_failed",
+               "sync_publish_refused", "sync_unreceipted", "sync_receipts_accepted", "sync_receipts_refused",
+               "sync_server_latest_version", "sync_rebased", "sync_refused", "sync_errors")
+
+
+def sync_line(m: dict[str, Any]) -> str:
+    """Fleet sync in one line: the base version, the last seq, the outbox, what became of the
+    deltas, receipts and heads; counters it does not name follow as ``name value``.
+
+    >>> print(sync_line({"sync_base_version": 7, "sync_seq": 12, "sync_outbox": 1, "sync_acked": 11,
+    ...                  "sync_refused": {"bad_signature": 2}, "sync_receipts_accepted": 10,
+    ...                  "sync_receipts_refused": {"norm_too_large": 1}, "sync_server_latest_version": 9,
+    ...                  "sync_epoch_changes": 1}))
+    fleet sync: base version 7 (server at 9) · seq 12 · outbox 1 waiting · deltas prepared 0, acked 11, publish failed 0, refused by the broker 0 · receipts accepted 10, refused 1 (norm_too_large 1), awaited 0 · heads rebased 0, refused 2 (bad_signature 2) · errors 0 · epoch changes 1
+    """
+    def n(key: str) -> Any:
+        return m.get(key, 0)
+
+    def why(d: dict) -> str:
+        text = ", ".join(f"{_cut(k, 30)} {v}" for k, v in sorted(d.items()))
+        return f"refused {sum(d.values())}" + (f" ({text})" if text else "")
+
+    server = m.get("sync_server_latest_version")
+    parts = [f"fleet sync: base version {n('sync_base_version')}" + (f" (server at {server})" if server else ""),
+             f"seq {n('sync_seq')}", f"outbox {'1 waiting' if n('sync_outbox') else 'empty'}",
+             f"deltas prepared {n('sync_prepared')}, acked {n('sync_acked')}, publish failed {n('sync_publish_failed')}, "
+             f"refused by the broker {n('sync_publish_refused')}",
+             f"receipts accepted {n('sync_receipts_accepted')}, {why(m.get('sync_receipts_refused') or {})}, "
+             f"awaited {n('sync_unreceipted')}",
+             f"heads rebased {n('sync_rebased')}, {why(m.get('sync_refused') or {})}", f"errors {n('sync_errors')}"]
+    rest = [f"{k.removeprefix('sync_').replace('_', ' ')} {v}" for k, v in sorted(m.items())
+            if k not in _SYNC_SHOWN and isinstance(v, (int, float)) and not isinstance(v, bool) and v]
+    return " · ".join(parts + rest)

@@ -26,10 +26,10 @@ def _get(port: int, path: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def _daemon(tmp_path, mqtt: dict, node: str):
+def _daemon(tmp_path, mqtt: dict, node: str, **metrics):
     port = free_port()
     cfg = parse_config({"node": {"name": node, "state_dir": str(tmp_path / "state")}, "mqtt": mqtt,
-                        "model": {"cache_dir": str(tmp_path / "cache")}, "metrics": {"port": port}})
+                        "model": {"cache_dir": str(tmp_path / "cache")}, "metrics": {"port": port, **metrics}})
     d = Daemon(cfg)
     d.start(connect_timeout=0)
     return d, port
@@ -66,13 +66,13 @@ def test_metrics_parse_with_prometheus_client_and_have_proper_types(broker, tmp_
 
 def test_readyz_fails_while_the_broker_is_down_and_healthz_stays_live(tmp_path):
     d, port = _daemon(tmp_path, {"host": "127.0.0.1", "port": free_port(), "reconnect_min_s": 0.1,
-                                 "reconnect_max_s": 0.5}, "nobroker")
+                                 "reconnect_max_s": 0.5}, "nobroker", status_endpoint=True)
     try:
         code, body = _get(port, "/readyz")
         assert code == 503 and json.loads(body)["node_connection"] is False
         code, body = _get(port, "/healthz")
         assert code == 200 and json.loads(body)["dead_threads"] == {}
-        code, body = _get(port, "/status")
+        code, body = _get(port, "/status")  # asked for with [metrics] status_endpoint = true (off by default)
         assert code == 200 and json.loads(body)["node"] == "nobroker"
     finally:
         d.stop()
