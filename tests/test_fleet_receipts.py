@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
 
-from edge.fleet.codec import Header, encode_tensor, pack_message, unpack_message
+from edge.fleet.aggregator import UNVERIFIED, receipt_for
+from edge.fleet.codec import Envelope, Header, encode_tensor, pack_message, unpack_message
 from edge.fleet.config import load_server_config
-from edge.fleet.keys import load_private, load_public
-from edge.fleet.receipts import unpack_receipt
+from edge.fleet.keys import generate_key, load_private, load_public
+from edge.fleet.receipts import pack_receipt, unpack_receipt
 from edge.fleet.server import FleetServer
-from edge.fleet.store import open_store
+from edge.fleet.store import epoch_version, open_store
+from edge.fleet.validate import REASONS, Verdict
 from edge.zoo import resolve_model
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
 from tests.helpers import Client
@@ -185,3 +187,30 @@ def test_receipts_read_the_store_they_answer_from(tmp_path, broker, keys, watche
             store.close()
     finally:
         server.stop()
+
+
+# ---- the pure parts ------------------------------------------------------------------------
+
+_KEY = generate_key()
+
+
+@settings(max_examples=200, deadline=None)
+@given(reason=st.sampled_from(("",) + REASONS), signer=st.sampled_from((None, "n1", "n2")),
+       seq=st.integers(0, (1 << 63) - 1), stored=st.integers(0, (1 << 63) - 1), latest=st.integers(0, 1 << 53))
+def test_a_receipt_answers_exactly_the_verified_verdicts_and_says_what_they_say(reason, signer, seq, stored, latest):
+    h = Header(kind="delta", fleet="f", model="m", model_hash="h", head_kind="linear", node="claimed", seq=seq)
+    v = Verdict(ok=reason == "", reason=reason, signer=signer,
+                envelope=Envelope(header=h, key_id=b"\0" * 8, signature=b"\0" * 64, signed=b"x"))
+    r = receipt_for(v, fleet="f", model="m", stored_seq=stored, latest_version=latest, epoch="e" * 16, issued=1.0)
+    if signer is None or reason in UNVERIFIED:
+        assert r is None  # nobody proved to be a node: nobody is answered
+        return
+    assert (r.node, r.seq, r.stored_seq, r.latest_version) == (signer, seq, stored, latest)  # the signer, never the header's claim
+    assert (r.status, r.reason) == (("accepted", "") if v.ok else ("refused", reason))
+    assert unpack_receipt(pack_receipt(r, _KEY), [_KEY.public_key()]) == r
+
+
+@given(latest=st.integers(0, 1 << 53), claim=st.integers(0, 1 << 53))
+def test_an_epoch_version_is_newer_than_the_store_and_the_claim_and_no_more(latest, claim):
+    v = epoch_version(latest, claim)
+    assert v > latest and v > claim and v == max(latest, claim) + 1

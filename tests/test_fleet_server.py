@@ -156,3 +156,35 @@ def test_a_full_queue_and_a_locked_store_lose_nothing_and_ack_nothing_unstored(t
         receipts.close()
         server.stop()
         store.close()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_the_server_and_the_daemon_build_their_connection_alike(tmp_path, broker, protocol):
+    """One factory (edge.mqttconn) for the daemon's MqttLink and the fleet server: the same
+    protocol, credentials (the server's password read from [mqtt] password_file), TLS with
+    certificate checks, reconnect delays, manual acks and persistent session."""
+    import ssl
+
+    from edge.ingest.mqtt import MqttLink
+
+    keys = make_keys(tmp_path, ["n1"])
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    cfg_path = server_toml(tmp_path, keys, broker, store=str(tmp_path / "fleet.db"), name="srv-alike")
+    cfg_path.write_text(cfg_path.read_text() + f'protocol = "{protocol}"\nusername = "fleet-server"\n'
+                        f'password_file = "{secret}"\nsession_expiry_s = 120\ntls = true\n')  # the system CAs; nothing connects
+    cfg = load_server_config(cfg_path)
+    server = FleetServer(cfg)
+    link = MqttLink(cfg.mqtt, client_id="daemon-alike", status_topic="st/alike", subscriptions=[], on_message=print)
+    a, b = server.client, link.client
+    assert b._password == b"s3cret" and a._username == b"fleet-server"
+    for attr in ("_protocol", "_username", "_password", "_manual_ack", "_reconnect_min_delay", "_reconnect_max_delay",
+                 "_clean_start", "_ssl"):
+        assert getattr(a, attr) == getattr(b, attr), attr
+    assert a._ssl and a._ssl_context.verify_mode == b._ssl_context.verify_mode == ssl.CERT_REQUIRED
+    if protocol == "5":
+        assert server.conn.connect_kw["clean_start"] is False is link._connect_kw["clean_start"]
+        assert server.conn.connect_kw["properties"].SessionExpiryInterval == 120
+        assert link._connect_kw["properties"].SessionExpiryInterval == 120
+        assert server.conn.connect_kw["properties"].ReceiveMaximum == 0xFFFF  # the queue (100,000), capped
