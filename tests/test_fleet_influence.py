@@ -202,3 +202,21 @@ def test_first_version_a_minority_of_devices_sets_neither_bound(n_devices, data)
         lo = np.min([c.arrays["w"] for c in honest], axis=0)
         hi = np.max([c.arrays["w"] for c in honest], axis=0)
         assert np.all(w >= lo - 1e-6) and np.all(w <= hi + 1e-6)
+
+
+def test_the_servers_config_sets_the_bounds(tmp_path):
+    from types import SimpleNamespace
+
+    from edge.fleet.config import load_server_config
+    from edge.fleet.server import build_aggregator
+    from tests.fleet_helpers import make_keys, server_toml
+
+    keys = make_keys(tmp_path, ["n1"])
+    path = server_toml(tmp_path, keys, SimpleNamespace(host="127.0.0.1", port=1883), store=str(tmp_path / "fleet.db"))
+    path.write_text(path.read_text().replace("max_norm = 50.0\n",
+                                             "max_norm = 50.0\nmax_samples = 500\nsamples_ratio = 1.5\nreference_growth = 1.1\n"))
+    agg = build_aggregator(load_server_config(path))
+    try:
+        assert agg.bounds == Bounds(max_samples=500, samples_ratio=1.5, growth=1.1, clip_norm=0.0)
+    finally:
+        agg.store.close()
