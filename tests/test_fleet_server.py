@@ -188,3 +188,36 @@ def test_the_server_and_the_daemon_build_their_connection_alike(tmp_path, broker
         assert server.conn.connect_kw["properties"].SessionExpiryInterval == 120
         assert link._connect_kw["properties"].SessionExpiryInterval == 120
         assert server.conn.connect_kw["properties"].ReceiveMaximum == 0xFFFF  # the queue (100,000), capped
+
+
+def test_a_delta_the_aggregator_cannot_handle_is_taken_and_the_rest_goes_on(tmp_path, broker, monkeypatch):
+    """Fault injection: validation raising on one message (a bug a hostile message might find)
+    must not stall the stream behind it as a store error does: that message is counted and
+    taken, the others (of its batch, when they came together) are stored and receipted."""
+    keys = make_keys(tmp_path, ["n1"])
+    cfg = load_server_config(server_toml(tmp_path, keys, broker, store=str(tmp_path / "fleet.db"), name="srv-poison",
+                                         k=1000, t_s=3600.0))
+    agg = build_aggregator(cfg)
+    real = agg.ingest
+
+    def ingest(items):
+        if any(p == b"poison" for _, p in items):
+            raise ValueError("validation bug")
+        return real(items)
+
+    monkeypatch.setattr(agg, "ingest", ingest)
+    server = FleetServer(cfg, aggregator=agg)
+    server.start()
+    watch = Client(broker, "fleet/test/vibration/receipt/n1")
+    try:
+        assert server.connected.wait(10)
+        for seq, payload in ((1, None), (0, b"poison"), (2, None)):
+            watch.publish("fleet/test/vibration/delta/n1", payload or signed_delta(keys["n1"].private_path, node="n1", seq=seq))
+        got = watch.wait_for(lambda m: len(m) >= 2 and m)
+        pub = load_public(keys["server"].public_path)
+        assert sorted(unpack_receipt(p, [pub]).seq for t, p, _ in got) == [1, 2]
+        assert server.counters["ingest_errors"] == 1 and server.counters["store_errors"] == 0
+        assert server.agg.store.stored_seq("n1") == 2 and server.health()[0]
+    finally:
+        watch.close()
+        server.stop()

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sqlite3
 import threading
 import time
 
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
 
+from edge.errors import EdgeError
 from edge.fleet.aggregator import Aggregator
 from edge.fleet.config import ServerConfig
 from edge.fleet.receipts import pack_receipt
@@ -45,6 +47,18 @@ from edge.mqttconn import make_client
 from edge.observe import MetricsServer, RateLimitedLog, Registry
 
 log = logging.getLogger("edge.fleet")
+
+
+def _store_errors() -> tuple:
+    errors = [sqlite3.Error, OSError, EdgeError]  # EdgeError: a PostgreSQL reconnect that failed
+    try:
+        import psycopg
+    except ImportError:  # the PostgreSQL store is optional; without it, none of its errors can occur
+        return tuple(errors)
+    return tuple(errors + [psycopg.Error])
+
+
+STORE_ERRORS = _store_errors()  # retried with the batch kept; anything else is one bad message
 
 
 @dataclass(frozen=True)
@@ -225,8 +239,8 @@ class FleetServer:
             if not self._batch:
                 self._batch = [q.popleft() for _ in range(min(512, len(q)))]
             batch = self._batch
-            verdicts = self.agg.ingest([(d.topic, d.payload) for d in batch])
-            receipts = self.agg.receipts(verdicts)
+            verdicts = self._ingest(batch)
+            receipts = self.agg.receipts([v for v in verdicts if v is not None])
             self._batch = []
             self._cleared()  # stored: healthy again before anyone hears of it
             self.counters["received"] += len(batch)
@@ -237,6 +251,23 @@ class FleetServer:
             self._publish_latest()  # a new version, or a new epoch, goes out at once
         if self._redeliver and self.connected.is_set():
             self._reconnect()
+
+    def _ingest(self, batch: list[Delivery]) -> list:
+        """The batch's verdicts. A store error propagates (the batch is kept and retried). Any
+        other error is one message the aggregator cannot handle: each is then tried alone,
+        and one that fails alone is counted, logged and taken (``None``: no receipt), so that
+        it cannot stall the stream behind it."""
+        try:
+            return self.agg.ingest([(d.topic, d.payload) for d in batch])
+        except STORE_ERRORS:
+            raise
+        except Exception as e:
+            if len(batch) == 1:
+                self.counters["ingest_errors"] += 1
+                self._rl.warn("ingest", "a %d-byte delta on %s could not be handled, taken: %s: %s",
+                              len(batch[0].payload), batch[0].topic[:100], type(e).__name__, str(e)[:200])
+                return [None]
+        return [v for d in batch for v in self._ingest([d])]
 
     def _reconnect(self) -> None:
         # the broker sends an unacknowledged delivery again only at a new connection of the
