@@ -20,7 +20,9 @@ unacknowledged (``held_unacked``), and once the queue drained the server reconne
 persistent session so the broker sends it again; nothing is dropped or acknowledged
 unstored. A store error (SQLite locked, a PostgreSQL blip) keeps the batch, is counted
 (``store_errors``), retried with backoff (0.1 s doubling to 5 s), and ``/healthz``
-answers 503 with the reason until a store succeeds again.
+answers 503 with the reason until a store succeeds again. Any other error is one message
+the aggregator cannot handle: it is found by trying the batch one by one, counted
+(``ingest_errors``) and taken, so that it cannot stall the stream.
 """
 from __future__ import annotations
 
