@@ -34,6 +34,7 @@ from pathlib import Path
 
 from edge.config import Config, MqttConfig
 from edge.errors import ConfigError, EdgeError, ModelError, StateError
+from edge.zoo import ModelFolder, check_pin, resolve_model  # no torch: zoo imports it only to build modules
 
 log = logging.getLogger("edge.check")
 
@@ -140,8 +141,6 @@ def check_model(ref) -> ModelCheck:
 
     ``ref`` is a ``ModelFolder`` (one ``check_startup`` verified: its pinned bytes run) or
     a model reference."""
-    from edge.zoo import ModelFolder, resolve_model
-
     folder = ref if isinstance(ref, ModelFolder) else resolve_model(ref)
     m = folder.manifest
     backbone, head = folder.build()  # ModelError for a bad model.py or weights
@@ -168,8 +167,6 @@ def check_model(ref) -> ModelCheck:
 def check_model_files(ref: str):
     """The model folder's manifest, ``model.py`` and weights are there and readable (no torch)."""
     from safetensors import SafetensorError, safe_open
-
-    from edge.zoo import resolve_model
 
     folder = resolve_model(ref)  # parses the manifest
     if not (folder.path / "model.py").is_file():
@@ -219,14 +216,12 @@ def check_keys(cfg: Config) -> None:
 class Startup:
     """What ``check_startup`` verified: the model folder whose pinned bytes are to run."""
 
-    model: object  # edge.zoo.ModelFolder
+    model: ModelFolder
 
 
 def check_startup(cfg: Config) -> Startup:
     """Every check ``edge run`` makes before it starts, and ``--check`` first: no torch, and
     no code of the model folder runs (``check_model`` does that, for ``--check`` only)."""
-    from edge.zoo import check_pin
-
     check_broker_policy(cfg.mqtt)
     check_tls_files(cfg.mqtt)
     check_state_dir(cfg.node.state_dir)
@@ -247,7 +242,7 @@ def check_all(cfg: Config) -> ModelCheck:
 class ServerStartup:
     """What ``check_server_startup`` found: the model folder and the store's latest version."""
 
-    model: object  # edge.zoo.ModelFolder
+    model: ModelFolder
     latest_version: int | None
     devices: int
 
