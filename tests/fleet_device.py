@@ -75,7 +75,7 @@ def main(config: str, status: str, seed: int) -> int:
                   "refused": dict(c.refused), "counters": dict(c.counters), "global_version": worker.learner.global_version,
                   "connected": sync.link.connected.is_set(), "events": [e for e in events if e[0] == "sync_refused"][-5:],
                   "unreceipted": len(c.ledger), "epoch": c.epoch, "server_latest": c.server_latest,
-                  "receipts_refused": dict(c.receipts_refused), "want_head": int(c._want_head),
+                  "receipts_refused": dict(c.receipts_refused), "want_head": int(c.courier.want),
                   "publish_refused": dict(sync.link.publish_refused)}
             with open(status + ".tmp", "w") as f:
                 json.dump(st, f)

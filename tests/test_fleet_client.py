@@ -178,7 +178,7 @@ def test_a_step_refused_after_a_rebase_still_goes_back():
     pending = _pending(c, lr)  # ... and once refused it is pending again, on the new base
     for k in pending:
         np.testing.assert_allclose(pending[k], residual[k] + step[k], atol=1e-5)
-    assert c._want_head  # future_base: the device asks for the head
+    assert c.courier.want  # future_base: the device asks for the head
 
 
 def test_replayed_seq_moves_the_seq_past_the_servers_and_norm_too_large_clips_the_next_steps():
@@ -205,14 +205,14 @@ def test_receipts_that_ask_for_the_head_and_receipts_that_are_not_ours():
     _learn(lr)
     seq, _ = _send(c)
     c.on_receipt(_receipt(c, server, seq, latest=0))
-    assert not c._want_head and c.epoch == "e1"
+    assert not c.courier.want and c.epoch == "e1"
     _learn(lr, n=5, seed=9)
     seq, _ = _send(c)
     c.on_receipt(_receipt(c, server, seq, latest=7))  # the server is ahead of this device's base
-    assert c._want_head
-    c._want_head = False
+    assert c.courier.want
+    c.courier.want = False
     c.on_receipt(_receipt(c, server, 99, "refused", "replayed_seq", stored_seq=5, epoch="e2", digest="other"))
-    assert c._want_head and c.counters["epoch_changes"] == 1 and c.counters["receipts_unmatched"] == 1
+    assert c.courier.want and c.counters["epoch_changes"] == 1 and c.counters["receipts_unmatched"] == 1
     c.on_receipt(_receipt(c, generate_key(), 1))  # not the server's key
     c.on_receipt(b"\x00" * 50)
     assert c.counters["receipts_bad"] == 2 and c.counters["receipts"] == 3
@@ -317,3 +317,48 @@ def test_fleet_calls_survive_a_label_flood(tmp_path):
         assert ran == ["prepare", "rebase"] and w.metrics()["lane_fleet_coalesced"] == 1
     finally:
         w.stop()
+
+
+class _Acked:
+    """What MqttLink.publish_tracked returns, answered at once by the broker with a success code."""
+
+    def __init__(self):
+        import time as _t
+
+        self.done, self.ok, self.code, self.reason, self.acked_at = True, True, 0, "success", _t.monotonic()
+
+
+def test_a_head_request_is_repeated_until_a_head_comes_after_it():
+    c, lr, server = _client("linear")
+    sent = []
+    c.publish_fn = lambda t, p, qos=1: sent.append(t) or _Acked()
+    c.courier.head_seen()  # the retained copy, delivered on subscribe: before the request
+    c.want_head("start")
+    c.courier.round()
+    assert sent == ["fleet/f/m/request/n1"] and c.courier.want
+    c.courier._ask_at = 0.0  # its backoff is over
+    c.courier.round()
+    assert len(sent) == 2 and c.courier.want  # no head since: asked again
+    c.on_global(_global(c, server, c.base, 3))  # the server's answer
+    c.courier.round()
+    assert not c.courier.want and len(sent) == 2 and c.base_version == 3
+
+
+def test_a_delta_whose_receipt_never_came_is_sent_again_unchanged():
+    c, lr, server = _client("linear")
+    sent = []
+    c.publish_fn = lambda t, p, qos=1: sent.append(p) or _Acked()
+    _learn(lr)
+    c.prepare_delta(c.worker)
+    msg = c.outbox[1]
+    c.courier.round()  # published, and handed over (PUBACK success)
+    c.courier.round()
+    assert sent == [msg] and c.outbox is None and c.counters["acked"] == 1 and len(c.ledger) == 1
+    c.courier.round()
+    assert len(sent) == 1  # the receipt has time to come
+    c.courier._resend = {s: (0.0, w) for s, (_, w) in c.courier._resend.items()}  # ... and that time is over
+    c.courier.round()
+    assert sent == [msg, msg] and c.counters["resent_unreceipted"] == 1
+    c.on_receipt(_receipt(c, server, 1))
+    c.courier.round()
+    assert len(c.ledger) == 0 and c.courier._resend == {}

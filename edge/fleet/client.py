@@ -32,16 +32,15 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import json
 import logging
 import threading
-import time
 from typing import Callable
 
 import numpy as np
 
 from edge.errors import DecodeError
 from edge.fleet.codec import Header, pack_message, unpack_message
+from edge.fleet.courier import Courier
 from edge.fleet.feedback import add, encode_pending, l2_norm, subtract
 from edge.fleet.heads import delta_topic, global_topic, receipt_topic, request_topic
 from edge.fleet.receipts import unpack_receipt
@@ -50,9 +49,6 @@ from edge.fleet.validate import Expected, check_global
 from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.fleet")
-_RETRY_MIN_S, _RETRY_MAX_S = 1.0, 60.0  # backoff after the broker refused the outbox
-_ASK_MIN_S, _ASK_MAX_S = 2.0, 30.0  # between head requests while one is wanted
-_RESEND_MAX_S = 600.0  # longest wait between resends of a delta whose receipt did not come
 
 
 class SyncClient:
@@ -93,14 +89,8 @@ class SyncClient:
         self._staged: dict | None = None  # the next state while its checkpoint is written
         self._receipts: collections.deque = collections.deque(maxlen=256)
         self._global = None  # the newest verified global head not yet applied
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._due = threading.Event()
-        self._inflight = None  # (seq, Delivery, sent_at)
-        self._resend: dict[int, tuple[float, float]] = {}  # ledger seq -> (next resend at, wait): sync thread only
-        self._retry_at, self._retry_s = 0.0, _RETRY_MIN_S
-        self._want_head, self._asked, self._ask_at, self._ask_s, self._head_at = False, None, 0.0, _ASK_MIN_S, 0.0
-        self.thread = threading.Thread(target=self._run, name="sync", daemon=True)
+        self.courier = Courier(self)  # the sync thread: publishing, PUBACKs, head requests, resends
+        self.thread = self.courier.thread
         worker.attach_state("fleet", self)
 
     # ---- checkpointed state -----------------------------------------------------------------
@@ -131,128 +121,21 @@ class SyncClient:
         if self.base_version > 0:  # the learner's checkpoint holds only weight/bias of its global head
             self.worker.learner.rebase(self.base, f"fleet-{self.base_version}")
 
-    # ---- lifecycle --------------------------------------------------------------------------
+    # ---- lifecycle (the sync thread is the Courier's) ---------------------------------------
     def start(self) -> None:
-        self.want_head("start")  # whatever sits retained may be forged, old or gone
-        self.thread.start()
+        self.courier.want_head("start")  # whatever sits retained may be forged, old or gone
+        self.courier.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self.thread.join(10)
+        self.courier.stop()
 
     def sync_now(self) -> None:
         """Prepare and send a delta now (also what any message on ``<prefix>/<node>/fleet/sync`` does)."""
-        self._due.set()
-        self._wake.set()
+        self.courier.sync_now()
 
     def want_head(self, why: str) -> None:
         """Ask the server for its latest head (again, with backoff, until one comes after the ask)."""
-        if not self._want_head:
-            self._want_head, self._ask_at, self._ask_s = True, 0.0, _ASK_MIN_S
-            log.info("fleet: asking the server for its latest head (%s)", why)
-        self._wake.set()
-
-    def _run(self) -> None:
-        next_at = time.monotonic() + self.interval_s
-        while not self._stop.is_set():
-            self._wake.wait(max(0.0, min(1.0, next_at - time.monotonic())))
-            self._wake.clear()
-            if self._stop.is_set():
-                break
-            try:
-                self._ask()
-                self._send_outbox()
-                self._resend_unreceipted()
-                if self._due.is_set() or time.monotonic() >= next_at:
-                    self._due.clear()
-                    next_at = time.monotonic() + self.interval_s
-                    if self.outbox is None:
-                        self.worker.offer_call(self.prepare_delta)
-            except Exception as e:  # one failed round must not end syncing
-                self.counters["errors"] += 1
-                self._rl.warn("sync", "fleet sync round failed: %s", str(e)[:200])
-
-    def _online(self) -> bool:
-        return self.connected is None or self.connected()
-
-    def _send_outbox(self) -> None:
-        """Publish the outbox (again, until the broker has taken it with a success code)."""
-        ob = self.outbox
-        if ob is None:
-            return
-        now = time.monotonic()
-        info = self._inflight
-        if info is not None and info[0] == ob[0]:
-            d = info[1]
-            if d.done and d.ok:
-                self._handed_over(ob)
-                return
-            if d.done:  # the broker answered with a failure code: not delivered
-                self._inflight = None
-                self.counters["publish_refused"] += 1
-                self._retry_at, self._retry_s = now + self._retry_s, min(_RETRY_MAX_S, self._retry_s * 2)
-                self._rl.warn("puback", "the broker refused delta seq %d (reason 0x%02X %s): kept, retrying in %.0f s",
-                              ob[0], d.code, d.reason, self._retry_at - now)
-                return
-            if now - info[2] < max(5.0, self.interval_s):
-                return
-        if now < self._retry_at or not self._online():
-            return  # offline: paho would only queue another copy; the outbox waits (and keeps its seq)
-        d = self.publish_fn(self.delta_topic, ob[1], qos=1)
-        if d is not None and hasattr(d, "done"):
-            self._inflight = (ob[0], d, now)
-            self.counters["published"] += 1
-        else:
-            self.counters["publish_failed"] += 1
-
-    def _resend_unreceipted(self) -> None:
-        """A delta whose receipt did not come (lost with a crash, or the server was away) is
-        sent again, the same bytes, with backoff: the server stores an identical resend
-        once and answers it, so the ledger empties without guessing."""
-        entries = self.ledger.entries
-        live = {e.seq for e in entries}
-        for seq in [q for q in self._resend if q not in live]:
-            del self._resend[seq]
-        ob = self.outbox
-        now = time.monotonic()
-        first = max(10.0, 3 * self.interval_s)
-        for e in entries:
-            if ob is not None and e.seq == ob[0]:
-                continue  # the outbox has its own resends
-            at, wait = self._resend.setdefault(e.seq, (now + first, first))
-            if now >= at and self._online():
-                self.publish_fn(self.delta_topic, e.message, qos=1)
-                self._resend[e.seq] = (now + wait * 2, min(_RESEND_MAX_S, wait * 2))
-                self.counters["resent_unreceipted"] += 1
-                return  # one a round
-
-    def _handed_over(self, ob) -> None:
-        with self._lock:
-            if self.outbox is ob:
-                self.outbox = None  # the broker has it at QoS 1; the receipt says what the server did
-        self._inflight = None
-        self._retry_s = _RETRY_MIN_S
-        self.counters["acked"] += 1
-        self._emit("sync", seq=ob[0], base_version=self.base_version, bytes=len(ob[1]))
-        self.worker.offer_call(self._checkpoint)
-
-    def _ask(self) -> None:
-        """Publish a head request while one is wanted, until a verified head came after its PUBACK."""
-        if not self._want_head:
-            return
-        a = self._asked
-        if a is not None and a.done and a.ok and self._head_at >= a.acked_at:
-            self._want_head, self._asked = False, None
-            return
-        now = time.monotonic()
-        if now < self._ask_at or not self._online():
-            return
-        body = json.dumps({"node": self.node, "base_version": self.base_version}).encode()
-        d = self.publish_fn(self.request_topic, body, qos=1)
-        self._asked = d if hasattr(d, "done") else None
-        self._ask_at, self._ask_s = now + self._ask_s, min(_ASK_MAX_S, self._ask_s * 2)
-        self.counters["requests"] += 1
+        self.courier.want_head(why)
 
     # ---- on the learner thread --------------------------------------------------------------
     def prepare_delta(self, worker) -> None:
@@ -311,7 +194,7 @@ class SyncClient:
             with self._lock:
                 self.outbox = (seq, msg)
             self.counters["prepared"] += 1
-            self._wake.set()
+            self.courier.wake()
         except Exception as e:  # never let a sync bug stop the learner thread
             self.counters["errors"] += 1
             self._rl.warn("prepare", "preparing a delta failed: %s", str(e)[:200])
@@ -395,13 +278,13 @@ class SyncClient:
         if not v.ok:
             if v.reason == "not_newer":
                 self.counters["globals_not_newer"] += 1  # the retained copy of the version we have: normal
-                self._head_at = time.monotonic()
+                self.courier.head_seen()
                 return
             self.refused[v.reason] += 1
             self._rl.warn("refused", "refused a global head (%s): %s", v.reason, v.detail)
             self._emit("sync_refused", reason=v.reason, detail=v.detail)
             return
-        self._head_at = time.monotonic()
+        self.courier.head_seen()
         with self._lock:
             if self._global is None or v.message.header.version > self._global.header.version:
                 self._global = v.message
@@ -453,7 +336,7 @@ class SyncClient:
         out["sync_outbox"] = int(self.outbox is not None)
         out["sync_unreceipted"] = len(self.ledger)
         out["sync_step_cap"] = self.step_cap
-        out["sync_want_head"] = int(self._want_head)
+        out["sync_want_head"] = int(self.courier.want)
         out["sync_server_latest_version"] = self.server_latest
         out["sync_server_stored_seq"] = self.server_stored_seq
         out["sync_epoch"] = epoch_number(self.epoch)
