@@ -222,3 +222,18 @@ def test_edge_status_shows_the_sync_state(fleet_daemon, capsys):
     out = capsys.readouterr().out
     line = next(ln for ln in out.splitlines() if ln.startswith("fleet sync:"))
     assert "base version 0" in line and "seq 0" in line and "outbox empty" in line
+
+
+def test_every_counter_the_sync_client_counts_has_a_family():
+    """Also those that are zero at start (absent from ``metrics()`` until counted once)."""
+    import re
+
+    from edge.observe import sync_keys
+
+    counted = set()
+    for name in ("client.py", "courier.py"):  # the client and the delivery part it hands its counters to
+        src = ROOT / "edge" / "fleet" / name
+        if src.exists():
+            counted |= {f"sync_{n}" for n in re.findall(r'\b(?:self|c)\.counters\["(\w+)"\]', src.read_text())}
+    assert {"sync_prepared", "sync_acked"} <= counted
+    assert counted <= sync_keys(), counted - sync_keys()
