@@ -227,3 +227,27 @@ def test_a_label_accepted_before_a_restart_is_refused_as_a_replay_after_it(broke
     finally:
         c.close()
         d2.stop()
+
+
+# ---- garbage inside a valid signature ----------------------------------------------------------
+_values = st.one_of(st.none(), st.booleans(), st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False),
+                    st.text(max_size=20), st.lists(st.integers(-5, 5), max_size=3), st.sampled_from(["n1", "m1", "", "accel"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(msg=st.dictionaries(st.sampled_from(["node", "device", "stream", "t", "label", "y"]), _values)
+       | st.text(max_size=60) | st.sampled_from(['{"t": 1e400, "node": "n1", "device": "", "stream": ""}',
+                                                                  '[1, 2]', '{"t": -1e400}',
+                                                                  '{"node": "n1", "device": "", "stream": "", "t": 1' + '0' * 40 + '}']),
+       target=st.sampled_from([None, StreamKey("m1", "accel"), StreamKey("m1", "")]))
+def test_anything_signed_is_accepted_or_refused_with_a_decode_error(msg, target):
+    raw = msg.encode() if isinstance(msg, str) else orjson.dumps(msg)
+    env = orjson.dumps({"by": "op1", "msg": raw.decode(), "sig": hmac.new(KEY, raw, hashlib.sha256).hexdigest()})
+    gate = LabelGate(keys={"op1": KEY}, node="n1")
+    try:
+        inner, by = gate.open(env, target=target, now=NOW)
+    except DecodeError:
+        return
+    d = orjson.loads(inner)
+    assert d["node"] == "n1" and abs(NOW - float(d["t"])) <= gate.max_age_s
+    assert target is None or (d["device"], d["stream"]) == tuple(target)
