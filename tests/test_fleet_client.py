@@ -362,3 +362,20 @@ def test_a_delta_whose_receipt_never_came_is_sent_again_unchanged():
     c.on_receipt(_receipt(c, server, 1))
     c.courier.round()
     assert len(c.ledger) == 0 and c.courier._resend == {}
+
+
+def test_a_step_refused_then_stored_after_all_is_not_sent_twice():
+    """A redelivered delta the server first refused (future_base) and then stored: the
+    device put the step back at the refusal, and takes it out again at the acceptance."""
+    c, lr, server = _client("linear")
+    start = lr.head.arrays()
+    _learn(lr)
+    seq, step = _send(c)
+    digest = c.ledger.entries[0].digest
+    c.on_receipt(_receipt(c, server, seq, "refused", "future_base", stored_seq=0))
+    c.on_receipt(_receipt(c, server, seq, digest=digest))
+    assert c.counters["returned_then_accepted"] == 1 and c.labels_at_send == 60
+    total = add(step, _pending(c, lr))
+    learned = subtract(lr.head.arrays(), start)
+    for k in learned:
+        np.testing.assert_allclose(total[k], learned[k], atol=1e-5)

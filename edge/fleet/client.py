@@ -89,6 +89,7 @@ class SyncClient:
         self._staged: dict | None = None  # the next state while its checkpoint is written
         self._receipts: collections.deque = collections.deque(maxlen=256)
         self._global = None  # the newest verified global head not yet applied
+        self._returned: collections.OrderedDict = collections.OrderedDict()  # (seq, digest) -> Sent put back: last 16
         self.courier = Courier(self)  # the sync thread: publishing, PUBACKs, head requests, resends
         self.thread = self.courier.thread
         worker.attach_state("fleet", self)
@@ -116,7 +117,11 @@ class SyncClient:
         ob = s.get("outbox")
         self.outbox = None if ob is None else (int(ob["seq"]), bytes(np.asarray(ob["message"], np.uint8)))
         self.labels_at_send = int(s.get("labels_at_send", 0))
-        self.ledger = Ledger.from_state(s.get("unreceipted"))
+        try:
+            self.ledger = Ledger.from_state(s.get("unreceipted"))
+        except (KeyError, TypeError, ValueError) as e:  # a damaged ledger costs its receipts, not the start
+            log.warning("the fleet state's un-receipted deltas were not restored (%s: %s)", type(e).__name__, str(e)[:200])
+            self.ledger = Ledger()
         self.step_cap, self.epoch = float(s.get("step_cap", 0.0)), str(s.get("epoch", ""))
         if self.base_version > 0:  # the learner's checkpoint holds only weight/bias of its global head
             self.worker.learner.rebase(self.base, f"fleet-{self.base_version}")
@@ -151,7 +156,7 @@ class SyncClient:
             pending = subtract(subtract(learner.fleet_arrays(), self.base), self.sent)
             step = encode_pending(pending, encoding=self.encoding, fraction=self.fraction)
             norm = l2_norm(step.sent)
-            cap, samples = self.step_cap, unsent
+            cap, samples = self.step_cap, max(0, unsent)
             if cap > 0 and norm > cap:  # the server refused a larger step: the rest stays pending
                 scale = cap / norm
                 step = encode_pending({k: v * np.float32(scale) for k, v in pending.items()},
@@ -214,6 +219,8 @@ class SyncClient:
         e = self.expected
         if (r.fleet, r.model, r.node) != (e.fleet, e.model, self.node):
             self.counters["receipts_misaddressed"] += 1
+            self._rl.warn("receipt-addr", "ignored a receipt for %r/%r/%r on this node's topic", r.fleet[:40],
+                          r.model[:40], r.node[:40])
             return
         self._receipts.append(r)
         self.worker.offer_call(self._handle_receipts)
@@ -243,7 +250,13 @@ class SyncClient:
             ob = self.outbox
             if ob is not None and entry is not None and ob[0] == r.seq:
                 self.outbox = None  # the server has it whatever the PUBACK said
-        if not o.matched:
+        back = self._returned.pop((r.seq, r.digest), None) if entry is None and r.accepted else None
+        if back is not None:  # refused, then stored after all (a redelivery): it is not pending any more
+            self.sent = add(self.sent, unpack_message(back.message).tensors)
+            self.labels_at_send += back.samples
+            self.counters["returned_then_accepted"] += 1
+            changed = True
+        elif not o.matched:
             self.counters["receipts_unmatched"] += 1
         else:
             self.ledger = self.ledger.without(r.seq)
@@ -256,6 +269,9 @@ class SyncClient:
         if o.put_back:
             self.sent = subtract(self.sent, unpack_message(entry.message).tensors)
             self.labels_at_send -= entry.samples  # they count again in the delta that carries the step
+            self._returned[(r.seq, r.digest)] = entry
+            while len(self._returned) > 16:
+                self._returned.popitem(last=False)
             self.counters["returned"] += 1
             self._emit("sync_refused_delta", seq=r.seq, reason=r.reason)
         if o.seq_floor > self.seq:
