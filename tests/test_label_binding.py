@@ -251,3 +251,12 @@ def test_anything_signed_is_accepted_or_refused_with_a_decode_error(msg, target)
     d = orjson.loads(inner)
     assert d["node"] == "n1" and abs(NOW - float(d["t"])) <= gate.max_age_s
     assert target is None or (d["device"], d["stream"]) == tuple(target)
+
+
+def test_a_window_that_cannot_be_restored_refuses_labels_from_before_the_restart():
+    gate = LabelGate(keys={"op1": KEY}, node="n1")
+    gate.load_state_dict({"format": 1, "floor": 0.0, "sigs": [[1, 2]], "t": [1.0]})  # torn: not 32 bytes a row
+    old = sign_label(KEY, "op1", {"t": NOW - 10, "label": "normal"}, node="n1")
+    new = sign_label(KEY, "op1", {"t": NOW + 1, "label": "normal"}, node="n1")
+    assert _kind(gate.open, old, target=None, now=NOW) == "label_replay"
+    gate.open(new, target=None, now=NOW + 1)

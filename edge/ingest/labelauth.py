@@ -124,6 +124,11 @@ class ReplayWindow:
                 del self._t[s0]
                 self.floor = max(self.floor, t0)
 
+    def raise_floor(self, t: float) -> None:
+        """Refuse every label at or before ``t`` from now on."""
+        with self._lock:
+            self.floor = max(self.floor, float(t))
+
     def state_dict(self) -> dict:
         with self._lock:
             items = list(self._t.items())
@@ -162,6 +167,7 @@ class LabelGate:
         self.keys, self.node = keys, node
         self.max_per_s, self.burst, self.max_age_s = max_per_s, burst, max_age_s
         self.window = ReplayWindow(max_size=window_max, max_age_s=max_age_s)
+        self._distrust_past = False  # set when a checkpointed window could not be restored
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # who -> [tokens, last time]
 
     def open(self, payload: bytes, *, target=None, now: float) -> tuple[bytes, str]:
@@ -188,6 +194,9 @@ class LabelGate:
         if not hmac.compare_digest(hmac.new(key, raw, hashlib.sha256).digest(), raw_sig):
             raise DecodeError("bad_signature", f"label signature from {who} does not verify")
         t = self._check_target_and_time(raw, who, target, now)
+        if self._distrust_past:  # the window before the restart is unknown: nothing before it passes
+            self.window.raise_floor(now - 1e-6)
+            self._distrust_past = False
         if not self.window.fresh(raw_sig, t):
             if t <= self.window.floor:
                 raise DecodeError("label_replay", f"signed label from {who} at t={t:.6g} is older than every label "
@@ -234,7 +243,14 @@ class LabelGate:
         return self.window.state_dict()
 
     def load_state_dict(self, s: dict) -> None:
-        self.window.load_state_dict(s)
+        """Restore the replay window; one that does not fit is not applied (logged), and then
+        no label signed for a time before the first one that comes after the restart passes."""
+        try:
+            self.window.load_state_dict(s)
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            log.warning("the checkpoint's label replay window was not restored (%s: %s); signed labels "
+                        "from before this start will be refused", type(e).__name__, str(e)[:200])
+            self._distrust_past = True
 
     def _limit(self, who: str, now: float) -> None:
         if not self.max_per_s:
