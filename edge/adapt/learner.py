@@ -662,6 +662,10 @@ class Learner:
         if self.guard is not None and s.get("guard"):
             self.guard.load_state_dict(s["guard"])
         u = s.get("unshared")  # an older state has none
-        self._unshared = None if u is None else {k: np.asarray(v, np.float32) for k, v in u.items()}
+        if u is not None:
+            u, a = {k: np.asarray(v, np.float32) for k, v in u.items()}, self.head.arrays()
+            if set(u) != set(a) or any(u[k].shape != a[k].shape for k in a):
+                raise ValueError(f"the steps kept from the fleet have arrays {sorted(u)} that do not fit the head's")
+        self._unshared = u
         self._set_sources(boosting=self.boost_left > 0)
         self._update_logit_offset()
