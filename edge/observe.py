@@ -230,7 +230,7 @@ SYNC_FAMILIES = (
      {"prepared": "sync_prepared", "skipped": "sync_skipped", "checkpoint_failed": "sync_checkpoint_failed",
       "published": "sync_published", "publish_failed": "sync_publish_failed", "publish_refused": "sync_publish_refused",
       "acked": "sync_acked", "resent_unreceipted": "sync_resent_unreceipted", "returned": "sync_returned",
-      "evicted_unreceipted": "sync_unreceipted_evicted"}),
+      "returned_then_accepted": "sync_returned_then_accepted", "evicted_unreceipted": "sync_unreceipted_evicted"}),
     ("edge_fleet_sync_clipped_total", "counter", "fleet sync: deltas sent as a smaller (clipped) step", None,
      "sync_clipped"),
     ("edge_fleet_sync_receipts_total", "counter", "fleet sync: receipts from the server, by outcome", "outcome",
