@@ -260,3 +260,20 @@ def test_a_window_that_cannot_be_restored_refuses_labels_from_before_the_restart
     new = sign_label(KEY, "op1", {"t": NOW + 1, "label": "normal"}, node="n1")
     assert _kind(gate.open, old, target=None, now=NOW) == "label_replay"
     gate.open(new, target=None, now=NOW + 1)
+
+
+def test_the_daemon_refuses_a_signed_label_moved_to_another_stream_or_node(broker, tmp_path):
+    create_label_key(tmp_path / "keys", "op1")
+    key = load_label_keys(tmp_path / "keys")["op1"]
+    d = _daemon(broker, tmp_path, tmp_path / "keys")
+    c = Client(broker)
+    try:
+        now = time.time()
+        mine = sign_label(key, "op1", {"t": now, "label": "normal", "device": "m1", "stream": "accel"}, node="rp")
+        c.publish("edge/rp/labels/m2/s2", mine)  # captured and moved to another stream's topic
+        c.publish("edge/rp/labels", sign_label(key, "op1", {"t": now, "label": "normal"}, node="other"))
+        c.publish("edge/rp/labels/m1/accel", mine)  # where it was signed for
+        assert _wait(lambda: d.pipeline.counters["labels"] == 1 and d.pipeline.bad.get("label_target", 0) == 2)
+    finally:
+        c.close()
+        d.stop()
