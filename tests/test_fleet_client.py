@@ -379,3 +379,15 @@ def test_a_step_refused_then_stored_after_all_is_not_sent_twice():
     learned = subtract(lr.head.arrays(), start)
     for k in learned:
         np.testing.assert_allclose(total[k], learned[k], atol=1e-5)
+
+
+def test_every_counter_is_in_the_metrics_from_the_start():
+    from edge.fleet.client import COUNTERS
+
+    c, lr, server = _client("linear")
+    m = c.metrics()
+    assert all(m[f"sync_{k}"] == 0 for k in COUNTERS)
+    _learn(lr)
+    c.prepare_delta(c.worker)
+    c.on_receipt(b"junk")
+    assert set(k for k in c.counters) == set(COUNTERS)  # no counter outside the declared list

@@ -49,6 +49,11 @@ from edge.fleet.validate import Expected, check_global
 from edge.observe import RateLimitedLog
 
 log = logging.getLogger("edge.fleet")
+# every counter of metrics() (``sync_<name>``), present from the start so that /metrics has them at 0
+COUNTERS = ("prepared", "skipped", "checkpoint_failed", "clipped", "published", "publish_failed", "publish_refused",
+            "acked", "unreceipted_evicted", "resent_unreceipted", "receipts", "receipts_accepted", "receipts_bad",
+            "receipts_misaddressed", "receipts_unmatched", "returned", "returned_then_accepted", "seq_resumed",
+            "epoch_changes", "requests", "rebased", "globals_not_newer", "errors")
 
 
 class SyncClient:
@@ -81,7 +86,7 @@ class SyncClient:
         self.ledger = Ledger()
         self.step_cap = 0.0  # > 0 after a norm_too_large: the next steps' norm is clipped to it
         self.epoch, self.server_latest, self.server_stored_seq = "", 0, 0
-        self.counters = collections.Counter()
+        self.counters = collections.Counter(dict.fromkeys(COUNTERS, 0))
         self.refused = collections.Counter()  # global heads refused, by reason
         self.receipts_refused = collections.Counter()  # this device's deltas the server refused, by reason
         self._rl = RateLimitedLog(log)
