@@ -133,6 +133,8 @@ class FleetServer:
                                 receive_maximum=min(s.queue, 0xFFFF))
         c = self.conn.client
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
+        c.on_unsubscribe = self._on_unsubscribe
+        self._barrier, self._barrier_mid = threading.Event(), None
         self.client = c
         self.metrics_server: MetricsServer | None = None
 
@@ -150,10 +152,25 @@ class FleetServer:
         self._stop.set()
         self._wake.set()
         self.thread.join(10)
-        self.client.disconnect()
-        self.client.loop_stop()
+        self._disconnect()
         if self.metrics_server:
             self.metrics_server.stop()
+
+    def _disconnect(self) -> None:
+        # acks written but not yet read by the broker die with the connection (a close with
+        # unread input resets it), and the broker sends those deltas again. The broker answers
+        # packets in order, so its UNSUBACK to a dummy unsubscribe means it has every earlier
+        # ack: wait for that (bounded) before disconnecting.
+        if self.connected.is_set():
+            self._barrier.clear()
+            try:
+                _, self._barrier_mid = self.client.unsubscribe(f"$edge-barrier/{self.cfg.server.name}")
+            except (ValueError, RuntimeError):
+                self._barrier_mid = None
+            if self._barrier_mid is not None and not self._barrier.wait(2.0):
+                self.counters["ack_barrier_timeouts"] += 1
+        self.client.disconnect()
+        self.client.loop_stop()
 
     def run(self) -> int:
         import signal
@@ -184,6 +201,11 @@ class FleetServer:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
+        self._barrier.set()  # nobody waits for an answer that cannot come
+
+    def _on_unsubscribe(self, client, userdata, mid, reason_codes=None, properties=None) -> None:
+        if mid == self._barrier_mid:
+            self._barrier.set()
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic.startswith(self._request_prefix):
@@ -277,8 +299,11 @@ class FleetServer:
         self._redeliver = False
         self.counters["redeliver_reconnects"] += 1
         log.info("fleet server queue drained after backpressure: reconnecting for the held deliveries")
-        self.client.disconnect()
-        self.client.loop_stop()
+        self._disconnect()
+        # what came in since the drain is unacknowledged too: the broker sends it again, so
+        # keeping it here as well would only handle it twice
+        self.counters["left_to_broker"] += len(self.queue)
+        self.queue.clear()
         self.conn.connect_async(self.cfg.mqtt)
         self.client.loop_start()
 
