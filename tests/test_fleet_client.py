@@ -391,3 +391,24 @@ def test_every_counter_is_in_the_metrics_from_the_start():
     c.prepare_delta(c.worker)
     c.on_receipt(b"junk")
     assert set(k for k in c.counters) == set(COUNTERS)  # no counter outside the declared list
+
+
+@settings(max_examples=200, deadline=None)
+@given(status=st.sampled_from(["accepted", "refused"]),
+       reason=st.sampled_from(["", "norm_too_large", "future_base", "replayed_seq", "wrong_shapes"]),
+       matched=st.booleans(), seq=st.integers(1, 50), stored=st.integers(0, 100), latest=st.integers(0, 9),
+       base=st.integers(0, 9), epoch=st.sampled_from(["", "e1", "e2"]), norm=st.floats(0.0, 100.0))
+def test_judge_follows_the_protocol(status, reason, matched, seq, stored, latest, base, epoch, norm):
+    from edge.fleet.reconcile import Sent, judge
+
+    r = Receipt(fleet="f", model="m", node="n1", seq=seq, status=status, reason=reason, stored_seq=stored,
+                latest_version=latest, epoch="e1", digest="d")
+    entry = Sent(seq=seq, digest="d", base_version=base, norm=norm, message=b"") if matched else None
+    o = judge(r, entry=entry, base_version=base, epoch=epoch)
+    assert o.matched == matched
+    assert o.put_back == (matched and status == "refused")  # only a refused delta of ours goes back
+    assert o.seq_floor == (stored if reason == "replayed_seq" and (status == "refused" or not matched) else 0)
+    assert (o.step_cap is not None) == (o.put_back and reason == "norm_too_large" and norm > 0)
+    assert o.step_cap is None or o.step_cap == norm / 2
+    assert o.new_epoch == (epoch not in ("", "e1"))
+    assert o.want_head == (o.new_epoch or latest > base or (o.put_back and reason == "future_base"))
