@@ -107,14 +107,18 @@ def test_a_delta_on_a_version_the_store_never_made_starts_a_new_epoch_past_it(tm
     epoch, published at once, so that the device takes it as newer and sync resumes."""
     server = _start(tmp_path, broker, keys)
     try:
-        v0 = watcher.wait_for(lambda m: _globals(m))[0]
+        watcher.publish(f"{PREFIX}/delta/n2", signed_delta(keys["n2"].private_path, node="n2", seq=1))
+        _until(lambda: server.agg.store.stored_seq("n2") == 1)
+        server.agg.maybe_commit(force=True)  # version 1, whose header carries the fleet's reference
+        v1 = watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 1])[0]
         epoch0 = server.agg.store.epoch()
         watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=3, base_version=40))
         (r,) = watcher.wait_for(lambda m: _receipts(keys, m))
         assert (r.status, r.reason, r.latest_version) == ("refused", "future_base", 41)
         assert r.epoch != epoch0 and r.epoch == server.agg.store.epoch()
         g = watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 41])[0]
-        assert g.header.base_version == 0 and all((g.tensors[k] == v0.tensors[k]).all() for k in v0.tensors)
+        assert g.header.base_version == 1 and all((g.tensors[k] == v1.tensors[k]).all() for k in v1.tensors)
+        assert g.header.metrics == v1.header.metrics and g.header.metrics  # the clip bound stays the fleet's
         assert "new epoch" in server.agg.store.latest().note
         # the device rebases on 41 and sends again: stored as usual
         watcher.publish(f"{PREFIX}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=4, base_version=41))

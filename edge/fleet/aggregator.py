@@ -164,7 +164,11 @@ class Aggregator:
                         self.store.epoch(), rec.version, rec.parent, claim)
 
     def _resign(self, latest: VersionRecord, version: int) -> bytes:
-        return self.pack_global(unpack_message(latest.message).tensors, version=version, parent=latest.version, n=0)
+        prev = unpack_message(latest.message)
+        # the same head under a new number, with what its header carries for the next
+        # aggregation (the fleet's reference norm and samples: the clip bound stays the fleet's)
+        h = dataclasses.replace(prev.header, node=self.name, base_version=latest.version, version=version, samples=0)
+        return pack_message(h, {k: encode_tensor(v, "fp32") for k, v in prev.tensors.items()}, self.key)
 
     def receipts(self, verdicts: list[Verdict]) -> list[Receipt]:
         """One receipt per verdict of a signature-verified delta, in order: where the store
