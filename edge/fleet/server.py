@@ -134,7 +134,7 @@ class FleetServer:
         c = self.conn.client
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
         c.on_unsubscribe = self._on_unsubscribe
-        self._barrier, self._barrier_mid = threading.Event(), None
+        self._unsubacks, self._unsubacked = threading.Condition(), collections.deque(maxlen=16)
         self.client = c
         self.metrics_server: MetricsServer | None = None
 
@@ -162,12 +162,14 @@ class FleetServer:
         # packets in order, so its UNSUBACK to a dummy unsubscribe means it has every earlier
         # ack: wait for that (bounded) before disconnecting.
         if self.connected.is_set():
-            self._barrier.clear()
             try:
-                _, self._barrier_mid = self.client.unsubscribe(f"$edge-barrier/{self.cfg.server.name}")
+                rc, mid = self.client.unsubscribe(f"$edge-barrier/{self.cfg.server.name}")
             except (ValueError, RuntimeError):
-                self._barrier_mid = None
-            if self._barrier_mid is not None and not self._barrier.wait(2.0):
+                rc, mid = mqtt.MQTT_ERR_NO_CONN, None
+            with self._unsubacks:  # the answer may have come before unsubscribe returned
+                done = rc == mqtt.MQTT_ERR_SUCCESS and self._unsubacks.wait_for(
+                    lambda: mid in self._unsubacked or not self.connected.is_set(), 2.0)
+            if not done:
                 self.counters["ack_barrier_timeouts"] += 1
         self.client.disconnect()
         self.client.loop_stop()
@@ -201,11 +203,13 @@ class FleetServer:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties=None) -> None:
         self.connected.clear()
-        self._barrier.set()  # nobody waits for an answer that cannot come
+        with self._unsubacks:  # nobody waits for an answer that cannot come
+            self._unsubacks.notify_all()
 
     def _on_unsubscribe(self, client, userdata, mid, reason_codes=None, properties=None) -> None:
-        if mid == self._barrier_mid:
-            self._barrier.set()
+        with self._unsubacks:
+            self._unsubacked.append(mid)
+            self._unsubacks.notify_all()
 
     def _on_message(self, client, userdata, msg) -> None:
         if msg.topic.startswith(self._request_prefix):
