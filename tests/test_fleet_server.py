@@ -82,6 +82,7 @@ def test_bad_deltas_are_rejected_with_their_reason_per_device(setup, broker, cap
         store.close()
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_server.port}/metrics", timeout=5).read().decode()
     assert 'edge_fleet_deltas_rejected_total{reason="bad_signature"} 1' in body
+    assert "edge_fleet_trusted_keys 2" in body and "edge_fleet_trust_reloads_total" in body
     assert main(["fleet-server", "devices", "-c", str(cfg_path)]) == 0
     assert '"norm_too_large": 1' in capsys.readouterr().out
 
@@ -95,7 +96,11 @@ def test_rollback_publishes_an_earlier_head_as_a_new_version(setup, broker, caps
     assert main(["fleet-server", "rollback", "0", "-c", str(cfg_path)]) == 0
     v2 = watcher.wait_for(lambda m: [g for g in _globals(m) if g.header.version == 2])[0]
     v0 = [g for g in _globals(watcher.msgs) if g.header.version == 0][0]
+    v1 = [g for g in _globals(watcher.msgs) if g.header.version == 1][0]
     assert all((v2.tensors[k] == v0.tensors[k]).all() for k in v0.tensors)
+    # the rollback keeps the fleet's reference: the next clip bound is still the fleet's history
+    assert v1.header.metrics["ref_norm"] > 0
+    assert v2.header.metrics == v1.header.metrics
     assert main(["fleet-server", "versions", "-c", str(cfg_path)]) == 0
     assert "rollback to version 0" in capsys.readouterr().out
 

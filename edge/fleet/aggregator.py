@@ -91,11 +91,20 @@ class Aggregator:
         latest = self.store.latest()
         self.current = latest.version if latest else 0
 
-    def pack_global(self, arrays: dict, *, version: int, parent: int, n: int) -> bytes:
+    def pack_global(self, arrays: dict, *, version: int, parent: int, n: int, metrics: dict | None = None) -> bytes:
+        """A signed global head; ``metrics`` is what its header carries for the next
+        aggregation (the fleet's reference norm and samples, ``_build``)."""
         e = self.expected
         h = Header(kind="global", fleet=e.fleet, model=e.model, model_hash=e.model_hash, head_kind=e.head_kind,
-                   node=self.name, base_version=parent, version=version, samples=n, encoding="fp32")
+                   node=self.name, base_version=parent, version=version, samples=n, encoding="fp32",
+                   metrics=dict(metrics or {}))
         return pack_message(h, {k: encode_tensor(v, "fp32") for k, v in arrays.items()}, self.key)
+
+    @staticmethod
+    def reference_metrics(message: bytes) -> dict:
+        """The fleet's reference (``ref_norm``, ``ref_samples``) a stored version's header carries."""
+        m = unpack_message(message).header.metrics
+        return {k: float(m[k]) for k in ("ref_norm", "ref_samples") if isinstance(m.get(k), (int, float))}
 
     def _keys(self) -> TrustSnapshot:
         """The keys trusted now: the registry re-reads its folder (at most once a second) when
@@ -164,11 +173,10 @@ class Aggregator:
                         self.store.epoch(), rec.version, rec.parent, claim)
 
     def _resign(self, latest: VersionRecord, version: int) -> bytes:
-        prev = unpack_message(latest.message)
         # the same head under a new number, with what its header carries for the next
         # aggregation (the fleet's reference norm and samples: the clip bound stays the fleet's)
-        h = dataclasses.replace(prev.header, node=self.name, base_version=latest.version, version=version, samples=0)
-        return pack_message(h, {k: encode_tensor(v, "fp32") for k, v in prev.tensors.items()}, self.key)
+        return self.pack_global(unpack_message(latest.message).tensors, version=version, parent=latest.version, n=0,
+                                metrics=self.reference_metrics(latest.message))
 
     def receipts(self, verdicts: list[Verdict]) -> list[Receipt]:
         """One receipt per verdict of a signature-verified delta, in order: where the store
@@ -226,12 +234,8 @@ class Aggregator:
                         staleness_exponent=self.staleness_exponent)
         self.last_aggregate = agg
         new = apply_delta(prev.tensors, agg.delta, server_lr=self.server_lr)
-        v = latest.version + 1
-        e = self.expected
-        h = Header(kind="global", fleet=e.fleet, model=e.model, model_hash=e.model_hash, head_kind=e.head_kind,
-                   node=self.name, base_version=latest.version, version=v, samples=len(deltas), encoding="fp32",
-                   metrics={"ref_norm": agg.reference.norm, "ref_samples": agg.reference.samples})
-        msg = pack_message(h, {k: encode_tensor(a, "fp32") for k, a in new.items()}, self.key)
+        msg = self.pack_global(new, version=latest.version + 1, parent=latest.version, n=len(deltas),
+                               metrics={"ref_norm": agg.reference.norm, "ref_samples": agg.reference.samples})
         stale = sum(c.staleness for c in contribs) / len(contribs)
         return msg, (f"{self.rule} of {len(deltas)} deltas from {agg.devices} devices, mean staleness {stale:.2f}, "
                      f"clip {agg.tau:.4g}, weight cap {agg.weight_cap:.4g}")

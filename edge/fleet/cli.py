@@ -122,8 +122,11 @@ def _cmd_fleet(args) -> int:
                 raise EdgeError(f"no version {args.version} in {cfg.server.store}")
             agg = build_aggregator(cfg, store=store)
             arrays = unpack_message(old.message).tensors
-            latest = store.latest().version
-            rec = store.add_version(lambda v: agg.pack_global(arrays, version=v, parent=latest, n=0),
+            latest = store.latest()
+            # the rolled-back head keeps the fleet's current reference, so the clip bound of the
+            # next version is still the fleet's history, not its batch's (docs/TRUST.md)
+            ref = agg.reference_metrics(latest.message)
+            rec = store.add_version(lambda v: agg.pack_global(arrays, version=v, parent=latest.version, n=0, metrics=ref),
                                     f"rollback to version {args.version}")
             print(f"version {rec.version} = the head of version {args.version}; a running server publishes it")
     finally:

@@ -385,4 +385,6 @@ class FleetServer:
         reg.add("edge_fleet_server_total", "counter", "server counters, by name",
                 lambda: [({"name": k}, v) for k, v in self.counters.items()])
         reg.add("edge_fleet_mqtt_connected", "gauge", "1 while connected to the broker", lambda: float(self.connected.is_set()))
+        for family in a.trust.metric_families():
+            reg.add(*family)
         return reg
