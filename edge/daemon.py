@@ -294,21 +294,34 @@ class Daemon:
         meanwhile, only while every supervised thread lives. Returns the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop_requested.set())
-        self.start(connect_timeout=5.0)
-        wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
-        last_status = 0.0
-        while not self._stop_requested.wait(min(wd / 2, 1.0) if wd else 1.0):
-            if wd and not self.supervisor.dead():
-                sd_notify("WATCHDOG=1")
-            if time.monotonic() - last_status >= 5.0:
-                last_status = time.monotonic()
-                self.write_status()
-        dead = self.supervisor.dead()
-        if dead:
-            log.critical("exiting non-zero: thread(s) died: %s", "; ".join(f"{k}: {v}" for k, v in dead.items()))
-        self.stop()
-        self.write_status()
-        return 1 if dead else 0
+        code = 0
+        try:
+            self.start(connect_timeout=5.0)
+            wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
+            last_status = 0.0
+            while not self._stop_requested.wait(min(wd / 2, 1.0) if wd else 1.0):
+                if wd and not self.supervisor.dead():
+                    sd_notify("WATCHDOG=1")
+                if time.monotonic() - last_status >= 5.0:
+                    last_status = time.monotonic()
+                    self.write_status()
+            dead = self.supervisor.dead()
+            if dead:
+                log.critical("exiting non-zero: thread(s) died: %s", "; ".join(f"{k}: {v}" for k, v in dead.items()))
+                code = 1
+        except Exception:  # noqa: BLE001 - the loop's own failure ends the daemon, never skips the stop below
+            log.critical("the main loop failed; stopping (drain, final checkpoint, offline status)", exc_info=True)
+            code = 1
+        finally:
+            # whatever ended the loop (a signal, a death, an error, even KeyboardInterrupt), what is
+            # queued is served and learned, the learner checkpoints and the broker hears "offline"
+            for step in (self.stop, self.write_status):
+                try:
+                    step()
+                except Exception:  # noqa: BLE001 - one failed step must not skip the next
+                    log.critical("%s failed at shutdown", step.__name__, exc_info=True)
+                    code = 1
+        return code
 
     def write_status(self) -> None:
         """Write ``status.json`` (atomically, mode 0600) for `edge status` when the socket is gone."""

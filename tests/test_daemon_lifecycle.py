@@ -63,3 +63,27 @@ def test_sigterm_stops_edge_run_cleanly_with_offline_status_and_a_checkpoint(bro
         c.close()
         if p.poll() is None:
             p.kill()
+
+
+def test_run_drains_checkpoints_and_says_offline_whatever_ends_its_loop(broker, tmp_path):
+    # the main loop's own status write fails (an error no thread's supervision sees): run()
+    # must still stop (drain, final checkpoint) and publish "offline", and exit non-zero
+    cfg = parse_config({"node": {"name": "loopfail", "state_dir": str(tmp_path / "state")},
+                        "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1},
+                        "model": {"cache_dir": str(tmp_path / "cache")}})
+    d = Daemon(cfg)
+    calls = []
+
+    def failing_status():
+        calls.append(1)
+        raise RuntimeError("injected: the status write broke")
+    d.write_status = failing_status
+    c = Client(broker, "edge/loopfail/status")
+    try:
+        assert d.run() == 1
+        assert d._stop.is_set() and len(calls) == 2  # the loop's write, then the final one
+        c.wait_for(lambda m: m and m[-1][1] == b"offline", timeout=20)
+        assert list((tmp_path / "state" / "loopfail" / "adapt").glob("*")), "no final checkpoint"
+    finally:
+        c.close()
+        d.stop()
