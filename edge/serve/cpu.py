@@ -9,6 +9,7 @@ formats is fastest *and* accurate enough is measured, not assumed (``edge.serve.
 """
 from __future__ import annotations
 
+import os
 import platform as _platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,10 +65,16 @@ def parse_cpuinfo(text: str, machine: str) -> CpuFeatures:
 
 
 def cpu_features() -> CpuFeatures:
-    """This machine's features (all False where ``/proc/cpuinfo`` cannot be read)."""
+    """This machine's features (all False where ``/proc/cpuinfo`` cannot be read).
+
+    ``EDGE_CPUINFO`` names another file to read: under ``qemu-user`` (``qemu-x86_64 -cpu
+    Haswell``, ``scripts/check-avx2.sh``) the process sees the host's ``/proc/cpuinfo``
+    while ONNX Runtime's kernels follow the emulated CPU's CPUID, so the emulated CPU's
+    flags have to be named for the formats to match the kernels that run.
+    """
     machine = _platform.machine().lower()
     try:
-        text = Path("/proc/cpuinfo").read_text()
+        text = Path(os.environ.get("EDGE_CPUINFO") or "/proc/cpuinfo").read_text()
     except OSError:
         text = ""
     return parse_cpuinfo(text, machine)
