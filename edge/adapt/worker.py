@@ -238,6 +238,11 @@ class AdaptWorker:
         self._own_supervisor = supervisor is None
         self.supervisor = supervisor if supervisor is not None else Supervisor(faults="")
         self._errlog = RateLimitedLog(log)
+        # the owner's lock (STYLE 19): the learner thread holds it while it handles one item,
+        # readers on other threads (status, scrapes) take it for their snapshot (``metrics``),
+        # so they never iterate the matcher's or the learner's dicts in the middle of a change;
+        # reentrant, because an item's callbacks (events, fleet calls) may read the metrics
+        self._lock = threading.RLock()
         self._seq = itertools.count()  # next() is atomic in CPython: producers need no lock
         self._ahead: list = [None, None, None]  # the item taken from each lane (labels, data, calls) and not yet handled
         self._stop = threading.Event()
@@ -431,7 +436,8 @@ class AdaptWorker:
         try:
             if fault:
                 self.supervisor.fault_point(THREAD)
-            self._handle(item)
+            with self._lock:
+                self._handle(item)
         except Exception as e:  # noqa: BLE001 - the item boundary of a supervised loop
             self.counters["item_errors"] += 1
             self.supervisor.item_failed(THREAD, e, where=f"{type(item).__name__} of {str(item.key)[:80]}")
@@ -473,6 +479,11 @@ class AdaptWorker:
         self.publish_event(event.get("type", "adapt"), **fields)
 
     def metrics(self) -> dict:
+        """A snapshot of every counter and gauge (taken under the owner's lock: safe from any thread)."""
+        with self._lock:
+            return self._metrics()
+
+    def _metrics(self) -> dict:
         out = {f"worker_{k}": v for k, v in self.counters.items()}
         out.update({f"learner_{k}": v for k, v in self.learner.metrics().items()})
         out.update({f"matcher_{k}": v for k, v in self.matcher.metrics().items()})
