@@ -15,14 +15,13 @@ import dataclasses
 import difflib
 import functools
 import logging
-import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from edge.errors import ConfigError
-from edge.ingest.names import MAX_NAME, NAME_CHARS, is_valid_name
+from edge.ingest.names import NAME_RULE, is_valid_name
 
 try:
     import tomllib
@@ -164,6 +163,12 @@ class WindowConfig(_Section):
     rate_window_s: float = _opt(2.0, lo=0.1, hi=3600.0, doc="samples without t: span over which their arrival rate is measured")
 
 
+#: deploy/systemd/edge-runtime.service's TimeoutStopSec: a stop (2 x ``[queues] shutdown_drain_s``
+#: plus the final checkpoint, STOP_CHECKPOINT_S at most on an SD card) must end before it
+STOP_TIMEOUT_S = 20.0
+STOP_CHECKPOINT_S = 4.0
+
+
 @dataclass(frozen=True)
 class QueueConfig(_Section):
     _name = "queues"
@@ -171,7 +176,9 @@ class QueueConfig(_Section):
     labels_bytes: int = _opt(8 << 20, lo=1 << 12, hi=1 << 34, doc="each label lane (the pipeline's and the learner's): bytes of labels waiting; never shed by sensor or window overload")
     control_bytes: int = _opt(1 << 20, lo=1 << 12, hi=1 << 30, doc="control lane: bytes of stream resets waiting")
     max_lag_s: float = _opt(2.0, lo=0.0, hi=86400.0, doc="sensor data that waited longer is shed when taken (fresh data first after an overload); 0 disables")
-    shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=600.0, doc="at stop, serve and learn what is queued for up to this long; the rest is counted")
+    # hi: the stop drains the pipeline and then the learner, each up to this long, and then
+    # checkpoints; all of it must end before the unit's TimeoutStopSec (STOP_TIMEOUT_S) kills it
+    shutdown_drain_s: float = _opt(2.0, lo=0.0, hi=8.0, doc="at stop, serve and learn what is queued for up to this long (twice: the pipeline, then the learner; at most 8 so that a stop fits the unit's TimeoutStopSec=20); the rest is counted")
     learner_bytes: int = _opt(16 << 20, lo=1 << 16, hi=1 << 34, doc="learner lane: served windows and forecast samples waiting for the learner, in bytes (drop oldest)")
     publish: int = _opt(10_000, lo=16, hi=10_000_000,
                         doc="publishes the node's MQTT client may hold, QoS 1 (in flight or awaiting a reconnect) "
@@ -342,7 +349,6 @@ class Config:
 
 
 SECTIONS = {f.name: f for f in dataclasses.fields(Config)}
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def _section(where: str, cls: type, table: Any) -> Any:
@@ -365,7 +371,7 @@ def _check_source(where: str, s: SourceConfig) -> None:
     for key in ("device", "stream"):  # names become topic levels: the same rule as names from outside
         value = getattr(s, key)
         if value and not is_valid_name(value):
-            raise ConfigError(f"[{where}] {key} = {value[:80]!r} is not a valid name: 1-{MAX_NAME} characters of {NAME_CHARS}")
+            raise ConfigError(f"[{where}] {key} = {value[:80]!r} is not a valid name: {NAME_RULE}")
     if s.type == "mqtt":
         levels = s.topic.split("/")
         if not s.topic or any(("#" in lv and lv != "#") or ("+" in lv and lv != "+") for lv in levels) or "#" in levels[:-1]:
@@ -404,8 +410,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         else:
             kwargs[name] = _section(name, typing.get_type_hints(Config)[name], value)
     cfg = Config(**kwargs)
-    if not _NAME_RE.match(cfg.node.name):
-        raise _fix("node", "name", cfg.node.name, "use letters, digits, '.', '_' or '-' (it becomes an MQTT topic level)")
+    if not is_valid_name(cfg.node.name):  # a topic level and a folder: the one name rule (edge.ingest.names)
+        raise _fix("node", "name", cfg.node.name, f"use letters, digits, '.', '_', ':' or '-' ({NAME_RULE}): it becomes an MQTT topic level and a folder")
     if cfg.window.hop and cfg.window.length and cfg.window.hop > cfg.window.length * 16:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
     if cfg.fleet.enabled and not (cfg.fleet.key_file and cfg.fleet.server_key):

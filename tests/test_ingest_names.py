@@ -17,7 +17,7 @@ from edge.ingest.types import StreamKey
 pytestmark = pytest.mark.timeout(60)
 NOW = 1_700_000_000.0
 ALPHABET = "ABCXYZabcxyz0189_.:-"
-valid_names = st.text(st.sampled_from(ALPHABET), min_size=1, max_size=MAX_NAME)
+valid_names = st.text(st.sampled_from(ALPHABET), min_size=1, max_size=MAX_NAME).filter(lambda v: v not in (".", ".."))
 anything = st.text(max_size=200) | st.text(st.sampled_from(ALPHABET + "/+#$\x00 é\n"), max_size=80)
 
 
@@ -49,11 +49,29 @@ def test_a_name_is_either_valid_or_rejected_as_bad_name(value):
 
 
 @pytest.mark.parametrize("value", ["", "a/b", "+", "#", "x+", "$SYS", "a\x00b", "a b", "é", "x" * 65, "a\n",
-                                   None, 7, b"abc", ["a"]])
+                                   ".", "..", None, 7, b"abc", ["a"]])
 def test_names_that_break_the_rule_are_rejected(value):
     assert not is_valid_name(value)
     with pytest.raises(DecodeError, match="not a valid name"):
         check_name(value, what="device")
+
+
+def test_a_node_named_dot_dot_is_refused_and_its_state_folders_parent_is_left_alone(tmp_path):
+    # "..": <state_dir>/.. would be the node's folder, and private_dir made the parent 0700
+    import os
+
+    from edge.config import load_config
+    from edge.errors import ConfigError
+
+    state = tmp_path / "parent" / "state"
+    state.mkdir(parents=True)
+    os.chmod(tmp_path / "parent", 0o755)
+    cfg = tmp_path / "edge.toml"
+    for name in ("..", "."):
+        cfg.write_text(f'[node]\nname = "{name}"\nstate_dir = "{state}"\n[model]\npath = "vibration"\n')
+        with pytest.raises(ConfigError, match=r"\[node\] name = '\.{1,2}' is invalid: .*not \. or \.\."):
+            load_config(cfg)
+    assert (os.stat(tmp_path / "parent").st_mode & 0o777) == 0o755
 
 
 def test_a_str_subclass_is_returned_as_a_plain_str():
