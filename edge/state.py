@@ -290,7 +290,8 @@ class CheckpointStore:
         self.clock = clock
         self.loaded_path: Path | None = None
         self.last_good: Path | None = None  # never pruned to make room
-        self.counters = {"pruned_for_room": 0, "retried": 0, "set_aside": 0}
+        self.counters = {"pruned_for_room": 0, "retried": 0, "set_aside": 0, "unchanged": 0}
+        self._last_digest: bytes | None = None  # sha256 of the file last_good holds, when known
         self._disklog = RateLimitedLog(log)  # a tight disk prunes at every save: say so once a minute
         try:
             private_dir(self.dir)
@@ -314,13 +315,22 @@ class CheckpointStore:
         return [p for _, p in sorted(found)]
 
     # ---- saving --------------------------------------------------------------------------
-    def save(self, state: dict) -> Path:
+    def save(self, state: dict, *, skip_unchanged: bool = False) -> Path:
         """Write ``state`` as the next checkpoint, durably; prune beyond ``keep``.
 
+        With ``skip_unchanged``, a state whose file would be byte-identical to the last good
+        checkpoint (written or restored by this store, still there) is not written again:
+        its path is returned and ``counters["unchanged"]`` counts it. Flash wears per write,
+        and an idle learner's state does not change (docs/STATE.md, "Flash budget").
         ``StateError`` when it cannot be written even after pruning for room.
         """
         ident = self.identity.to_dict() if self.identity is not None else None
         data = encode_state({_ENVELOPE: 2, "identity": ident, "state": state})
+        digest = hashlib.sha256(data).digest()
+        if (skip_unchanged and digest == self._last_digest and self.last_good is not None
+                and self.last_good.is_file()):
+            self.counters["unchanged"] += 1
+            return self.last_good
         try:
             if not self.dir.is_dir():  # removed under us (an operator's cleanup): make it again
                 private_dir(self.dir)
@@ -341,7 +351,7 @@ class CheckpointStore:
                 self._write(tmp, final, data)
             except OSError as e2:
                 raise StateError(f"{final}: cannot write checkpoint even after pruning: {e2}") from e2
-        self.last_good = final
+        self.last_good, self._last_digest = final, digest
         try:
             for old in self.paths()[: -self.keep]:
                 old.unlink(missing_ok=True)
@@ -398,7 +408,8 @@ class CheckpointStore:
         paths = self.paths()
         for i, p in enumerate(reversed(paths)):
             try:
-                raw = decode_state(p.read_bytes())
+                data = p.read_bytes()
+                raw = decode_state(data)
                 saved, state = self._unwrap(raw)
             except (StateError, OSError, ValueError, KeyError, TypeError, RecursionError) as e:
                 older = paths[-2 - i].name if i + 1 < len(paths) else None
@@ -417,6 +428,7 @@ class CheckpointStore:
                             "starting from the shipped head", p.name, why, moved)
                 return Restored(None, p, mismatch=why, saved_identity=saved_d, moved_to=moved)
             self.loaded_path = self.last_good = p
+            self._last_digest = hashlib.sha256(data).digest()
             return Restored(state, p)
         return Restored(None)
 
@@ -455,6 +467,6 @@ class CheckpointStore:
             pass
         self._fsync_dir(dest)
         self._fsync_dir()
-        self.loaded_path = self.last_good = None
+        self.loaded_path = self.last_good = self._last_digest = None
         self.counters["set_aside"] += 1
         return dest

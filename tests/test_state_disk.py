@@ -102,9 +102,9 @@ CHILD = textwrap.dedent("""
     from edge.zoo import resolve_model
 
     class Reporting(CheckpointStore):
-        def save(self, state):
+        def save(self, state, **kw):
             try:
-                p = super().save(state)
+                p = super().save(state, **kw)
             except StateError:
                 print("failed", flush=True)
                 raise

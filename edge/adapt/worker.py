@@ -383,18 +383,22 @@ class AdaptWorker:
         return ok
 
     def checkpoint(self) -> bool:
-        """Save the learner's state now; True when saved. A failure is counted, logged
-        rate-limited, and not sticky: the next call tries again."""
+        """Save the learner's state now; True when it is on disk. A state byte-identical to
+        the last checkpoint is not written again (an idle learner's: flash wears per write;
+        counted as the store's ``unchanged``); ``checkpoints`` counts the files written. A
+        failure is counted, logged rate-limited, and not sticky: the next call tries again."""
         self._last_ckpt = self.clock()
+        written = self.store.counters["unchanged"]
         try:
             self.store.save({**self.learner.state_dict(), "label_cache": self.matcher.state_dict(),
-                             **{k: o.state_dict() for k, o in self.extras.items()}})
+                             **{k: o.state_dict() for k, o in self.extras.items()}}, skip_unchanged=True)
         except (OSError, StateError) as e:
             self.counters["checkpoint_errors"] += 1
             self._errlog.warn("checkpoint", "checkpoint failed (%d failures so far; the next interval tries again): %s",
                               self.counters["checkpoint_errors"], str(e)[:300])
             return False
-        self.counters["checkpoints"] += 1
+        if self.store.counters["unchanged"] == written:
+            self.counters["checkpoints"] += 1
         return True
 
     # ---- the loop ----------------------------------------------------------------------------
