@@ -12,6 +12,11 @@ Sizes are what the producer says an item costs (payload bytes plus a fixed overh
 for the Python objects around it), so the bound holds for big and small items alike,
 which a bound in items cannot do.
 
+Every item that leaves a lane unprocessed (dropped, shed as stale, refused as oversized)
+is also counted in what a user thinks in: the MQTT messages it carried (the producer says
+how many at ``put``) and the samples (``samples_of(item)``, asked only for items lost,
+outside the lock), beside items and bytes.
+
 One consumer thread takes from a lane; any number of producers put into it.
 
 >>> lane = Lane("demo", max_bytes=100)
@@ -34,7 +39,8 @@ class Lane:
     """A byte-bounded, drop-oldest FIFO between producers and one consumer thread."""
 
     def __init__(self, name: str, *, max_bytes: int, max_lag_s: float = 0.0,
-                 clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None):
+                 clock: Callable[[], float] = time.monotonic, wake: threading.Event | None = None,
+                 samples_of: Callable[[Any], int] | None = None):
         if max_bytes < 1:
             raise ValueError(f"lane {name!r}: max_bytes must be positive")
         self.name = name
@@ -42,37 +48,59 @@ class Lane:
         self.max_lag_s = float(max_lag_s)
         self.clock = clock
         self.wake = wake  # set on every put, so that an idle consumer can block instead of polling
-        self._q: deque = deque()  # (enqueued_at, nbytes, item)
+        self.samples_of = samples_of
+        self._q: deque = deque()  # (enqueued_at, nbytes, item, messages)
         self._lock = threading.Lock()
         self._in_bytes = self._out_bytes = 0
         self.counters = {"offered": 0, "taken": 0, "dropped": 0, "dropped_bytes": 0, "oversized": 0,
-                         "stale": 0, "stale_bytes": 0}
+                         "stale": 0, "stale_bytes": 0, "offered_messages": 0, "dropped_messages": 0,
+                         "stale_messages": 0, "oversized_messages": 0, "dropped_samples": 0, "stale_samples": 0,
+                         "oversized_samples": 0}
 
     # ---- producers -------------------------------------------------------------------
-    def put(self, item: Any, nbytes: int) -> bool:
-        """Append ``item`` costing ``nbytes``; drop the oldest to make room. False if refused."""
+    def put(self, item: Any, nbytes: int, messages: int = 0) -> bool:
+        """Append ``item`` costing ``nbytes`` and carrying ``messages`` MQTT messages; drop
+        the oldest to make room. False if refused (oversized)."""
         c = self.counters
         if nbytes > self.max_bytes:
-            c["oversized"] += 1
+            with self._lock:
+                c["oversized"] += 1
+                c["oversized_messages"] += messages
+            self._count_samples("oversized_samples", (item,))
             return False
         q = self._q
+        lost = []
         with self._lock:
             c["offered"] += 1
+            c["offered_messages"] += messages
             over = self._in_bytes - self._out_bytes + nbytes - self.max_bytes
             while over > 0:
                 try:
-                    _, n, _ = q.popleft()
+                    _, n, old, m = q.popleft()
                 except IndexError:  # the consumer took the rest meanwhile
                     break
                 self._out_bytes += n
                 c["dropped"] += 1
                 c["dropped_bytes"] += n
+                c["dropped_messages"] += m
+                lost.append(old)
                 over -= n
             self._in_bytes += nbytes
-            q.append((self.clock(), nbytes, item))
+            q.append((self.clock(), nbytes, item, messages))
+        if lost:
+            self._count_samples("dropped_samples", lost)
         if self.wake is not None:
             self.wake.set()
         return True
+
+    def _count_samples(self, counter: str, items) -> None:
+        """Add the samples of lost ``items`` to ``counter``, measured outside the lock (a
+        payload is parsed to count them) and added under it."""
+        if self.samples_of is None:
+            return
+        n = sum(self.samples_of(x) for x in items)
+        with self._lock:
+            self.counters[counter] += n
 
     # ---- the consumer ----------------------------------------------------------------
     def take(self) -> Any:
@@ -80,16 +108,21 @@ class Lane:
         q = self._q
         while True:
             try:
-                at, n, item = q.popleft()
+                at, n, item, m = q.popleft()
             except IndexError:
                 return None
             with self._lock:
                 self._out_bytes += n
-                if self.max_lag_s and self.clock() - at > self.max_lag_s:
+                stale = bool(self.max_lag_s and self.clock() - at > self.max_lag_s)
+                if stale:
                     self.counters["stale"] += 1
                     self.counters["stale_bytes"] += n
-                    continue
-                self.counters["taken"] += 1
+                    self.counters["stale_messages"] += m
+                else:
+                    self.counters["taken"] += 1
+            if stale:
+                self._count_samples("stale_samples", (item,))
+                continue
             return item
 
     def drain(self) -> list[Any]:
@@ -98,7 +131,7 @@ class Lane:
         q = self._q
         while True:
             try:
-                _, n, item = q.popleft()
+                _, n, item, _ = q.popleft()
             except IndexError:
                 return out
             with self._lock:
@@ -130,5 +163,8 @@ class Lane:
             return self._in_bytes - self._out_bytes
 
     def stats(self) -> dict[str, int]:
-        """Counters plus the current depth, for metrics and `edge status`."""
-        return {**self.counters, "depth": len(self._q), "depth_bytes": self.depth_bytes, "max_bytes": self.max_bytes}
+        """Counters plus the current depth, for metrics and `edge status`: a snapshot taken
+        under the lane's lock, so every count in it is of the same moment."""
+        with self._lock:
+            return {**self.counters, "depth": len(self._q), "depth_bytes": self._in_bytes - self._out_bytes,
+                    "max_bytes": self.max_bytes}

@@ -6,6 +6,9 @@ import threading
 import time
 
 import numpy as np
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.adapt.heads import HeadSnapshot
 from edge.ingest.topics import TopicRoute
@@ -244,3 +247,50 @@ def test_a_stream_reset_forgets_the_partial_window():
         assert w.counters["discarded"] == 3 and w.counters["windows"] == 0 and published == []
     finally:
         p.stop()
+
+
+def test_every_message_and_sample_is_processed_or_counted_as_lost():
+    # a flood of 1000-sample messages into a small lane with a tiny lag budget: each one is
+    # served, dropped (lane full), shed (stale), refused (a read bigger than the lane) or
+    # left at stop; the counts add up in messages and in samples, not only in items and bytes
+    p, _, _, _ = make(sensor_bytes=64 << 10, max_lag_s=0.002, drain_s=0.0)
+    rows = [[0.5]] * 1000
+
+    def msg(k: int) -> tuple[str, bytes]:
+        return "s/fl/x", orjson.dumps({"t0": 100.0 + k, "dt": 0.001, "v": rows})
+    sent = sent_samples = 0
+    p.start()
+    try:
+        for k in range(0, 600, 2):  # reads of two messages, as the ingest connection hands them over
+            p.offer_batch([msg(k), msg(k + 1)], time.time())
+            sent, sent_samples = sent + 2, sent_samples + 2000
+        assert not p.offer_batch([msg(1000 + i) for i in range(20)], time.time())  # one read beyond the lane
+        sent, sent_samples = sent + 20, sent_samples + 20_000
+    finally:
+        p.stop()
+    lane = p.inbox.sensor.stats()
+    c = p.counters
+    lost = {r: lane[f"{r}_messages"] for r in ("dropped", "stale", "oversized")}
+    assert lost["oversized"] == 20 and c["messages"] > 0
+    assert sent == c["messages"] + sum(lost.values()) + c["shutdown_dropped"], (c, lane)
+    windowed = sum(s.windower.counters["samples"] for _, s in p.bank.snapshot())
+    lost_samples = sum(lane[f"{r}_samples"] for r in ("dropped", "stale", "oversized"))
+    assert sent_samples == windowed + lost_samples + c["shutdown_dropped_samples"], (c, lane, windowed)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.floats(-1e6, 1e6), min_size=2, max_size=2), min_size=1, max_size=20),
+       st.sampled_from(["sample", "batch", "list", "csv"]))
+def test_the_samples_a_lost_payload_is_counted_for_are_what_decoding_it_gives(rows, form):
+    from edge.ingest.payload import decode_payload
+    from edge.pipeline.accounting import payload_samples
+
+    if form == "sample":
+        payload = orjson.dumps({"t": 1.0, "v": rows[0]})
+    elif form == "batch":
+        payload = orjson.dumps({"t0": 1.0, "dt": 0.001, "v": rows})
+    elif form == "list":
+        payload = orjson.dumps([{"t": 1.0 + i, "v": r} for i, r in enumerate(rows)])
+    else:
+        payload = "\n".join(",".join(repr(x) for x in r) for r in rows).encode()
+    assert payload_samples(payload) == len(decode_payload(payload, channels=2, now=1.0)[0])

@@ -9,6 +9,7 @@ off, too much filling) so the pipeline can log them and emit an event.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from edge.errors import DecodeError
@@ -60,6 +61,9 @@ class WindowerBank:
         self.channels, self.window_kw, self.max_streams = channels, window_kw, max_streams
         self._stamp_kw = dict(stamp_kw or {})  # Stamper options: resync_s, rate_tolerance, rate_window_s
         self.streams: dict[StreamKey, Stream] = {}
+        # the owner's lock (STYLE 19): the pipeline thread takes it only to add a stream, readers
+        # on other threads (status, scrapes) for their snapshot; the per-sample path never does
+        self._lock = threading.Lock()
         self.flag_changes: list[tuple[StreamKey, str | None, str | None]] = []
         self.new_streams: list[StreamKey] = []  # created since the pipeline last looked
 
@@ -71,10 +75,23 @@ class WindowerBank:
                 raise DecodeError("too_many_streams", f"a new stream would exceed max_streams = {self.max_streams}")
             key = StreamKey(check_name(key.device, what="device"), check_name(key.stream, what="stream"))
             w = Windower(channels=self.channels, **self.window_kw)
-            s = self.streams[key] = Stream(key, w, received, self._stamp_kw)
+            s = Stream(key, w, received, self._stamp_kw)
+            with self._lock:
+                self.streams[key] = s
             self.new_streams.append(key)
             log.info("new stream %s", key)
         return s
+
+    def snapshot(self) -> list[tuple[StreamKey, Stream]]:
+        """Every stream now, as a list taken under the bank's lock (for readers on other threads).
+
+        >>> bank = WindowerBank(channels=1, window_kw=dict(length=4, hop=4, sample_rate=10.0))
+        >>> _ = bank.stream(StreamKey("m1", "a"), 0.0)
+        >>> [str(k) for k, _ in bank.snapshot()]
+        ['m1/a']
+        """
+        with self._lock:
+            return list(self.streams.items())
 
     def push(self, s: Stream, ts: list, rows: list, received: float, out: list) -> list:
         """Add samples to stream ``s`` (a None time is stamped); append completed windows to ``out``.

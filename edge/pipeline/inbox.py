@@ -9,7 +9,8 @@
 * ``control``: stream resets from sources. Small, bounded by ``[queues] control_bytes``.
 
 Producers on other threads call the ``offer_*`` / ``push_*`` methods; the pipeline
-thread takes from the lanes, labels and control first. Every drop is counted per lane.
+thread takes from the lanes, labels and control first. Every drop is counted per lane, in
+items, bytes, MQTT messages and samples (``edge.pipeline.accounting``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import numpy as np
 from edge.ingest.topics import TopicRoute, topic_matches
 from edge.ingest.types import StreamKey
 from edge.lanes import Lane
+from edge.pipeline.accounting import item_samples
 from edge.pipeline.records import LabelIn, RawMessageIn, SampleBlock, SensorBatch, StreamReset
 
 # Python objects around each queued message (tuple, bytes and str headers, list slot):
@@ -37,8 +39,8 @@ class Inbox:
     def __init__(self, *, sensor_bytes: int, labels_bytes: int, control_bytes: int = 1 << 20,
                  max_lag_s: float = 0.0, label_route: TopicRoute | None = None):
         self.wake = threading.Event()  # set by every put: the idle pipeline thread blocks on it
-        self.sensor = Lane("sensor", max_bytes=sensor_bytes, max_lag_s=max_lag_s, wake=self.wake)
-        self.labels = Lane("labels", max_bytes=labels_bytes, wake=self.wake)
+        self.sensor = Lane("sensor", max_bytes=sensor_bytes, max_lag_s=max_lag_s, wake=self.wake, samples_of=item_samples)
+        self.labels = Lane("labels", max_bytes=labels_bytes, wake=self.wake, samples_of=item_samples)
         self.control = Lane("control", max_bytes=control_bytes, wake=self.wake)
         self._label_filter = label_route.subscription.split("/") if label_route is not None else None
 
@@ -54,15 +56,15 @@ class Inbox:
         n = MESSAGE_OVERHEAD * len(msgs)
         for _, p in msgs:
             n += len(p)
-        return self.sensor.put(SensorBatch(msgs, received), n)
+        return self.sensor.put(SensorBatch(msgs, received), n, len(msgs))
 
     def offer_message(self, topic: str, payload: bytes, received: float) -> bool:
         """One raw MQTT message (paho's thread): the label lane when it is on a label topic."""
         item = RawMessageIn(topic, payload, received)
         n = MESSAGE_OVERHEAD + len(payload) + len(topic)
         if self._label_filter is not None and topic_matches(self._label_filter, topic.split("/")):
-            return self.labels.put(item, n)
-        return self.sensor.put(item, n)
+            return self.labels.put(item, n, 1)
+        return self.sensor.put(item, n, 1)
 
     def push_samples(self, key: StreamKey, t, v) -> bool:
         """A decoded block (a serial link's thread): times [n], values [n, C]."""

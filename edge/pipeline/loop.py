@@ -23,6 +23,7 @@ from typing import Any, Callable
 from edge.errors import DecodeError, brief
 from edge.ingest.payload import decode_sample
 from edge.observe import RateLimitedLog
+from edge.pipeline.accounting import item_samples
 from edge.pipeline.bank import Stream, WindowerBank
 from edge.pipeline.inbox import Inbox
 from edge.pipeline.publisher import Publisher
@@ -56,8 +57,9 @@ class Pipeline:
         self.on_stream = on_stream
         self.latency = LatencyHistogram()
         self.counters = {"messages": 0, "windows_served": 0, "serve_errors": 0, "batches": 0, "labels": 0,
-                         "stream_resets": 0, "shutdown_dropped": 0}
+                         "stream_resets": 0, "shutdown_dropped": 0, "shutdown_dropped_samples": 0}
         self.bad: dict[str, int] = {}
+        self._lock = threading.Lock()  # the owner's lock: new keys of ``bad``, and readers' snapshots
         self._resets: collections.deque[StreamReset] = collections.deque()  # taken, waiting for the sensor items before them
         self._sinks: dict[str, tuple[Stream, bool]] = {}  # topic -> (its stream, single-sample fast path ok)
         self._badlog = RateLimitedLog(log)
@@ -88,10 +90,17 @@ class Pipeline:
     @property
     def windowers(self) -> dict:
         """Each stream's ``Windower`` (read-only view for status and metrics)."""
-        return {k: s.windower for k, s in list(self.bank.streams.items())}
+        return {k: s.windower for k, s in self.bank.snapshot()}
 
     def depth(self) -> int:
         return self.inbox.depth()
+
+    def snapshot(self) -> dict[str, Any]:
+        """The pipeline's counters, bad input by kind and its lanes, copied under the owners'
+        locks: what a reader on another thread (status, a scrape) may iterate."""
+        with self._lock:
+            counters, bad = {**self.counters, **self.publisher.counters}, dict(self.bad)
+        return {"counters": counters, "bad": bad, "lanes": self.inbox.stats()}
 
     # ---- lifecycle -------------------------------------------------------------------
     def start(self) -> None:
@@ -105,7 +114,8 @@ class Pipeline:
             self.thread.join(self.drain_s + 5.0 if timeout is None else timeout)
 
     def bad_input(self, kind: str, where: str, msg: str) -> None:
-        self.bad[kind] = self.bad.get(kind, 0) + 1
+        with self._lock:
+            self.bad[kind] = self.bad.get(kind, 0) + 1
         self._badlog.warn(kind, "skipped bad input from %s (%s): %s", brief(where), kind, msg)
 
     # ---- the loop --------------------------------------------------------------------
@@ -150,12 +160,14 @@ class Pipeline:
     def count_left(self) -> int:
         """Empty the lanes into ``shutdown_dropped``: at stop, and again once the producers
         have stopped (labels still arrive on the node's connection while the pipeline drains)."""
-        left = 0
+        left = samples = 0
         for lane in self.inbox.lanes:
             for item in lane.drain():
                 left += len(item.msgs) if isinstance(item, SensorBatch) else 1
+                samples += item_samples(item)
         if left:
             self.counters["shutdown_dropped"] += left
+            self.counters["shutdown_dropped_samples"] += samples
             log.warning("pipeline stopped with %d queued items unprocessed (shutdown_dropped)", left)
         return left
 
