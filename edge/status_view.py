@@ -1,10 +1,20 @@
 """`edge status` as a table a person reads: pure, a status dict in, text out.
 
->>> print(render_status({"node": "n1", "model": "vibration@1.0.0", "head": "h3", "written": 100.0,
-...     "backend": {"name": "onnxruntime", "precision": "int8"}, "health": {"ready": True, "dead_threads": {}},
-...     "streams": {"m1/accel": {"rate_hz": 999.8, "samples": 5000, "windows": 19, "out_of_order": 0,
-...                              "filled": 0, "gaps": 0, "flag": None}}}, now=101.0).splitlines()[0])
+The header says ``live`` only when the status came from the running daemon's socket
+(``live=True``); a status read back from the file a stopped (or hung) daemon left says
+``STALE`` with its age, whatever its ``ready`` flag held then.
+
+>>> st = {"node": "n1", "model": "vibration@1.0.0", "head": "h3", "written": 100.0,
+...       "backend": {"backend": "onnxruntime", "precision": "int8"}, "health": {"ready": True, "dead_threads": {}},
+...       "streams": {"m1/accel": {"rate_hz": 999.8, "samples": 5000, "windows": 19, "out_of_order": 0,
+...                                "filled": 0, "gaps": 0, "flag": None}},
+...       "adapt": {"learner_champion_version": "h3", "learner_labels_total": 12, "learner_promotions_total": 1}}
+>>> print(render_status(st, now=101.0).splitlines()[0])
 node n1 · model vibration@1.0.0 · backend onnxruntime int8 · head h3 · live
+>>> print(render_status(st, now=400.0, live=False).splitlines()[0])
+node n1 · model vibration@1.0.0 · backend onnxruntime int8 · head h3 · STALE (written 300 s ago; no daemon answers)
+>>> print([l for l in render_status(st, now=101.0).splitlines() if l.startswith("learner")][0])
+learner: serving head h3 · labels taken 12 · promotions 1
 """
 from __future__ import annotations
 
@@ -17,14 +27,34 @@ def _cut(s: Any, n: int) -> str:
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
-def render_status(st: dict[str, Any], *, now: float | None = None, source: str = "") -> str:
-    """The daemon's status as a few lines and a table of streams."""
+#: the learner's counters as ``edge status`` names them (the status dict keys, not /metrics names)
+LEARNER_FIELDS = (("learner_champion_version", "serving head"), ("learner_labels_total", "labels taken"),
+                  ("learner_promotions_total", "promotions"), ("learner_refreshes_total", "refreshes"),
+                  ("learner_rollbacks_total", "rollbacks"), ("learner_drifts_total", "drifts detected"))
+
+
+def backend_name(be: dict[str, Any]) -> str:
+    """The serving backend's name in a status dict's ``backend`` (the daemon sends ``backend``).
+
+    >>> backend_name({"backend": "tensorrt", "precision": "fp16"}), backend_name({})
+    ('tensorrt', '?')
+    """
+    return str(be.get("backend") or be.get("name") or be.get("key") or "?")
+
+
+def render_status(st: dict[str, Any], *, now: float | None = None, source: str = "", live: bool = True) -> str:
+    """The daemon's status as a few lines and a table of streams; ``live`` is False for a
+    status read from the file (the daemon did not answer): the header then says STALE."""
     now = time.time() if now is None else now
     be = st.get("backend") or {}
     health = st.get("health") or {}
     dead = health.get("dead_threads") or {}
-    state = "DEAD THREADS: " + ", ".join(dead) if dead else ("live" if health.get("ready") else "starting")
-    lines = [f"node {st.get('node', '?')} · model {st.get('model', '?')} · backend {be.get('name', be.get('key', '?'))} "
+    if not live:
+        age = f"written {now - float(st['written']):.0f} s ago; " if "written" in st else ""
+        state = f"STALE ({age}no daemon answers)"
+    else:
+        state = "DEAD THREADS: " + ", ".join(dead) if dead else ("live" if health.get("ready") else "starting")
+    lines = [f"node {st.get('node', '?')} · model {st.get('model', '?')} · backend {backend_name(be)} "
              f"{be.get('precision', '')} · head {st.get('head', '?')} · {state}"]
     if st.get("backend_reason"):
         lines.append(f"backend choice: {_cut(st['backend_reason'], 160)}")
@@ -53,9 +83,7 @@ def render_status(st: dict[str, Any], *, now: float | None = None, source: str =
                          f"{s.get('gaps', 0):>5}  {s.get('flag') or '-'}")
     ad = st.get("adapt") or {}
     if ad:
-        lines += ["", "learner: " + " · ".join(f"{k} {ad[k]}" for k in (
-            "learner_champion_version", "learner_labels_total", "learner_promotions_total", "learner_refreshes_total",
-            "learner_rollbacks_total", "learner_drifts_total") if k in ad)]
+        lines += ["", "learner: " + " · ".join(f"{name} {ad[k]}" for k, name in LEARNER_FIELDS if k in ad)]
     if st.get("fleet"):
         lines += ["", sync_line(st["fleet"])]
     bad = {**(st.get("bad_input") or {}), **(st.get("internal_errors") or {})}

@@ -174,7 +174,7 @@ def _roll(x, w=50):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="edge bench adapt", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edge bench adapt", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("--out", default="bench/out", help="folder for adapt.json and adapt.png")
     ap.add_argument("--pre", type=int, default=200, help="nominal labels before the drift")
     ap.add_argument("--post", type=int, default=600, help="labels after the drift")

@@ -72,7 +72,7 @@ def one_run(config: Path, env: dict, timeout: float) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="python -m edge.bench.daemon_start", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m edge.bench.daemon_start", description=__doc__.split("\n\n")[0].replace("`", ""))
     ap.add_argument("--model", default="vibration")
     ap.add_argument("--runs", type=int, default=3, help="warm runs after the first")
     ap.add_argument("--timeout", type=float, default=300.0)

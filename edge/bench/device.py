@@ -105,7 +105,7 @@ def _share(pid: int, seconds: float) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge bench device", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="edge bench device", description=__doc__.split("\n")[0].replace("`", ""))
     ap.add_argument("--model", default="vibration")
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--idle-s", type=float, default=10.0)

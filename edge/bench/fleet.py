@@ -405,7 +405,7 @@ def _attack_report(attacks, data, held, conds, ctx, args, argv, out: Path, t_fea
 def main(argv=None) -> int:
     from edge.fleet.config import ServerSection
 
-    ap = argparse.ArgumentParser(prog="edge bench fleet", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edge bench fleet", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("--out", default="bench/out")
     ap.add_argument("--devices", type=int, default=20)
     ap.add_argument("--held-out", type=int, default=5)

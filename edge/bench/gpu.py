@@ -108,7 +108,7 @@ class Report:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    ap = argparse.ArgumentParser(prog="python -m edge.bench.gpu", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m edge.bench.gpu", description=__doc__.split("\n\n")[0].replace("`", ""))
     ap.add_argument("--model", default="vibration", help="model folder or shipped model name")
     ap.add_argument("--out", default="bench/out/gpu-check.json", help="JSON; the Markdown table goes next to it")
     ap.add_argument("--iters", type=int, default=1000, help="batch-1 calls timed per variant")

@@ -166,7 +166,7 @@ def run_reference(task, y, k) -> np.ndarray:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="edge bench learning", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edge bench learning", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("--out", default="bench/out", help="folder for learning.json")
     ap.add_argument("--streams", default=",".join(STREAMS))
     ap.add_argument("--pre", type=int, default=500, help="sim_drift: nominal rows before the shift (no_signal: rows / 2)")

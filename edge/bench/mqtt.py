@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         kind, host, port, n, qos, protocol, idle_s = argv[1:8]
         print(json.dumps(_receive(kind, host, int(port), int(n), int(qos), protocol, float(idle_s))), flush=True)
         return 0
-    ap = argparse.ArgumentParser(prog="edge bench mqtt", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="edge bench mqtt", description=__doc__.split("\n")[0].replace("`", ""))
     ap.add_argument("--messages", type=int, default=200_000)
     ap.add_argument("--qos", default="0,1", help="comma-separated QoS levels to run (0, 1)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per reader and QoS (median reported)")

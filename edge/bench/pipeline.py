@@ -377,7 +377,7 @@ def _export(ref: str, dest: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge bench pipeline", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="edge bench pipeline", description=__doc__.split("\n")[0].replace("`", ""))
     ap.add_argument("--rate", type=float, default=20000.0)
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--streams", type=int, default=20)

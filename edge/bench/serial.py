@@ -128,7 +128,7 @@ def measure(name: str, data: bytes, fn, chunk: int, repeat: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge bench serial", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edge bench serial", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("--mbytes", type=float, default=4.0, help="size of each stream (MB)")
     ap.add_argument("--chunk", type=int, default=4096, help="bytes per read, as the reader thread gets them")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the fastest is kept (noisy machine)")

@@ -159,7 +159,7 @@ def _prepare(args, model) -> tuple[Path, dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edge bench serve", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="edge bench serve", description=__doc__.split("\n\n")[0].replace("`", ""))
     ap.add_argument("model", nargs="?", default="vibration", help="model folder or shipped model name")
     ap.add_argument("--out", default=None, help="JSON results (default bench/out/serve-<model>.json); "
                     "a Markdown table is written next to it")

@@ -48,7 +48,7 @@ def score(unit: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="edge bench units", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="edge bench units", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("units", nargs="*", help="unit files (default: deploy/systemd/*.service of this tree)")
     ap.add_argument("--out", help="write the results as JSON here")
     args = ap.parse_args(argv)
