@@ -12,9 +12,12 @@ import logging
 import os
 import socket
 import socketserver
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
+
+from edge.state import private_dir
 
 log = logging.getLogger("edge.control")
 
@@ -24,7 +27,7 @@ class StatusSocket:
 
     def __init__(self, path: Path, status: Callable[[], dict[str, Any]]):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        private_dir(self.path.parent)
         if self.path.is_socket() or self.path.exists():
             self.path.unlink()  # a stale socket of a daemon that did not stop cleanly
         read = status
@@ -40,11 +43,7 @@ class StatusSocket:
                 except OSError:
                     pass
 
-        old = os.umask(0o177)
-        try:
-            self.server = socketserver.ThreadingUnixStreamServer(str(self.path), Handler)
-        finally:
-            os.umask(old)
+        self.server = _bind_private(self.path, Handler)
         self.server.daemon_threads = True
         self.thread = threading.Thread(target=self.server.serve_forever, name="control", daemon=True)
 
@@ -58,6 +57,33 @@ class StatusSocket:
             self.path.unlink()
         except OSError:
             pass
+
+
+def _bind_private(path: Path, handler) -> socketserver.ThreadingUnixStreamServer:
+    """A server listening on ``path``, a socket of mode 0600 from the start.
+
+    Not by ``os.umask``: the umask is the process's, and other threads create folders and
+    files meanwhile. The socket is bound in a fresh 0700 folder (``mkdtemp``), made 0600
+    there, where no one else can reach it, and then renamed into place.
+    """
+    tmp = Path(tempfile.mkdtemp(prefix=".edge-sock-", dir=path.parent))
+    server = socketserver.ThreadingUnixStreamServer(str(tmp / "s"), handler, bind_and_activate=False)
+    try:
+        server.server_bind()
+        os.chmod(tmp / "s", 0o600)
+        os.replace(tmp / "s", path)
+        server.server_address = str(path)
+        server.server_activate()
+    except BaseException:
+        server.server_close()
+        raise
+    finally:
+        try:
+            (tmp / "s").unlink()
+        except OSError:
+            pass
+        tmp.rmdir()
+    return server
 
 
 def read_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:

@@ -64,9 +64,10 @@ def _write_0600(path: Path, data: bytes) -> None:
 
 
 def _folder(d: str | Path) -> Path:
+    from edge.state import private_dir  # the one helper for private folders
+
     p = Path(d).expanduser()
-    p.mkdir(parents=True, exist_ok=True, mode=0o700)
-    os.chmod(p, 0o700)
+    private_dir(p)
     return p
 
 

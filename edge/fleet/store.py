@@ -196,7 +196,10 @@ class SQLiteStore(StoreReads):
 
     def __init__(self, path: str | Path, *, timeout: float = 30.0):
         self.path = Path(path).expanduser()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.path.parent.exists():  # a folder given to it (even ".") keeps its mode; a new one is private
+            from edge.state import private_dir
+
+            private_dir(self.path.parent)
         # timeout: how long a write waits for another process's lock before it raises
         self._db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None, check_same_thread=False)
         self._lock = threading.Lock()

@@ -303,7 +303,9 @@ def create_label_key(folder: str | Path, name: str) -> Path:
     d = Path(folder).expanduser()
     p = d / f"{name}.key"
     try:
-        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        from edge.state import private_dir  # the one helper for private folders
+
+        private_dir(d)
         fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
         raise ConfigError(f"a key for labeller {name!r} already exists in {d}; not overwriting it "
