@@ -19,6 +19,13 @@ oldest window of all streams is evicted and counted (``windows_evicted_total``),
 that many streams (stray topics up to the pipeline's ``max_streams``) cannot grow the
 cache without bound.
 
+Time going back: a stream's windows are cached in time order. A window that ends before
+the stream's newest cached one (its clock went back: a sensor restarted with an earlier
+clock, or this node's receive clock stepped back for a stream without times) starts the
+stream's time line anew: the cached windows after it, stamped on the old line, are
+dropped and counted (``windows_superseded_total``), so they never stand in front of the
+new ones (a label for a new window is never ``too_old`` or ``future`` because of them).
+
 Rejected labels are counted per reason: ``bad_time`` (non-finite t), ``unknown_class``,
 ``non_finite`` / ``bad_shape`` (regression targets), ``unknown_stream``, ``too_old``
 (its window has left the cache), ``future`` (beyond ``max_future_s``), ``duplicate``
@@ -29,11 +36,13 @@ from __future__ import annotations
 
 import bisect
 import collections
+import logging
 import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
+log = logging.getLogger("edge.adapt")
 
 @dataclass
 class CachedWindow:
@@ -83,6 +92,8 @@ class LabelMatcher:
         self._stale: collections.Counter = collections.Counter()
         self.nbytes = 0
         self.evicted = 0
+        self.superseded = 0       # windows dropped because their stream's time went back before them
+        self.restore_dropped = collections.Counter()  # streams / pending labels a restore could not take
         self.pending: list[tuple[float, object, object, set]] = []  # (t, key or None, target, keys done)
         self.rejected = collections.Counter()
         self.accepted = 0
@@ -118,6 +129,8 @@ class LabelMatcher:
         if dq is None:
             dq = self.windows[key] = collections.deque()
             self._ends[key] = collections.deque()
+        elif w.t_end < dq[-1].t_end:
+            self._supersede(key, w.t_end)
         dq.append(w)
         self._ends[key].append(w.t_end)
         self._order.append(key)
@@ -134,6 +147,18 @@ class LabelMatcher:
                 continue
             self._drop_first(k)
             self.evicted += 1
+
+    def _supersede(self, key, t_end: float) -> None:
+        """The stream's time went back to ``t_end``: drop its cached windows ending after it
+        (newest first; their order entries become stale, as for the per-stream bound)."""
+        dq, ends = self.windows[key], self._ends[key]
+        n = 0
+        while dq and ends[-1] > t_end:
+            self.nbytes -= _cost(dq.pop())
+            ends.pop()
+            n += 1
+        self._stale[key] += n
+        self.superseded += n
 
     def _drop_first(self, key) -> None:
         dq = self.windows[key]
@@ -246,35 +271,38 @@ class LabelMatcher:
 
     def load_state_dict(self, s: dict, *, make_key=tuple, feature_size: int | None = None) -> int:
         """Restore what ``state_dict`` saved; list keys come back through ``make_key``.
-        Checked first, applied whole (``ValueError`` and nothing changed when it does not
-        fit: other features, targets or classes); keeps the newest ``max_windows`` per
-        stream and ``max_pending`` labels. Returns the number of windows restored."""
+        Per stream: a stream whose windows do not fit (other features, times not finite or not
+        in order) is dropped alone, and so is a pending label that does not fit (other
+        targets or classes): counted in ``restore_dropped`` and logged; the others are kept.
+        ``ValueError`` (nothing changed) only when the state as a whole is not one. Keeps the
+        newest ``max_windows`` per stream and ``max_pending`` labels. Returns the number of
+        windows restored."""
         if not isinstance(s, dict) or s.get("format") != 1:
             raise ValueError(f"label cache state has format {s.get('format') if isinstance(s, dict) else type(s).__name__!r}, expected 1")
+        try:
+            streams, pendings = list(s["streams"]), list(s["pending"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"label cache state has no list of streams and pending labels ({e})") from None
         dec = (lambda k: make_key(k) if isinstance(k, list) else k)
-        restored = []
-        for st in s["streams"]:
-            key = dec(st["key"])
-            t0, t1 = np.asarray(st["t_start"], np.float64).reshape(-1), np.asarray(st["t_end"], np.float64).reshape(-1)
-            z, done = np.asarray(st["z"], np.float32), np.asarray(st["labelled"], np.bool_).reshape(-1)
-            n = len(t0)
-            if z.ndim != 2 or len(t1) != n or len(done) != n or len(z) != n - int(done.sum()) \
-                    or (feature_size is not None and len(z) and z.shape[1] != feature_size):
-                raise ValueError(f"label cache of {str(key)[:80]} has {n} times, {len(done)} flags and features {z.shape} "
-                                 "for its unlabelled windows" + (f"; this model has {feature_size} features" if feature_size is not None else ""))
-            if not (np.isfinite(t0).all() and np.isfinite(t1).all() and (t1 >= t0).all() and (np.diff(t1) >= 0).all()):
-                raise ValueError(f"label cache of {str(key)[:80]} has times that are not finite or not in order")
-            row = np.cumsum(~done) - 1  # window i's row in z, when it is not labelled
-            restored += [(float(t1[i]), j, CachedWindow(key, float(t0[i]), float(t1[i]), _LABELLED if done[i] else z[row[i]].copy(),
-                                                       None, bool(done[i])))
-                         for j, i in enumerate(range(max(0, n - self.max_windows), n))]
+        restored, dropped = [], collections.Counter()
+        for st in streams:
+            try:
+                restored += self._restore_stream(st, dec, feature_size)
+            except (ValueError, TypeError, KeyError, IndexError) as e:
+                dropped["streams"] += 1
+                log.warning("the label cache of one stream was not restored (%s); the other streams' are", str(e)[:200])
         pending = []
-        for p in s["pending"][-self.max_pending:]:
-            target = p["target"]
-            target, why = self._target(int(target) if self.classes is not None and isinstance(target, (int, np.integer)) else target)
-            if why or not math.isfinite(float(p["t"])):
-                raise ValueError(f"pending label at {p['t']!r} does not fit this model ({why or 'bad_time'})")
-            pending.append((float(p["t"]), dec(p["key"]), target, {dec(k) for k in p["done"]}))
+        for p in pendings[-self.max_pending:]:
+            try:
+                target = p["target"]
+                target, why = self._target(int(target) if self.classes is not None and isinstance(target, (int, np.integer)) else target)
+                if why or not math.isfinite(float(p["t"])):
+                    raise ValueError(f"pending label at {p['t']!r} does not fit this model ({why or 'bad_time'})")
+                pending.append((float(p["t"]), dec(p["key"]), target, {dec(k) for k in p["done"]}))
+            except (ValueError, TypeError, KeyError) as e:
+                dropped["pending"] += 1
+                log.warning("a pending label was not restored (%s)", str(e)[:200])
+        self.restore_dropped.update(dropped)
         self.windows, self._ends, self.pending = {}, {}, pending
         self._order.clear()
         self._stale.clear()
@@ -283,6 +311,23 @@ class LabelMatcher:
         for _, _, w in restored:
             self._append(w.key, w)
         return sum(len(d) for d in self.windows.values())
+
+    def _restore_stream(self, st: dict, dec, feature_size: int | None) -> list:
+        """One stream's saved windows as ``(t_end, i, CachedWindow)``; ``ValueError`` when they do not fit."""
+        key = dec(st["key"])
+        t0, t1 = np.asarray(st["t_start"], np.float64).reshape(-1), np.asarray(st["t_end"], np.float64).reshape(-1)
+        z, done = np.asarray(st["z"], np.float32), np.asarray(st["labelled"], np.bool_).reshape(-1)
+        n = len(t0)
+        if z.ndim != 2 or len(t1) != n or len(done) != n or len(z) != n - int(done.sum()) \
+                or (feature_size is not None and len(z) and z.shape[1] != feature_size):
+            raise ValueError(f"label cache of {str(key)[:80]} has {n} times, {len(done)} flags and features {z.shape} "
+                             "for its unlabelled windows" + (f"; this model has {feature_size} features" if feature_size is not None else ""))
+        if not (np.isfinite(t0).all() and np.isfinite(t1).all() and (t1 >= t0).all() and (np.diff(t1) >= 0).all()):
+            raise ValueError(f"label cache of {str(key)[:80]} has times that are not finite or not in order")
+        row = np.cumsum(~done) - 1  # window i's row in z, when it is not labelled
+        return [(float(t1[i]), j, CachedWindow(key, float(t0[i]), float(t1[i]), _LABELLED if done[i] else z[row[i]].copy(),
+                                               None, bool(done[i])))
+                for j, i in enumerate(range(max(0, n - self.max_windows), n))]
 
     def metrics(self) -> dict:
         return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
