@@ -128,7 +128,13 @@ def _cmd_fleet(args) -> int:
             ref = agg.reference_metrics(latest.message)
             rec = store.add_version(lambda v: agg.pack_global(arrays, version=v, parent=latest.version, n=0, metrics=ref),
                                     f"rollback to version {args.version}")
-            print(f"version {rec.version} = the head of version {args.version}; a running server publishes it")
+            from edge.fleet.server import publish_once
+
+            # published now, under the fleet's publish lock (so no instance's older head
+            # follows it); running servers publish it too, as the newest committed version
+            head, published = publish_once(cfg, store)
+            print(f"version {rec.version} = the head of version {args.version}; published "
+                  f"{published and head is not None and head.version >= rec.version}")
     finally:
         store.close()
     return 0

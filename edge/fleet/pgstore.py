@@ -7,12 +7,24 @@ the same transaction that inserts the version. An instance killed inside it lose
 connection; PostgreSQL rolls the transaction back and frees the lock, and the deltas go
 into the next version another instance commits. The URL may carry ``?schema=NAME``
 (created if absent) to keep several fleets, or tests, apart in one database.
+
+Several instances store at once without deadlocks: ``add_deltas`` inserts a batch's
+deltas in one canonical order (``(node, seq)``), and the per-device statistics are
+upserted after the delta transaction, in a short transaction of their own, in node order
+(two instances' batches used to upsert the same ``devices`` rows in arrival order and
+deadlock). A deadlock or serialization failure that happens anyway (an operator's
+transaction, a future change) is retried here with backoff (``retries`` counts them);
+one that persists is raised, and the server keeps the batch unacknowledged. Publishing
+the global head is serialised across instances by ``publishing()`` (another advisory
+lock), so that the retained head never goes back.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import threading
 import time
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from edge.errors import EdgeError
@@ -25,6 +37,14 @@ except ImportError:  # the feature is optional: say what to install when it is a
     psycopg = None
 
 _LOCK_KEY = 0x6564676566  # "edgef": the advisory lock id of version commits
+_PUBLISH_KEY = 0x6564676570  # "edgep": the advisory lock id of publishing the global head
+_RETRIES = 6  # attempts of a transaction that hit a deadlock or a serialization failure
+
+
+def _transient(e: Exception) -> bool:
+    """A deadlock or a serialization failure: PostgreSQL rolled the transaction back, and
+    running it again is the documented answer (SQLSTATE class 40)."""
+    return getattr(e, "sqlstate", None) in ("40001", "40P01")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (version BIGINT PRIMARY KEY, parent BIGINT NOT NULL, created DOUBLE PRECISION NOT NULL,
@@ -54,7 +74,7 @@ class PostgresStore(StoreReads):
         if not self.schema.replace("_", "").isalnum():
             raise EdgeError(f"schema {self.schema[:64]!r} must be letters, digits and '_'")
         self._dsn, self._where = urlunsplit(parts._replace(query=urlencode(q, doseq=True))), f"{parts.hostname}:{parts.port}"
-        self._closing, self.reconnects = False, 0
+        self._closing, self.reconnects, self.retries = False, 0, 0
         self._conn = self._connect()
         self._lock = threading.Lock()
         with self._lock:
@@ -112,18 +132,43 @@ class PostgresStore(StoreReads):
     def seen(self, node: str, seq: int) -> bool:
         return self._one("SELECT 1 FROM deltas WHERE node = %s AND seq = %s", (node, seq)) is not None
 
+    def _retrying(self, fn):
+        """``fn()`` (one transaction), run again after a deadlock or a serialization failure:
+        10 ms doubling, ``_RETRIES`` attempts; what persists is raised to the caller."""
+        for attempt in range(_RETRIES):
+            try:
+                return fn()
+            except psycopg.Error as e:
+                if not _transient(e) or attempt == _RETRIES - 1:
+                    raise
+                self.retries += 1
+                time.sleep(0.01 * 2 ** attempt)
+
     def add_deltas(self, records: list[DeltaRecord]) -> list[str]:
         """Store what is new; one of ``STORED``, ``RESENT``, ``REPLAYED`` per record, in order."""
-        # one pipelined executemany per statement: a batch costs a few round trips, not two per delta
         if not records:
             return []
+        out = self._retrying(lambda: self._add_deltas(records))
+        per_node: dict = {}
+        for r, what in zip(records, out):
+            acc, rej = per_node.get(r.node, (0, 0))
+            per_node[r.node] = (acc + (what == STORED), rej + (what == REPLAYED))
+        # statistics outside the delta transaction: it holds no devices row lock, so two
+        # instances' batches cannot deadlock on them or wait on each other for them
+        self._retrying(lambda: self._count_devices(per_node))
+        return out
+
+    def _add_deltas(self, records: list[DeltaRecord]) -> list[str]:
+        # one pipelined executemany per statement: a batch costs a few round trips, not two per
+        # delta; rows in (node, seq) order, so two batches lock index entries in the same order
         now = time.time()
+        ordered = sorted(records, key=lambda r: (r.node, r.seq))
         with self._lock, self._db.transaction():
             cur = self._db.cursor()
             cur.executemany("INSERT INTO deltas (node, seq, received, base_version, samples, norm, digest, message) "
                             "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node, seq) DO NOTHING RETURNING node, seq",
                             [(r.node, r.seq, r.received or now, r.base_version, r.samples, r.norm, r.digest, r.message)
-                             for r in records], returning=True)
+                             for r in ordered], returning=True)
             inserted = set()
             while True:
                 inserted.update((row[0], row[1]) for row in cur.fetchall())
@@ -137,38 +182,57 @@ class PostgresStore(StoreReads):
                                         "(SELECT * FROM unnest(%s::text[], %s::bigint[]))",
                                         ([n for n, _ in others], [q for _, q in others])).fetchall()
                 stored = {(n, q): d for n, q, d in rows}
-            out, per_node = [], {}
-            for r in records:
-                key = (r.node, r.seq)
-                if key in inserted:
-                    what = STORED
-                    inserted.discard(key)  # a second copy in the same batch is a resend or a replay
-                    stored[key] = r.digest
-                else:
-                    what = RESENT if stored.get(key) == r.digest else REPLAYED
-                out.append(what)
-                acc, rej = per_node.get(r.node, (0, 0))
-                per_node[r.node] = (acc + (what == STORED), rej + (what == REPLAYED))
+        out = []
+        for r in records:
+            key = (r.node, r.seq)
+            if key in inserted:
+                out.append(STORED)
+                inserted.discard(key)  # a second copy in the same batch is a resend or a replay
+                stored[key] = r.digest
+            else:
+                out.append(RESENT if stored.get(key) == r.digest else REPLAYED)
+        return out
+
+    def _count_devices(self, per_node: dict) -> None:
+        now = time.time()
+        nodes = sorted(per_node)  # node order: upserts of the same rows never cross
+        with self._lock, self._db.transaction():
+            cur = self._db.cursor()
             cur.executemany("INSERT INTO devices (node, last_seen, accepted, rejected) VALUES (%s, %s, %s, %s) "
                             "ON CONFLICT (node) DO UPDATE SET last_seen = excluded.last_seen, "
                             "accepted = devices.accepted + excluded.accepted, rejected = devices.rejected + excluded.rejected",
-                            [(n, now, a, j) for n, (a, j) in per_node.items()])
-            dup = [(n,) for n, (a, j) in per_node.items() for _ in range(j)]
+                            [(n, now, *per_node[n]) for n in nodes])
+            dup = [(n, per_node[n][1]) for n in nodes if per_node[n][1]]
             if dup:
-                cur.executemany("INSERT INTO rejections VALUES (%s, 'replayed_seq', 1) "
-                                "ON CONFLICT (node, reason) DO UPDATE SET n = rejections.n + 1", dup)
-        return out
+                cur.executemany("INSERT INTO rejections VALUES (%s, 'replayed_seq', %s) "
+                                "ON CONFLICT (node, reason) DO UPDATE SET n = rejections.n + excluded.n", dup)
 
     def count_rejections(self, items: list[tuple[str, str]]) -> None:
-        if not items:
-            return
+        if items:
+            self._retrying(lambda: self._count_rejections(items))
+
+    def _count_rejections(self, items: list[tuple[str, str]]) -> None:
         now = time.time()
+        by_reason = collections.Counter(items)
+        by_node = collections.Counter(node for node, _ in items)
+        with self._lock, self._db.transaction():  # rows in one order (rejections, then devices, sorted)
+            cur = self._db.cursor()
+            cur.executemany("INSERT INTO rejections VALUES (%s, %s, %s) ON CONFLICT (node, reason) "
+                            "DO UPDATE SET n = rejections.n + excluded.n",
+                            [(node, reason, n) for (node, reason), n in sorted(by_reason.items())])
+            cur.executemany("INSERT INTO devices (node, last_seen, rejected) VALUES (%s, %s, %s) ON CONFLICT (node) "
+                            "DO UPDATE SET last_seen = excluded.last_seen, rejected = devices.rejected + excluded.rejected",
+                            [(node, now, n) for node, n in sorted(by_node.items())])
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[VersionRecord | None]:
+        """Hold the fleet's publish lock (across instances) and yield the latest version: the
+        caller publishes it and waits for the broker's PUBACK before leaving, so that no
+        instance publishes after it anything older (the lock is the transaction's)."""
         with self._lock, self._db.transaction():
-            for node, reason in items:
-                self._db.execute("INSERT INTO rejections VALUES (%s, %s, 1) ON CONFLICT (node, reason) "
-                                 "DO UPDATE SET n = rejections.n + 1", (node, reason))
-                self._db.execute("INSERT INTO devices (node, last_seen, rejected) VALUES (%s, %s, 1) ON CONFLICT (node) "
-                                 "DO UPDATE SET last_seen = excluded.last_seen, rejected = devices.rejected + 1", (node, now))
+            db = self._db
+            db.execute("SELECT pg_advisory_xact_lock(%s)", (_PUBLISH_KEY,))
+            yield _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
 
     def pending(self) -> Pending:
         n, oldest = self._one("SELECT COUNT(*), MIN(received) FROM deltas WHERE applied_version IS NULL")

@@ -42,7 +42,7 @@ from edge.fleet.config import ServerConfig
 from edge.fleet.receipts import pack_receipt
 from edge.fleet.heads import delta_topic, global_topic, initial_arrays, receipt_topic, request_topic
 from edge.fleet.keys import load_private
-from edge.fleet.store import open_store
+from edge.fleet.store import VersionRecord, open_store
 from edge.fleet.trust import DeviceRegistry
 from edge.fleet.validate import Expected
 from edge.mqttconn import make_client
@@ -98,6 +98,46 @@ def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
                       reference_growth=s.reference_growth)
 
 
+def publish_head(client, topic: str, store, *, timeout_s: float = 2.0) -> tuple[VersionRecord | None, bool]:
+    """Publish the newest committed version retained (QoS 1) under the store's publish lock
+    (one publisher at a time, across instances and a ``rollback``) and hold the lock until
+    the broker's PUBACK: the broker then has it before anyone publishes again, so the
+    retained head never goes back. Returns the version and whether the broker took it."""
+    with store.publishing() as head:
+        if head is None:
+            return None, False
+        info = client.publish(topic, head.message, qos=1, retain=True)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return head, False
+        try:
+            info.wait_for_publish(timeout_s)
+        except (ValueError, RuntimeError):  # the connection went meanwhile: paho sends it again
+            pass
+        return head, info.is_published()
+
+
+def publish_once(cfg: ServerConfig, store, *, timeout_s: float = 10.0) -> tuple[VersionRecord | None, bool]:
+    """``rollback``'s publish while servers run: its own clean connection, the newest head."""
+    import os
+
+    s = cfg.server
+    conn = make_client(cfg.mqtt, client_id=f"{cfg.mqtt.client_id or s.name}-publish-{os.getpid()}", session_expiry_s=0)
+    up = threading.Event()
+    conn.client.on_connect = lambda c, u, f, rc, p=None: None if rc.is_failure else up.set()
+    conn.connect_async(cfg.mqtt)
+    conn.client.loop_start()
+    try:
+        if not up.wait(timeout_s):
+            return store.latest(), False
+        from edge.zoo import resolve_model
+
+        topic = global_topic(s.topic_prefix, s.fleet, resolve_model(s.model).manifest.name)
+        return publish_head(conn.client, topic, store, timeout_s=timeout_s)
+    finally:
+        conn.client.disconnect()
+        conn.client.loop_stop()
+
+
 class FleetServer:
     """One server instance: ``start()`` connects and runs; ``stop()`` undoes it."""
 
@@ -129,8 +169,13 @@ class FleetServer:
         self.thread = threading.Thread(target=self._run, name="fleet-aggregator", daemon=True)
         # the daemon's connection factory: the resolved password_file, TLS policy, session and
         # manual acks; Receive Maximum = the queue, so the broker never sends more than it holds
+        # In a group (scale-out) the session ends with the instance (clean start, expiry 0): a
+        # stored session keeps its share of the group, and the broker routes deltas to it while
+        # it is down (or for good). What was in flight to it then is not stranded: devices send
+        # a delta again until a signed receipt says it is stored (edge.fleet.courier). Alone,
+        # the session persists, and the broker keeps the deltas for its restart.
         self.conn = make_client(cfg.mqtt, client_id=cfg.mqtt.client_id or s.name, manual_ack=True,
-                                receive_maximum=min(s.queue, 0xFFFF))
+                                receive_maximum=min(s.queue, 0xFFFF), session_expiry_s=0 if s.group else None)
         c = self.conn.client
         c.on_connect, c.on_disconnect, c.on_message = self._on_connect, self._on_disconnect, self._on_message
         c.on_unsubscribe = self._on_unsubscribe
@@ -148,13 +193,36 @@ class FleetServer:
             self.metrics_server.start()
             log.info("fleet server metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
 
-    def stop(self) -> None:
+    def stop(self, *, drain_s: float = 10.0) -> None:
+        if self.cfg.server.group:
+            self._hand_back(drain_s)
         self._stop.set()
         self._wake.set()
         self.thread.join(10)
         self._disconnect()
         if self.metrics_server:
             self.metrics_server.stop()
+
+    def _hand_back(self, drain_s: float) -> None:
+        """Scale-down: leave the group first (the broker sends the group's deltas to the
+        other instances from its UNSUBACK on), then store and acknowledge what this instance
+        already holds (bounded), so that nothing waits for an instance that is gone."""
+        if not self.connected.is_set():
+            return
+        try:
+            rc, mid = self.client.unsubscribe([self.delta_filter, self.request_filter])
+        except (ValueError, RuntimeError):
+            return
+        with self._unsubacks:
+            left = rc == mqtt.MQTT_ERR_SUCCESS and self._unsubacks.wait_for(
+                lambda: mid in self._unsubacked or not self.connected.is_set(), 2.0)
+        deadline = time.monotonic() + drain_s
+        while (self.queue or self._batch) and self.thread.is_alive() and time.monotonic() < deadline:
+            self._wake.set()
+            time.sleep(0.02)  # the aggregator thread drains; this only polls for the end
+        self.counters["handed_back"] += 1 if left else 0
+        log.info("fleet server %s left group %s (%s); %d deliveries left unstored", self.cfg.server.name,
+                 self.cfg.server.group, "acknowledged" if left else "no UNSUBACK", len(self.queue) + len(self._batch))
 
     def _disconnect(self) -> None:
         # acks written but not yet read by the broker die with the connection (a close with
@@ -352,11 +420,14 @@ class FleetServer:
             self.counters["republished_on_request"] += 1
         elif periodic and latest.version <= self.published:
             self.counters["republished_periodic"] += 1
-        info = self.client.publish(self.global_topic, latest.message, qos=1, retain=True)
-        if info.rc == mqtt.MQTT_ERR_SUCCESS:
-            self.published = latest.version
-            self._last_publish = now
-            self.counters["published"] += 1
+        head, acked = publish_head(self.client, self.global_topic, self.agg.store)
+        if head is None:
+            return
+        if not acked:
+            self.counters["publish_unacked"] += 1
+        self.published = head.version
+        self._last_publish = now
+        self.counters["published"] += 1
 
     # ---- introspection ----------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:

@@ -21,13 +21,15 @@ monotonic for every device and sync resumes without a person (docs/TRUST.md).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import secrets
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,7 @@ class Store(Protocol):
     def pending(self) -> Pending: ...
     def commit_version(self, build: Build, *, max_deltas: int = 100_000, pause_s: float = 0.0) -> VersionRecord | None: ...
     def add_version(self, message_for: Callable[[int], bytes], note: str) -> VersionRecord: ...
+    def publishing(self) -> contextlib.AbstractContextManager[VersionRecord | None]: ...
     def versions(self, limit: int = 100) -> list[VersionRecord]: ...
     def deltas(self) -> list[DeltaRecord]: ...
     def devices(self) -> list[DeviceRecord]: ...
@@ -217,6 +220,15 @@ class SQLiteStore(StoreReads):
     def ensure_version0(self, message: bytes) -> None:
         with self._lock:
             self._db.execute("INSERT OR IGNORE INTO versions VALUES (0, 0, ?, 0, 'initial', ?)", (time.time(), message))
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[VersionRecord | None]:
+        """Hold the store's publish lock (a file lock next to it, so a server and a
+        ``rollback`` process take turns) and yield the latest version: the caller publishes
+        it and waits for the broker's PUBACK before leaving, so nothing older follows it."""
+        with open(self.path.with_name(self.path.name + ".publish"), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            yield self.latest()  # the lock goes with the file's close
 
     def latest(self) -> VersionRecord | None:
         return _version(self._one(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1"))
