@@ -169,12 +169,19 @@ class LabelGate:
         self.window = ReplayWindow(max_size=window_max, max_age_s=max_age_s)
         self._distrust_past = False  # set when a checkpointed window could not be restored
         self._buckets: OrderedDict[str, list[float]] = OrderedDict()  # who -> [tokens, last time]
+        # the labellers' time line: the newest accepted t and the steady time it came at, so
+        # that a step of this node's clock after it does not make every label too old or early
+        self._line: tuple[float, float] | None = None
 
-    def open(self, payload: bytes, *, target=None, now: float) -> tuple[bytes, str]:
+    def open(self, payload: bytes, *, target=None, now: float, steady: float | None = None) -> tuple[bytes, str]:
         """The label message inside ``payload`` and who sent it; ``DecodeError`` when refused.
-        ``target`` is the (device, stream) the topic names, or None for the bare labels topic."""
+        ``target`` is the (device, stream) the topic names, or None for the bare labels topic.
+        ``now`` is this node's time (the pipeline's clock), ``steady`` the monotonic time (default
+        ``now``): a label's age is judged by ``now`` or by the labellers' time line, the newest
+        accepted ``t`` advanced by the steady clock since (docs/TIME_AND_NAMES.md)."""
+        steady = now if steady is None else steady
         if self.keys is None:
-            self._limit("(unsigned)", now)  # one bucket: a new topic is no new budget
+            self._limit("(unsigned)", steady)  # one bucket: a new topic is no new budget
             return payload, ""
         try:
             env = orjson.loads(payload)
@@ -193,7 +200,7 @@ class LabelGate:
         raw = msg.encode("utf-8", "surrogatepass")
         if not hmac.compare_digest(hmac.new(key, raw, hashlib.sha256).digest(), raw_sig):
             raise DecodeError("bad_signature", f"label signature from {who} does not verify")
-        t = self._check_target_and_time(raw, who, target, now)
+        t, ref = self._check_target_and_time(raw, who, target, now, steady)
         if self._distrust_past:  # the window before the restart is unknown: nothing before it passes
             self.window.raise_floor(now - 1e-6)
             self._distrust_past = False
@@ -202,12 +209,16 @@ class LabelGate:
                 raise DecodeError("label_replay", f"signed label from {who} at t={t:.6g} is older than every label "
                                                   "the replay window still remembers")
             raise DecodeError("label_replay", f"label from {who} was already accepted once (replayed)")
-        self._limit(by, now)
-        self.window.add(raw_sig, t, now=now)
+        self._limit(by, steady)
+        self.window.add(raw_sig, t, now=ref)
+        line = self._line
+        if line is None or t > line[0] + (steady - line[1]):
+            self._line = (t, steady)
         return raw, by
 
-    def _check_target_and_time(self, raw: bytes, who: str, target, now: float) -> float:
-        """The signed label's ``t``, once its node, device and stream are this topic's."""
+    def _check_target_and_time(self, raw: bytes, who: str, target, now: float, steady: float) -> tuple[float, float]:
+        """The signed label's ``t``, once its node, device and stream are this topic's, and the
+        clock it was judged by (``now``, or the labellers' time line where ``now`` does not fit)."""
         try:
             d = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -229,14 +240,20 @@ class LabelGate:
             t = float(t)
         except OverflowError:  # an int beyond a float
             raise DecodeError("label_time", f"signed label from {who} has an absurd time") from None
-        age = now - t
-        if not math.isfinite(t) or -age > self.max_age_s:
+        if not math.isfinite(t):
+            raise DecodeError("label_time", f"signed label from {who} has an absurd time")
+        refs = [now] if self._line is None else [now, self._line[0] + (steady - self._line[1])]
+        a = self.max_age_s
+        for ref in refs:
+            if -a <= ref - t <= a:
+                return t, ref
+        age = min(ref - t for ref in refs)
+        if age < -a:
             raise DecodeError("label_time", f"signed label from {who} has t {-age:.4g} s ahead of this clock "
                                             f"(labels max_age_s = {self.max_age_s:g})")
-        if age > self.max_age_s:
-            raise DecodeError("label_replay", f"signed label from {who} is {age:.4g} s old "
-                                              f"(labels max_age_s = {self.max_age_s:g})")
-        return t
+        age = max(ref - t for ref in refs)
+        raise DecodeError("label_replay", f"signed label from {who} is {age:.4g} s old "
+                                          f"(labels max_age_s = {self.max_age_s:g})")
 
     def state_dict(self) -> dict:
         """The replay window: checkpointed, so that a restart does not accept old labels again."""

@@ -70,7 +70,7 @@ class Stamper:
 
     __slots__ = ("sample_rate", "resync_s", "rate_tolerance", "rate_window_s", "_dt", "_spacing", "_anchor",
                  "_k", "_last", "_r", "_mark", "_n", "_moved", "_nudge", "arrival_rate", "stamped", "behind",
-                 "ahead")
+                 "ahead", "restarts")
 
     def __init__(self, *, sample_rate: float, resync_s: float = 1.0, rate_tolerance: float = 0.1,
                  rate_window_s: float = 2.0):
@@ -93,7 +93,7 @@ class Stamper:
         self._n = 0                        # untimed samples in that span
         self._moved = False                # the band moved a stamp since the last span
         self.arrival_rate: float | None = None
-        self.stamped = self.behind = self.ahead = 0
+        self.stamped = self.behind = self.ahead = self.restarts = 0
 
     @property
     def spacing(self) -> float:
@@ -109,6 +109,19 @@ class Stamper:
         """Forget the time line's anchor and rate span (e.g. after the source reconnects);
         stamps stay increasing."""
         self._anchor, self._r, self._n, self._moved = None, None, 0, False
+
+    def leads(self, received: float) -> bool:
+        """True when the last stamp is beyond the outer band ahead of ``received``: the
+        receive clock went back (a step) and squeezing would take long to catch up."""
+        return self._last > received + 2 * self.resync_s
+
+    def restart(self) -> None:
+        """The receive clock stepped back: a new time line from the next receive time. Stamps
+        go back once, so the caller starts the stream's windows anew (``Windower.reset``)
+        instead of squeezing stamps for as long as the step was."""
+        self.reset()
+        self._last = -_INF
+        self.restarts += 1
 
     def stamp(self, ts: list[float | None], received: float) -> list[float]:
         """Times for one message's samples: given ones unchanged, ``None`` ones stamped.
@@ -194,3 +207,138 @@ class Stamper:
             s = _nextafter(last, _INF)
         self._anchor, self._k = s, 0
         return s
+
+
+# -- the node's receive clock ---------------------------------------------------------------
+
+STEP_S = 1.0         # a change of the wall clock's offset from the monotonic clock beyond this is a step
+SKEW_REPORT_S = 2.0  # the node's wall clock further than this from its sources' is reported (event, metric)
+MAX_AGE_S = 600.0    # an item older than this when handled is taken as this old (a step came between)
+_SOURCES_MAX = 256   # the sources whose clock offsets the consensus is taken over (the most recently changed)
+
+
+class NodeClock:
+    """The pipeline's receive time: the monotonic clock placed on the sources' time line.
+
+    The wall clock can be stepped (NTP after boot) or simply wrong, while sensors and
+    labellers keep their own time. So a receive time is ``monotonic + offset``, where
+    ``offset`` is the consensus of the sources' clocks (each timed sample's ``t`` minus its
+    monotonic receive time; the median over streams, the one nearer the wall clock on a
+    tie) once a stream with its own times has been seen, and the wall clock's
+    (``wall - monotonic``) before that. A step of the wall clock then moves no receive time
+    while a source gives the time line, and the node's error is reported as ``skew``
+    (sources' minus the wall clock's offset) instead of refusing what its sources send.
+    A sample is refused (``absurd_time``) only when its stream's clock is more than
+    ``max_skew_s`` from that consensus: with one timed stream, never. Pure: the caller
+    hands in the wall and monotonic readings; ``events`` collects (kind, fields) to report.
+
+    >>> c = NodeClock(max_skew_s=86400)
+    >>> c.receive_time(1000.0, wall=1000.0, mono=10.0)      # no source yet: the wall clock
+    1000.0
+    >>> c.check("s1", 90000.0, 1000.0)                     # a sensor a day ahead of this node
+    >>> c.basis, c.skew
+    ('sources', 89000.0)
+    >>> c.receive_time(5000.5, wall=5000.5, mono=11.0)     # NTP steps the wall clock: no jump
+    90001.0
+    >>> c.steps, [k for k, _ in c.events]
+    (1, ['clock_skew', 'clock_step', 'clock_skew'])
+    """
+
+    __slots__ = ("max_skew_s", "step_s", "wall_offset", "source_offset", "steps", "last_step", "events",
+                 "_src", "_reported", "_at")
+
+    def __init__(self, *, max_skew_s: float = 86400.0, step_s: float = STEP_S):
+        self.max_skew_s, self.step_s = float(max_skew_s), float(step_s)
+        self.wall_offset: float | None = None    # wall - monotonic, as last seen
+        self.source_offset: float | None = None  # the sources' consensus of t - monotonic receive time
+        self.steps, self.last_step = 0, 0.0
+        self.events: list[tuple[str, dict]] = []
+        self._src: dict = {}                     # stream -> its clock's offset (insertion order: last changed last)
+        self._reported = 0.0
+        self._at = 0.0  # the offset the last receive time was given with (the consensus may move after it)
+
+    @property
+    def offset(self) -> float:
+        """Receive time minus the monotonic clock."""
+        return self.source_offset if self.source_offset is not None else (self.wall_offset or 0.0)
+
+    @property
+    def basis(self) -> str:
+        """Which clock receive times follow: ``sources`` (their consensus) or ``node`` (this node's wall clock)."""
+        return "sources" if self.source_offset is not None else "node"
+
+    @property
+    def skew(self) -> float:
+        """How far this node's wall clock is behind its sources' (s; 0 without a timed source)."""
+        if self.source_offset is None or self.wall_offset is None:
+            return 0.0
+        return self.source_offset - self.wall_offset
+
+    def receive_time(self, received_wall: float, *, wall: float, mono: float) -> float:
+        """The receive time of an item stamped ``received_wall`` by the wall clock, handled now
+        (``wall``, ``mono``): its age by the wall clock (0..MAX_AGE_S: a step may come
+        between), placed on this clock's time line. Detects steps of the wall clock."""
+        off = wall - mono
+        if self.wall_offset is None:
+            self.wall_offset = off
+        elif abs(off - self.wall_offset) > self.step_s:
+            d = off - self.wall_offset
+            self.steps += 1
+            self.last_step = d
+            self.wall_offset = off
+            self.events.append(("clock_step", {"step_s": round(d, 3), "basis": self.basis}))
+            self._report_skew()
+        age = wall - received_wall
+        age = 0.0 if age < 0.0 else (MAX_AGE_S if age > MAX_AGE_S else age)
+        self._at = at = self.offset
+        return mono - age + at
+
+    def steady(self, received: float) -> float:
+        """The monotonic time of ``received`` (the last ``receive_time``)."""
+        return received - self._at
+
+    def check(self, key, t: float, received: float) -> None:
+        """Take a sample time ``t`` of stream ``key`` received at ``received`` (the last
+        ``receive_time``): it updates the consensus; ``DecodeError`` (absurd_time) when it is
+        further than ``max_skew_s`` from the consensus of the sources' clocks."""
+        o = t - (received - self._at)
+        prev = self._src.get(key)
+        if prev is None or abs(o - prev) > self.step_s:
+            self._src.pop(key, None)
+            self._src[key] = o
+            if len(self._src) > _SOURCES_MAX:
+                del self._src[next(iter(self._src))]
+            self._consensus()
+        c = self.source_offset
+        if self.max_skew_s and abs(o - c) > self.max_skew_s:
+            from edge.errors import DecodeError
+
+            raise DecodeError("absurd_time", f"timestamp {t!r} is {o - c:+.4g} s from the clock of this node's other "
+                                             f"sources (max_clock_skew_s = {self.max_skew_s:g})")
+
+    def _consensus(self) -> None:
+        v = sorted(self._src.values())
+        n = len(v)
+        c = v[n // 2]
+        if n % 2 == 0:  # a tie: the consensus so far if it is one of the two (a newcomer cannot
+            # flip it), else the one nearer this node's own clock
+            a, w, old = v[n // 2 - 1], self.wall_offset if self.wall_offset is not None else c, self.source_offset
+            if old is not None and (old == a or old == c):
+                c = old
+            else:
+                c = a if abs(a - w) <= abs(c - w) else c
+        old, self.source_offset = self.source_offset, c
+        if old is not None and abs(c - old) > self.step_s:
+            self.events.append(("clock_sources_step", {"step_s": round(c - old, 3)}))
+        self._report_skew()
+
+    def _report_skew(self) -> None:
+        s = self.skew
+        if abs(s - self._reported) > SKEW_REPORT_S:
+            self._reported = s
+            self.events.append(("clock_skew", {"skew_s": round(s, 3), "basis": self.basis}))
+
+    def snapshot(self) -> dict:
+        """For status and metrics: basis, skew_s, steps, last_step_s, sources."""
+        return {"basis": self.basis, "skew_s": round(self.skew, 3), "steps": self.steps,
+                "last_step_s": round(self.last_step, 3), "sources": len(self._src)}

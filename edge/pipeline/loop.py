@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from edge.errors import DecodeError, brief
 from edge.ingest.payload import decode_sample
+from edge.ingest.timing import NodeClock
 from edge.observe import RateLimitedLog
 from edge.pipeline.accounting import item_samples
 from edge.pipeline.bank import Stream, WindowerBank
@@ -56,6 +57,12 @@ class Pipeline:
         self.on_window, self.on_label, self.on_samples, self.on_flag = on_window, on_label, on_samples, on_flag
         self.on_stream = on_stream
         self.latency = LatencyHistogram()
+        # receive times on the monotonic clock, placed on the sources' time line (or the wall
+        # clock's): a step of the wall clock moves no stamp, latency or age (docs/TIME_AND_NAMES.md)
+        self.clock = NodeClock(max_skew_s=router.max_skew)
+        router.clock = self.clock
+        self.wall_clock, self.mono_clock = time.time, time.monotonic  # handed in by tests that step the wall clock
+        self.on_clock: Callable[..., None] | None = None  # (kind, **fields): a clock step or skew to report
         self.counters = {"messages": 0, "windows_served": 0, "serve_errors": 0, "batches": 0, "labels": 0,
                          "stream_resets": 0, "shutdown_dropped": 0, "shutdown_dropped_samples": 0}
         self.bad: dict[str, int] = {}
@@ -192,7 +199,9 @@ class Pipeline:
             took = True
             if type(item) is SensorBatch:
                 budget -= len(item.msgs)
-                self._handle_batch(item.msgs, item.received, ready)
+                self._handle_batch(item.msgs, self._now(item.received), ready)
+                if self.clock.events:  # the consensus of the sources' clocks moved
+                    self._clock_events()
             else:
                 budget -= 1
                 self._handle_one(item, ready)
@@ -211,11 +220,12 @@ class Pipeline:
             if type(item) is RawMessageIn:
                 where = item.topic
                 self.counters["messages"] += 1
-                self._handle_message(item.topic, item.payload, item.received, ready)
+                self._handle_message(item.topic, item.payload, self._now(item.received), ready)
             elif type(item) is SampleBlock:
                 where = str(item.key)
-                s = self.bank.stream(item.key, item.received)
-                ts = self.bank.push(s, item.ts, item.rows, item.received, ready)
+                received = self._now(item.received)
+                s = self.bank.stream(item.key, received)
+                ts = self.bank.push(s, self._checked(item.key, item.ts, received), item.rows, received, ready)
                 if self.on_samples is not None:
                     self.on_samples(s.key, ts, item.rows)
             elif type(item) is LabelIn:
@@ -229,6 +239,47 @@ class Pipeline:
             self.bad_input(e.kind, where, str(e))
         except Exception as e:
             self.sup.item_failed(THREAD, e, where=brief(where))
+        if self.clock.events:
+            self._clock_events()
+
+    def _now(self, received_wall: float) -> float:
+        """An item's receive time on the pipeline's clock (``NodeClock``)."""
+        r = self.clock.receive_time(received_wall, wall=self.wall_clock(), mono=self.mono_clock())
+        if self.clock.events:  # a step: restart what it left ahead before stamping anything new
+            self._clock_events()
+        return r
+
+    def _checked(self, key, ts: list, received: float) -> list:
+        """``ts`` once its given times fit the sources' clock (``DecodeError`` absurd_time)."""
+        if ts and ts[-1] is not None:
+            self.clock.check(key, ts[-1], received)
+        if len(ts) > 1 and ts[0] is not None:
+            self.clock.check(key, ts[0], received)
+        return ts
+
+    def _clock_events(self) -> None:
+        """Report the clock's steps and skew; restart the time line of each untimed stream
+        whose stamps now lead the receive clock (it went back), instead of squeezing stamps
+        until it catches up: the windower starts anew there (partial window discarded)."""
+        events, self.clock.events = self.clock.events, []
+        r = self.mono_clock() + self.clock.offset
+        restarted = 0
+        for s in list(self.bank.streams.values()):
+            st = s._stamper
+            if st is not None and st.leads(r):
+                st.restart()
+                s.windower.reset()
+                restarted += 1
+        for kind, fields in events:
+            if restarted:
+                fields = {**fields, "streams_restarted": restarted}
+                restarted = 0
+            self._badlog.warn(kind, "clock: %s %s", kind, fields)
+            if self.on_clock is not None:
+                try:
+                    self.on_clock(kind, **fields)
+                except Exception as e:
+                    self.sup.item_failed(THREAD, e, where=f"clock event {kind}")
 
     def _apply_resets(self) -> None:
         """Apply the resets whose sensor items before them have all left the lane, in order."""
@@ -247,7 +298,7 @@ class Pipeline:
         self.counters["messages"] += len(msgs)
         sinks, max_batch = self._sinks, self.max_batch
         router, bank, sup = self.router, self.bank, self.sup
-        channels, max_skew, max_payload = router.channels, router.max_skew, router.max_payload
+        channels, max_payload, check = router.channels, router.max_payload, self.clock.check
         on_samples, faults = self.on_samples, sup.faults_enabled
         for topic, payload in msgs:
             try:
@@ -255,10 +306,12 @@ class Pipeline:
                     sup.fault_point(THREAD)
                 sink = sinks.get(topic)
                 if sink is not None and sink[1] and len(payload) <= max_payload:
-                    r = decode_sample(payload, channels=channels, now=received, max_skew=max_skew)
+                    r = decode_sample(payload, channels=channels, now=received, max_skew=0.0)
                     if r is not None:
                         t, row = r
                         s = sink[0]
+                        if t is not None:  # the sources' clock, not this node's, says what is absurd
+                            check(s.key, t, received)
                         if t is None or s._stamper is not None:
                             t = s.stamper.stamp_one(t, received)
                         out = s.windower.push_one(t, row)
@@ -345,10 +398,14 @@ class Pipeline:
         scores, z, version = served.scores, served.z, served.head_version
         base = f"{self.topic_base}/predictions/"
         server, publisher, hist, on_window = self.server, self.publisher, self.latency, self.on_window
+        now, basis, streams = self.mono_clock() + self.clock.offset, self.clock.basis, self.bank.streams
         for i, w in enumerate(ready):
             try:
-                publisher.publish(f"{base}{w.key.device}/{w.key.stream}", server.prediction(w, scores[i], version))
-                hist.observe(time.time() - w.received)
+                s = streams.get(w.key)
+                # which clock the window's times are on: its samples' own, or a receive clock's
+                clock = basis if s is not None and s._stamper is not None else "sensor"
+                publisher.publish(f"{base}{w.key.device}/{w.key.stream}", server.prediction(w, scores[i], version, clock))
+                hist.observe(now - w.received)
                 if on_window is not None:
                     on_window(w.key, w.t_start, w.t_end, z[i], scores[i])
             except Exception as e:

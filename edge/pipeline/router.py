@@ -48,6 +48,9 @@ class Router:
         self.channels, self.max_skew, self.max_payload = channels, max_skew, max_payload
         self._label_base = label_route.subscription.rstrip("#").rstrip("/") if label_route is not None else ""
         self._cache: dict[str, Route | DecodeError] = {}
+        # the pipeline's NodeClock (set by Pipeline): when set, given times are checked against
+        # the sources' clock, not this node's, and labels against their windows only
+        self.clock = None
 
     def route(self, topic: str) -> Route:
         """The route of ``topic``; ``DecodeError`` (unknown_topic, bad_name) when it has none."""
@@ -82,8 +85,15 @@ class Router:
 
     def decode_samples(self, route: Route, payload: bytes, received: float) -> tuple[list, list]:
         """(times, rows) of a sensor payload; a time is None for a sample that carries none."""
-        return decode_payload(payload, channels=self.channels, now=received, fmt=route.fmt,
-                              max_skew=self.max_skew, max_bytes=self.max_payload)
+        clock = self.clock
+        ts, rows = decode_payload(payload, channels=self.channels, now=received, fmt=route.fmt,
+                                  max_skew=self.max_skew if clock is None else 0.0, max_bytes=self.max_payload)
+        if clock is not None and ts:
+            if ts[-1] is not None:
+                clock.check(route.key, ts[-1], received)
+            if len(ts) > 1 and ts[0] is not None:
+                clock.check(route.key, ts[0], received)
+        return ts, rows
 
     def decode_label(self, route: Route, payload: bytes, received: float, topic: str = "") -> LabelIn:
         """A label message (opened, bound to ``route``'s stream and rate-limited by the label
@@ -91,9 +101,12 @@ class Router:
         if len(payload) > self.max_payload:
             raise DecodeError("oversized", f"label of {len(payload)} bytes exceeds max_payload_bytes")
         by = ""
+        clock = self.clock
         if self.label_gate is not None:  # a signed label must name the stream this topic names
-            payload, by = self.label_gate.open(payload, target=route.key, now=received)
-        t, value, dev, stm = decode_label(payload, now=received, max_skew=self.max_skew)
+            steady = clock.steady(received) if clock is not None else None  # the monotonic receive time
+            payload, by = self.label_gate.open(payload, target=route.key, now=received, steady=steady)
+        # with a clock, a label's time is judged by the windows it is matched to (LabelMatcher)
+        t, value, dev, stm = decode_label(payload, now=received, max_skew=self.max_skew if clock is None else 0.0)
         key = route.key
         if key is None and dev:
             key = StreamKey(dev, stm)

@@ -31,10 +31,14 @@ class Server:
         scores = head.predict(z)
         return Served(windows, z, scores, head.version)
 
-    def prediction(self, w: Window, s: np.ndarray, head_version: str) -> bytes:
-        """The JSON payload of one window's prediction."""
+    def prediction(self, w: Window, s: np.ndarray, head_version: str, clock: str | None = None) -> bytes:
+        """The JSON payload of one window's prediction; ``clock`` says whose clock its times are
+        on (``sensor``: the samples' own; ``sources`` / ``node``: receive times on the sources'
+        consensus / this node's wall clock)."""
         msg: dict[str, Any] = {"t": w.t_end, "t_start": w.t_start, "device": w.key.device, "stream": w.key.stream,
                                "model": self.model_id, "head": head_version}
+        if clock is not None:
+            msg["clock"] = clock
         if self.classes:
             k = int(np.argmax(s))
             msg["prediction"] = self.classes[k]
