@@ -107,11 +107,13 @@ class Lane:
         """The oldest item, or None when empty; sheds items older than ``max_lag_s`` first."""
         q = self._q
         while True:
-            try:
-                at, n, item, m = q.popleft()
-            except IndexError:
-                return None
+            # popped under the lock: a put between a pop and its _out_bytes would see the
+            # item still in the lane's bytes and drop another one to make room for it
             with self._lock:
+                try:
+                    at, n, item, m = q.popleft()
+                except IndexError:
+                    return None
                 self._out_bytes += n
                 stale = bool(self.max_lag_s and self.clock() - at > self.max_lag_s)
                 if stale:
@@ -130,11 +132,11 @@ class Lane:
         out = []
         q = self._q
         while True:
-            try:
-                _, n, item, _ = q.popleft()
-            except IndexError:
-                return out
-            with self._lock:
+            with self._lock:  # as in take
+                try:
+                    _, n, item, _ = q.popleft()
+                except IndexError:
+                    return out
                 self._out_bytes += n
                 self.counters["taken"] += 1
             out.append(item)

@@ -6,7 +6,9 @@ Two levels:
   from one item is handed to ``Supervisor.item_failed(thread, exc, where)``, which counts
   it by thread and exception type (``edge_internal_errors_total{thread,kind}``), logs it
   rate-limited with where it happened (cut to a bounded size), and the loop goes on with
-  the next item.
+  the next item. The first failure of each (thread, exception type) also logs its
+  traceback at WARNING, so an internal bug shows its stack in journald; later ones log
+  it at DEBUG only.
 * **Threads.** Threads are started with ``spawn`` (or, when a library owns them, such as
   paho's network loop, registered with ``adopt``). A thread that ends while the daemon is
   not stopping, by an exception or by returning, is *dead*: ``dead()`` names it and
@@ -96,6 +98,7 @@ class Supervisor:
                  seed: int = 0):
         self.on_death = on_death
         self.errors: dict[tuple[str, str], int] = {}
+        self._traced: set[tuple[str, str]] = set()  # (thread, error class) whose traceback was logged
         self._threads: dict[str, threading.Thread] = {}
         self._dead: dict[str, str] = {}
         self._stopping = threading.Event()
@@ -119,8 +122,14 @@ class Supervisor:
             text = str(exc)
         except Exception:  # a hostile __str__ must not escape the handler
             text = "<unprintable>"
-        if self._badlog.warn(f"{thread}:{kind}", "%s: skipped one item after an internal error at %s: %s: %s",
-                             thread, _cut(where) or "?", kind, _cut(text)):
+        logged = self._badlog.warn(f"{thread}:{kind}", "%s: skipped one item after an internal error at %s: %s: %s",
+                                   thread, _cut(where) or "?", kind, _cut(text))
+        with self._lock:
+            first = key not in self._traced
+            self._traced.add(key)  # bounded: threads and exception classes are the code's, not the input's
+        if first:  # an internal bug shows its stack in journald once, at the level journald keeps
+            log.warning("%s: the traceback of the first %s (later ones at DEBUG)", thread, kind, exc_info=exc)
+        elif logged:
             log.debug("the failure", exc_info=exc)
 
     def fault_point(self, thread: str) -> None:
