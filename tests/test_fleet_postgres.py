@@ -1,7 +1,8 @@
 """Two fleet servers on one PostgreSQL and one broker (shared subscription); one is killed
 with SIGKILL inside its version transaction. Every accepted delta must end up applied
-exactly once, asserted from the stored versions and deltas. The killed instance is
-restarted as systemd would, so that the deliveries it never acknowledged come back to it."""
+exactly once, asserted from the stored versions and deltas. An instance's session ends
+with it (clean start, in a group): the deliveries it never acknowledged come again because
+the devices send every delta until a receipt says it is stored (tests.test_fleet_scaleout)."""
 from __future__ import annotations
 
 import os
@@ -75,13 +76,18 @@ def test_two_servers_apply_every_delta_exactly_once_when_one_dies_mid_aggregatio
     try:
         _wait(lambda: any(unpack_message(p).header.version == 0 for t, p, _ in pub.msgs if p), 90, "version 0", logs)
         _wait(lambda: "subscribed" in logs[0].read_text() and "subscribed" in logs[1].read_text(), 60, "both subscribed", logs)
-        for i, n in enumerate(nodes):
-            pub.publish(f"fleet/test/vibration/delta/{n}", signed_delta(keys[n].private_path, node=n, seq=1, seed=i))
+        from tests.test_fleet_scaleout import SimDevices
+
+        devs = SimDevices(broker, keys, nodes)
+        for n in nodes:
+            devs.send(n, 1)
         _wait(lambda: _commit_lock_held(url), 60, "srv-a inside its version transaction", logs)
         a.send_signal(signal.SIGKILL)
         a.wait(10)
-        # systemd restarts it: same client id, so the broker hands its session back with the
-        # deliveries it never acknowledged (a shared subscription does not move them to b)
+        # its session ended with it: what it never acknowledged is sent again by the devices
+        # (to b, or to a once systemd restarted it)
+        devs.wait_all_receipted(60, logs)
+        devs.close()
         cfg_a = server_toml(tmp_path, keys, broker, store=url, name="srv-a", k=3, t_s=3.0, group="fleet")
         a = _spawn(cfg_a, logs[0])
         store = open_store(url)
@@ -138,3 +144,41 @@ def test_a_postgresql_blip_is_retried_and_loses_no_delta(tmp_path, broker, schem
     finally:
         watch.close()
         server.stop()
+
+
+def test_two_instances_storing_the_same_devices_in_opposite_orders_never_deadlock(schema):
+    """Two stores (two instances) add batches of the same 40 devices at once, one in
+    ascending and one in descending order: rows are taken in one canonical order, so no
+    transaction deadlocks (it did: the device rows were upserted in arrival order inside
+    the delta transaction), and every delta is stored once."""
+    import threading
+
+    from edge.fleet.store import DeltaRecord
+
+    url = f"{PG}?schema={schema}"
+    stores = [open_store(url), open_store(url)]
+    nodes = [f"n{i:02d}" for i in range(40)]
+    errors = []
+
+    def run(store, order, parity):
+        try:
+            for r in range(15):
+                seq = 2 * r + parity
+                store.add_deltas([DeltaRecord(node=n, seq=seq, base_version=0, samples=1, norm=1.0,
+                                              digest=f"{n}-{seq}", message=b"m") for n in order])
+        except Exception as e:  # a deadlock that escaped the store
+            errors.append(e)
+    try:
+        threads = [threading.Thread(target=run, args=(stores[0], nodes, 0)),
+                   threading.Thread(target=run, args=(stores[1], nodes[::-1], 1))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not errors, errors[:1]
+        assert stores[0].retries + stores[1].retries == 0  # none even needed a retry
+        assert len(stores[0].deltas()) == 40 * 30
+        assert {d.node: d.accepted for d in stores[0].devices()} == dict.fromkeys(nodes, 30)
+    finally:
+        for s in stores:
+            s.close()
