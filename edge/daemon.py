@@ -395,17 +395,21 @@ class Daemon:
                     "sources": sources, "dead_threads": info["dead_threads"]}
 
     def status(self) -> dict[str, Any]:
-        """Everything `edge status` shows: backend choice, streams, counters, head version."""
+        """Everything `edge status` shows: backend choice, streams, counters, head version.
+
+        Each part is read through its snapshot, taken under its owner's lock (STYLE 19), so
+        that a status request never iterates a dict another thread is changing."""
         p = self.pipeline
         st: dict[str, Any] = {"node": self.cfg.node.name, "model": f"{self.model.manifest.name}@{self.model.manifest.version}",
                               "backend": self.engine.backend.describe(), "backend_reason": self.backend_reason,
                               "head": self.head().version, "health": self.health()[1]}
         if p:
-            st["pipeline"] = {**p.counters, **p.publisher.counters}
-            st["lanes"] = p.inbox.stats()
-            st["bad_input"] = dict(p.bad)
-            st["internal_errors"] = {f"{t}/{k}": n for (t, k), n in self.supervisor.errors.items()}
-            st["streams"] = {str(k): s.stats() for k, s in list(p.bank.streams.items())}
+            snap = p.snapshot()
+            st["pipeline"] = snap["counters"]
+            st["lanes"] = snap["lanes"]
+            st["bad_input"] = snap["bad"]
+            st["internal_errors"] = {f"{lb['thread']}/{lb['kind']}": n for lb, n in self.supervisor.counters()}
+            st["streams"] = {str(k): s.stats() for k, s in p.bank.snapshot()}
         if self.link:
             st["mqtt"] = dict(self.link.counters)
         for src in self.sources:
@@ -417,44 +421,55 @@ class Daemon:
         return st
 
     def registry(self) -> Registry:
+        """The node's metric families (README, "Metrics"): each part is read through one
+        snapshot per scrape (``Registry.source``), taken under its owner's lock."""
+        from edge.families import add_adapt_families, add_lane_families, adapt_lanes
+
         reg = Registry(build_info=build_info())
         p = self.pipeline
         sup = self.supervisor
+        adapt = self.adapt
+        reg.source("node", lambda: {"pipeline": p.snapshot(), "adapt": adapt.metrics() if adapt is not None else {}})
+        reg.source("streams", p.bank.snapshot)
+
+        def count(key: str):
+            return lambda n: n["pipeline"]["counters"][key]
 
         def per_stream(counter: str):
-            return lambda: [({"stream": str(k)}, s.windower.counters[counter]) for k, s in list(p.bank.streams.items())]
+            return lambda streams: [({"stream": str(k)}, s.windower.counters[counter]) for k, s in streams]
 
-        reg.add("edge_messages_total", "counter", "MQTT messages received", lambda: p.counters["messages"])
-        reg.add("edge_windows_served_total", "counter", "windows served", lambda: p.counters["windows_served"])
+        reg.add("edge_messages_total", "counter", "MQTT messages the pipeline took in (served or bad input)",
+                count("messages"), source="node")
+        reg.add("edge_windows_served_total", "counter", "windows served", count("windows_served"), source="node")
         reg.add("edge_predictions_published_total", "counter", "predictions handed to the broker client",
-                lambda: p.publisher.counters["published"])
+                count("published"), source="node")
         reg.add("edge_predictions_failed_total", "counter", "predictions the broker client refused or failed on",
-                lambda: p.publisher.counters["publish_failed"] + p.publisher.counters["publish_errors"])
-        reg.add("edge_shutdown_dropped_total", "counter", "queued items left unprocessed at stop",
-                lambda: p.counters["shutdown_dropped"])
-        reg.add("edge_bad_input_total", "counter", "inputs skipped, by kind", lambda: [({"kind": k}, v) for k, v in p.bad.items()])
+                lambda n: n["pipeline"]["counters"]["publish_failed"] + n["pipeline"]["counters"]["publish_errors"],
+                source="node")
+        reg.add("edge_shutdown_dropped_total", "counter", "queued messages and items left unprocessed at stop",
+                count("shutdown_dropped"), source="node")
+        reg.add("edge_shutdown_dropped_samples_total", "counter", "samples in what was left unprocessed at stop",
+                count("shutdown_dropped_samples"), source="node")
+        reg.add("edge_bad_input_total", "counter", "inputs skipped, by kind",
+                lambda n: [({"kind": k}, v) for k, v in n["pipeline"]["bad"].items()], source="node")
         reg.add("edge_internal_errors_total", "counter", "items skipped after an internal error, by thread and kind",
                 sup.counters)
         reg.add("edge_thread_alive", "gauge", "1 while a supervised thread runs",
                 lambda: [({"thread": k}, float(v)) for k, v in sup.alive().items()])
-        for lane_counter, help_text in (("dropped", "items dropped because the lane was full (oldest first)"),
-                                        ("dropped_bytes", "bytes dropped because the lane was full"),
-                                        ("stale", "items shed because they waited longer than max_lag_s"),
-                                        ("oversized", "items refused because they alone exceed the lane's bound")):
-            reg.add(f"edge_lane_{lane_counter}_total", "counter", help_text,
-                    lambda c=lane_counter: [({"lane": n}, st[c]) for n, st in p.inbox.stats().items()])
-        reg.add("edge_lane_depth_bytes", "gauge", "bytes waiting in each lane",
-                lambda: [({"lane": n}, st["depth_bytes"]) for n, st in p.inbox.stats().items()])
-        reg.add("edge_queue_depth", "gauge", "items waiting in the pipeline's lanes", p.depth)
-        reg.add("edge_stream_samples_total", "counter", "samples per stream", per_stream("samples"))
-        reg.add("edge_stream_gaps_total", "counter", "gaps that restarted a window, per stream", per_stream("gaps"))
+        add_lane_families(reg, "node", lambda n: {**{("pipeline", k): v for k, v in n["pipeline"]["lanes"].items()},
+                                                  **adapt_lanes(n["adapt"])})
+        reg.add("edge_stream_samples_total", "counter", "samples per stream", per_stream("samples"), source="streams")
+        reg.add("edge_stream_gaps_total", "counter", "gaps that restarted a window, per stream", per_stream("gaps"),
+                source="streams")
         reg.add("edge_stream_out_of_order_total", "counter", "samples dropped as out of order, per stream",
-                per_stream("out_of_order"))
-        reg.add("edge_stream_filled_total", "counter", "samples filled by interpolation, per stream", per_stream("filled"))
+                per_stream("out_of_order"), source="streams")
+        reg.add("edge_stream_filled_total", "counter", "samples filled by interpolation, per stream", per_stream("filled"),
+                source="streams")
         reg.add("edge_stream_rate_hz", "gauge", "measured sample rate, per stream",
-                lambda: [({"stream": str(k)}, s.windower.estimated_rate) for k, s in list(p.bank.streams.items())])
+                lambda streams: [({"stream": str(k)}, s.windower.estimated_rate) for k, s in streams], source="streams")
         reg.add("edge_stream_flagged", "gauge", "1 while a stream is off its rate or fills too much, by reason",
-                lambda: [({"stream": str(k), "reason": s.flag}, 1.0) for k, s in list(p.bank.streams.items()) if s.flag])
+                lambda streams: [({"stream": str(k), "reason": s.flag}, 1.0) for k, s in streams if s.flag],
+                source="streams")
         reg.add_histogram("edge_pipeline_latency_seconds", "receive-to-publish latency of each window",
                           lambda: [_hist_series({}, p.latency.snapshot())])
         reg.add_histogram("edge_backend_latency_seconds", "backbone latency per batch, by backend and precision",
@@ -463,13 +478,13 @@ class Daemon:
         reg.add("edge_mqtt_connected", "gauge", "1 while connected to the broker (every connection)",
                 lambda: float(self.broker_connected()))
         reg.add("edge_publish_errors_total", "counter", "publishes the node's MQTT client refused, by reason",
-                lambda: [({"reason": k}, v) for k, v in self.link.publish_errors.items()])
-        # one family per quantity of each MQTT connection: bytes and counts apart
-        _counter_families(reg, "edge_mqtt_link", "node connection", self.link.counters)
-        if self.ingest is not None:
-            _counter_families(reg, "edge_mqtt_ingest", "sensor ingest connection", self.ingest.counters)
-        if self.adapt is not None:
-            _prefixed_families(reg, "edge_adapt", "learner", self.adapt.metrics)
+                lambda: [({"reason": k}, v) for k, v in dict(self.link.publish_errors).items()])
+        # one family per quantity of the MQTT connections (bytes and counts apart), the
+        # connection a label: the node's own (link) and the sensor ingest one
+        _connection_families(reg, {"link": self.link.counters,
+                                   **({"ingest": self.ingest.counters} if self.ingest is not None else {})})
+        if adapt is not None:
+            add_adapt_families(reg, "node", pick=lambda n: n["adapt"])
         if self.sync is not None:
             add_sync_families(reg, self.sync.metrics)
         return reg
@@ -479,28 +494,13 @@ def _hist_series(labels: dict[str, str], snap: dict) -> tuple:
     return labels, snap["buckets"], snap["sum_s"], snap["count"]
 
 
-def _counter_families(reg: Registry, prefix: str, what: str, counters: dict) -> None:
-    """``<prefix>_<name>_total`` for each of a connection's counters (read live)."""
-    for name in list(counters):
-        reg.add(f"{prefix}_{name}_total", "counter", f"{what}: {name.replace('_', ' ')}", lambda n=name: counters[n])
-
-
-def _prefixed_families(reg: Registry, prefix: str, what: str, read) -> None:
-    """A part's metrics dict as proper families: ``*_total`` and per-reason dicts are counters
-    (``<prefix>_<name>_total``, reasons as a label), other numbers gauges; strings are skipped."""
-    for key, v in read().items():
-        if isinstance(v, dict):
-            base = key[:-6] if key.endswith("_total") else key
-            reg.add(f"{prefix}_{base}_total", "counter", f"{what}: {base.replace('_', ' ')}, by reason",
-                    lambda k=key: [({"reason": str(r)}, float(n)) for r, n in read().get(k, {}).items()
-                                   if isinstance(n, (int, float))])
-        elif isinstance(v, (bool, int, float)):
-            kind = "counter" if key.endswith("_total") else "gauge"
-            reg.add(f"{prefix}_{key}", kind, f"{what}: {key.replace('_', ' ')}", lambda k=key: _number(read().get(k)))
-
-
-def _number(v) -> list:
-    return [] if v is None or not isinstance(v, (bool, int, float)) or v != v else [({}, float(v))]
+def _connection_families(reg: Registry, connections: dict[str, dict]) -> None:
+    """``edge_mqtt_<name>_total{connection}`` for each counter of the MQTT connections (read
+    live: fixed keys, each value one read)."""
+    names = list(dict.fromkeys(n for counters in connections.values() for n in list(counters)))
+    for name in names:
+        reg.add(f"edge_mqtt_{name}_total", "counter", f"MQTT connections: {name.replace('_', ' ')}, by connection",
+                lambda n=name: [({"connection": c}, counters[n]) for c, counters in connections.items() if n in counters])
 
 
 def build_info() -> dict[str, str]:

@@ -2,7 +2,11 @@
 
 Metrics are collected, not pushed: each part keeps plain counters and the registry (a
 prometheus-client collector) reads them when ``/metrics`` is scraped, so the hot path
-never touches a lock for metrics.
+never touches a lock for metrics. A part that another thread owns is read through one
+snapshot per scrape (``Registry.source``), taken under its owner's lock, and every family
+of that part is cut from the same snapshot. The families a part exports are declared in
+tables here (``LANE_FAMILIES``, ``ADAPT_FAMILIES``, ``SYNC_FAMILIES``), not derived from
+whatever keys a dict holds, so they exist from the start and the README can list them.
 """
 from __future__ import annotations
 
@@ -99,7 +103,8 @@ class Registry:
         from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
 
         self.registry = CollectorRegistry(auto_describe=False)
-        self._families: list[tuple[str, str, str, Callable]] = []
+        self._families: list[tuple[str, str, str, Callable, str | None]] = []
+        self._sources: dict[str, Callable[[], object]] = {}
         self._hists: list = []
         self._failed: dict[str, int] = {}
         if process:
@@ -108,11 +113,26 @@ class Registry:
         self._build_info = build_info
         self.registry.register(self)
 
-    def add(self, name: str, kind: str, help_text: str, read: Callable[[], list[Sample] | float]) -> None:
-        """Register a family; ``read`` returns a number or ``[(labels, value), ...]``."""
+    def source(self, name: str, read: Callable[[], object]) -> None:
+        """A snapshot that families read from: ``read()`` runs once per scrape, at the first
+        family that needs it, and every family of ``source=name`` gets the same value."""
+        self._sources[name] = read
+
+    def add(self, name: str, kind: str, help_text: str, read: Callable[..., list[Sample] | float], *,
+            source: str | None = None) -> None:
+        """Register a family; ``read`` returns a number or ``[(labels, value), ...]``; with
+        ``source``, ``read(snapshot)`` gets that source's snapshot of this scrape."""
         if kind not in ("counter", "gauge"):
             raise ValueError(f"metric {name}: kind {kind!r} (counter or gauge)")
-        self._families.append((name, kind, help_text, read))
+        if kind == "counter" and not name.endswith("_total"):
+            raise ValueError(f"metric {name}: a counter's name ends in _total")
+        if source is not None and source not in self._sources:
+            raise ValueError(f"metric {name}: unknown source {source!r}")
+        self._families.append((name, kind, help_text, read, source))
+
+    def families(self) -> list[tuple[str, str, str]]:
+        """``(name, type, help)`` of every family registered (histograms too), in order."""
+        return [(n, k, h) for n, k, h, *_ in self._families] + [(n, "histogram", h) for n, h, _ in self._hists]
 
     def add_histogram(self, name: str, help_text: str,
                       read: Callable[[], list[tuple[dict[str, str], list[tuple[float | str, int]], float, int]]]) -> None:
@@ -128,9 +148,15 @@ class Registry:
             info = InfoMetricFamily("edge_build", "edge-runtime version and platform")
             info.add_metric([], self._build_info)
             yield info
-        for name, kind, help_text, read in self._families:
+        snaps: dict[str, object] = {}  # one snapshot per source per scrape
+        for name, kind, help_text, read, src in self._families:
             try:
-                val = read()
+                if src is None:
+                    val = read()
+                else:
+                    if src not in snaps:
+                        snaps[src] = self._sources[src]()
+                    val = read(snaps[src])
                 samples = [({}, val)] if isinstance(val, (int, float)) else list(val)
             except Exception:  # a broken reader must not break the scrape; it is counted instead
                 self._failed[name] = self._failed.get(name, 0) + 1
@@ -268,8 +294,9 @@ SYNC_FAMILIES = (
 )
 
 
-def sync_samples(spec, m: dict) -> list:
-    """The series of one ``SYNC_FAMILIES`` entry from a ``metrics()`` dict; zero where absent.
+def sync_samples(spec, m: dict, *, absent: float | None = 0.0) -> list:
+    """The series of one ``SYNC_FAMILIES`` (or ``ADAPT_FAMILIES``) entry from a ``metrics()``
+    dict; ``absent`` where a key is missing (``None``: no series for it).
 
     >>> sync_samples(SYNC_FAMILIES[0], {"sync_acked": 2})[:2]
     [({'outcome': 'prepared'}, 0.0), ({'outcome': 'skipped'}, 0.0)]
@@ -280,11 +307,12 @@ def sync_samples(spec, m: dict) -> list:
     """
     _, _, _, label, keys = spec
     if isinstance(keys, dict):
-        return [({label: value}, _num(m.get(key))) for value, key in keys.items()]
+        return [({label: value}, _num(m.get(key), absent)) for value, key in keys.items()
+                if absent is not None or key in m]
     v = m.get(keys)
     if isinstance(v, dict):
         return [({label: str(k)}, _num(n)) for k, n in sorted(v.items())]
-    return [({}, _num(v))]
+    return [({}, _num(v, absent))] if absent is not None or keys in m else []
 
 
 def sync_keys() -> set[str]:
@@ -293,10 +321,14 @@ def sync_keys() -> set[str]:
 
 
 def add_sync_families(reg: Registry, read) -> None:
-    """Every ``SYNC_FAMILIES`` family, read from ``read()`` (``SyncClient.metrics``) at each scrape."""
+    """Every ``SYNC_FAMILIES`` family, cut from one ``read()`` (``SyncClient.metrics``) per scrape."""
+    reg.source("sync", read)
     for spec in SYNC_FAMILIES:
-        reg.add(spec[0], spec[1], spec[2], lambda spec=spec: sync_samples(spec, read()))
+        reg.add(spec[0], spec[1], spec[2], lambda m, spec=spec: sync_samples(spec, m), source="sync")
 
 
-def _num(v) -> float:
-    return float(v) if isinstance(v, (bool, int, float)) and v == v else 0.0
+def _num(v, absent: float | None = 0.0) -> float:
+    if isinstance(v, (bool, int, float)):
+        return float(v) if v == v or absent is None else 0.0  # NaN: a gauge without data yet
+    return 0.0 if absent is None else absent
+

@@ -160,7 +160,8 @@ def test_metrics_endpoint_serves_prometheus_text_and_health(broker, tmp_path):
         assert "edge_windows_served_total 1.0" in text
         assert f'edge_backend_latency_seconds_bucket{{backend="{d.engine.label}",le="+Inf"}}' in text
         assert "edge_pipeline_latency_seconds_count 1.0" in text
-        assert "edge_mqtt_link_connects_total 1.0" in text and "edge_mqtt_link_held_unacked_total 0.0" in text
+        assert 'edge_mqtt_connects_total{connection="link"} 1.0' in text
+        assert 'edge_mqtt_held_unacked_total{connection="link"} 0.0' in text
         health = urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
         assert health.status == 200 and b'"ready": true' in health.read()
         c.close()

@@ -120,10 +120,20 @@ def flood(broker, tmp_path_factory):
             return metric(text, "edge_lane_depth_bytes", lane="sensor") == 0 and text
         text = poll(drained, 120, 0.2, "the sensor lane to empty")
         rec["rss_peak"] = sampler.stop()
-        rec["dropped"] = metric(text, "edge_lane_dropped_total", lane="sensor")
-        rec["stale"] = metric(text, "edge_lane_stale_total", lane="sensor")
-        rec["label_drops"] = sum(metric(text, f"edge_lane_{c}_total", lane="labels")
+        rec["dropped"] = metric(text, "edge_lane_items_total", thread="pipeline", lane="sensor", outcome="dropped")
+        rec["stale"] = metric(text, "edge_lane_items_total", thread="pipeline", lane="sensor", outcome="stale")
+        rec["label_drops"] = sum(metric(text, "edge_lane_items_total", thread="pipeline", lane="labels", outcome=c)
                                  for c in ("dropped", "stale", "oversized"))
+        # what a user thinks in: every sensor message sent is processed or counted as lost
+        rec["sent"] = 60 + N_FLOOD + 1  # the warm-up, the flood and the probe's first message
+        rec["received"] = metric(text, "edge_mqtt_messages_total", connection="ingest")
+        rec["processed"] = metric(text, "edge_messages_total") - metric(text, "edge_lane_items_total", lane="labels",
+                                                                          thread="pipeline", outcome="taken")
+        rec["lost"] = sum(metric(text, "edge_lane_messages_total", thread="pipeline", lane="sensor", outcome=c)
+                          for c in ("dropped", "stale", "oversized"))
+        rec["lost_samples"] = sum(metric(text, "edge_lane_samples_total", thread="pipeline", lane="sensor", outcome=c)
+                                  for c in ("dropped", "stale", "oversized"))
+        rec["windowed"] = metric(text, "edge_stream_samples_total", stream="fl/accel")
         rec["served_during"] = metric(text, "edge_windows_served_total") - served_before
         rec["probe_after"] = probe.check(timeout=120)  # fresh data is served after the flood
         status = run.tmp / "state" / NODE / "status.json"
@@ -157,6 +167,13 @@ def test_flood_rss_growth_stays_under_the_lane_bound_plus_margin(flood):
 def test_flood_drops_are_counted(flood):
     assert flood["dropped"] + flood["stale"] > 0, flood
     assert flood["served_during"] > 0 and flood["alive"]
+
+
+def test_flood_counts_add_up_in_messages_and_samples(flood):
+    # before issue 19 drops were counted in lane items (reads) only: 93,712 messages unaccounted
+    assert flood["received"] == flood["processed"] + flood["lost"], flood
+    assert flood["lost"] > 0 and flood["lost_samples"] == 1000 * flood["lost"], flood
+    assert flood["windowed"] + flood["lost_samples"] == 1000 * (60 + N_FLOOD), flood
 
 
 def test_after_the_flood_the_lane_empties_and_a_fresh_probe_is_served(flood):

@@ -52,13 +52,23 @@ def test_metrics_parse_with_prometheus_client_and_have_proper_types(broker, tmp_
         assert fams["edge_pipeline_latency_seconds"].type == "histogram"
         assert fams["edge_internal_errors"].type == "counter"
         # one quantity per family: the ingest connection's bytes and messages are apart
-        assert fams["edge_mqtt_ingest_bytes"].type == "counter" and fams["edge_mqtt_ingest_messages"].type == "counter"
+        assert fams["edge_mqtt_bytes"].type == "counter" and fams["edge_mqtt_messages"].type == "counter"
+        assert {s.labels["connection"] for s in fams["edge_mqtt_messages"].samples} == {"ingest"}
+        assert {s.labels["connection"] for s in fams["edge_mqtt_connects"].samples} == {"link", "ingest"}
         assert not any(name == "edge_adapt" for name in fams)
         assert fams["edge_adapt_learner_labels"].type == "counter"
         assert fams["edge_adapt_learner_labels_rejected"].type == "counter"
         assert any(n.startswith("process_") for n in fams) and "edge_build_info" in fams
-        lanes = {s.labels["lane"] for s in fams["edge_lane_dropped"].samples}
-        assert lanes == {"sensor", "labels", "control"}
+        # every lane of every thread in one family per quantity, told apart by labels
+        lanes = {(s.labels["thread"], s.labels["lane"]) for s in fams["edge_lane_items"].samples}
+        assert lanes == {("pipeline", "sensor"), ("pipeline", "labels"), ("pipeline", "control"),
+                         ("learner", "learner"), ("learner", "labels"), ("learner", "fleet")}
+        # the learner's counters are counters, their reasons and outcomes labels, not names
+        assert fams["edge_adapt_checkpoints"].type == "counter"
+        assert {s.labels["outcome"] for s in fams["edge_adapt_checkpoints"].samples} >= {"written", "failed"}
+        assert not [n for n in fams if n.startswith("edge_adapt_lane_") or n.startswith("edge_adapt_worker_")]
+        edge_counters = [f for n, f in fams.items() if n.startswith("edge_") and f.type == "counter"]
+        assert edge_counters and all(s.name.endswith(("_total", "_created")) for f in edge_counters for s in f.samples)
     finally:
         c.close()
         d.stop()
