@@ -122,24 +122,29 @@ def _bench(what: str, argv: list[str]) -> int:
 def _cmd_status(args) -> int:
     from edge.config import load_config
     from edge.control import read_status
-    from edge.daemon import state_dir
+    from edge.state import runtime_dirs
     from edge.status_view import render_status
 
     conf = config_path(args.config)
     cfg = load_config(conf)
-    d = state_dir(cfg)
-    out: dict = {}
+    dirs = runtime_dirs(cfg)  # where the daemon may have put them (its unit, the config, the fallback)
+    out: dict = {"daemon": None}
     hint = "" if conf else " (the daemon's config was not given: pass --config FILE or set EDGE_CONFIG)"
     live = False
-    try:  # live, from the running daemon's socket
-        out["daemon"], source = read_status(d / "edge.sock"), "live"
-        live = True
-    except (OSError, ValueError):
-        p = d / "status.json"
-        if p.exists():  # the file the daemon rewrites every 5 s: stale, and said so
-            out["daemon"], source = json.loads(p.read_text()), f"from {p}: no daemon answers on {d / 'edge.sock'}{hint}"
+    for d in dirs:  # live, from the running daemon's socket
+        try:
+            out["daemon"], source = read_status(d / "edge.sock"), "live"
+            live = True
+            break
+        except (OSError, ValueError):
+            pass
+    if not live:
+        socks = ", ".join(str(d / "edge.sock") for d in dict.fromkeys(dirs))
+        p = next((d / "status.json" for d in dirs if (d / "status.json").exists()), None)
+        if p is not None:  # the file the daemon rewrites every 5 s: stale, and said so
+            out["daemon"], source = json.loads(p.read_text()), f"from {p}: no daemon answers on {socks}{hint}"
         else:
-            out["daemon"], source = None, f"no daemon answers on {d / 'edge.sock'} and there is no {p}{hint}"
+            source = f"no daemon answers on {socks} and there is no status.json beside them{hint}"
     from edge.serve import serve_status
 
     out["serving"] = serve_status(cfg.model.cache_dir or None)

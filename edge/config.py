@@ -103,6 +103,8 @@ class NodeConfig(_Section):
     name: str = _opt("edge-01", doc="this device's name; used in topics edge/<name>/...")
     log_level: str = _opt("info", choices=("debug", "info", "warning", "error"), doc="logging level")
     state_dir: str = _opt("~/.local/state/edge-runtime", doc="where checkpoints live")
+    runtime_dir: str = _opt("", doc="where status.json and the status socket live (tmpfs, not flash); "
+                                    "empty: $RUNTIME_DIRECTORY, else $XDG_RUNTIME_DIR or /tmp (docs/STATE.md)")
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The daemon's local status socket: `edge status` reads the live state from it.
 
-A Unix stream socket ``<state_dir>/<node>/edge.sock`` (mode 0600: only the daemon's user
+A Unix stream socket ``edge.sock`` in the node's runtime folder (``edge.state.runtime_dir``:
+RAM, not the flash of the state folder) (mode 0600: only the daemon's user
 and root can read it) on a thread named ``control``. Each connection gets the daemon's
 ``status()`` as one JSON document, then the socket closes. No request is parsed, so
 there is nothing to attack but the connect itself.

@@ -229,8 +229,11 @@ class Daemon:
     def _start_status_socket(self) -> None:
         from edge.control import StatusSocket
 
-        path = state_dir(self.cfg) / "edge.sock"
+        from edge.state import private_dir, runtime_dir
+
+        path = runtime_dir(self.cfg) / "edge.sock"  # a RAM folder: see write_status
         try:
+            private_dir(path.parent)
             self.status_socket = StatusSocket(path, self.status)
         except OSError as e:  # e.g. a path longer than a Unix socket allows: `edge status` falls back to the file
             log.warning("no status socket at %s (%s); `edge status` will read status.json", path, e)
@@ -324,10 +327,13 @@ class Daemon:
         return code
 
     def write_status(self) -> None:
-        """Write ``status.json`` (atomically, mode 0600) for `edge status` when the socket is gone."""
-        from edge.state import private_dir
+        """Write ``status.json`` (atomically, mode 0600) for `edge status` when the socket is gone.
 
-        d = state_dir(self.cfg)
+        Into the runtime folder (``edge.state.runtime_dir``: systemd's ``RuntimeDirectory``,
+        a tmpfs), not the state folder: rewritten every 5 s, it cost 53 MB of flash a day."""
+        from edge.state import private_dir, runtime_dir
+
+        d = runtime_dir(self.cfg)
         try:
             private_dir(d)
             tmp = d / "status.json.tmp"

@@ -255,6 +255,51 @@ def node_state_dir(cfg) -> Path:
     return Path(cfg.node.state_dir).expanduser() / cfg.node.name
 
 
+def runtime_dirs(cfg, env=None, uid: int | None = None) -> list[Path]:
+    """Where the node's runtime files (``status.json``, ``edge.sock``) may be, in the order
+    ``edge status`` looks; the daemon writes to the first one (``runtime_dir``). They are
+    rewritten every few seconds, so they belong on a RAM file system, never on the flash
+    that holds the state folder (docs/STATE.md, "Flash budget"):
+
+    1. ``[node] runtime_dir / <node>`` when set (then the only place);
+    2. ``$RUNTIME_DIRECTORY / <node>`` (systemd's ``RuntimeDirectory=``, the first of several);
+    3. ``/run/edge-runtime / <node>``: the unit's, for an ``edge status`` run from a shell;
+    4. ``$XDG_RUNTIME_DIR/edge-runtime / <node>-<h>``, else ``/tmp/edge-runtime-<uid> / <node>-<h>``
+       (not under systemd), ``<h>`` from the state folder, so two configs of the same node
+       name do not share a socket.
+
+    >>> from edge.config import parse_config
+    >>> c = parse_config({"node": {"name": "n1", "state_dir": "/var/lib/e"}})
+    >>> [str(p) for p in runtime_dirs(c, env={"RUNTIME_DIRECTORY": "/run/edge-runtime"}, uid=7)][:2]
+    ['/run/edge-runtime/n1', '/run/edge-runtime/n1']
+    >>> str(runtime_dirs(c, env={}, uid=7)[-1])
+    '/tmp/edge-runtime-7/n1-d64fa996'
+    >>> [str(p) for p in runtime_dirs(parse_config({"node": {"name": "n1", "runtime_dir": "/r"}}), env={})]
+    ['/r/n1']
+    """
+    env = os.environ if env is None else env
+    name = cfg.node.name
+    if cfg.node.runtime_dir:
+        return [Path(cfg.node.runtime_dir).expanduser() / name]
+    out = []
+    if env.get("RUNTIME_DIRECTORY"):
+        out.append(Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / name)
+    out.append(Path("/run/edge-runtime") / name)
+    h = hashlib.sha256(str(Path(cfg.node.state_dir).expanduser().absolute()).encode()).hexdigest()[:8]
+    xdg = env.get("XDG_RUNTIME_DIR")
+    base = Path(xdg) / "edge-runtime" if xdg else Path("/tmp") / f"edge-runtime-{os.getuid() if uid is None else uid}"
+    out.append(base / f"{name}-{h}")
+    return out
+
+
+def runtime_dir(cfg, env=None) -> Path:
+    """The folder the daemon writes its runtime files to (see ``runtime_dirs``): the unit's
+    or the configured one, else the per-user fallback (never ``/run/edge-runtime`` unasked)."""
+    env = os.environ if env is None else env
+    dirs = runtime_dirs(cfg, env)
+    return dirs[0] if cfg.node.runtime_dir or env.get("RUNTIME_DIRECTORY") else dirs[-1]
+
+
 def learner_store(cfg, model, *, keep: int = 3) -> "CheckpointStore":
     """The learner's checkpoint store of a node (``<state>/adapt``), bound to ``model`` and ``[adapt] head``."""
     return CheckpointStore(node_state_dir(cfg) / "adapt", keep=keep, identity=ModelIdentity.of(model, head=cfg.adapt.head))

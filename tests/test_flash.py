@@ -103,3 +103,44 @@ def test_the_idle_loop_writes_nothing_interval_after_interval(tmp_path):
         assert w.counters["checkpoints"] == 1 and len(w.store.paths()) == 1
     finally:
         w.stop()
+
+
+# ---- runtime files live in the runtime folder, not on the state folder's flash -------------
+
+import json  # noqa: E402
+import os  # noqa: E402
+import stat  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from edge.daemon import Daemon  # noqa: E402
+from edge.state import runtime_dir  # noqa: E402
+
+
+def test_status_file_and_socket_are_in_the_runtime_folder_and_edge_status_finds_them(broker, tmp_path, monkeypatch):
+    run = tmp_path / "run"  # what systemd's RuntimeDirectory= gives the unit (a tmpfs under /run)
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(run))
+    state = tmp_path / "state"
+    conf = tmp_path / "edge.toml"
+    conf.write_text(f'[node]\nname = "rt"\nstate_dir = "{state}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+                    f'[model]\ncache_dir = "{tmp_path / "cache"}"\n')
+    d = Daemon(parse_config({"node": {"name": "rt", "state_dir": str(state)},
+                             "mqtt": {"host": broker.host, "port": broker.port},
+                             "model": {"cache_dir": str(tmp_path / "cache")}}))
+    d.start(connect_timeout=20)
+    try:
+        d.write_status()
+        assert runtime_dir(d.cfg) == run / "rt"
+        assert (run / "rt" / "edge.sock").is_socket() and (run / "rt" / "status.json").is_file()
+        assert stat.S_IMODE((run / "rt").stat().st_mode) == 0o700
+        live = json.loads(subprocess.run([sys.executable, "-m", "edge.cli", "status", "-c", str(conf), "--json"],
+                                         capture_output=True, text=True, timeout=60, env=dict(os.environ)).stdout)
+        assert live["source"] == "live"
+    finally:
+        d.stop()
+    d.write_status()  # as run() does after the stop
+    on_flash = {p.name for p in state.rglob("*")}
+    assert not on_flash & {"status.json", "status.json.tmp", "edge.sock"}, on_flash
+    js = json.loads(subprocess.run([sys.executable, "-m", "edge.cli", "status", "-c", str(conf), "--json"],
+                                   capture_output=True, text=True, timeout=60, env=dict(os.environ)).stdout)
+    assert js["source"].startswith(f"from {run / 'rt' / 'status.json'}") and js["daemon"] is not None

@@ -10,7 +10,8 @@ import time
 import pytest
 
 from edge.config import parse_config
-from edge.daemon import Daemon, state_dir
+from edge.daemon import Daemon
+from edge.state import runtime_dir
 from tests.helpers import Client, batch
 
 pytestmark = pytest.mark.timeout(120)
@@ -29,7 +30,7 @@ def test_edge_status_shows_the_live_daemon_as_a_table_and_json(broker, tmp_path)
     try:
         c.publish("sensors/m7/accel", batch(time.time(), 256))
         c.wait_for(lambda m: len(m) >= 1, timeout=30)
-        sock = state_dir(d.cfg) / "edge.sock"
+        sock = runtime_dir(d.cfg) / "edge.sock"
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600
         table = subprocess.run([sys.executable, "-m", "edge.cli", "status", "-c", str(conf)], capture_output=True,
                                text=True, timeout=60).stdout
@@ -52,7 +53,7 @@ def test_status_file_is_private(broker, tmp_path):
     d.start(connect_timeout=10)
     try:
         d.write_status()
-        p = state_dir(d.cfg) / "status.json"
+        p = runtime_dir(d.cfg) / "status.json"
         assert stat.S_IMODE(p.stat().st_mode) == 0o600
         assert stat.S_IMODE(p.parent.stat().st_mode) & 0o077 == 0
     finally:
