@@ -8,7 +8,9 @@ factory never reads files and never sees which of the two keys was set.
 
 ``make_client`` returns the client and the keyword arguments for ``connect_async`` (the
 MQTT 5 Clean Start flag and CONNECT properties, or nothing for 3.1.1, whose Clean Session
-flag is a constructor argument).
+flag is a constructor argument). In MQTT 5 the CONNECT always says a Maximum Packet Size
+derived from ``[mqtt] max_payload_bytes`` (``mqttwire.max_packet_size``), as the raw
+sensor reader's does.
 
 >>> from edge.config import MqttConfig
 >>> conn = make_client(MqttConfig(session_expiry_s=60), client_id="doc", receive_maximum=16)
@@ -16,6 +18,8 @@ flag is a constructor argument).
 (False, 60)
 >>> conn.connect_kw["properties"].ReceiveMaximum
 16
+>>> conn.connect_kw["properties"].MaximumPacketSize == max_packet_size(MqttConfig().max_payload_bytes)
+True
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from edge.config import MqttConfig
+from edge.ingest.mqttwire import max_packet_size
 
 
 @dataclass(frozen=True)
@@ -72,12 +77,14 @@ def make_client(cfg: MqttConfig, *, client_id: str, will: Will | None = None, ma
     c.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
     connect_kw: dict = {}
     if proto == mqtt.MQTTv5:
-        props = None
-        if persistent or receive_maximum:
-            props = Properties(PacketTypes.CONNECT)
-            if persistent:
-                props.SessionExpiryInterval = expiry
-            if receive_maximum:
-                props.ReceiveMaximum = max(1, min(int(receive_maximum), 0xFFFF))
+        props = Properties(PacketTypes.CONNECT)
+        # bounded before buffered: the broker drops (for us) a message we would refuse anyway,
+        # instead of paho reading all of it into memory first. 3.1.1 cannot say this: there
+        # only the broker's own limit protects (deploy/mosquitto/, max_packet_size).
+        props.MaximumPacketSize = max_packet_size(cfg.max_payload_bytes)
+        if persistent:
+            props.SessionExpiryInterval = expiry
+        if receive_maximum:
+            props.ReceiveMaximum = max(1, min(int(receive_maximum), 0xFFFF))
         connect_kw = {"clean_start": not persistent, "properties": props}
     return Connection(client=c, connect_kw=connect_kw)

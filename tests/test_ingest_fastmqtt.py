@@ -57,7 +57,7 @@ def wait_until(pred, timeout: float = 10.0) -> bool:
 def subscriber(host, port, *, protocol="5", filters=(("t/#", 1),), **kw):
     sink = Sink()
     cfg = MqttConfig(host=host, port=port, protocol=protocol, reconnect_min_s=0.05, reconnect_max_s=0.2,
-                     keepalive_s=kw.pop("keepalive_s", 30))
+                     keepalive_s=kw.pop("keepalive_s", 30), max_payload_bytes=kw.pop("max_payload_bytes", 1 << 20))
     sub = FastSubscriber(cfg, client_id=f"fast-test-{protocol}-{time.monotonic_ns()}", subscriptions=list(filters),
                          on_batch=sink, **kw)
     sub.start()
@@ -94,7 +94,8 @@ def test_receives_qos0_and_qos1_in_order(broker, protocol):
 
 
 def test_large_payloads_span_several_reads(broker):
-    sub, sink = subscriber(broker.host, broker.port, protocol="5", filters=[("big/#", 0)], chunk_size=4096)
+    sub, sink = subscriber(broker.host, broker.port, protocol="5", filters=[("big/#", 0)], chunk_size=4096,
+                           max_payload_bytes=2 << 20)
     assert sub.wait_connected(10)
     pub = RawPublisher(broker.host, broker.port, client_id="big-pub")
     payloads = [bytes([i]) * n for i, n in enumerate((100_000, 10, 1_500_000, 70_000, 3))]
@@ -122,6 +123,56 @@ def test_broker_restart_reconnects_and_resubscribes(broker):
     assert sink.wait_count(2)[1] == ("rs/a", b"after")
     assert sub.counters["connects"] == 2 and sub.counters["disconnects"] == 1
     assert sub.counters["sessions_lost"] == 1  # the test broker keeps no sessions across a restart
+    pub.close()
+    sub.stop()
+
+
+def _peak_traced(fn) -> int:
+    """Peak bytes allocated (by any thread) while ``fn`` runs."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base = tracemalloc.get_traced_memory()[0]
+        fn()
+        return tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("qos", [0, 1])
+def test_an_over_long_packet_is_skipped_without_being_held(broker, qos):
+    # MQTT 3.1.1 cannot say a maximum packet size: the broker sends the 24 MiB message, and the
+    # reader must read past it in bounded memory, count it, and go on with the next one.
+    sub, sink = subscriber(broker.host, broker.port, protocol="3.1.1", filters=[(f"huge{qos}/#", 1)],
+                           max_payload_bytes=64 << 10)
+    assert sub.wait_connected(10)
+    pub = RawPublisher(broker.host, broker.port, client_id=f"huge-pub-{qos}")
+    big = wire.encode_publish(b"huge%d/m1/accel" % qos, b"\x00" * (24 << 20), qos=qos, packet_id=5)
+    both = big + publish_packet(b"huge%d/m1/accel" % qos, b"[1.0]")  # made before the memory is traced
+
+    def send_and_receive():
+        pub.send(both)
+        assert sink.wait_count(1, timeout=20) == [(f"huge{qos}/m1/accel", b"[1.0]")]
+
+    peak = _peak_traced(send_and_receive)
+    assert sub.counters["oversized"] == 1 and sub.counters["oversized_bytes"] == len(big)
+    del big, both
+    assert peak < 4 << 20, f"{peak / 2**20:.1f} MiB allocated while a 24 MiB message went past"
+    assert sub.connected.is_set() and sub.counters["protocol_errors"] == 0 and sub.counters["connects"] == 1
+    pub.close()
+    sub.stop()
+
+
+def test_mqtt5_tells_the_broker_its_maximum_packet_size(broker):
+    # the broker then drops the long message for us: it never reaches the reader at all
+    sub, sink = subscriber(broker.host, broker.port, protocol="5", filters=[("mps/#", 1)], max_payload_bytes=64 << 10)
+    assert sub.wait_connected(10)
+    pub = RawPublisher(broker.host, broker.port, client_id="mps-pub")
+    pub.send(publish_packet(b"mps/a", b"\x01" * (8 << 20)) + publish_packet(b"mps/a", b"[2.0]"))
+    assert sink.wait_count(1) == [("mps/a", b"[2.0]")]
+    assert sub.counters["bytes"] < 1 << 20 and sub.counters["oversized"] == 0
     pub.close()
     sub.stop()
 

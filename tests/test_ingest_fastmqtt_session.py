@@ -202,8 +202,8 @@ def test_connect_asks_for_a_persistent_session_and_dup_redeliveries_are_taken_an
         assert sub.counters["sessions_resumed"] == 1
         flags = connects[0][7]
         assert not flags & 0x02, "Clean Start / Clean Session must be off"
-        if protocol == "5":  # property block: Session Expiry Interval (0x11) = 3600
-            assert connects[0][10:16] == b"\x05\x11\x00\x00\x0e\x10"
+        if protocol == "5":  # properties: Session Expiry Interval (0x11) = 3600, Maximum Packet Size (0x27)
+            assert connects[0][10:16] == b"\x0a\x11\x00\x00\x0e\x10" and connects[0][16:17] == b"\x27"
     finally:
         sub.stop()
         fb.close()
@@ -224,7 +224,8 @@ def test_session_expiry_zero_gives_a_clean_session():
     sub = make_sub(fb.port, protocol="5", filters=[], on_batch=Sink(), session_expiry_s=0)
     try:
         assert got.wait(20)
-        assert connects[0][7] & 0x02 and connects[0][10] == 0  # clean start, empty property block
+        # clean start; no Session Expiry, only the Maximum Packet Size (0x27) in the properties
+        assert connects[0][7] & 0x02 and connects[0][10:12] == b"\x05\x27"
     finally:
         sub.stop()
         fb.close()

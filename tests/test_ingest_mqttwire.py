@@ -154,3 +154,86 @@ def test_messages_before_a_malformed_packet_travel_with_the_error():
     with pytest.raises(ProtocolError) as e:
         wire.parse_stream(good + b"\xd0\x00" + good + b"\x36\x05\x00\x01a\x00\x01", "5")
     assert e.value.messages == [("a/1", b"x"), ("a/2", b"y")] * 2
+
+
+# ---- bounded before buffered (issue 19): packet size limits on both ends ----------------------
+
+import re  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from edge.bench.rawmqtt import RawPublisher  # noqa: E402
+from edge.broker import BrokerProcess  # noqa: E402
+from edge.config import MqttConfig  # noqa: E402
+from edge.ingest.mqttwire import encode_publish, max_packet_size  # noqa: E402
+from edge.mqttconn import make_client  # noqa: E402
+
+
+class _PahoSink:
+    """A paho subscriber built by ``make_client`` (the node connection's factory)."""
+
+    def __init__(self, host, port, cfg: MqttConfig, filt: str, stop_payload: bytes):
+        self.got: list[tuple[str, int]] = []
+        self.subscribed, self.done = threading.Event(), threading.Event()
+        self.conn = make_client(cfg, client_id=f"mps-{filt[:4]}-{id(self)}", manual_ack=False)
+        c = self.conn.client
+        c.on_connect = lambda cl, *a: cl.subscribe(filt, qos=0)
+        c.on_subscribe = lambda *a: self.subscribed.set()
+
+        def on_message(cl, u, m):
+            self.got.append((m.topic, len(m.payload)))
+            if m.payload == stop_payload:
+                self.done.set()
+        c.on_message = on_message
+        self.conn.connect_async(cfg)
+        c.loop_start()
+
+    def close(self):
+        self.conn.client.disconnect()
+        self.conn.client.loop_stop()
+
+
+def test_the_paho_connection_tells_the_broker_its_maximum_packet_size(broker):
+    cfg = MqttConfig(host=broker.host, port=broker.port, protocol="5", max_payload_bytes=64 << 10, session_expiry_s=0)
+    sink = _PahoSink(broker.host, broker.port, cfg, "mpsp/#", b"[3.0]")
+    try:
+        assert sink.subscribed.wait(10)
+        pub = RawPublisher(broker.host, broker.port, client_id="mps-paho-pub")
+        pub.send(encode_publish("mpsp/labels", b"\x02" * (8 << 20)) + encode_publish("mpsp/labels", b"[3.0]"))
+        assert sink.done.wait(20)
+        assert sink.got == [("mpsp/labels", 5)]  # the 8 MiB one never reached paho's reader
+        pub.close()
+    finally:
+        sink.close()
+
+
+def _example_broker_limit() -> int:
+    conf = (Path(__file__).parent.parent / "deploy" / "mosquitto" / "mosquitto-tls.conf").read_text()
+    (value,) = re.findall(r"^max_packet_size\s+(\d+)", conf, re.M)
+    return int(value)
+
+
+def test_the_example_broker_config_limits_packets_to_what_a_node_takes():
+    assert _example_broker_limit() == max_packet_size(MqttConfig().max_payload_bytes)
+
+
+def test_mosquitto_with_the_example_limit_never_forwards_a_longer_message():
+    # what the line does on a real mosquitto, to an MQTT 3.1.1 subscriber (which cannot say a limit itself)
+    limit = _example_broker_limit()
+    with BrokerProcess(kind="mosquitto", extra_conf=f"max_packet_size {limit}\n") as b:
+        cfg = MqttConfig(host=b.host, port=b.port, protocol="3.1.1", session_expiry_s=0)
+        sink = _PahoSink(b.host, b.port, cfg, "lim/#", b"[4.0]")
+        try:
+            assert sink.subscribed.wait(10)
+            big = RawPublisher(b.host, b.port, client_id="lim-big")
+            try:
+                big.send(encode_publish("lim/a", b"\x03" * (limit + 1)))
+            except OSError:
+                pass  # the broker may close on us mid-send
+            small = RawPublisher(b.host, b.port, client_id="lim-small")
+            small.send(encode_publish("lim/a", b"[4.0]"))
+            assert sink.done.wait(20)
+            assert sink.got == [("lim/a", 5)]
+            small.close()
+        finally:
+            sink.close()

@@ -109,7 +109,11 @@ class FastSubscriber:
         self.connected = threading.Event()
         self.counters = {"connects": 0, "disconnects": 0, "messages": 0, "bytes": 0, "reads": 0,
                          "protocol_errors": 0, "sessions_resumed": 0, "sessions_lost": 0, "handoff_errors": 0,
-                         "handoff_unacked": 0, "handoff_lost": 0, "poison_batches": 0}
+                         "handoff_unacked": 0, "handoff_lost": 0, "poison_batches": 0,
+                         "oversized": 0, "oversized_bytes": 0}
+        # the longest packet held whole: the payload bound plus a PUBLISH's overhead; a longer
+        # one is skipped as it streams in (never buffered), and MQTT 5 tells the broker so
+        self.max_packet = wire.max_packet_size(cfg.max_payload_bytes)
         self._fail_streak = 0  # failed hand-offs since the last one that worked
         self._stop = threading.Event()
         self._topics: dict[bytes, str] = {}
@@ -210,7 +214,8 @@ class FastSubscriber:
         expiry = cfg.session_expiry_s
         sock.sendall(wire.encode_connect(self.client_id, protocol=cfg.protocol, keepalive=cfg.keepalive_s,
                                          username=cfg.username, password=cfg.password, clean=expiry == 0,
-                                         session_expiry_s=expiry if cfg.protocol == "5" else 0))
+                                         session_expiry_s=expiry if cfg.protocol == "5" else 0,
+                                         maximum_packet_size=self.max_packet if cfg.protocol == "5" else 0))
         buf = b""
         deadline = time.monotonic() + self.connect_timeout
         while True:
@@ -291,6 +296,21 @@ class FastSubscriber:
         self._fail_streak = 0
         return True
 
+    def _skipped(self, sock: socket.socket, skip: wire.PacketSkip) -> None:
+        """An over-long PUBLISH was read past: count it, log it (rate-limited) and acknowledge
+        it if QoS 1 (it would be refused again at every redelivery); anything else over the
+        limit is a protocol error."""
+        try:
+            topic, qos, pid = skip.publish_head()
+        except wire.ProtocolError as e:
+            raise _SessionEnd(str(e), protocol=True) from None
+        self.counters["oversized"] += 1
+        self.counters["oversized_bytes"] += skip.total
+        self._badlog.warn("oversized", "skipped a %d-byte message on %r: over the maximum packet size %d "
+                          "([mqtt] max_payload_bytes = %d)", skip.total, topic, self.max_packet, self.cfg.max_payload_bytes)
+        if qos:
+            sock.sendall(wire.encode_pubacks([pid]))
+
     def _read_loop(self, sock: socket.socket, early: bytes) -> None:
         cfg = self.cfg
         protocol, topics, counters = cfg.protocol, self._topics, self.counters
@@ -302,6 +322,7 @@ class FastSubscriber:
         sock.settimeout(_TICK_S)
         parts: list[bytes] = [early] if early else []  # an incomplete packet, possibly over many reads
         have, need = len(early), 0
+        skip: wire.PacketSkip | None = None  # an over-long packet being discarded as it arrives
         last_out = time.monotonic()
         ping_at = 0.0
         while True:
@@ -332,6 +353,14 @@ class FastSubscriber:
             received = time.time()
             counters["bytes"] += len(data)
             counters["reads"] += 1
+            if skip is not None:
+                data = skip.feed(data)
+                if not skip.done:
+                    continue
+                self._skipped(sock, skip)
+                skip = None
+                if not data:
+                    continue
             if parts:
                 parts.append(data)
                 have += len(data)
@@ -354,6 +383,9 @@ class FastSubscriber:
                 parts = [rest]
                 have = len(rest)
                 need = wire.packet_length(rest) or 0
+                if need > self.max_packet:  # never held whole: keep its head, drop the rest as it comes
+                    skip, parts, have, need = wire.PacketSkip(need), [], 0, 0
+                    skip.feed(rest)
             if msgs and not self._deliver(msgs, len(acks), received):
                 raise _SessionEnd("on_batch failed", handoff=True)
             if acks:  # after on_batch took the messages: one write for the whole read

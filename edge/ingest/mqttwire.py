@@ -29,6 +29,9 @@ MAX_REMAINING = 268_435_455  # the largest remaining length four varint bytes ca
 PINGREQ_PACKET = b"\xc0\x00"
 DISCONNECT_PACKET = b"\xe0\x00"
 _TOPIC_CACHE_MAX = 100_000
+# fixed header (5) + topic length and the longest topic (2 + 65535) + packet id (2) + properties
+_PUBLISH_OVERHEAD = 5 + 2 + 0xFFFF + 2 + 1024
+_HEAD_KEEP = 5 + 2 + 0xFFFF + 2  # what a skipped PUBLISH keeps: enough for its topic and packet id
 
 
 class ProtocolError(BrokerError):
@@ -79,25 +82,49 @@ def _check_protocol(protocol: str) -> bool:
     return protocol == "5"
 
 
+def max_packet_size(max_payload_bytes: int) -> int:
+    """The largest PUBLISH a subscriber must take to get payloads of ``max_payload_bytes``:
+    the payload plus the longest topic MQTT allows, the packet id, the fixed header and
+    room for properties. Both connections advertise it (MQTT 5 Maximum Packet Size), and
+    the raw reader skips a longer packet without holding it (``PacketSkip``).
+
+    >>> max_packet_size(1 << 20)
+    1115144
+    >>> max_packet_size(256 << 20) == MAX_REMAINING + 5
+    True
+    """
+    return min(MAX_REMAINING + 5, int(max_payload_bytes) + _PUBLISH_OVERHEAD)
+
+
 def encode_connect(client_id: str, *, protocol: str, keepalive: int, username: str = "",
-                   password: str = "", clean: bool = True, session_expiry_s: int = 0) -> bytes:
+                   password: str = "", clean: bool = True, session_expiry_s: int = 0,
+                   maximum_packet_size: int = 0) -> bytes:
     """CONNECT; ``clean`` is Clean Start (5) / Clean Session (3.1.1).
 
     MQTT 5 carries a Session Expiry Interval property when ``session_expiry_s`` > 0 (how
     long the broker keeps the session, and the QoS 1 messages queued in it, after the
-    connection ends) and nothing else: no Topic Alias Maximum, so no topic aliases. In
-    3.1.1 a session that is not clean lasts until the broker drops it.
+    connection ends), a Maximum Packet Size when ``maximum_packet_size`` > 0 (the broker
+    then never sends a longer packet: it drops that message for us), and nothing else: no
+    Topic Alias Maximum, so no topic aliases. In 3.1.1 a session that is not clean lasts
+    until the broker drops it, and there is no way to say a maximum packet size.
 
     >>> encode_connect("c", protocol="5", keepalive=30, clean=False, session_expiry_s=3600)[9:]
     b'\\x00\\x00\\x1e\\x05\\x11\\x00\\x00\\x0e\\x10\\x00\\x01c'
+    >>> encode_connect("c", protocol="5", keepalive=30, maximum_packet_size=1 << 20)[12:18]
+    b"\\x05'\\x00\\x10\\x00\\x00"
     """
     v5 = _check_protocol(protocol)
     if not 0 <= session_expiry_s <= 0xFFFFFFFF:
         raise ValueError(f"session expiry {session_expiry_s} s does not fit 4 bytes")
+    if not 0 <= maximum_packet_size <= 0xFFFFFFFF:
+        raise ValueError(f"maximum packet size {maximum_packet_size} does not fit 4 bytes")
     flags = (0x02 if clean else 0) | (0x80 if username else 0) | (0x40 if username and password else 0)
     body = _str(b"MQTT") + bytes((5 if v5 else 4, flags)) + keepalive.to_bytes(2, "big")
     if v5:
-        body += b"\x05\x11" + session_expiry_s.to_bytes(4, "big") if session_expiry_s else b"\x00"
+        props = b"\x11" + session_expiry_s.to_bytes(4, "big") if session_expiry_s else b""
+        if maximum_packet_size:
+            props += b"\x27" + maximum_packet_size.to_bytes(4, "big")
+        body += encode_varint(len(props)) + props
     body += _str(client_id)
     if username:
         body += _str(username)
@@ -188,6 +215,56 @@ def packet_length(buf: bytes, pos: int = 0) -> int | None:
     """Total length of the packet at ``pos`` once its fixed header is complete, else None."""
     r = _varint_at(buf, pos + 1, len(buf)) if pos < len(buf) else None
     return None if r is None else r[1] - pos + r[0]
+
+
+class PacketSkip:
+    """An over-long packet discarded as it arrives: it keeps only its first bytes (enough
+    for a PUBLISH's topic and packet id), so memory stays bounded whatever length it says.
+
+    >>> pkt = encode_publish("s/big", b"x" * 100, qos=1, packet_id=9)
+    >>> skip = PacketSkip(len(pkt))
+    >>> skip.feed(pkt[:40]), skip.done
+    (b'', False)
+    >>> skip.feed(pkt[40:] + b"next"), skip.done
+    (b'next', True)
+    >>> skip.publish_head()
+    ('s/big', 1, 9)
+    """
+
+    def __init__(self, total: int):
+        self.total = int(total)  # the whole packet, fixed header included
+        self.seen = 0
+        self._head = bytearray()
+
+    @property
+    def done(self) -> bool:
+        return self.seen >= self.total
+
+    def feed(self, data: bytes) -> bytes:
+        """Take this packet's part of ``data``; return what follows the packet."""
+        take = min(len(data), self.total - self.seen)
+        if len(self._head) < _HEAD_KEEP:
+            self._head += data[: min(take, _HEAD_KEEP - len(self._head))]
+        self.seen += take
+        return data[take:]
+
+    def publish_head(self) -> tuple[str, int, int]:
+        """``(topic, qos, packet_id)`` of the skipped PUBLISH (topic bounded, undecodable bytes
+        replaced; packet id 0 for QoS 0); ``ProtocolError`` when it is not a valid PUBLISH."""
+        h = bytes(self._head)
+        if not h or h[0] >> 4 != PUBLISH:
+            raise ProtocolError(f"packet of {self.total} bytes (type {h[0] >> 4 if h else '?'}) is over the maximum packet size")
+        r = _varint_at(h, 1, len(h))
+        p = r[1] if r else len(h)
+        if p + 2 > len(h):
+            raise ProtocolError("over-long PUBLISH without a topic")
+        tl = h[p] << 8 | h[p + 1]
+        qos = (h[0] >> 1) & 3
+        if qos > 1 or p + 2 + tl + (2 if qos else 0) > len(h):
+            raise ProtocolError(f"over-long PUBLISH with QoS {qos} and a topic length of {tl}")
+        topic = h[p + 2: p + 2 + tl].decode("utf-8", "replace")[:200]
+        pid = int.from_bytes(h[p + 2 + tl: p + 4 + tl], "big") if qos else 0
+        return topic, qos, pid
 
 
 def _topic(tb: bytes, cache: dict[bytes, str]) -> str:
