@@ -10,13 +10,16 @@ unless it does not beat the reference's by 5%). See docs/LEARNING.md.
 - A ``LinearModel`` (or an ``edge.adapt.heads`` head) takes the fast path: closed-form
   numpy steps, no autograd. Any other module trains by torch autograd through the same
   learner.
-- The task comes from the criterion: ``MSELoss``/``L1Loss``/``HuberLoss`` regression,
+- The task comes from the criterion: ``MSELoss`` regression,
   ``CrossEntropyLoss`` multi-class (labels are class indices), ``BCEWithLogitsLoss``
   binary classification (one logit, labels 0/1).
 - One optimizer per model: the optimizer given to the constructor, or to the first
   call that passes one, is the model's; its hyper-parameters (Adam/AdamW: lr, betas,
   eps, weight_decay; SGD: lr, momentum, dampening, nesterov, weight_decay) drive the
-  fast path. Passing a different optimizer later raises ``ConfigError``.
+  fast path. One given after a call that trained with the library's default (Adam at
+  ``lr``) replaces that default and keeps what was learned; a second, different one
+  raises ``ConfigError``. The same holds for the criterion's task.
+- No global random state is touched: ``seed`` seeds the learner's own generators.
 
 - ``learn_one(x, y)`` / ``predict_one(x)``: river-style, one sample;
 - ``learn_many(X, y)`` / ``predict_many(X)``: vectorised batches;
@@ -134,7 +137,6 @@ class IncrementalModel:
     def __init__(self, model, *, criterion=None, optimizer=None, lr: float = 1e-3, replay_bytes: int = 4 << 20,
                  replay_batch: int = 15, window: int = 200, seed: int = 0, scale: bool = False,
                  config: AdaptConfig | None = None):
-        torch.manual_seed(seed)
         self.model = model
         self.criterion = criterion
         self.optimizer = optimizer
@@ -158,19 +160,29 @@ class IncrementalModel:
         return isinstance(self.model, (LinearModel, LinearHead))
 
     def _adopt(self, criterion, optimizer) -> None:
-        """The first criterion/optimizer given anywhere becomes the model's."""
+        """A criterion or optimizer given to a call becomes the model's. One given after the
+        library chose a default for itself (a first call without them) replaces that default
+        and keeps what was learned; only one that conflicts with the user's own choice is an
+        error (one criterion task, one optimizer per model)."""
         if criterion is not None:
-            if self.criterion is None and self.learner is None:
+            task_of(criterion)  # an unsupported criterion is refused before anything changes
+            if self.criterion is None:
+                if self.learner is not None and task_of(criterion) != "regression":
+                    # the default (MSE regression) learned so far: keep its weights in the
+                    # module and build the learner again for the task the user names
+                    self._sync_module()
+                    self.learner, self.x_shape = None, None
                 self.criterion = criterion
-            elif self.criterion is not None and task_of(criterion) != task_of(self.criterion):
+            elif task_of(criterion) != task_of(self.criterion):
                 raise ConfigError(f"this model learns with {type(self.criterion).__name__}; "
                                   f"{type(criterion).__name__} is another task (one criterion per model)")
-            elif self.criterion is None and task_of(criterion) != "regression":
-                raise ConfigError(f"this model already learns regression (MSELoss); {type(criterion).__name__} is another task")
         if optimizer is not None and optimizer is not self.optimizer:
-            if self.optimizer is not None or self.learner is not None:
+            if self.optimizer is not None:
                 raise ConfigError("this model already has its optimizer; pass the same one (one optimizer per model)")
             self.optimizer = optimizer
+            if self.learner is not None:  # it trained with the library's default: the user's replaces it
+                spec = spec_from_torch(optimizer) if self.fast_path else _try_spec(optimizer)
+                self.learner.set_optimizer(spec, module_optimizer=None if self.fast_path else optimizer)
 
     def _outputs(self, x_shape) -> int:
         if isinstance(self.model, LinearModel):
@@ -239,11 +251,19 @@ class IncrementalModel:
         elif np.size(y) != lr.outputs:
             raise DataError(f"target has {np.size(y)} values; the model has {lr.outputs} outputs")
 
+    def sync_module(self) -> None:
+        """Write the served head's weights (what ``predict`` serves, or the champion while
+        the trivial reference serves) into a ``LinearModel``, so that the user's module is
+        the model being served: the fast path trains a numpy copy. ``online_learning`` and
+        ``incremental_update`` call it at their end; after ``learn_one``/``learn_many``
+        call it yourself before reading the module's parameters (a copy per row would cost
+        more than the row)."""
+        self._sync_module()
+
     def _sync_module(self) -> None:
-        """Write the served head's weights back into a ``LinearModel`` so that the user's
-        module is the model being served (the fast path trains a numpy copy)."""
         if isinstance(self.model, LinearModel) and self.learner is not None:
-            a = self.learner.champion.arrays
+            lr = self.learner
+            a = (lr.champion if lr.serving() == "reference" else lr.best()).arrays
             with torch.no_grad():
                 self.model.linear.weight.copy_(torch.from_numpy(np.array(a["weight"])))
                 if self.model.linear.bias is not None:

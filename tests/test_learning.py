@@ -105,7 +105,8 @@ def test_linear_model_holds_the_served_weights_after_learning():
     ilm = IncrementalModel(model, lr=1e-2)
     ilm.online_learning((X, y))
     with torch.no_grad():
-        np.testing.assert_allclose(model(torch.from_numpy(X[:5])).numpy(), ilm.learner.champion.logits(X[:5]), atol=1e-5)
+        # the head predict serves (issue 18: it used to be the champion, whatever served)
+        np.testing.assert_allclose(model(torch.from_numpy(X[:5])).numpy(), ilm.predict(X[:5]), atol=1e-5)
 
 
 def test_river_style_learn_one_predict_one_learn_many_predict_many():
@@ -306,3 +307,83 @@ def test_class_evidence_costs_nothing_on_a_rare_positive_stream():
         tp = int(((p == 1) & (y == 1)).sum())
         got[evidence] = (float((p == y).mean()), 2 * tp / max(1, int((p == 1).sum() + (y == 1).sum())))
     assert got[20][0] >= got[0][0] - 0.002 and got[20][1] >= got[0][1] - 0.05, got
+
+
+# -- issue 18: the API's own loop ------------------------------------------------------------
+
+def test_the_seed_api_loop_runs_learns_and_adapts_after_a_shift():
+    """The call sequence the API was made for: a model, a criterion and an optimizer built
+    beside it, then per epoch online_learning(train) (no criterion or optimizer: the library
+    picks defaults), incremental_update(train, criterion, optimizer), test(test); finally
+    predict(new). The user's optimizer replaces the default and keeps what was learned."""
+    model = LinearModel(in_features=10, out_features=1)
+    ilm = IncrementalModel(model)
+    criterion = nn.MSELoss()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mse = []
+    for epoch in range(6):
+        shift = 0.0 if epoch < 3 else 3.0  # the stream shifts after three epochs
+        train, test = _data(seed=10 + epoch, shift=shift), _data(n=200, seed=100 + epoch, shift=shift)
+        ilm.online_learning(train)
+        ilm.incremental_update(train, criterion, optimizer)
+        mse.append(ilm.test(test)["mse"])
+    assert ilm.learner.trainer.spec.lr == 1e-2  # the user's optimizer is the one in use
+    assert ilm.predict(_data(n=5, seed=7)[0]).shape == (5, 1)
+    assert mse[2] < 0.2, mse  # it learned
+    assert mse[3] > 1.0 > mse[2], mse  # the shift costs
+    assert mse[5] < mse[3] / 2, mse  # then it adapts (replayed old rows slow it: docs/LEARNING.md)
+
+
+def test_a_user_criterion_after_the_default_replaces_it_and_keeps_what_was_learned():
+    X, y = _classes()
+    model = LinearModel(5, 2)
+    ilm = IncrementalModel(model, lr=1e-2)
+    ilm.online_learning((X[:200], np.eye(2, dtype=np.float32)[y[:200]]))  # the default MSE regression
+    learned = model.linear.weight.detach().clone()
+    ilm.online_learning((X, y), nn.CrossEntropyLoss())
+    assert ilm.task == "classification" and ilm.test((X, y))["accuracy"] > 0.9
+    assert not torch.equal(learned, torch.zeros_like(learned))
+    with pytest.raises(ConfigError, match="one criterion per model"):
+        ilm.online_learning((X, y.astype(np.float32)[:, None]), nn.MSELoss())
+
+
+def test_a_second_user_optimizer_is_still_an_error():
+    X, y = _data(n=100)
+    model = LinearModel(10, 1)
+    ilm = IncrementalModel(model)
+    ilm.online_learning((X, y))
+    ilm.incremental_update((X, y), nn.MSELoss(), torch.optim.SGD(model.parameters(), lr=0.01))
+    assert ilm.learner.trainer.spec.kind == "sgd"
+    with pytest.raises(ConfigError, match="one optimizer per model"):
+        ilm.incremental_update((X, y), nn.MSELoss(), torch.optim.Adam(model.parameters()))
+
+
+def test_the_constructor_leaves_the_global_torch_rng_alone():
+    model = LinearModel(4, 1)  # (building the module draws from it, as in torch)
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    IncrementalModel(model, seed=7)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_sync_module_writes_the_served_head_after_learn_one():
+    X, y = _data(n=300)
+    model = LinearModel(10, 1)
+    ilm = IncrementalModel(model, lr=1e-2)
+    for i in range(300):
+        ilm.learn_one(X[i], y[i])
+    ilm.sync_module()
+    with torch.no_grad():
+        module_out = model(torch.from_numpy(X[:8])).numpy()
+    np.testing.assert_allclose(module_out, ilm.predict(X[:8]), rtol=1e-5, atol=1e-5)
+
+
+def test_the_documented_losses_are_the_accepted_ones():
+    import edge.learning as L
+
+    doc = L.__doc__ + open("docs/LEARNING.md").read()
+    for loss in ("L1Loss", "HuberLoss"):
+        assert loss not in doc
+        with pytest.raises(ConfigError):
+            L.task_of(getattr(nn, loss)())

@@ -230,6 +230,11 @@ class Learner:
         chal, champ = self.preq["challenger"].loss, self.preq["champion"].loss
         return chal.n >= self.cfg.promote_block and champ.n > 0 and chal.get() < champ.get()
 
+    def set_optimizer(self, spec: OptimizerSpec, *, module_optimizer=None) -> None:
+        """Train with ``spec`` from now on (the library: the user's optimizer replaces its default)."""
+        self.lr = spec.lr
+        self.trainer.set_optimizer(spec, module_optimizer=module_optimizer)
+
     def best(self) -> HeadSnapshot:
         """The snapshot ``serving()`` names (the library's served head)."""
         which = self.serving()

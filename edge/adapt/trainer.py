@@ -60,6 +60,19 @@ class HeadTrainer:
     def set_lr(self, lr: float) -> None:
         self._lr = float(lr)
 
+    def set_optimizer(self, spec: OptimizerSpec, *, module_optimizer=None) -> None:
+        """Train from now on with ``spec`` (the head keeps its weights; the optimizer's moments
+        start afresh); a module head runs ``module_optimizer`` itself when given. The library
+        calls it when the user's optimizer replaces the default it chose (``edge.learning``)."""
+        self.spec = spec
+        self.lr = self._lr = float(spec.lr)
+        if self.closed_form:
+            self.opt = make_optimizer(spec, self.head.flat.size)
+            return
+        if module_optimizer is not None:
+            self.head.user_optimizer = module_optimizer
+        self.head.bind_optimizer(spec, self.lr)
+
     def fill(self, z, y, sources) -> int:
         """Row 0 = the new sample; then ``n`` rows from each ``(buffer, n)`` in ``sources``.
 
