@@ -402,6 +402,20 @@ def _attack_report(attacks, data, held, conds, ctx, args, argv, out: Path, t_fea
     return 0
 
 
+def _scale_report(args, argv) -> int:
+    """``--instances``: the scale-out bench (``edge.bench.fleet_scale``), JSON in ``fleet_scale.json``."""
+    from edge.bench import fleet_scale
+
+    counts = [int(x) for x in args.instances.split(",") if x]
+    report = {"command": "edge bench fleet " + " ".join(argv or []), "cpu": _cpu(),
+              **fleet_scale.run(args.store, counts, deltas=args.throughput_deltas)}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fleet_scale.json").write_text(json.dumps(report, indent=1))
+    print(json.dumps({k: report[k] for k in ("cpu", "stored_per_s", "scaling_over_n_x_one")}, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     from edge.fleet.config import ServerSection
 
@@ -432,12 +446,18 @@ def main(argv=None) -> int:
     ap.add_argument("--throughput-deltas", type=int, default=5000)
     ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/test", help="'' to skip")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--instances", default="",
+                    help="run instead the scale-out bench: stored deltas per second for these instance counts (1,2,3)")
+    ap.add_argument("--store", default="postgresql://postgres@127.0.0.1:5432/test",
+                    help="--instances: the PostgreSQL the instances share (a fresh schema per count)")
     ap.add_argument("--attack", default="", help=f"run the honest baseline and these attacks: {','.join(ATTACKS)} or all")
     args = ap.parse_args(argv)
     attacks = list(ATTACKS) if args.attack == "all" else [a for a in args.attack.split(",") if a]
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         ap.error(f"unknown attack {unknown[0]!r}; use one of {', '.join(ATTACKS)} or all")
+    if args.instances:
+        return _scale_report(args, argv)
     torch.set_num_threads(1)
     from edge.zoo import resolve_model
 
