@@ -285,3 +285,44 @@ def test_firmware_frames_with_odd_rates_and_clocks_decode_or_raise_decode_error(
         if out is not None:
             ts, rows = out
             assert all(math.isfinite(t) for t in ts) and all(math.isfinite(x) for r in rows for x in r)
+
+
+# ---- values must be finite in the windows' dtype (issue 19) ---------------------------------
+
+import numpy as np  # noqa: E402
+import orjson  # noqa: E402
+
+from edge.ingest.payload import decode_label, decode_payload, decode_sample  # noqa: E402
+from edge.ingest.window import WINDOW_DTYPE  # noqa: E402
+
+_BIG = [1e39, -1e39, 3.5e38, 1.7e308]
+
+
+@pytest.mark.parametrize("x", _BIG)
+@pytest.mark.parametrize("form", ["one", "batch", "list", "csv"])
+def test_a_value_infinite_in_float32_is_rejected_in_every_form(form, x):
+    doc = {"one": {"v": [x, 0.0, 1.0]}, "batch": {"t0": 1.0, "dt": 0.01, "v": [[0.0, 0.0, 0.0], [0.0, x, 0.0]]},
+           "list": [{"t": 1.0, "v": [0.0, 0.0, x]}]}.get(form)
+    payload = f"1.0,{x!r},0,0".encode() if form == "csv" else orjson.dumps(doc)
+    with pytest.raises(DecodeError) as e:
+        decode_payload(payload, channels=3, now=1.0)
+    assert e.value.kind == "non_finite"
+    if form == "one":
+        assert decode_sample(payload, channels=3, now=1.0) is None  # the fast path leaves it to the slow one
+
+
+@pytest.mark.parametrize("y", ["1e39", "[0.5, -1e39]"])
+def test_a_regression_label_infinite_in_float32_is_rejected(y):
+    with pytest.raises(DecodeError) as e:
+        decode_label(b'{"t": 1.0, "y": %s}' % y.encode(), now=1.0)
+    assert e.value.kind == "bad_label"
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False))
+def test_every_accepted_value_is_finite_in_the_window_dtype(x):
+    try:
+        _, rows = decode_payload(orjson.dumps({"v": [x, 0.0, 0.0]}), channels=3, now=1.0)
+    except DecodeError as e:
+        assert e.kind == "non_finite" and not np.isfinite(WINDOW_DTYPE(x))
+    else:
+        assert np.isfinite(np.asarray(rows, WINDOW_DTYPE)).all()

@@ -14,7 +14,9 @@ Accepted payloads (``format = "auto"`` tells them apart by their first byte):
 
 A sample that carries no time of its own gets ``None`` as its time: the stream's
 ``edge.ingest.timing.Stamper`` stamps it from the receive time (docs/TIME_AND_NAMES.md).
-Every sample must have the expected channel count and finite values; a given timestamp
+Every sample must have the expected channel count and values that are finite in the
+model's dtype (``WINDOW_DTYPE``, float32: 1e39 is a finite Python float but becomes
+infinity in a float32 window, and would be served and learned); a given timestamp
 must be finite and, unless ``max_skew`` is 0, within ``max_skew`` seconds of the receive
 time ``now``.
 
@@ -25,15 +27,24 @@ through ``edge.errors.brief`` (bounded, safe for any nesting depth).
 ([10.0], [[1.0, 2.0, 3.0]])
 >>> decode_payload(b'0.5,0.25,0.125', channels=3, now=7.0)
 ([None], [[0.5, 0.25, 0.125]])
+>>> decode_payload(b'{"v": [1e39, 0, 0]}', channels=3, now=7.0)
+Traceback (most recent call last):
+...
+edge.errors.DecodeError: value 1e+39 is not finite as float32
 """
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import orjson
 
 from edge.errors import DecodeError, brief
 from edge.ingest.names import check_name
+from edge.ingest.window import WINDOW_DTYPE
+
+# the largest magnitude finite in the windows' dtype; a NaN fails every comparison with it
+_VMAX = float(np.finfo(WINDOW_DTYPE).max)
 
 _isfinite = math.isfinite
 _loads = orjson.loads
@@ -49,8 +60,8 @@ def _row(v, channels: int) -> list[float]:
     for x in v:
         tx = type(x)
         if tx is float:
-            if not _isfinite(x):
-                raise DecodeError("non_finite", f"non-finite value {brief(x)}")
+            if not -_VMAX <= x <= _VMAX:
+                raise DecodeError("non_finite", f"value {brief(x)} is not finite as float32")
             out.append(x)
         elif tx is int:
             out.append(float(x))
@@ -155,7 +166,7 @@ def decode_sample(payload: bytes, *, channels: int, now: float,
                 return None
             break
     else:
-        if not _isfinite(sum(v)):  # orjson yields no inf/nan; a sum that overflows takes the slow path
+        if not (max(v) <= _VMAX and min(v) >= -_VMAX):  # not finite as float32: the slow path says why
             return None
     if "t" not in d:
         return None, v
@@ -195,8 +206,8 @@ def decode_csv(payload: bytes, *, channels: int, now: float,
         else:
             raise DecodeError("wrong_channels", f"CSV line has {len(vals)} fields; expected {channels} or {channels + 1} (time first)")
         for x in vals:
-            if not _isfinite(x):
-                raise DecodeError("non_finite", f"non-finite value {brief(x)}")
+            if not -_VMAX <= x <= _VMAX:
+                raise DecodeError("non_finite", f"value {brief(x)} is not finite as float32")
         ts.append(t)
         rows.append(vals)
     if not rows:
@@ -213,8 +224,8 @@ def decode_frame(payload: bytes, *, channels: int, now: float, max_skew: float =
     for t, v in decode_payload_frames(payload, now=now):
         if v.shape[1] != channels:
             raise DecodeError("wrong_channels", f"frame has {v.shape[1]} channels; expected {channels}")
-        if not all(_isfinite(x) for x in v.ravel().tolist()):
-            raise DecodeError("non_finite", "frame has a non-finite value")
+        if not np.isfinite(np.asarray(v, dtype=WINDOW_DTYPE)).all():
+            raise DecodeError("non_finite", "frame has a value that is not finite as float32")
         tl = t.tolist()
         if tl:
             _time(tl[0], now, max_skew)
@@ -280,9 +291,9 @@ def decode_label(payload: bytes, *, now: float, max_skew: float = 0.0) -> tuple[
         value = d["y"]
         if type(value) in (int, float):
             value = float(value)
-            if not _isfinite(value):
-                raise DecodeError("bad_label", "y is not finite")
-        elif type(value) is list and value and all(type(x) in (int, float) and _isfinite(x) for x in value):
+            if not -_VMAX <= value <= _VMAX:  # the head learns in float32 too
+                raise DecodeError("bad_label", "y is not finite as float32")
+        elif type(value) is list and value and all(type(x) in (int, float) and -_VMAX <= x <= _VMAX for x in value):
             value = [float(x) for x in value]
         else:
             raise DecodeError("bad_label", f"y = {brief(value)} must be a finite number or a list of them")

@@ -34,6 +34,10 @@ from __future__ import annotations
 
 import numpy as np
 
+#: what a window's values become (the model's input dtype); a sample value must be finite in
+#: it, not only as a Python float: 1e39 is finite in float64 and infinite in float32 (payload.py)
+WINDOW_DTYPE = np.float32
+
 _WARMUP = 100  # spacings before the first check of the flags
 _EVERY = 32    # spacings between checks
 
@@ -191,7 +195,7 @@ class Windower:
     def _emit(self, out: list) -> None:
         """Cut the window that just filled, then move on by ``hop``."""
         L, H = self.length, self.hop
-        win = np.asarray(self._rows[:L], dtype=np.float32).T.copy()
+        win = np.asarray(self._rows[:L], dtype=WINDOW_DTYPE).T.copy()
         out.append((self._ts[0], self._ts[L - 1], win))
         self.counters["windows"] += 1
         drop = min(H, L)
