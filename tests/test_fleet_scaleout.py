@@ -284,3 +284,17 @@ def test_one_instance_publishes_at_a_time_and_always_the_newest(tmp_path, schema
     finally:
         a.close()
         b.close()
+
+
+def test_the_example_broker_config_loads_in_mosquitto():
+    """deploy/mosquitto/fleet.conf is valid for the installed mosquitto (it starts with it)."""
+    import shutil
+    from pathlib import Path
+
+    from edge.broker import BrokerProcess
+
+    if not shutil.which("mosquitto"):
+        pytest.skip("mosquitto is not installed")
+    conf = (Path(__file__).resolve().parent.parent / "deploy/mosquitto/fleet.conf").read_text()
+    with BrokerProcess(kind="mosquitto", extra_conf=conf) as b:
+        assert b.proc.poll() is None and "Error" not in b.log_text()

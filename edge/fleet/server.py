@@ -23,6 +23,14 @@ unstored. A store error (SQLite locked, a PostgreSQL blip) keeps the batch, is c
 answers 503 with the reason until a store succeeds again. Any other error is one message
 the aggregator cannot handle: it is found by trying the batch one by one, counted
 (``ingest_errors``) and taken, so that it cannot stall the stream.
+
+Scale-out (``[server] group``): the instance's session ends with it (clean start), so a
+killed, stopped or vanished instance strands no share of the group at the broker; what
+was in flight to it is lost to it, and the devices send it again, because a device
+counts a delta delivered only once a signed receipt says it is stored. ``stop()`` (SIGTERM,
+a scale-down) first leaves the group and waits for the UNSUBACK, then stores and
+acknowledges what it holds. The head is published by ``publish_head``: under the store's
+publish lock, the newest committed version, the lock held until PUBACK.
 """
 from __future__ import annotations
 
