@@ -85,3 +85,72 @@ def test_add_many_is_add_in_turn(labels, cap, chunks, seed):
     np.testing.assert_array_equal(one.z[: len(one)], many.z[: len(many)])
     np.testing.assert_array_equal(one.y[: len(one)], many.y[: len(many)])
     assert one.rng.bit_generator.state == many.rng.bit_generator.state
+
+
+# -- issue 18: restores after a config change, and inconsistent states -------------------------
+
+@settings(max_examples=80, deadline=None)
+@given(old=st.integers(1, 12), new=st.integers(1, 12), added=st.integers(0, 40), more=st.integers(0, 30))
+def test_a_recent_buffer_restored_into_another_size_holds_only_real_rows_newest_first(old, new, added, more):
+    """``[adapt] batch`` sets the recent buffer's size: a restore into a bigger one must not
+    count empty slots as rows (they were zero rows labelled class 0), and the rows it keeps
+    and the ones added later are the newest, in order."""
+    a = RecentBuffer(feature_size=1, size=old, classes=100)
+    for i in range(added):
+        a.add(np.full(1, i, np.float32), i % 100)
+    b = RecentBuffer(feature_size=1, size=new, classes=100)
+    b.load_state_dict(a.state_dict())
+    for i in range(added, added + more):
+        b.add(np.full(1, i, np.float32), i % 100)
+    kept = sorted(b.z[: len(b), 0].astype(int).tolist())
+    restored = list(range(max(0, added - old), added))[-new:]  # what the old buffer held, cut to the new size
+    expect = (restored + list(range(added, added + more)))[-new:]
+    assert kept == expect
+
+
+def test_a_replay_state_with_a_class_out_of_range_is_refused_as_inconsistent():
+    import pytest
+
+    buf = ReplayBuffer(feature_size=2, max_bytes=10_000, classes=3)
+    for i in range(10):
+        buf.add(np.zeros(2, np.float32), i % 3)
+    bad = buf.state_dict()
+    bad["y"] = bad["y"].copy()
+    bad["y"][4] = 7
+    with pytest.raises(ValueError, match="outside 0..2"):
+        ReplayBuffer(feature_size=2, max_bytes=10_000, classes=3).load_state_dict(bad)
+    r = RecentBuffer(feature_size=2, size=4, classes=3)
+    with pytest.raises(ValueError, match="outside 0..2"):
+        r.load_state_dict({"z": np.zeros((2, 2), np.float32), "y": np.array([0, -1]), "i": 0})
+
+
+def test_a_learner_checkpoint_with_a_class_out_of_range_is_refused_whole():
+    import pytest
+
+    from edge.adapt.learner import Learner
+    from edge.config import AdaptConfig
+    from edge.errors import StateError
+
+    lr = Learner(task="classification", feature_size=4, classes=range(3), config=AdaptConfig(seed=0))
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        lr.learn_one(rng.normal(size=4).astype(np.float32), i % 3)
+    s = lr.state_dict()
+    s["replay"] = dict(s["replay"], y=np.where(np.arange(len(s["replay"]["y"])) == 0, 9, s["replay"]["y"]))
+    fresh = Learner(task="classification", feature_size=4, classes=range(3), config=AdaptConfig(seed=0))
+    before = fresh.state_dict()
+    with pytest.raises(StateError, match="inconsistent"):
+        fresh.load_state_dict(s)
+    assert np.array_equal(fresh.replay.y[: len(fresh.replay)], before["replay"]["y"])
+
+
+def test_adam_state_of_another_shape_is_refused():
+    import pytest
+
+    from edge.adapt.adam import AdamState
+
+    a = AdamState(4)
+    s = a.state_dict()
+    for bad in (dict(s, v=np.zeros(3, np.float32)), dict(s, m=np.zeros(5, np.float32)), dict(s, steps=-1)):
+        with pytest.raises(ValueError):
+            AdamState(4).load_state_dict(bad)

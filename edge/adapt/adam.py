@@ -84,7 +84,10 @@ class AdamState:
         return {"kind": self.kind, "steps": self.steps, "m": self.m.copy(), "v": self.v.copy()}
 
     def load_state_dict(self, s: dict) -> None:
-        if s.get("kind") != self.kind or np.shape(s["m"]) != self.m.shape:
-            raise ValueError(f"optimizer state is {s.get('kind')!r} of size {np.size(s.get('m'))}, "
-                             f"expected {self.kind!r} of size {self.m.size}")
-        self.m[:], self.v[:], self.steps = s["m"], s["v"], int(s["steps"])
+        if s.get("kind") != self.kind or np.shape(s["m"]) != self.m.shape or np.shape(s["v"]) != self.v.shape:
+            raise ValueError(f"optimizer state is {s.get('kind')!r} with moments of shapes {np.shape(s.get('m'))} and "
+                             f"{np.shape(s.get('v'))}, expected {self.kind!r} of size {self.m.size}")
+        steps = int(s["steps"])
+        if steps < 0:
+            raise ValueError(f"optimizer state has {steps} steps")
+        self.m[:], self.v[:], self.steps = s["m"], s["v"], steps

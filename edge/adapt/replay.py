@@ -153,6 +153,7 @@ class ReplayBuffer:
         n = min(len(z), self.capacity)  # a smaller budget after a config change keeps the first n
         if z.ndim != 2 or z.shape[1] != self.feature_size:
             raise ValueError(f"replay state has features {z.shape}, expected [*, {self.feature_size}]")
+        _check_targets(y[:n], self.classes, "replay")
         self.clear()
         self.z[:n], self.y[:n] = z[:n], y[:n]
         self.size = n
@@ -181,6 +182,7 @@ class RecentBuffer:
 
     def __init__(self, *, feature_size: int, size: int, classes: int | None = None, outputs: int = 1, seed: int = 0):
         self.capacity = max(1, int(size))
+        self.classes = classes
         self.z = np.zeros((self.capacity, int(feature_size)), np.float32)
         self.y = np.zeros(self.capacity, np.int64) if classes else np.zeros((self.capacity, int(outputs)), np.float32)
         self.size = 0
@@ -218,8 +220,27 @@ class RecentBuffer:
         return {"z": self.z[: self.size].copy(), "y": self.y[: self.size].copy(), "i": self.i, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
-        n = min(len(state["z"]), self.capacity)
-        self.z[:n], self.y[:n] = np.asarray(state["z"])[:n], np.asarray(state["y"])[:n]
-        self.size, self.i = n, int(state["i"]) % self.capacity
+        """Restore the saved rows in time order into slots ``0..n-1`` (the newest ``capacity``
+        when it shrank), so that a capacity changed by ``[adapt] batch`` never counts an
+        empty slot as a row, and the next row overwrites the oldest."""
+        z, y = np.asarray(state["z"], np.float32), np.asarray(state["y"])
+        m = len(z)
+        if z.ndim != 2 or z.shape[1] != self.z.shape[1] or len(y) != m:
+            raise ValueError(f"recent-buffer state has features {z.shape} and {len(y)} targets, "
+                             f"expected [*, {self.z.shape[1]}] and one target a row")
+        _check_targets(y, self.classes, "recent-buffer")
+        # a full ring's oldest row is at its write position; a part-filled one starts at 0
+        order = np.roll(np.arange(m), -(int(state["i"]) % m)) if m else np.arange(0)
+        order = order[-self.capacity:]
+        n = len(order)
+        self.z[:n], self.y[:n] = z[order], y[order].reshape(self.y[:n].shape)
+        self.size, self.i = n, n % self.capacity
         if isinstance(state.get("rng"), dict):
             self.rng.bit_generator.state = state["rng"]
+
+
+def _check_targets(y: np.ndarray, classes: int | None, what: str) -> None:
+    """A saved class index outside ``0..classes-1`` is an inconsistent state (ValueError),
+    caught by the learner's all-or-nothing restore, not an IndexError later."""
+    if classes and len(y) and (np.min(y) < 0 or np.max(y) >= classes or np.any(np.mod(y, 1) != 0)):
+        raise ValueError(f"{what} state has class labels outside 0..{classes - 1}")
