@@ -4,6 +4,10 @@
 here chooses): every candidate this hardware supports is built, gated on held-out
 windows, timed at batch 1, and the fastest that passes serves, except that a reduced
 precision (int8, fp16) must beat fp32 and keep accuracy on the labelled check set.
+"Faster" is judged on paired ratios over alternating blocks with a confidence interval
+(``edge.serve.paired``), and the decision says how sure it is: ``sure`` when every
+speed verdict's interval lies on one side of ``MIN_GAIN``, else ``uncertain`` (then
+``edge.serve.recheck`` measures again when the device is idle).
 ``choose_auto`` is the preference by availability alone, used for a configured backend
 without a precision and shown by ``edge status``. A refusal of a configured backend
 falls back along tensorrt -> onnxruntime int8 -> onnxruntime fp32 -> torch fp32.
@@ -14,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge.errors import ConfigError
+from edge.serve.paired import Speedup, paired_speedup
 
 DEFAULT_PRECISION = {"tensorrt": "fp16", "onnxruntime": "int8", "torch": "fp32"}
 CHAIN = (("tensorrt", "fp16"), ("onnxruntime", "int8"), ("onnxruntime", "fp32"), ("torch", "fp32"))
@@ -104,13 +109,18 @@ class Trial:
     why: str = ""  # the refusal when not ok
     p50_ms: float | None = None  # batch-1 latency, median
     accuracy: dict[str, float] | None = None  # condition -> accuracy on the labelled [eval] set
+    # ms per call in each round of alternating blocks, the same rounds for every trial of one
+    # measurement: what the paired speedups are computed from (None: compared by p50 alone)
+    samples_ms: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "candidate": asdict(self.candidate)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Trial":
-        return cls(**{**d, "candidate": Candidate(**d["candidate"])})
+        samples = d.get("samples_ms")
+        return cls(**{**d, "candidate": Candidate(**d["candidate"]),
+                      "samples_ms": tuple(samples) if samples is not None else None})
 
 
 @dataclass(frozen=True)
@@ -121,15 +131,19 @@ class Decision:
     reason: str
     policy: str
     trials: tuple[Trial, ...] = ()
+    # "sure": every speed verdict's confidence interval lay on one side of the gain needed;
+    # "uncertain": one straddled it (the point estimate decided; re-checked when idle)
+    confidence: str = "sure"
 
     def to_dict(self) -> dict[str, Any]:
         return {"chosen": asdict(self.chosen) if self.chosen else None, "reason": self.reason,
-                "policy": self.policy, "trials": [t.to_dict() for t in self.trials]}
+                "policy": self.policy, "trials": [t.to_dict() for t in self.trials], "confidence": self.confidence}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Decision":
         return cls(chosen=Candidate(**d["chosen"]) if d.get("chosen") else None, reason=d["reason"],
-                   policy=d["policy"], trials=tuple(Trial.from_dict(t) for t in d.get("trials", ())))
+                   policy=d["policy"], trials=tuple(Trial.from_dict(t) for t in d.get("trials", ())),
+                   confidence=d.get("confidence", "sure"))
 
 
 def precision_policy(serve_table: dict, requested: str | None = None) -> str:
@@ -174,11 +188,32 @@ def candidates(available: dict[str, tuple[bool, str]], *, policy: str,
     return out, skipped
 
 
+def speedup(t: Trial, base: Trial) -> Speedup:
+    """``t``'s speedup over ``base``: paired over their rounds where both have them, else the
+    ratio of their p50s (an interval of one point: no evidence of how sure it is).
+
+    >>> c8, c32 = Candidate("onnxruntime", "int8", "u8s8"), Candidate("onnxruntime", "fp32")
+    >>> speedup(Trial(c8, True, p50_ms=1.0, samples_ms=(1.0, 2.0, 1.0)),
+    ...         Trial(c32, True, p50_ms=2.0, samples_ms=(2.0, 4.0, 2.0))).median
+    2.0
+    """
+    a, b = t.samples_ms, base.samples_ms
+    if a and b and len(a) == len(b):
+        return paired_speedup(a, b)
+    r = base.p50_ms / t.p50_ms
+    return Speedup(r, r, r, 0)
+
+
 def decide(trials: list[Trial], *, policy: str, max_accuracy_loss: dict[str, float] | None = None,
            min_gain: float = MIN_GAIN) -> Decision:
     """Serve the fastest candidate that passed, refusing a reduced precision that is not
     ``min_gain`` x faster than the fastest fp32 one or that loses more than
     ``max_accuracy_loss[precision]`` points (worst condition) on the labelled set.
+
+    Speeds are compared by ``speedup`` over the fp32 baseline (paired rounds, with an
+    interval), so a load that slows one round slows both sides of its ratio; the fastest
+    is the one with the greatest median speedup. A verdict whose interval straddles
+    ``min_gain`` is decided by the median and makes the decision ``uncertain``.
 
     >>> c8, c32 = Candidate("onnxruntime", "int8", "u8s8"), Candidate("onnxruntime", "fp32")
     >>> d = decide([Trial(c8, True, p50_ms=0.10), Trial(c32, True, p50_ms=0.101)], policy="auto")
@@ -190,17 +225,25 @@ def decide(trials: list[Trial], *, policy: str, max_accuracy_loss: dict[str, flo
     refused = [f"{t.candidate.label}: {t.why or 'not timed'}" for t in trials if t not in passed]
     fp32 = [t for t in passed if t.candidate.precision == "fp32"]
     base = min(fp32, key=lambda t: t.p50_ms, default=None)
-    eligible = []
+    eligible, unsure, gains = [], [], {}
     for t in passed:
         c = t.candidate
+        if base is not None:
+            gains[c] = speedup(t, base) if t is not base else Speedup(1.0, 1.0, 1.0, 0)
         if c.precision != "fp32":
             if policy not in ("auto", c.precision):
                 refused.append(f"{c.label}: precision policy {policy}")
                 continue
-            if base is not None and not t.p50_ms * min_gain <= base.p50_ms:
-                refused.append(f"{c.label}: not faster than fp32 ({t.p50_ms:.4g} ms vs {base.candidate.label} "
-                               f"{base.p50_ms:.4g} ms; needs {min_gain:g}x)")
-                continue
+            if base is not None:
+                g = gains[c]
+                faster, sure = g.verdict(min_gain) if g.rounds else (t.p50_ms * min_gain <= base.p50_ms, True)
+                if not sure:
+                    unsure.append(f"{c.label} {g.describe()} vs {base.candidate.label}, needs {min_gain:g}x")
+                if not faster:
+                    refused.append(f"{c.label}: not faster than fp32 ({t.p50_ms:.4g} ms vs {base.candidate.label} "
+                                   f"{base.p50_ms:.4g} ms; needs {min_gain:g}x"
+                                   + (f"; paired speedup {g.describe()}" if g.rounds else "") + ")")
+                    continue
             loss = _worst_loss(t, base)
             limit = max_accuracy_loss.get(c.precision, MAX_ACCURACY_LOSS)
             if loss is not None and loss[1] > limit:
@@ -208,17 +251,24 @@ def decide(trials: list[Trial], *, policy: str, max_accuracy_loss: dict[str, flo
                 continue
         eligible.append(t)
     timed = ", ".join(f"{t.candidate.label} {t.p50_ms:.4g} ms" for t in sorted(passed, key=lambda t: t.p50_ms))
+    confidence = "uncertain" if unsure else "sure"
     if not eligible:
-        return Decision(None, f"nothing can serve: {'; '.join(refused) or 'no candidates'}", policy, tuple(trials))
-    best = min(eligible, key=lambda t: t.p50_ms)
+        return Decision(None, f"nothing can serve: {'; '.join(refused) or 'no candidates'}", policy, tuple(trials),
+                        confidence)
+    best = (max(eligible, key=lambda t: gains[t.candidate].median) if base is not None
+            else min(eligible, key=lambda t: t.p50_ms))
     parts = [f"measured batch-1 p50: {timed}"]
     if refused:
         parts.append("refused: " + "; ".join(refused))
-    gain = f", {base.p50_ms / best.p50_ms:.2f}x {base.candidate.label}" if base is not None and base is not best else ""
+    g = gains.get(best.candidate)
+    gain = ""
+    if base is not None and base is not best:
+        gain = f", {g.median:.2f}x {base.candidate.label}" + (f" ({g.describe()})" if g.rounds else "")
     loss = _worst_loss(best, base) if best is not base else None
     acc = f", worst accuracy loss {loss[1]:+.2f} points ({loss[0]})" if loss is not None else ""
     parts.append(f"-> {best.candidate.label}{gain}{acc}")
-    return Decision(best.candidate, "; ".join(parts), policy, tuple(trials))
+    parts.append("choice sure" if not unsure else "choice uncertain: " + "; ".join(unsure) + " (re-checked when idle)")
+    return Decision(best.candidate, "; ".join(parts), policy, tuple(trials), confidence)
 
 
 def _worst_loss(t: Trial, base: Trial | None) -> tuple[str, float] | None:
@@ -230,55 +280,3 @@ def _worst_loss(t: Trial, base: Trial | None) -> tuple[str, float] | None:
         return None
     k = max(losses, key=losses.get)
     return k, losses[k]
-
-
-def median_seconds(fn, *, clock, rounds: int, warmup: int = 10) -> float:
-    """Median duration of ``fn()`` over ``rounds`` calls after ``warmup`` untimed ones.
-
-    >>> t = iter(range(100))
-    >>> median_seconds(lambda: None, clock=lambda: next(t), rounds=3, warmup=0)
-    1.0
-    """
-    for _ in range(warmup):
-        fn()
-    d = []
-    for _ in range(rounds):
-        t0 = clock()
-        fn()
-        d.append(clock() - t0)
-    d.sort()
-    n = len(d)
-    return float(d[n // 2] if n % 2 else (d[n // 2 - 1] + d[n // 2]) / 2)
-
-
-def interleaved_medians(fns: dict, *, clock, rounds: int, block: int = 10, warmup: int = 10) -> dict:
-    """Median seconds per call of each ``fns[key]()``, timed in alternating blocks.
-
-    Each round times ``block`` consecutive calls of every function in turn, so a burst
-    of load from elsewhere on a shared machine slows all candidates alike instead of
-    whichever one happened to be timed during it, while each block runs with its own
-    model warm in the caches, as serving does.
-
-    >>> t = [0.0]
-    >>> def cost(s):
-    ...     def f(): t[0] += s
-    ...     return f
-    >>> interleaved_medians({"a": cost(1.0), "b": cost(3.0)}, clock=lambda: t[0], rounds=5, block=2, warmup=1)
-    {'a': 1.0, 'b': 3.0}
-    """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict = {k: [] for k in fns}
-    for _ in range(max(1, rounds)):
-        for k, fn in fns.items():
-            t0 = clock()
-            for _ in range(block):
-                fn()
-            samples[k].append((clock() - t0) / block)
-    out = {}
-    for k, d in samples.items():
-        d.sort()
-        n = len(d)
-        out[k] = float(d[n // 2] if n % 2 else (d[n // 2 - 1] + d[n // 2]) / 2)
-    return out

@@ -26,7 +26,8 @@ from edge.serve import parity
 from edge.serve.backends import availability, get_backend
 from edge.serve.cache import ArtifactCache, fingerprint
 from edge.serve.calibration import representative_windows
-from edge.serve.choice import Candidate, Decision, Trial, candidates, decide, interleaved_medians
+from edge.serve.choice import Candidate, Decision, Trial, candidates, decide
+from edge.serve.paired import median, paired_blocks
 from edge.serve.compile import obtain
 from edge.serve.cpu import cpu_features
 from edge.serve.evaluation import accuracy, eval_sets
@@ -117,16 +118,17 @@ def measure(model, *, cache: ArtifactCache, policy: str, calibration=None, threa
         loaded[c] = (b, result)
     if cands and len(model_errors) == len(cands):  # the folder itself is at fault, not a backend: exit code 3
         raise ModelError(f"no backend can serve {model.path}: {model_errors[0]}")
-    # timed together, in alternation, once all are loaded: see choice.interleaved_medians
-    p50 = interleaved_medians({c: (lambda b=b: b.features(x1)) for c, (b, _) in loaded.items()},
+    # timed together, in alternating blocks, once all are loaded; compared per round (edge.serve.paired)
+    per_round = paired_blocks({c: (lambda b=b: b.features(x1)) for c, (b, _) in loaded.items()},
                               clock=clock, rounds=rounds, block=10)
-    trials += [Trial(c, True, p50_ms=p50[c] * 1e3, accuracy=scores[c]) for c in loaded]
+    trials += [Trial(c, True, p50_ms=median(per_round[c]) * 1e3, accuracy=scores[c],
+                     samples_ms=tuple(s * 1e3 for s in per_round[c])) for c in loaded]
     order = {c: i for i, c in enumerate(cands)}
     trials.sort(key=lambda t: order[t.candidate])
     tol = {p: parity.tolerances(model, p).get("max_accuracy_loss", 0.5) for p in ("int8", "fp16")}
     d = decide(trials, policy=policy, max_accuracy_loss=tol)
     prefix = [f"auto on {cpu_features().summary()}, policy {policy}"] + [f"{s}" for s in skipped] + [eval_where]
-    d = Decision(d.chosen, "; ".join(prefix + [d.reason]), d.policy, d.trials)
+    d = Decision(d.chosen, "; ".join(prefix + [d.reason]), d.policy, d.trials, d.confidence)
     b, result = loaded.get(d.chosen, (None, None)) if d.chosen is not None else (None, None)
     loaded.clear()  # the others' sessions go now, not at the next collection
     return Served(d, b, result, "measured now")
@@ -149,7 +151,7 @@ def serve_auto(model, *, cache: ArtifactCache, policy: str, calibration=None, th
     served = measure(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
                      force=force, progress=progress)
     write_record(path, served.decision, key)
-    log.info("serving choice: %s (recorded in %s)", served.decision.reason, path)
+    log.info("serving choice (%s): %s (recorded in %s)", served.decision.confidence, served.decision.reason, path)
     if served.backend is None:
         raise EdgeError(f"no backbone could be served: {served.decision.reason}")
     return Served(served.decision, served.backend, served.result, f"measured now, recorded in {path.name}")
@@ -162,7 +164,7 @@ def records(cache: ArtifactCache) -> list[dict]:
         try:
             d = json.loads(p.read_text())
             out.append({"file": str(p), "chosen": d["decision"]["chosen"], "reason": d["decision"]["reason"],
-                        "time": d.get("time")})
+                        "confidence": d["decision"].get("confidence", "sure"), "time": d.get("time")})
         except (OSError, ValueError, KeyError) as e:
             log.warning("unreadable choice record %s: %s", p, e)
     return out
