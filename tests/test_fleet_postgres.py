@@ -182,3 +182,53 @@ def test_two_instances_storing_the_same_devices_in_opposite_orders_never_deadloc
     finally:
         for s in stores:
             s.close()
+
+
+def test_a_deadlock_is_retried_by_the_store_and_nothing_is_lost(schema):
+    """A real deadlock: another transaction holds device n2's row and then asks for n1's,
+    while the store's statistics transaction holds n1's and waits for n2's. PostgreSQL
+    aborts the store's transaction (``deadlock detected``); the store runs it again after
+    a backoff and the batch is stored and counted once."""
+    import threading
+
+    import psycopg
+
+    from edge.fleet.store import DeltaRecord
+
+    def rec(node, seq):
+        return DeltaRecord(node=node, seq=seq, base_version=0, samples=1, norm=1.0, digest=f"{node}-{seq}", message=b"m")
+    url = f"{PG}?schema={schema}"
+    store = open_store(url)
+    store.add_deltas([rec("n1", 1), rec("n2", 1)])  # the device rows exist
+    errors = []
+
+    def add():
+        try:
+            store.add_deltas([rec("n1", 2), rec("n2", 2)])
+        except Exception as e:
+            errors.append(e)
+    try:
+        with psycopg.connect(PG, autocommit=True) as other:
+            other.execute("SET deadlock_timeout = '60s'")  # the store's backend finds the cycle, so it is the victim
+            other.execute(f'SET search_path TO "{schema}"')
+            other.execute("BEGIN")
+            other.execute("UPDATE devices SET rejected = rejected WHERE node = 'n2'")
+            t = threading.Thread(target=add)
+            t.start()
+            _wait(lambda: store_waits(schema), 20, "the store to wait for n2's row")
+            other.execute("UPDATE devices SET rejected = rejected WHERE node = 'n1'")  # the cycle; the store gives way
+            other.execute("COMMIT")
+        t.join(30)
+        assert not errors, errors[:1]
+        assert store.retries >= 1
+        assert sorted((d.node, d.seq) for d in store.deltas()) == [("n1", 1), ("n1", 2), ("n2", 1), ("n2", 2)]
+        assert {d.node: d.accepted for d in store.devices()} == {"n1": 2, "n2": 2}
+    finally:
+        store.close()
+
+
+def store_waits(schema) -> bool:
+    import psycopg
+
+    with psycopg.connect(PG, autocommit=True) as c:
+        return c.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'").fetchone()[0] > 0
