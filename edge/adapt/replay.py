@@ -229,12 +229,14 @@ class RecentBuffer:
             raise ValueError(f"recent-buffer state has features {z.shape} and {len(y)} targets, "
                              f"expected [*, {self.z.shape[1]}] and one target a row")
         _check_targets(y, self.classes, "recent-buffer")
-        # a full ring's oldest row is at its write position; a part-filled one starts at 0
-        order = np.roll(np.arange(m), -(int(state["i"]) % m)) if m else np.arange(0)
-        order = order[-self.capacity:]
+        if m == self.capacity:  # the same size: the same slots, so a restored learner continues exactly
+            order, self.i = np.arange(m), int(state["i"]) % m
+        else:  # a full ring's oldest row is at its write position; a part-filled one starts at 0
+            order = (np.roll(np.arange(m), -(int(state["i"]) % m)) if m else np.arange(0))[-self.capacity:]
+            self.i = len(order) % self.capacity
         n = len(order)
         self.z[:n], self.y[:n] = z[order], y[order].reshape(self.y[:n].shape)
-        self.size, self.i = n, n % self.capacity
+        self.size = n
         if isinstance(state.get("rng"), dict):
             self.rng.bit_generator.state = state["rng"]
 
