@@ -14,6 +14,7 @@ import threading
 import time
 
 import numpy as np
+import orjson
 import pytest
 
 from edge.ingest.types import StreamKey
@@ -76,3 +77,42 @@ def test_learner_metrics_under_stream_churn_never_raise(tmp_path, fine_switching
         w.stop()
     errors = [e for r in readers for e in r.errors]
     assert sum(r.calls for r in readers) > 0 and not errors, f"{len(errors)} failed reads, e.g. {errors[:3]}"
+
+
+def test_a_real_daemon_serves_status_and_metrics_while_streams_and_labels_churn(broker, tmp_path, fine_switching):
+    # streams appear (in the pipeline's bank and the learner's cache, whose byte bound evicts
+    # whole streams), labels and bad input arrive, while status and /metrics readers run
+    from edge.config import parse_config
+    from edge.daemon import Daemon
+    from tests.helpers import Client, batch
+
+    cfg = parse_config({"node": {"name": "churn", "state_dir": str(tmp_path / "state")},
+                        "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1},
+                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"label_cache_bytes": 64 << 10}})
+    d = Daemon(cfg)
+    d.start(connect_timeout=20)
+    d.adapt.matcher.max_bytes = 16 << 10  # below the config's floor: ~28 windows, so streams churn from the start
+    reg = d.registry()
+    readers = [Reader(d.status), Reader(reg.render)]
+    c = Client(broker)
+    n = 600
+    try:
+        for r in readers:
+            r.start()
+        t = time.time()
+        for i in range(n):  # a window on a new stream each, a label for it, and a bad input kind now and then
+            c.c.publish(f"sensors/dev{i}/s{i % 3}", orjson.dumps(batch(t, 256)), qos=0)
+            c.c.publish(f"edge/churn/labels/dev{i}/s{i % 3}", orjson.dumps({"t": t + 0.1, "label": "normal"}), qos=0)
+            if i % 10 == 0:
+                c.c.publish(f"sensors/bad{i}/s", b"{not json", qos=0)
+        c.publish("sensors/last/s", batch(t, 256))  # QoS 1 after the rest: then wait for them all
+        assert wait_until(lambda: d.pipeline.counters["windows_served"] >= n + 1, timeout=90)
+        assert wait_until(lambda: d.adapt.metrics()["lane_learner_taken"] >= n + 1, timeout=90)
+    finally:
+        for r in readers:
+            r.stop()
+        c.close()
+        d.stop()
+    errors = [e for r in readers for e in r.errors]
+    assert all(r.calls > 0 for r in readers) and not errors, f"{len(errors)} failed reads, e.g. {errors[:3]}"
+    assert not reg._failed, reg._failed  # no family's reader failed at a scrape either
