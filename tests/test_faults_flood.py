@@ -136,16 +136,14 @@ def flood(broker, tmp_path_factory):
         rec["windowed"] = metric(text, "edge_stream_samples_total", stream="fl/accel")
         rec["served_during"] = metric(text, "edge_windows_served_total") - served_before
         rec["probe_after"] = probe.check(timeout=120)  # fresh data is served after the flood
-        status = run.tmp / "state" / NODE / "status.json"
 
-        def labels_counted():  # status.json is written every few seconds
-            try:
-                st = json.loads(status.read_text())
-            except (OSError, ValueError):
-                return None
-            return st["pipeline"]["labels"] >= N_LABELS and st
-        st = poll(labels_counted, 60, 0.5, "the labels in status.json")
-        rec["labels"], rec["label_lane"] = st["pipeline"]["labels"], st["lanes"]["labels"]
+        def label_lane():  # the labels lane of the pipeline, as /metrics counts it
+            text = scrape(run.port)
+            lane = {o: metric(text, "edge_lane_items_total", thread="pipeline", lane="labels", outcome=o)
+                    for o in ("offered", "taken", "dropped", "stale", "oversized")}
+            return lane["taken"] >= N_LABELS and lane
+        lane = poll(label_lane, 60, 0.5, "the labels taken from their lane")
+        rec["labels"], rec["label_lane"] = int(lane["taken"]), lane
         rec["alive"] = run.proc.poll() is None
         print("flood record:", {k: v for k, v in rec.items() if k != "probe_after"})
         yield rec
