@@ -7,35 +7,64 @@ far cheaper than one call each. The pipeline thread gathers them (waiting at mos
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
 
 from edge.serve.latency import LatencyHistogram
 
+log = logging.getLogger("edge.serve")
+
 
 class Engine:
-    """Runs a ``Backend`` for the pipeline thread. Not itself thread-safe; metrics are."""
+    """Runs a ``Backend`` for the pipeline thread. Not itself thread-safe; metrics are.
+
+    ``swap`` replaces the backend (a re-checked serving choice, ``edge.serve.recheck``)
+    from another thread: backend, label and histogram are one tuple, assigned at once and
+    read once per ``features`` call, so a batch is served wholly by one backend.
+    """
 
     def __init__(self, backend, *, max_batch: int = 32):
         if max_batch < 1:
             raise ValueError(f"max_batch must be >= 1, got {max_batch}")
-        self.backend = backend
         self.max_batch = int(max_batch)
-        self.label = f"{backend.key}-{backend.precision}"
-        self._hist = {self.label: LatencyHistogram()}
+        self._hist: dict[str, LatencyHistogram] = {}
+        self._serving = self._entry(backend)
         self.ready = False
+        self.last_call = time.monotonic()  # when a batch was last served: the re-check waits for idle
+        self.rechecker = None
+
+    def _entry(self, backend) -> tuple:
+        label = f"{backend.key}-{backend.precision}"
+        hist = self._hist.setdefault(label, LatencyHistogram())
+        return backend, label, hist
+
+    @property
+    def backend(self):
+        return self._serving[0]
+
+    @property
+    def label(self) -> str:
+        return self._serving[1]
+
+    def swap(self, backend) -> None:
+        """Serve ``backend`` from the next ``features`` call on (any thread may call this)."""
+        old = self._serving[0]
+        self._serving = self._entry(backend)  # one assignment: atomic for the pipeline thread
+        log.info("backbone switched: %s %s -> %s %s", old.key, old.precision, backend.key, backend.precision)
 
     def features(self, windows: np.ndarray) -> np.ndarray:
         """Features ``[B, D]`` of windows ``[B, C, L]`` float32, in chunks of at most ``max_batch``."""
-        self.backend.check_input(windows)
+        backend, _, hist = self._serving
+        backend.check_input(windows)
         out = []
-        hist = self._hist[self.label]
         for i in range(0, len(windows), self.max_batch):
             chunk = windows[i:i + self.max_batch]
             t = time.perf_counter()
-            out.append(self.backend.features(chunk))
+            out.append(backend.features(chunk))
             hist.observe(time.perf_counter() - t, windows=len(chunk))
+        self.last_call = time.monotonic()
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def warm_up(self, rounds: int = 3) -> float:
@@ -53,6 +82,12 @@ class Engine:
             for _ in range(rounds):
                 b.features(x)
         self.ready = True
+        plan = getattr(b, "recheck_plan", None)  # served from an uncertain choice: re-check it when idle
+        if plan is not None and self.rechecker is None:
+            from edge.serve.recheck import Rechecker
+
+            self.rechecker = Rechecker(self, plan)
+            self.rechecker.start()
         return time.perf_counter() - t
 
     def latency_snapshot(self) -> dict[str, dict]:
@@ -60,5 +95,7 @@ class Engine:
         return {label: h.snapshot() for label, h in self._hist.items()}
 
     def describe(self) -> dict:
-        return {**self.backend.describe(), "max_batch": self.max_batch,
-                "ready": self.ready}
+        out = {**self.backend.describe(), "max_batch": self.max_batch, "ready": self.ready}
+        if self.rechecker is not None:  # an uncertain choice: "waiting for an idle device" or what the re-check did
+            out["choice_recheck"] = self.rechecker.outcome or "waiting for an idle device"
+        return out

@@ -145,7 +145,10 @@ def serve_auto(model, *, cache: ArtifactCache, policy: str, calibration=None, th
         try:
             b, result = obtain(model, c.backend, c.precision, variant=c.variant, cache=cache, calibration=calibration,
                                threads=threads, progress=progress)
-            return Served(rec, b, result, f"recorded choice {path.name}")
+            served = Served(rec, b, result, f"recorded choice {path.name}")
+            _plan_recheck(served, model, cache=cache, policy=policy, calibration=calibration, threads=threads,
+                          key=key, path=path)
+            return served
         except EdgeError as e:
             log.warning("the recorded choice %s cannot be served (%s); measuring again", c.label, e)
     served = measure(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
@@ -154,7 +157,25 @@ def serve_auto(model, *, cache: ArtifactCache, policy: str, calibration=None, th
     log.info("serving choice (%s): %s (recorded in %s)", served.decision.confidence, served.decision.reason, path)
     if served.backend is None:
         raise EdgeError(f"no backbone could be served: {served.decision.reason}")
+    _plan_recheck(served, model, cache=cache, policy=policy, calibration=calibration, threads=threads,
+                  key=key, path=path)
     return Served(served.decision, served.backend, served.result, f"measured now, recorded in {path.name}")
+
+
+def _plan_recheck(served: Served, model, *, cache, policy, calibration, threads, key, path) -> None:
+    """An uncertain choice's backend carries the plan to measure again (with 3x the rounds)
+    once the device is idle; the ``Engine`` serving it runs that (``edge.serve.recheck``)."""
+    if served.decision.confidence != "uncertain" or served.backend is None:
+        return
+    from edge.serve.recheck import RecheckPlan
+
+    def remeasure() -> Served:
+        again = measure(model, cache=cache, policy=policy, calibration=calibration, threads=threads,
+                        rounds=3 * ROUNDS)
+        write_record(path, again.decision, key)
+        return again
+
+    served.backend.recheck_plan = RecheckPlan(served.decision, remeasure)
 
 
 def records(cache: ArtifactCache) -> list[dict]:
