@@ -19,14 +19,39 @@ from edge.ingest.labelauth import sign_label
 from edge.sim import FAULTS, SHIFTS, Condition, Machine
 
 
-class SimDevice:
-    """One simulated machine: its schedule of faults and conditions, and its samples."""
+def story_schedule(confused: str, drift_segment: int, seed: int, n: int = 64) -> list[str]:
+    """The drifted machine's faults, one per segment: ``confused`` once early (accuracy before
+    the drift), then right at ``drift_segment`` (the drift lands just before it) and every other
+    segment after (so its recovery is learning, not "the fault changed"); the others between.
 
-    def __init__(self, *, name: str, seed: int, t0: float, segment_s: float = 8.0, sample_rate: float = 1000.0):
+    >>> story_schedule("imbalance", 3, seed=1, n=9)[:9]
+    ['imbalance', 'normal', 'misalignment', 'imbalance', 'normal', 'imbalance', 'misalignment', 'imbalance', 'bearing_wear']
+    """
+    rng = np.random.default_rng(seed)
+    others = [str(f) for f in rng.permutation([f for f in FAULTS if f != confused])]
+    out = [confused] + [others[i % len(others)] for i in range(drift_segment - 1)]
+    k = 0
+    while len(out) < n:
+        if (len(out) - drift_segment) % 2 == 0:
+            out.append(confused)
+        else:
+            out.append(others[k % len(others)])
+            k += 1
+    return out
+
+
+class SimDevice:
+    """One simulated machine: its schedule of faults and conditions, and its samples.
+
+    ``schedule`` gives the fault of each ``segment_s`` segment (cycled); by default a
+    seeded permutation of the faults."""
+
+    def __init__(self, *, name: str, seed: int, t0: float, segment_s: float = 8.0, sample_rate: float = 1000.0,
+                 schedule: list[str] | None = None):
         self.name, self.segment_s, self.t0 = name, segment_s, t0
         self.machine = Machine(seed=seed, sample_rate=sample_rate, t0=t0)
         self._rng = np.random.default_rng(seed)
-        self._order = [str(f) for f in self._rng.permutation(FAULTS)]
+        self._order = list(schedule) if schedule else [str(f) for f in self._rng.permutation(FAULTS)]
         self.drift_name = "nominal"
         self.drift_since: float | None = None
         self._lock = threading.Lock()
@@ -92,32 +117,31 @@ class MqttDevices:
 
 
 class Operator:
-    """Publishes ground-truth labels for some devices, as an inspector or an inline test would."""
+    """Labels each window the daemon predicted, with the truth at the window's middle, as an
+    inspector who checks what the node said would.
 
-    def __init__(self, client: mqtt.Client, *, topic: str, devices: list[SimDevice], every_s: float = 0.5,
-                 stream: str = "accel", key: bytes | None = None, name: str = "operator", node: str = ""):
-        self.client, self.topic, self.devices, self.every_s, self.stream = client, topic, devices, every_s, stream
-        # labels are signed for node ``node`` when a key is given ([labels] keys_dir)
+    Labelling a prediction (not a moment picked by the clock) sends only labels the daemon
+    takes: the stream exists (it predicted), the window is cached, and each window gets one
+    label (no ``duplicate``). Signed for node ``node`` when a key is given ([labels] keys_dir),
+    naming the device and stream (on the bare labels topic)."""
+
+    def __init__(self, client: mqtt.Client, *, topic: str, devices: dict[str, SimDevice],
+                 key: bytes | None = None, name: str = "operator", node: str = ""):
+        self.client, self.topic, self.devices = client, topic, devices
         self.key, self.name, self.node = key, name, node
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="sim-operator", daemon=True)
         self.sent = 0
+        self._lock = threading.Lock()
 
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.thread.join(5)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            for d in self.devices:
-                t = time.time() - 0.5  # a label for a moment the device has already sent
-                msg = {"t": t, "label": d.true_fault(t), "device": d.name, "stream": self.stream}
-                payload = sign_label(self.key, self.name, msg, node=self.node) if self.key else orjson.dumps(msg)
-                self.client.publish(self.topic, payload, qos=1)
-                self.sent += 1
+    def on_prediction(self, p: dict) -> None:
+        d = self.devices.get(p.get("device"))
+        if d is None:
+            return
+        t = 0.5 * (float(p["t"]) + float(p["t_start"]))
+        msg = {"t": t, "label": d.true_fault(t), "device": d.name, "stream": p["stream"]}
+        payload = sign_label(self.key, self.name, msg, node=self.node) if self.key else orjson.dumps(msg)
+        self.client.publish(self.topic, payload, qos=1)
+        with self._lock:
+            self.sent += 1
 
 
-__all__ = ["SimDevice", "MqttDevices", "Operator", "Condition"]
+__all__ = ["SimDevice", "MqttDevices", "Operator", "Condition", "story_schedule"]
