@@ -291,6 +291,9 @@ class MetricsConfig(_Section):
     _name = "metrics"
     port: int = _opt(0, lo=0, hi=65535, doc="Prometheus /metrics, /healthz and /readyz port; 0 disables")
     host: str = _opt("127.0.0.1", doc="address to bind the metrics server")
+    source_silent_s: float = _opt(120.0, lo=0.0, hi=86400.0,
+                                  doc="/readyz turns false, with a source_silent event, when a connected source that was "
+                                      "flowing receives nothing for this long (set it above the slowest sensor's period); 0: never")
     status_endpoint: bool = _opt(False, doc="also serve /status (what `edge status` shows: stream names, counters, paths) to anyone who can reach the port; the 0600 status socket is the private way")
 
 

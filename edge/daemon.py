@@ -77,6 +77,9 @@ class Daemon:
         self.backend_reason = ""
         # every long-lived thread is watched: a death fails health and ends `edge run` non-zero
         self.supervisor = Supervisor(on_death=self._thread_died)
+        from edge.ingest.silence import SilenceWatch
+
+        self.silence = SilenceWatch(cfg.metrics.source_silent_s)  # a connected source that stopped receiving
 
     # ---- building --------------------------------------------------------------------
     def _load_model(self, folder=None):
@@ -305,6 +308,7 @@ class Daemon:
             while not self._stop_requested.wait(min(wd / 2, 1.0) if wd else 1.0):
                 if wd and not self.supervisor.dead():
                     sd_notify("WATCHDOG=1")
+                self.check_sources()  # a silent source's event comes without a /readyz scrape
                 if time.monotonic() - last_status >= 5.0:
                     last_status = time.monotonic()
                     self.write_status()
@@ -392,13 +396,37 @@ class Daemon:
                     "uptime_s": round(time.time() - self.started_at, 1)}
 
     def readiness(self) -> tuple[bool, dict]:
-        """Readiness: live, the model loaded and warmed up, and every connection up."""
+        """Readiness: live, the model loaded and warmed up, every connection up, and no
+        connected source that was flowing silent for ``[metrics] source_silent_s``."""
         live, info = self.health()
         sources = {src.name: src.connected() for src in self.sources}
         link = bool(self.link and self.link.connected.is_set())
-        ok = live and self.engine.ready and link and all(sources.values())
+        silent = self.check_sources()
+        ok = live and self.engine.ready and link and all(sources.values()) and not silent
         return ok, {"ready": ok, "live": live, "model_loaded": bool(self.engine.ready), "node_connection": link,
-                    "sources": sources, "dead_threads": info["dead_threads"]}
+                    "sources": sources, "silent_sources": silent, "dead_threads": info["dead_threads"]}
+
+    def check_sources(self) -> dict[str, float]:
+        """Feed each source's received count to the silence watch; an event and a log line when
+        one goes silent or resumes. The sources silent now, with seconds since their last input."""
+        now = time.monotonic()
+        after = self.cfg.metrics.source_silent_s
+        from edge.ingest.silence import received_count
+
+        for src in list(self.sources):
+            try:
+                change = self.silence.observe(src.name, received_count(src.stats()), now=now, connected=src.connected())
+            except Exception as e:  # noqa: BLE001 - a source's stats must not fail readiness itself
+                log.warning("cannot read source %s for the silence check: %s", src.name, brief(str(e), 200))
+                continue
+            if change == "silent":
+                log.warning("source %s is connected but received nothing for %.0f s: not ready", src.name, after)
+                self.event("source_silent", source=src.name, silent_s=after,
+                           why=f"connected, but nothing received for {after:g} s ([metrics] source_silent_s)")
+            elif change == "resumed":
+                log.info("source %s receives again", src.name)
+                self.event("source_resumed", source=src.name)
+        return self.silence.silent(now)
 
     def status(self) -> dict[str, Any]:
         """Everything `edge status` shows: backend choice, streams, counters, head version.
