@@ -36,3 +36,18 @@ def test_a_short_demo_cleans_up_labels_cleanly_and_reports_the_story(tmp_path):
     assert js["segments"][1]["fault"] == "imbalance"  # the confused fault comes up right after the drift
     assert all(e.get("why") for e in js["events"])
     assert (out / "report.png").stat().st_size > 10_000
+
+
+def test_the_fleet_demo_leaves_no_keys_store_or_broker_folder_behind(tmp_path):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    out = tmp_path / "report"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
+    p = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--fleet", "--seconds", "10", "--devices", "2",
+                        "--no-live", "--out", str(out)], capture_output=True, text=True, timeout=200, env=env)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    left = [q.name for q in tmp.iterdir() if q.name.startswith("edge-")]
+    assert left == []  # no /tmp/edge-fleet-demo-* (private keys, fleet.db), no /tmp/edge-broker-*
+    js = json.loads((out / "fleet-report.json").read_text())
+    assert set(js["conditions"]) == {"dev-0", "dev-1", "late"}
+    assert "dev-0" in p.stdout and "{'" not in p.stdout

@@ -7,11 +7,17 @@ device's sensors have their own shift (``edge.sim``), and their features come fr
 shipped backbone, computed once up front so the demo runs on a small box. Two thirds of
 the way in, a fresh device joins: it adopts the retained global head before it has seen
 a single label, and the live view and the report compare it with the shipped head.
+
+Everything it creates (keys, the fleet store, the devices' state, the broker's folder) is
+in temporary folders removed at the end, whatever way it ends.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -100,27 +106,31 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
     from edge.observe import setup_logging
     from edge.zoo import resolve_model
 
-    setup_logging("warning" if live else "info")
+    setup_logging("warning")  # the view tells what happens; the parts' INFO lines would bury it
     seconds = seconds or 90.0
     torch.set_num_threads(1)
-    root = Path(tempfile.mkdtemp(prefix="edge-fleet-demo-"))
+    stack = contextlib.ExitStack()
+    root = Path(tempfile.mkdtemp(prefix="edge-fleet-demo-"))  # private keys, fleet.db: removed at the end
+    stack.callback(shutil.rmtree, root, ignore_errors=True)
     model = resolve_model("vibration")
     bb, _ = model.build()
     n_labels = int(seconds * 10) + 50
     conds = _conditions(devices + 1, 7)
-    print(f"simulating {devices + 1} devices' sensors ({', '.join(s for s, _, _ in conds)}) ...", flush=True)
+    shift = {n: f"{name.replace('_', ' ')} x{st:g}" for n, (name, st, _) in
+             zip([f"dev-{i}" for i in range(devices)] + ["late"], conds)}
+    print(f"simulating {devices + 1} devices' sensors, each with its own shift "
+          f"({', '.join(f'{n}: {v}' for n, v in shift.items())}) ...", flush=True)
     data = [dict(zip(("train", "test"), (lambda r: ((r[0], r[1]), (r[2], r[3])))(
         _device_data(bb, c, n_train=n_labels, n_test=200, seed=700 + i, classes=len(model.manifest.classes), alpha=0.5))))
         for i, (_, _, c) in enumerate(conds)]
-    proc = None
     parts = []
     try:
         if broker:
             host, _, p = broker.rpartition(":")
             proc_b = _Broker(host=host or "127.0.0.1", port=int(p), protocol="5")
         else:
-            proc = proc_b = BrokerProcess().start()
-            print(f"started {proc.kind} broker on {proc.host}:{proc.port}", flush=True)
+            proc_b = stack.enter_context(BrokerProcess())  # stopped and its folder removed at the end
+            print(f"started {proc_b.kind} broker on {proc_b.host}:{proc_b.port}", flush=True)
         nodes = [f"dev-{i}" for i in range(devices)] + ["late"]
         keys = {"server": create_key(root / "keys", "server", role="server")}
         for n in nodes:
@@ -140,6 +150,7 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
             d.start()
             parts.append(d)
         late, late_at = None, seconds * 2 / 3
+        tty = live and sys.stdout.isatty()
         timeline, t0 = [], time.monotonic()
         while time.monotonic() - t0 < seconds:
             time.sleep(1.0)
@@ -155,15 +166,16 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
                 row["late"] = {"base": late.sync.client.base_version, "acc": round(late.accuracy(), 3),
                                "shipped_acc": round(float((late.shipped.predict(zt).argmax(1) == yt).mean()), 3)}
             timeline.append(row)
-            line = f"t={el:5.0f}s global v{row['global_version']:<3d} " + " ".join(
-                f"{n}:v{v['base']} {v['acc'] * 100:4.1f}%" for n, v in row["devices"].items())
-            if late is not None:
-                line += f" | late:v{row['late']['base']} {row['late']['acc'] * 100:4.1f}% (shipped {row['late']['shipped_acc'] * 100:4.1f}%)"
-            print(line, flush=True)
+            if tty:
+                sys.stdout.write(render_fleet(row, shift=shift, total=seconds, late_at=late_at))
+                sys.stdout.flush()
+            elif int(el) % 5 == 0:
+                print(fleet_line(row), flush=True)
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "fleet-report.json").write_text(json.dumps({"devices": [s for s, _, _ in conds], "timeline": timeline}, indent=1))
-        _plot(timeline, out / "fleet-report.png")
+        (out / "fleet-report.json").write_text(json.dumps({"devices": [s for s, _, _ in conds], "conditions": shift,
+                                                           "late_at": late_at, "timeline": timeline}, indent=1))
+        _plot(timeline, out / "fleet-report.png", shift=shift, late_at=late_at)
         print(f"report: {out / 'fleet-report.json'}, {out / 'fleet-report.png'}")
         return 0
     finally:
@@ -172,11 +184,39 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
                 p.stop()
             except Exception:
                 log.exception("stopping %s", p)
-        if proc is not None:
-            proc.stop()
+        stack.close()
 
 
-def _plot(timeline, path):
+def fleet_line(row: dict) -> str:
+    """One line of the fleet's state (the view without a terminal).
+
+    >>> fleet_line({"t": 5.0, "global_version": 3, "devices": {"dev-0": {"base": 2, "acc": 0.5}}})
+    't=    5 s  global v3  dev-0 v2 50.0%'
+    """
+    line = f"t={row['t']:5.0f} s  global v{row['global_version']}  " + "  ".join(
+        f"{n} v{v['base']} {v['acc'] * 100:4.1f}%" for n, v in row["devices"].items())
+    if "late" in row:
+        line += f"  | late v{row['late']['base']} {row['late']['acc'] * 100:4.1f}% (shipped head {row['late']['shipped_acc'] * 100:4.1f}%)"
+    return line
+
+
+def render_fleet(row: dict, *, shift: dict, total: float, late_at: float) -> str:
+    """The live table, redrawn in place (ANSI home + clear): a row per device with its shift."""
+    lines = [f"edge demo --fleet — {row['t']:5.0f} s / {total:.0f} s   global head v{row['global_version']}", "",
+             f"{'device':8} {'its sensors':28} {'base':>5} {'accuracy':>9}  note"]
+    for n, v in row["devices"].items():
+        lines.append(f"{n:8} {shift.get(n, ''):28} {'v' + str(v['base']):>5} {v['acc'] * 100:8.1f}%  learns from its own labels")
+    if "late" in row:
+        lt = row["late"]
+        lines.append(f"{'late':8} {shift.get('late', ''):28} {'v' + str(lt['base']):>5} {lt['acc'] * 100:8.1f}%  "
+                     f"no labels: the fleet's head (the shipped head: {lt['shipped_acc'] * 100:.1f}%)")
+    else:
+        lines.append(f"{'late':8} {shift.get('late', ''):28} {'':>5} {'':>9}  joins at {late_at:.0f} s")
+    lines += ["", "accuracy: on each device's own test windows, with the head it serves now"]
+    return "\x1b[H\x1b[2J" + "\n".join(lines) + "\n"
+
+
+def _plot(timeline, path, *, shift: dict, late_at: float):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -184,17 +224,25 @@ def _plot(timeline, path):
 
     t = [r["t"] for r in timeline]
     fig, ax = plt.subplots(1, 2, figsize=(11, 4))
-    ax[0].step(t, [r["global_version"] for r in timeline], where="post")
+    ax[0].step(t, [r["global_version"] for r in timeline], where="post", color="#1f77b4")
     ax[0].set(title="global head version", xlabel="s", ylabel="version")
+    ax[0].set_ylim(bottom=0)
     nodes = list(timeline[0]["devices"]) if timeline else []
-    for n in nodes:
-        ax[1].plot(t, [r["devices"][n]["acc"] * 100 for r in timeline], lw=1, label=n)
+    colours = ("#1f77b4", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939")
+    for i, n in enumerate(nodes):
+        ax[1].plot(t, [r["devices"][n]["acc"] * 100 for r in timeline], lw=1, color=colours[i % len(colours)],
+                   label=f"{n} ({shift.get(n, '')})")
     lt = [r for r in timeline if "late" in r]
+    for a in ax:  # the one event line: grey, so it is never read as a series
+        a.axvline(late_at, color="#777777", ls=":", lw=1, label="late device joins" if a is ax[1] else None)
     if lt:
-        ax[1].plot([r["t"] for r in lt], [r["late"]["acc"] * 100 for r in lt], "k-", lw=2, label="late device (global head)")
-        ax[1].plot([r["t"] for r in lt], [r["late"]["shipped_acc"] * 100 for r in lt], "k--", lw=1, label="late device, shipped head")
-    ax[1].set(title="accuracy on each device's own shift", xlabel="s", ylabel="%")
-    ax[1].legend(fontsize=7)
+        c = colours[len(nodes) % len(colours)]
+        ax[1].plot([r["t"] for r in lt], [r["late"]["acc"] * 100 for r in lt], "-", color=c, lw=2,
+                   label=f"late ({shift.get('late', '')}): the fleet's head, no labels")
+        ax[1].plot([r["t"] for r in lt], [r["late"]["shipped_acc"] * 100 for r in lt], "--", color=c, lw=1,
+                   label="late: the shipped head")
+    ax[1].set(title="accuracy on each device's own shift", xlabel="s", ylabel="%", ylim=(0, 102))
+    ax[1].legend(fontsize=7, loc="lower right")
     for a in ax:
         a.grid(alpha=0.3)
     fig.tight_layout()
