@@ -16,7 +16,7 @@ LANE_FAMILIES = (
      "refused as oversized; a call lane's coalesced and refused)", "outcome",
      {o: o for o in ("offered", "taken", "dropped", "stale", "oversized", "coalesced", "refused")}),
     ("edge_lane_bytes_total", "counter", "lane bytes lost, by outcome", "outcome",
-     {"dropped": "dropped_bytes", "stale": "stale_bytes"}),
+     {"dropped": "dropped_bytes", "stale": "stale_bytes", "oversized": "oversized_bytes"}),
     ("edge_lane_messages_total", "counter", "MQTT messages through a lane, by outcome", "outcome",
      {o: f"{o}_messages" for o in ("offered", "dropped", "stale", "oversized")}),
     ("edge_lane_samples_total", "counter", "sensor samples lost in a lane, by outcome", "outcome",

@@ -55,7 +55,7 @@ class Lane:
         self.counters = {"offered": 0, "taken": 0, "dropped": 0, "dropped_bytes": 0, "oversized": 0,
                          "stale": 0, "stale_bytes": 0, "offered_messages": 0, "dropped_messages": 0,
                          "stale_messages": 0, "oversized_messages": 0, "dropped_samples": 0, "stale_samples": 0,
-                         "oversized_samples": 0}
+                         "oversized_samples": 0, "oversized_bytes": 0}
 
     # ---- producers -------------------------------------------------------------------
     def put(self, item: Any, nbytes: int, messages: int = 0) -> bool:
@@ -65,6 +65,7 @@ class Lane:
         if nbytes > self.max_bytes:
             with self._lock:
                 c["oversized"] += 1
+                c["oversized_bytes"] += nbytes
                 c["oversized_messages"] += messages
             self._count_samples("oversized_samples", (item,))
             return False
