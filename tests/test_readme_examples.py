@@ -13,10 +13,12 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
 
+from edge.config import Config, SourceConfig, load_config
 from tests.faultkit import ROOT, free_port, healthz, poll, shared_cache
 from tests.helpers import Client
 
@@ -113,3 +115,33 @@ def test_signed_labels_from_edge_label_sign_and_the_python_snippet_pass_the_gate
                         timeout=60, check=True).stdout.strip().encode()
     raw, by = gate.open(py, target=None, now=time.time())
     assert by == "operator" and json.loads(raw)["device"] == "m1"
+
+
+# ---- deploy/config/edge.toml states the defaults truthfully: every key it sets has the value
+# edge/config.py gives it, unless its line says "not the default" and names the default
+EXAMPLE = Path(__file__).parent.parent / "deploy" / "config" / "edge.toml"
+
+
+def _toml_value(v) -> str:
+    return {True: "true", False: "false"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+
+
+def test_every_value_set_is_the_default_or_says_it_is_not():
+    text = EXAMPLE.read_text()
+    data = tomllib.loads(text)
+    lines = {m.group(1): m.group(0) for m in re.finditer(r"^(\w+) = .*$", text, re.M)}
+    c, wrong = Config(), []
+    for sec, body in data.items():
+        items = [(k, v, getattr(SourceConfig(), k)) for src in body for k, v in src.items()] if sec == "sources" else \
+            [(k, v, getattr(getattr(c, sec), k)) for k, v in body.items()]
+        for k, v, default in items:
+            if v == default:
+                continue
+            line = next((ln for key, ln in lines.items() if key == k), "")
+            if "not the default" not in line or _toml_value(default) not in line:
+                wrong.append(f"[{sec}] {k} = {v!r}: the default is {default!r} and the line does not say so")
+    assert not wrong, wrong
+
+
+def test_the_example_loads():
+    assert load_config(EXAMPLE).node.name == "press-7"
