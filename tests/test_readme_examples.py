@@ -145,3 +145,12 @@ def test_every_value_set_is_the_default_or_says_it_is_not():
 
 def test_the_example_loads():
     assert load_config(EXAMPLE).node.name == "press-7"
+
+
+def test_the_docs_stand_alone():
+    """No reference to files a user does not have, no notes to the team."""
+    docs = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for p in docs:
+        text = p.read_text()
+        for bad in ("../shared", "DESIGN.md", "README-ready", "the lead may"):
+            assert bad not in text, f"{p.name}: {bad!r}"
