@@ -100,3 +100,34 @@ def test_latency_is_never_negative_and_not_shown_for_a_firmware_clock():
     assert all(r["latency_ms_p50"] >= 0 for k, r in rows.items() if k != "m5/accel")
     text = render(b, elapsed=10, total=60, notes=[])
     assert "-" in text.split("m5/accel")[1].split("\n")[0] and "lat:" in text
+
+
+# ---- the story is the same for a seed -------------------------------------------------------
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 6))
+def test_the_drifted_machine_schedule_puts_the_confused_fault_right_after_the_drift_and_every_other_segment(seed, k):
+    from edge.demo.devices import story_schedule
+
+    s = story_schedule("imbalance", k, seed, n=k + 8)
+    assert s == story_schedule("imbalance", k, seed, n=k + 8)  # the same for a seed
+    assert s[0] == "imbalance"  # once before the drift
+    assert [s[i] for i in range(k, k + 8, 2)] == ["imbalance"] * 4
+    assert all(s[i] != "imbalance" for i in range(k + 1, k + 8, 2))
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 50))
+def test_a_simulated_machine_gives_the_same_samples_for_a_seed(seed):
+    import numpy as np
+
+    from edge.demo import story_seed
+    from edge.demo.devices import SimDevice
+
+    a, b = (SimDevice(name="m", seed=story_seed(seed), t0=0.0) for _ in range(2))
+    ta, va = a.read(300)
+    tb, vb = b.read(300)
+    assert np.array_equal(ta, tb) and np.array_equal(va, vb)
