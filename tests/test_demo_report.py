@@ -9,7 +9,7 @@ import matplotlib
 import orjson
 from matplotlib.colors import to_hex
 
-from edge.demo.report import EVENT_STYLES, SERIES_COLOURS, plot_report, write_report
+from edge.demo.report import EVENT_STYLES, SEGMENT_EDGE, SERIES_COLOURS, plot_report, write_report
 from edge.demo.view import ROLL, Scoreboard, describe_event, render
 
 matplotlib.use("Agg")
@@ -70,8 +70,8 @@ def test_event_lines_never_share_a_series_colour_and_axes_start_at_0(tmp_path, m
             assert any("m1/accel (sensor remounted" in t for t in legend)
             assert all("(" in t for t in legend if t.startswith("m"))  # each stream's condition
     assert series and events and not (series & events)
-    assert events <= {to_hex(c) for c, _, _ in EVENT_STYLES.values()}
-    assert not ({to_hex(c) for c, _, _ in EVENT_STYLES.values()} & {to_hex(c) for c in SERIES_COLOURS})
+    assert events <= {to_hex(c) for c, _, _ in EVENT_STYLES.values()} | {SEGMENT_EDGE}
+    assert not (({to_hex(c) for c, _, _ in EVENT_STYLES.values()} | {SEGMENT_EDGE}) & {to_hex(c) for c in SERIES_COLOURS})
 
 
 def test_the_json_carries_the_series_and_the_plot_is_rebuilt_from_it(tmp_path):

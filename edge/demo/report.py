@@ -20,6 +20,8 @@ from edge.demo.view import ROLL, Scored
 #: series colours (matplotlib's tab10 without its red, green, orange, purple and grey,
 #: which read as "alarm"/"good" or as an event line)
 SERIES_COLOURS = ("#1f77b4", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b79", "#637939")
+#: the fault segments' boundaries: background, lighter than every event line
+SEGMENT_EDGE = "#dddddd"
 #: event kinds: (colour, line style, legend text); only black and greys
 EVENT_STYLES = {"drift_injected": ("#000000", "-", "drift injected"),
                 "promotion": ("#555555", "--", "promotion: a learned head beat the serving head"),
@@ -94,8 +96,9 @@ def plot_report(report: dict, path: Path) -> None:
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 8), sharex=True, gridspec_kw={"height_ratios": [1.2, 1]})
     # top: the drifted machine, served vs shipped head, over its fault segments
     for seg in report["segments"]:
-        shade = "#fff2b3" if seg["fault"] == report["story"].get("fault") else ("#f4f4f4" if seg["k"] % 2 else "#ffffff")
-        top.axvspan(seg["t0"], seg["t1"], color=shade, lw=0, zorder=0)
+        if seg["fault"] == report["story"].get("fault"):
+            top.axvspan(seg["t0"], seg["t1"], color="#fff2b3", lw=0, zorder=0)
+        top.axvline(seg["t0"], color=SEGMENT_EDGE, lw=0.5, zorder=0)  # a segment boundary, fainter than any event
         top.text((seg["t0"] + seg["t1"]) / 2, 103, seg["fault"].replace("_", " "), ha="center", va="bottom", fontsize=7)
     keys = sorted(ser["served"])
     colour = {k: SERIES_COLOURS[i % len(SERIES_COLOURS)] for i, k in enumerate(keys)}  # one colour per stream, both panels

@@ -170,9 +170,9 @@ def render(board: Scoreboard, *, elapsed: float, total: float, notes: list[str])
                        f"{'acc':>5} {'shipped':>7} {'all':>5}  head"]
     for r in board.rows():
         pct = lambda v: "" if v is None else f"{100 * v:.0f}%"  # noqa: E731
-        lat = lambda v: "     -" if v is None else f"{v:6.1f}"  # noqa: E731
+        lat = lambda v, w: f"{'-':>{w}}" if v is None else f"{v:{w - 2}.1f}ms"  # noqa: E731
         mark = "" if r["predicted"] == r["true"] else " ✗"
-        lines.append(f"{r['stream']:22} {r['windows_per_s']:6.1f} {lat(r['latency_ms_p50'])}ms {lat(r['latency_ms_p99'])[1:]}ms  "
+        lines.append(f"{r['stream']:22} {r['windows_per_s']:6.1f} {lat(r['latency_ms_p50'], 8)} {lat(r['latency_ms_p99'], 7)}  "
                      f"{r['predicted'] + mark:13} {r['true']:13} {pct(r['accuracy_recent']):>5} "
                      f"{pct(r['shipped_recent']):>7} {pct(r['accuracy_all']):>5}  {r['head']}")
     lines.append(f"acc, shipped: the last {ROLL} windows, served head and the shipped head on the same windows; "
