@@ -330,6 +330,9 @@ class LabelMatcher:
                 for j, i in enumerate(range(max(0, n - self.max_windows), n))]
 
     def metrics(self) -> dict:
+        """Counters and sizes. Not safe beside a thread that matches or adds windows (it
+        iterates the per-stream dict): the learner thread owns the matcher, and other threads
+        read it through ``AdaptWorker.metrics()``, under the worker's lock."""
         return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
                 "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values()),
                 "cache_bytes": self.nbytes, "windows_evicted_total": self.evicted}
