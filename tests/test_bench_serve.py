@@ -27,6 +27,19 @@ def _bench(args, tmp_path):
     return json.loads(out.read_text()), out.with_suffix(".md").read_text(), r
 
 
+def test_the_bench_judges_its_own_figures_by_the_choices_rule():
+    from edge.bench.serve import bench_decision
+
+    rows = [{"backend": "onnxruntime", "precision": "int8", "variant": "u8s8-rr", "p50_ms": 0.045,
+             "accuracy": {"nominal": 0.95}},
+            {"backend": "onnxruntime", "precision": "fp32", "variant": "", "p50_ms": 0.0997,
+             "accuracy": {"nominal": 0.951}},
+            {"backend": "torch", "precision": "fp32", "variant": "", "p50_ms": 0.5, "accuracy": {"nominal": 0.951}}]
+
+    assert bench_decision(rows, "auto", {}).chosen.label == "onnxruntime int8 (u8s8-rr)"
+    assert bench_decision(rows, "fp32", {}).chosen.label == "onnxruntime fp32"
+
+
 def test_bench_serve_has_its_own_help():
     r = subprocess.run([sys.executable, "-m", "edge.cli", "bench", "serve", "--help"], capture_output=True,
                        text=True, cwd=ROOT)
@@ -48,6 +61,11 @@ def test_bench_serve_runs_on_every_shipped_model(name, tmp_path):
     for r in report["results"]:
         assert r["torch_imported"] == (r["backend"] == "torch"), r
     assert report["cold_start"]["recorded_choice"] and not report["cold_start"]["torch_imported"]
+    # the choice and the bench agree in the same run, or the choice was measured again (and says so)
+    a = report["agreement"]
+    assert a["choice"] == report["served"] and a["choice_confidence"] in ("sure", "uncertain")
+    assert a["agree"] == (a["choice"] == a["bench_choice"]) and (a["agree"] or a["remeasured"])
+    assert report["targets"]["choice_agrees_with_bench"]["met"] == a["agree"] and "Serving choice: " in table
     if name == "forecast":
         assert report["choice"]["policy"] == "fp32" and report["served"] == "onnxruntime fp32"
         assert "accuracy not measured" in report["inputs"]["accuracy"]
