@@ -42,7 +42,8 @@ def test_daemon_started_before_its_broker_connects_when_it_appears(tmp_path):
 def test_sigterm_stops_edge_run_cleanly_with_offline_status_and_a_checkpoint(broker, tmp_path):
     cfg = tmp_path / "edge.toml"
     state = tmp_path / "var" / "state"  # neither folder exists: the daemon makes both, private
-    cfg.write_text(f'[node]\nname = "term"\nstate_dir = "{state}"\n'
+    run = tmp_path / "run"  # the runtime folder (a tmpfs under systemd): status.json lives there, not on flash
+    cfg.write_text(f'[node]\nname = "term"\nstate_dir = "{state}"\nruntime_dir = "{run}"\n'
                    f'[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n[model]\ncache_dir = "{tmp_path / "cache"}"\n')
     log = tmp_path / "edge.log"
     p = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(cfg)], stderr=open(log, "wb"),
@@ -56,7 +57,7 @@ def test_sigterm_stops_edge_run_cleanly_with_offline_status_and_a_checkpoint(bro
         text = log.read_text()
         assert "stopping" in text and "stopped" in text and "Traceback" not in text
         assert list((state / "term" / "adapt").glob("*")), "no checkpoint written at shutdown"
-        assert (state / "term" / "status.json").exists()
+        assert (run / "term" / "status.json").exists()
         for d in (tmp_path / "var", state, state / "term", state / "term" / "adapt"):
             assert d.stat().st_mode & 0o777 == 0o700, d
     finally:
