@@ -160,15 +160,15 @@ def test_labels_that_arrive_while_the_daemon_stops_come_again_to_the_next_start(
         c.close()
 
 
-def _status(state: Path) -> dict:
-    p = state / "kd" / "status.json"
+def _status(run: Path) -> dict:
+    p = run / "kd" / "status.json"  # in the runtime folder, not the state folder
     return json.loads(p.read_text()) if p.exists() else {}
 
 
 def test_kill_9_during_training_then_restart_resumes(broker, tmp_path):
     cfg = tmp_path / "edge.toml"
-    state = tmp_path / "state"
-    cfg.write_text(f'[node]\nname = "kd"\nstate_dir = "{state}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
+    state, run = tmp_path / "state", tmp_path / "run"
+    cfg.write_text(f'[node]\nname = "kd"\nstate_dir = "{state}"\nruntime_dir = "{run}"\n[mqtt]\nhost = "{broker.host}"\nport = {broker.port}\n'
                    f'[model]\ncache_dir = "{tmp_path / "cache"}"\n[adapt]\ncheckpoint_interval_s = 1.0\n')
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
 
@@ -186,7 +186,7 @@ def test_kill_9_during_training_then_restart_resumes(broker, tmp_path):
             c.publish("edge/kd/labels", {"t": float(t[128]), "label": fault}, qos=1)
         learned, deadline = 0, time.monotonic() + 60
         while time.monotonic() < deadline:  # status.json is rewritten every 5 s
-            learned = _status(state).get("adapt", {}).get("learner_labels_total", 0)
+            learned = _status(run).get("adapt", {}).get("learner_labels_total", 0)
             if learned >= 100 and list((state / "kd" / "adapt").glob("*")):
                 break
             time.sleep(0.5)
@@ -198,7 +198,7 @@ def test_kill_9_during_training_then_restart_resumes(broker, tmp_path):
         c.wait_for(lambda m: [pl for t, pl, _ in m if t == "edge/kd/status"][-1:] == [b"online"] and
                    sum(1 for t, pl, _ in m if t == "edge/kd/status" and pl == b"online") >= 2, timeout=60)
         for _ in range(100):
-            st = _status(state)
+            st = _status(run)
             if st.get("written", 0) > time.time() - 3 and "adapt" in st:
                 break
             time.sleep(0.2)
