@@ -66,6 +66,7 @@ class Daemon:
         self._stop = threading.Event()
         self._stop_requested = threading.Event()
         self.started_at = time.time()
+        self._started_mono = time.monotonic()  # uptime: a step of the wall clock must not move it
         self.link: MqttLink | None = None
         self.sources: list[Any] = []
         self.pipeline: Pipeline | None = None
@@ -159,6 +160,7 @@ class Daemon:
             on_label=self.adapt.offer_label if self.adapt else None,
             on_samples=self.adapt.offer_samples if self.adapt and m.task == "forecast" else None,
             on_flag=self._stream_flag)
+        self.pipeline.on_clock = self.event  # clock_step, clock_skew, clock_sources_step (docs/TIME_AND_NAMES.md)
         client_id = cfg.mqtt.client_id or f"edge-{cfg.node.name}"
         self.link = MqttLink(cfg.mqtt, client_id=client_id, status_topic=f"{base}/status",
                              subscriptions=[(label_route.subscription, 1)], on_message=self._on_link_message,
@@ -393,7 +395,7 @@ class Daemon:
         dead = self.supervisor.dead()
         ok = self.ready.is_set() and self.pipeline is not None and not dead
         return ok, {"ready": ok, "dead_threads": dead, "broker_connected": self.broker_connected(),
-                    "uptime_s": round(time.time() - self.started_at, 1)}
+                    "uptime_s": round(time.monotonic() - self._started_mono, 1)}
 
     def readiness(self) -> tuple[bool, dict]:
         """Readiness: live, the model loaded and warmed up, every connection up, and no
@@ -444,6 +446,7 @@ class Daemon:
             st["bad_input"] = snap["bad"]
             st["internal_errors"] = {f"{lb['thread']}/{lb['kind']}": n for lb, n in self.supervisor.counters()}
             st["streams"] = {str(k): s.stats() for k, s in p.bank.snapshot()}
+            st["clock"] = p.clock.snapshot()
         if self.link:
             st["mqtt"] = dict(self.link.counters)
         for src in self.sources:
@@ -506,6 +509,10 @@ class Daemon:
                 source="streams")
         reg.add_histogram("edge_pipeline_latency_seconds", "receive-to-publish latency of each window",
                           lambda: [_hist_series({}, p.latency.snapshot())])
+        reg.add("edge_clock_skew_seconds", "gauge", "how far this node's wall clock is behind its timed sources' clocks",
+                lambda: p.clock.skew)
+        reg.add("edge_clock_steps_total", "counter", "steps of this node's wall clock seen (monotonic clock as reference)",
+                lambda: p.clock.steps)
         reg.add_histogram("edge_backend_latency_seconds", "backbone latency per batch, by backend and precision",
                           lambda: [_hist_series({"backend": label}, snap)
                                    for label, snap in self.engine.latency_snapshot().items()])

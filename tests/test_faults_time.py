@@ -6,15 +6,26 @@
 * A timestamped 500 Hz stream into the 1 kHz model is flagged: in ``status()["streams"]``,
   in the metric ``edge_stream_flagged`` and by an event on ``edge/<node>/events``.
 * Every event's ``t`` is Unix time (within a day of ``time.time()``).
+* Issue 19, a steppable clock: a real ``edge run`` under libfaketime with a timestamp file
+  (the wall clock moved, the monotonic one left alone, as NTP does), while the sensors and
+  the labeller keep true time: a day ahead, then stepped to an hour behind, then restarted
+  there. Labels for windows with and without ``t`` are all matched, nothing is refused as
+  ``absurd_time``, ``future`` or ``too_old``, the skew and the step are events and metrics,
+  uptime comes from the monotonic clock, and the restarted daemon restores its label cache.
 """
 from __future__ import annotations
 
+import glob
+import json
 import random
+import shutil
+import signal
+import subprocess
 import time
 
 import pytest
 
-from tests.faultkit import WINDOW, metric, poll, scrape, start_daemon
+from tests.faultkit import WINDOW, EdgeRun, http_get, metric, poll, scrape, start_daemon
 from tests.helpers import Client, batch
 
 pytestmark = pytest.mark.timeout(180)
@@ -98,3 +109,134 @@ def test_events_carry_unix_time(broker, daemon, events):
     for e in every:
         assert abs(e["t"] - now) < 86400, e
     c.close()
+
+
+# ---- issue 19: a steppable clock -----------------------------------------------------------
+_LIBS = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1") + glob.glob("/usr/lib/faketime/libfaketime.so.1")
+               + glob.glob("/usr/local/lib/faketime/libfaketime.so.1"))
+needs_faketime = pytest.mark.skipif(not _LIBS or not shutil.which("cc"),
+                                    reason="the clock-step scenarios need libfaketime (apt-get install faketime) and a C "
+                                           "compiler (.ci/run installs both)")
+# libfaketime 0.9.10 with FAKETIME_DONT_FAKE_MONOTONIC answers Python's time.sleep (an absolute
+# clock_nanosleep on CLOCK_MONOTONIC) with EINVAL; the monotonic clock is not faked, so this
+# shim, preloaded first, hands clock_nanosleep straight to the kernel
+_SHIM = r"""
+#define _GNU_SOURCE
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+int clock_nanosleep(clockid_t c, int f, const struct timespec *q, struct timespec *r) {
+    return syscall(SYS_clock_nanosleep, c, f, q, r) == 0 ? 0 : errno;
+}
+"""
+
+
+class SteppableClock:
+    """The environment of a process whose wall clock this test steps (``set(offset_s)``)."""
+
+    def __init__(self, tmp):
+        src, self.shim, self.file = tmp / "shim.c", tmp / "shim.so", tmp / "faketime"
+        src.write_text(_SHIM)
+        subprocess.run(["cc", "-shared", "-fPIC", "-o", str(self.shim), str(src)], check=True)
+        self.env = {"LD_PRELOAD": f"{self.shim} {_LIBS[0]}", "FAKETIME_TIMESTAMP_FILE": str(self.file),
+                    "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+        self.set(0.0)
+
+    def set(self, offset_s: float) -> None:
+        tmp = self.file.with_suffix(".new")
+        tmp.write_text(f"{offset_s:+.0f}\n")
+        tmp.replace(self.file)  # whole, so the process never reads half a line
+
+
+CLK = "clk"
+
+
+class Feed:
+    """A timed and an untimed stream on true time, and a labeller that labels every window."""
+
+    def __init__(self, broker):
+        self.c = Client(broker, f"edge/{CLK}/predictions/#", f"edge/{CLK}/events")
+        self.t = None
+        self.labelled = 0
+        self.seen: set = set()
+
+    def events(self, kind: str) -> list:
+        return [e for e in self.c.json_on(f"edge/{CLK}/events") if e.get("type") == kind]
+
+    def send(self, windows: int) -> None:
+        """``windows`` windows of each stream, in 64-sample reads paced at 1 kHz."""
+        start = time.monotonic()
+        self.t = self.t or time.time()
+        for k in range(windows * WINDOW // 64):
+            while time.monotonic() < start + (k + 1) * 0.064:
+                time.sleep(0.002)
+            self.c.publish("sensors/ct/accel", batch(self.t, 64))
+            self.c.c.publish("sensors/cu/accel", json.dumps({"dt": 0.001, "v": [[0.01 * i, 0.5, 1.0] for i in range(64)]}))
+            self.t += 0.064
+
+    def label_new_windows(self, want: int) -> list:
+        """Wait for ``want`` more predictions of each stream, label each one's middle (true time)."""
+        base = f"edge/{CLK}/predictions/"
+        self.c.wait_for(lambda m: all(sum(1 for t, _, _ in m if t == f"{base}{s}/accel") >= want for s in ("ct", "cu")),
+                        timeout=60)
+        new = [p for p in self.all() if (p["device"], p["t_start"]) not in self.seen]
+        self.seen |= {(p["device"], p["t_start"]) for p in new}
+        for p in new:
+            self.c.publish(f"edge/{CLK}/labels/{p['device']}/accel", {"t": (p["t_start"] + p["t"]) / 2, "label": "normal"})
+            self.labelled += 1
+        return new
+
+    def all(self) -> list:
+        return [p for s in ("ct", "cu") for p in self.c.json_on(f"edge/{CLK}/predictions/{s}/accel")]
+
+
+def _matched(port: int) -> float:
+    return metric(scrape(port), "edge_adapt_labels_matched_total")
+
+
+@needs_faketime
+@pytest.mark.timeout(300)
+def test_a_day_ahead_then_an_hour_behind_then_a_restart_keeps_learning_from_true_time_labels(broker, tmp_path):
+    clock = SteppableClock(tmp_path)
+    clock.set(86400)  # a day ahead of its sensors and labeller
+    run = EdgeRun(broker, tmp_path, node=CLK, adapt=True, env=clock.env)
+    feed = Feed(broker)
+    try:
+        run.wait_healthy()
+        feed.send(4)
+        new = feed.label_new_windows(4)
+        clocks = {p["device"]: p["clock"] for p in new}
+        assert clocks == {"ct": "sensor", "cu": "sources"}, clocks
+        assert all(abs(p["t"] - time.time()) < 60 for p in new), new  # the untimed windows are on true time too
+        poll(lambda: _matched(run.port) >= feed.labelled, 60, what=f"{feed.labelled} labels matched (a day ahead)")
+        (skew,) = feed.c.wait_for(lambda m: feed.events("clock_skew"), timeout=30)[:1]
+        assert abs(skew["skew_s"] + 86400) < 30, skew
+
+        clock.set(-3600)  # NTP steps it to an hour behind
+        feed.send(4)
+        feed.label_new_windows(8)
+        poll(lambda: _matched(run.port) >= feed.labelled, 60, what=f"{feed.labelled} labels matched (stepped back)")
+        step = feed.c.wait_for(lambda m: feed.events("clock_step"), timeout=30)[0]
+        assert abs(step["step_s"] + 90000) < 30, step
+        text = scrape(run.port)
+        assert metric(text, "edge_clock_steps_total") >= 1 and abs(metric(text, "edge_clock_skew_seconds") - 3600) < 30
+        assert metric(text, "edge_adapt_labels_rejected_total") == 0 and metric(text, "edge_bad_input_total") == 0
+        code, body = http_get(run.port, "/healthz")
+        assert 0 <= json.loads(body)["uptime_s"] < 3000, body  # was -3,549 s after the step back
+
+        run.proc.send_signal(signal.SIGTERM)  # the final checkpoint holds the label cache
+        assert run.proc.wait(60) == 0, run.log_text()[-3000:]
+        run = EdgeRun(broker, tmp_path, node=CLK, adapt=True, env=clock.env)
+        run.wait_healthy()
+        before = feed.labelled
+        feed.send(4)
+        feed.label_new_windows(12)
+        poll(lambda: _matched(run.port) >= feed.labelled - before, 60, what="labels matched after the restart")
+        text = scrape(run.port)
+        assert metric(text, "edge_adapt_labels_rejected_total") == 0, run.log_text()[-3000:]
+        log = run.log_text()
+        assert "not restored" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        feed.c.close()
+        run.close()
