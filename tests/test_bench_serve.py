@@ -38,6 +38,11 @@ def test_the_bench_judges_its_own_figures_by_the_choices_rule():
 
     assert bench_decision(rows, "auto", {}).chosen.label == "onnxruntime int8 (u8s8-rr)"
     assert bench_decision(rows, "fp32", {}).chosen.label == "onnxruntime fp32"
+    # the bench's own accuracy (a short --n-eval) says int8 loses 2 points; the choice's set says 0.1
+    rows[0]["accuracy"] = {"nominal": 0.931}
+    assert bench_decision(rows, "auto", {}).chosen.label == "onnxruntime fp32"
+    assert bench_decision(rows, "auto", {}, {"onnxruntime int8 (u8s8-rr)": {"nominal": 0.95}}).chosen.label \
+        == "onnxruntime int8 (u8s8-rr)"
 
 
 def test_bench_serve_has_its_own_help():

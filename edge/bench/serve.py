@@ -219,12 +219,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def bench_decision(results: list[dict], policy: str, tol: dict):
-    """The decision the bench's own figures make, by the same rule as the choice (``decide``)."""
+def bench_decision(results: list[dict], policy: str, tol: dict, accuracy: dict | None = None):
+    """The decision the bench's own timings make, by the same rule as the choice (``decide``).
+
+    ``accuracy`` (candidate label -> accuracy per condition) is the choice's, on its
+    labelled set: the question is whether the two measurements of *speed* agree, and a
+    short ``--n-eval`` makes the bench's own accuracy too coarse to judge half a point
+    (one window of 100 is a point)."""
     from edge.serve.choice import Candidate, Trial, decide
 
-    trials = [Trial(Candidate(r["backend"], r["precision"], r.get("variant") or ""), True, p50_ms=r["p50_ms"],
-                    accuracy=r["accuracy"] or None) for r in results]
+    trials = []
+    for r in results:
+        c = Candidate(r["backend"], r["precision"], r.get("variant") or "")
+        acc = (accuracy or {}).get(c.label, r["accuracy"]) or None
+        trials.append(Trial(c, True, p50_ms=r["p50_ms"], accuracy=acc))
     return decide(trials, policy=policy, max_accuracy_loss=tol)
 
 
@@ -238,7 +246,8 @@ def agree(model, decision, results: list[dict], args) -> dict:
     from edge.serve.backends import availability
 
     tol = {p: parity.tolerances(model, p).get("max_accuracy_loss", 0.5) for p in ("int8", "fp16")}
-    bench = bench_decision(results, decision.policy, tol).chosen
+    bench = bench_decision(results, decision.policy, tol,
+                           {t.candidate.label: t.accuracy for t in decision.trials if t.ok}).chosen
     first = decision.chosen
     out = {"choice": first.label if first else None, "choice_confidence": decision.confidence,
            "bench_choice": bench.label if bench else None, "remeasured": False}
