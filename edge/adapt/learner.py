@@ -481,7 +481,11 @@ class Learner:
         min_blocks = max(2, cfg.promote_min_blocks // 2) if boosting else cfg.promote_min_blocks
         champ = self.preq["champion"].loss.get()
         glob = self.preq["global"].loss.get()
+        # near zero loss a relative margin is noise (4e-5 against 1e-7 is "400x worse" and no
+        # worse at all, and rolling back there throws away what was learned for a condition
+        # not present now): the gap must also pass promote_floor of the trivial reference's loss
         if self.champion is not self._global and champ > glob * (1 + cfg.rollback_margin) + 1e-9 \
+                and champ - glob > self.preq["reference"].loss.get() * cfg.promote_floor \
                 and self.pairs["rollback"].significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
             self._rollback(champ, glob)
             return "rollback"
