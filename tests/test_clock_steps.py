@@ -201,3 +201,24 @@ def test_signed_labels_pass_a_node_clock_step_beyond_max_age(step, n):
     with pytest.raises(DecodeError) as e:  # still too old on both clocks
         gate.open(_signed(true - 700.0, 99), now=true + step, steady=steady)
     assert e.value.kind in ("label_replay", "label_time")
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(-3 * 365 * 86400.0, 3 * 365 * 86400.0), min_size=1, max_size=6), st.integers(1, 3))
+def test_the_newest_checkpoint_is_loaded_whatever_the_clock_said_when_each_was_written(offsets, keep):
+    """A device booting years in the past, then stepped (either way), between checkpoints: file
+    names are sequence numbers, so the last one saved is the one restored (never by mtime)."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    from edge.state import CheckpointStore
+
+    with tempfile.TemporaryDirectory() as d:
+        for i, off in enumerate(offsets):
+            store = CheckpointStore(d, keep=keep, clock=lambda off=off: TRUE0 + off)  # a restart per save
+            p = store.save({"step": i, "w": np.full(2, i, np.float32)})
+            os.utime(p, (TRUE0 + off, TRUE0 + off))  # the file's time is whatever the clock said
+        got = CheckpointStore(d, keep=keep).restore()
+        assert got.state["step"] == len(offsets) - 1

@@ -240,3 +240,73 @@ def test_stamp_of_a_list_is_stamp_one_of_each(msgs):
         ts = [None if t is None else NOW + t for t in ts]
         assert a.stamp(list(ts), r) == [b.stamp_one(t, r) for t in ts]
     assert (a._last, a._anchor, a._k, a.counters) == (b._last, b._anchor, b._k, b.counters)
+
+
+# ---- NodeClock: the receive clock under wall-clock steps (issue 19) ----------------------------
+from edge.errors import DecodeError  # noqa: E402
+from edge.ingest.timing import NodeClock  # noqa: E402
+
+_steps = st.lists(st.tuples(st.floats(0.001, 5.0), st.floats(-10 * 365 * 86400.0, 10 * 365 * 86400.0) | st.just(0.0),
+                            st.floats(0.0, 0.05)), min_size=1, max_size=60)
+
+
+@settings(max_examples=200, deadline=None)
+@given(_steps, st.floats(-3 * 365 * 86400.0, 3 * 365 * 86400.0), st.integers(1, 4))
+def test_with_a_timed_source_receive_times_follow_its_clock_whatever_the_wall_clock_does(steps, error, streams):
+    """Hypothesis: the wall clock starts ``error`` off and is stepped by anything at any time
+    (the monotonic clock runs on); timed sensors on true time, with up to 50 ms of transport
+    delay. After the first timed sample every receive time is within the delay of true
+    time, no sample is refused as absurd_time, and every step is counted."""
+    c = NodeClock(max_skew_s=86400.0)
+    mono, wall_err, true0, n_steps = 10.0, error, NOW, 0
+    seen = wall_err  # the wall clock's error as the clock last took it (small moves add up to a step)
+    for k, (dt, step, delay) in enumerate(steps):
+        mono += dt
+        if step and k:
+            wall_err += step
+            if abs(wall_err - seen) > c.step_s:
+                n_steps, seen = n_steps + 1, wall_err
+        r = c.receive_time(true0 + mono + wall_err - delay, wall=true0 + mono + wall_err, mono=mono)
+        if k:
+            assert abs(r - (true0 + mono - delay)) <= 0.05 + 1e-6 * abs(true0), (k, r - (true0 + mono))
+        for s in range(streams):
+            c.check(f"s{s}", true0 + mono - delay, r)  # never raises
+    assert c.steps == n_steps and c.basis == "sources"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.floats(-1e6, 1e6), min_size=1, max_size=9), st.floats(-1e9, 1e9))
+def test_absurd_time_is_a_stream_off_the_median_of_the_sources_not_off_this_node(offsets, wall_error):
+    """Hypothesis: streams whose clocks are ``offsets`` off true time, this node ``wall_error``
+    off: the consensus is one of the streams' own clocks (a median), and a stream is refused
+    exactly when it is more than max_skew_s from it, however far off this node is."""
+    skew = 3600.0
+    c = NodeClock(max_skew_s=skew)
+    r = c.receive_time(NOW + wall_error, wall=NOW + wall_error, mono=5.0)
+    for i, o in enumerate(offsets):
+        try:
+            c.check(i, NOW + o, r)
+        except DecodeError:
+            pass
+    med = c.source_offset + 5.0  # the consensus as a time at mono 0 + 5 (t - mono = NOW + o - 5)
+    assert min(abs(o - (med - NOW)) for o in offsets) < 1e-6  # it is one of the streams' own clocks
+    med = NOW + min(offsets, key=lambda o: abs(o - (med - NOW)))
+    for i, o in enumerate(offsets):
+        refused = False
+        try:
+            c.check(i, NOW + o, r)
+        except DecodeError as e:
+            refused = e.kind == "absurd_time"
+        assert refused == (abs(o - (med - NOW)) > skew)
+    assert abs(c.skew - (med - NOW - wall_error)) < 1e-3 * max(1.0, abs(wall_error))
+
+
+def test_an_untimed_line_left_ahead_by_a_step_back_restarts_at_the_receive_time():
+    s = Stamper(sample_rate=100.0)
+    ts = s.stamp([None] * 50, NOW)
+    assert not s.leads(NOW + 0.5)
+    assert s.leads(NOW - 3600.0)
+    s.restart()
+    back = s.stamp([None] * 3, NOW - 3600.0)
+    assert back[0] == NOW - 3600.0 and back == sorted(back) and s.restarts == 1 and s.ahead == 0
+    assert ts[-1] > back[-1]  # one step back, which the caller starts the windows anew for
