@@ -16,6 +16,7 @@ locks, or a core).
 from __future__ import annotations
 
 import multiprocessing as mp
+import queue
 import time
 import uuid
 
@@ -112,7 +113,14 @@ def run_count(base_url: str, n_instances: int, msgs, public) -> dict:
         for p in procs:
             p.start()
         barrier.wait()
-        per = [out.get(timeout=600) for _ in procs]
+        per = []
+        while len(per) < n_instances:  # an instance that died (a store error) ends the count, not a hang
+            try:
+                per.append(out.get(timeout=1.0))
+            except queue.Empty:
+                dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(f"{len(dead)} of {n_instances} instances died (exit {dead[0]}): see their stderr")
         for p in procs:
             p.join(60)
         dt = max(r["seconds"] for r in per)  # from the barrier to the last instance's last commit
