@@ -48,7 +48,7 @@ class Stream:
                "flag": w.flagged, "first_seen": self.first, "last_seen": self.last}
         st = self._stamper
         if st is not None:  # samples without times: how the stamps were placed
-            out.update(stamped=st.stamped, stamps_behind=st.behind, stamps_ahead=st.ahead,
+            out.update(stamped=st.stamped, stamps_behind=st.behind, stamps_ahead=st.ahead, stamp_restarts=st.restarts,
                        arrival_rate_hz=round(st.arrival_rate, 2) if st.arrival_rate else None)
         return out
 
