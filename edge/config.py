@@ -213,7 +213,10 @@ class AdaptConfig(_Section):
     label_cache_windows: int = _opt(512, lo=8, hi=1_000_000, doc="recent windows per stream whose features are kept for late labels")
     label_cache_bytes: int = _opt(64 << 20, lo=64 << 10, hi=1 << 40,
                                   doc="all streams' cached windows together (features + ~320 B each); the oldest are evicted beyond it")
-    checkpoint_interval_s: float = _opt(30.0, lo=1.0, hi=86400.0, doc="checkpoint period (and at shutdown)")
+    # 1800 s: a checkpoint is mostly the full replay buffer (~1.1 MB at the defaults), so this
+    # is ~55 MB/day of flash while the learner changes, nothing while it does not (docs/STATE.md)
+    checkpoint_interval_s: float = _opt(1800.0, lo=1.0, hi=86400.0,
+                                        doc="the shortest time between checkpoints; written only when the learner changed, and at shutdown")
     head: str = _opt("linear", choices=("linear", "lowrank", "mlp"), doc="adapter head kind")
     head_rank: int = _opt(4, lo=1, hi=1024, doc="rank of the lowrank head")
     head_hidden: int = _opt(32, lo=1, hi=4096, doc="hidden units of the mlp head")

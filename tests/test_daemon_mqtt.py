@@ -80,12 +80,14 @@ def test_bad_input_is_counted_and_skipped_while_good_streams_keep_serving(broker
         c.publish("sensors/bad/accel", p)
     c.publish("sensors/good/accel", batch(now, 256))
     c.wait_for(lambda m: len(m) >= 1)
+    # the 2 MiB one never reaches the daemon: its MQTT 5 Maximum Packet Size (from
+    # max_payload_bytes) makes the broker drop it (tests/test_ingest_fastmqtt.py)
     for _ in range(50):
-        if sum(daemon.pipeline.bad.values()) - sum(before.values()) >= len(bad):
+        if sum(daemon.pipeline.bad.values()) - sum(before.values()) >= len(bad) - 1:
             break
         time.sleep(0.1)
     diff = {k: v - before.get(k, 0) for k, v in daemon.pipeline.bad.items() if v - before.get(k, 0)}
-    assert diff == {"bad_json": 2, "wrong_channels": 1, "absurd_time": 1, "oversized": 1, "bad_csv": 1, "bad_time": 1}
+    assert diff == {"bad_json": 2, "wrong_channels": 1, "absurd_time": 1, "bad_csv": 1, "bad_time": 1}
     assert daemon.pipeline.thread.is_alive()
     c.close()
 
