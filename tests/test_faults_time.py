@@ -155,14 +155,15 @@ CLK = "clk"
 class Feed:
     """A timed and an untimed stream on true time, and a labeller that labels every window."""
 
-    def __init__(self, broker):
-        self.c = Client(broker, f"edge/{CLK}/predictions/#", f"edge/{CLK}/events")
+    def __init__(self, broker, node: str = CLK, sign=None):
+        self.node, self.sign = node, sign  # sign(label dict) -> signed envelope, or None: unsigned labels
+        self.c = Client(broker, f"edge/{node}/predictions/#", f"edge/{node}/events")
         self.t = None
         self.labelled = 0
         self.seen: set = set()
 
     def events(self, kind: str) -> list:
-        return [e for e in self.c.json_on(f"edge/{CLK}/events") if e.get("type") == kind]
+        return [e for e in self.c.json_on(f"edge/{self.node}/events") if e.get("type") == kind]
 
     def send(self, windows: int) -> None:
         """``windows`` windows of each stream, in 64-sample reads paced at 1 kHz."""
@@ -177,18 +178,21 @@ class Feed:
 
     def label_new_windows(self, want: int) -> list:
         """Wait for ``want`` more predictions of each stream, label each one's middle (true time)."""
-        base = f"edge/{CLK}/predictions/"
+        base = f"edge/{self.node}/predictions/"
         self.c.wait_for(lambda m: all(sum(1 for t, _, _ in m if t == f"{base}{s}/accel") >= want for s in ("ct", "cu")),
                         timeout=60)
         new = [p for p in self.all() if (p["device"], p["t_start"]) not in self.seen]
         self.seen |= {(p["device"], p["t_start"]) for p in new}
         for p in new:
-            self.c.publish(f"edge/{CLK}/labels/{p['device']}/accel", {"t": (p["t_start"] + p["t"]) / 2, "label": "normal"})
+            label = {"t": (p["t_start"] + p["t"]) / 2, "label": "normal"}
+            if self.sign is not None:
+                label = self.sign({**label, "device": p["device"], "stream": "accel"})
+            self.c.publish(f"edge/{self.node}/labels/{p['device']}/accel", label)
             self.labelled += 1
         return new
 
     def all(self) -> list:
-        return [p for s in ("ct", "cu") for p in self.c.json_on(f"edge/{CLK}/predictions/{s}/accel")]
+        return [p for s in ("ct", "cu") for p in self.c.json_on(f"edge/{self.node}/predictions/{s}/accel")]
 
 
 def _matched(port: int) -> float:
@@ -237,6 +241,46 @@ def test_a_day_ahead_then_an_hour_behind_then_a_restart_keeps_learning_from_true
         assert metric(text, "edge_adapt_labels_rejected_total") == 0, run.log_text()[-3000:]
         log = run.log_text()
         assert "not restored" not in log and "Traceback" not in log, log[-3000:]
+    finally:
+        feed.c.close()
+        run.close()
+
+
+@needs_faketime
+@pytest.mark.timeout(300)
+def test_booted_three_years_in_the_past_then_stepped_to_the_truth_signed_labels_all_pass(broker, tmp_path):
+    """A board without a real-time clock: three years behind, then NTP steps it forward (a step
+    far beyond labels max_age_s): every signed true-time label for windows with and without
+    ``t`` is matched, none refused (label_time, label_replay), and the newest checkpoint is
+    the one a restart loads."""
+    from edge.ingest.labelauth import create_label_key, sign_label
+
+    node = "clk3"
+    keys = tmp_path / "labellers"
+    key = create_label_key(keys, "op").read_bytes().strip()
+    clock = SteppableClock(tmp_path)
+    clock.set(-3 * 365 * 86400)
+    run = EdgeRun(broker, tmp_path, node=node, adapt=True, env=clock.env, labels={"keys_dir": str(keys)})
+    feed = Feed(broker, node, sign=lambda d: sign_label(key, "op", d, node=node))
+    try:
+        run.wait_healthy()
+        feed.send(4)
+        feed.label_new_windows(4)
+        poll(lambda: _matched(run.port) >= feed.labelled, 60, what="signed labels matched (three years behind)")
+        clock.set(0)  # stepped to the truth: about 94,608,000 s forward
+        feed.send(4)
+        feed.label_new_windows(8)
+        poll(lambda: _matched(run.port) >= feed.labelled, 60, what="signed labels matched (stepped to the truth)")
+        text = scrape(run.port)
+        assert metric(text, "edge_bad_input_total") == 0 and metric(text, "edge_adapt_labels_rejected_total") == 0, \
+            [x for x in text.splitlines() if "bad_input" in x or "rejected" in x]
+        assert feed.events("clock_step") and 0 <= json.loads(http_get(run.port, "/healthz")[1])["uptime_s"] < 3000
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(60) == 0, run.log_text()[-3000:]
+        ckpts = sorted((tmp_path / "state" / node / "adapt").glob("ckpt-*.edge"))
+        run = EdgeRun(broker, tmp_path, node=node, adapt=True, env=clock.env, labels={"keys_dir": str(keys)})
+        run.wait_healthy()
+        assert ckpts and f"restored the learner from {ckpts[-1]}" in run.log_text(), run.log_text()[-3000:]
     finally:
         feed.c.close()
         run.close()
