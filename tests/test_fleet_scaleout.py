@@ -246,6 +246,39 @@ def test_an_instance_gone_for_good_strands_no_share(tmp_path, broker, schema, ho
         _stop_all(procs)
 
 
+def test_a_scale_down_in_the_middle_of_a_burst_needs_no_resend(tmp_path, broker, schema):
+    """SIGTERM to one of two instances while 400 deltas arrive: it leaves the group, stores,
+    receipts and acknowledges what it holds, then exits 0; devices that never resend still
+    get a receipt for every delta, also for those sent after it is gone (the other instance
+    takes the rest of the stream)."""
+    nodes = [f"n{i:02d}" for i in range(40)]
+    keys, url, cfgs, logs, procs = _fleet(tmp_path, broker, schema, 2, nodes)
+    devs = SimDevices(broker, keys, nodes)
+    devs._stop.set()  # no resends: a scale-down must strand nothing
+    store = open_store(url)
+    try:
+        sent = {(n, seq) for seq in range(1, 11) for n in nodes}
+        termed = False
+        for n, seq in sorted(sent, key=lambda x: (x[1], x[0])):
+            devs.send(n, seq)
+            if not termed and len(devs.receipted) >= 20:
+                procs[0].send_signal(signal.SIGTERM)  # mid-burst: some receipted, the rest still coming
+                termed = True
+        if not termed:  # the burst was sent before 20 receipts came: it is still being stored
+            procs[0].send_signal(signal.SIGTERM)
+        assert procs[0].wait(30) == 0
+        for n in nodes:  # and after it is gone: the whole stream goes to the instance left
+            devs.send(n, 11)
+            sent.add((n, 11))
+        devs.wait_all_receipted(30, logs)
+        assert_stored_exactly_once(url, sent, 20, logs)
+        assert "left group fleet (acknowledged)" in logs[0].read_text()
+    finally:
+        store.close()
+        devs.close()
+        _stop_all(procs)
+
+
 def _sessions_gone(broker, client_id: str) -> bool:
     """The broker logged the end of ``client_id``'s connection (a clean disconnect, a closed
     or broken socket): from then on it routes nothing to that connection."""
