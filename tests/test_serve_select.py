@@ -262,8 +262,11 @@ def test_real_measurement_serves_the_fastest_gated_candidate_and_records_why(tin
     assert {c.precision for c in timed} >= {"int8", "fp32"} and Candidate("torch", "fp32") in timed
     assert all(t.accuracy and "nominal" in t.accuracy for t in d.trials if t.ok)
     assert (served.key, served.precision, served.variant) == (d.chosen.backend, d.chosen.precision, d.chosen.variant)
-    if d.chosen.precision == "int8":
-        assert timed[d.chosen] * 1.05 <= timed[Candidate("onnxruntime", "fp32")]
+    if d.chosen.precision == "int8":  # judged on paired rounds, not on the two medians
+        from edge.serve.choice import speedup
+
+        by = {t.candidate: t for t in d.trials}
+        assert speedup(by[d.chosen], by[Candidate("onnxruntime", "fp32")]).median >= 1.05
     assert "recorded choice" in reason and d.reason in reason
     [rec] = status["choices"]
     assert rec["chosen"] == {"backend": served.key, "precision": served.precision, "variant": served.variant}
