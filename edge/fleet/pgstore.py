@@ -43,7 +43,13 @@ _RETRIES = 6  # attempts of a transaction that hit a deadlock or a serialization
 
 def _transient(e: Exception) -> bool:
     """A deadlock or a serialization failure: PostgreSQL rolled the transaction back, and
-    running it again is the documented answer (SQLSTATE class 40)."""
+    running it again is the documented answer (SQLSTATE class 40).
+
+    >>> class Deadlock(Exception):
+    ...     sqlstate = "40P01"
+    >>> _transient(Deadlock()), _transient(ValueError("not a database error"))
+    (True, False)
+    """
     return getattr(e, "sqlstate", None) in ("40001", "40P01")
 
 _SCHEMA = """
