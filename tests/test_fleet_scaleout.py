@@ -15,7 +15,6 @@ from __future__ import annotations
 import random
 import signal
 import threading
-import time
 
 import paho.mqtt.client as mqtt
 import pytest
