@@ -310,3 +310,31 @@ def test_an_untimed_line_left_ahead_by_a_step_back_restarts_at_the_receive_time(
     back = s.stamp([None] * 3, NOW - 3600.0)
     assert back[0] == NOW - 3600.0 and back == sorted(back) and s.restarts == 1 and s.ahead == 0
     assert ts[-1] > back[-1]  # one step back, which the caller starts the windows anew for
+
+
+def test_a_burst_of_late_samples_moves_no_stamp_but_a_sensor_clock_gone_back_is_followed():
+    """A backlog (samples minutes late for a few seconds) leaves the consensus where it was;
+    a sensor whose clock went back 100 s is followed once that has held for LOWER_S."""
+    from edge.ingest.timing import LOWER_S
+
+    c = NodeClock(max_skew_s=86400.0)
+    mono = 0.0
+
+    def sample(late: float) -> float:
+        r = c.receive_time(NOW + mono, wall=NOW + mono, mono=mono)
+        c.check("s", NOW + mono - late, r)
+        return r
+
+    for _ in range(10):
+        mono += 0.1
+        sample(0.0)
+    for _ in range(50):  # 5 s of a backlog, 120 s late
+        mono += 0.1
+        assert abs(sample(120.0) - (NOW + mono)) < 1e-6
+    mono += 0.1
+    sample(0.0)
+    while mono < 100.0:  # its clock went back 100 s and stays there
+        mono += 0.5
+        r = sample(100.0)
+    assert abs(r - (NOW + mono - 100.0)) < 1.0 and c.skew == pytest.approx(-100.0, abs=0.01)
+    assert [k for k, _ in c.events].count("clock_sources_step") == 1 and LOWER_S < 100.0

@@ -215,6 +215,8 @@ STEP_S = 1.0         # a change of the wall clock's offset from the monotonic cl
 SKEW_REPORT_S = 2.0  # the node's wall clock further than this from its sources' is reported (event, metric)
 MAX_AGE_S = 600.0    # an item older than this when handled is taken as this old (a step came between)
 _SOURCES_MAX = 256   # the sources whose clock offsets the consensus is taken over (the most recently changed)
+LOWER_S = 30.0       # a stream's clock offset that fell (a delay, a backlog drained, or its clock went back) is
+                     # taken once it has stayed lower this long: a burst of late samples moves no stamp
 
 
 class NodeClock:
@@ -245,7 +247,7 @@ class NodeClock:
     """
 
     __slots__ = ("max_skew_s", "step_s", "wall_offset", "source_offset", "steps", "last_step", "events",
-                 "_src", "_reported", "_at")
+                 "_src", "_reported", "_at", "_low")
 
     def __init__(self, *, max_skew_s: float = 86400.0, step_s: float = STEP_S):
         self.max_skew_s, self.step_s = float(max_skew_s), float(step_s)
@@ -256,6 +258,7 @@ class NodeClock:
         self._src: dict = {}                     # stream -> its clock's offset (insertion order: last changed last)
         self._reported = 0.0
         self._at = 0.0  # the offset the last receive time was given with (the consensus may move after it)
+        self._low: dict = {}  # stream -> [monotonic time its offset first fell, last time it was seen low]
 
     @property
     def offset(self) -> float:
@@ -301,20 +304,41 @@ class NodeClock:
         """Take a sample time ``t`` of stream ``key`` received at ``received`` (the last
         ``receive_time``): it updates the consensus; ``DecodeError`` (absurd_time) when it is
         further than ``max_skew_s`` from the consensus of the sources' clocks."""
-        o = t - (received - self._at)
+        m = received - self._at
+        o = t - m
         prev = self._src.get(key)
-        if prev is None or abs(o - prev) > self.step_s:
-            self._src.pop(key, None)
-            self._src[key] = o
-            if len(self._src) > _SOURCES_MAX:
-                del self._src[next(iter(self._src))]
-            self._consensus()
+        if prev is None or o > prev + self.step_s:  # a delay only lowers an offset: a higher one is taken at once
+            self._take(key, o)
+        elif o < prev - self.step_s:
+            low = self._low.get(key)
+            if low is None or m - low[1] > 5.0:  # not lower without a break: a new spell
+                self._low[key] = [m, m]
+                if len(self._low) > _SOURCES_MAX:
+                    del self._low[next(iter(self._low))]
+            elif m - low[0] >= LOWER_S:
+                self._take(key, o)
+            else:
+                low[1] = m
+        self.refuse(t, received)
+
+    def refuse(self, t: float, received: float) -> None:
+        """``DecodeError`` (absurd_time) when ``t`` received at ``received`` is further than
+        ``max_skew_s`` from the consensus of the sources' clocks (which it does not move)."""
         c = self.source_offset
-        if self.max_skew_s and abs(o - c) > self.max_skew_s:
+        o = t - (received - self._at)
+        if self.max_skew_s and c is not None and abs(o - c) > self.max_skew_s:
             from edge.errors import DecodeError
 
             raise DecodeError("absurd_time", f"timestamp {t!r} is {o - c:+.4g} s from the clock of this node's other "
                                              f"sources (max_clock_skew_s = {self.max_skew_s:g})")
+
+    def _take(self, key, o: float) -> None:
+        self._low.pop(key, None)
+        self._src.pop(key, None)
+        self._src[key] = o
+        if len(self._src) > _SOURCES_MAX:
+            del self._src[next(iter(self._src))]
+        self._consensus()
 
     def _consensus(self) -> None:
         v = sorted(self._src.values())

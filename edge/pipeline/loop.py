@@ -29,7 +29,7 @@ from edge.pipeline.bank import Stream, WindowerBank
 from edge.pipeline.inbox import Inbox
 from edge.pipeline.publisher import Publisher
 from edge.pipeline.records import LabelIn, RawMessageIn, SampleBlock, SensorBatch, StreamReset, Window
-from edge.pipeline.router import LABEL, SENSOR, Router
+from edge.pipeline.router import LABEL, SENSOR, Router, check_times as _check_times
 from edge.pipeline.server import Server
 from edge.serve.latency import LatencyHistogram
 from edge.supervise import Supervisor
@@ -251,10 +251,7 @@ class Pipeline:
 
     def _checked(self, key, ts: list, received: float) -> list:
         """``ts`` once its given times fit the sources' clock (``DecodeError`` absurd_time)."""
-        if ts and ts[-1] is not None:
-            self.clock.check(key, ts[-1], received)
-        if len(ts) > 1 and ts[0] is not None:
-            self.clock.check(key, ts[0], received)
+        _check_times(self.clock, key, ts, received)
         return ts
 
     def _clock_events(self) -> None:

@@ -26,6 +26,18 @@ from edge.ingest.types import StreamKey
 from edge.pipeline.records import LabelIn
 
 SENSOR, LABEL = "sensor", "label"
+
+
+def check_times(clock, key, ts: list, received: float) -> None:
+    """The given times of one message against the sources' clock (``NodeClock``): the last
+    one moves the consensus, the earliest and latest must fit it (``DecodeError`` absurd_time)."""
+    if ts[-1] is not None:
+        clock.check(key, ts[-1], received)
+    if len(ts) > 1:
+        given = [t for t in ts if t is not None] if None in ts else ts
+        if given:
+            clock.refuse(min(given), received)
+            clock.refuse(max(given), received)
 _CACHE_MAX = 100_000
 
 
@@ -89,10 +101,7 @@ class Router:
         ts, rows = decode_payload(payload, channels=self.channels, now=received, fmt=route.fmt,
                                   max_skew=self.max_skew if clock is None else 0.0, max_bytes=self.max_payload)
         if clock is not None and ts:
-            if ts[-1] is not None:
-                clock.check(route.key, ts[-1], received)
-            if len(ts) > 1 and ts[0] is not None:
-                clock.check(route.key, ts[0], received)
+            check_times(clock, route.key, ts, received)
         return ts, rows
 
     def decode_label(self, route: Route, payload: bytes, received: float, topic: str = "") -> LabelIn:
