@@ -20,7 +20,7 @@ that many streams (stray topics up to the pipeline's ``max_streams``) cannot gro
 cache without bound.
 
 Time going back: a stream's windows are cached in time order. A window that ends before
-the stream's newest cached one (its clock went back: a sensor restarted with an earlier
+(or when) the stream's newest cached one does (its clock went back: a sensor restarted with an earlier
 clock, or this node's receive clock stepped back for a stream without times) starts the
 stream's time line anew: the cached windows after it, stamped on the old line, are
 dropped and counted (``windows_superseded_total``), so they never stand in front of the
@@ -129,7 +129,7 @@ class LabelMatcher:
         if dq is None:
             dq = self.windows[key] = collections.deque()
             self._ends[key] = collections.deque()
-        elif w.t_end < dq[-1].t_end:
+        elif w.t_end <= dq[-1].t_end:  # never equal on one time line (hop > 0): the clock went back
             self._supersede(key, w.t_end)
         dq.append(w)
         self._ends[key].append(w.t_end)
@@ -149,11 +149,11 @@ class LabelMatcher:
             self.evicted += 1
 
     def _supersede(self, key, t_end: float) -> None:
-        """The stream's time went back to ``t_end``: drop its cached windows ending after it
-        (newest first; their order entries become stale, as for the per-stream bound)."""
+        """The stream's time went back to ``t_end``: drop its cached windows ending at or after
+        it (newest first; their order entries become stale, as for the per-stream bound)."""
         dq, ends = self.windows[key], self._ends[key]
         n = 0
-        while dq and ends[-1] > t_end:
+        while dq and ends[-1] >= t_end:
             self.nbytes -= _cost(dq.pop())
             ends.pop()
             n += 1
