@@ -404,6 +404,15 @@ class CheckpointStore:
             log.warning("could not prune old checkpoints in %s: %s", self.dir, e)
         return final
 
+    def remember(self, state: dict) -> None:
+        """Take ``state`` as what the last good checkpoint holds (its caller just restored it),
+        so that ``save(state, skip_unchanged=True)`` of the same state writes nothing. The
+        restored file's own bytes may differ from a re-encoding of what was applied (an
+        empty array's shape, for one), which would cost a write after every restart."""
+        if self.last_good is not None:
+            ident = self.identity.to_dict() if self.identity is not None else None
+            self._last_digest = hashlib.sha256(encode_state({_ENVELOPE: 2, "identity": ident, "state": state})).digest()
+
     def _write(self, tmp: Path, final: Path, data: bytes) -> None:
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

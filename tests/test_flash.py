@@ -72,14 +72,10 @@ def test_a_restart_with_nothing_new_writes_no_checkpoint(tmp_path):
     w.start()
     assert wait_until(lambda: w.counters["learned"] == 8, timeout=60)
     w.stop()
-    # The first restart may write once: the label cache's restored empty feature block has
-    # another shape than a fresh one ((0, 0) for (0, 64)), so the bytes differ though the state
-    # does not. From then on a restart with nothing new writes nothing.
-    once = _worker(tmp_path)
-    once.start()
-    once.stop()
-    assert once.counters["checkpoints"] <= 1
-    saved = [(p.name, p.stat().st_mtime_ns) for p in once.store.paths()]
+    saved = [(p.name, p.stat().st_mtime_ns) for p in w.store.paths()]
+    # the restored file's bytes differ from a re-encoding of what was applied (the label
+    # cache's empty feature block comes back (0, 0), not (0, 64)): the state as applied is
+    # what counts, so not even the first restart writes
     for _ in range(2):
         again = _worker(tmp_path)
         again.start()

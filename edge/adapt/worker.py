@@ -253,6 +253,7 @@ class AdaptWorker:
         self.thread = self.supervisor.spawn(THREAD, self._run)
         self._restore()
         self._restore_label_cache()
+        self._remember()
 
     @property
     def champion(self) -> HeadSnapshot:
@@ -371,6 +372,7 @@ class AdaptWorker:
         self.extras[name] = obj
         if name in self._restored:
             obj.load_state_dict(self._restored[name])
+        self._remember()
 
     def offer_call(self, fn: Callable[["AdaptWorker"], None], *, kind=None) -> bool:
         """Run ``fn(self)`` on the learner thread, in order with labels and windows (fleet
@@ -390,8 +392,7 @@ class AdaptWorker:
         self._last_ckpt = self.clock()
         written = self.store.counters["unchanged"]
         try:
-            self.store.save({**self.learner.state_dict(), "label_cache": self.matcher.state_dict(),
-                             **{k: o.state_dict() for k, o in self.extras.items()}}, skip_unchanged=True)
+            self.store.save(self._state(), skip_unchanged=True)
         except (OSError, StateError) as e:
             self.counters["checkpoint_errors"] += 1
             self._errlog.warn("checkpoint", "checkpoint failed (%d failures so far; the next interval tries again): %s",
@@ -400,6 +401,19 @@ class AdaptWorker:
         if self.store.counters["unchanged"] == written:
             self.counters["checkpoints"] += 1
         return True
+
+    def _state(self) -> dict:
+        """What a checkpoint holds: the learner, the label cache, the attached extras."""
+        return {**self.learner.state_dict(), "label_cache": self.matcher.state_dict(),
+                **{k: o.state_dict() for k, o in self.extras.items()}}
+
+    def _remember(self) -> None:
+        """After a restore: the state as applied is what the checkpoint holds (no write until it changes)."""
+        if self._restored:
+            try:
+                self.store.remember(self._state())
+            except StateError as e:  # cannot encode: the next checkpoint says so; nothing is lost by writing once
+                log.debug("restored state not remembered: %s", e)
 
     # ---- the loop ----------------------------------------------------------------------------
     def _next(self):
