@@ -232,3 +232,38 @@ def store_waits(schema) -> bool:
 
     with psycopg.connect(PG, autocommit=True) as c:
         return c.execute("SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'transactionid'").fetchone()[0] > 0
+
+
+def test_an_instance_does_not_wait_for_another_instance_s_commit(schema):
+    """While one store is inside a version commit, another's commit returns at once
+    (``commit_busy``) instead of blocking its instance's storing until the first is done;
+    the deltas it would have taken are committed by the first or by the next check."""
+    import threading
+
+    from edge.fleet.store import DeltaRecord
+
+    url = f"{PG}?schema={schema}"
+    a, b = open_store(url), open_store(url)
+    inside, release, results = threading.Event(), threading.Event(), {}
+    try:
+        a.ensure_version0(b"v0")
+        a.add_deltas([DeltaRecord(node="n1", seq=1, base_version=0, samples=1, norm=1.0, digest="d", message=b"m")])
+
+        def slow_build(latest, deltas):
+            inside.set()
+            release.wait(30)
+            return b"v1", "test"
+        ta = threading.Thread(target=lambda: results.setdefault("a", a.commit_version(slow_build)))
+        ta.start()
+        assert inside.wait(20)
+        tb = threading.Thread(target=lambda: results.setdefault("b", b.commit_version(lambda *x: (b"x", "x"))))
+        tb.start()
+        tb.join(20)
+        assert not tb.is_alive() and results["b"] is None and b.commit_busy == 1
+        release.set()
+        ta.join(20)
+        assert results["a"].version == 1 and results["a"].n_deltas == 1
+    finally:
+        release.set()
+        a.close()
+        b.close()

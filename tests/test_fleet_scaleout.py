@@ -20,7 +20,7 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edge.fleet.codec import unpack_message
-from edge.fleet.keys import load_private, load_public
+from edge.fleet.keys import load_public
 from edge.fleet.receipts import unpack_receipt
 from edge.fleet.store import open_store
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
@@ -39,7 +39,6 @@ class SimDevices:
     def __init__(self, broker, keys: dict, nodes: list[str]):
         self.keys, self.nodes = keys, nodes
         self.server_key = load_public(keys["server"].public_path)
-        self.private = {n: load_private(keys[n].private_path) for n in nodes}
         self.pending: dict[tuple[str, int], bytes] = {}
         self.sent, self.receipted, self.heads = 0, set(), []
         self.cond = threading.Condition()

@@ -1,7 +1,8 @@
 """The PostgreSQL fleet store (psycopg 3), for several server instances sharing one database.
 
 Same interface and tables as ``edge.fleet.store.SQLiteStore``. ``commit_version`` takes a
-transaction-scoped advisory lock, so version commits are serialised across instances;
+transaction-scoped advisory lock, so version commits are serialised across instances (an
+instance that finds it taken does not wait: the one holding it commits);
 it claims the unapplied deltas with ``FOR UPDATE SKIP LOCKED`` and marks them applied in
 the same transaction that inserts the version. An instance killed inside it loses its
 connection; PostgreSQL rolls the transaction back and frees the lock, and the deltas go
@@ -80,7 +81,7 @@ class PostgresStore(StoreReads):
         if not self.schema.replace("_", "").isalnum():
             raise EdgeError(f"schema {self.schema[:64]!r} must be letters, digits and '_'")
         self._dsn, self._where = urlunsplit(parts._replace(query=urlencode(q, doseq=True))), f"{parts.hostname}:{parts.port}"
-        self._closing, self.reconnects, self.retries = False, 0, 0
+        self._closing, self.reconnects, self.retries, self.commit_busy = False, 0, 0, 0
         self._conn = self._connect()
         self._lock = threading.Lock()
         with self._lock:
@@ -245,9 +246,15 @@ class PostgresStore(StoreReads):
         return Pending(count=int(n), oldest=oldest)
 
     def commit_version(self, build: Build, *, max_deltas: int = 100_000, pause_s: float = 0.0) -> VersionRecord | None:
+        """As ``SQLiteStore.commit_version``; None also when another instance is committing
+        right now (``commit_busy``): it takes the waiting deltas, and what it leaves the next
+        check commits, so no instance stops storing to wait for another's commit."""
         with self._lock, self._db.transaction():
             db = self._db
-            db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+            (got,) = db.execute("SELECT pg_try_advisory_xact_lock(%s)", (_LOCK_KEY,)).fetchone()
+            if not got:
+                self.commit_busy += 1
+                return None
             latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
             rows = db.execute(f"SELECT id, {_DCOLS} FROM deltas WHERE applied_version IS NULL ORDER BY id LIMIT %s "
                               "FOR UPDATE SKIP LOCKED", (max_deltas,)).fetchall()
