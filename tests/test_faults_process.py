@@ -25,7 +25,10 @@ pytestmark = pytest.mark.timeout(180)
 
 
 def _status(run: EdgeRun, node: str) -> dict:
-    return json.loads((run.tmp / "state" / node / "status.json").read_text())
+    from edge.config import load_config
+    from edge.state import runtime_dir
+
+    return json.loads((runtime_dir(load_config(str(run.cfg))) / "status.json").read_text())  # in RAM, not the state folder
 
 
 def test_a_killed_pipeline_stops_the_watchdog_and_edge_run_exits_non_zero(broker, tmp_path):
