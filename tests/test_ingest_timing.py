@@ -244,7 +244,7 @@ def test_stamp_of_a_list_is_stamp_one_of_each(msgs):
 
 # ---- NodeClock: the receive clock under wall-clock steps (issue 19) ----------------------------
 from edge.errors import DecodeError  # noqa: E402
-from edge.ingest.timing import NodeClock  # noqa: E402
+from edge.ingest.clock import NodeClock  # noqa: E402
 
 _steps = st.lists(st.tuples(st.floats(0.001, 5.0), st.floats(-10 * 365 * 86400.0, 10 * 365 * 86400.0) | st.just(0.0),
                             st.floats(0.0, 0.05)), min_size=1, max_size=60)
@@ -315,7 +315,7 @@ def test_an_untimed_line_left_ahead_by_a_step_back_restarts_at_the_receive_time(
 def test_a_burst_of_late_samples_moves_no_stamp_but_a_sensor_clock_gone_back_is_followed():
     """A backlog (samples minutes late for a few seconds) leaves the consensus where it was;
     a sensor whose clock went back 100 s is followed once that has held for LOWER_S."""
-    from edge.ingest.timing import LOWER_S
+    from edge.ingest.clock import LOWER_S
 
     c = NodeClock(max_skew_s=86400.0)
     mono = 0.0

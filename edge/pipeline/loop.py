@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from edge.errors import DecodeError, brief
 from edge.ingest.payload import decode_sample
-from edge.ingest.timing import NodeClock
+from edge.ingest.clock import NodeClock
 from edge.observe import RateLimitedLog
 from edge.pipeline.accounting import item_samples
 from edge.pipeline.bank import Stream, WindowerBank
