@@ -408,7 +408,7 @@ def _scale_report(args, argv) -> int:
 
     counts = [int(x) for x in args.instances.split(",") if x]
     report = {"command": "edge bench fleet " + " ".join(argv or []), "cpu": _cpu(),
-              **fleet_scale.run(args.store, counts, deltas=args.throughput_deltas)}
+              **fleet_scale.run(args.store, counts, deltas=args.throughput_deltas, repeats=args.repeats)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "fleet_scale.json").write_text(json.dumps(report, indent=1))
@@ -448,6 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--instances", default="",
                     help="run instead the scale-out bench: stored deltas per second for these instance counts (1,2,3)")
+    ap.add_argument("--repeats", type=int, default=2, help="--instances: runs of each count, interleaved; the best is kept")
     ap.add_argument("--store", default="postgresql://postgres@127.0.0.1:5432/test",
                     help="--instances: the PostgreSQL the instances share (a fresh schema per count)")
     ap.add_argument("--attack", default="", help=f"run the honest baseline and these attacks: {','.join(ATTACKS)} or all")
