@@ -29,7 +29,8 @@ killed, stopped or vanished instance strands no share of the group at the broker
 was in flight to it is lost to it, and the devices send it again, because a device
 counts a delta delivered only once a signed receipt says it is stored. ``stop()`` (SIGTERM,
 a scale-down) first leaves the group and waits for the UNSUBACK, then stores and
-acknowledges what it holds. The head is published by ``publish_head``: under the store's
+acknowledges what it holds. A delivery left unacknowledged for a full queue (MQTT 3.1.1)
+is dropped with the clean session at the reconnect too, and comes again from its device. The head is published by ``publish_head``: under the store's
 publish lock, the newest committed version, the lock held until PUBACK.
 """
 from __future__ import annotations
