@@ -128,7 +128,7 @@ def _cmd_fleet(args) -> int:
             ref = agg.reference_metrics(latest.message)
             rec = store.add_version(lambda v: agg.pack_global(arrays, version=v, parent=latest.version, n=0, metrics=ref),
                                     f"rollback to version {args.version}")
-            from edge.fleet.server import publish_once
+            from edge.fleet.publish import publish_once
 
             # published now, under the fleet's publish lock (so no instance's older head
             # follows it); running servers publish it too, as the newest committed version

@@ -51,7 +51,8 @@ from edge.fleet.config import ServerConfig
 from edge.fleet.receipts import pack_receipt
 from edge.fleet.heads import delta_topic, global_topic, initial_arrays, receipt_topic, request_topic
 from edge.fleet.keys import load_private
-from edge.fleet.store import VersionRecord, open_store
+from edge.fleet.publish import publish_head
+from edge.fleet.store import open_store
 from edge.fleet.trust import DeviceRegistry
 from edge.fleet.validate import Expected
 from edge.mqttconn import make_client
@@ -105,46 +106,6 @@ def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
                       staleness_exponent=s.staleness_exponent, server_lr=s.server_lr, commit_pause_s=s.commit_pause_s,
                       initial=arrays, max_samples=s.max_samples, samples_ratio=s.samples_ratio,
                       reference_growth=s.reference_growth)
-
-
-def publish_head(client, topic: str, store, *, timeout_s: float = 2.0) -> tuple[VersionRecord | None, bool]:
-    """Publish the newest committed version retained (QoS 1) under the store's publish lock
-    (one publisher at a time, across instances and a ``rollback``) and hold the lock until
-    the broker's PUBACK: the broker then has it before anyone publishes again, so the
-    retained head never goes back. Returns the version and whether the broker took it."""
-    with store.publishing() as head:
-        if head is None:
-            return None, False
-        info = client.publish(topic, head.message, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return head, False
-        try:
-            info.wait_for_publish(timeout_s)
-        except (ValueError, RuntimeError):  # the connection went meanwhile: paho sends it again
-            pass
-        return head, info.is_published()
-
-
-def publish_once(cfg: ServerConfig, store, *, timeout_s: float = 10.0) -> tuple[VersionRecord | None, bool]:
-    """``rollback``'s publish while servers run: its own clean connection, the newest head."""
-    import os
-
-    s = cfg.server
-    conn = make_client(cfg.mqtt, client_id=f"{cfg.mqtt.client_id or s.name}-publish-{os.getpid()}", session_expiry_s=0)
-    up = threading.Event()
-    conn.client.on_connect = lambda c, u, f, rc, p=None: None if rc.is_failure else up.set()
-    conn.connect_async(cfg.mqtt)
-    conn.client.loop_start()
-    try:
-        if not up.wait(timeout_s):
-            return store.latest(), False
-        from edge.zoo import resolve_model
-
-        topic = global_topic(s.topic_prefix, s.fleet, resolve_model(s.model).manifest.name)
-        return publish_head(conn.client, topic, store, timeout_s=timeout_s)
-    finally:
-        conn.client.disconnect()
-        conn.client.loop_stop()
 
 
 class FleetServer:
