@@ -100,8 +100,9 @@ class Daemon:
                                                      cache_dir=cfg.model.cache_dir or None, threads=cfg.model.threads)
         self.engine = Engine(backend, max_batch=cfg.model.max_batch)
         self.engine.warm_up()
-        log.info("model %s %s on %s (%s); ready to serve in %.2f s", m.name, m.version, backend.describe().get("name", backend.key),
-                 self.backend_reason, time.monotonic() - t0)
+        d = backend.describe()  # the choice's reason was logged once where it was made (edge.serve)
+        log.info("model %s %s on %s %s; ready to serve in %.2f s", m.name, m.version, d.get("backend", backend.key),
+                 d.get("precision", ""), time.monotonic() - t0)
         _, head_sd = self.model.arrays()  # numpy: the ONNX Runtime path needs no torch
         self.global_head = HeadSnapshot.from_arrays(dict(head_sd), kind="linear",
                                                      task=m.task, version=f"{m.version}+shipped")
@@ -187,6 +188,7 @@ class Daemon:
         self._load_model(startup.model)
         self._build()
         sup = self.supervisor
+        self._threads_started = True  # from here on, a failed start still needs stop()
         self.pipeline.start()
         if self.adapt is not None:
             self.adapt.start()
@@ -302,9 +304,10 @@ class Daemon:
         meanwhile, only while every supervised thread lives. Returns the exit code."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop_requested.set())
-        code = 0
+        code, started = 0, False
         try:
             self.start(connect_timeout=5.0)
+            started = True
             wd = int(os.environ.get("WATCHDOG_USEC", "0")) / 1e6
             last_status = 0.0
             while not self._stop_requested.wait(min(wd / 2, 1.0) if wd else 1.0):
@@ -319,12 +322,17 @@ class Daemon:
                 log.critical("exiting non-zero: thread(s) died: %s", "; ".join(f"{k}: {v}" for k, v in dead.items()))
                 code = 1
         except Exception:  # noqa: BLE001 - the loop's own failure ends the daemon, never skips the stop below
+            if not started:
+                raise  # a failed start (a bad model, key or config): the CLI maps it to its exit code
             log.critical("the main loop failed; stopping (drain, final checkpoint, offline status)", exc_info=True)
             code = 1
         finally:
             # whatever ended the loop (a signal, a death, an error, even KeyboardInterrupt), what is
-            # queued is served and learned, the learner checkpoints and the broker hears "offline"
-            for step in (self.stop, self.write_status):
+            # queued is served and learned, the learner checkpoints and the broker hears "offline";
+            # a start that failed before any thread ran has nothing to stop
+            steps = (self.stop, self.write_status) if started else \
+                (self.stop,) if getattr(self, "_threads_started", False) else ()
+            for step in steps:
                 try:
                     step()
                 except Exception:  # noqa: BLE001 - one failed step must not skip the next

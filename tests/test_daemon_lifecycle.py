@@ -88,3 +88,18 @@ def test_run_drains_checkpoints_and_says_offline_whatever_ends_its_loop(broker, 
     finally:
         c.close()
         d.stop()
+
+
+def test_the_serving_choice_is_logged_once_and_the_ready_line_names_the_backend(tmp_path, caplog):
+    import logging
+
+    cfg = parse_config({"node": {"name": "quiet", "state_dir": str(tmp_path)},
+                        "model": {"cache_dir": str(tmp_path / "cache")}, "adapt": {"enabled": False}})
+    d = Daemon(cfg)
+    with caplog.at_level(logging.INFO):
+        d._load_model()
+    reason = d.backend_reason
+    assert reason and sum(reason in r.getMessage() for r in caplog.records) == 1
+    ready = [r.getMessage() for r in caplog.records if "ready to serve" in r.getMessage()]
+    backend = d.engine.describe()["backend"]
+    assert len(ready) == 1 and f" on {backend} " in ready[0], ready
