@@ -10,9 +10,8 @@ import pytest
 import edge.errors
 from edge.cli import BENCHES, EXIT_CODES, build_parser, main
 
-#: the commands this module's rules cover fully: help on every option (edge.fleet.cli's are
-#: covered by the description and default rules)
-OWN = {"run", "demo", "compile", "bench", "status", "pin", "label-key", "label"}
+#: the commands this module's rules cover fully: help on every option
+OWN = {"run", "demo", "compile", "bench", "status", "pin", "label-key", "label", "keys", "fleet-server"}
 
 
 def _walk(ap: argparse.ArgumentParser, path=()):

@@ -7,18 +7,23 @@ from dataclasses import dataclass
 
 
 def add_parsers(sub) -> None:
-    k = sub.add_parser("keys", help="fleet signing keys: create, list, export (files 0600, folder 0700)")
+    k = sub.add_parser("keys", help="fleet signing keys: create, list, export (files 0600, folder 0700)",
+                       description="Ed25519 keys for fleet sync: a device signs its deltas, the server its global heads.")
     ks = k.add_subparsers(dest="keys_cmd", required=True)
-    kc = ks.add_parser("create", help="create an Ed25519 key pair")
-    kc.add_argument("name")
-    kc.add_argument("--role", choices=["device", "server"], default="device")
-    kc.add_argument("--dir", default="~/.config/edge-runtime/keys")
-    kl = ks.add_parser("list", help="list key pairs")
-    kl.add_argument("--dir", default="~/.config/edge-runtime/keys")
-    ke = ks.add_parser("export", help="print a public key, or write it as <to>/<name>.pub")
-    ke.add_argument("name")
-    ke.add_argument("--role", choices=["device", "server"], default="device")
-    ke.add_argument("--dir", default="~/.config/edge-runtime/keys")
+    role_help = "device: signs its deltas; server: signs global heads and receipts"
+    dir_help = "keys folder"
+    kc = ks.add_parser("create", help="create an Ed25519 key pair",
+                       description="Create NAME.ROLE.key (private, 0600) and NAME.ROLE.pub; never overwrites one.")
+    kc.add_argument("name", help="the key's name: a device's [node] name, or the server's")
+    kc.add_argument("--role", choices=["device", "server"], default="device", help=role_help)
+    kc.add_argument("--dir", default="~/.config/edge-runtime/keys", help=dir_help)
+    kl = ks.add_parser("list", help="list key pairs", description="Name, role, key id and public key file of each pair.")
+    kl.add_argument("--dir", default="~/.config/edge-runtime/keys", help=dir_help)
+    ke = ks.add_parser("export", help="print a public key, or write it as <to>/<name>.pub",
+                       description="Print NAME's public key, or write it into a server's devices_dir as NAME.pub.")
+    ke.add_argument("name", help="the key's name")
+    ke.add_argument("--role", choices=["device", "server"], default="device", help=role_help)
+    ke.add_argument("--dir", default="~/.config/edge-runtime/keys", help=dir_help)
     ke.add_argument("--to", help="folder (a server's devices_dir, a device's trust folder)")
     k.set_defaults(func=_cmd_keys)
 
@@ -27,12 +32,13 @@ def add_parsers(sub) -> None:
     for name, hlp in (("run", "run the server"), ("versions", "list global versions, newest first (paged)"),
                       ("rollback", "publish an earlier version's head as a new version"),
                       ("devices", "per device, by name (paged): last seen, accepted and rejected counts, reasons")):
-        p = fs.add_parser(name, help=hlp)
-        p.add_argument("--config", "-c", help="fleet server TOML")
+        p = fs.add_parser(name, help=hlp, description=hlp[0].upper() + hlp[1:] + ".")
+        p.add_argument("--config", "-c", help="fleet server TOML (example: deploy/config/fleet-server.toml)")
         if name == "rollback":
-            p.add_argument("version", type=int)
+            p.add_argument("version", type=int, help="the stored version whose head becomes the newest version")
         if name == "run":
-            p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+            p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                           help="log level")
             p.add_argument("--check", action="store_true",
                            help="make every start-up check (config, TLS files, broker policy, model, key_file, "
                                 "devices_dir, store opens), then exit with the code start-up would")
