@@ -183,6 +183,32 @@ def _prefill(cfg_path: Path, n: int) -> dict:
     return {"labels": n, "replay_samples": met["learner_replay_samples"]}
 
 
+def per_day(out: dict) -> dict:
+    """Bytes per day at steady state from a flash phase's windows (module docstring, 5):
+    what is not checkpoints at its measured rate in the windows without a checkpoint, plus
+    checkpoints at their measured cost (write_bytes per checkpoint where one was seen, else
+    the file's size): one per interval while the learner changes (loaded), none while it
+    does not (idle: an idle learner's state is unchanged, so a checkpoint seen in an idle
+    window is the one-off of the load before it).
+
+    >>> w = lambda s, b, n: {"seconds": s, "write_bytes": b, "checkpoints": n}
+    >>> per_day({"checkpoint_interval_s": 1800, "checkpoint_file_bytes": 10**6, "idle": w(100, 0, 0),
+    ...          "loaded": w(100, 0, 0), "idle_after_load": w(100, 2 * 10**6, 1)})["per_day_mb"]
+    {'idle': 0.0, 'loaded': 96.0, 'checkpoint_bytes_each': 2000000}
+    """
+    wins = [out[k] for k in ("idle", "loaded", "idle_after_load") if k in out]
+    quiet = [x for x in wins if not x["checkpoints"]]
+    rate = sum(x["write_bytes"] for x in quiet) / max(1e-9, sum(x["seconds"] for x in quiet)) if quiet else 0.0
+    seen = [x for x in wins if x["checkpoints"]]
+    each = (sum(x["write_bytes"] for x in seen) // sum(x["checkpoints"] for x in seen) if seen
+            else out["checkpoint_file_bytes"])
+    day = 86400 * rate
+    return {"per_day_mb": {"idle": round(day / 1e6, 3),
+                           "loaded": round((day + 86400 / out["checkpoint_interval_s"] * each) / 1e6, 3),
+                           "checkpoint_bytes_each": int(each)},
+            "targets_mb_per_day": {"idle": 1.0, "loaded": 100.0}}
+
+
 def flash(a, rows, broker, port: int, tmp: Path) -> dict:
     """Phase 5 (module docstring): a fresh daemon at the defaults, its replay buffer full
     (``--flash-prefill`` labels learned first), idle / loaded / idle again."""
@@ -229,11 +255,7 @@ def flash(a, rows, broker, port: int, tmp: Path) -> dict:
         out["exit_code"] = proc.wait(30)
         final = _checkpoints(ckdir)
         out["checkpoint_file_bytes"] = final[-1].stat().st_size if final else 0
-    ck = out["checkpoint_file_bytes"]
-    day = lambda ph, ckpts: round((ph["other_bytes"] * 86400 / ph["seconds"] + ckpts * ck) / 1e6, 3)  # noqa: E731
-    out["per_day_mb"] = {"idle": day(out["idle"], 0), "idle_after_load": day(out["idle_after_load"], 0),
-                         "loaded": day(out["loaded"], 86400 / interval)}
-    out["targets_mb_per_day"] = {"idle": 1.0, "loaded": 100.0}
+    out.update(per_day(out))
     print(f"flash per day (MB): {out['per_day_mb']}", flush=True)
     return out
 
