@@ -158,7 +158,7 @@ class WindowConfig(_Section):
     sample_rate: float = _opt(0.0, lo=0.0, hi=1e7, doc="expected rate in Hz; 0 takes the model's")
     rate_tolerance: float = _opt(0.1, lo=0.0, hi=1.0, doc="relative rate error before a rate warning")
     max_fill: int = _opt(2, lo=0, hi=1000, doc="missing samples filled by interpolation; larger gaps restart the window")
-    max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="samples further from the receive time are rejected; 0 disables")
+    max_clock_skew_s: float = _opt(86400.0, lo=0.0, hi=1e10, doc="a timed stream whose clock is further than this from the median of the timed streams' clocks (the node's own clock before any) is rejected as absurd_time; 0 disables")
     max_streams: int = _opt(10_000, lo=1, hi=10_000_000, doc="streams beyond this many are rejected (bounds memory against stray topics)")
     max_fill_share: float = _opt(0.05, lo=0.0, hi=1.0, doc="recent share of filled samples above which a stream is flagged (fill)")
     resync_s: float = _opt(1.0, lo=0.001, hi=3600.0, doc="samples without t: exact spacing while within this of the receive time, never beyond twice it")
