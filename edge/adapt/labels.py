@@ -12,6 +12,9 @@ stream; a label without one (a node-wide label) matches every stream with such a
 window. A label after the end of the newest cached window, by at most ``max_future_s``,
 waits (bounded, ``max_pending``) for the window that contains it, and is matched within
 the tolerance only once the stream has gone past it; each window is labelled at most once.
+A label for a stream with no window cached yet (a labeller quicker than the stream's first
+window) waits the same way, until that stream's windows come or until the other streams
+have gone ``max_future_s`` past it: then it is ``unknown_stream``.
 
 Memory: each stream keeps its newest ``max_windows`` windows, and all streams together
 at most ``max_bytes`` (the features plus about 320 bytes a window): beyond that the
@@ -187,6 +190,11 @@ class LabelMatcher:
                 best, dist = w, d
         return (best, None) if best is not None else (None, "unmatched")
 
+    def _gone_past(self, t: float) -> bool:
+        """Whether the streams cached have gone ``max_future_s`` past ``t`` (a label for a
+        stream that has not come by then is not waiting for its first window any more)."""
+        return any(dq[-1].t_end > t + self.max_future_s for dq in self.windows.values() if dq)
+
     def _take(self, key, w: CachedWindow, target, t: float) -> list[Match]:
         if w.labelled:
             return self._reject("duplicate")
@@ -206,7 +214,14 @@ class LabelMatcher:
         if why:
             return self._reject(why)
         if key is not None and key not in self.windows:
-            return self._reject("unknown_stream")
+            # its stream's first window may not have been cut yet: wait for it (bounded), as
+            # for a label ahead of its stream's newest window
+            if self._gone_past(t):
+                return self._reject("unknown_stream")
+            if len(self.pending) >= self.max_pending:
+                return self._reject("pending_overflow")
+            self.pending.append((t, key, target, set()))
+            return []
         keys = [key] if key is not None else list(self.windows)
         newest = max((self.windows[k][-1].t_end for k in keys), default=-math.inf)
         if keys and t > newest + self.max_future_s:
@@ -234,7 +249,10 @@ class LabelMatcher:
             keys = [key] if key is not None else list(self.windows)
             waiting = False
             for k in keys:
-                if k in done or k not in self.windows:
+                if k in done:
+                    continue
+                if k not in self.windows:  # a stream not seen yet: wait while the others have not gone past it
+                    waiting = waiting or not self._gone_past(t)
                     continue
                 w, why = self._find(k, t)
                 if w is not None:
@@ -245,7 +263,7 @@ class LabelMatcher:
             if waiting:
                 keep.append((t, key, target, done))
             elif not done:
-                self._reject("unmatched")
+                self._reject("unknown_stream" if key is not None and key not in self.windows else "unmatched")
         self.pending = keep
         return out
 
