@@ -22,10 +22,11 @@ oldest window of all streams is evicted and counted (``windows_evicted_total``),
 that many streams (stray topics up to the pipeline's ``max_streams``) cannot grow the
 cache without bound.
 
-Time going back: a stream's windows are cached in time order. A window that ends before
-(or when) the stream's newest cached one does (its clock went back: a sensor restarted with an earlier
-clock, or this node's receive clock stepped back for a stream without times) starts the
-stream's time line anew: the cached windows after it, stamped on the old line, are
+Time going back: a stream's windows are cached in time order, by start and by end. A
+window that ends before (or when) the stream's newest cached one does, or starts before it
+started (its clock went back: a sensor restarted with an earlier clock, or this node's
+receive clock stepped back for a stream without times) starts the stream's time line
+anew: the cached windows not wholly before it, stamped on the old line, are
 dropped and counted (``windows_superseded_total``), so they never stand in front of the
 new ones (a label for a new window is never ``too_old`` or ``future`` because of them).
 
@@ -132,8 +133,10 @@ class LabelMatcher:
         if dq is None:
             dq = self.windows[key] = collections.deque()
             self._ends[key] = collections.deque()
-        elif w.t_end <= dq[-1].t_end:  # never equal on one time line (hop > 0): the clock went back
-            self._supersede(key, w.t_end)
+        elif w.t_end <= dq[-1].t_end or w.t_start < dq[-1].t_start:
+            # on one time line both ends move forward (hop > 0; windows may overlap): either
+            # going back means the clock went back
+            self._supersede(key, w.t_start, w.t_end)
         dq.append(w)
         self._ends[key].append(w.t_end)
         self._order.append(key)
@@ -151,12 +154,14 @@ class LabelMatcher:
             self._drop_first(k)
             self.evicted += 1
 
-    def _supersede(self, key, t_end: float) -> None:
-        """The stream's time went back to ``t_end``: drop its cached windows ending at or after
-        it (newest first; their order entries become stale, as for the per-stream bound)."""
+    def _supersede(self, key, t_start: float, t_end: float) -> None:
+        """The stream's time went back to a window ``[t_start, t_end]``: drop its cached
+        windows that do not lie wholly before it on the new line (starting at or after
+        ``t_start``, or ending at or after ``t_end``), newest first, so that both ends stay in
+        order (their order entries become stale, as for the per-stream bound)."""
         dq, ends = self.windows[key], self._ends[key]
         n = 0
-        while dq and ends[-1] >= t_end:
+        while dq and (ends[-1] >= t_end or dq[-1].t_start >= t_start):
             self.nbytes -= _cost(dq.pop())
             ends.pop()
             n += 1
@@ -353,7 +358,8 @@ class LabelMatcher:
         read it through ``AdaptWorker.metrics()``, under the worker's lock."""
         return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
                 "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values()),
-                "cache_bytes": self.nbytes, "windows_evicted_total": self.evicted}
+                "cache_bytes": self.nbytes, "windows_evicted_total": self.evicted,
+                "windows_superseded_total": self.superseded, "restore_dropped": dict(self.restore_dropped)}
 
 
 _WINDOW_BYTES = 320  # a cached window beside its features: the record, its floats, the deque and order slots
