@@ -129,23 +129,11 @@ def test_what_was_kept_from_the_fleet_survives_a_checkpoint(world):
 
 
 def test_the_sync_client_sends_the_fleet_arrays_of_a_held_learner(world):
+    from edge.bench.fleet import InlineWorker as Inline
     from edge.fleet.client import SyncClient
     from edge.fleet.codec import unpack_message
     from edge.fleet.feedback import add
     from edge.fleet.keys import generate_key
-
-    class Inline:
-        def __init__(self, learner):
-            self.learner = learner
-
-        def attach_state(self, name, obj):
-            pass
-
-        def offer_call(self, fn):
-            fn(self)
-
-        def checkpoint(self):
-            return True
 
     lr = _learner(world)
     c = SyncClient(worker=Inline(lr), node="n1", fleet="f", model="m", model_hash="h", key=generate_key(),

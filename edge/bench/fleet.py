@@ -46,8 +46,9 @@ MODES = ("alone", "dense", "compressed", "compressed_malicious")
 ATTACKS = ("sign-flip", "scaled", "colluding", "clip-game", "label-flip")
 
 
-class _InlineWorker:
-    """The learner-thread side of ``SyncClient`` run inline (the bench is single-threaded)."""
+class InlineWorker:
+    """The learner-thread side of ``SyncClient`` run inline (the bench is single-threaded;
+    tests use it too): calls run at once, checkpoints always succeed."""
 
     def __init__(self, learner):
         self.learner = learner
@@ -59,7 +60,7 @@ class _InlineWorker:
         fn(self)
 
     def checkpoint(self):
-        pass
+        return True
 
 
 def _cpu() -> dict:
@@ -192,7 +193,7 @@ def run_mode(mode, data, held, ctx, args, fraction: float | None = None) -> dict
                          clip_norm=1e12 if mode == "dense" else args.clip_norm, max_norm=1e6,
                          initial=init, samples_ratio=args.samples_ratio, reference_growth=args.reference_growth)
         for i, lr in enumerate(learners):
-            clients.append(SyncClient(worker=_InlineWorker(lr), node=f"d{i}", fleet="bench", model="vibration",
+            clients.append(SyncClient(worker=InlineWorker(lr), node=f"d{i}", fleet="bench", model="vibration",
                                       model_hash=ctx["hash"], key=keys[i], server_keys=[skey.public_key()],
                                       publish=lambda *a, **k: None, encoding=encoding,
                                       fraction=args.fraction if fraction is None else fraction))
