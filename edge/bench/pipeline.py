@@ -230,13 +230,27 @@ def _buckets(port: int, name: str) -> dict[str, float]:
 
 
 def _lane_metrics(port: int) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("edge_lane_") and 'lane="' in line:
-                name = line.split("{")[0][len("edge_lane_"):]
-                lane = line.split('lane="')[1].split('"')[0]
-                out.setdefault(lane, {})[name] = float(line.split()[-1])
+        return lane_figures(r.read().decode())
+
+
+def lane_figures(text: str) -> dict[str, dict[str, float]]:
+    """Each lane's figures from a ``/metrics`` text, keyed ``<quantity>_<outcome>`` (one family
+    per quantity, e.g. ``edge_lane_items_total{thread,lane,outcome}``).
+
+    >>> lane_figures('edge_lane_items_total{thread="pipeline",lane="sensor",outcome="dropped"} 3.0\\n'
+    ...              'edge_lane_depth{thread="pipeline",lane="sensor"} 1.0')
+    {'sensor': {'items_dropped': 3.0, 'depth': 1.0}}
+    """
+    out: dict[str, dict[str, float]] = {}
+    for line in text.splitlines():
+        if line.startswith("edge_lane_") and 'lane="' in line:
+            name = line.split("{")[0][len("edge_lane_"):].removesuffix("_total")
+            lane = line.split('lane="')[1].split('"')[0]
+            if 'outcome="' in line:
+                outcome = line.split('outcome="')[1].split('"')[0]
+                name = f"{name}_{outcome}"
+            out.setdefault(lane, {})[name] = float(line.split()[-1])
     return out
 
 
