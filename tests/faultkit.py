@@ -21,7 +21,7 @@ from pathlib import Path
 from edge.broker import free_port
 from edge.config import parse_config
 from edge.daemon import Daemon
-from tests.helpers import Client, batch
+from tests.helpers import Client, batch, poll  # noqa: F401  (poll: re-exported for the fault tests)
 
 ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 256  # the shipped vibration model's window (samples)
@@ -95,17 +95,6 @@ def metric(text: str, name: str, **labels: str) -> float:
             total += float(m.group(4))
     return total
 
-
-def poll(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
-    """Poll ``pred`` until truthy; return its value, or fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(interval)
 
 
 class Probe:

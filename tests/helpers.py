@@ -57,3 +57,16 @@ class Client:
 
 def batch(t0: float, n: int, *, value=lambda i: [0.01 * i, 0.0, 1.0], dt: float = 0.001) -> dict:
     return {"t0": t0, "dt": dt, "v": [value(i) for i in range(n)]}
+
+
+def poll(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll ``pred`` until truthy; return its value, or fail the test after ``timeout``
+    seconds (a bound on waiting for an event, not a speed assertion)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)

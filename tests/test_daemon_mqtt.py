@@ -8,7 +8,7 @@ import pytest
 
 from edge.config import parse_config
 from edge.daemon import Daemon
-from tests.helpers import Client, batch
+from tests.helpers import Client, batch, poll
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -60,8 +60,13 @@ def test_window_boundaries_and_order(broker, daemon):
     for k in range(8):  # 8 x 100 samples = 800 -> windows at samples 0, 256, 512
         c.publish("sensors/m3/accel", batch(t0 + k * 0.1, 100))
     preds = c.wait_for(lambda m: len(m) >= 3 and c.json_on("edge/t1/predictions/m3"))
-    time.sleep(0.3)
-    preds = c.json_on("edge/t1/predictions/m3")
+    # no fourth window: a later stream's window, served after everything published before it
+    # (one sensor lane, in order), marks the point by which any extra one would have come
+    mark = Client(broker, "edge/t1/predictions/m3mark/#")
+    mark.publish("sensors/m3mark/accel", batch(t0, 256))
+    mark.wait_for(lambda m: len(m) >= 1)
+    mark.close()
+    preds = c.json_on("edge/t1/predictions/m3/")
     assert len(preds) == 3
     starts = [p["t_start"] for p in preds]
     assert starts == sorted(starts)
@@ -139,10 +144,16 @@ def test_broker_restart_resumes_stream(broker, daemon):
     assert not daemon.link.connected.is_set(), "daemon did not notice the broker died"
     broker.restart()
     assert daemon.link.wait_connected(15), "daemon did not reconnect"
-    time.sleep(0.3)  # resubscription in flight
     c2 = Client(broker, "edge/t1/predictions/rs/#")
-    c2.publish("sensors/rs/accel", batch(t0 + 1.0, 256))
-    c2.wait_for(lambda m: len(m) >= 1, timeout=15)
+    sent = [0]
+
+    def served():  # resubscription may still be in flight: send window after window until one is served
+        if c2.msgs:
+            return True
+        c2.publish("sensors/rs/accel", batch(t0 + 1.0 + 0.256 * sent[0], 256))
+        sent[0] += 1
+        return False
+    poll(served, 15, interval=0.1, what="a window served after the reconnect")
     assert daemon.link.counters["connects"] >= 2 and daemon.pipeline.thread.is_alive()
     c2.close()
 

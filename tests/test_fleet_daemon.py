@@ -11,7 +11,7 @@ from edge.fleet.config import load_server_config
 from edge.fleet.server import FleetServer
 from edge.fleet.store import open_store
 from tests.fleet_helpers import make_keys, server_toml
-from tests.helpers import Client
+from tests.helpers import Client, poll
 from tests.test_daemon_adapt import labelled_windows, publish_window
 
 pytestmark = pytest.mark.timeout(300)
@@ -32,9 +32,7 @@ def test_daemon_syncs_its_head_with_the_fleet_server(broker, tmp_path):
     try:
         for k, (t, v, fault) in enumerate(labelled_windows(60, seed=3, shift="mounting", t0=time.time() - 300)):
             publish_window(c, "m1", t, v, label=fault)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and d.status()["fleet"]["sync_base_version"] < 1:
-            time.sleep(0.2)
+        poll(lambda: d.status()["fleet"]["sync_base_version"] >= 1, 120, interval=0.2, what="a rebase on version 1")
         st = d.status()["fleet"]
         assert st["sync_base_version"] >= 1 and st["sync_seq"] >= 1
         assert c.wait_for(lambda m: [e for e in c.json_on("edge/ad/events") if e["type"] == "sync_rebased"], timeout=30)

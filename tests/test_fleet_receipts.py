@@ -19,7 +19,7 @@ from edge.fleet.store import epoch_version, open_store
 from edge.fleet.validate import REASONS, Verdict
 from edge.zoo import resolve_model
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
-from tests.helpers import Client
+from tests.helpers import Client, poll
 
 PREFIX = "fleet/test/vibration"
 
@@ -48,10 +48,7 @@ def watcher(broker):
 
 def _until(pred, timeout: float = 10.0):
     """Poll ``pred`` (server state, not messages) until true; bounded."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.02)
+    return poll(pred, timeout, interval=0.02, what="server state")
 
 
 def _receipts(keys, msgs, node="n1"):

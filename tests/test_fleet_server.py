@@ -18,7 +18,7 @@ from edge.fleet.receipts import unpack_receipt
 from edge.fleet.server import FleetServer, build_aggregator
 from edge.fleet.store import SQLiteStore, open_store
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
-from tests.helpers import Client
+from tests.helpers import Client, poll
 
 
 @pytest.fixture
@@ -106,11 +106,7 @@ def test_rollback_publishes_an_earlier_head_as_a_new_version(setup, broker, caps
 
 
 def _until(pred, timeout: float = 20.0, what: str = ""):
-    deadline = time.monotonic() + timeout
-    while not (v := pred()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.02)
-    return v
+    return poll(pred, timeout, interval=0.02, what=what)
 
 
 def _healthz(server) -> tuple[int, dict]:

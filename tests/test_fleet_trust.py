@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import struct
 import threading
-import time
 import tracemalloc
 
 import pytest
@@ -20,21 +19,14 @@ from edge.fleet.store import open_store
 from edge.fleet.trust import DeviceRegistry, TrustSnapshot, authenticate, parse_revoked
 from edge.fleet.validate import REASONS, Expected, check_delta, check_global
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
-from tests.helpers import Client
+from tests.helpers import Client, poll
 
 TOPIC = "fleet/test/vibration/delta/{}"
 
 
 def _until(pred, what: str, timeout: float = 30.0):
     """Poll ``pred`` until it is truthy (bounded); its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    return poll(pred, timeout, what=what)
 
 
 def _replace_pub(devices_dir, node: str, key_path) -> None:
@@ -77,13 +69,16 @@ class _Empty:
 
 def _send_until(pred, pub, key_path, node: str, seq: int, what: str, timeout: float = 30.0) -> int:
     """A device sending delta after delta (seq, seq + 1, ...) until ``pred()``; the next seq."""
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out waiting for {what} (sent up to seq {seq - 1})"
-        _send(pub, key_path, node, seq)
-        seq += 1
-        time.sleep(0.05)
-    return seq
+    state = {"seq": seq}
+
+    def sent_until():
+        if pred():
+            return True
+        _send(pub, key_path, node, state["seq"])
+        state["seq"] += 1
+        return False
+    poll(sent_until, timeout, what=f"{what} (sending from seq {seq})")
+    return state["seq"]
 
 
 # ---- the registry on a running server --------------------------------------------------------
