@@ -30,7 +30,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from edge.errors import EdgeError
 from edge.fleet.store import (_DCOLS, _VCOLS, REPLAYED, RESENT, STORED, Build, DeltaRecord, Pending, Resign, StoreReads,
-                              VersionRecord, _delta, _version, epoch_version, new_epoch_id)
+                              VersionRecord, _delta, _version, epoch_in, new_epoch_id)
 
 try:
     import psycopg
@@ -287,14 +287,4 @@ class PostgresStore(StoreReads):
         with self._lock, self._db.transaction():
             db = self._db
             db.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
-            latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
-            if latest is None or claimed_base <= latest.version:
-                return None
-            v = epoch_version(latest.version, claimed_base)
-            rec = VersionRecord(version=v, parent=latest.version, created=time.time(), n_deltas=0, note=note,
-                                message=resign(latest, v))
-            db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES (%s, %s, %s, %s, %s, %s)",
-                       (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
-            db.execute("INSERT INTO meta VALUES ('epoch', %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                       (new_epoch_id(),))
-            return rec
+            return epoch_in(db, "%s", claimed_base, resign, note)

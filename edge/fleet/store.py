@@ -349,22 +349,31 @@ class SQLiteStore(StoreReads):
             db = self._db
             db.execute("BEGIN IMMEDIATE")
             try:
-                latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
-                if latest is None or claimed_base <= latest.version:
-                    db.execute("ROLLBACK")
-                    return None
-                v = epoch_version(latest.version, claimed_base)
-                rec = VersionRecord(version=v, parent=latest.version, created=time.time(), n_deltas=0, note=note,
-                                    message=resign(latest, v))
-                db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES (?, ?, ?, ?, ?, ?)",
-                           (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
-                db.execute("INSERT INTO meta VALUES ('epoch', ?) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-                           (new_epoch_id(),))
-                db.execute("COMMIT")
+                rec = epoch_in(db, "?", claimed_base, resign, note)
+                db.execute("COMMIT" if rec is not None else "ROLLBACK")
                 return rec
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+
+
+def epoch_in(db, param: str, claimed_base: int, resign: Resign, note: str) -> VersionRecord | None:
+    """Inside the caller's transaction (and commit lock): the latest head re-signed as
+    ``epoch_version(latest, claimed_base)`` and a new epoch id, or None when the latest
+    already reaches the claim. Both stores' ``start_epoch``; ``param`` is the driver's
+    placeholder."""
+    latest = _version(db.execute(f"SELECT {_VCOLS} FROM versions ORDER BY version DESC LIMIT 1").fetchone())
+    if latest is None or claimed_base <= latest.version:
+        return None
+    v = epoch_version(latest.version, claimed_base)
+    rec = VersionRecord(version=v, parent=latest.version, created=time.time(), n_deltas=0, note=note,
+                        message=resign(latest, v))
+    marks = ", ".join([param] * 6)
+    db.execute(f"INSERT INTO versions ({_VCOLS}) VALUES ({marks})",
+               (rec.version, rec.parent, rec.created, rec.n_deltas, rec.note, rec.message))
+    db.execute(f"INSERT INTO meta VALUES ('epoch', {param}) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+               (new_epoch_id(),))
+    return rec
 
 
 def open_store(url: str) -> Store:
