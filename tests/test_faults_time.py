@@ -166,10 +166,12 @@ class Feed:
         return [e for e in self.c.json_on(f"edge/{self.node}/events") if e.get("type") == kind]
 
     def send(self, windows: int) -> None:
-        """``windows`` windows of each stream, in 64-sample reads paced at 1 kHz."""
+        """``windows`` windows of each stream, in 64-sample reads paced at 1 kHz, and one
+        window's worth more: on a loaded machine a late read can resync the untimed stream's
+        stamps and cost it a partial window, and the waits below count whole windows."""
         start = time.monotonic()
         self.t = self.t or time.time()
-        for k in range(windows * WINDOW // 64):
+        for k in range((windows + 1) * WINDOW // 64):
             while time.monotonic() < start + (k + 1) * 0.064:
                 time.sleep(0.002)
             self.c.publish("sensors/ct/accel", batch(self.t, 64))
