@@ -334,6 +334,24 @@ class FleetConfig(_Section):
 
 
 @dataclass(frozen=True)
+class DeployConfig(_Section):
+    """``[deploy]``: signed model releases taken from the fleet (edge/deploy/, edge/fleet/RELEASE_FORMAT.md)."""
+
+    _name = "deploy"
+    enabled: bool = _opt(False, doc="take signed model releases from the fleet server (needs [fleet] key_file)")
+    release_keys_dir: str = _opt("", doc="folder of trusted release public keys (*.pub); default: <folder of [fleet] key_file>/releases")
+    max_bundle_bytes: int = _opt(256 * 2**20, lo=4096, hi=2**34, doc="a release whose bundle is larger is refused (too_large) before any download")
+    max_disk_bytes: int = _opt(1024 * 2**20, lo=4096, hi=2**40, doc="quota of <state_dir>/deploy (downloads and unpacked releases); a download that would pass it is refused (disk_full)")
+    chunks_in_flight: int = _opt(4, lo=1, hi=16, doc="chunks asked for at once (each at most the manifest's chunk_size in memory)")
+    request_timeout_s: float = _opt(10.0, lo=0.1, hi=3600.0, doc="chunks asked for and not come by then are asked for again")
+    shadow_share: float = _opt(0.25, lo=0.0, hi=1.0, doc="share of live windows the candidate model also serves (unpublished) during its shadow test")
+    shadow_max_windows: int = _opt(2000, lo=10, hi=10_000_000, doc="shadow windows after which a test without enough labels decides by agreement and confidence")
+    min_agreement: float = _opt(0.9, lo=0.0, hi=1.0, doc="without labels: share of shadow windows on which both models must agree for a switch")
+    alpha: float = _opt(0.05, lo=1e-6, hi=0.5, doc="level of the shadow test's sequential decisions (switch, or refuse as worse)")
+    keep_previous_s: float = _opt(86400.0, lo=0.0, hi=31_536_000.0, doc="the previous model folder is kept until the new one has served this long (abort returns to it)")
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeConfig = field(default_factory=NodeConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
@@ -345,6 +363,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     sources: tuple[SourceConfig, ...] = (SourceConfig(),)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     @property
     def topic_base(self) -> str:
@@ -424,6 +443,8 @@ def parse_config(data: dict[str, Any]) -> Config:
         raise _fix("window", "hop", cfg.window.hop, "must be at most 16 x length")
     if cfg.fleet.enabled and not (cfg.fleet.key_file and cfg.fleet.server_key):
         raise _fix("fleet", "key_file", cfg.fleet.key_file, "fleet sync needs key_file and server_key (see `edge keys`)")
+    if cfg.deploy.enabled and not cfg.fleet.key_file:
+        raise _fix("deploy", "enabled", True, "model releases need [fleet] key_file (the device key that signs its reports)")
     return dataclasses.replace(cfg, mqtt=resolve_mqtt(cfg.mqtt))
 
 
