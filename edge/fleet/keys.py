@@ -2,10 +2,13 @@
 
 A key is two files in the keys folder: ``<name>.<role>.key`` (the private key,
 PKCS#8 PEM) and ``<name>.<role>.pub`` (the public key, SubjectPublicKeyInfo PEM);
-``role`` is ``device`` or ``server``. A device signs its deltas with its own key and
+``role`` is ``device``, ``server`` or ``release``. A device signs its deltas with its own key and
 trusts the server's public key; the server signs global heads with its key and trusts
 the device keys in its ``devices_dir`` (one ``<node>.pub`` per device, written by
-``edge keys export NAME --to DIR``).
+``edge keys export NAME --to DIR``). A ``release`` key signs model release manifests
+(``edge fleet-server release``, ``edge/fleet/RELEASE_FORMAT.md``) and nothing else: kept
+apart from the aggregation (``server``) key, so that a stolen aggregation key cannot ship
+a model to devices.
 
 >>> import tempfile
 >>> d = tempfile.mkdtemp()
@@ -25,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge.errors import ConfigError, EdgeError
 
-ROLES = ("device", "server")
+ROLES = ("device", "server", "release")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)*$")
 
 
