@@ -10,7 +10,7 @@ could import but ``packages`` does not name.
 """
 from setuptools import find_namespace_packages, find_packages, setup
 
-DATA = ["*.toml", "*.md", "*.safetensors", "*.json", "*.npz", "*.c", "*.h", "*.ino"]
+DATA = ["*.toml", "*.md", "*.safetensors", "*.onnx", "*.json", "*.npz", "*.c", "*.h", "*.ino"]
 
 setup(
     packages=find_packages(include=["edge", "edge.*", "firmware_bridge", "firmware_bridge.*"])

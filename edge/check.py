@@ -32,6 +32,8 @@ import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from edge.config import Config, MqttConfig
 from edge.errors import ConfigError, EdgeError, ModelError, StateError
 from edge.zoo import ModelFolder, check_pin, resolve_model  # no torch: zoo imports it only to build modules
@@ -143,6 +145,10 @@ def check_model(ref) -> ModelCheck:
     a model reference."""
     folder = ref if isinstance(ref, ModelFolder) else resolve_model(ref)
     m = folder.manifest
+    from edge.serve.export import torch_available
+
+    if not torch_available():  # a serving-only install: the folder's exported graph instead
+        return check_model_graph(folder)
     backbone, head = folder.build()  # ModelError for a bad model.py or weights
     import torch
 
@@ -162,6 +168,36 @@ def check_model(ref) -> ModelCheck:
                          f"the manifest says (1, {m.outputs})")
     return ModelCheck(name=m.name, version=m.version, window_shape=tuple(x.shape),
                       feature_shape=tuple(feats.shape), output_shape=tuple(out.shape))
+
+
+def check_model_graph(folder: ModelFolder) -> ModelCheck:
+    """``check_model`` without torch: one window of zeros through the folder's ``model.onnx``
+    (ONNX Runtime) and its linear head (numpy). ``ModelError`` if there is no graph."""
+    from edge.serve.export import no_graph_error, run_graph
+
+    m = folder.manifest
+    graph = folder.graph()  # ModelError for a stale or malformed graph
+    if graph is None:
+        raise ModelError(str(no_graph_error(folder)))
+    x = np.zeros((1, m.channels, m.window), np.float32)
+    try:
+        feats = run_graph(graph, x)
+    except Exception as e:  # onnxruntime raises its own kinds for a graph that does not run
+        raise ModelError(f"{folder.path}/model.onnx: one window {x.shape} does not run through it: "
+                         f"{type(e).__name__}: {str(e)[:200]}") from None
+    _, head = folder.arrays()
+    if set(head) != {"weight", "bias"}:
+        raise ModelError(f"{folder.path}: the head's weights are {sorted(head)[:4]}, not a linear layer "
+                         f"(weight, bias): serving without torch needs the linear head INTERNALS.md describes")
+    if tuple(feats.shape) != (1, m.feature_size):
+        raise ModelError(f"{folder.path}: model.onnx gives features of shape {tuple(feats.shape)}, "
+                         f"the manifest says (1, {m.feature_size}) (features.size)")
+    out = feats @ head["weight"].T + head["bias"]
+    if tuple(out.shape) != (1, m.outputs):
+        raise ModelError(f"{folder.path}: the head gives outputs of shape {tuple(out.shape)}, "
+                         f"the manifest says (1, {m.outputs})")
+    return ModelCheck(name=m.name, version=m.version, window_shape=x.shape, feature_shape=tuple(feats.shape),
+                      output_shape=tuple(out.shape))
 
 
 def check_model_files(ref: str):

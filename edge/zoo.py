@@ -8,7 +8,10 @@ by name in the repository's ``models/`` (when running from a checkout) or the in
 
 Reading a folder needs no torch: weights come back as numpy arrays (``arrays``), and
 torch is imported only to build the modules (``build``, ``state_dicts``), so a daemon
-serving a compiled artifact stays lean.
+serving a compiled artifact stays lean. A folder may also carry its backbone exported as
+``model.onnx`` (``scripts/export-onnx.py`` writes it, recording the digest of the
+``model.py`` and weights it came from); then a device that only serves needs no torch
+at all: ONNX Runtime builds, gates and serves from that graph (``graph``).
 
 What runs is what is pinned: a folder's files are read once (``ModelFolder.files``); the
 pin (``check_pin``), the content hash, ``model.py``'s code and the weights all come from
@@ -36,6 +39,10 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 DEFAULT_MODEL = "vibration"
+#: the exported backbone graph a folder may carry, and what it records about its source
+GRAPH_FILE = "model.onnx"
+GRAPH_SOURCES = ("model.py", "weights.safetensors")
+GRAPH_SOURCE_KEY = "edge.source_sha256"
 
 
 @dataclass(frozen=True)
@@ -134,12 +141,41 @@ class ModelFolder:
 
     @cached_property
     def content_hash(self) -> str:
-        """sha256 over manifest, model code and weights: the key of compiled artifacts."""
+        """sha256 over manifest, model code, weights and (where the folder carries one) the
+        exported graph: the key of compiled artifacts. A folder without ``model.onnx`` keeps
+        the hash it had before folders could carry one."""
         h = hashlib.sha256()
-        for name in ("manifest.toml", "model.py", "weights.safetensors"):
+        names = ["manifest.toml", "model.py", "weights.safetensors"] + [GRAPH_FILE] * (GRAPH_FILE in self.files)
+        for name in names:
             h.update(name.encode())
             h.update(self.files.get(name, b""))
         return h.hexdigest()
+
+    @cached_property
+    def source_digest(self) -> str:
+        """``digest_files`` of ``model.py`` and the weights: what an exported graph was made
+        from, recorded in it (``graph``) so that a graph left stale by retraining is refused."""
+        return digest_files({n: self.files.get(n, b"") for n in GRAPH_SOURCES})
+
+    def graph(self) -> bytes | None:
+        """The folder's exported backbone graph (``model.onnx``, input ``x``, output ``features``),
+        or None if it carries none. Serving from it needs no torch (ONNX Runtime runs it).
+
+        Refused (``ModelError``) unless the graph records the ``source_digest`` of this very
+        ``model.py`` and weights: a graph from other weights would serve features the head
+        was not trained on, and without torch nothing else could tell.
+        """
+        data = self.files.get(GRAPH_FILE)
+        if data is None:
+            return None
+        meta = graph_metadata(data, where=f"{self.path}/{GRAPH_FILE}")
+        made_from = meta.get(GRAPH_SOURCE_KEY, "")
+        if made_from != self.source_digest:
+            raise ModelError(f"{self.path}/{GRAPH_FILE} was exported from another model.py or weights "
+                             f"({GRAPH_SOURCE_KEY} = {made_from[:16] or 'missing'}..., the folder's are "
+                             f"{self.source_digest[:16]}...): export it again with "
+                             f"`python scripts/export-onnx.py {self.path}` where torch is installed, or delete it")
+        return data
 
     @cached_property
     def module(self):
@@ -209,6 +245,22 @@ class ModelFolder:
         except RuntimeError as e:
             raise ModelError(f"{self.path}: weights do not fit model.py: {e}") from e
         return bb.eval(), hd.eval()
+
+
+def graph_metadata(data: bytes, *, where: str) -> dict[str, str]:
+    """The ``metadata_props`` of an ONNX graph (key -> value); ``ModelError`` if it is not one,
+    or if its input and output are not the ``x`` and ``features`` every backend runs."""
+    import onnx
+
+    try:
+        g = onnx.load_model_from_string(data)
+    except Exception as e:  # onnx raises DecodeError and others for a damaged file
+        raise ModelError(f"{where}: not a readable ONNX graph ({type(e).__name__}: {str(e)[:200]})") from None
+    names = ([i.name for i in g.graph.input], [o.name for o in g.graph.output])
+    if names[0][:1] != ["x"] or names[1] != ["features"]:
+        raise ModelError(f"{where}: the graph's inputs {names[0][:4]} and outputs {names[1][:4]} are not "
+                         f"['x'] and ['features'] (export it with scripts/export-onnx.py)")
+    return {p.key: p.value for p in g.metadata_props}
 
 
 def zoo_roots() -> list[Path]:

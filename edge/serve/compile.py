@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +23,9 @@ from edge.serve.backends import get_backend
 from edge.serve.backends.torch_eager import TorchBackend
 from edge.serve.cache import ArtifactCache, CacheKey
 from edge.serve.calibration import calibration_windows
-from edge.serve.export import example_input
+from edge.serve.export import example_input, no_graph_error, torch_available
 from edge.serve.progress import Progress
+from edge.zoo import GRAPH_FILE
 
 log = logging.getLogger("edge.serve")
 
@@ -136,8 +138,9 @@ def _build(model, cls, ck: CacheKey, precision: str, *, cache, calibration, prog
     try:
         t = time.perf_counter()
         calib = calibration_windows(model, calibration) if precision == "int8" else None
-        reference = TorchBackend.load(model, precision="fp32", threads=None)
+        reference, judged_by = reference_backend(model)
         golden = parity.Golden.make(model, calibration_file=calibration).with_reference(reference)
+        del reference
         golden.save(staged / GOLDEN)
         timings["golden_s"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -157,11 +160,30 @@ def _build(model, cls, ck: CacheKey, precision: str, *, cache, calibration, prog
                                       indent=2, default=str))
             report.raise_if_failed()
         cache.commit(ck, staged, files + [GOLDEN], {"parity": report.to_dict(), "timings": timings,
-                                                    "golden_source": golden.source})
+                                                    "golden_source": golden.source, "reference": judged_by})
         return timings
     finally:
         if staged.exists():
             cache.discard(staged)
+
+
+def reference_backend(model):
+    """(fp32 reference backend, what it is): the one every artifact is gated against.
+
+    torch's eager backbone where torch is installed: it judges the folder's ``model.onnx``
+    too, so a graph that disagrees with ``model.py`` is refused. Where torch is not
+    installed, the folder's own graph run in fp32 by ONNX Runtime: int8 is then judged
+    against the fp32 graph it was quantized from. ``BackendUnavailable`` if neither exists.
+    """
+    if torch_available():
+        return TorchBackend.load(model, precision="fp32", threads=None), "torch eager fp32"
+    graph = model.graph()
+    if graph is None:
+        raise no_graph_error(model)
+    with tempfile.TemporaryDirectory(prefix="edge-reference-") as d:
+        (Path(d) / GRAPH_FILE).write_bytes(graph)  # the session keeps the graph; the file may go
+        b = get_backend("onnxruntime").load(model, precision="fp32", artifact_dir=Path(d), threads=1)
+    return b, f"onnxruntime fp32 of the folder's {GRAPH_FILE} (torch is not installed)"
 
 
 def compile_model(model, *, backend: str = "auto", precision: str | None = None, calibration=None,

@@ -21,7 +21,10 @@ class TorchBackend(Backend):
 
     @classmethod
     def availability(cls) -> tuple[bool, str]:
-        return True, "torch is a core dependency"
+        from edge.serve.export import torch_available
+
+        # found, not imported: a serving-only install (a container) has no torch at all
+        return (True, "torch is installed") if torch_available() else (False, "torch is not installed")
 
     @classmethod
     def platform(cls) -> dict[str, Any]:
