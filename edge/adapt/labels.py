@@ -12,6 +12,8 @@ stream; a label without one (a node-wide label) matches every stream with such a
 window. A label after the end of the newest cached window, by at most ``max_future_s``,
 waits (bounded, ``max_pending``) for the window that contains it, and is matched within
 the tolerance only once the stream has gone past it; each window is labelled at most once.
+The waiting labels are indexed by what they wait for (``edge/adapt/label_pending.py``), so a
+window settles only the labels it can change: a window costs the same with 0 or 256 waiting.
 A label for a stream with no window cached yet (a labeller quicker than the stream's first
 window) waits the same way, until that stream's windows come or until the other streams
 have gone ``max_future_s`` past it: then it is ``unknown_stream``.
@@ -45,6 +47,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from edge.adapt.label_pending import PendingIndex
 
 log = logging.getLogger("edge.adapt")
 
@@ -91,16 +95,25 @@ class LabelMatcher:
         self._ends: dict[object, collections.deque] = {}
         # every cached window's stream, in the order the windows came: the byte bound evicts
         # the oldest window of all streams; _stale counts entries of windows already gone
-        # (cut by the per-stream bound), which are always the first of their stream here
+        # (cut by the per-stream bound), which are always the first of their stream here, and
+        # they are compacted away once they are half of the entries (_compact_order)
         self._order: collections.deque = collections.deque()
         self._stale: collections.Counter = collections.Counter()
+        self._n_stale = 0
+        self._gone: list = []     # streams that left the cache since the last window's resolve
         self.nbytes = 0
         self.evicted = 0
         self.superseded = 0       # windows dropped because their stream's time went back before them
         self.restore_dropped = collections.Counter()  # streams / pending labels a restore could not take
-        self.pending: list[tuple[float, object, object, set]] = []  # (t, key or None, target, keys done)
+        self._waiting = PendingIndex()  # the labels waiting for a window, indexed by what they wait for
+        self._restored = False          # a restore came: the next window settles every waiting label
         self.rejected = collections.Counter()
         self.accepted = 0
+
+    @property
+    def pending(self) -> list[tuple[float, object, object, set]]:
+        """The waiting labels, oldest first, as ``(t, key or None, target, keys done)`` (a copy)."""
+        return [(r.t, r.key, r.target, r.done) for r in self._waiting.records()]
 
     def _reject(self, reason: str) -> list:
         self.rejected[reason] += 1
@@ -124,8 +137,9 @@ class LabelMatcher:
     def add_window(self, key, t_start: float, t_end: float, z, served=None) -> list[Match]:
         """Cache a served window (in time order per stream); returns pending labels it resolves."""
         w = CachedWindow(key, float(t_start), float(t_end), np.asarray(z, np.float32), served)
+        created, superseded = key not in self.windows, self.superseded
         self._append(key, w)
-        return self._resolve_pending()
+        return self._resolve_pending(key, created or self.superseded != superseded)
 
     def _append(self, key, w: CachedWindow) -> None:
         """Cache ``w`` last in its stream; then the per-stream and the byte bounds, oldest first."""
@@ -144,15 +158,33 @@ class LabelMatcher:
         if len(dq) > self.max_windows:
             self._drop_first(key)
             self._stale[key] += 1
+            self._n_stale += 1
         while self.max_bytes is not None and self.nbytes > self.max_bytes and self._order:
             k = self._order.popleft()
             if self._stale[k]:
                 self._stale[k] -= 1
+                self._n_stale -= 1
                 if not self._stale[k]:
                     del self._stale[k]
                 continue
             self._drop_first(k)
             self.evicted += 1
+        self._compact_order()
+
+    def _compact_order(self) -> None:
+        """Drop the stale entries of the order once they are half of it (amortised O(1) a
+        window), so that it holds about as many entries as windows are cached (issue 18: it
+        gained one per window forever). The entries dropped are each stream's first ones, the
+        ones the byte bound would skip: what it evicts next is unchanged."""
+        if self._n_stale <= len(self._order) // 2 + 32:
+            return
+        skip, keep = self._stale, collections.deque()
+        for k in self._order:
+            if skip[k]:
+                skip[k] -= 1
+            else:
+                keep.append(k)
+        self._order, self._stale, self._n_stale = keep, collections.Counter(), 0
 
     def _supersede(self, key, t_start: float, t_end: float) -> None:
         """The stream's time went back to a window ``[t_start, t_end]``: drop its cached
@@ -166,6 +198,7 @@ class LabelMatcher:
             ends.pop()
             n += 1
         self._stale[key] += n
+        self._n_stale += n
         self.superseded += n
 
     def _drop_first(self, key) -> None:
@@ -174,6 +207,7 @@ class LabelMatcher:
         self._ends[key].popleft()
         if not dq:  # a stream with nothing cached is forgotten (its labels are then unknown_stream)
             del self.windows[key], self._ends[key]
+            self._gone.append(key)
 
     def _find(self, key, t: float):
         """The window of ``key`` for time ``t``, or the reason there is none."""
@@ -187,7 +221,8 @@ class LabelMatcher:
             return None, "later"
         i = bisect.bisect_left(ends, t - tol)  # first window that ends at or after t - tol
         best, dist = None, math.inf
-        for w in list(dq)[i:]:
+        for j in range(i, len(dq)):  # by index: a deque's item near either end is O(1); no copy
+            w = dq[j]
             if w.t_start - tol > t:
                 break
             d = abs((w.t_start + w.t_end) / 2 - t)
@@ -223,53 +258,95 @@ class LabelMatcher:
             # for a label ahead of its stream's newest window
             if self._gone_past(t):
                 return self._reject("unknown_stream")
-            if len(self.pending) >= self.max_pending:
+            if len(self._waiting) >= self.max_pending:
                 return self._reject("pending_overflow")
-            self.pending.append((t, key, target, set()))
+            self._wait(t, key, target, set(), later=set(), unknown=True)
             return []
         keys = [key] if key is not None else list(self.windows)
         newest = max((self.windows[k][-1].t_end for k in keys), default=-math.inf)
         if keys and t > newest + self.max_future_s:
             return self._reject("future")
-        out, reasons, done = [], [], set()
+        out, reasons, done, later = [], [], set(), set()
         n_rejected = sum(self.rejected.values())
         for k in keys:
             w, why = self._find(k, t)
             if w is not None:
                 out += self._take(k, w, target, t)
                 done.add(k)
+            elif why == "later":
+                later.add(k)
             reasons.append(why)
-        if "later" in reasons or not keys:
-            if len(self.pending) >= self.max_pending:
+        if later or not keys:
+            if len(self._waiting) >= self.max_pending:
                 return out + self._reject("pending_overflow")
-            self.pending.append((t, key, target, done))
+            self._wait(t, key, target, done, later=later, unknown=False)
             return out
         if not out and sum(self.rejected.values()) == n_rejected:  # not yet counted as a duplicate
             self._reject(next((r for r in reasons if r), "unmatched"))
         return out
 
-    def _resolve_pending(self) -> list[Match]:
-        out, keep = [], []
-        for t, key, target, done in self.pending:
-            keys = [key] if key is not None else list(self.windows)
-            waiting = False
-            for k in keys:
-                if k in done:
-                    continue
-                if k not in self.windows:  # a stream not seen yet: wait while the others have not gone past it
-                    waiting = waiting or not self._gone_past(t)
-                    continue
-                w, why = self._find(k, t)
-                if w is not None:
-                    out += self._take(k, w, target, t)
-                    done.add(k)
-                elif why == "later":
-                    waiting = True
-            if waiting:
-                keep.append((t, key, target, done))
-            elif not done:
-                self._reject("unknown_stream" if key is not None and key not in self.windows else "unmatched")
-        self.pending = keep
+    def _wait(self, t: float, key, target, done: set, *, later: set, unknown: bool) -> None:
+        self._waiting.file(self._waiting.add(t, key, target, done), later=later, unknown=unknown)
+
+    def _resolve_pending(self, key, changed: bool) -> list[Match]:
+        """Settle the waiting labels that the window just cached on ``key`` can change, in the
+        order they came: those ahead of ``key`` that its newest window reached; those for a
+        stream not seen yet that it has gone ``max_future_s`` past; when ``key`` is new or its
+        time went back (``changed``), those waiting for it and the node-wide ones; those ahead
+        of a stream that left the cache. Any other waiting label would settle as before the
+        window (still waiting, nothing matched): a stream's cached windows change for a label
+        behind its newest window only when its time line starts anew. After a restore, all."""
+        gone, self._gone = self._gone, []
+        waiting = self._waiting
+        if not len(waiting):
+            self._restored = False
+            return []
+        if self._restored:
+            self._restored = False
+            waiting.unfile_all()
+            due = waiting.records()
+        else:
+            found = {}
+            for g in gone:
+                found.update((r.seq, r) for r in waiting.drop_stream(g))
+            dq = self.windows.get(key)
+            if dq:
+                newest = dq[-1].t_end
+                found.update((r.seq, r) for r in waiting.due_later(key, newest))
+                found.update((r.seq, r) for r in waiting.due_unknown(newest, self.max_future_s))
+            if changed:
+                found.update((r.seq, r) for r in waiting.unknown_of(key))
+                found.update((r.seq, r) for r in waiting.nodewide() if key not in r.done)
+            due = [found[s] for s in sorted(found)]
+        out = []
+        for rec in due:
+            out += self._settle(rec)
+        return out
+
+    def _settle(self, rec) -> list[Match]:
+        """One waiting label against the cache as it is now: matched on each of its streams
+        that has its window; waiting on while it is ahead of one of them, or its stream has not
+        come and the others have not gone ``max_future_s`` past it; else refused unless matched."""
+        keys = [rec.key] if rec.key is not None else list(self.windows)
+        out, later, unknown = [], set(), False
+        for k in keys:
+            if k in rec.done:
+                continue
+            if k not in self.windows:  # a stream not seen yet: wait while the others have not gone past it
+                unknown = unknown or not self._gone_past(rec.t)
+                continue
+            w, why = self._find(k, rec.t)
+            if w is not None:
+                out += self._take(k, w, rec.target, rec.t)
+                rec.done.add(k)
+            elif why == "later":
+                later.add(k)
+        if later or unknown:
+            self._waiting.file(rec, later=later, unknown=unknown)
+            return out
+        self._waiting.remove(rec)
+        if not rec.done:
+            self._reject("unknown_stream" if rec.key is not None and rec.key not in self.windows else "unmatched")
         return out
 
     # -- state: the cache outlives a restart, so that late labels still find their windows --
@@ -326,13 +403,18 @@ class LabelMatcher:
                 dropped["pending"] += 1
                 log.warning("a pending label was not restored (%s)", str(e)[:200])
         self.restore_dropped.update(dropped)
-        self.windows, self._ends, self.pending = {}, {}, pending
+        self.windows, self._ends, self._waiting = {}, {}, PendingIndex()
+        for t, key, target, done in pending:
+            self._waiting.add(t, key, target, done)  # filed by the next window, which settles them all
+        self._restored = True
         self._order.clear()
         self._stale.clear()
+        self._n_stale = 0
         self.nbytes = 0
         restored.sort(key=lambda r: (r[0], r[1]))  # the streams merged in time order: the byte bound keeps the newest
         for _, _, w in restored:
             self._append(w.key, w)
+        self._gone = []
         return sum(len(d) for d in self.windows.values())
 
     def _restore_stream(self, st: dict, dec, feature_size: int | None) -> list:
@@ -357,7 +439,7 @@ class LabelMatcher:
         iterates the per-stream dict): the learner thread owns the matcher, and other threads
         read it through ``AdaptWorker.metrics()``, under the worker's lock."""
         return {"labels_matched_total": self.accepted, "labels_rejected": dict(self.rejected),
-                "labels_pending": len(self.pending), "windows_cached": sum(len(d) for d in self.windows.values()),
+                "labels_pending": len(self._waiting), "windows_cached": sum(len(d) for d in self.windows.values()),
                 "cache_bytes": self.nbytes, "windows_evicted_total": self.evicted,
                 "windows_superseded_total": self.superseded, "restore_dropped": dict(self.restore_dropped)}
 
