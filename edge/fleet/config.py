@@ -57,10 +57,35 @@ class ServerSection(_Section):
 
 
 @dataclass(frozen=True)
+class ReleaseSection(_Section):
+    """``[release]``: model releases and their rollout (edge/fleet/RELEASE_FORMAT.md)."""
+
+    _name = "release"
+    key_file: str = _opt("", doc="the release private key (edge keys create NAME --role release): signs every manifest, "
+                                 "so the server needs it to open waves and halt; empty: releases are served, "
+                                 "but waves open and halts happen only by a command run with the key")
+    max_bundle_bytes: int = _opt(256 * 2**20, lo=4096, hi=2**34,
+                                 doc="edge fleet-server release refuses a model folder whose bundle is larger")
+    chunk_size: int = _opt(64 * 1024, lo=4096, hi=2**20, doc="bytes per chunk on the wire (the last may be shorter)")
+    waves: str = _opt("5,25,100", doc="default wave plan: cumulative percents of devices, increasing, the last 100")
+    min_labels: int = _opt(50, lo=0, hi=1 << 31, doc="default labels a device's shadow test needs to decide on evidence")
+    margin: float = _opt(0.0, lo=0.0, hi=1e6, doc="default 'no worse by' margin of the shadow test, in loss units")
+    switch_ratio: float = _opt(0.8, lo=0.01, hi=1.0,
+                               doc="open the next wave when this share of the admitted registered devices switched")
+    max_refusals: int = _opt(1, lo=0, hi=1_000_000,
+                             doc="halt when this many admitted devices refused the release at their gate "
+                                 "(worse, parity_failed, compile_failed, rolled_back); 0: never halt by itself")
+    check_s: float = _opt(0.5, lo=0.01, hi=3600.0, doc="how often the server applies the rollout rule")
+    queue: int = _opt(4096, lo=16, hi=1_000_000,
+                      doc="chunk requests and reports waiting to be handled; one beyond it is left unacknowledged")
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     server: ServerSection = field(default_factory=ServerSection)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    release: ReleaseSection = field(default_factory=ReleaseSection)
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(ServerConfig)}
@@ -79,6 +104,12 @@ def parse_server_config(data: dict[str, Any]) -> ServerConfig:
         v = getattr(cfg.server, key)
         if any(c in v for c in "/+#") or (not v and key != "group"):
             raise _fix("server", key, v, "must be one non-empty MQTT topic level (no '/', '+', '#')")
+    from edge.fleet.release_codec import check_waves
+
+    try:
+        check_waves(int(w) for w in cfg.release.waves.split(","))
+    except ValueError as e:
+        raise _fix("release", "waves", cfg.release.waves, str(e)) from None
     # the daemon's [mqtt] rules and password_file, by the same function
     return dataclasses.replace(cfg, mqtt=resolve_mqtt(cfg.mqtt))
 

@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 from edge.errors import EdgeError
 from edge.fleet.store import (_DCOLS, _VCOLS, REPLAYED, RESENT, STORED, Build, DeltaRecord, Pending, Resign, StoreReads,
                               VersionRecord, _delta, _version, epoch_in, new_epoch_id)
+from edge.fleet.release_store import ReleaseRows
 
 try:
     import psycopg
@@ -39,6 +40,7 @@ except ImportError:  # the feature is optional: say what to install when it is a
 
 _LOCK_KEY = 0x6564676566  # "edgef": the advisory lock id of version commits
 _PUBLISH_KEY = 0x6564676570  # "edgep": the advisory lock id of publishing the global head
+_RELEASE_KEY = 0x6564676572  # "edger": the advisory lock id of release state changes and reports
 _RETRIES = 6  # attempts of a transaction that hit a deadlock or a serialization failure
 
 
@@ -64,13 +66,30 @@ CREATE TABLE IF NOT EXISTS devices (node TEXT PRIMARY KEY, last_seen DOUBLE PREC
     accepted BIGINT NOT NULL DEFAULT 0, rejected BIGINT NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS rejections (node TEXT NOT NULL, reason TEXT NOT NULL, n BIGINT NOT NULL, PRIMARY KEY (node, reason));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (release TEXT PRIMARY KEY, fleet TEXT NOT NULL, model TEXT NOT NULL,
+    version TEXT NOT NULL, digest TEXT NOT NULL, size BIGINT NOT NULL, created DOUBLE PRECISION NOT NULL,
+    seq BIGINT NOT NULL, wave INTEGER NOT NULL, state TEXT NOT NULL, forgiven INTEGER NOT NULL, plan TEXT NOT NULL,
+    manifest BYTEA NOT NULL, note TEXT NOT NULL, bundle BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS releases_seq ON releases (fleet, model, seq);
+CREATE TABLE IF NOT EXISTS release_reports (release TEXT NOT NULL, node TEXT NOT NULL, seq BIGINT NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL, evidence TEXT NOT NULL, progress TEXT NOT NULL,
+    received DOUBLE PRECISION NOT NULL, wave INTEGER NOT NULL, ever TEXT NOT NULL, PRIMARY KEY (release, node));
 """
 
 
-class PostgresStore(StoreReads):
+class PostgresStore(StoreReads, ReleaseRows):
     """A fleet store in PostgreSQL; one connection per instance, guarded by a lock."""
 
     _PARAM = "%s"
+    _PUBLISH_HOLDS_LOCK = True
+
+    @contextlib.contextmanager
+    def _release_tx(self):
+        """A write transaction for ``ReleaseRows``, serialised across instances by its own
+        advisory lock (rollout steps are rare: waiting for it is fine)."""
+        with self._lock, self._db.transaction():
+            self._db.execute("SELECT pg_advisory_xact_lock(%s)", (_RELEASE_KEY,))
+            yield self._db
 
     def __init__(self, url: str):
         if psycopg is None:

@@ -152,12 +152,17 @@ class FleetServer:
         self._unsubacks, self._unsubacked = threading.Condition(), collections.deque(maxlen=16)
         self.client = c
         self.metrics_server: MetricsServer | None = None
+        # model releases (edge.fleet.release): chunks, reports and the rollout, on its own thread
+        from edge.fleet.release import ReleaseService
+
+        self.releases = ReleaseService(cfg, client=c, registry=self.agg.trust, model=model, share=share)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
         self.conn.connect_async(self.cfg.mqtt)
         self.client.loop_start()
         self.thread.start()
+        self.releases.start()
         if self.cfg.metrics.port:
             self.metrics_server = MetricsServer(self.cfg.metrics.host, self.cfg.metrics.port, self.registry(), self.health)
             self.metrics_server.start()
@@ -169,6 +174,7 @@ class FleetServer:
         self._stop.set()
         self._wake.set()
         self.thread.join(10)
+        self.releases.stop()
         self._disconnect()
         if self.metrics_server:
             self.metrics_server.stop()
@@ -180,7 +186,7 @@ class FleetServer:
         if not self.connected.is_set():
             return
         try:
-            rc, mid = self.client.unsubscribe([self.delta_filter, self.request_filter])
+            rc, mid = self.client.unsubscribe([self.delta_filter, self.request_filter] + self.releases.filters)
         except (ValueError, RuntimeError):
             return
         with self._unsubacks:
@@ -232,7 +238,8 @@ class FleetServer:
         if reason_code.is_failure:
             log.warning("broker refused the fleet server: %s", reason_code)
             return
-        client.subscribe([(self.delta_filter, 1), (self.request_filter, 1)])
+        client.subscribe([(self.delta_filter, 1), (self.request_filter, 1)] + [(f, 1) for f in self.releases.filters])
+        self.releases.connected()
         self.counters["connects"] += 1
         self.connected.set()
         self.published = -1  # (re)publish the latest version after every connect
@@ -250,6 +257,8 @@ class FleetServer:
             self._unsubacks.notify_all()
 
     def _on_message(self, client, userdata, msg) -> None:
+        if self.releases.offer(msg):  # a chunk request or a report: the release service's
+            return
         if msg.topic.startswith(self._request_prefix):
             # any message asks for the head; answered on the aggregator thread, rate-limited
             self.counters["head_requests"] += 1
@@ -426,6 +435,6 @@ class FleetServer:
         reg.add("edge_fleet_server_total", "counter", "server counters, by name",
                 lambda: [({"name": k}, v) for k, v in self.counters.items()])
         reg.add("edge_fleet_mqtt_connected", "gauge", "1 while connected to the broker", lambda: float(self.connected.is_set()))
-        for family in a.trust.metric_families():
+        for family in a.trust.metric_families() + self.releases.metric_families():
             reg.add(*family)
         return reg

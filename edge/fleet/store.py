@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
+from edge.fleet.release_store import ReleaseRows
+
 
 @dataclass(frozen=True)
 class DeltaRecord:
@@ -131,6 +133,14 @@ CREATE TABLE IF NOT EXISTS devices (node TEXT PRIMARY KEY, last_seen REAL NOT NU
 CREATE TABLE IF NOT EXISTS rejections (node TEXT NOT NULL, reason TEXT NOT NULL, n INTEGER NOT NULL,
     PRIMARY KEY (node, reason));
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS releases (release TEXT PRIMARY KEY, fleet TEXT NOT NULL, model TEXT NOT NULL,
+    version TEXT NOT NULL, digest TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL, seq INTEGER NOT NULL,
+    wave INTEGER NOT NULL, state TEXT NOT NULL, forgiven INTEGER NOT NULL, plan TEXT NOT NULL, manifest BLOB NOT NULL,
+    note TEXT NOT NULL, bundle BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS releases_seq ON releases (fleet, model, seq);
+CREATE TABLE IF NOT EXISTS release_reports (release TEXT NOT NULL, node TEXT NOT NULL, seq INTEGER NOT NULL,
+    state TEXT NOT NULL, reason TEXT NOT NULL, evidence TEXT NOT NULL, progress TEXT NOT NULL, received REAL NOT NULL,
+    wave INTEGER NOT NULL, ever TEXT NOT NULL, PRIMARY KEY (release, node));
 """
 
 _DCOLS = "node, seq, base_version, samples, norm, digest, message, received, applied_version"
@@ -198,8 +208,21 @@ class StoreReads:
             self._db.close()
 
 
-class SQLiteStore(StoreReads):
+class SQLiteStore(StoreReads, ReleaseRows):
     """One SQLite file in WAL mode; ``BEGIN IMMEDIATE`` serialises version commits across processes."""
+
+    @contextlib.contextmanager
+    def _release_tx(self):
+        """A write transaction for ``ReleaseRows`` (serialised across processes)."""
+        with self._lock:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                yield db
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
 
     def __init__(self, path: str | Path, *, timeout: float = 30.0):
         self.path = Path(path).expanduser()
