@@ -3,8 +3,8 @@ learning library vs river"), and a ``learn_many(32)`` batch against the same row
 
     PYTHONPATH=. python bench/timeit_learn_one.py [--out bench/out/learn_one_pieces.json]
 
-Phishing (river's bundled data set, 9 features, binary), the bench's setting
-(``IncrementalModel(LinearModel(9, 1), BCEWithLogitsLoss, lr=1e-2, scale=True)``), one
+Phishing (river's bundled data set, 9 features, binary), the bench's setting (the
+library's defaults: ``IncrementalModel(LinearModel(9, 1), criterion=BCEWithLogitsLoss())``), one
 learner warmed on 600 rows; each piece is called on its own (best of 3 repeats of
 ``timeit``), so the pieces do not add up exactly to the whole. The pieces are timed on
 scratch copies where they would change the learner (the training step runs on a copy of
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     _, X, y, _ = load_stream("phishing", seed=0, pre=0, post=0)
     torch.manual_seed(0)
-    ilm = IncrementalModel(LinearModel(X.shape[1], 1), criterion=torch.nn.BCEWithLogitsLoss(), lr=1e-2, scale=True, seed=0)
+    ilm = IncrementalModel(LinearModel(X.shape[1], 1), criterion=torch.nn.BCEWithLogitsLoss(), seed=0)
     for i in range(600):
         ilm.learn_one(X[i], y[i])
     lr = ilm.learner
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     }
     out = {"library learn_one, per row (rows 600-1249)": round(_whole(ilm, X, y, batch=0), 2)}
     out.update({k: round(_best(fn, number), 2) for k, (fn, number) in pieces.items()})
-    many = IncrementalModel(LinearModel(X.shape[1], 1), criterion=torch.nn.BCEWithLogitsLoss(), lr=1e-2, scale=True, seed=0)
+    many = IncrementalModel(LinearModel(X.shape[1], 1), criterion=torch.nn.BCEWithLogitsLoss(), seed=0)
     for i in range(0, 608, 32):
         many.learn_many(X[i: i + 32], y[i: i + 32])
     out["library learn_many(32), per batch (rows 608-1247)"] = round(_whole(many, X, y, batch=32), 2)

@@ -130,19 +130,23 @@ class IncrementalModel:
     ``criterion`` sets the task (default MSE, regression). ``optimizer`` is the model's
     one optimizer (default Adam at ``lr``). ``replay_bytes`` bounds the replay buffer;
     ``replay_batch`` replayed rows join every online step. ``window`` is the recent
-    window of the metrics. ``scale=True`` standardises inputs online (fast path only).
+    window of the metrics. ``scale`` standardises inputs online; the default (``None``)
+    is on for the fast path (a ``LinearModel`` or a head) and off for any other module
+    (scale its inputs yourself). The defaults, ``lr=3e-2`` and scaling on, are the one
+    setting that did best over the streams of ``edge bench learning``
+    (``bench/sweep_defaults.py``, BENCHMARKS.md), not a per-stream choice.
     ``config`` (an ``AdaptConfig``) overrides the learner's other settings.
     """
 
-    def __init__(self, model, *, criterion=None, optimizer=None, lr: float = 1e-3, replay_bytes: int = 4 << 20,
-                 replay_batch: int = 15, window: int = 200, seed: int = 0, scale: bool = False,
+    def __init__(self, model, *, criterion=None, optimizer=None, lr: float = 3e-2, replay_bytes: int = 4 << 20,
+                 replay_batch: int = 15, window: int = 200, seed: int = 0, scale: bool | None = None,
                  config: AdaptConfig | None = None):
         self.model = model
         self.criterion = criterion
         self.optimizer = optimizer
         self.lr = float(lr)
         self.replay_bytes, self.replay_batch, self.window, self.seed = replay_bytes, replay_batch, window, seed
-        self.scale = bool(scale)
+        self.scale = self.fast_path if scale is None else bool(scale)
         self.config = config
         self.learner: Learner | None = None  # built on the first sample: its shape fixes the features
         self.x_shape: tuple | None = None

@@ -107,3 +107,24 @@ def test_binary_snapshot_is_a_sigmoid():
                                     kind="linear", task="classification", version="v")
     p = snap.predict(np.array([[1.0, 1.0]]))
     np.testing.assert_allclose(p, [[1 - 1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(-2.0))]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, K])
+def test_snapshot_and_trainer_score_with_the_one_softmax_and_sigmoid(k):
+    from edge.adapt.activations import binary_scores, softmax
+    from edge.adapt.trainer import HeadTrainer
+
+    head = make_head("linear", in_features=D, out_features=k)
+    _perturb(head)
+    z = _z(6) * 10  # logits far from zero too
+    snap = HeadSnapshot.from_head(head, task="classification", version="v")
+    logits = z @ head.weight.T + head.bias
+    expected = binary_scores(logits) if k == 1 else softmax(logits)
+    np.testing.assert_array_equal(snap.predict(z), expected)
+    # the textbook forms, written out here, not imported
+    p = 1.0 / (1.0 + np.exp(-np.clip(logits[:, :1], -60, 60)))
+    e = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(expected, np.hstack([1 - p, p]) if k == 1 else e / e.sum(1, keepdims=True), rtol=1e-6)
+    tr = HeadTrainer(head, task="classification", batch=4, lr=0.01)
+    for row, want in zip(z, expected):
+        np.testing.assert_allclose(tr.score(row), want, rtol=1e-6, atol=1e-7)

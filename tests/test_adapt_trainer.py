@@ -81,12 +81,13 @@ def test_unsupported_optimizers_are_named():
         spec_from_torch(torch.optim.Adam(p, amsgrad=True))
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])  # the linear head has both steps
 @pytest.mark.parametrize("task,k", [("classification", K), ("regression", K), ("classification", 1)])
 @pytest.mark.parametrize("kind", sorted(HEADS))
-def test_numpy_step_matches_autograd_and_torch_adam(kind, task, k):
+def test_numpy_step_matches_autograd_and_torch_adam(kind, task, k, compiled):
     head = _head(kind, k=k)
     ref = TorchRef(head)
-    tr = HeadTrainer(head, task=task, batch=B, lr=0.01, anchor=0.05)
+    tr = HeadTrainer(head, task=task, batch=B, lr=0.01, anchor=0.05, compiled=compiled)
     opt = torch.optim.Adam(ref.ordered(), lr=0.01)
     for z, y in _batches(task, 40, k=k):
         tr.z_np[:], tr.y_np[:] = z, y
@@ -108,15 +109,16 @@ def test_numpy_step_matches_autograd_and_torch_adam(kind, task, k):
     np.testing.assert_allclose(head.flat, ref.flat(), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "numpy"])
 @pytest.mark.parametrize("k", [K, 1])
 @pytest.mark.parametrize("kind", sorted(HEADS))
-def test_logit_offset_step_matches_autograd_of_the_offset_loss_and_scores_stay_plain(kind, k):
+def test_logit_offset_step_matches_autograd_of_the_offset_loss_and_scores_stay_plain(kind, k, compiled):
     """With a class-evidence offset the step is the gradient of the cross-entropy of
     softmax(logits + offset) (BCE of logit + offset[1] - offset[0]), while the scores it
     returns are the plain head's: the offset never reaches what is served."""
     head = _head(kind, k=k)
     ref = TorchRef(head)
-    tr = HeadTrainer(head, task="classification", batch=B, lr=0.01, anchor=0.05)
+    tr = HeadTrainer(head, task="classification", batch=B, lr=0.01, anchor=0.05, compiled=compiled)
     off = np.log(np.minimum(1.0, (np.array([0, 3, 30, 7][: max(2, k)], np.float64) + 0.1) / 20)).astype(np.float32)
     tr.logit_offset = off
     opt = torch.optim.Adam(ref.ordered(), lr=0.01)

@@ -76,7 +76,8 @@ def test_fast_path_agrees_with_torch_autograd_on_the_same_steps():
     lin = LinearModel(10, 1)
     seq = nn.Sequential(nn.Linear(10, 1))
     seq[0].load_state_dict(lin.linear.state_dict())
-    fast = IncrementalModel(lin, optimizer=torch.optim.Adam(lin.parameters(), lr=1e-2))
+    # scaling is the fast path's default and not the module path's: off here, the steps are compared
+    fast = IncrementalModel(lin, optimizer=torch.optim.Adam(lin.parameters(), lr=1e-2), scale=False)
     slow = IncrementalModel(seq, optimizer=torch.optim.Adam(seq.parameters(), lr=1e-2))
     fast.learn_one(X[0], y[0]), slow.learn_one(X[0], y[0])  # builds both engines
     assert fast.fast_path and not slow.fast_path
@@ -208,8 +209,8 @@ def test_scale_option_standardises_badly_scaled_inputs():
     rng = np.random.default_rng(5)
     X = (rng.normal(size=(2000, 3)) * [1.0, 1000.0, 0.001] + [0.0, 5e5, 0.0]).astype(np.float32)
     y = (X[:, 0] + (X[:, 1] - 5e5) / 1000.0)[:, None].astype(np.float32)
-    plain = IncrementalModel(LinearModel(3, 1), lr=1e-2).online_learning((X, y))
-    scaled = IncrementalModel(LinearModel(3, 1), lr=1e-2, scale=True).online_learning((X, y))
+    plain = IncrementalModel(LinearModel(3, 1), lr=1e-2, scale=False).online_learning((X, y))
+    scaled = IncrementalModel(LinearModel(3, 1), lr=1e-2).online_learning((X, y))  # scaling: the default
     assert scaled["window"]["mse"] < 0.1 < plain["window"]["mse"]
 
 

@@ -52,33 +52,48 @@ class AdamState:
         >>> [round(float(x), 3) for x in p], adam.steps
         ([0.9, -0.9], 1)
         """
-        b1, b2 = self.beta1, self.beta2
-        self.steps += 1
-        if self.weight_decay:
-            if self.decoupled:
-                p *= np.float32(1.0 - lr * self.weight_decay)
-            else:
-                np.multiply(p, np.float32(self.weight_decay), out=self._g)
-                self._g += g
-                g = self._g
-        bias_correction1 = 1.0 - b1**self.steps
-        bias_correction2_sqrt = math.sqrt(1.0 - b2**self.steps)
+        step, eps_hat, shrink, l2 = self.advance(lr)
+        if shrink != 1.0:
+            p *= np.float32(shrink)
+        if l2:
+            np.multiply(p, np.float32(l2), out=self._g)
+            self._g += g
+            g = self._g
         m, v, tmp, den = self.m, self.v, self._tmp, self._den
         # m <- lerp(m, g, 1 - beta1); v <- beta2 v + (1 - beta2) g^2
         np.subtract(g, m, out=tmp)
-        tmp *= np.float32(1.0 - b1)
+        tmp *= np.float32(1.0 - self.beta1)
         m += tmp
         np.multiply(g, g, out=tmp)
-        tmp *= np.float32(1.0 - b2)
-        v *= np.float32(b2)
+        tmp *= np.float32(1.0 - self.beta2)
+        v *= np.float32(self.beta2)
         v += tmp
-        # p <- p - lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+        # p <- p - step * m / (sqrt(v) + eps_hat): torch's rule with both bias corrections folded in
         np.sqrt(v, out=den)
-        den /= np.float32(bias_correction2_sqrt)
-        den += np.float32(self.eps)
-        np.multiply(m, np.float32(-lr / bias_correction1), out=tmp)
+        den += np.float32(eps_hat)
+        np.multiply(m, np.float32(-step), out=tmp)
         tmp /= den
         p += tmp
+
+    def advance(self, lr: float) -> tuple[float, float, float, float]:
+        """Count one step; its scalars ``(step, eps_hat, shrink, l2)``, shared by this numpy
+        update and the compiled one (``edge.adapt.kernels``), so both apply one rule.
+
+        torch's ``p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)`` is, multiplied through
+        by ``sqrt(bc2)``, ``p -= step * m / (sqrt(v) + eps_hat)`` with ``step = lr sqrt(bc2) / bc1``
+        and ``eps_hat = eps sqrt(bc2)``: two array operations fewer a step. ``shrink``
+        scales the weights first (AdamW's decoupled decay), ``l2`` adds ``l2 * p`` to the
+        gradient (Adam's L2 form).
+
+        >>> [float(f"{x:.4g}") for x in AdamState(1).advance(0.1)]  # 0.1 * sqrt(0.001) / 0.1
+        [0.03162, 3.162e-10, 1.0, 0.0]
+        """
+        self.steps += 1
+        bc1 = 1.0 - self.beta1**self.steps
+        bc2_sqrt = math.sqrt(1.0 - self.beta2**self.steps)
+        wd = self.weight_decay
+        shrink = 1.0 - lr * wd if self.decoupled else 1.0
+        return lr * bc2_sqrt / bc1, self.eps * bc2_sqrt, shrink, 0.0 if self.decoupled else wd
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "steps": self.steps, "m": self.m.copy(), "v": self.v.copy()}

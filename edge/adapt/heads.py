@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edge.adapt.activations import binary_scores, softmax
 from edge.errors import ConfigError
 
 
@@ -255,19 +256,6 @@ def make_head(kind: str, *, in_features: int, out_features: int, base_weight=Non
         raise ConfigError(f"adapt.head: bad option for head {kind!r}: {e}") from None
 
 
-def _softmax(s: np.ndarray) -> np.ndarray:
-    s = s - s.max(axis=1, keepdims=True)
-    np.exp(s, out=s)
-    s /= s.sum(axis=1, keepdims=True)
-    return s
-
-
-def _sigmoid2(s: np.ndarray) -> np.ndarray:
-    """``[1 - p, p]`` for one binary logit per row: the softmax of ``[0, s]``."""
-    p = 1.0 / (1.0 + np.exp(-np.clip(s[:, :1], -60.0, 60.0)))
-    return np.concatenate([1.0 - p, p], axis=1)
-
-
 @dataclass(frozen=True)
 class HeadSnapshot:
     """An immutable head in numpy: what the serving thread predicts with.
@@ -327,4 +315,4 @@ class HeadSnapshot:
         s = self.logits(z)
         if self.task != "classification":
             return s
-        return _sigmoid2(s) if s.shape[1] == 1 else _softmax(s)
+        return binary_scores(s) if s.shape[1] == 1 else softmax(s, inplace=True)

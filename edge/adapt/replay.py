@@ -11,11 +11,60 @@ sample of a largest class replaces a random member of its own class with probabi
 ``kept / seen``. A rare fault class therefore keeps its share even when the stream is
 99% "normal". For regression and forecasting it is a plain reservoir (Vitter's R).
 
-Storage is two preallocated arrays, so sampling a batch is one numpy fancy index.
+Storage is two preallocated arrays, so sampling a batch is one numpy fancy index. The
+sampled slots come from ``PreDrawn``: random numbers drawn in blocks, so that a batch
+costs a slice and a modulo instead of a generator call.
 """
 from __future__ import annotations
 
 import numpy as np
+
+
+class PreDrawn:
+    """Uniform random slots ``0..size-1``, from blocks of random 62-bit integers drawn ahead.
+
+    A numpy ``Generator.integers`` call costs about 3 microseconds whatever its size; a
+    slice and a modulo of a block drawn ahead cost about 0.5 (the per-label step draws
+    twice). The modulo's bias is below ``size / 2**62``. The state is the generator's
+    state at the current block's start and the position in it, so a restored buffer
+    draws the same slots as the one that was saved.
+
+    >>> a = PreDrawn(seed=1)
+    >>> first = a.slots(3, 10)
+    >>> b = PreDrawn(seed=2)
+    >>> b.load_state_dict(a.state_dict())
+    >>> a.slots(4, 10).tolist() == b.slots(4, 10).tolist(), bool((first < 10).all())
+    (True, True)
+    """
+
+    BLOCK = 4096
+
+    def __init__(self, seed):
+        self.rng = np.random.default_rng(seed)
+        self._refill(self.BLOCK)
+
+    def _refill(self, length: int) -> None:
+        self._start = self.rng.bit_generator.state
+        self.block = self.rng.integers(0, 1 << 62, size=length)
+        self.pos = 0
+
+    def slots(self, n: int, size: int) -> np.ndarray:
+        if self.pos + n > len(self.block):
+            self._refill(max(self.BLOCK, n))
+        out = self.block[self.pos: self.pos + n] % size
+        self.pos += n
+        return out
+
+    def state_dict(self) -> dict:
+        return {"rng": self._start, "pos": self.pos, "len": len(self.block)}
+
+    def load_state_dict(self, s: dict) -> None:
+        pos, length = int(s["pos"]), int(s["len"])
+        if not 0 <= pos <= length:
+            raise ValueError(f"random-draw state has position {pos} outside its block of {length}")
+        self.rng.bit_generator.state = s["rng"]
+        self._refill(length)
+        self.pos = pos
 
 
 class ReplayBuffer:
@@ -37,7 +86,8 @@ class ReplayBuffer:
         self.z = np.zeros((self.capacity, self.feature_size), np.float32)
         self.y = np.zeros(self.capacity, np.int64) if classes else np.zeros((self.capacity, self.outputs), np.float32)
         self.size = 0
-        self.rng = np.random.default_rng(seed)
+        self.rng = np.random.default_rng(seed)  # the reservoir's decisions
+        self.draws = PreDrawn([seed, 1])  # the slots a batch replays
         self.seen = np.zeros(classes if classes else 1, np.int64)
         # slots of each class, for O(1) eviction of a random member of a class
         self._slots: list[list[int]] = [[] for _ in range(classes)] if classes else []
@@ -132,7 +182,7 @@ class ReplayBuffer:
         """``n`` random slots (with replacement: cheap and unbiased); empty when the buffer is."""
         if self.size == 0 or n <= 0:
             return np.empty(0, np.int64)
-        return self.rng.integers(0, self.size, size=n)
+        return self.draws.slots(n, self.size)
 
     def clear(self) -> None:
         self.size = 0
@@ -146,6 +196,7 @@ class ReplayBuffer:
             "y": self.y[: self.size].copy(),
             "seen": self.seen.copy(),
             "rng": self.rng.bit_generator.state,
+            "draws": self.draws.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,6 +214,8 @@ class ReplayBuffer:
                 self._slots[int(self.y[slot])].append(slot)
         if isinstance(state.get("rng"), dict):
             self.rng.bit_generator.state = state["rng"]
+        if isinstance(state.get("draws"), dict):  # an older state has none: fresh draws
+            self.draws.load_state_dict(state["draws"])
 
 
 class RecentBuffer:
@@ -187,7 +240,7 @@ class RecentBuffer:
         self.y = np.zeros(self.capacity, np.int64) if classes else np.zeros((self.capacity, int(outputs)), np.float32)
         self.size = 0
         self.i = 0
-        self.rng = np.random.default_rng(seed + 1)
+        self.draws = PreDrawn([seed, 2])
 
     def __len__(self) -> int:
         return self.size
@@ -211,13 +264,13 @@ class RecentBuffer:
     def sample_indices(self, n: int) -> np.ndarray:
         if self.size == 0 or n <= 0:
             return np.empty(0, np.int64)
-        return self.rng.integers(0, self.size, size=n)
+        return self.draws.slots(n, self.size)
 
     def clear(self) -> None:
         self.size = self.i = 0
 
     def state_dict(self) -> dict:
-        return {"z": self.z[: self.size].copy(), "y": self.y[: self.size].copy(), "i": self.i, "rng": self.rng.bit_generator.state}
+        return {"z": self.z[: self.size].copy(), "y": self.y[: self.size].copy(), "i": self.i, "draws": self.draws.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the saved rows in time order into slots ``0..n-1`` (the newest ``capacity``
@@ -237,8 +290,8 @@ class RecentBuffer:
         n = len(order)
         self.z[:n], self.y[:n] = z[order], y[order].reshape(self.y[:n].shape)
         self.size = n
-        if isinstance(state.get("rng"), dict):
-            self.rng.bit_generator.state = state["rng"]
+        if isinstance(state.get("draws"), dict):  # an older state's "rng" drew slots another way: fresh draws
+            self.draws.load_state_dict(state["draws"])
 
 
 def _check_targets(y: np.ndarray, classes: int | None, what: str) -> None:

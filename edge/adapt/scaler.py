@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge.adapt import kernels
+
 
 class OnlineScaler:
     """``(z - mean) / std`` with the running mean and variance of everything seen.
@@ -32,6 +34,9 @@ class OnlineScaler:
 
     def learn_one(self, z: np.ndarray) -> None:
         self.n += 1
+        if kernels.welford_one is not None and z.dtype == np.float32 and z.ndim == 1:  # the same update, one call
+            kernels.welford_one(z, self.mean, self.m2, self.n, self._mean32, self._inv32)
+            return
         d = z - self.mean
         self.mean += d / self.n
         self.m2 += d * (z - self.mean)

@@ -16,7 +16,7 @@ import copy
 import numpy as np
 import torch
 
-from edge.adapt.heads import _sigmoid2, _softmax
+from edge.adapt.activations import binary_scores, softmax
 
 
 class ModuleSnapshot:
@@ -41,7 +41,7 @@ class ModuleSnapshot:
         s = self.logits(z)
         if self.task != "classification":
             return s
-        return _sigmoid2(s) if s.shape[1] == 1 else _softmax(s)
+        return binary_scores(s) if s.shape[1] == 1 else softmax(s, inplace=True)
 
 
 class ModuleHead:

@@ -8,7 +8,9 @@ sample is read from row 0 of the step's own forward pass instead of a second for
 The step runs in numpy on the head's closed-form forward and gradient
 (``forward_np`` / ``grad_np``) and a numpy optimizer over the head's flat parameter
 buffer (``edge.adapt.optim``): at these sizes torch's per-op dispatch and the
-optimizer's Python wrapper cost several times the arithmetic. A head without a closed
+optimizer's Python wrapper cost several times the arithmetic. A linear head under
+Adam/AdamW runs the same rule compiled, in one call (``edge.adapt.kernels``; the numpy
+step is its reference and fallback; ``compiled=False`` forces numpy). A head without a closed
 form (a user's own torch module, ``edge.adapt.torch_head``) trains by autograd through
 its own ``autograd_step``; only that path imports torch.
 
@@ -22,13 +24,18 @@ import math
 
 import numpy as np
 
+from edge.adapt import kernels
+from edge.adapt.activations import binary_scores, sigmoid, sigmoid_array, softmax
+from edge.adapt.adam import AdamState
+from edge.adapt.heads import LinearHead
 from edge.adapt.optim import OptimizerSpec, make_optimizer
 
 
 class HeadTrainer:
     """Owns a head's optimizer and preallocated batch; ``fill`` then ``step``."""
 
-    def __init__(self, head, *, task: str, batch: int, lr: float | None = None, optimizer="adam", anchor: float = 0.0):
+    def __init__(self, head, *, task: str, batch: int, lr: float | None = None, optimizer="adam", anchor: float = 0.0,
+                 compiled: bool = True):
         self.head = head
         self.task = task
         self.classification = task == "classification"
@@ -45,11 +52,13 @@ class HeadTrainer:
         self._rows = np.arange(batch)
         self.closed_form = getattr(head, "grad_np", None) is not None
         self.opt = None
+        self._want_compiled = bool(compiled)
         if self.closed_form:
             self.grad = np.zeros(head.flat.size, np.float32)
             self.opt = make_optimizer(spec, head.flat.size)
         else:
             head.bind_optimizer(spec, self.lr)
+        self._choose_path()
         self.ranges: list[tuple[int, int]] = []
         self.last_loss_of = None  # (start, end): rows whose mean loss the next step records
         self.last_loss = math.nan
@@ -60,6 +69,24 @@ class HeadTrainer:
     def set_lr(self, lr: float) -> None:
         self._lr = float(lr)
 
+    def _choose_path(self) -> None:
+        """The compiled step for a plain linear head under Adam/AdamW, when numba imports."""
+        fits = type(self.head) is LinearHead and isinstance(self.opt, AdamState)
+        if fits and self._want_compiled:
+            kernels.warn_unavailable_once()
+        self.compiled = fits and self._want_compiled and kernels.AVAILABLE
+        if self.compiled:
+            k = self.head.out_features
+            self._mode = (kernels.MODE_BINARY if self.binary else kernels.MODE_SOFTMAX) if self.classification \
+                else kernels.MODE_REGRESSION
+            self._grad64 = np.zeros(self.head.flat.size, np.float64)
+            self._hp = np.zeros(6, np.float64)
+            self._hp[4], self._hp[5] = self.opt.beta1, self.opt.beta2
+            self._no_off = np.zeros(0, np.float32)
+            self._no_yc = np.zeros(0, np.int64)
+            self._no_yr = np.zeros((0, k), np.float32)
+            self._width = 2 if self.binary else k
+
     def set_optimizer(self, spec: OptimizerSpec, *, module_optimizer=None) -> None:
         """Train from now on with ``spec`` (the head keeps its weights; the optimizer's moments
         start afresh); a module head runs ``module_optimizer`` itself when given. The library
@@ -68,6 +95,7 @@ class HeadTrainer:
         self.lr = self._lr = float(spec.lr)
         if self.closed_form:
             self.opt = make_optimizer(spec, self.head.flat.size)
+            self._choose_path()
             return
         if module_optimizer is not None:
             self.head.user_optimizer = module_optimizer
@@ -113,6 +141,8 @@ class HeadTrainer:
             out = self.head.forward_np(z[:first])[0]
             self.head.autograd_step(z, y, self._lr, self.anchor, self.binary)
             return np.stack([self._scores(o) for o in out])
+        if self.compiled:
+            return self._step_compiled(z, y, first)
         n = len(z)
         g, cache = self.head.forward_np(z)
         want = self.last_loss_of
@@ -123,11 +153,7 @@ class HeadTrainer:
             want = None
             g += off[1] - off[0] if self.binary else off
         if self.binary:  # d(mean BCE)/d(logit) = (sigmoid - y) / n
-            np.clip(g, -60.0, 60.0, out=g)
-            np.negative(g, out=g)
-            np.exp(g, out=g)
-            g += 1.0
-            np.reciprocal(g, out=g)
+            sigmoid_array(g, inplace=True)
             p0 = g[:first, 0]
             s0 = np.stack([1.0 - p0, p0], axis=1)
             if want and want[1] > want[0]:
@@ -136,9 +162,7 @@ class HeadTrainer:
             g[:, 0] -= y
             g /= n
         elif self.classification:  # d(mean cross-entropy)/d(logits) = (softmax - onehot) / n
-            g -= g.max(axis=1, keepdims=True)
-            np.exp(g, out=g)
-            g /= g.sum(axis=1, keepdims=True)
+            softmax(g, inplace=True)
             s0 = g[:first].copy()
             rows = self._rows[:n] if n <= self.batch else np.arange(n)
             if want and want[1] > want[0]:
@@ -157,6 +181,26 @@ class HeadTrainer:
         self.opt.update(self.head.flat, self.grad, self._lr)
         return s0 if plain is None else plain
 
+    def _step_compiled(self, z: np.ndarray, y: np.ndarray, first: int) -> np.ndarray:
+        """``step_arrays`` in one compiled call (``edge.adapt.kernels``): the same rule."""
+        hp = self._hp
+        hp[0], hp[1], hp[2], hp[3] = self.opt.advance(self._lr)
+        want = self.last_loss_of
+        a, b = want if want else (0, 0)
+        off = self.logit_offset if self.classification and self.logit_offset is not None else self._no_off
+        h, o = self.head, self.opt
+        s0 = np.empty((first, self._width), np.float32)
+        if self.classification:
+            yc, yr = y, self._no_yr
+        else:
+            yc, yr = self._no_yc, y
+        loss = kernels.linear_adam_step(h.flat, h.out_features, h.in_features, z, yc, yr, len(z), self._mode, off,
+                                        float(self.anchor), h.base_weight, h.base_bias, self._grad64, o.m, o.v, hp,
+                                        first, s0, a, b)
+        if b > a:
+            self.last_loss = loss
+        return s0
+
     def _plain_scores(self, g: np.ndarray, y: np.ndarray, first: int, want) -> np.ndarray:
         """The first rows' scores, and the replayed rows' error (``last_loss``), from logits ``g``
         as they are served, before a ``logit_offset`` is added for the loss."""
@@ -164,11 +208,7 @@ class HeadTrainer:
             a, b = want
             pred = (g[a:b, 0] >= 0.0) != (y[a:b] == 1) if self.binary else g[a:b].argmax(1) != y[a:b]
             self.last_loss = float(np.mean(pred))
-        if self.binary:
-            p0 = 1.0 / (1.0 + np.exp(-np.clip(g[:first, 0], -60.0, 60.0)))
-            return np.stack([1.0 - p0, p0], axis=1)
-        s0 = np.exp(g[:first] - g[:first].max(axis=1, keepdims=True))
-        return s0 / s0.sum(axis=1, keepdims=True)
+        return binary_scores(g[:first]) if self.binary else softmax(g[:first])
 
     def score(self, z) -> np.ndarray:
         """The head's scores for one sample, without training (see ``step``)."""
@@ -179,10 +219,9 @@ class HeadTrainer:
         if not self.classification:
             return np.array(out, copy=True)
         if self.binary:
-            p = 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, float(out[0])))))
+            p = sigmoid(out[0])
             return np.array([1.0 - p, p], np.float32)
-        e = np.exp(out - out.max())
-        return e / e.sum()
+        return softmax(out)
 
     def reset(self) -> None:
         """Back to the base head with a fresh optimizer state (after a rollback)."""

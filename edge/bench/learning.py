@@ -7,13 +7,20 @@ Streams (all prequential: every row is predicted before it is learned):
   shift; 4 classes, learned from scratch;
 - ``phishing``: river's bundled ``Phishing`` (binary, 9 features, 1,250 rows);
 - ``trump_approval``: river's bundled ``TrumpApproval`` (regression, 6 features, 1,001 rows);
-- ``no_signal``: 20 random features and a target that does not depend on them.
+- ``no_signal``: 20 random features and a target that does not depend on them;
+- ``bananas``: river's bundled ``Bananas`` (binary, 2 features, 5,300 rows: not linear);
+- ``chick_weights``: river's bundled ``ChickWeights`` (regression, 3 features, 578 rows);
+- ``image_segments``: river's bundled ``ImageSegments`` (7 classes, 18 features, 2,310 rows).
+
+river's other bundled files are multi-output or multi-label (SolarFlare, Yeast), a date
+alone (AirlinePassengers, WaterFlow) or an anomaly set; the rest download.
 
 Peers: river ``StandardScaler | LinearRegression`` (regression), ``StandardScaler |
 LogisticRegression`` (binary) or ``StandardScaler | SoftmaxRegression`` (multi-class),
-and ``HoeffdingTreeClassifier`` (classification), all with river's defaults. edge:
-``IncrementalModel(LinearModel(d, k), criterion, lr=1e-2, scale=True)``, one setting
-for every stream (nothing tuned to one). The trivial reference (running mean / class
+and ``HoeffdingTreeRegressor`` / ``HoeffdingTreeClassifier``, all with river's defaults. edge:
+``IncrementalModel(LinearModel(d, k), criterion=criterion)``, the library's defaults
+for every stream (nothing tuned to one; ``bench/sweep_defaults.py`` is how they were
+chosen). The trivial reference (running mean / class
 prior) is scored on the same rows. Speed is rows per second of the whole prequential
 loop (predict + learn), per row and, for edge, with ``learn_many`` batches of 32.
 The box is shared: figures move between runs; ratios within one run are the measure.
@@ -29,7 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
-STREAMS = ("sim_drift", "phishing", "trump_approval", "no_signal")
+STREAMS = ("sim_drift", "phishing", "trump_approval", "no_signal", "bananas", "chick_weights", "image_segments")
+RIVER = {"phishing": ("Phishing", "binary"), "trump_approval": ("TrumpApproval", "regression"),
+         "bananas": ("Bananas", "binary"), "chick_weights": ("ChickWeights", "regression"),
+         "image_segments": ("ImageSegments", "multiclass")}
 EPS = 1e-7
 
 
@@ -49,21 +59,25 @@ def _cpu() -> dict:
 
 
 def _river_dataset(name):
+    """``(feature names, X, y, classes)`` of one of river's bundled data sets (read from the
+    installed package); class labels become indices in the order of their sorted names."""
     from river import datasets
 
-    ds = {"phishing": datasets.Phishing, "trump_approval": datasets.TrumpApproval}[name]()
-    rows = list(ds)
+    rows = list(getattr(datasets, RIVER[name][0])())
     keys = list(rows[0][0])
     X = np.array([[float(x[k]) for k in keys] for x, _ in rows], np.float32)
-    y = np.array([float(t) for _, t in rows])
-    return keys, X, y
+    if RIVER[name][1] == "regression":
+        return keys, X, np.array([float(t) for _, t in rows]), 0
+    names = sorted({str(t) for _, t in rows})
+    index = {c: i for i, c in enumerate(names)}
+    return keys, X, np.array([index[str(t)] for _, t in rows], np.int64), len(names)
 
 
 def load_stream(name: str, *, seed: int, pre: int, post: int):
     """``(task, X [n, d], y [n], classes)`` for one stream; task is regression, binary or multiclass."""
-    if name in ("phishing", "trump_approval"):
-        _, X, y = _river_dataset(name)
-        return ("binary", X, y.astype(np.int64), 2) if name == "phishing" else ("regression", X, y, 0)
+    if name in RIVER:
+        _, X, y, k = _river_dataset(name)
+        return RIVER[name][1], X, y, k
     if name == "no_signal":
         rng = np.random.default_rng(seed + 17)
         n = pre + post
@@ -97,7 +111,9 @@ def _quality(task: str, P: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
-def run_edge(task, X, y, k, *, batch: int = 0, seed: int = 0):
+def run_edge(task, X, y, k, *, batch: int = 0, seed: int = 0, **options):
+    """edge's prequential predictions, seconds and counters; ``options`` go to
+    ``IncrementalModel`` (none in the bench: the library's defaults)."""
     import torch
     from torch import nn
 
@@ -106,7 +122,7 @@ def run_edge(task, X, y, k, *, batch: int = 0, seed: int = 0):
     torch.manual_seed(seed)  # the LinearModel's initial weights: the same on every run of a stream
     crit = {"regression": nn.MSELoss(), "binary": nn.BCEWithLogitsLoss(), "multiclass": nn.CrossEntropyLoss()}[task]
     out = 1 if task != "multiclass" else k
-    ilm = IncrementalModel(LinearModel(X.shape[1], out), criterion=crit, lr=1e-2, scale=True, seed=seed)
+    ilm = IncrementalModel(LinearModel(X.shape[1], out), criterion=crit, seed=seed, **options)
     Y = y.astype(np.float32)[:, None] if task == "regression" else y
     P = []
     t0 = time.perf_counter()
@@ -136,7 +152,7 @@ def run_river(model_name, task, X, y, k):
                "multiclass": linear_model.SoftmaxRegression}[task]()
         model = preprocessing.StandardScaler() | est
     else:
-        model = tree.HoeffdingTreeClassifier()
+        model = tree.HoeffdingTreeRegressor() if task == "regression" else tree.HoeffdingTreeClassifier()
     names = [f"x{j}" for j in range(X.shape[1])]
     rows = [dict(zip(names, r)) for r in X.astype(float).tolist()]
     labels = y.tolist() if task == "regression" else [int(c) for c in y]
@@ -188,8 +204,7 @@ def main(argv=None) -> int:
         runs = {"edge": lambda: fn_seed("edge", args.seed),
                 "edge_learn_many32": lambda: fn_seed("edge_learn_many32", args.seed),
                 "river_linear": lambda: run_river("linear", task, X, y, k)}
-        if task != "regression":
-            runs["river_hoeffding_tree"] = lambda: run_river("tree", task, X, y, k)
+        runs["river_hoeffding_tree"] = lambda: run_river("tree", task, X, y, k)
         for key, fn in runs.items():
             best, P, extra = math.inf, None, None
             for _ in range(args.repeats):

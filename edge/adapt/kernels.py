@@ -1,0 +1,182 @@
+"""The per-label training step of a linear head, compiled: forward, loss gradient, anchor
+and Adam in one call.
+
+Why a second copy of the step: on the narrow streams (6-20 features, 16 rows) the numpy
+step (``HeadTrainer.step_arrays`` + ``AdamState.update``) is about 30 numpy calls of
+0.3-1 microseconds each around well under a microsecond of arithmetic; one compiled call
+does the same arithmetic for about what two numpy calls cost (BENCHMARKS.md, "Per-row
+speed"). The rule is the numpy step's, which stays the reference and the fallback: the
+numpy step is held to torch autograd + ``torch.optim.Adam`` and this kernel to both
+(``tests/test_adapt_kernels.py``). The Adam scalars (bias corrections folded in, decay)
+come from ``AdamState.advance``, the one place that computes them for both.
+
+``welford_one`` is ``OnlineScaler.learn_one`` compiled the same way (ten numpy calls a
+row in numpy).
+
+Scope of the step: a ``LinearHead`` (``kind == "linear"``: the library's ``LinearModel`` and the
+daemon's default head) under Adam or AdamW. Low-rank and MLP heads, SGD and torch
+modules take the numpy (or autograd) path.
+
+numba is an install requirement; where it cannot be imported (a platform without its
+wheels) ``AVAILABLE`` is False, the reason is logged once, and every head takes the
+numpy path: slower, the same rule. ``nogil=True``: while a step runs, the serving
+thread is not held up by the GIL.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+
+log = logging.getLogger("edge.adapt")
+
+MODE_REGRESSION, MODE_SOFTMAX, MODE_BINARY = 0, 1, 2
+
+try:
+    from numba import njit
+except ImportError as e:  # a soft dependency in practice: the numpy step is the same rule
+    njit = None
+    UNAVAILABLE_REASON = f"numba cannot be imported ({e}); pip install numba for the compiled step"
+else:
+    UNAVAILABLE_REASON = ""
+
+AVAILABLE = njit is not None
+_warned = False
+
+
+def warn_unavailable_once() -> None:
+    """Log, once a process, that heads train on the numpy path (and what to install)."""
+    global _warned
+    if not _warned and not AVAILABLE:
+        _warned = True
+        log.warning("adapt: %s", UNAVAILABLE_REASON)
+
+
+def _linear_adam_step(flat, k, d, z, yc, yr, n, mode, off, anchor, base_w, base_b, grad, m, v, hp, first, s0, a, b):
+    """One step on rows ``z[:n]``; writes row ``i < first``'s scores into ``s0[i]``; returns
+    the mean error of rows ``a..b`` (0/1 error, or mean absolute error) or NaN.
+
+    ``flat`` = ``[W (k x d) row-major, bias (k)]``; ``yc`` class indices (modes 1, 2) or
+    ``yr [n, k]`` targets (mode 0); ``off`` the logit offset (length 0: none; mode 2
+    reads ``off[1] - off[0]``); ``hp`` = ``[step, eps_hat, shrink, l2, beta1, beta2]``
+    (``AdamState.advance``). Scores and errors are of the plain logits, the loss's
+    gradient of logits + offset (``HeadTrainer.step_arrays``)."""
+    nw = k * d
+    npar = nw + k
+    for j in range(npar):
+        grad[j] = 0.0
+    logit = np.empty(k, np.float64)
+    has_off = off.shape[0] > 0
+    boff = 0.0
+    if has_off and mode == MODE_BINARY:
+        boff = off[1] - off[0]
+    wrong = 0.0
+    for i in range(n):
+        for c in range(k):
+            acc = np.float64(flat[nw + c])
+            for j in range(d):
+                acc += np.float64(flat[c * d + j]) * z[i, j]
+            logit[c] = acc
+        take = i >= a and i < b
+        if mode == MODE_BINARY:
+            x = logit[0]
+            if i < first:
+                p = 1.0 / (1.0 + math.exp(-min(60.0, max(-60.0, x))))
+                s0[i, 0] = 1.0 - p
+                s0[i, 1] = p
+            if take and (x >= 0.0) != (yc[i] == 1):
+                wrong += 1.0
+            xo = min(60.0, max(-60.0, x + boff))
+            logit[0] = (1.0 / (1.0 + math.exp(-xo)) - yc[i]) / n
+        elif mode == MODE_SOFTMAX:
+            best = 0
+            for c in range(1, k):
+                if logit[c] > logit[best]:
+                    best = c
+            if take and best != yc[i]:
+                wrong += 1.0
+            if i < first:
+                _softmax_row(logit, s0, i, k, logit[best])
+            if has_off:
+                for c in range(k):
+                    logit[c] += off[c]
+            mx = logit[0]
+            for c in range(1, k):
+                mx = max(mx, logit[c])
+            tot = 0.0
+            for c in range(k):
+                logit[c] = math.exp(logit[c] - mx)
+                tot += logit[c]
+            for c in range(k):
+                logit[c] = (logit[c] / tot - (1.0 if c == yc[i] else 0.0)) / n
+        else:
+            for c in range(k):
+                if i < first:
+                    s0[i, c] = logit[c]
+                e = logit[c] - yr[i, c]
+                if take:
+                    wrong += abs(e)
+                logit[c] = 2.0 * e / (n * k)
+        for c in range(k):
+            gc = logit[c]
+            if gc != 0.0:
+                for j in range(d):
+                    grad[c * d + j] += gc * z[i, j]
+                grad[nw + c] += gc
+    if anchor != 0.0:  # no work for a zero anchor
+        two = 2.0 * anchor
+        for c in range(k):
+            for j in range(d):
+                grad[c * d + j] += two * (flat[c * d + j] - base_w[c, j])
+            grad[nw + c] += two * (flat[nw + c] - base_b[c])
+    _adam(flat, grad, m, v, hp, npar)
+    if b <= a:
+        return math.nan
+    return wrong / ((b - a) * (k if mode == MODE_REGRESSION else 1))
+
+
+def _softmax_row(logit, s0, i, k, mx):
+    tot = 0.0
+    for c in range(k):
+        tot += math.exp(logit[c] - mx)
+    for c in range(k):
+        s0[i, c] = math.exp(logit[c] - mx) / tot
+
+
+def _adam(flat, grad, m, v, hp, npar):
+    """``AdamState.update``'s rule, element by element (float32 state, as torch's)."""
+    step, eps_hat, shrink, l2, b1, b2 = hp[0], hp[1], hp[2], hp[3], hp[4], hp[5]
+    for j in range(npar):
+        p = np.float64(flat[j])
+        if shrink != 1.0:
+            p = np.float64(np.float32(p * shrink))
+        g = np.float64(np.float32(grad[j]))
+        if l2 != 0.0:
+            g = np.float64(np.float32(g + l2 * p))
+        mj = np.float32(m[j] + (g - m[j]) * (1.0 - b1))
+        vj = np.float32(v[j] * b2 + (1.0 - b2) * g * g)
+        m[j] = mj
+        v[j] = vj
+        flat[j] = np.float32(p - step * mj / (math.sqrt(vj) + eps_hat))
+
+
+def _welford_one(z, mean, m2, n, mean32, inv32):
+    """``OnlineScaler.learn_one``'s update (``n`` counts ``z``), with its float32 views."""
+    for j in range(mean.shape[0]):
+        x = np.float64(z[j])
+        dj = x - mean[j]
+        mean[j] += dj / n
+        m2[j] += dj * (x - mean[j])
+        mean32[j] = mean[j]
+        var = m2[j] / n
+        inv32[j] = 1.0 if var <= 1e-24 else 1.0 / math.sqrt(var)
+
+
+if AVAILABLE:
+    welford_one = njit(nogil=True, cache=True)(_welford_one)
+    _softmax_row = njit(nogil=True, cache=True)(_softmax_row)
+    _adam = njit(nogil=True, cache=True)(_adam)
+    linear_adam_step = njit(nogil=True, cache=True)(_linear_adam_step)
+else:
+    linear_adam_step = welford_one = None

@@ -1,0 +1,90 @@
+"""The compiled step and scaler update (edge.adapt.kernels) apply the numpy step's rule:
+the same scores, errors, weights and Adam moments, to float32 rounding, on every task."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from edge.adapt import kernels
+from edge.adapt.heads import make_head
+from edge.adapt.optim import OptimizerSpec
+from edge.adapt.scaler import OnlineScaler
+from edge.adapt.trainer import HeadTrainer
+
+pytestmark = pytest.mark.skipif(not kernels.AVAILABLE, reason=kernels.UNAVAILABLE_REASON or "numba")
+
+D, B = 7, 12
+
+
+def _pair(task, k, spec, anchor, seed=0):
+    rng = np.random.default_rng(seed)
+    w, b = rng.normal(size=(k, D)), rng.normal(size=k)
+    out = []
+    for compiled in (True, False):
+        head = make_head("linear", in_features=D, out_features=k, base_weight=w, base_bias=b)
+        out.append(HeadTrainer(head, task=task, batch=B, optimizer=spec, anchor=anchor, compiled=compiled))
+    assert out[0].compiled and not out[1].compiled
+    return out
+
+
+@pytest.mark.parametrize("task,k", [("classification", 1), ("classification", 4), ("regression", 1), ("regression", 3)])
+@pytest.mark.parametrize("spec", [OptimizerSpec(kind="adam", lr=0.02), OptimizerSpec(kind="adam", lr=0.02, weight_decay=0.01),
+                                  OptimizerSpec(kind="adamw", lr=0.02, weight_decay=0.1)], ids=["adam", "adam_l2", "adamw"])
+@pytest.mark.parametrize("anchor", [0.0, 0.05])
+@pytest.mark.parametrize("offset", [False, True])
+def test_compiled_step_equals_the_numpy_step(task, k, spec, anchor, offset):
+    if offset and task != "classification":
+        pytest.skip("a logit offset is classification's")
+    fast, ref = _pair(task, k, spec, anchor)
+    rng = np.random.default_rng(1)
+    if offset:
+        off = np.log(np.minimum(1.0, (np.array([0, 3, 30, 7][: max(2, k)], np.float64) + 0.1) / 20)).astype(np.float32)
+        fast.logit_offset, ref.logit_offset = off, off.copy()
+    for i in range(40):
+        z = (rng.normal(size=(B, D)) * 3).astype(np.float32)
+        y = rng.integers(0, max(2, k), B) if task == "classification" else rng.normal(size=(B, k)).astype(np.float32)
+        want = (1, 9) if i % 2 else None
+        for t in (fast, ref):
+            t.z_np[:], t.y_np[:] = z, y
+            t.last_loss_of = want
+            t.last_loss = np.nan
+        first = 1 if i % 3 else 5  # learn_many asks for several rows' scores
+        s_fast = fast.step_arrays(fast.z_np, fast.y_np, first=first)
+        s_ref = ref.step_arrays(ref.z_np, ref.y_np, first=first)
+        np.testing.assert_allclose(s_fast, s_ref, rtol=1e-5, atol=1e-5)
+        if want:
+            assert fast.last_loss == pytest.approx(ref.last_loss, abs=1e-5)
+        np.testing.assert_allclose(fast.head.flat, ref.head.flat, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.opt.m, ref.opt.m, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(fast.opt.v, ref.opt.v, rtol=1e-4, atol=1e-8)
+    assert fast.opt.steps == ref.opt.steps == 40
+
+
+def test_sgd_and_other_heads_take_the_numpy_path():
+    lin = make_head("linear", in_features=D, out_features=2)
+    assert not HeadTrainer(lin, task="classification", batch=B, optimizer=OptimizerSpec(kind="sgd", lr=0.1)).compiled
+    low = make_head("lowrank", in_features=D, out_features=2, rank=2)
+    assert not HeadTrainer(low, task="classification", batch=B, lr=0.01).compiled
+
+
+def test_switching_to_sgd_leaves_the_compiled_path():
+    tr = HeadTrainer(make_head("linear", in_features=D, out_features=2), task="classification", batch=B, lr=0.01)
+    assert tr.compiled
+    tr.set_optimizer(OptimizerSpec(kind="sgd", lr=0.1))
+    assert not tr.compiled
+
+
+@settings(max_examples=40, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 30), st.integers(1, 6)), elements=st.floats(-1e4, 1e4, width=32)))
+def test_compiled_scaler_update_equals_the_numpy_update(Z):
+    fast, ref = OnlineScaler(Z.shape[1]), OnlineScaler(Z.shape[1])
+    for z in Z:
+        fast.learn_one(z)  # float32 rows: the compiled update
+        ref.learn_one(z.astype(np.float64))  # the numpy update
+    np.testing.assert_allclose(fast.mean, ref.mean, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(fast.m2, ref.m2, rtol=1e-9, atol=1e-6)
+    np.testing.assert_allclose(fast._inv32, ref._inv32, rtol=1e-6)
+    np.testing.assert_array_equal(fast._mean32, ref._mean32)
