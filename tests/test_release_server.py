@@ -333,3 +333,74 @@ def schema():
 
 def test_a_restarted_server_continues_the_rollout_postgresql(tmp_path, broker, keys, devices, schema):
     _restart_continues(tmp_path, broker, keys, devices, f"{PG}?schema={schema}")
+
+
+# ---- the shipped ACL on release topics (deploy/mosquitto/edge.acl) ----------------------------
+
+from tests.test_fleet_acl import NOT_AUTHORIZED, OK, acl_broker, peers  # noqa: E402,F401  (fixtures)
+
+REL = "fleet/test/vibration/release"
+
+
+def test_acl_a_device_writes_only_its_own_get_and_report_topics(peers):
+    n1 = peers["n1"]
+    assert n1.publish(f"{REL}/get/n1") == OK
+    assert n1.publish(f"{REL}/report/n1") == OK
+    for topic in (f"{REL}/get/n2", f"{REL}/report/n2", f"{REL}/chunk/n1", REL):
+        assert n1.publish(topic, retain=topic == REL) == NOT_AUTHORIZED, topic
+
+
+def test_acl_a_device_reads_the_manifest_and_only_its_own_chunks(peers):
+    n1, n2, srv = peers["n1"], peers["n2"], peers["fleet-server"]
+    for topic in (REL, f"{REL}/chunk/+", f"{REL}/get/+", f"{REL}/report/+"):
+        assert n1.subscribe(topic) == 1
+    assert srv.subscribe(f"$share/fleet/{REL}/get/+") == 1
+    assert srv.subscribe(f"$share/fleet/{REL}/report/+") == 1
+    assert srv.publish(f"{REL}/chunk/n2", b"for n2") == OK
+    assert n2.publish(f"{REL}/get/n2", b"g2") == OK
+    assert n2.publish(f"{REL}/report/n2", b"r2") == OK
+    assert srv.publish(REL, b"manifest") == OK
+    assert srv.publish(f"{REL}/chunk/n1", b"for n1") == OK
+    n1._wait(lambda: (f"{REL}/chunk/n1", b"for n1") in n1.msgs)
+    srv._wait(lambda: (f"{REL}/report/n2", b"r2") in srv.msgs)
+    assert [m for m in n1.msgs if m[0].startswith(REL)] == [(REL, b"manifest"), (f"{REL}/chunk/n1", b"for n1")]
+    assert (f"{REL}/get/n2", b"g2") in srv.msgs
+    assert srv.publish(REL, b"", retain=True) == OK
+
+
+# ---- the commands ------------------------------------------------------------------------------
+
+def _edge(*args, check=True):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    p = subprocess.run([sys.executable, "-m", "edge.cli", *map(str, args)], capture_output=True, text=True, timeout=60,
+                       cwd=Path(__file__).resolve().parent.parent)
+    if check:
+        assert p.returncode == 0, p.stderr[-2000:]
+    return p, [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
+
+
+def test_release_rollout_and_releases_commands(tmp_path, broker, keys, devices):
+    kd = tmp_path / "cli-keys"
+    p, _ = _edge("keys", "create", "ops", "--role", "release", "--dir", kd)
+    assert "created release key ops" in p.stdout
+    cfg = server_toml(tmp_path, keys, broker, store=str(tmp_path / "fleet.db"), k=1000, t_s=3600.0)
+    _, (out,) = _edge("fleet-server", "release", MODEL.path, "--waves", "10,100", "--min-labels", "7", "-c", cfg,
+                      "--key", "ops", "--keys-dir", kd)
+    assert out["published"] and out["state"] == "rolling" and out["waves"] == [10, 100]
+    m = devices["n0"].manifest(load_public(kd / "ops.release.pub"))
+    assert (m.release, m.min_labels, m.digest) == (out["release"], 7, folder_digest(MODEL.path))
+    _, (st,) = _edge("fleet-server", "rollout", "status", "-c", cfg)
+    assert st["release"] == m.release and st["seq"] == m.seq
+    _, (halted,) = _edge("fleet-server", "rollout", "halt", "-c", cfg, "--key", "ops", "--keys-dir", kd)
+    assert halted["state"] == "halted" and halted["published"]
+    assert devices["n0"].manifest(load_public(kd / "ops.release.pub"), lambda x: x.state == "halted").seq > m.seq
+    p, _ = _edge("fleet-server", "rollout", "halt", "-c", cfg, "--key", "ops", "--keys-dir", kd, check=False)
+    assert p.returncode != 0 and "halt applies to rolling only" in p.stderr
+    _, listing = _edge("fleet-server", "releases", "-c", cfg)
+    assert [r["release"] for r in listing] == [m.release] and listing[0]["reports"] == []
+    p, _ = _edge("fleet-server", "release", MODEL.path, "-c", cfg, check=False)  # no key given, none configured
+    assert p.returncode == 2 and "release key" in p.stderr

@@ -10,24 +10,26 @@ def add_parsers(sub) -> None:
     k = sub.add_parser("keys", help="fleet signing keys: create, list, export (files 0600, folder 0700)",
                        description="Ed25519 keys for fleet sync: a device signs its deltas, the server its global heads.")
     ks = k.add_subparsers(dest="keys_cmd", required=True)
-    role_help = "device: signs its deltas; server: signs global heads and receipts"
+    role_help = ("device: signs its deltas and release reports; server: signs global heads and receipts; "
+                 "release: signs model release manifests (kept apart from the server key)")
     dir_help = "keys folder"
     kc = ks.add_parser("create", help="create an Ed25519 key pair",
                        description="Create NAME.ROLE.key (private, 0600) and NAME.ROLE.pub; never overwrites one.")
     kc.add_argument("name", help="the key's name: a device's [node] name, or the server's")
-    kc.add_argument("--role", choices=["device", "server"], default="device", help=role_help)
+    kc.add_argument("--role", choices=["device", "server", "release"], default="device", help=role_help + " (default device)")
     kc.add_argument("--dir", default="~/.config/edge-runtime/keys", help=dir_help)
     kl = ks.add_parser("list", help="list key pairs", description="Name, role, key id and public key file of each pair.")
     kl.add_argument("--dir", default="~/.config/edge-runtime/keys", help=dir_help)
     ke = ks.add_parser("export", help="print a public key, or write it as <to>/<name>.pub",
                        description="Print NAME's public key, or write it into a server's devices_dir as NAME.pub.")
     ke.add_argument("name", help="the key's name")
-    ke.add_argument("--role", choices=["device", "server"], default="device", help=role_help)
+    ke.add_argument("--role", choices=["device", "server", "release"], default="device", help=role_help + " (default device)")
     ke.add_argument("--dir", default="~/.config/edge-runtime/keys", help=dir_help)
     ke.add_argument("--to", help="folder (a server's devices_dir, a device's trust folder)")
     k.set_defaults(func=_cmd_keys)
 
-    f = sub.add_parser("fleet-server", help="the fleet sync server: run, versions, rollback VERSION, devices")
+    f = sub.add_parser("fleet-server", help="the fleet sync server: run, versions, rollback VERSION, devices, "
+                                            "release, rollout, releases")
     fs = f.add_subparsers(dest="fleet_cmd", required=True)
     for name, hlp in (("run", "run the server"), ("versions", "list global versions, newest first (paged)"),
                       ("rollback", "publish an earlier version's head as a new version"),
@@ -48,7 +50,39 @@ def add_parsers(sub) -> None:
             p.add_argument("--before", type=int, help="only versions older than this one (the next page)")
         if name == "devices":
             p.add_argument("--after", help="only devices named after this one (the next page)")
+    _add_release_parsers(fs)
     f.set_defaults(func=_cmd_fleet)
+
+
+def _add_release_parsers(fs) -> None:
+    """``release``, ``rollout`` and ``releases`` (edge/fleet/RELEASE_FORMAT.md)."""
+    key_help = ("sign with the release key NAME (<--keys-dir>/NAME.release.key; default: [release] key_file)")
+    r = fs.add_parser("release", help="pack, sign, store and publish a model folder as a release",
+                      description="Pack MODEL_FOLDER (its digest is what `edge pin` prints), sign the manifest with a "
+                                  "release key, store it in the fleet store and publish the retained manifest; "
+                                  "running servers roll it out in waves.")
+    r.add_argument("model_folder", help="the model folder to release (the same model name as [server] model)")
+    r.add_argument("--waves", help="cumulative percents of devices per wave, increasing, the last 100 "
+                                   "(default: [release] waves, 5,25,100)")
+    r.add_argument("--min-labels", type=int, help="labels a device's shadow test needs before it decides on evidence "
+                                                  "(default: [release] min_labels, 50)")
+    r.add_argument("--margin", type=float, help="the shadow test's 'no worse by' margin in loss units "
+                                                "(default: [release] margin, 0)")
+    r.add_argument("--note", default="", help="a note kept with the release (default none)")
+    ro = fs.add_parser("rollout", help="a release's rollout: status, halt, resume, abort",
+                       description="status: the plan, the open wave and each state's count; halt: admit no new "
+                                   "device; resume: go on (forgives the refusals so far); abort: every device that "
+                                   "switched returns to the previous model.")
+    ro.add_argument("action", choices=["status", "halt", "resume", "abort"], help="what to do")
+    ro.add_argument("--release", help="the release id (default: the one published now)")
+    ls = fs.add_parser("releases", help="releases, newest first, with each device's last report",
+                       description="Each release of this fleet's model, newest first, and each device's last report.")
+    ls.add_argument("--limit", type=int, default=10, help="at most this many releases (default 10)")
+    for p in (r, ro, ls):
+        p.add_argument("--config", "-c", help="fleet server TOML (example: deploy/config/fleet-server.toml)")
+    for p in (r, ro):
+        p.add_argument("--key", help=key_help)
+        p.add_argument("--keys-dir", default="~/.config/edge-runtime/keys", help="keys folder (default %(default)s)")
 
 
 def _cmd_keys(args) -> int:
@@ -101,6 +135,10 @@ def _cmd_fleet(args) -> int:
     cfg = load_server_config(args.config)
     if args.fleet_cmd == "run":
         return _run(args, cfg)
+    if args.fleet_cmd in ("release", "rollout", "releases"):
+        from edge.fleet.release_cli import run_release_command
+
+        return run_release_command(args, cfg)
     store = open_store(cfg.server.store)
     try:
         if args.fleet_cmd == "versions":
