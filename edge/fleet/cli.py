@@ -58,7 +58,7 @@ def _add_release_parsers(fs) -> None:
     """``release``, ``rollout`` and ``releases`` (edge/fleet/RELEASE_FORMAT.md)."""
     key_help = ("sign with the release key NAME (<--keys-dir>/NAME.release.key; default: [release] key_file)")
     r = fs.add_parser("release", help="pack, sign, store and publish a model folder as a release",
-                      description="Pack MODEL_FOLDER (its digest is what `edge pin` prints), sign the manifest with a "
+                      description="Pack MODEL_FOLDER (its digest is what edge pin prints), sign the manifest with a "
                                   "release key, store it in the fleet store and publish the retained manifest; "
                                   "running servers roll it out in waves.")
     r.add_argument("model_folder", help="the model folder to release (the same model name as [server] model)")
