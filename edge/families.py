@@ -8,6 +8,8 @@ held to these tables and to a real ``/metrics`` by tests/test_metrics_families.p
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from edge.observe import Registry, sync_samples
 
 #: Every lane (``edge.lanes.Lane``, ``CallLane``) of every thread, labelled ``thread`` and ``lane``.
@@ -112,10 +114,20 @@ def lane_samples(spec, lanes: dict[tuple[str, str], dict]) -> list:
             for (thread, lane), stats in lanes.items() for labels, v in sync_samples(spec, stats, absent=None)]
 
 
-def add_lane_families(reg: Registry, source: str, lanes) -> None:
-    """Every ``LANE_FAMILIES`` family over ``lanes(snapshots)``; ``source`` names the snapshot source."""
+def add_lane_families(reg: Registry, lanes: list[tuple[str, Callable[[Any], dict]]]) -> None:
+    """Every ``LANE_FAMILIES`` family over the lanes of every part: ``lanes`` holds one
+    ``(source, pick)`` per part with lanes (``edge.parts.Part.lanes``), ``pick(snapshot of
+    source)`` giving ``{(thread, lane): stats}``; each source is read once per scrape."""
+    sources, picks = tuple(src for src, _ in lanes), [pick for _, pick in lanes]
+
+    def every(*snaps) -> dict:
+        out: dict = {}
+        for pick, snap in zip(picks, snaps):
+            out.update(pick(snap))
+        return out
+
     for spec in LANE_FAMILIES:
-        reg.add(spec[0], spec[1], spec[2], lambda snap, spec=spec: lane_samples(spec, lanes(snap)), source=source)
+        reg.add(spec[0], spec[1], spec[2], lambda *snaps, spec=spec: lane_samples(spec, every(*snaps)), source=sources)
 
 
 def add_adapt_families(reg: Registry, source: str, pick=lambda snap: snap) -> None:

@@ -36,3 +36,14 @@ def discovery_message(cfg, manifest, key) -> tuple[str, bytes]:
            "device": {"identifiers": [f"edge_{_OBJECT_ID.sub('_', node)}"], "name": f"edge {node}",
                       "model": f"{manifest.name} {manifest.version}", "manufacturer": "edge-runtime"}}
     return f"{cfg.mqtt.ha_prefix}/sensor/{object_id}/config", orjson.dumps(msg)
+
+
+def announcer(cfg, manifest, publish):
+    """The pipeline's ``on_stream`` callback: announce each new stream, retained at QoS 1,
+    through ``publish(topic, payload, qos=, retain=)`` (the node's MQTT link)."""
+
+    def announce(key) -> None:
+        topic, payload = discovery_message(cfg, manifest, key)
+        publish(topic, payload, qos=1, retain=True)
+
+    return announce

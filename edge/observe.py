@@ -119,16 +119,21 @@ class Registry:
         self._sources[name] = read
 
     def add(self, name: str, kind: str, help_text: str, read: Callable[..., list[Sample] | float], *,
-            source: str | None = None) -> None:
+            source: str | tuple[str, ...] | None = None) -> None:
         """Register a family; ``read`` returns a number or ``[(labels, value), ...]``; with
-        ``source``, ``read(snapshot)`` gets that source's snapshot of this scrape."""
+        ``source``, ``read(snapshot)`` gets that source's snapshot of this scrape (with a
+        tuple of sources, ``read(*snapshots)``: a family that several parts feed, such as
+        the lanes)."""
         if kind not in ("counter", "gauge"):
             raise ValueError(f"metric {name}: kind {kind!r} (counter or gauge)")
         if kind == "counter" and not name.endswith("_total"):
             raise ValueError(f"metric {name}: a counter's name ends in _total")
-        if source is not None and source not in self._sources:
-            raise ValueError(f"metric {name}: unknown source {source!r}")
-        self._families.append((name, kind, help_text, read, source))
+        sources = () if source is None else (source,) if isinstance(source, str) else tuple(source)
+        for src in sources:
+            if src not in self._sources:
+                raise ValueError(f"metric {name}: unknown source {src!r} (register it with Registry.source first)")
+        self._families.append((name, kind, help_text, read, source if source is None or isinstance(source, str)
+                               else sources))
 
     def families(self) -> list[tuple[str, str, str]]:
         """``(name, type, help)`` of every family registered (histograms too), in order."""
@@ -153,10 +158,10 @@ class Registry:
             try:
                 if src is None:
                     val = read()
+                elif isinstance(src, str):
+                    val = read(self._snapshot(src, snaps))
                 else:
-                    if src not in snaps:
-                        snaps[src] = self._sources[src]()
-                    val = read(snaps[src])
+                    val = read(*(self._snapshot(s, snaps) for s in src))
                 samples = [({}, val)] if isinstance(val, (int, float)) else list(val)
             except Exception:  # a broken reader must not break the scrape; it is counted instead
                 self._failed[name] = self._failed.get(name, 0) + 1
@@ -186,11 +191,22 @@ class Registry:
             fail.add_metric([name], n)
         yield fail
 
+    def _snapshot(self, src: str, snaps: dict[str, object]) -> object:
+        """Source ``src``'s snapshot of this scrape: read at the first family that needs it."""
+        if src not in snaps:
+            snaps[src] = self._sources[src]()
+        return snaps[src]
+
     def render(self) -> str:
         """The Prometheus text exposition format."""
         from prometheus_client import generate_latest
 
         return generate_latest(self.registry).decode()
+
+
+def hist_series(labels: dict[str, str], snap: dict) -> tuple:
+    """One series of ``Registry.add_histogram`` out of a ``LatencyHistogram.snapshot()``."""
+    return labels, snap["buckets"], snap["sum_s"], snap["count"]
 
 
 class MetricsServer:

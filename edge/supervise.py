@@ -43,6 +43,7 @@ from typing import Callable
 
 from edge.errors import EdgeError
 from edge.observe import RateLimitedLog
+from edge.parts import Part
 
 log = logging.getLogger("edge.supervise")
 
@@ -206,6 +207,26 @@ class Supervisor:
         """``edge_internal_errors_total`` samples: ``[({thread, kind}, n)]``."""
         with self._lock:
             return [({"thread": t, "kind": k}, n) for (t, k), n in self.errors.items()]
+
+
+class SupervisorPart(Part):
+    """The supervisor as a part of the daemon (``edge.parts.Part``): internal errors and
+    threads' lives in the status and on ``/metrics``; no thread or stop phase of its own."""
+
+    name = "supervisor"
+
+    def __init__(self, sup: Supervisor):
+        self.sup = sup
+
+    def status(self) -> dict:
+        return {"internal_errors": {f"{lb['thread']}/{lb['kind']}": n for lb, n in self.sup.counters()}}
+
+    def families(self, reg) -> None:
+        sup = self.sup
+        reg.add("edge_internal_errors_total", "counter", "items skipped after an internal error, by thread and kind",
+                sup.counters)
+        reg.add("edge_thread_alive", "gauge", "1 while a supervised thread runs",
+                lambda: [({"thread": k}, float(v)) for k, v in sup.alive().items()])
 
 
 def wait_until(pred: Callable[[], bool], timeout: float, interval: float = 0.01) -> bool:

@@ -18,7 +18,8 @@ from edge.adapt.labels import LabelMatcher
 from edge.errors import DecodeError
 from edge.ingest.labelauth import LabelGate, sign_label
 from edge.ingest.topics import TopicRoute
-from edge.pipeline import build_pipeline
+from edge.config import ModelConfig, MqttConfig, QueueConfig, WindowConfig
+from edge.pipeline import ModelShape, Ports, Routes, build_pipeline
 
 TRUE0 = 1_765_000_000.0  # the true time at monotonic 0
 RATE = 100.0
@@ -44,11 +45,14 @@ class Rig:
         self.matcher = LabelMatcher(classes=["a", "b"], tolerance_s=0.0, max_windows=10_000)
         self.matches: list = []
         self.windows: list = []
-        p = build_pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
-                           channels=1, window_kw=dict(length=LEN, hop=LEN, sample_rate=RATE),
-                           features=lambda x: x.mean(axis=2), head_ref=_Head, classes=("a", "b"),
-                           send=lambda t, b: self.published.append((t, b)), topic_base="edge/n", model_id="m",
-                           max_skew=86400.0, on_window=self._window, on_label=self._label)
+        p = build_pipeline(window=WindowConfig(length=LEN, hop=LEN, sample_rate=RATE, max_clock_skew_s=86400.0),
+                           queues=QueueConfig(max_lag_s=0.0), model=ModelConfig(max_wait_ms=0.0), mqtt=MqttConfig(),
+                           shape=ModelShape(channels=1, window=LEN, sample_rate=RATE, classes=("a", "b"), model_id="m"),
+                           routes=Routes(((TopicRoute("s/{device}/{stream}"), "auto"),),
+                                         TopicRoute("edge/n/labels/#"), "edge/n"),
+                           ports=Ports(features=lambda x: x.mean(axis=2), head_ref=_Head,
+                                       send=lambda t, b: self.published.append((t, b)), on_window=self._window,
+                                       on_label=self._label))
         p.wall_clock, p.mono_clock = self.wall, lambda: self.mono
         self.p = p
         self.k = 0  # samples sent per stream

@@ -15,7 +15,8 @@ from edge.errors import DecodeError
 from edge.ingest.payload import decode_payload, decode_sample
 from edge.ingest.topics import TopicRoute
 from edge.ingest.window import Windower
-from edge.pipeline import build_pipeline
+from edge.config import ModelConfig, MqttConfig, QueueConfig, WindowConfig
+from edge.pipeline import ModelShape, Ports, Routes, build_pipeline
 
 pytestmark = pytest.mark.timeout(60)
 NOW = 1_700_000_000.0
@@ -73,10 +74,14 @@ class _Head:
 
 
 def _pipeline(published):
-    return build_pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
-                          channels=3, window_kw=dict(length=8, hop=4, sample_rate=1000.0), features=lambda x: x.mean(axis=2),
-                          head_ref=_Head, classes=("a", "b"), send=lambda t, p: published.append((t, p)),
-                          topic_base="edge/n", model_id="m", max_batch=3, max_skew=3600.0)
+    return build_pipeline(window=WindowConfig(length=8, hop=4, sample_rate=1000.0, max_clock_skew_s=3600.0),
+                          queues=QueueConfig(max_lag_s=0.0), model=ModelConfig(max_batch=3, max_wait_ms=0.0),
+                          mqtt=MqttConfig(),
+                          shape=ModelShape(channels=3, window=8, sample_rate=1000.0, classes=("a", "b"), model_id="m"),
+                          routes=Routes(((TopicRoute("s/{device}/{stream}"), "auto"),), TopicRoute("edge/n/labels/#"),
+                                        "edge/n"),
+                          ports=Ports(features=lambda x: x.mean(axis=2), head_ref=_Head,
+                                      send=lambda t, p: published.append((t, p))))
 
 
 def _drain(p):

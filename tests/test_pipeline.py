@@ -13,27 +13,34 @@ from hypothesis import strategies as st
 from edge.adapt.heads import HeadSnapshot
 from edge.ingest.topics import TopicRoute
 from edge.ingest.types import StreamKey
-from edge.pipeline import build_pipeline
+from edge.config import ModelConfig, MqttConfig, QueueConfig, WindowConfig
+from edge.pipeline import ModelShape, Ports, Routes, build_pipeline
 from edge.supervise import Supervisor
 
 HEAD = HeadSnapshot.from_arrays({"weight": np.eye(2, 4, dtype=np.float32), "bias": np.zeros(2, np.float32)},
                                 kind="linear", task="classification", version="t")
 
 
-def make(max_wait_ms=0.0, sensor_bytes=1 << 20, labels_bytes=1 << 20, send=None, supervisor=None, **kw):
+def make(max_wait_ms=0.0, sensor_bytes=1 << 20, labels_bytes=1 << 20, send=None, supervisor=None, max_lag_s=0.0,
+         drain_s=2.0, max_streams=10_000):
     batches, published, labels = [], [], []
 
     def features(x):
         batches.append(len(x))
         return np.zeros((len(x), 4), np.float32)
 
-    p = build_pipeline(sources=[(TopicRoute("s/{device}/{stream}"), "auto")], label_route=TopicRoute("edge/n/labels/#"),
-                       channels=1, window_kw=dict(length=4, hop=4, sample_rate=1000.0), features=features,
-                       head_ref=lambda: HEAD, classes=("a", "b"),
-                       send=send or (lambda t, b: published.append((t, b))), topic_base="edge/n",
-                       model_id="m@1", sensor_bytes=sensor_bytes, labels_bytes=labels_bytes, max_batch=8,
-                       max_wait_ms=max_wait_ms, supervisor=supervisor,
-                       on_label=lambda k, t, v: labels.append((k, t, v)), **kw)
+    p = build_pipeline(window=WindowConfig(length=4, hop=4, sample_rate=1000.0, max_clock_skew_s=0.0,
+                                           max_streams=max_streams),
+                       queues=QueueConfig(ingest_bytes=sensor_bytes, labels_bytes=labels_bytes, max_lag_s=max_lag_s,
+                                          shutdown_drain_s=drain_s),
+                       model=ModelConfig(max_batch=8, max_wait_ms=max_wait_ms), mqtt=MqttConfig(),
+                       shape=ModelShape(channels=1, window=4, sample_rate=1000.0, classes=("a", "b"), model_id="m@1"),
+                       routes=Routes(((TopicRoute("s/{device}/{stream}"), "auto"),), TopicRoute("edge/n/labels/#"),
+                                     "edge/n"),
+                       ports=Ports(features=features, head_ref=lambda: HEAD,
+                                   send=send or (lambda t, b: published.append((t, b))),
+                                   on_label=lambda k, t, v: labels.append((k, t, v))),
+                       supervisor=supervisor)
     return p, batches, published, labels
 
 

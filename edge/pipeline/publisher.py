@@ -13,6 +13,7 @@ the next one), but it says how many it could not hand over.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Callable
 
 from edge.observe import RateLimitedLog
@@ -37,3 +38,35 @@ class Publisher:
             return False
         self.counters["published" if ok else "publish_failed"] += 1
         return ok
+
+
+class RetainLatest:
+    """A ``send`` that publishes each topic's prediction retained at most once per ``every_s``
+    (0: never), so a new subscriber sees a stream's latest at once.
+
+    Retaining every prediction costs the broker a store per message (it showed in the
+    pipeline's p99); one retained per stream per ``every_s`` keeps "the latest" for new
+    subscribers at a fraction of that. Called on the pipeline thread only.
+
+    >>> sent, now = [], [0.0]
+    >>> send = RetainLatest(lambda t, b, *, qos, retain: sent.append(retain) or True, every_s=1.0, qos=0,
+    ...                     clock=lambda: now[0])
+    >>> send("a", b""), send("a", b""), send("b", b"")
+    (True, True, True)
+    >>> now[0] = 1.0; _ = send("a", b""); sent
+    [True, False, True, True]
+    """
+
+    def __init__(self, publish: Callable[..., bool], *, every_s: float, qos: int,
+                 clock: Callable[[], float] = time.monotonic):
+        self.publish, self.every_s, self.qos, self.clock = publish, every_s, qos, clock
+        self._retained: dict[str, float] = {}  # topic -> when it was last published retained
+
+    def __call__(self, topic: str, payload: bytes) -> bool:
+        retain = False
+        if self.every_s:
+            now = self.clock()
+            if now - self._retained.get(topic, -1e18) >= self.every_s:
+                self._retained[topic] = now
+                retain = True
+        return self.publish(topic, payload, qos=self.qos, retain=retain)
