@@ -12,22 +12,41 @@ import pytest
 
 from tests.faultkit import ROOT
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 
-def test_a_short_demo_cleans_up_labels_cleanly_and_reports_the_story(tmp_path):
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
-    out = tmp_path / "report"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
-    p = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--seconds", "18", "--no-live", "--no-serial",
-                        "--devices", "2", "--out", str(out)], capture_output=True, text=True, timeout=200, env=env)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    left = [q.name for q in tmp.iterdir() if q.name.startswith("edge-")]
+DEMO = ["demo", "--seconds", "32", "--drift-at", "6", "--no-live", "--no-serial", "--devices", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same short demo twice, at once (on a machine the other loads too): each run's own
+    TMPDIR, report folder and output. Drift at 7 s, just before imbalance (8-16 s), which comes
+    back at 24-32 s."""
+    runs = []
+    for i in range(2):
+        base = tmp_path_factory.mktemp(f"demo{i}")
+        (base / "tmp").mkdir()
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(base / "tmp")}
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", *DEMO, "--out", str(base / "report")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        runs.append((base, proc))
+    out = []
+    for base, proc in runs:
+        stdout, stderr = proc.communicate(timeout=200)
+        assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        out.append({"base": base, "stdout": stdout, "stderr": stderr,
+                    "report": json.loads((base / "report" / "report.json").read_text())})
+    return out
+
+
+def test_a_short_demo_cleans_up_labels_cleanly_and_reports_the_story(two_runs):
+    run = two_runs[0]
+    left = [q.name for q in (run["base"] / "tmp").iterdir() if q.name.startswith("edge-")]
     assert left == []  # no /tmp/edge-broker-*, no /tmp/edge-demo-state-* left
-    assert "rejected" not in p.stderr and "WARNING" not in p.stderr, p.stderr[-2000:]
-    assert "{'" not in p.stdout and "drift injected: machine-1" in p.stdout
-    js = json.loads((out / "report.json").read_text())
+    assert "rejected" not in run["stderr"] and "WARNING" not in run["stderr"], run["stderr"][-2000:]
+    assert "{'" not in run["stdout"] and "drift injected: machine-1" in run["stdout"]
+    js = run["report"]
     learner = js["meta"]["status"]["adapt"]
     assert learner["learner_labels_total"] > 0 and not learner["learner_labels_rejected"]
     assert not js["meta"]["status"].get("bad_input")
@@ -35,7 +54,29 @@ def test_a_short_demo_cleans_up_labels_cleanly_and_reports_the_story(tmp_path):
     assert js["series"]["served"]["machine-1/accel"]["t"] and js["series"]["shipped"]["machine-1/accel"]["t"]
     assert js["segments"][1]["fault"] == "imbalance"  # the confused fault comes up right after the drift
     assert all(e.get("why") for e in js["events"])
-    assert (out / "report.png").stat().st_size > 10_000
+    assert (run["base"] / "report" / "report.png").stat().st_size > 10_000
+
+
+def test_the_demo_shows_drift_then_learning_on_the_fault_that_drifted(two_runs):
+    for run in two_runs:
+        st = run["report"]["story"]
+        served, shipped = st["served"], st["shipped"]
+        assert served["before_drift"] >= 0.9, st
+        assert served["after_drift"] <= served["before_drift"] - 0.3, st  # the dip
+        assert served["after_adaptation"] >= served["before_drift"] - 0.25, st  # learned back
+        assert shipped["after_adaptation"] <= 0.3, st  # not "the fault changed": the shipped head stays wrong
+
+
+def test_the_same_seed_tells_the_same_story_on_every_run(two_runs):
+    a, b = (r["report"] for r in two_runs)
+    assert a["meta"]["pacing"]["lockstep"] and b["meta"]["pacing"]["lockstep"], (a["meta"]["pacing"], b["meta"]["pacing"])
+    assert a["story"] == b["story"]
+    for who in ("served", "shipped"):
+        assert a["series"][who].keys() == b["series"][who].keys()
+        for key, s in a["series"][who].items():
+            assert s["accuracy"] == b["series"][who][key]["accuracy"], (who, key)
+    versions = lambda js: [(e["type"], e.get("version")) for e in js["events"]]  # noqa: E731
+    assert versions(a) == versions(b)
 
 
 def test_the_fleet_demo_leaves_no_keys_store_or_broker_folder_behind(tmp_path):

@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 from edge.broker import BrokerProcess
 from edge.config import parse_config
 from edge.demo.devices import MqttDevices, Operator, SimDevice, story_schedule
+from edge.demo.pacing import Lockstep, windows_in
 from edge.demo.report import write_report
 from edge.demo.view import LiveView, Scoreboard, story
 
@@ -50,7 +51,8 @@ def _demo_config(host: str, port: int, protocol: str, state: Path, serial_port: 
     cfg = {"node": {"name": node, "state_dir": str(state), "log_level": "warning"},  # each node: state/<node>
            "mqtt": {"host": host, "port": port, "protocol": protocol},
            "metrics": {"port": 0},
-           "adapt": {"enabled": learn, "checkpoint_interval_s": 10.0},
+           # a whole core's training budget: on a loaded machine a skipped step would change the story
+           "adapt": {"enabled": learn, "checkpoint_interval_s": 10.0, "budget_cpu_share": 1.0},
            "sources": sources}
     if learn:  # only the demo's operator, who holds this key, can teach the daemon
         cfg["labels"] = {"keys_dir": str(state / "labellers"), "max_per_s": 50.0}
@@ -141,13 +143,20 @@ def run_demo(*, seconds: float = 60.0, broker: str = "", out: Path = Path("demo-
                           schedule=story_schedule(CONFUSED, k_drift, seed) if i == drift_i else None)
                 for i in range(devices)]
         drift_dev = sims[drift_i]
+        drift_dev.drift(DRIFT, t0 + when)  # by the samples' time, not when the loop below looks at the clock
         all_devs = {d.name: d for d in sims}
         if serial_dev:
             all_devs[serial_dev.sim.name] = serial_dev.sim
         board = Scoreboard(all_devs, t0, host_clock={d.name for d in sims})
-        pub = MqttDevices(sims, host=host, port=port, protocol=protocol)
+        pub = MqttDevices(sims, host=host, port=port, protocol=protocol, until_s=seconds)
         operator = Operator(pub.client, topic=f"{cfg.topic_base}/labels", devices=all_devs, key=operator_key,
                             name="operator", node=cfg.node.name)
+        length = cfg.window.length or daemon.model.manifest.window
+        hop = cfg.window.hop or length
+        pace = Lockstep([f"{n}/accel" for n in all_devs], send=operator.on_prediction, handled=_handled(daemon),
+                        length=length, hop=hop)
+        pub.gate = pace.may_publish
+        t0_mono = time.monotonic()
         listener = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-demo-view",
                                protocol=mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311)
 
@@ -156,7 +165,8 @@ def run_demo(*, seconds: float = 60.0, broker: str = "", out: Path = Path("demo-
             if m.topic.startswith(f"{shadow_cfg.topic_base}/predictions/"):
                 board.on_prediction(m.payload, now, shipped=True)
             elif "/predictions/" in m.topic:
-                operator.on_prediction(board.on_prediction(m.payload, now))
+                p = board.on_prediction(m.payload, now)
+                pace.on_prediction(f"{p['device']}/{p['stream']}", p)
             elif m.topic.endswith("/events"):
                 board.on_event(m.payload, now)
 
@@ -176,12 +186,12 @@ def run_demo(*, seconds: float = 60.0, broker: str = "", out: Path = Path("demo-
                  f"node topics: {cfg.topic_base}/predictions/#, {cfg.topic_base}/events"]
         view = LiveView(board, total=seconds, live=live, notes=notes)
         drifted = False
+        mqtt_keys, n_windows = [f"{d.name}/accel" for d in sims], windows_in(pub.until or 0, length=length, hop=hop)
         try:
-            while not seconds or time.time() - t0 < seconds:
+            while not seconds or not _ended(pub, board, mqtt_keys, n_windows, time.time() - t0, seconds):
                 time.sleep(1.0)
                 el = time.time() - t0
                 if not drifted and el >= when:
-                    drift_dev.drift(DRIFT, t0 + when)
                     drifted = True
                     if not view.live:
                         print(f"[{when:5.1f}s] drift injected: {drift_dev.name} {DRIFT_WORDS}; {CONFUSED} comes up in 1 s",
@@ -193,13 +203,14 @@ def run_demo(*, seconds: float = 60.0, broker: str = "", out: Path = Path("demo-
         meta = {"seconds": round(elapsed, 1), "seed": seed, "broker": f"{host}:{port}", "drift": DRIFT,
                 "drift_words": DRIFT_WORDS, "drift_device": f"{drift_dev.name}/accel",
                 "drift_at": round(when, 1) if drifted else None, "segment_s": SEGMENT_S,
-                "labels_sent": operator.sent, "samples_sent": pub.sent, "status": daemon.status()}
+                "labels_sent": operator.sent, "samples_sent": pub.sent, "pacing": pace.summary(t0_mono),
+                "status": daemon.status()}
         conditions = {f"{d.name}/accel": (f"{DRIFT_WORDS} at {when:.0f} s" if d is drift_dev and drifted else "nominal")
                       for d in all_devs.values()}
         with board.lock:
             scored = list(board.scored)
         st = story(scored, stream=f"{drift_dev.name}/accel", fault=CONFUSED, drift_at=meta["drift_at"], segment_s=SEGMENT_S)
-    report = write_report(board, Path(out), meta=meta, story=st, segments=_segments(drift_dev, elapsed),
+    report = write_report(board, Path(out), meta=meta, story=st, segments=_segments(drift_dev, seconds or elapsed),
                           conditions=conditions)
     print(f"\nreport: {Path(out) / 'report.json'}, plot: {Path(out) / 'report.png'}")
     for r in report["streams"]:
@@ -208,6 +219,27 @@ def run_demo(*, seconds: float = 60.0, broker: str = "", out: Path = Path("demo-
               f"latency p50={lat}")
     print(story_line(st))
     return 0
+
+
+def _handled(daemon):
+    """How many labels the node's learner has handled (matched or rejected): the pacing's count."""
+    def handled() -> int:
+        m = daemon.adapt.metrics()
+        return int(m["matcher_labels_matched_total"] + sum(m["matcher_labels_rejected"].values()))
+    return handled
+
+
+#: how long past its ``seconds`` a paced run waits for its last predictions
+END_GRACE_S = 20.0
+
+
+def _ended(pub: MqttDevices, board, keys: list[str], n_windows: int, elapsed: float, seconds: float) -> bool:
+    """A run of ``seconds`` ends when its machines published that many seconds of samples and
+    both nodes predicted all their windows (so every run scores the same windows), or, on a
+    machine that cannot keep up, ``END_GRACE_S`` later."""
+    if elapsed >= seconds + END_GRACE_S:
+        return True
+    return elapsed >= seconds and pub.finished() and board.has_all(keys, n_windows)
 
 
 def story_line(st: dict) -> str:

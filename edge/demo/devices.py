@@ -82,8 +82,13 @@ class MqttDevices:
     """Publish every device's samples in real time from one thread ("sim-devices")."""
 
     def __init__(self, devices: list[SimDevice], *, host: str, port: int, protocol: str, batch_s: float = 0.05,
-                 topic: str = "sensors/{device}/accel"):
+                 topic: str = "sensors/{device}/accel", until_s: float = 0.0, gate=None):
+        """``until_s``: publish that many seconds of samples per device, then stop (0: until
+        ``stop``); ``gate(samples_after) -> bool``: asked before each batch, which waits while it
+        says no (the lockstep pacing, ``edge.demo.pacing``)."""
         self.devices, self.batch_s, self.topic = devices, batch_s, topic
+        self.until = int(round(until_s * devices[0].machine.sample_rate)) if until_s else None
+        self.gate = gate
         proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="edge-demo-devices", protocol=proto)
         self.client.connect(host, port)
@@ -108,12 +113,20 @@ class MqttDevices:
             for d in self.devices:
                 due = int((time.time() - d.t0) * rate) - d.machine.samples_read  # samples that exist by now
                 while due >= n and not self._stop.is_set():
+                    after = d.machine.samples_read + n
+                    if (self.until is not None and after > self.until) or (self.gate is not None and not self.gate(after)):
+                        break
                     t, v = d.read(n)
                     payload = orjson.dumps({"t0": float(t[0]), "dt": 1.0 / rate, "v": np.round(v, 5).tolist()})
                     self.client.publish(self.topic.format(device=d.name), payload)
                     self.sent += n
                     due -= n
             self._stop.wait(self.batch_s / 2)
+
+    def finished(self) -> bool:
+        """Every device published its ``until_s`` of samples (never, without a limit)."""
+        n = int(round(self.batch_s * self.devices[0].machine.sample_rate))
+        return self.until is not None and all(d.machine.samples_read + n > self.until for d in self.devices)
 
 
 class Operator:
@@ -133,6 +146,7 @@ class Operator:
         self._lock = threading.Lock()
 
     def on_prediction(self, p: dict) -> None:
+        """Label the window of prediction ``p`` now (the lockstep pacing calls it in its rounds)."""
         d = self.devices.get(p.get("device"))
         if d is None:
             return

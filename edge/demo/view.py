@@ -22,7 +22,9 @@ ROLL = 40
 
 @dataclass(frozen=True)
 class Scored:
-    """One prediction, scored: ``t`` is the window's middle, seconds since the demo's start."""
+    """One prediction, scored: ``t`` is the window's middle, seconds since the demo's start, to
+    0.1 ms (a window's middle is a whole number of half samples at 1 kHz: rounded coarser, a
+    middle such as 15.9995 s would fall either side of a phase boundary from run to run)."""
 
     t: float
     stream: str
@@ -49,6 +51,7 @@ class Scoreboard:
         self.events: list[dict] = []
         self.scored: list[Scored] = []
         self.shipped_recent: dict[str, deque] = {}
+        self.counts: dict[tuple[str, bool], int] = {}  # (stream, shipped) -> predictions scored
 
     def on_prediction(self, payload: bytes, received: float, *, shipped: bool = False) -> dict:
         p = orjson.loads(payload)
@@ -57,9 +60,10 @@ class Scoreboard:
         mid = 0.5 * (p["t"] + p["t_start"])
         truth = dev.true_fault(mid) if dev is not None else None
         ok = int(truth == p["prediction"]) if truth is not None else -1
-        rec = Scored(round(mid - self.t_start, 3), key, ok, truth or "?", p["prediction"], p.get("head", ""), shipped)
+        rec = Scored(round(mid - self.t_start, 4), key, ok, truth or "?", p["prediction"], p.get("head", ""), shipped)
         with self.lock:
             self.scored.append(rec)
+            self.counts[key, shipped] = self.counts.get((key, shipped), 0) + 1
             if shipped:
                 if ok >= 0:
                     self.shipped_recent.setdefault(key, deque(maxlen=ROLL)).append(ok)
@@ -75,6 +79,11 @@ class Scoreboard:
                 s["correct"] += ok
                 s["recent"].append(ok)
         return p
+
+    def has_all(self, streams: list[str], n: int) -> bool:
+        """Both nodes predicted ``n`` windows of each of ``streams`` (the end of a paced run)."""
+        with self.lock:
+            return all(self.counts.get((k, sh), 0) >= n for k in streams for sh in (False, True))
 
     def on_event(self, payload: bytes, received: float) -> None:
         e = orjson.loads(payload)
