@@ -86,6 +86,8 @@ def render_status(st: dict[str, Any], *, now: float | None = None, source: str =
         lines += ["", "learner: " + " · ".join(f"{name} {ad[k]}" for k, name in LEARNER_FIELDS if k in ad)]
     if st.get("fleet"):
         lines += ["", sync_line(st["fleet"])]
+    if st.get("deploy"):
+        lines += ["", deploy_line(st["deploy"])]
     bad = {**(st.get("bad_input") or {}), **(st.get("internal_errors") or {})}
     if bad:
         lines += ["", "recent errors (counts): " + ", ".join(f"{_cut(k, 40)} {v}" for k, v in sorted(bad.items()))]
@@ -125,3 +127,25 @@ def sync_line(m: dict[str, Any]) -> str:
     rest = [f"{k.removeprefix('sync_').replace('_', ' ')} {v}" for k, v in sorted(m.items())
             if k not in _SYNC_SHOWN and isinstance(v, (int, float)) and not isinstance(v, bool) and v]
     return " · ".join(parts + rest)
+
+
+def deploy_line(d: dict[str, Any]) -> str:
+    """Model releases in one line: what serves, the release in hand, its step and evidence.
+
+    >>> print(deploy_line({"phase": "shadowing", "release": "00ff00ff00ff00ff", "version": "1.1",
+    ...                    "manifest_state": "rolling", "serving_release": None, "serving_version": None,
+    ...                    "evidence": {"labels": 40, "mean_diff": -0.2, "e_switch": 7.1, "e_worse": 0.1}}))
+    deploy: serving the configured model · release 00ff00ff00ff00ff (1.1, rolling): shadowing · labels 40, mean_diff -0.2, e_switch 7.1, e_worse 0.1
+    """
+    serving = (f"serving release {d['serving_release']} ({d.get('serving_version')})" if d.get("serving_release")
+               else "serving the configured model")
+    parts = [f"deploy: {serving}"]
+    if d.get("release"):
+        step = d.get("phase", "?") + (f" ({d['reason']})" if d.get("reason") else "")
+        if d.get("progress"):
+            step += f" {d['progress'][0]}/{d['progress'][1]} chunks"
+        parts.append(f"release {d['release']} ({_cut(d.get('version'), 40)}, {d.get('manifest_state')}): {step}")
+    ev = d.get("evidence") or {}
+    if ev:
+        parts.append(", ".join(f"{k} {v}" for k, v in ev.items() if v is not None))
+    return " · ".join(parts)

@@ -133,7 +133,7 @@ class Device:
                     tap.on_label(("d", "s"), t0 + 0.25, int(y[i + j]))
 
     def status(self) -> dict:
-        return self.part.status()
+        return self.part.status()["deploy"]
 
     def stop(self) -> None:
         self.part.stop()

@@ -60,6 +60,7 @@ class DeployAgent:
         self._inbox: queue.Queue = queue.Queue(maxsize=256)
         self._stop = threading.Event()
         self._snapshot: dict = {}
+        self._metrics: dict = {}
         self._current_digest = ""
         self._quarter = 0  # quarters of the download reported
         self._shadow_reported = 0  # labels in the last shadowing report
@@ -402,14 +403,20 @@ class DeployAgent:
                           "progress": list(d.progress()) if d is not None else None,
                           "evidence": dict(self.shadow.test.evidence()) if self.shadow is not None else dict(self.evidence),
                           "serving_release": a.get("release"), "serving_version": a.get("version")}
+        self._metrics = self._count_snapshot()
 
     def status(self) -> dict:
         return dict(self._snapshot)
 
     def metrics(self) -> dict:
+        """The counters as of the deploy thread's last step (an immutable snapshot, STYLE 19)."""
+        return self._metrics
+
+    def _count_snapshot(self) -> dict:
         out = {f"deploy_{k}": v for k, v in self.counters.items()}
         out["deploy_refused"] = dict(self.refusals)
-        live = self.shadow.counters if self.shadow is not None else {}
-        keys = set(self.shadow_totals) | set(live) | {"windows_taken", "labels_matched"}
+        live = self.shadow.counters if self.shadow is not None else {}  # fixed keys: a copy is safe
+        keys = set(self.shadow_totals) | set(live) | {"windows_offered", "windows_taken", "windows_dropped",
+                                                      "labels_matched", "labels_unmatched"}
         out.update({f"deploy_shadow_{k}": self.shadow_totals.get(k, 0) + live.get(k, 0) for k in sorted(keys)})
         return out

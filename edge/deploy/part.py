@@ -60,18 +60,55 @@ class DeployPart:
     def _publish(self, topic: str, payload: bytes):
         return self.link.publish(topic, payload, qos=1)
 
+    # ---- the daemon's part hooks (edge.parts.Part) ------------------------------------
+    name = "deploy"
+    lanes = None
+
     def start(self) -> None:
         self.agent.start()
         self.link.start()
 
-    def stop(self) -> None:
+    def threads(self) -> dict:
+        return {"deploy": self.agent.thread, "deploy-link": getattr(self.link.client, "_thread", None)}
+
+    def stop_input(self) -> None:
         if self.agent is not None:
             self.agent.stop()
+
+    def drain(self) -> None:
+        """Nothing to drain: a download resumes from its held chunks, a shadow test starts over."""
+
+    def close(self) -> None:
         if self.link is not None:
             self.link.stop()
 
+    def stop(self) -> None:
+        self.stop_input()
+        self.close()
+
     def status(self) -> dict:
-        return self.agent.status() if self.agent is not None else {}
+        return {"deploy": self.agent.status() if self.agent is not None else {}}
 
     def metrics(self) -> dict:
         return self.agent.metrics() if self.agent is not None else {}
+
+    def families(self, reg) -> None:
+        """One family per quantity, outcomes and reasons as labels."""
+        reg.source("deploy", self.metrics)
+        by = lambda *names: (lambda s: [({"outcome": n}, s.get(f"deploy_{k}", 0)) for n, k in names])  # noqa: E731
+        reg.add("edge_deploy_manifests_total", "counter", "release manifests, by outcome",
+                by(("accepted", "manifests"), ("refused", "manifests_refused"), ("replayed", "manifests_replayed")),
+                source="deploy")
+        reg.add("edge_deploy_chunks_total", "counter", "release chunks, by outcome",
+                by(("requested", "chunks_requested"), ("received", "chunks_received"),
+                   ("duplicate", "chunks_duplicate"), ("bad", "chunks_bad")), source="deploy")
+        reg.add("edge_deploy_refused_total", "counter", "releases refused, by reason",
+                lambda s: [({"reason": r}, n) for r, n in sorted(s.get("deploy_refused", {}).items())], source="deploy")
+        reg.add("edge_deploy_steps_total", "counter", "reports sent, switches and rollbacks",
+                by(("report", "reports"), ("switch", "switches"), ("rollback", "rollbacks"), ("error", "errors")),
+                source="deploy")
+        reg.add("edge_deploy_shadow_windows_total", "counter", "live windows offered to the shadow test, by outcome",
+                by(("offered", "shadow_windows_offered"), ("taken", "shadow_windows_taken"),
+                   ("dropped", "shadow_windows_dropped")), source="deploy")
+        reg.add("edge_deploy_shadow_labels_total", "counter", "labels for the shadow test, by outcome",
+                by(("matched", "shadow_labels_matched"), ("unmatched", "shadow_labels_unmatched")), source="deploy")
