@@ -26,3 +26,14 @@ def test_river_datasets_load_offline():
     assert task == "binary" and X.shape == (1250, 9) and k == 2
     task, X, y, _ = load_stream("trump_approval", seed=0, pre=0, post=0)
     assert task == "regression" and X.shape == (1001, 6)
+
+
+def test_rivers_other_bundled_streams_load_offline_with_class_indices():
+    from edge.bench.learning import load_stream
+
+    task, X, y, k = load_stream("bananas", seed=0, pre=0, post=0)
+    assert task == "binary" and X.shape == (5300, 2) and k == 2 and set(y.tolist()) == {0, 1}
+    task, X, y, _ = load_stream("chick_weights", seed=0, pre=0, post=0)
+    assert task == "regression" and X.shape == (578, 3)
+    task, X, y, k = load_stream("image_segments", seed=0, pre=0, post=0)
+    assert task == "multiclass" and X.shape == (2310, 18) and k == 7 and set(y.tolist()) == set(range(7))
