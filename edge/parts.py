@@ -14,9 +14,11 @@ daemon needs from it, so the daemon itself only wires:
   2. ``drain()``: serve and learn what is queued (bounded in time), then checkpoint;
   3. ``close()``: close connections, count what was left.
 
-  A hook that raises does not skip the others': every hook of the phase runs, then the
-  first error is raised again.
-* ``status()``: its top-level fields of ``Daemon.status()`` (what `edge status` shows).
+  A hook that raises skips no other hook (every phase of every part still runs: the
+  learner's final checkpoint is not lost to a failed drain elsewhere), then the first
+  error is raised again.
+* ``status()``: its own top-level fields of ``Daemon.status()`` (what `edge status` shows;
+  two parts giving one field is an error).
   Each read of shared state is a snapshot under its owner's lock (STYLE 19).
 * ``families(reg)``: its metric families, on ``edge.observe.Registry``; state another
   thread owns is read through ``reg.source(name, read)``, one snapshot per scrape, and
@@ -121,8 +123,13 @@ class Parts:
     def status(self) -> dict[str, Any]:
         """Every part's status fields, in order."""
         st: dict[str, Any] = {}
+        owner: dict[str, str] = {}
         for part in self._parts:
-            st.update(part.status())
+            for key, value in part.status().items():
+                if key in owner:
+                    raise ValueError(f"status field {key!r}: parts {owner[key]!r} and {part.name!r} both give it; "
+                                     "give each part its own fields")
+                st[key], owner[key] = value, part.name
         return st
 
     def families(self, reg) -> None:
