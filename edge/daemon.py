@@ -82,6 +82,8 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.adapt = None
         self.sync = None  # fleet sync (issue 9)
+        self.deploy = None  # model releases (issue 20)
+        self._restart_why = ""  # set by a release switch or rollback: run() then execs this command again
         self.metrics_server: MetricsServer | None = None
         self.status_socket = None
         self.backend_reason = ""
@@ -136,9 +138,18 @@ class Daemon:
                              subscriptions=[(routes.label_route.subscription, 1)], on_message=self._on_link_message,
                              max_queued=cfg.queues.publish)
         a = self.adapt
-        ports = Ports(features=self.engine.features, head_ref=self.head,
+        features, on_window, on_label = self.engine.features, a.offer_window if a else None, a.offer_label if a else None
+        if cfg.deploy.enabled:  # model releases (issue 20): the shadow test taps the serving path
+            from edge.deploy.part import DeployPart
+
+            self.deploy = DeployPart(cfg=cfg, model=self.model, features=features, on_window=on_window,
+                                     on_label=on_label, request_restart=self._restart_for)
+            self.deploy.attach(self.engine.backend)
+            self.parts.add(self.deploy)
+            features, on_window, on_label = self.deploy.tap.features, self.deploy.tap.on_window, self.deploy.tap.on_label
+        ports = Ports(features=features, head_ref=self.head,
                       send=RetainLatest(self.link.publish, every_s=cfg.mqtt.retain_latest_s, qos=cfg.mqtt.qos),
-                      on_window=a.offer_window if a else None, on_label=a.offer_label if a else None,
+                      on_window=on_window, on_label=on_label,
                       on_samples=a.offer_samples if a and m.task == "forecast" else None,
                       on_flag=lambda key, old, new: self.event("stream_flag", **flag_fields(self.pipeline, key, old, new)),
                       on_stream=announcer(cfg, m, self.link.publish) if cfg.mqtt.ha_discovery else None,
@@ -190,7 +201,9 @@ class Daemon:
 
         startup = check_startup(self.cfg)  # the same checks as `edge run --check`, before any model code runs
         self._prepare_state_dir()
-        self._load_model(startup.model)
+        from edge.deploy.active import active_model
+
+        self._load_model(active_model(self.cfg) or startup.model)  # a switched release serves instead (issue 20)
         self._build()
         self._threads_started = True  # from here on, a failed start still needs stop()
         self.parts.start(self.supervisor)
@@ -303,7 +316,16 @@ class Daemon:
                 except Exception:  # noqa: BLE001 - one failed step must not skip the next
                     log.critical("%s failed at shutdown", step.__name__, exc_info=True)
                     code = 1
+        if self._restart_why and code == 0:
+            from edge.deploy.active import restart_process
+
+            restart_process(self._restart_why)  # the start that serves the switched (or restored) model
         return code
+
+    def _restart_for(self, why: str) -> None:
+        """A release switched or rolled back (edge.deploy): stop cleanly, then start again on it."""
+        self._restart_why = why
+        self._stop_requested.set()
 
     def write_status(self) -> None:
         """``status.json`` in the runtime folder (``edge.daemon_status.write_status_file``)."""
