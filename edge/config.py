@@ -195,10 +195,11 @@ class AdaptConfig(_Section):
     the last ``eval_window`` labels is below the champion's by the relative
     ``promote_margin`` and by at least ``promote_floor`` times the global head's loss (so
     that noise between two near-perfect heads does not swap them every few labels), with
-    at least ``eval_min`` labels since the last swap, and only when a one-sided paired
-    t-test on per-block loss differences (``promote_*``) says the gain is clear; the champion
-    is rolled back to the global head when its loss exceeds the global head's by
-    ``rollback_margin``. Budget: labels past ``budget_steps_per_s`` / ``budget_cpu_share``
+    at least ``eval_min`` labels since the last swap, and only when an anytime-valid
+    sequential test on the paired per-label loss differences (``promote_*``, by betting:
+    ``edge.adapt.promotion.BettingTest``) says the gain beyond the margin is clear; the
+    champion is rolled back to the global head when the same test says its loss exceeds
+    the global head's by ``rollback_margin``. Budget: labels past ``budget_steps_per_s`` / ``budget_cpu_share``
     are still scored and kept for replay; only their training steps are skipped (and
     counted). Drift: for ``boost_labels`` labels after a detected drift, the learning rate
     is multiplied by ``boost_lr`` and the steps per label by ``boost_steps`` (see
@@ -248,11 +249,13 @@ class AdaptConfig(_Section):
     guard_ratio: float = _opt(10.0, lo=1.0, hi=1e6, doc="guard: ... and that share is this many times the stream's history")
     seed: int = _opt(0, lo=0, hi=2**31, doc="seed of replay sampling and head init")
     # -- issue 10: promotion test, plasticity, scaling (docs/LEARNING.md) --
-    promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion: one-sided paired t-test level on per-block loss differences")
-    promote_block: int = _opt(10, lo=1, hi=100_000, doc="promotion: labels per block of the paired test")
-    promote_min_blocks: int = _opt(6, lo=2, hi=100_000, doc="promotion: blocks since the last swap before a test (half while boosting)")
+    # -- issue 18: promotion, refresh and rollback by one anytime-valid sequential test (docs/LEARNING.md) --
+    promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion, refresh, rollback: level of the anytime-valid sequential test on the paired loss differences (a swap needs an e-value of 1 / this); every swap restarts the test")
+    promote_alpha_drift: float = _opt(0.2, lo=1e-9, hi=0.5, doc="the same level while plastic after a drift (needs less evidence, never none); at least promote_alpha")
+    promote_bound: float = _opt(1.0, lo=1e-6, hi=1e6, doc="the paired loss differences are clipped to +- this (nats for classification; times the reference's loss for regression)")
+    promote_block: int = _opt(10, lo=1, hi=100_000, doc="labels a learned head is scored on before the library's best() may serve it")
     class_evidence: int = _opt(20, lo=0, hi=1_000_000, doc="classification: labels of a class before the device's other labels may unlearn it at full strength; a class with n < this keeps (n + 0.1) / this of their pull (docs/LEARNING.md, \"Class evidence\"); 0: off")
-    refresh_labels: int = _opt(100, lo=0, hi=1_000_000, doc="an adapted champion follows its own challenger (a refresh, not a promotion) after this many labels since the last swap when the challenger's recent loss is lower by promote_margin and promote_floor (no paired test); 0: only promotions")
+    refresh_labels: int = _opt(100, lo=0, hi=1_000_000, doc="an adapted champion follows its own challenger (a refresh, not a promotion) after this many labels since the last swap when the sequential test says it is better by promote_floor (not promote_margin); 0: only promotions")
     boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
     boost_anchor: float = _opt(0.1, lo=0.0, hi=1.0, doc="while boosting: anchor factor")
     plastic_ratio: float = _opt(3.0, lo=1.0, hi=1e6, doc="new-label error above this times the replayed rows' error (both faded, for plastic_min labels in a row) starts a boost")
@@ -263,6 +266,9 @@ class AdaptConfig(_Section):
         super().__post_init__()
         if self.eval_min > self.eval_window:
             raise _fix("adapt", "eval_min", self.eval_min, f"must not exceed eval_window ({self.eval_window})")
+        if self.promote_alpha_drift < self.promote_alpha:
+            raise _fix("adapt", "promote_alpha_drift", self.promote_alpha_drift,
+                       f"must be at least promote_alpha ({self.promote_alpha}): a drift may lower the evidence needed, not raise it")
 
     @property
     def head_options(self) -> dict[str, int]:

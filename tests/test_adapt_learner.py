@@ -114,6 +114,8 @@ def test_without_the_guard_poisoned_labels_promote_a_bad_head_that_is_then_rolle
     _feed(lr, *stream.sample(300, rng=rng))  # correct labels again
     assert lr.metrics()["rollbacks_total"] >= 1
     assert any(e["type"] == "rollback" and e["version"] == "1.0" for e in events)
+    for e in (e for e in events if e["type"] in ("promotion", "refresh", "rollback")):  # each names its evidence
+        assert e["labels"] > 0 and e["e_value"] >= e["threshold"] and e["mean_gain"] > 0
     zt, yt = stream.sample(1000, rng=rng)
     assert _acc(lr.champion, zt, yt) > 0.8
 
@@ -242,9 +244,10 @@ def test_near_perfect_heads_do_not_churn_promotions(world):
     stream, _ = world
     rng = np.random.default_rng(8)
     z, y = stream.sample(1200, rng=rng, shifted=True)
-    # no real test (alpha 0.5 over two blocks), no floor: promotes on noise
-    churn = _learner(world, promote_floor=0.0, promote_alpha=0.5, promote_min_blocks=2, drift_detector="none")
-    calm = _learner(world, drift_detector="none")  # default: paired t-test at 1 % over >= 6 blocks, 1 % floor
+    # no real test (an e-value of 2 at no margin, after 2 labels): promotes on noise
+    churn = _learner(world, promote_floor=0.0, promote_margin=0.0, promote_alpha=0.5, promote_alpha_drift=0.5,
+                     eval_min=2, drift_detector="none")
+    calm = _learner(world, drift_detector="none")  # default: e-value 100 beyond a 5 % margin and a 1 % floor
     _feed(churn, z, y)
     _feed(calm, z, y)
     assert calm.metrics()["promotions_total"] >= 1  # the shift is still learned and served
@@ -290,3 +293,60 @@ def test_the_class_evidence_offset_ends_once_every_class_has_its_labels(world):
     assert lr.trainer.logit_offset is not None and np.ptp(lr.trainer.logit_offset) == 0  # equal counts: no effect
     _feed(lr, z, y)
     assert lr.trainer.logit_offset is None and lr._offset_done
+
+
+def _first_swap_after(lr, z, y):
+    for i, r in enumerate(_feed(lr, z, y)):
+        if r["swap"] in ("promotion", "refresh", "rollback"):
+            return i
+    return None
+
+
+def test_a_clear_shift_is_promoted_within_tens_of_labels(world):
+    """The anytime-valid test (docs/LEARNING.md, "Promotions") on a clear shift: the first
+    promotion comes tens of labels after it, on three seeds."""
+    stream, _ = world
+    for seed in (11, 12, 13):
+        rng = np.random.default_rng(seed)
+        events = []
+        lr = _learner(world, events, seed=seed)
+        assert _first_swap_after(lr, *stream.sample(300, rng=rng)) is None
+        n = _first_swap_after(lr, *stream.sample(300, rng=rng, shifted=True))
+        assert n is not None and n <= 80, (seed, n)
+        ev = next(e for e in events if e["type"] == "promotion")
+        assert ev["e_value"] >= ev["threshold"] and ev["mean_gain"] > 0
+
+
+def test_a_stationary_stream_swaps_none(world):
+    stream, _ = world
+    lr = _learner(world)
+    _feed(lr, *stream.sample(3000, rng=np.random.default_rng(21)))
+    m = lr.metrics()
+    assert m["promotions_total"] == m["refreshes_total"] == m["rollbacks_total"] == 0 and lr.champion is lr._global
+
+
+def test_an_old_checkpoint_with_paired_blocks_evidence_loads_with_the_evidence_restarted(world):
+    """A state from before issue 18 holds PairedBlocks' block means: it loads, its evidence restarts."""
+    stream, _ = world
+    rng = np.random.default_rng(22)
+    lr = _learner(world)
+    _feed(lr, *stream.sample(150, rng=rng, shifted=True))
+    old = lr.state_dict()
+    old["pairs"] = {"promote": {"means": [0.1, 0.3, 0.2], "acc": 0.05, "k": 3}, "rollback": {"means": [], "acc": 0.0, "k": 0}}
+    back = _learner(world)
+    back.load_state_dict(old)
+    assert back.counters == lr.counters and all(p.n == 0 and p.e_value == 1.0 for p in back.pairs.values())
+    _feed(back, *stream.sample(50, rng=rng, shifted=True))  # and it goes on learning
+    assert back.metrics()["labels_total"] == 200
+
+
+def test_a_bad_evidence_state_is_refused_whole(world):
+    stream, _ = world
+    lr = _learner(world)
+    _feed(lr, *stream.sample(100, rng=np.random.default_rng(23), shifted=True))
+    bad = lr.state_dict()
+    bad["pairs"]["promote"] = {**bad["pairs"]["promote"], "log_wealth": float("nan")}
+    fresh = _learner(world)
+    with pytest.raises(StateError, match="inconsistent"):
+        fresh.load_state_dict(bad)
+    assert fresh.metrics()["labels_total"] == 0

@@ -5,7 +5,7 @@ reference before anything learns from it (prequential, as ``learn_one``); then o
 optimizer step (``steps_per_label``, boosted after a drift) runs on the batch plus its
 share of recent and replayed rows, in the proportions of a ``learn_one`` batch. Per-row
 Python is left only where the rule is sequential: the class-balanced reservoir, the
-paired-test blocks, the label guard. The guard and the training budget are the learner's
+sequential promotion test, the label guard. The guard and the training budget are the learner's
 own (``Learner._observe_guard``, ``Learner._grant``), the same rules as ``learn_one``'s: a
 batch of contradicting labels is held as the same labels one by one, and the budget pays
 for ``steps_per_label`` steps a row, the first rows first (the others are scored and kept
@@ -91,9 +91,12 @@ def learn_many(lr, Z, Y) -> dict:
         lr._fade("replay", tr.last_loss)
     l_chal, e_chal = sample_losses(s_chal, T, lr.task)
     preq["challenger"].update_many(l_chal, e_chal)
-    lr.pairs["promote"].add_many(l_champ, l_chal)
+    pairs, (m_p, m_r, m_b, scale) = lr.pairs, lr._margins  # fixed before the batch, as the test needs
+    lc, lh = l_champ.tolist(), l_chal.tolist()
+    pairs["promote"].update_many(lc, lh, m_p, scale)
     if champion is not glob:
-        lr.pairs["rollback"].add_many(l_champ, l_glob)
+        pairs["refresh"].update_many(lc, lh, m_r, scale)
+        pairs["rollback"].update_many(lc, l_glob.tolist(), m_b, scale)
     f = lr.fade  # the batch's rows, faded in as row by row
     for key, decay in (("new", _FADE), ("slow", _SLOW)):
         w, total, last = fade_weights(decay, m)

@@ -7,10 +7,10 @@ Per label (``learn_one``) the learner
 2. trains the challenger for ``steps_per_label`` steps on the new sample plus replayed
    features (recent labels and a class-balanced reservoir), pulled toward the global
    head by the L2 anchor, within the training budget;
-3. promotes the challenger only when a paired test on per-block losses says its gain
-   over the champion, on the same labels, is statistically clear and passes the margin
-   (``edge.adapt.promotion``), and rolls the champion back to the global head by the
-   same test; both swap an immutable ``HeadSnapshot`` in one assignment, so the serving
+3. promotes the challenger only when an anytime-valid sequential test (betting, an
+   e-value of ``1 / promote_alpha``) on the paired per-label losses says its gain over
+   the champion, on the same labels, passes the margin (``edge.adapt.promotion``), and
+   rolls the champion back to the global head by the same test; both swap an immutable ``HeadSnapshot`` in one assignment, so the serving
    thread reads ``learner.champion`` without a lock and never waits;
 4. feeds the champion's error to the drift detectors; on drift, or when the new labels'
    loss stays well above the replayed rows' loss, it becomes plastic for a while: a
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import time
 
 import numpy as np
@@ -46,7 +47,7 @@ from edge.adapt.metrics import FADE_SLOW as _SLOW
 from edge.adapt.metrics import Prequential
 from edge.adapt.optim import OptimizerSpec
 from edge.adapt.guard import LabelGuard
-from edge.adapt.promotion import PairedBlocks
+from edge.adapt.promotion import BettingTest, is_betting_state
 from edge.adapt.reference import Reference
 from edge.adapt.replay import RecentBuffer, ReplayBuffer
 from edge.adapt.scaler import OnlineScaler
@@ -110,9 +111,10 @@ class Learner:
         self._live_snap: tuple[int, HeadSnapshot] | None = None  # (labels, the challenger's snapshot)
         self.budget = TrainingBudget(steps_per_s=cfg.budget_steps_per_s, cpu_share=cfg.budget_cpu_share, clock=clock)
         self.preq = {k: Prequential(task, window=cfg.eval_window) for k in ("champion", "challenger", "global", "reference")}
-        max_blocks = max(2, cfg.eval_window // cfg.promote_block)
-        self.pairs = {"promote": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks),
-                      "rollback": PairedBlocks(block=cfg.promote_block, max_blocks=max_blocks)}
+        # the paired evidence of each swap (edge.adapt.promotion.BettingTest), restarted at every swap:
+        # challenger vs champion at the promotion's margin and at the refresh's, global vs champion
+        self.pairs = {k: BettingTest(bound=cfg.promote_bound) for k in ("promote", "refresh", "rollback")}
+        self._margins = (0.0, 0.0, 0.0, 1.0)  # the next label's promote, refresh, rollback margins and loss scale
         # labels that mostly contradict what both heads are sure of hold promotions (edge.adapt.guard)
         self.guard = LabelGuard(confidence=cfg.guard_confidence, share=cfg.guard_share, ratio=cfg.guard_ratio,
                                 window=cfg.eval_window) if cfg.guard and task == "classification" else None
@@ -343,9 +345,11 @@ class Learner:
         l_chal, e_chal = preq["challenger"].update(s_chal, t)
         self._fade("new", e_chal)
         self._fade("slow", e_chal, _SLOW)
-        self.pairs["promote"].add(l_champ, l_chal)
+        pairs, (m_p, m_r, m_b, scale) = self.pairs, self._margins
+        pairs["promote"].update(l_champ, l_chal, m_p, scale)
         if champion is not glob:
-            self.pairs["rollback"].add(l_champ, l_glob)
+            pairs["refresh"].update(l_champ, l_chal, m_r, scale)
+            pairs["rollback"].update(l_champ, l_glob, m_b, scale)
         self.replay.add(z, t)
         self.recent.add(z, t)
         counters["labels"] += 1
@@ -473,32 +477,35 @@ class Learner:
         return {f"{k}_loss": v.loss.get() for k, v in self.preq.items()}
 
     def _maybe_swap(self) -> str | None:
+        """Swap if the evidence says so; then fix the margins the next label is tested at."""
+        swap = self._decide()
+        self._margins = self._next_margins()
+        return swap
+
+    def _alpha(self) -> float:
+        """The test's level: ``promote_alpha``, or the higher ``promote_alpha_drift`` while plastic."""
+        return self.cfg.promote_alpha_drift if self.boost_left > 0 else self.cfg.promote_alpha
+
+    def _decide(self) -> str | None:
         cfg = self.cfg
         boosting = self.boost_left > 0
-        need = cfg.eval_min // 2 if boosting else cfg.eval_min
-        if self.since_swap < need:
+        if self.since_swap < (cfg.eval_min // 2 if boosting else cfg.eval_min):
             return None
-        min_blocks = max(2, cfg.promote_min_blocks // 2) if boosting else cfg.promote_min_blocks
-        champ = self.preq["champion"].loss.get()
-        glob = self.preq["global"].loss.get()
-        # near zero loss a relative margin is noise (4e-5 against 1e-7 is "400x worse" and no
-        # worse at all, and rolling back there throws away what was learned for a condition
-        # not present now): the gap must also pass promote_floor of the trivial reference's loss
-        if self.champion is not self._global and champ > glob * (1 + cfg.rollback_margin) + 1e-9 \
-                and champ - glob > self.preq["reference"].loss.get() * cfg.promote_floor \
-                and self.pairs["rollback"].significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
-            self._rollback(champ, glob)
+        alpha, pairs = self._alpha(), self.pairs
+        adapted = self.champion is not self._global
+        if adapted and pairs["rollback"].passes(alpha):
+            self._rollback(pairs["rollback"].evidence(alpha))
             return "rollback"
-        p = self.pairs["promote"]
-        # the floor's scale: the better of the global head and the trivial reference (a
-        # fresh random global head can be worse than predicting the mean by orders of magnitude)
-        scale = min(glob, self.preq["reference"].loss.get())
         g = self.guard
-        if g is not None and not g.tripped:
+        held = g is not None and g.tripped
+        if not held:
             self._anomaly_open = False
-        if p.blocks >= min_blocks and p.mean_gain() > max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9 \
-                and p.significant(alpha=cfg.promote_alpha, min_blocks=min_blocks):
-            if g is not None and g.tripped:
+        if g is not None and g.seen < g.warmup:
+            # the guard cannot judge the labels yet, and a drift alarm lets the test pass on
+            # little evidence: a poisoning stream from the first label would be promoted
+            return None
+        if pairs["promote"].passes(alpha):
+            if held:
                 self.counters["promotions_held"] += 1
                 if not self._anomaly_open:  # one event per episode, not one per label
                     self._anomaly_open = True
@@ -507,24 +514,37 @@ class Learner:
                                history_share=round(g.history, 4), labels=self.counters["labels"],
                                why="recent labels mostly contradict what the serving and global heads are both sure of")
                 return "held"
-            self._promote(champ, self.preq["challenger"].loss.get(), p.statistic())
+            self._promote(pairs["promote"].evidence(alpha))
             return "promotion"
         # refresh: an adapted champion follows the challenger that continues its training
-        # once it has been ahead over refresh_labels labels, by less than a clear gain: at
-        # most one swap per refresh_labels, never from the global head, never while the
-        # label guard holds promotions (docs/LEARNING.md, "Refreshes")
-        gain_needed = max(champ * cfg.promote_margin, scale * cfg.promote_floor) + 1e-9
-        if cfg.refresh_labels and self.since_swap >= cfg.refresh_labels and self.champion is not self._global \
-                and not (g is not None and g.tripped) and p.mean_gain() > gain_needed:
-            self._promote(champ, self.preq["challenger"].loss.get(), p.statistic(), refresh=True)
+        # when it is ahead by the floor alone (not the relative margin), after refresh_labels
+        # labels since the last swap, by the same test (docs/LEARNING.md, "Refreshes")
+        if cfg.refresh_labels and adapted and self.since_swap >= cfg.refresh_labels and not held \
+                and pairs["refresh"].passes(alpha):
+            self._promote(pairs["refresh"].evidence(alpha), refresh=True)
             return "refresh"
         return None
+
+    def _next_margins(self) -> tuple[float, float, float, float]:
+        """The margins the next label is tested at, from the labels before it (so they are
+        fixed before it is scored, as the test needs): promotion ``promote_margin`` of the
+        champion's loss and at least ``promote_floor`` of the better of the global head's and
+        the reference's (a fresh random global head can be worse than predicting the mean by
+        orders of magnitude); refresh the floor alone; rollback ``rollback_margin`` of the
+        global head's loss and the floor of the reference's. The loss scale: 1 (nats) for
+        classification, the reference's loss for regression (its unit is the target's)."""
+        cfg, preq = self.cfg, self.preq
+        champ, glob, ref = (_finite(preq[k].loss.get()) for k in ("champion", "global", "reference"))
+        floor = min(glob, ref) * cfg.promote_floor
+        scale = 1.0 if self.task == "classification" else (ref if ref > 1e-12 else 1.0)
+        return (max(champ * cfg.promote_margin, floor), floor,
+                max(glob * cfg.rollback_margin, ref * cfg.promote_floor), scale)
 
     def challenger_version(self) -> str:
         """The version a promotion would give the challenger now."""
         return f"{self.global_version}+a{self.counters['promotions'] + 1}"
 
-    def _promote(self, champ_loss: float, chal_loss: float, t_stat: float, *, refresh: bool = False) -> None:
+    def _promote(self, evidence: dict, *, refresh: bool = False) -> None:
         kind = "refresh" if refresh else "promotion"
         self.counters["refreshes" if refresh else "promotions"] += 1
         version = f"{self.global_version}+a{self.counters['promotions']}"
@@ -534,13 +554,11 @@ class Learner:
         self.champion = self._snapshot(version)  # the atomic swap
         self.preq["champion"].loss.copy_from(self.preq["challenger"].loss)
         self.preq["champion"].err.copy_from(self.preq["challenger"].err)
-        self.since_swap = 0
-        for p in self.pairs.values():
-            p.reset()
-        self._emit(kind, version=version, previous=old, champion_loss=champ_loss, challenger_loss=chal_loss,
-                   t_statistic=t_stat)
+        self._restart_evidence()
+        self._emit(kind, version=version, previous=old, champion_loss=evidence.pop("champion_mean_loss"),
+                   challenger_loss=evidence.pop("challenger_mean_loss"), **evidence)
 
-    def _rollback(self, champ_loss: float, glob_loss: float) -> None:
+    def _rollback(self, evidence: dict) -> None:
         self.counters["rollbacks"] += 1
         old = self.champion.version
         self.champion = self._global  # the atomic swap
@@ -549,10 +567,15 @@ class Learner:
         for k in ("champion", "challenger"):
             self.preq[k].loss.copy_from(self.preq["global"].loss)
             self.preq[k].err.copy_from(self.preq["global"].err)
+        self._restart_evidence()
+        self._emit("rollback", version=self.global_version, previous=old, champion_loss=evidence.pop("champion_mean_loss"),
+                   global_loss=evidence.pop("challenger_mean_loss"), **evidence)
+
+    def _restart_evidence(self) -> None:
+        """Every swap starts new tests (each spends its alpha again: docs/LEARNING.md, "Promotions")."""
         self.since_swap = 0
         for p in self.pairs.values():
             p.reset()
-        self._emit("rollback", version=self.global_version, previous=old, champion_loss=champ_loss, global_loss=glob_loss)
 
     # -- events, metrics, state -------------------------------------------------------------
 
@@ -656,9 +679,14 @@ class Learner:
             self.exceed.reset()
             if s.get("exceedance"):
                 self.exceed.load_state_dict(s["exceedance"])
-        for k, v in s["pairs"].items():
-            if k in self.pairs:  # an older state's "serve" and "serve_next" pairs are no longer kept
-                self.pairs[k].load_state_dict(v)
+        pairs = s["pairs"]
+        for k, p in self.pairs.items():
+            # a state from before issue 18 holds PairedBlocks' block means, which are no
+            # e-values: that evidence restarts (a new test), the rest of the state is kept
+            if is_betting_state(pairs.get(k)):
+                p.load_state_dict(pairs[k])
+            else:
+                p.reset()
         self._live_snap = None
         self.reference.load_state_dict(s["reference"])
         self._reference_snap = None
@@ -678,3 +706,9 @@ class Learner:
         self._unshared = u
         self._set_sources(boosting=self.boost_left > 0)
         self._update_logit_offset()
+        self._margins = self._next_margins()
+
+
+def _finite(x: float, default: float = 0.0) -> float:
+    """``x``, or ``default`` for NaN (an empty window) and infinities."""
+    return x if math.isfinite(x) else default
