@@ -26,22 +26,20 @@ import gc
 import logging
 import os
 import signal
-import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import orjson
 
 from edge.config import Config
-from edge.daemon_status import metrics_registry, metrics_server, open_status_socket, write_status_file
+from edge.daemon_status import Endpoints, metrics_registry, sd_notify, write_status_file
 from edge.errors import brief
 from edge.ha import announcer
 from edge.ingest.mqtt import MqttLink
 from edge.ingest.part import LinkPart, SourcesPart, build_label_gate
 from edge.ingest.sources import SourceContext, build_sources
-from edge.observe import MetricsServer, Registry
+from edge.observe import Registry
 from edge.parts import Parts
 from edge.pipeline import ModelShape, Pipeline, Ports, Routes, build_pipeline
 from edge.pipeline.part import PipelinePart, flag_fields
@@ -50,22 +48,6 @@ from edge.serve.part import ServingPart
 from edge.supervise import Supervisor, SupervisorPart
 
 log = logging.getLogger("edge.daemon")
-
-
-def sd_notify(message: str) -> bool:
-    """Tell systemd (Type=notify) about readiness/watchdog; a no-op outside systemd."""
-    addr = os.environ.get("NOTIFY_SOCKET")
-    if not addr:
-        return False
-    if addr.startswith("@"):
-        addr = "\0" + addr[1:]
-    try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
-            s.sendto(message.encode(), addr)
-        return True
-    except OSError as e:
-        log.warning("systemd notify failed: %s", e)
-        return False
 
 
 class Daemon:
@@ -84,8 +66,7 @@ class Daemon:
         self.sync = None  # fleet sync (issue 9)
         self.deploy = None  # model releases (issue 20)
         self._restart_why = ""  # set by a release switch or rollback: run() then execs this command again
-        self.metrics_server: MetricsServer | None = None
-        self.status_socket = None
+        self.endpoints = Endpoints()  # the metrics server and the status socket (edge.daemon_status)
         self.backend_reason = ""
         self.parts = Parts()  # the one place each part hooks in (edge.parts)
         self._link_part: LinkPart | None = None
@@ -97,27 +78,12 @@ class Daemon:
     def _load_model(self, folder=None):
         """Serve ``folder``: the one ``check_startup`` verified (checked now when not given), so
         that the bytes the pin was checked over are the ones that run."""
-        from edge.adapt.heads import HeadSnapshot
         from edge.check import check_startup
-        from edge.serve import load_backbone
-        from edge.serve.engine import Engine
+        from edge.serve.part import load_serving
 
-        cfg = self.cfg
-        self.model = folder if folder is not None else check_startup(cfg).model
-        m = self.model.manifest
-        precision = None if cfg.model.precision == "auto" else cfg.model.precision
-        t0 = time.monotonic()
-        backend, self.backend_reason = load_backbone(self.model, backend=cfg.model.backend, precision=precision,
-                                                     cache_dir=cfg.model.cache_dir or None, threads=cfg.model.threads)
-        self.engine = Engine(backend, max_batch=cfg.model.max_batch)
-        self.engine.warm_up()
-        d = backend.describe()  # the choice's reason was logged once where it was made (edge.serve)
-        log.info("model %s %s on %s %s; ready to serve in %.2f s", m.name, m.version, d.get("backend", backend.key),
-                 d.get("precision", ""), time.monotonic() - t0)
-        _, head_sd = self.model.arrays()  # numpy: the ONNX Runtime path needs no torch
-        self.global_head = HeadSnapshot.from_arrays(dict(head_sd), kind="linear",
-                                                     task=m.task, version=f"{m.version}+shipped")
-        self._head = self.global_head
+        s = load_serving(self.cfg, folder if folder is not None else check_startup(self.cfg).model)
+        self.model, self.engine, self.backend_reason = s.model, s.engine, s.backend_reason
+        self.global_head = self._head = s.global_head
 
     def head(self):
         """The serving head (an immutable snapshot; the learner replaces the reference)."""
@@ -207,7 +173,8 @@ class Daemon:
         self._build()
         self._threads_started = True  # from here on, a failed start still needs stop()
         self.parts.start(self.supervisor)
-        self._start_endpoints()
+        self.endpoints.start(self.cfg, self.registry, self.supervisor, health=self.health,
+                             readiness=self.readiness, status=self.status)
         if connect_timeout and not self._wait_connected(connect_timeout):
             log.warning("broker %s:%d not reachable yet; retrying in the background", self.cfg.mqtt.host, self.cfg.mqtt.port)
         # Everything loaded so far (torch, onnxruntime, the model) lives as long as the
@@ -218,26 +185,12 @@ class Daemon:
         self.ready.set()
         sd_notify("READY=1\nSTATUS=serving")
 
-    def _start_endpoints(self) -> None:
-        """The metrics server (with ``[metrics] port``) and the status socket."""
-        sup = self.supervisor
-        if self.cfg.metrics.port:
-            self.metrics_server = metrics_server(self.cfg, self.registry(), health=self.health,
-                                                 readiness=self.readiness, status=self.status)
-            self.metrics_server.start()
-            sup.adopt("metrics", self.metrics_server.thread)
-            log.info("metrics on http://%s:%d/metrics", self.cfg.metrics.host, self.metrics_server.port)
-        self.status_socket = open_status_socket(self.cfg, self.status)
-        if self.status_socket is not None:
-            self.status_socket.start()
-            sup.adopt("control", self.status_socket.thread)
-
     def _prepare_state_dir(self) -> None:
         """The node's state folder, private to the daemon's user (0700), made or fixed at start:
         every folder made for it (``[node] state_dir`` and its missing parents too) is 0700."""
-        from edge.state import private_dir
+        from edge.state import node_state_dir, private_dir
 
-        d = state_dir(self.cfg)
+        d = node_state_dir(self.cfg)
         try:
             private_dir(d)
         except OSError as e:
@@ -255,9 +208,7 @@ class Daemon:
         try:
             self.parts.stop()
         finally:
-            for endpoint in (self.metrics_server, self.status_socket):
-                if endpoint is not None:
-                    endpoint.stop()
+            self.endpoints.stop()
         log.info("stopped")
 
     def _thread_died(self, name: str, why: str) -> None:
@@ -372,10 +323,3 @@ class Daemon:
     def registry(self) -> Registry:
         """The node's metric families: every part's, one snapshot per part per scrape."""
         return metrics_registry(self.parts)
-
-
-def state_dir(cfg: Config) -> Path:
-    """The node's state folder (``edge.state.node_state_dir``)."""
-    from edge.state import node_state_dir
-
-    return node_state_dir(cfg)

@@ -1,7 +1,7 @@
 """Where the daemon's status and metrics are read: ``status.json``, the status socket, the
 ``/metrics`` registry and the metrics server (``MetricsServer``: ``/metrics``, ``/healthz``,
-``/readyz``, ``/status``). The parts bring the fields and families (``edge.parts``); this
-module only serves them.
+``/readyz``, ``/status``), and systemd's notify socket. The parts bring the fields and
+families (``edge.parts``); this module only serves them.
 
 Runtime files live in the runtime folder (``edge.state.runtime_dir``: systemd's
 ``RuntimeDirectory``, a tmpfs), not the state folder: ``status.json`` is rewritten every
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from typing import Any, Callable
 
@@ -40,8 +41,61 @@ def write_status_file(cfg, status: dict[str, Any]) -> None:
         log.warning("cannot write %s: %s", d / "status.json", e)
 
 
+def sd_notify(message: str) -> bool:
+    """Tell systemd (Type=notify) about readiness/watchdog; a no-op outside systemd."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(message.encode(), addr)
+        return True
+    except OSError as e:
+        log.warning("systemd notify failed: %s", e)
+        return False
+
+
+def metrics_registry(parts) -> Registry:
+    """The node's metric families (README, "Metrics"): every part's (``Parts.families``),
+    each part read through one snapshot per scrape, taken under its owner's lock."""
+    reg = Registry(build_info=build_info())
+    parts.families(reg)
+    return reg
+
+
+class Endpoints:
+    """The metrics server (with ``[metrics] port``) and the 0600 status socket: started once
+    every part runs, stopped once every part has stopped."""
+
+    def __init__(self) -> None:
+        self.metrics_server: MetricsServer | None = None
+        self.status_socket = None
+
+    def start(self, cfg, registry: Callable[[], Registry], supervisor, *, health, readiness,
+              status: Callable[[], dict]) -> None:
+        m = cfg.metrics
+        if m.port:
+            # /status only when asked for: the port is open to every local user, the status socket is 0600
+            self.metrics_server = MetricsServer(m.host, m.port, registry(), health, ready=readiness,
+                                                status=status if m.status_endpoint else None)
+            self.metrics_server.start()
+            supervisor.adopt("metrics", self.metrics_server.thread)
+            log.info("metrics on http://%s:%d/metrics", m.host, self.metrics_server.port)
+        self.status_socket = open_status_socket(cfg, status)
+        if self.status_socket is not None:
+            self.status_socket.start()
+            supervisor.adopt("control", self.status_socket.thread)
+
+    def stop(self) -> None:
+        for endpoint in (self.metrics_server, self.status_socket):
+            if endpoint is not None:
+                endpoint.stop()
+
+
 def open_status_socket(cfg, status: Callable[[], dict]):
-    """The 0600 status socket in the runtime folder, serving ``status()``; None (logged) when it
+    """The status socket in the runtime folder, serving ``status()``; None (logged) when it
     cannot be made (e.g. a path longer than a Unix socket allows: `edge status` falls back to
     ``status.json``)."""
     from edge.control import StatusSocket
@@ -54,22 +108,6 @@ def open_status_socket(cfg, status: Callable[[], dict]):
     except OSError as e:
         log.warning("no status socket at %s (%s); `edge status` will read status.json", path, e)
         return None
-
-
-def metrics_registry(parts) -> Registry:
-    """The node's metric families (README, "Metrics"): every part's (``Parts.families``),
-    each part read through one snapshot per scrape, taken under its owner's lock."""
-    reg = Registry(build_info=build_info())
-    parts.families(reg)
-    return reg
-
-
-def metrics_server(cfg, registry: Registry, *, health, readiness, status) -> MetricsServer:
-    """The metrics server; ``/status`` only when asked for: the port is open to every local
-    user, the status socket is 0600."""
-    m = cfg.metrics
-    return MetricsServer(m.host, m.port, registry, health, ready=readiness,
-                         status=status if m.status_endpoint else None)
 
 
 def build_info() -> dict[str, str]:

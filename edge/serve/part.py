@@ -2,10 +2,48 @@
 (``edge.parts.Part``): what runs, why it was chosen, and the backbone's latency."""
 from __future__ import annotations
 
+import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from edge.observe import Registry, hist_series
 from edge.parts import Part
+
+log = logging.getLogger("edge.daemon")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What ``load_serving`` loaded: the model folder, its warmed-up engine, why that backend
+    and precision were chosen, and the shipped head."""
+
+    model: Any
+    engine: Any
+    backend_reason: str
+    global_head: Any
+
+
+def load_serving(cfg, folder) -> Serving:
+    """Load the backbone of model ``folder`` as ``[model]`` asks, warm it up, and read the
+    shipped head (numpy: the ONNX Runtime path needs no torch)."""
+    from edge.adapt.heads import HeadSnapshot
+    from edge.serve import load_backbone
+    from edge.serve.engine import Engine
+
+    m = folder.manifest
+    precision = None if cfg.model.precision == "auto" else cfg.model.precision
+    t0 = time.monotonic()
+    backend, reason = load_backbone(folder, backend=cfg.model.backend, precision=precision,
+                                    cache_dir=cfg.model.cache_dir or None, threads=cfg.model.threads)
+    engine = Engine(backend, max_batch=cfg.model.max_batch)
+    engine.warm_up()
+    d = backend.describe()  # the choice's reason was logged once where it was made (edge.serve)
+    log.info("model %s %s on %s %s; ready to serve in %.2f s", m.name, m.version, d.get("backend", backend.key),
+             d.get("precision", ""), time.monotonic() - t0)
+    _, head_sd = folder.arrays()
+    head = HeadSnapshot.from_arrays(dict(head_sd), kind="linear", task=m.task, version=f"{m.version}+shipped")
+    return Serving(model=folder, engine=engine, backend_reason=reason, global_head=head)
 
 
 class ServingPart(Part):
