@@ -350,3 +350,14 @@ def test_a_bad_evidence_state_is_refused_whole(world):
     with pytest.raises(StateError, match="inconsistent"):
         fresh.load_state_dict(bad)
     assert fresh.metrics()["labels_total"] == 0
+
+
+def test_adopt_consolidated_serves_the_trained_head_and_restarts_records_and_evidence(world):
+    """The public method edge.learning's incremental_update is to call instead of setting members."""
+    stream, _ = world
+    lr = _learner(world)
+    _feed(lr, *stream.sample(120, rng=np.random.default_rng(24), shifted=True))
+    lr.adopt_consolidated("u7")
+    assert lr.champion.version == "1.0+u7" and lr.champion is not lr._global
+    assert all(p.n == 0 for p in lr.pairs.values()) and lr.preq["champion"].n == lr.preq["challenger"].n == 0
+    assert lr.since_swap == 0 and lr.serving() == "champion"  # served until new labels compare it

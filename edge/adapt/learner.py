@@ -37,6 +37,7 @@ import time
 
 import numpy as np
 
+from edge.adapt.activations import binary_scores, softmax
 from edge.adapt.batch import learn_many
 from edge.adapt.budget import TrainingBudget
 from edge.config import AdaptConfig
@@ -208,6 +209,19 @@ class Learner:
         if was_global:
             self.champion = self._global
         self._emit("global", version=self.global_version)
+
+    def adopt_consolidated(self, suffix: str) -> None:
+        """Serve the head as trained now, as version ``<global>+<suffix>`` (the library's
+        ``incremental_update``: an explicit request, with no prequential evidence to test),
+        and start the learned heads' records and every test afresh, so that the result is
+        served until new labels compare it with the reference. The one owner of these
+        members: ``edge.learning`` calls this instead of setting them."""
+        self._reference_snap = None
+        self.champion = self._snapshot(f"{self.global_version}+{suffix}")
+        for k in ("champion", "challenger"):
+            self.preq[k] = Prequential(self.task, window=self.cfg.eval_window)
+        self._restart_evidence()
+        self._margins = self._next_margins()
 
     def serving(self) -> str:
         """What ``best()`` serves now: ``"reference"``, ``"champion"`` or ``"challenger"``.
@@ -437,12 +451,7 @@ class Learner:
         thread), without the batch-shaped softmax's extra allocations."""
         s = snap.logits(z2)[0]
         if self.task == "classification":
-            if len(s) == 1:
-                p = 1.0 / (1.0 + np.exp(-np.clip(s, -60.0, 60.0)))
-                return np.concatenate([1.0 - p, p])
-            s -= s.max()
-            np.exp(s, out=s)
-            s /= s.sum()
+            return binary_scores(s) if len(s) == 1 else softmax(s, inplace=True)
         return s
 
     def _update_drift(self, x: float) -> str | None:
