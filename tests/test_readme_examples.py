@@ -72,16 +72,19 @@ def test_the_first_session_runs_as_pasted(broker, tmp_path):
         script = _port(b["publish"] + b["labels"], broker.port)
         p = subprocess.run(["bash", "-euc", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
-        sample = re.search(r"JSON sample `(\{[^`]*\})`", README).group(1)  # the topics table's sample, as printed
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "sensors/m1/accel", "-m", sample],
-                       check=True, timeout=30)
 
         def taken():
             st = _status(env, tmp_path)
             s = (st.get("streams") or {}).get("m1/accel") or {}
             ad = st.get("adapt") or {}
-            return s.get("windows", 0) >= 3 and ad.get("learner_labels_total", 0) >= 3 and st
-        st = poll(taken, 60, 0.5, "3 windows and 3 labels")
+            return s.get("windows", 0) >= 3 and s.get("samples", 0) >= 1001 and ad.get("learner_labels_total", 0) >= 3 and st
+        st = poll(taken, 60, 0.5, "3 windows, 1001 samples and 3 labels")
+        assert st["streams"]["m1/accel"]["gaps"] == 0  # the single sample follows the batch: no gap shown
+        sample = re.search(r"JSON sample `(\{[^`]*\})`", README).group(1)  # the topics table's sample, as printed
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "sensors/m1/accel", "-m", sample],
+                       check=True, timeout=30)
+        st = poll(lambda: (s := _status(env, tmp_path))["streams"]["m1/accel"]["samples"] >= 1002 and s, 60, 0.5,
+                  "the topics table's sample")
         assert not st["adapt"]["learner_labels_rejected"], st["adapt"]["learner_labels_rejected"]
         assert not st.get("bad_input"), st.get("bad_input")  # the single sample too: no absurd_time
         table = subprocess.run([sys.executable, "-m", "edge.cli", "status", "--config", "first.toml"], cwd=tmp_path,
