@@ -130,7 +130,9 @@ fi
 install -m 0644 "$SRC/README.md" "$SRC/LICENSE" "$PREFIX/"
 say "installed $("$VENV/bin/edge" --version) into $VENV"
 
-# 4. The config: root-owned, readable by the service group only (it may hold secrets).
+# 4. The config: root-owned, readable by the service group only (it may hold secrets). The
+# container image's user (uid/gid 999) reads it by joining this group: --group-add GID, or
+# compose's group_add (README, "Containers").
 install -d -m 0750 -o root -g "$USER_NAME" "$ETC"
 if [ -e "$ETC/edge.toml" ]; then
   say "kept the existing $ETC/edge.toml"
@@ -139,6 +141,7 @@ else
   say "wrote $ETC/edge.toml from deploy/config/edge.toml: edit it, then check it with"
   say "  sudo -u $USER_NAME $VENV/bin/edge run --config $ETC/edge.toml --check"
 fi
+say "a container reads $ETC/edge.toml (0640 root:$USER_NAME) with --group-add $(getent group "$USER_NAME" | cut -d: -f3)"
 
 # 5. The units, and a DeviceAllow= line per serial port the config uses.
 install -m 0644 "$SRC/deploy/systemd/edge-runtime.service" "$SRC/deploy/systemd/edge-fleet.service" "$UNITS/"
