@@ -62,9 +62,9 @@ def test_the_demo_shows_drift_then_learning_on_the_fault_that_drifted(two_runs):
         st = run["report"]["story"]
         served, shipped = st["served"], st["shipped"]
         assert served["before_drift"] >= 0.9, st
-        assert served["after_drift"] <= served["before_drift"] - 0.3, st  # the dip
-        assert served["after_adaptation"] >= served["before_drift"] - 0.25, st  # learned back
-        assert shipped["after_adaptation"] <= 0.3, st  # not "the fault changed": the shipped head stays wrong
+        assert served["after_drift"] <= served["before_drift"] - 0.15, st  # the dip (learning starts inside it)
+        assert served["after_adaptation"] >= max(served["before_drift"] - 0.25, served["after_drift"] + 0.1), st  # learned back
+        assert shipped["after_drift"] <= 0.3 and shipped["after_adaptation"] <= 0.3, st  # the drift is real, and stays
 
 
 def test_the_same_seed_tells_the_same_story_on_every_run(two_runs):

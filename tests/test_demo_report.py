@@ -37,7 +37,8 @@ def _board() -> Scoreboard:
             b.on_prediction(orjson.dumps({**msg, "prediction": "normal"}), t + 0.2, shipped=True)
     for kind, t in (("promotion", 10.0), ("refresh", 20.0), ("rollback", 30.0), ("drift", 40.0)):
         b.on_event(orjson.dumps({"type": kind, "version": "v", "previous": "p", "champion_loss": 0.5,
-                                 "challenger_loss": 0.2, "global_loss": 0.1, "t_statistic": 3.0}), t)
+                                 "challenger_loss": 0.2, "global_loss": 0.1, "labels": 50, "mean_gain": 0.3,
+                                 "e_value": 140.0, "threshold": 100.0}), t)
     return b
 
 
@@ -90,7 +91,9 @@ def test_every_event_is_told_in_words():
     b = _board()
     for e in b.events:
         assert e["why"] == describe_event(e) and "_loss" not in e["why"] and "{" not in e["why"]
-    assert "its loss was 0.2" in b.events[0]["why"] and "shipped head" in b.events[2]["why"]
+    assert "mean loss 0.2 against 0.5" in b.events[0]["why"] and "shipped head" in b.events[2]["why"]
+    assert "mean loss 0.1 against 0.5" in b.events[2]["why"]  # the shipped head's first, as it is the one favoured
+    assert all("50 labels" in e["why"] and "e-value 140 >= 100" in e["why"] for e in b.events[:3])  # the test, in words
 
 
 def test_latency_is_never_negative_and_not_shown_for_a_firmware_clock():

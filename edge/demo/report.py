@@ -24,9 +24,9 @@ SERIES_COLOURS = ("#1f77b4", "#8c564b", "#e377c2", "#bcbd22", "#17becf", "#393b7
 SEGMENT_EDGE = "#dddddd"
 #: event kinds: (colour, line style, legend text); only black and greys
 EVENT_STYLES = {"drift_injected": ("#000000", "-", "drift injected"),
-                "promotion": ("#555555", "--", "promotion: a learned head beat the serving head"),
-                "refresh": ("#555555", ":", "refresh: the serving head follows its own challenger"),
-                "rollback": ("#000000", "-.", "rollback to the shipped head"),
+                "promotion": ("#555555", "--", "promotion: the test favoured a learned head"),
+                "refresh": ("#555555", ":", "refresh: the serving head follows its continued training"),
+                "rollback": ("#000000", "-.", "rollback: the test favoured the shipped head"),
                 "drift": ("#999999", (0, (3, 1, 1, 1, 1, 1)), "drift detected by the learner")}
 
 

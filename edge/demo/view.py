@@ -118,28 +118,38 @@ def _g(v) -> str:
     return f"{v:.3g}" if isinstance(v, (int, float)) else str(v)
 
 
+def _test(e: dict) -> str:
+    """The evidence of a swap: the sequential test's e-value against its threshold (issue 18)."""
+    if "e_value" in e:
+        return (f"on the same {_g(e.get('labels'))} labels since the last swap the sequential test favoured it "
+                f"(e-value {_g(e.get('e_value'))} >= {_g(e.get('threshold'))})")
+    return f"a paired test favoured it (t = {_g(e.get('t_statistic'))})"  # a learner from before the sequential test
+
+
 def describe_event(e: dict) -> str:
-    """An event of the daemon in words: what changed, and the evidence.
+    """An event of the daemon in words: what changed, and the evidence. The mean losses are
+    given as they are: the test is on clipped per-label differences, so it can favour a head
+    whose raw mean loss is not the lower one, and the words do not claim otherwise.
 
     >>> describe_event({"type": "promotion", "version": "1.0.0+a1", "previous": "1.0.0", "champion_loss": 0.91,
-    ...                 "challenger_loss": 0.2, "t_statistic": 4.2})
-    'head 1.0.0+a1 now serves: on the same recent labels its loss was 0.2, the serving head 1.0.0 had 0.91 (paired test t = 4.2)'
-    >>> describe_event({"type": "rollback", "version": "1.0.0", "previous": "1.0.0+a1", "champion_loss": 0.5,
-    ...                 "global_loss": 0.1})
-    'back to the shipped head 1.0.0: the learned head 1.0.0+a1 did worse on the recent labels (loss 0.5 against 0.1)'
+    ...                 "challenger_loss": 0.2, "labels": 40, "e_value": 120.0, "threshold": 100.0})
+    'head 1.0.0+a1 now serves instead of 1.0.0: on the same 40 labels since the last swap the sequential test favoured it (e-value 120 >= 100); mean loss 0.2 against 0.91'
+    >>> describe_event({"type": "rollback", "version": "1.0.0", "previous": "1.0.0+a1", "champion_loss": 0.229,
+    ...                 "global_loss": 0.233, "labels": 60, "e_value": 5.5, "threshold": 5.0})
+    'back to the shipped head 1.0.0 from 1.0.0+a1: on the same 60 labels since the last swap the sequential test favoured it (e-value 5.5 >= 5); mean loss 0.233 against 0.229'
     >>> describe_event({"type": "drift", "detector": "adwin", "labels": 120})
     'the learner detected a drift (adwin, after 120 labels): it learns faster for a while'
     """
     k = e.get("type")
     if k == "promotion":
-        return (f"head {e.get('version')} now serves: on the same recent labels its loss was {_g(e.get('challenger_loss'))}, "
-                f"the serving head {e.get('previous')} had {_g(e.get('champion_loss'))} (paired test t = {_g(e.get('t_statistic'))})")
+        return (f"head {e.get('version')} now serves instead of {e.get('previous')}: {_test(e)}; "
+                f"mean loss {_g(e.get('challenger_loss'))} against {_g(e.get('champion_loss'))}")
     if k == "refresh":
-        return (f"head {e.get('version')} now serves: it continued the training of {e.get('previous')} and stayed ahead of it "
-                f"(loss {_g(e.get('challenger_loss'))} against {_g(e.get('champion_loss'))})")
+        return (f"head {e.get('version')}, the continued training of {e.get('previous')}, now serves: {_test(e)}; "
+                f"mean loss {_g(e.get('challenger_loss'))} against {_g(e.get('champion_loss'))}")
     if k == "rollback":
-        return (f"back to the shipped head {e.get('version')}: the learned head {e.get('previous')} did worse on the recent "
-                f"labels (loss {_g(e.get('champion_loss'))} against {_g(e.get('global_loss'))})")
+        return (f"back to the shipped head {e.get('version')} from {e.get('previous')}: {_test(e)}; "
+                f"mean loss {_g(e.get('global_loss'))} against {_g(e.get('champion_loss'))}")
     if k == "drift":
         return f"the learner detected a drift ({e.get('detector')}, after {e.get('labels')} labels): it learns faster for a while"
     skip = {"type", "t", "node", "t_rel", "metrics", "why"}
