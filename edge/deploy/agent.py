@@ -64,6 +64,12 @@ class DeployAgent:
         self._current_digest = ""
         self._quarter = 0  # quarters of the download reported
         self._shadow_reported = 0  # labels in the last shadowing report
+        # The newest manifest paho handed over (one reference, set on paho's thread), and the
+        # last one acted on: a compile holds the deploy thread, so right after it the newest
+        # is read from here, not from behind the queue (see _verify_and_gate).
+        self._newest_manifest: bytes | None = None
+        self._handled_manifest: bytes | None = None
+        self._gating: str | None = None  # the release whose compile and gate run now
         self.thread = threading.Thread(target=self._run, name="deploy", daemon=True)
 
     @property
@@ -72,8 +78,11 @@ class DeployAgent:
 
     # ---- paho's thread --------------------------------------------------------------
     def on_message(self, topic: str, payload: bytes, received: float = 0.0) -> None:
+        payload = bytes(payload)
+        if topic == self.manifest_topic:
+            self._newest_manifest = payload  # one reference assignment: atomic
         try:
-            self._inbox.put_nowait((topic, bytes(payload)))
+            self._inbox.put_nowait((topic, payload))
         except queue.Full:
             self.counters["errors"] += 1  # chunks come again when asked again; a manifest is retained
 
@@ -154,6 +163,9 @@ class DeployAgent:
     def _on_manifest(self, payload: bytes) -> None:
         if not payload:
             return  # a cleared retained topic
+        if payload == self._handled_manifest:
+            return  # acted on already, taken from the newest slot right after a compile
+        self._handled_manifest = payload
         try:
             m = rc.unpack_manifest(payload, self.release_keys)
         except DecodeError as e:
@@ -213,7 +225,7 @@ class DeployAgent:
             self._begin(m)
 
     def _busy_with(self, release: str) -> bool:
-        return (self.download is not None and self.download.m.release == release) or (
+        return (self.download is not None and self.download.m.release == release) or self._gating == release or (
             self.shadow is not None and self.phase == "shadowing" and self.manifest.release == release)
 
     def _stop_release(self, release: str, why: str) -> None:
@@ -289,11 +301,39 @@ class DeployAgent:
         d.part.unlink(missing_ok=True)  # the unpacked folder is what stays
         self.download = None
         self._report(m.release, "verified")
-        self.phase = "gating"
+        self.phase, self._gating = "gating", m.release
         self._publish_snapshot()
-        backend, result = gate(model, served=self.served, cache_dir=self.cfg.model.cache_dir or None,
-                               threads=self.cfg.model.threads)
+        try:
+            backend, result = gate(model, served=self.served, floors=self._floors(),
+                                   cache_dir=self.cfg.model.cache_dir or None, threads=self.cfg.model.threads)
+            # The compile held this thread (seconds on a small board), and a halt or abort
+            # published meanwhile waits in the inbox behind whatever came before it. The
+            # newest manifest is acted on now, before the candidate serves one shadow
+            # window: a halted or aborted release stops here (rolled_back, "... before the
+            # switch") and its compiled candidate is dropped unused.
+            newest = self._newest_manifest
+            if newest is not None and newest != self._handled_manifest:
+                self._on_manifest(newest)
+        finally:
+            self._gating = None
+        if self.phase != "gating":
+            log.info("release %s: stopped while it compiled (%s); its candidate is dropped", m.release, self.reason)
+            return
         self._start_shadow(m, model, backend, result)
+
+    def _floors(self) -> tuple:
+        """The manifests whose ``[parity]`` tolerances the gate holds a bundle to at least: the
+        model serving now and the configured ``[model]`` (edge.deploy.gate, "as a floor")."""
+        from edge.errors import EdgeError
+        from edge.zoo import resolve_model
+
+        floors = [self.current.manifest]
+        try:
+            floors.append(resolve_model(self.cfg.model.path).manifest)
+        except EdgeError as e:  # the configured folder is gone: the served one still holds the floor
+            log.warning("release gate: the configured [model] path %r does not load (%s); the served model's "
+                        "tolerances alone are the floor", self.cfg.model.path, str(e)[:200])
+        return tuple(floors)
 
     def _start_shadow(self, m, model, backend, result) -> None:
         from edge.adapt.heads import HeadSnapshot

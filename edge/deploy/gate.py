@@ -8,9 +8,19 @@ builds the *same* backend and precision (and int8 format) the device serves now,
 ``edge.serve.compile.obtain`` (the one path of ``edge compile`` and ``edge run``), so a
 bundle whose int8 artifact disagrees with its fp32 reference is refused here
 (``parity_failed``), not served after a quiet fallback to another backend.
+
+The tolerances are the device's as a floor: each is the stricter of the bundle's own
+``[parity]`` value and those of the configured ``[model]`` and of the model serving now
+(defaults filled in: what this device was set up to accept). A release-key holder can
+therefore tighten the gate for its bundle, never loosen it below what the device holds
+its own model to; the configured model stays in the floor so that a switched release's
+own looser table cannot lower the bar for the release after it. Only the gate's copy of
+the manifest changes (in memory): the cache key is the folder's content hash, so the
+artifact that passed here is the one served after the switch.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 
@@ -68,12 +78,49 @@ def check_compatible(new, current, manifest) -> None:
                       f"outputs {theirs}) than the served one ({mine})")
 
 
-def gate(model, *, served, cache_dir=None, threads: int = 1):
+def floor_tolerances(device: dict, bundle: dict) -> dict[str, float]:
+    """Each ``[parity]`` tolerance at the stricter of the device's and the bundle's. Pure.
+
+    A ``max_*`` bound is stricter lower, a ``min_*`` or ``worst_*`` bound higher; a key of
+    another kind keeps the device's value where it has one (no direction to compare by).
+
+    >>> floor_tolerances({"int8_min_agreement": 0.97, "fp32_max_abs": 1e-3},
+    ...                  {"int8_min_agreement": 0.0, "fp32_max_abs": 1e-4, "int8_min_cosine": 0.99})
+    {'fp32_max_abs': 0.0001, 'int8_min_agreement': 0.97, 'int8_min_cosine': 0.99}
+    """
+    out = {}
+    for k in sorted(set(device) | set(bundle)):
+        vals = [float(t[k]) for t in (device, bundle) if k in t]
+        bound = k.split("_", 1)[-1]
+        if bound.startswith("max_"):
+            out[k] = min(vals)
+        elif bound.startswith(("min_", "worst_")):
+            out[k] = max(vals)
+        else:
+            out[k] = float(device.get(k, bundle.get(k)))
+    return out
+
+
+def held_to_device(model, *floors) -> dict[str, float]:
+    """Set ``model``'s tolerances (in memory) to the stricter of its own and every manifest in
+    ``floors`` (the configured and the served model), defaults filled in; the result."""
+    from edge.serve.parity import DEFAULTS
+
+    tol = {**DEFAULTS, **model.manifest.parity}
+    for f in floors:
+        tol = floor_tolerances({**DEFAULTS, **f.parity}, tol)
+    model.manifest = dataclasses.replace(model.manifest, parity=tol)
+    return tol
+
+
+def gate(model, *, served, floors=(), cache_dir=None, threads: int = 1):
     """(backend, CompileResult) of ``model`` built as ``served`` (the backend serving now) is built,
-    parity-checked; ``Refused`` with ``parity_failed`` or ``compile_failed`` otherwise."""
+    parity-checked; ``Refused`` with ``parity_failed`` or ``compile_failed`` otherwise.
+    ``floors`` (manifests: the configured and the served model) set the tolerances' floor."""
     from edge.serve.cache import ArtifactCache
     from edge.serve.compile import obtain
 
+    held_to_device(model, *floors)
     try:
         return obtain(model, served.key, served.precision, cache=ArtifactCache(cache_dir), threads=threads,
                       variant=getattr(served, "variant", "") or None)
