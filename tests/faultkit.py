@@ -139,7 +139,8 @@ def toml(doc: dict) -> str:
 
 
 class EdgeRun:
-    """`python -m edge.cli run --config ...` with its stderr in a log file."""
+    """`python -m edge.cli run --config ...` with its stderr in a log file; a None in ``env``
+    removes that variable from the environment the process inherits."""
 
     def __init__(self, broker, tmp: Path, *, node: str, env: dict | None = None, metrics: bool = True, **sections):
         self.port = free_port() if metrics else 0
@@ -149,7 +150,8 @@ class EdgeRun:
         self.log = tmp / f"{node}.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "run", "--config", str(self.cfg)],
                                      stderr=open(self.log, "wb"), stdout=subprocess.DEVNULL,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+                                     env={k: v for k, v in {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}.items()
+                                          if v is not None})
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 import random
 import shutil
 import signal
@@ -133,20 +134,40 @@ int clock_nanosleep(clockid_t c, int f, const struct timespec *q, struct timespe
 
 
 class SteppableClock:
-    """The environment of a process whose wall clock this test steps (``set(offset_s)``)."""
+    """The environment of a process whose wall clock this test steps (``set(offset_s)``: that far
+    from this test's own clock, which its sensors and labeller keep).
+
+    The whole test run may itself be under libfaketime (``faketime -f "-1h" pytest``, issue 19):
+    then the inherited ``FAKETIME`` would win over the timestamp file (the process's clock never
+    stepped), and the file's offset is from the kernel's clock, not this test's. So the process
+    gets no ``FAKETIME`` (nor the wrapper's shared state), and the file holds the offset plus how
+    far this test's clock is from the kernel's."""
 
     def __init__(self, tmp):
         src, self.shim, self.file = tmp / "shim.c", tmp / "shim.so", tmp / "faketime"
         src.write_text(_SHIM)
         subprocess.run(["cc", "-shared", "-fPIC", "-o", str(self.shim), str(src)], check=True)
         self.env = {"LD_PRELOAD": f"{self.shim} {_LIBS[0]}", "FAKETIME_TIMESTAMP_FILE": str(self.file),
-                    "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1"}
+                    "FAKETIME_DONT_FAKE_MONOTONIC": "1", "FAKETIME_NO_CACHE": "1", "FAKETIME": None,
+                    "FAKETIME_SHARED": None}
+        self.base = _own_clock_offset()
         self.set(0.0)
 
     def set(self, offset_s: float) -> None:
         tmp = self.file.with_suffix(".new")
-        tmp.write_text(f"{offset_s:+.0f}\n")
+        tmp.write_text(f"{offset_s + self.base:+.0f}\n")
         tmp.replace(self.file)  # whole, so the process never reads half a line
+
+
+def _own_clock_offset() -> float:
+    """This process's wall clock minus the kernel's (0 unless libfaketime is preloaded here):
+    the kernel's read by ``date`` started without libfaketime, between two readings of ours."""
+    if "faketime" not in os.environ.get("LD_PRELOAD", ""):
+        return 0.0
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("FAKETIME")}
+    before = time.time()
+    real = float(subprocess.run(["date", "+%s.%N"], env=env, capture_output=True, text=True, check=True).stdout)
+    return round((before + time.time()) / 2 - real)
 
 
 CLK = "clk"
