@@ -169,15 +169,14 @@ class LabelMatcher:
                 continue
             self._drop_first(k)
             self.evicted += 1
-        self._compact_order()
+        if self._n_stale > len(self._order) // 2 + 32:
+            self._compact_order()
 
     def _compact_order(self) -> None:
         """Drop the stale entries of the order once they are half of it (amortised O(1) a
         window), so that it holds about as many entries as windows are cached (issue 18: it
         gained one per window forever). The entries dropped are each stream's first ones, the
         ones the byte bound would skip: what it evicts next is unchanged."""
-        if self._n_stale <= len(self._order) // 2 + 32:
-            return
         skip, keep = self._stale, collections.deque()
         for k in self._order:
             if skip[k]:
@@ -296,11 +295,13 @@ class LabelMatcher:
         of a stream that left the cache. Any other waiting label would settle as before the
         window (still waiting, nothing matched): a stream's cached windows change for a label
         behind its newest window only when its time line starts anew. After a restore, all."""
-        gone, self._gone = self._gone, []
         waiting = self._waiting
-        if not len(waiting):
+        if not waiting:
+            if self._gone:
+                self._gone = []
             self._restored = False
             return []
+        gone, self._gone = self._gone, []
         if self._restored:
             self._restored = False
             waiting.unfile_all()
@@ -308,15 +309,19 @@ class LabelMatcher:
         else:
             found = {}
             for g in gone:
-                found.update((r.seq, r) for r in waiting.drop_stream(g))
+                for r in waiting.drop_stream(g):
+                    found[r.seq] = r
             dq = self.windows.get(key)
             if dq:
                 newest = dq[-1].t_end
-                found.update((r.seq, r) for r in waiting.due_later(key, newest))
-                found.update((r.seq, r) for r in waiting.due_unknown(newest, self.max_future_s))
+                for r in waiting.due_later(key, newest) + waiting.due_unknown(newest, self.max_future_s):
+                    found[r.seq] = r
             if changed:
-                found.update((r.seq, r) for r in waiting.unknown_of(key))
-                found.update((r.seq, r) for r in waiting.nodewide() if key not in r.done)
+                for r in waiting.unknown_of(key) + waiting.nodewide():
+                    if r.key is not None or key not in r.done:
+                        found[r.seq] = r
+            if not found:
+                return []
             due = [found[s] for s in sorted(found)]
         out = []
         for rec in due:
