@@ -141,12 +141,16 @@ class ModelFolder:
 
     @cached_property
     def content_hash(self) -> str:
-        """sha256 over manifest, model code, weights and (where the folder carries one) the
-        exported graph: the key of compiled artifacts. A folder without ``model.onnx`` keeps
-        the hash it had before folders could carry one."""
+        """sha256 over manifest, model code and weights: the key of compiled artifacts and the
+        identity learner checkpoints are bound to.
+
+        An exported ``model.onnx`` is left out on purpose: it is derived from ``model.py`` and
+        the weights, and ``graph`` refuses one made from any others, so adding or re-exporting
+        it changes nothing a checkpoint or an artifact depends on (a device upgraded to a
+        folder that carries its graph keeps its learned head). The pin (``digest_files``)
+        covers every file, the graph included."""
         h = hashlib.sha256()
-        names = ["manifest.toml", "model.py", "weights.safetensors"] + [GRAPH_FILE] * (GRAPH_FILE in self.files)
-        for name in names:
+        for name in ("manifest.toml", "model.py", "weights.safetensors"):
             h.update(name.encode())
             h.update(self.files.get(name, b""))
         return h.hexdigest()

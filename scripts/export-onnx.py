@@ -7,8 +7,9 @@
 Needs torch (and onnxscript for the dynamo exporter). Each graph records the digest of
 the ``model.py`` and ``weights.safetensors`` it was exported from (``edge.zoo``), so a
 graph left behind by retraining is refused instead of served: run this after every
-``train.py``. The graph is part of the folder's content: ``edge pin`` covers it, and the
-compiled-artifact cache key (``ModelFolder.content_hash``) changes with it.
+``train.py``. The graph is part of the folder's content that ``edge pin`` covers; the
+model's identity (``ModelFolder.content_hash``: checkpoints, compiled artifacts) stays that of
+its ``model.py`` and weights, which the graph must match.
 """
 from __future__ import annotations
 

@@ -112,12 +112,15 @@ def test_a_graph_without_the_source_record_is_refused(tmp_path):
         ModelFolder(folder).graph()
 
 
-def test_the_pin_and_the_cache_key_cover_the_graph(tmp_path):
+def test_the_pin_covers_the_graph_and_the_model_identity_does_not_change_with_it(tmp_path):
     folder = _copy("vibration", tmp_path / "m")
-    before, key_before = folder_digest(folder), ModelFolder(folder).content_hash
+    before, identity = folder_digest(folder), ModelFolder(folder).content_hash
     (folder / GRAPH_FILE).write_bytes((folder / GRAPH_FILE).read_bytes() + b"\0")
 
-    assert folder_digest(folder) != before and ModelFolder(folder).content_hash != key_before
+    assert folder_digest(folder) != before  # what `edge pin` pins: a changed graph is refused
+    (folder / GRAPH_FILE).unlink()
+    # checkpoints and artifacts are bound to model.py and the weights, which the graph must match
+    assert ModelFolder(folder).content_hash == identity
 
 
 def test_a_folder_without_a_graph_on_a_machine_without_torch_names_both_fixes(tmp_path, no_torch_env):
