@@ -191,7 +191,12 @@ class Feed:
         window's worth more: on a loaded machine a late read can resync the untimed stream's
         stamps and cost it a partial window, and the waits below count whole windows."""
         start = time.monotonic()
-        self.t = self.t or time.time()
+        # the sensor's clock runs on while the feed pauses (labels, a restart): resume on true time,
+        # not where the last read ended; otherwise the timed stream's clock falls behind by each
+        # pause, the node keeps its higher offset for LOWER_S, and after a restart the untimed
+        # stream's time line starts earlier than the cached one (a label for a window of the old
+        # line published just before the restart then waits for ever: seen on a loaded machine)
+        self.t = max(self.t or 0.0, time.time())
         for k in range((windows + 1) * WINDOW // 64):
             while time.monotonic() < start + (k + 1) * 0.064:
                 time.sleep(0.002)
