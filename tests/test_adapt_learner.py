@@ -146,7 +146,8 @@ def test_learn_many_takes_and_rejects_the_labels_learn_one_would(world, labels, 
     rows = np.arange(len(Y))
     for lr in (_learner(world), Learner(task="regression", feature_size=D, config=AdaptConfig(seed=0))):
         expect = [(i, lr._target(Y[i])) for i in rows]
-        kept, T = _targets(lr, Y, rows)
+        kept, T = _targets(Y, rows, task=lr.task, outputs=lr.outputs, n_classes=lr._n_classes, target=lr._target,
+                           rejected=lr.rejected)
         want = [(i, t) for i, (t, why) in expect if not why]
         assert kept.tolist() == [i for i, _ in want]
         for got, (_, t) in zip(T, want):
@@ -361,3 +362,25 @@ def test_adopt_consolidated_serves_the_trained_head_and_restarts_records_and_evi
     assert lr.champion.version == "1.0+u7" and lr.champion is not lr._global
     assert all(p.n == 0 for p in lr.pairs.values()) and lr.preq["champion"].n == lr.preq["challenger"].n == 0
     assert lr.since_swap == 0 and lr.serving() == "champion"  # served until new labels compare it
+
+
+def test_learn_one_and_learn_many_share_one_accounting_path(world):
+    """The guard, the budget and the counters are the same function for both entry points:
+    the same labels one by one, through learn_one or as batches of one through learn_many,
+    on a budget that pays a step for every 4th label, give the same accounting."""
+    stream, _ = world
+    z, y = stream.sample(300, rng=np.random.default_rng(25))
+    y = np.where(np.arange(300) >= 100, (y + 1) % K, y)  # then a hostile source: the guard trips
+    out = {}
+    for how in ("one", "many"):
+        lr = _learner(world, drift_detector="none", budget_steps_per_s=5.0)
+        for a, b in zip(z, y):
+            lr._clock[0] += 0.05
+            lr.learn_one(a, int(b)) if how == "one" else lr.learn_many(a[None], [int(b)])
+        m = lr.metrics()
+        out[how] = ({k: m[k] for k in ("labels_total", "train_steps_total", "train_steps_skipped_total",
+                                       "promotions_held_total", "label_anomalies_total")},
+                    lr.guard.state_dict(), lr.budget.skipped)
+    assert out["one"] == out["many"]
+    recent = out["one"][1]["recent"]  # both paths were exercised: steps skipped, the guard's window full of contradictions
+    assert out["one"][0]["train_steps_skipped_total"] > 100 and sum(recent) / len(recent) > 0.5

@@ -143,3 +143,30 @@ def test_the_bet_never_risks_all_the_wealth():
     before = t.log_wealth
     t.update(0.0, 50.0, 0.0, 1.0)  # then loses by far more than the bound
     assert t.log_wealth >= before + math.log(1 - t.cap) - 1e-12
+
+
+def test_the_policy_module_examples_run():
+    """edge.adapt.policy is pure: its docstring examples are tests (as tests/test_adapt_doctests.py's modules)."""
+    import doctest
+
+    import edge.adapt.policy
+
+    result = doctest.testmod(edge.adapt.policy)
+    assert result.failed == 0 and result.attempted > 0
+
+
+def test_the_policy_decides_by_precedence_and_gates():
+    from edge.adapt.policy import Situation, decide
+    from edge.config import AdaptConfig
+
+    cfg = AdaptConfig()
+    base = dict(since_swap=150, plastic=False, adapted=True, guard_ready=True, guard_tripped=False,
+                promote=True, refresh=True, rollback=True)
+    assert decide(cfg, Situation(**base)) == "rollback"  # a worse champion goes first
+    assert decide(cfg, Situation(**{**base, "rollback": False})) == "promotion"
+    assert decide(cfg, Situation(**{**base, "rollback": False, "promote": False})) == "refresh"
+    assert decide(cfg, Situation(**{**base, "rollback": False, "promote": False, "since_swap": 99})) is None
+    assert decide(cfg, Situation(**{**base, "rollback": False, "guard_ready": False})) is None  # the guard's warm-up
+    assert decide(cfg, Situation(**{**base, "since_swap": 39})) is None  # eval_min
+    assert decide(cfg, Situation(**{**base, "since_swap": 20, "plastic": True})) == "rollback"  # half while plastic
+    assert decide(cfg, Situation(**{**base, "adapted": False, "rollback": False, "promote": False})) is None

@@ -10,8 +10,8 @@ Per label (``learn_one``) the learner
 3. promotes the challenger only when an anytime-valid sequential test (betting, an
    e-value of ``1 / promote_alpha``) on the paired per-label losses says its gain over
    the champion, on the same labels, passes the margin (``edge.adapt.promotion``), and
-   rolls the champion back to the global head by the same test; both swap an immutable ``HeadSnapshot`` in one assignment, so the serving
-   thread reads ``learner.champion`` without a lock and never waits;
+   rolls the champion back to the global head by the same test; both swap an
+   immutable ``HeadSnapshot`` in one assignment, so the serving thread reads ``learner.champion`` without a lock and never waits;
 4. feeds the champion's error to the drift detectors; on drift, or when the new labels'
    loss stays well above the replayed rows' loss, it becomes plastic for a while: a
    higher learning rate, more steps, fewer reservoir rows and a weaker anchor
@@ -25,6 +25,14 @@ With ``AdaptConfig.scale`` the features are standardised online (``edge.adapt.sc
 before the head (the replay keeps raw features; every batch is scaled with the current
 statistics); snapshots fold the scaling in, so they still take raw features.
 
+The parts, each its own module: ``edge.adapt.evaluator`` (prequential scores and the
+paired evidence), ``edge.adapt.policy`` (the pure promotion policy),
+``edge.adapt.plasticity`` (detectors, loss ratio, boost) and ``edge.adapt.trainer``; this
+class is the glue. ``learn_one`` and ``learn_many`` differ only in how they score and
+train (one row, or a batch vectorised: ``edge.adapt.batch``); both go through
+``_admit`` (the label guard, the training budget, the schedule) before training and
+``_settle`` (counters, plasticity, the swap) after it, the one accounting path.
+
 It runs in the daemon's learner thread; it does no I/O. Events go to ``on_event`` and
 to a bounded queue drained by ``events()``.
 """
@@ -32,32 +40,38 @@ from __future__ import annotations
 
 import collections
 import logging
-import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
-from edge.adapt.activations import binary_scores, softmax
-from edge.adapt.batch import learn_many
+from edge.adapt import batch
 from edge.adapt.budget import TrainingBudget
-from edge.config import AdaptConfig
-from edge.adapt.drift import ADWIN, Exceedance, PageHinkley
-from edge.adapt.heads import HeadSnapshot, make_head
-from edge.adapt.metrics import FADE_FAST as _FADE
-from edge.adapt.metrics import FADE_SLOW as _SLOW
-from edge.adapt.metrics import Prequential
-from edge.adapt.optim import OptimizerSpec
+from edge.adapt.evaluator import Evaluator, Served
 from edge.adapt.guard import LabelGuard
-from edge.adapt.promotion import BettingTest, is_betting_state
-from edge.adapt.reference import Reference
+from edge.adapt.heads import HeadSnapshot, make_head
+from edge.adapt.optim import OptimizerSpec
+from edge.adapt.plasticity import Plasticity
+from edge.adapt.policy import HELD, PROMOTION, REFRESH, ROLLBACK, Situation, decide, level, needed_labels
 from edge.adapt.replay import RecentBuffer, ReplayBuffer
 from edge.adapt.scaler import OnlineScaler
 from edge.adapt.trainer import HeadTrainer
+from edge.config import AdaptConfig
 from edge.errors import ConfigError, StateError
 
 STATE_FORMAT = 2
 
 log = logging.getLogger("edge.adapt")
+
+
+@dataclass(slots=True)
+class Grant:
+    """What ``_admit`` allows the labels just scored: whether the guard holds, how many of
+    them (the first ones) train, and their steps each."""
+
+    held: bool
+    paid: int
+    steps: int
 
 
 class Learner:
@@ -85,15 +99,10 @@ class Learner:
             self._n_classes = 0
         self.feature_size = int(feature_size)
         self._class_index = {str(c): i for i, c in enumerate(self.classes)}
-        if head is None:
-            gw = None if global_head is None else np.asarray(global_head["weight"], np.float32)
-            gb = None if global_head is None else np.asarray(global_head["bias"], np.float32)
-            head = make_head(cfg.head, in_features=self.feature_size, out_features=self.outputs,
-                             base_weight=gw, base_bias=gb, **cfg.head_options)
+        self.head = head = head if head is not None else self._make_head(global_head)
         if (head.in_features, head.out_features) != (self.feature_size, self.outputs):
             raise ConfigError(f"head maps {head.in_features} -> {head.out_features} but the learner needs "
                               f"{self.feature_size} -> {self.outputs}")
-        self.head = head
         self.head_kind = getattr(head, "kind", cfg.head)
         self.closed_form = getattr(head, "grad_np", None) is not None
         if cfg.scale and not self.closed_form:
@@ -107,44 +116,60 @@ class Learner:
         self.recent = RecentBuffer(feature_size=self.feature_size, size=2 * cfg.batch, classes=ncls, outputs=self.outputs, seed=cfg.seed)
         self._set_sources(boosting=False)
         self.scaler = OnlineScaler(self.feature_size) if cfg.scale else None
-        self.reference = Reference(task=task, outputs=self.outputs, in_features=self.feature_size)
+        self.evaluator = Evaluator(task=task, outputs=self.outputs, feature_size=self.feature_size, config=cfg)
+        self.plasticity = Plasticity(task=task, config=cfg)
         self._reference_snap: HeadSnapshot | None = None
         self._live_snap: tuple[int, HeadSnapshot] | None = None  # (labels, the challenger's snapshot)
         self.budget = TrainingBudget(steps_per_s=cfg.budget_steps_per_s, cpu_share=cfg.budget_cpu_share, clock=clock)
-        self.preq = {k: Prequential(task, window=cfg.eval_window) for k in ("champion", "challenger", "global", "reference")}
-        # the paired evidence of each swap (edge.adapt.promotion.BettingTest), restarted at every swap:
-        # challenger vs champion at the promotion's margin and at the refresh's, global vs champion
-        self.pairs = {k: BettingTest(bound=cfg.promote_bound) for k in ("promote", "refresh", "rollback")}
-        self._margins = (0.0, 0.0, 0.0, 1.0)  # the next label's promote, refresh, rollback margins and loss scale
         # labels that mostly contradict what both heads are sure of hold promotions (edge.adapt.guard)
         self.guard = LabelGuard(confidence=cfg.guard_confidence, share=cfg.guard_share, ratio=cfg.guard_ratio,
                                 window=cfg.eval_window) if cfg.guard and task == "classification" else None
         self._anomaly_open = False
         # the sum of the steps the head took while the guard held: kept out of what fleet sync shares
         self._unshared: dict | None = None
-        self.detectors = {}
-        if cfg.drift_detector in ("page_hinkley", "both"):
-            self.detectors["page_hinkley"] = PageHinkley(threshold=cfg.ph_threshold, delta=cfg.ph_delta, mode="up")
-        if cfg.drift_detector in ("adwin", "both"):
-            self.detectors["adwin"] = ADWIN(delta=cfg.adwin_delta)
-        # regression and forecasting: the detectors watch exceedances of the error's running
-        # quantile, not the error itself, whose unit is the target's (edge.adapt.drift.Exceedance)
-        self.exceed = Exceedance() if task != "classification" and self.detectors else None
         self.on_event = on_event
         self.clock = clock
         self._events: collections.deque = collections.deque(maxlen=1024)
         self.counters = collections.Counter()
         self.rejected = collections.Counter()
-        self.boost_left = 0
         self.since_swap = 0
-        self.fade = {"new": 0.0, "replay": 0.0, "slow": 0.0, "w_new": 0.0, "w_replay": 0.0, "w_slow": 0.0,
-                     "since_trigger": 0, "above": 0}
         self._set_global_snapshot(None, None, global_version)
         self.champion = self._global
         # class evidence: until a class has cfg.class_evidence labels, the loss pulls its
         # logit down on the other classes' rows only in proportion (docs/LEARNING.md)
         self._evidence = cfg.class_evidence if task == "classification" and self.closed_form else 0
         self._update_logit_offset()
+
+    def _make_head(self, global_head: dict | None):
+        gw = None if global_head is None else np.asarray(global_head["weight"], np.float32)
+        gb = None if global_head is None else np.asarray(global_head["bias"], np.float32)
+        return make_head(self.cfg.head, in_features=self.feature_size, out_features=self.outputs,
+                         base_weight=gw, base_bias=gb, **self.cfg.head_options)
+
+    # the parts' records, under the names the library and the tests read them by
+    @property
+    def preq(self) -> dict:
+        return self.evaluator.preq
+
+    @property
+    def pairs(self) -> dict:
+        return self.evaluator.pairs
+
+    @property
+    def reference(self):
+        return self.evaluator.reference
+
+    @property
+    def detectors(self) -> dict:
+        return self.plasticity.detectors
+
+    @property
+    def exceed(self):
+        return self.plasticity.exceed
+
+    @property
+    def boost_left(self) -> int:
+        return self.plasticity.boost_left
 
     def _update_logit_offset(self) -> None:
         """The trainer's logit offset from the labels seen per class: ``log(min(1, (n + 0.1) /
@@ -203,9 +228,8 @@ class Learner:
         w, b = np.asarray(weights["weight"], np.float32), np.asarray(weights["bias"], np.float32)
         self.head.set_base(w, b)
         self._set_global_snapshot(w, b, version)
-        self.preq["global"] = Prequential(self.task, window=self.cfg.eval_window)
+        self.evaluator.new_global()
         self.since_swap = 0
-        self.pairs["rollback"].reset()
         if was_global:
             self.champion = self._global
         self._emit("global", version=self.global_version)
@@ -218,10 +242,9 @@ class Learner:
         members: ``edge.learning`` calls this instead of setting them."""
         self._reference_snap = None
         self.champion = self._snapshot(f"{self.global_version}+{suffix}")
-        for k in ("champion", "challenger"):
-            self.preq[k] = Prequential(self.task, window=self.cfg.eval_window)
-        self._restart_evidence()
-        self._margins = self._next_margins()
+        self.evaluator.consolidated()
+        self.since_swap = 0
+        self.evaluator.update_margins()
 
     def serving(self) -> str:
         """What ``best()`` serves now: ``"reference"``, ``"champion"`` or ``"challenger"``.
@@ -245,6 +268,11 @@ class Learner:
         swap both are scored on the same labels)."""
         chal, champ = self.preq["challenger"].loss, self.preq["champion"].loss
         return chal.n >= self.cfg.promote_block and champ.n > 0 and chal.get() < champ.get()
+
+    def set_optimizer(self, spec: OptimizerSpec, *, module_optimizer=None) -> None:
+        """Train with ``spec`` from now on (the library: the user's optimizer replaces its default)."""
+        self.lr = spec.lr
+        self.trainer.set_optimizer(spec, module_optimizer=module_optimizer)
 
     def set_optimizer(self, spec: OptimizerSpec, *, module_optimizer=None) -> None:
         """Train with ``spec`` from now on (the library: the user's optimizer replaces its default)."""
@@ -280,7 +308,7 @@ class Learner:
             self.champion = self._global
         self._emit("global", version=self.global_version)
 
-    # -- learning ---------------------------------------------------------------------------
+    # -- learning: two ways to score and train, one accounting path ---------------------------
 
     def _target(self, y):
         """The label as a training target, or the reason it is rejected."""
@@ -314,95 +342,124 @@ class Learner:
         t, why = self._target(y)
         if why:
             return self.reject(why)
-        cfg, preq, counters = self.cfg, self.preq, self.counters
-        champion, glob = self.champion, self._global
-        z2 = z[None, :]
-        s_champ = self._score(champion, z2)
-        l_champ, e_champ = preq["champion"].update(s_champ, t)
-        if champion is glob:
-            s_glob = s_champ
-            l_glob, _ = l_champ, preq["global"].update_values(l_champ, e_champ)
-        else:
-            s_glob = self._score(glob, z2)
-            l_glob, _ = preq["global"].update(s_glob, t)
-        held = self._observe_guard(s_champ[None], s_glob[None], [int(t)]) if self.guard is not None else False
-        l_ref, e_ref = self.reference.test_then_learn(t)
-        preq["reference"].update_values(l_ref, e_ref)
-        self._reference_snap = None
+        champion, ev = self.champion, self.evaluator
+        sv = ev.test_one(champion, self._global, z[None, :], t)
         sc = self.scaler
         if sc is not None:  # replay keeps raw features: each batch is scaled with today's statistics
             sc.learn_one(z)
-        boosting = self.boost_left > 0
-        if boosting != self._boosting:
-            self._set_sources(boosting=boosting)
-        self.trainer.set_lr(self.lr * cfg.boost_lr if boosting else self.lr)
-        s_chal, steps = None, cfg.steps_per_label * cfg.boost_steps if boosting else cfg.steps_per_label
-        tr = self.trainer
-        before = self._arrays_if(held)
-        for _ in range(steps if self._grant(1, steps) else 0):
+        grant = self._admit(sv, t, 1)
+        s_chal, trained = self._train_one(z, t, grant)
+        l_chal, e_chal = ev.challenger_one(s_chal, t)
+        self.replay.add(z, t)
+        self.recent.add(z, t)
+        drift, swap = self._settle(1, sv, l_chal, e_chal, trained, adapted=champion is not self._global)
+        return {"accepted": True, "served": sv.scores, "loss": sv.loss, "error": sv.error,
+                "challenger": s_chal, "challenger_loss": l_chal,
+                "drift": drift, "swap": swap, "champion_version": self.champion.version}
+
+    def _train_one(self, z: np.ndarray, t, grant: Grant) -> tuple[np.ndarray, int]:
+        """The granted steps on the new sample plus its replayed rows; the challenger's scores
+        of the sample before the first step (or without one), and the steps taken."""
+        tr, sc, s_chal, taken = self.trainer, self.scaler, None, 0
+        before = self._arrays_if(grant.held)
+        for _ in range(grant.steps if grant.paid else 0):
             t0 = time.perf_counter()
             n = tr.fill(z, t, self._sources)
             if sc is not None:
                 sc.transform_many(tr.z_np[:n], out=tr.z_np[:n])
             # the replayed rows' loss (plasticity rule) on every 4th label: it is a faded mean anyway
-            tr.last_loss_of = tr.ranges[1] if s_chal is None and not counters["labels"] & 3 else None
+            tr.last_loss_of = tr.ranges[1] if s_chal is None and not self.counters["labels"] & 3 else None
             s = tr.step(n)
             if s_chal is None:
                 s_chal = s
                 if tr.last_loss_of and tr.ranges[1][1] > tr.ranges[1][0]:
-                    self._fade("replay", tr.last_loss)
+                    self.plasticity.fade_one("replay", tr.last_loss)
             self.budget.charge(time.perf_counter() - t0)
-            counters["train_steps"] += 1
+            taken += 1
         self._keep_apart(before)
         if s_chal is None:
             s_chal = tr.score(z if sc is None else sc.transform_one(z))
-        l_chal, e_chal = preq["challenger"].update(s_chal, t)
-        self._fade("new", e_chal)
-        self._fade("slow", e_chal, _SLOW)
-        pairs, (m_p, m_r, m_b, scale) = self.pairs, self._margins
-        pairs["promote"].update(l_champ, l_chal, m_p, scale)
-        if champion is not glob:
-            pairs["refresh"].update(l_champ, l_chal, m_r, scale)
-            pairs["rollback"].update(l_champ, l_glob, m_b, scale)
-        self.replay.add(z, t)
-        self.recent.add(z, t)
-        counters["labels"] += 1
-        if self.trainer.logit_offset is not None:
-            self._update_logit_offset()
-        self.since_swap += 1
-        self.boost_left = max(0, self.boost_left - 1)
-        watch = e_champ if cfg.drift_on == "error" else l_champ
-        drift = self._update_drift(watch if self.exceed is None else self.exceed.update(watch))
-        if drift is None:
-            drift = self._loss_ratio_trigger()
-        swap = self._maybe_swap()
-        return {"accepted": True, "served": s_champ, "loss": l_champ, "error": e_champ,
-                "challenger": s_chal, "challenger_loss": l_chal,
-                "drift": drift, "swap": swap, "champion_version": self.champion.version}
+        return s_chal, taken
 
     def learn_many(self, Z, Y) -> dict:
-        """Test then train on a batch (``edge.adapt.batch.learn_many``: every row scored by every
-        head, then one step on the batch plus its share of replayed rows)."""
-        return learn_many(self, Z, Y)
+        """Test then train on a batch: every row is scored by every head before one step on the
+        batch plus its share of replayed rows (``batch - 1`` new rows per reservoir share, as
+        ``learn_one``). Rows that ``learn_one`` would reject are rejected and counted; returns
+        ``{"accepted", "served" [n, K], "challenger" [n, K], "drift", "swap"}``: the champion's
+        and the challenger's scores of the accepted rows before they trained."""
+        Z, T = batch.accepted_rows(Z, Y, task=self.task, feature_size=self.feature_size, outputs=self.outputs,
+                                   n_classes=self._n_classes, target=self._target, rejected=self.rejected)
+        m = len(Z)
+        if not m:
+            return {"accepted": 0, "served": np.zeros((0, self.outputs)), "drift": None, "swap": None}
+        champion, ev = self.champion, self.evaluator
+        sv = ev.test_many(champion, self._global, Z, T)
+        grant = self._admit(sv, T, m)
+        before = self._arrays_if(grant.held)
+        t0 = time.perf_counter()
+        s_chal, replay_loss = batch.train_rows(self.trainer, Z, T, paid=grant.paid, steps=grant.steps,
+                                               sources=self._sources, batch_size=self.cfg.batch, scaler=self.scaler)
+        self.budget.charge(time.perf_counter() - t0)
+        self._keep_apart(before)
+        if replay_loss is not None:
+            self.plasticity.fade_one("replay", replay_loss)
+        l_chal, e_chal = ev.challenger_many(s_chal, T)
+        self.replay.add_many(Z, T)
+        self.recent.add_many(Z, T)
+        drift, swap = self._settle(m, sv, l_chal, e_chal, grant.paid * grant.steps, adapted=champion is not self._global)
+        return {"accepted": m, "served": sv.scores, "challenger": s_chal, "drift": drift, "swap": swap}
 
-    # -- the rules learn_one and learn_many share ----------------------------------------------
+    def _admit(self, sv: Served, targets, n: int) -> Grant:
+        """Before training, for ``n`` labels just scored (``learn_one``: one row's scores and target):
+        note them with the label guard, set the schedule (plastic or not) and take the
+        training budget's grant, the first labels first, counting the others as skipped.
+        One path for both entry points (a batch of contradicting labels is held as the same
+        labels one by one; the budget pays ``steps`` steps a label)."""
+        g, cfg = self.guard, self.cfg
+        held = False
+        if g is not None:
+            if sv.scores.ndim == 1:  # learn_one's hot path: the scalar form of the same rule (tested equal)
+                held = g.observe(g.contradicts(sv.scores, sv.global_scores, int(targets)))
+            else:
+                held = g.observe_many(g.contradicts_many(sv.scores, sv.global_scores, targets))
+        self._reference_snap = None
+        plastic = self.plasticity.plastic
+        if plastic != self._boosting:
+            self._set_sources(boosting=plastic)
+        self.trainer.set_lr(self.lr * cfg.boost_lr if plastic else self.lr)
+        steps = cfg.steps_per_label * cfg.boost_steps if plastic else cfg.steps_per_label
+        paid = self.budget.take(n, cost=steps)
+        self.counters["train_steps_skipped"] += n - paid
+        return Grant(held, paid, steps)
 
-    def _observe_guard(self, served, global_scores, targets) -> bool:
-        """Note each label with the guard (rows of the champion's and the global head's scores
-        before training); whether it holds now. The one guard path of both entry points."""
-        g = self.guard
-        if g is None:
-            return False
-        if len(targets) == 1:  # learn_one's hot path: the scalar form of the same rule (tested equal)
-            return g.observe(g.contradicts(served[0], global_scores[0], int(targets[0])))
-        return g.observe_many(g.contradicts_many(served, global_scores, targets))
-
-    def _grant(self, labels: int, steps: int) -> int:
-        """How many of ``labels`` labels (the first ones) may train their ``steps`` steps now;
-        the others are counted as skipped. The one budget path of both entry points."""
-        n = self.budget.take(labels, cost=steps)
-        self.counters["train_steps_skipped"] += labels - n
-        return n
+    def _settle(self, n: int, sv: Served, challenger_loss, challenger_error, trained: int, *, adapted: bool):
+        """After training, for the same ``n`` labels (arrays from ``learn_many``): the paired evidence,
+        the counters, the plasticity rules and the swap the policy calls for; ``(drift, swap)``.
+        One path for both entry points: counters before the detectors, so that every event
+        counts the labels that led to it."""
+        ev, pl, c = self.evaluator, self.plasticity, self.counters
+        one = sv.scores.ndim == 1  # learn_one: plain floats; learn_many: arrays (of any length)
+        if one:
+            ev.pair_one(sv, challenger_loss, adapted)
+            pl.fade_new_one(challenger_error)
+        else:
+            ev.pair_many(sv, challenger_loss, adapted)
+            pl.fade_new_many(challenger_error)
+        c["labels"] += n
+        c["train_steps"] += trained  # label-steps
+        if self.trainer.logit_offset is not None:
+            self._update_logit_offset()
+        self.since_swap += n
+        pl.count(n)
+        drift = pl.watch_one(sv.error, sv.loss) if one else pl.watch_many(sv.error, sv.loss)
+        if drift is not None:
+            self._start_boost(drift)
+        else:
+            why = pl.loss_ratio(len(self.replay))
+            if why is not None:
+                drift = "loss_ratio"
+                self._start_boost(drift, **why)
+        return drift, self._maybe_swap()
 
     def _arrays_if(self, held: bool) -> dict | None:
         return self.head.arrays() if held and self.closed_form else None
@@ -422,132 +479,52 @@ class Learner:
         a, u = self.head.arrays(), self._unshared
         return a if u is None else {k: a[k] - u[k] for k in a}
 
-    def _fade(self, key: str, loss: float, decay: float = _FADE) -> None:
-        f = self.fade
-        f[key] = decay * f.get(key, 0.0) + loss
-        f["w_" + key] = decay * f.get("w_" + key, 0.0) + 1.0
-
-    def _loss_ratio_trigger(self) -> str | None:
-        """Plastic when the new labels' error stays well above the replayed rows' error."""
-        f, cfg = self.fade, self.cfg
-        f["since_trigger"] += 1
-        if self.boost_left > 0 or not f["w_replay"] or len(self.replay) < 16 * cfg.batch:
-            f["above"] = 0
-            return None
-        new, old, slow = f["new"] / f["w_new"], f["replay"] / f["w_replay"], f["slow"] / f["w_slow"]
-        # "stays": the ratio must hold on every one of plastic_min labels in a row, and the
-        # new error must have risen above its own long-run level (else it is the
-        # generalisation gap of a stationary stream, not a change)
-        rising = new > 1.5 * slow + 1e-12
-        f["above"] = f.get("above", 0) + 1 if rising and new > cfg.plastic_ratio * old + 1e-12 else 0
-        if f["above"] < cfg.plastic_min or f["since_trigger"] < cfg.plastic_min:
-            return None
-        f["above"] = 0
-        self._start_boost("loss_ratio", new_loss=new, replay_loss=old)
-        return "loss_ratio"
-
-    def _score(self, snap, z2: np.ndarray) -> np.ndarray:
-        """``snap.predict(z2)[0]`` (same arithmetic, so the same numbers as the serving
-        thread), without the batch-shaped softmax's extra allocations."""
-        s = snap.logits(z2)[0]
-        if self.task == "classification":
-            return binary_scores(s) if len(s) == 1 else softmax(s, inplace=True)
-        return s
-
-    def _update_drift(self, x: float) -> str | None:
-        hit = None
-        for name, det in self.detectors.items():
-            # only a rise of the loss is drift to react to; ADWIN also cuts on improvements
-            if det.update(x) and hit is None and getattr(det, "change", 1.0) > 0:
-                hit = name
-        if hit:
-            self._start_boost(hit)
-        return hit
-
-    def _update_drift_many(self, mean: float, count: int) -> str | None:
-        """The batch's mean error, once: Page-Hinkley weighs it by ``count`` rows; ADWIN
-        sees it as one value (a smoother stream of its own)."""
-        hit = None
-        for name, det in self.detectors.items():
-            fired = det.update_many(mean, count) if hasattr(det, "update_many") else det.update(mean)
-            if fired and hit is None and getattr(det, "change", 1.0) > 0:
-                hit = name
-        if hit:
-            self._start_boost(hit)
-        return hit
-
     def _start_boost(self, detector: str, **why) -> None:
         self.counters["drifts"] += 1
-        self.boost_left = self.cfg.boost_labels
-        self.fade["since_trigger"] = 0
-        self._emit("drift", detector=detector, labels=self.counters["labels"], **self._losses(), **why)
+        self.plasticity.start()
+        self._emit("drift", detector=detector, labels=self.counters["labels"], **self.evaluator.losses(), **why)
 
-    def _losses(self) -> dict:
-        return {f"{k}_loss": v.loss.get() for k, v in self.preq.items()}
+    # -- swaps: the policy decides (edge.adapt.policy), the learner carries it out -------------
 
     def _maybe_swap(self) -> str | None:
         """Swap if the evidence says so; then fix the margins the next label is tested at."""
         swap = self._decide()
-        self._margins = self._next_margins()
+        self.evaluator.update_margins()
         return swap
 
-    def _alpha(self) -> float:
-        """The test's level: ``promote_alpha``, or the higher ``promote_alpha_drift`` while plastic."""
-        return self.cfg.promote_alpha_drift if self.boost_left > 0 else self.cfg.promote_alpha
-
     def _decide(self) -> str | None:
-        cfg = self.cfg
-        boosting = self.boost_left > 0
-        if self.since_swap < (cfg.eval_min // 2 if boosting else cfg.eval_min):
+        cfg, ev, g = self.cfg, self.evaluator, self.guard
+        plastic = self.plasticity.plastic
+        if self.since_swap < needed_labels(cfg, plastic):
             return None
-        alpha, pairs = self._alpha(), self.pairs
-        adapted = self.champion is not self._global
-        if adapted and pairs["rollback"].passes(alpha):
-            self._rollback(pairs["rollback"].evidence(alpha))
-            return "rollback"
-        g = self.guard
-        held = g is not None and g.tripped
-        if not held:
+        alpha = level(cfg, plastic)
+        promote, refresh, rollback = ev.passing(alpha)
+        tripped = g is not None and g.tripped
+        if not tripped:
             self._anomaly_open = False
-        if g is not None and g.seen < g.warmup:
-            # the guard cannot judge the labels yet, and a drift alarm lets the test pass on
-            # little evidence: a poisoning stream from the first label would be promoted
-            return None
-        if pairs["promote"].passes(alpha):
-            if held:
-                self.counters["promotions_held"] += 1
-                if not self._anomaly_open:  # one event per episode, not one per label
-                    self._anomaly_open = True
-                    self.counters["label_anomalies"] += 1
-                    self._emit("label_anomaly", held=self.challenger_version(), contradicting_share=round(g.recent_share, 3),
-                               history_share=round(g.history, 4), labels=self.counters["labels"],
-                               why="recent labels mostly contradict what the serving and global heads are both sure of")
-                return "held"
-            self._promote(pairs["promote"].evidence(alpha))
-            return "promotion"
-        # refresh: an adapted champion follows the challenger that continues its training
-        # when it is ahead by the floor alone (not the relative margin), after refresh_labels
-        # labels since the last swap, by the same test (docs/LEARNING.md, "Refreshes")
-        if cfg.refresh_labels and adapted and self.since_swap >= cfg.refresh_labels and not held \
-                and pairs["refresh"].passes(alpha):
-            self._promote(pairs["refresh"].evidence(alpha), refresh=True)
-            return "refresh"
-        return None
+        d = decide(cfg, Situation(since_swap=self.since_swap, plastic=plastic, adapted=self.champion is not self._global,
+                                  guard_ready=g is None or g.seen >= g.warmup, guard_tripped=tripped,
+                                  promote=promote, refresh=refresh, rollback=rollback))
+        if d == ROLLBACK:
+            self._rollback(ev.pairs["rollback"].evidence(alpha))
+        elif d == PROMOTION:
+            self._promote(ev.pairs["promote"].evidence(alpha))
+        elif d == REFRESH:
+            self._promote(ev.pairs["refresh"].evidence(alpha), refresh=True)
+        elif d == HELD:
+            self._hold()
+        return d
 
-    def _next_margins(self) -> tuple[float, float, float, float]:
-        """The margins the next label is tested at, from the labels before it (so they are
-        fixed before it is scored, as the test needs): promotion ``promote_margin`` of the
-        champion's loss and at least ``promote_floor`` of the better of the global head's and
-        the reference's (a fresh random global head can be worse than predicting the mean by
-        orders of magnitude); refresh the floor alone; rollback ``rollback_margin`` of the
-        global head's loss and the floor of the reference's. The loss scale: 1 (nats) for
-        classification, the reference's loss for regression (its unit is the target's)."""
-        cfg, preq = self.cfg, self.preq
-        champ, glob, ref = (_finite(preq[k].loss.get()) for k in ("champion", "global", "reference"))
-        floor = min(glob, ref) * cfg.promote_floor
-        scale = 1.0 if self.task == "classification" else (ref if ref > 1e-12 else 1.0)
-        return (max(champ * cfg.promote_margin, floor), floor,
-                max(glob * cfg.rollback_margin, ref * cfg.promote_floor), scale)
+    def _hold(self) -> None:
+        """A promotion the label guard holds: counted, and one event per episode."""
+        self.counters["promotions_held"] += 1
+        if not self._anomaly_open:
+            g = self.guard
+            self._anomaly_open = True
+            self.counters["label_anomalies"] += 1
+            self._emit("label_anomaly", held=self.challenger_version(), contradicting_share=round(g.recent_share, 3),
+                       history_share=round(g.history, 4), labels=self.counters["labels"],
+                       why="recent labels mostly contradict what the serving and global heads are both sure of")
 
     def challenger_version(self) -> str:
         """The version a promotion would give the challenger now."""
@@ -561,9 +538,8 @@ class Learner:
             version += f".r{self.counters['refreshes']}"
         old = self.champion.version
         self.champion = self._snapshot(version)  # the atomic swap
-        self.preq["champion"].loss.copy_from(self.preq["challenger"].loss)
-        self.preq["champion"].err.copy_from(self.preq["challenger"].err)
-        self._restart_evidence()
+        self.evaluator.promoted()
+        self.since_swap = 0
         self._emit(kind, version=version, previous=old, champion_loss=evidence.pop("champion_mean_loss"),
                    challenger_loss=evidence.pop("challenger_mean_loss"), **evidence)
 
@@ -573,18 +549,10 @@ class Learner:
         self.champion = self._global  # the atomic swap
         self.trainer.reset()  # the challenger starts over from the global head too
         self._unshared = None  # ... and with it, what it learned while held is gone
-        for k in ("champion", "challenger"):
-            self.preq[k].loss.copy_from(self.preq["global"].loss)
-            self.preq[k].err.copy_from(self.preq["global"].err)
-        self._restart_evidence()
+        self.evaluator.rolled_back()
+        self.since_swap = 0
         self._emit("rollback", version=self.global_version, previous=old, champion_loss=evidence.pop("champion_mean_loss"),
                    global_loss=evidence.pop("challenger_mean_loss"), **evidence)
-
-    def _restart_evidence(self) -> None:
-        """Every swap starts new tests (each spends its alpha again: docs/LEARNING.md, "Promotions")."""
-        self.since_swap = 0
-        for p in self.pairs.values():
-            p.reset()
 
     # -- events, metrics, state -------------------------------------------------------------
 
@@ -616,7 +584,7 @@ class Learner:
             "promotions_held_total": c["promotions_held"], "label_anomalies_total": c["label_anomalies"],
             "guard_recent_share": self.guard.recent_share if self.guard is not None else 0.0,
             "replay_samples": len(self.replay), "replay_bytes": self.replay.nbytes,
-            "boost_labels_left": self.boost_left, "champion_is_global": self.champion is self._global,
+            "boost_labels_left": self.plasticity.boost_left, "champion_is_global": self.champion is self._global,
             "champion_version": self.champion.version, "global_version": self.global_version,
         }
         for k, v in self.preq.items():
@@ -636,15 +604,11 @@ class Learner:
             "champion": None if champ is self._global else {"arrays": dict(champ.arrays), "version": champ.version, "kind": champ.kind},
             "global": {"weight": self._global.arrays["weight"], "bias": self._global.arrays["bias"], "version": self.global_version}
             if self.closed_form else {"version": self.global_version},
-            "preq": {k: v.state_dict() for k, v in self.preq.items()},
-            "detectors": {k: d.state_dict() for k, d in self.detectors.items()},
-            "exceedance": None if self.exceed is None else self.exceed.state_dict(),
-            "pairs": {k: p.state_dict() for k, p in self.pairs.items()},
-            "reference": self.reference.state_dict(),
+            **self.evaluator.state_dict(),  # preq, pairs, reference
+            **self.plasticity.state_dict(),  # detectors, exceedance, fade, boost_left
             "scaler": None if self.scaler is None else self.scaler.state_dict(),
-            "fade": dict(self.fade),
             "counters": dict(self.counters), "rejected": dict(self.rejected),
-            "boost_left": self.boost_left, "since_swap": self.since_swap,
+            "since_swap": self.since_swap,
             "guard": None if self.guard is None else self.guard.state_dict(),
             "unshared": None if self._unshared is None else dict(self._unshared),
         }
@@ -679,32 +643,14 @@ class Learner:
         self.recent.load_state_dict(s["recent"])
         c = s["champion"]
         self.champion = self._global if c is None else HeadSnapshot.from_arrays(c["arrays"], kind=c["kind"], task=self.task, version=c["version"])
-        for k, v in s["preq"].items():
-            self.preq[k].load_state_dict(v)
-        for k, v in s.get("detectors", {}).items():
-            if k in self.detectors:
-                self.detectors[k].load_state_dict(v)
-        if self.exceed is not None:  # an older state has none: the quantile starts afresh
-            self.exceed.reset()
-            if s.get("exceedance"):
-                self.exceed.load_state_dict(s["exceedance"])
-        pairs = s["pairs"]
-        for k, p in self.pairs.items():
-            # a state from before issue 18 holds PairedBlocks' block means, which are no
-            # e-values: that evidence restarts (a new test), the rest of the state is kept
-            if is_betting_state(pairs.get(k)):
-                p.load_state_dict(pairs[k])
-            else:
-                p.reset()
+        self.plasticity.load_state_dict(s)
         self._live_snap = None
-        self.reference.load_state_dict(s["reference"])
         self._reference_snap = None
         if self.scaler is not None:
             self.scaler.load_state_dict(s["scaler"])
-        self.fade = {k: (int(v) if k in ("since_trigger", "above") else float(v)) for k, v in s["fade"].items()}
         self.counters = collections.Counter(s["counters"])
         self.rejected = collections.Counter(s["rejected"])
-        self.boost_left, self.since_swap = int(s["boost_left"]), int(s["since_swap"])
+        self.since_swap = int(s["since_swap"])
         if self.guard is not None and s.get("guard"):
             self.guard.load_state_dict(s["guard"])
         u = s.get("unshared")  # an older state has none
@@ -713,11 +659,6 @@ class Learner:
             if set(u) != set(a) or any(u[k].shape != a[k].shape for k in a):
                 raise ValueError(f"the steps kept from the fleet have arrays {sorted(u)} that do not fit the head's")
         self._unshared = u
-        self._set_sources(boosting=self.boost_left > 0)
+        self._set_sources(boosting=self.plasticity.plastic)
         self._update_logit_offset()
-        self._margins = self._next_margins()
-
-
-def _finite(x: float, default: float = 0.0) -> float:
-    """``x``, or ``default`` for NaN (an empty window) and infinities."""
-    return x if math.isfinite(x) else default
+        self.evaluator.load_state_dict(s)  # last: the margins come from the restored records

@@ -174,6 +174,20 @@ def latency(kind, dim=64, classes=4, n=4000, seed=0, steps=1) -> dict:
             "replay_bytes": lr.replay.nbytes, "train_steps": lr.metrics()["train_steps_total"], "labels": n}
 
 
+def warm_up(feature_size: int, classes) -> None:
+    """Run each head kind's training step once before anything is measured. The compiled
+    linear step (``edge.adapt.kernels``) loads or compiles on its first call (0.5 s here),
+    and the learner charges that to its training budget as CPU time: the first scenario
+    would then skip its first ~20 labels' steps, by an amount that depends on the machine's
+    load, and its figures would move from run to run."""
+    rng = np.random.default_rng(0)
+    for kind in ("linear", "lowrank", "mlp"):
+        lr = Learner(task="classification", feature_size=feature_size, classes=classes,
+                     config=AdaptConfig(head=kind, seed=0), clock=lambda: 0.0)
+        for _ in range(3):
+            lr.learn_one(rng.normal(size=feature_size).astype(np.float32), 0)
+
+
 def stationary(bb, gh, classes, *, labels: int, seeds, label_hz: float) -> dict:
     """Swaps of the linear adapter on nominal streams (no change: every swap is a false one)."""
     from edge.sim import make_dataset
@@ -211,10 +225,12 @@ def targets(report: dict) -> dict:
 
 
 def cpu() -> dict:
-    """The CPU model, its SIMD features and the load average (the machine is shared)."""
+    """The CPU model, its SIMD features, the load average (the machine is shared) and the BLAS threads asked for."""
     import os
 
-    info = {"load_avg": os.getloadavg(), "cpus": os.cpu_count()}
+    # numpy's BLAS on several threads makes the figures move from run to run (BENCHMARKS.md)
+    info = {"load_avg": os.getloadavg(), "cpus": os.cpu_count(),
+            "blas_threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -262,6 +278,7 @@ def main(argv=None) -> int:
     Xlab, ylab = make_dataset(1000, seed=args.seed + 7)  # the "lab" data the river peer trains on first
     zlab = _features(bb, Xlab)
     report = {"command": "edge bench adapt " + " ".join(argv or []), "scenarios": {}, "latency": {}}
+    warm_up(zlab.shape[1], classes)
     curves = {}
     for si, name in enumerate(args.scenarios.split(",")):
         Xp, yp = make_dataset(args.pre, seed=args.seed + 1000 + si)

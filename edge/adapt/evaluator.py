@@ -1,0 +1,187 @@
+"""The evaluator: prequential scores of every head, and the paired evidence between them.
+
+Test then train: each labelled sample is scored by the champion (the served head), the
+fleet's global head and the trivial reference *before* anything learns from it, and by
+the challenger before its step; the windowed losses (``edge.adapt.metrics.Prequential``)
+are what ``serving()``, the margins and the dashboards read, and the paired per-label
+losses feed the three sequential tests (``edge.adapt.promotion.BettingTest``):
+challenger vs champion at the promotion's margin and at the refresh's, and global head
+vs an adapted champion (rollback). The margins each label is tested at are fixed from
+the labels before it (``edge.adapt.policy.margins``). No I/O, no training.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edge.adapt.activations import binary_scores, softmax
+from edge.adapt.metrics import Prequential, sample_losses
+from edge.adapt.policy import NO_MARGINS, Margins, margins
+from edge.adapt.promotion import BettingTest, is_betting_state
+from edge.adapt.reference import Reference
+
+HEADS = ("champion", "challenger", "global", "reference")
+TESTS = ("promote", "refresh", "rollback")
+
+
+@dataclass(slots=True)
+class Served:
+    """One label's (or a batch's) scores and losses of the champion and the global head, before training."""
+
+    scores: np.ndarray  # the champion's: what was served
+    loss: float | np.ndarray
+    error: float | np.ndarray
+    global_scores: np.ndarray
+    global_loss: float | np.ndarray
+
+
+def score_one(snap, z2: np.ndarray, classification: bool) -> np.ndarray:
+    """``snap.predict(z2)[0]`` through the one softmax/sigmoid (``edge.adapt.activations``),
+    without the batch-shaped path's extra allocations (it runs on every label)."""
+    s = snap.logits(z2)[0]
+    if classification:
+        return binary_scores(s) if len(s) == 1 else softmax(s, inplace=True)
+    return s
+
+
+class Evaluator:
+    """Prequential records of the four heads and the three paired tests; see the module docstring."""
+
+    def __init__(self, *, task: str, outputs: int, feature_size: int, config):
+        self.task, self.cfg = task, config
+        self.classification = task == "classification"
+        self.preq = {k: Prequential(task, window=config.eval_window) for k in HEADS}
+        self.reference = Reference(task=task, outputs=outputs, in_features=feature_size)
+        self.pairs = {k: BettingTest(bound=config.promote_bound) for k in TESTS}
+        self.margins: Margins = NO_MARGINS
+
+    # -- test: every head scored before it learns ------------------------------------------
+
+    def test_one(self, champion, glob, z2: np.ndarray, t) -> Served:
+        """Score one sample ``z2`` ``[1, D]`` with the champion, the global head (the same
+        scores when the champion is the global head) and the reference, and record them."""
+        preq = self.preq
+        s = score_one(champion, z2, self.classification)
+        loss, err = preq["champion"].update(s, t)
+        if champion is glob:
+            sg, lg = s, loss
+            preq["global"].update_values(loss, err)
+        else:
+            sg = score_one(glob, z2, self.classification)
+            lg, _ = preq["global"].update(sg, t)
+        preq["reference"].update_values(*self.reference.test_then_learn(t))
+        return Served(s, loss, err, sg, lg)
+
+    def test_many(self, champion, glob, Z: np.ndarray, T) -> Served:
+        """``test_one`` for each row of ``Z`` ``[n, D]`` (the reference scores each row before it learns it)."""
+        preq, task = self.preq, self.task
+        s = champion.predict(Z)
+        loss, err = sample_losses(s, T, task)
+        preq["champion"].update_many(loss, err)
+        if champion is glob:
+            sg, lg, eg = s, loss, err
+        else:
+            sg = glob.predict(Z)
+            lg, eg = sample_losses(sg, T, task)
+        preq["global"].update_many(lg, eg)
+        preq["reference"].update_many(*sample_losses(self.reference.learn_many(T), T, task))
+        return Served(s, loss, err, sg, lg)
+
+    def challenger_one(self, scores, t) -> tuple[float, float]:
+        """Record the challenger's scores of one sample, taken before its step: ``(loss, error)``."""
+        return self.preq["challenger"].update(scores, t)
+
+    def challenger_many(self, scores: np.ndarray, T) -> tuple[np.ndarray, np.ndarray]:
+        loss, err = sample_losses(scores, T, self.task)
+        self.preq["challenger"].update_many(loss, err)
+        return loss, err
+
+    # -- the paired evidence -----------------------------------------------------------------
+
+    def pair_one(self, sv: Served, challenger_loss: float, adapted: bool) -> None:
+        """Bet one label's paired losses in the tests, at the margins fixed before it."""
+        pairs, m = self.pairs, self.margins
+        pairs["promote"].update(sv.loss, challenger_loss, m.promote, m.scale)
+        if adapted:
+            pairs["refresh"].update(sv.loss, challenger_loss, m.refresh, m.scale)
+            pairs["rollback"].update(sv.loss, sv.global_loss, m.rollback, m.scale)
+
+    def pair_many(self, sv: Served, challenger_losses: np.ndarray, adapted: bool) -> None:
+        """``pair_one`` for each row in turn, at the margins fixed before the batch."""
+        pairs, m = self.pairs, self.margins
+        lc, lh = sv.loss.tolist(), challenger_losses.tolist()
+        pairs["promote"].update_many(lc, lh, m.promote, m.scale)
+        if adapted:
+            pairs["refresh"].update_many(lc, lh, m.refresh, m.scale)
+            pairs["rollback"].update_many(lc, sv.global_loss.tolist(), m.rollback, m.scale)
+
+    def passing(self, alpha: float) -> tuple[bool, bool, bool]:
+        """Whether the promotion, refresh and rollback tests pass at ``alpha`` now."""
+        p = self.pairs
+        return p["promote"].passes(alpha), p["refresh"].passes(alpha), p["rollback"].passes(alpha)
+
+    def update_margins(self) -> None:
+        """Fix the margins the next label is tested at, from the windowed losses so far."""
+        preq = self.preq
+        self.margins = margins(self.cfg, self.task, champion=preq["champion"].loss.get(),
+                               glob=preq["global"].loss.get(), reference=preq["reference"].loss.get())
+
+    # -- after a swap ---------------------------------------------------------------------------
+
+    def restart(self) -> None:
+        """New tests (each spends its alpha again: docs/LEARNING.md, "Promotions")."""
+        for p in self.pairs.values():
+            p.reset()
+
+    def promoted(self) -> None:
+        """The challenger now serves: its record becomes the champion's."""
+        preq = self.preq
+        preq["champion"].loss.copy_from(preq["challenger"].loss)
+        preq["champion"].err.copy_from(preq["challenger"].err)
+        self.restart()
+
+    def rolled_back(self) -> None:
+        """The global head serves again, and the challenger restarts from it: both take its record."""
+        preq = self.preq
+        for k in ("champion", "challenger"):
+            preq[k].loss.copy_from(preq["global"].loss)
+            preq[k].err.copy_from(preq["global"].err)
+        self.restart()
+
+    def new_global(self) -> None:
+        """A new fleet global head: its record and the rollback test start afresh."""
+        self.preq["global"] = Prequential(self.task, window=self.cfg.eval_window)
+        self.pairs["rollback"].reset()
+
+    def consolidated(self) -> None:
+        """The learned heads changed outside the test (the library's ``incremental_update``):
+        their records and every test start afresh."""
+        for k in ("champion", "challenger"):
+            self.preq[k] = Prequential(self.task, window=self.cfg.eval_window)
+        self.restart()
+
+    # -- read-outs and state -------------------------------------------------------------------
+
+    def losses(self) -> dict:
+        return {f"{k}_loss": v.loss.get() for k, v in self.preq.items()}
+
+    def state_dict(self) -> dict:
+        return {"preq": {k: v.state_dict() for k, v in self.preq.items()},
+                "pairs": {k: p.state_dict() for k, p in self.pairs.items()},
+                "reference": self.reference.state_dict()}
+
+    def load_state_dict(self, s: dict) -> None:
+        """Restore the ``preq``, ``pairs`` and ``reference`` entries of a learner state. A state
+        from before issue 18 holds PairedBlocks' block means, which are no e-values: that
+        evidence restarts (a new test); a missing entry raises ``KeyError``."""
+        for k, v in s["preq"].items():
+            self.preq[k].load_state_dict(v)
+        pairs = s["pairs"]
+        for k, p in self.pairs.items():
+            if is_betting_state(pairs.get(k)):
+                p.load_state_dict(pairs[k])
+            else:
+                p.reset()
+        self.reference.load_state_dict(s["reference"])
+        self.update_margins()
