@@ -4,9 +4,15 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from edge.broker import BrokerProcess
 from tests.fakeclock import ensure_timed_waits
+
+
+# scripts/check-avx2.sh runs the suite under qemu (several times slower than the host) with
+# --hypothesis-profile=emulated: a per-example deadline there measures the emulator, not the code.
+settings.register_profile("emulated", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def pytest_configure(config):
