@@ -47,7 +47,7 @@ from torch import nn
 
 from edge.adapt.heads import LinearHead, make_head
 from edge.adapt.learner import Learner
-from edge.adapt.metrics import Prequential, sample_losses
+from edge.adapt.metrics import sample_losses
 from edge.adapt.optim import OptimizerSpec, spec_from_torch
 from edge.config import AdaptConfig
 from edge.errors import ConfigError, DataError
@@ -412,16 +412,8 @@ class IncrementalModel:
             lr.replay.add(Zt[i], T[i])
             lr.recent.add(Zt[i], T[i])
             lr.reference.learn_one(T[i])
-        lr._reference_snap = None
-        # consolidation is an explicit request: serve its result (no prequential evidence to test)
-        lr.champion = lr._snapshot(f"{lr.global_version}+u{steps}")
-        # the learned heads' records describe them before consolidation: start them afresh,
-        # so that the result is served until new labels compare it with the reference
-        for k in ("champion", "challenger"):
-            lr.preq[k] = Prequential(lr.task, window=lr.cfg.eval_window)
-        for p in lr.pairs.values():
-            p.reset()
-        lr.since_swap = 0
+        # consolidation is an explicit request: serve its result, its records and tests afresh
+        lr.adopt_consolidated(f"u{steps}")
         self.samples_seen += len(Zt)
         self._sync_module()
         return {"loss": float(np.mean(losses)) if losses else math.nan, "samples": len(Zt), "steps": steps}

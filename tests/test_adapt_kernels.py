@@ -88,3 +88,38 @@ def test_compiled_scaler_update_equals_the_numpy_update(Z):
     np.testing.assert_allclose(fast.m2, ref.m2, rtol=1e-9, atol=1e-6)
     np.testing.assert_allclose(fast._inv32, ref._inv32, rtol=1e-6)
     np.testing.assert_array_equal(fast._mean32, ref._mean32)
+
+
+def test_a_new_learner_loads_the_kernels_before_its_first_label():
+    """The compiled step's first call (numba's cache load or compile, ~0.5 s) happens when the
+    trainer is built, not inside a budgeted step (it would be charged to the training budget
+    and skip the first labels' steps). Checked in a fresh process: building the learner adds
+    the kernels' signatures, and training on labels of both entry points adds none."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import numpy as np
+        from edge.adapt import kernels
+        from edge.adapt.learner import Learner
+        from edge.config import AdaptConfig
+        sigs = lambda: (len(kernels.linear_adam_step.signatures), len(kernels.welford_one.signatures))
+        assert sigs() == (0, 0), sigs()
+        for task, kw in (("classification", dict(classes=(0, 1), outputs=1)), ("classification", dict(classes=(0, 1, 2))),
+                         ("regression", dict(outputs=2))):
+            lr = Learner(task=task, feature_size=5, config=AdaptConfig(scale=True, seed=0), clock=lambda: 0.0, **kw)
+            built = sigs()
+            assert built[0] >= 1 and built[1] >= 1, built
+            rng = np.random.default_rng(0)
+            Z = rng.normal(size=(40, 5)).astype(np.float32)
+            Y = rng.integers(0, 2, 40) if task == "classification" else rng.normal(size=(40, 2)).astype(np.float32)
+            for z, y in zip(Z[:20], Y[:20]):
+                lr.learn_one(z, y if task != "classification" else int(y))
+            lr.learn_many(Z[20:], Y[20:])
+            assert lr.metrics()["train_steps_total"] > 0
+            assert sigs() == built, (built, sigs())
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

@@ -170,3 +170,57 @@ def test_the_policy_decides_by_precedence_and_gates():
     assert decide(cfg, Situation(**{**base, "since_swap": 39})) is None  # eval_min
     assert decide(cfg, Situation(**{**base, "since_swap": 20, "plastic": True})) == "rollback"  # half while plastic
     assert decide(cfg, Situation(**{**base, "adapted": False, "rollback": False, "promote": False})) is None
+
+
+def _adapted_learner(plastic: bool):
+    """A learner whose champion is an adapted head, past eval_min labels since the swap."""
+    import numpy as np
+
+    from edge.adapt.learner import Learner
+    from edge.config import AdaptConfig
+
+    lr = Learner(task="classification", feature_size=3, classes=(0, 1), config=AdaptConfig(seed=0, guard=False),
+                 clock=lambda: 0.0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        lr.learn_one(rng.normal(size=3).astype(np.float32), 1)
+    lr.adopt_consolidated("u1")
+    lr.since_swap = 1000
+    lr.plasticity.boost_left = 10_000 if plastic else 0
+    return lr
+
+
+def _bet_rollback(lr, pairs) -> BettingTest:
+    t = lr.evaluator.pairs["rollback"]
+    for champion_loss, global_loss in pairs:
+        t.update(champion_loss, global_loss, 0.0, 1.0)
+    return t
+
+
+def test_a_drift_alarm_does_not_lower_the_evidence_a_rollback_needs():
+    """A rollback discards learning: while plastic (promote_alpha_drift 0.2, e-value 5) it still
+    needs 1 / promote_alpha; a promotion at the same evidence would pass."""
+    lr = _adapted_learner(plastic=True)
+    rng = random.Random(1)
+    t = _bet_rollback(lr, [])
+    while t.e_value < 1.0 / lr.cfg.promote_alpha_drift:
+        t.update(0.5, 0.5 - 0.2 + rng.gauss(0, 0.3), 0.0, 1.0)
+    assert t.e_value < 1.0 / lr.cfg.promote_alpha and t.raw_gain()
+    assert lr._decide() is None and lr.champion is not lr._global
+    while not t.passes(lr.cfg.promote_alpha):
+        t.update(0.5, 0.5 - 0.2 + rng.gauss(0, 0.3), 0.0, 1.0)
+    assert lr._decide() == "rollback" and lr.champion is lr._global
+    ev = [e for e in lr.events() if e["type"] == "rollback"][-1]
+    assert ev["threshold"] == 1.0 / lr.cfg.promote_alpha and ev["e_value"] >= ev["threshold"]
+
+
+@pytest.mark.parametrize("plastic", [False, True])
+def test_no_rollback_when_the_learned_head_has_the_lower_mean_loss(plastic):
+    """The global head wins most labels by a little, the learned head a few by a lot (clipped
+    at promote_bound): the clipped test passes, the raw means say the learned head is better."""
+    lr = _adapted_learner(plastic)
+    t = _bet_rollback(lr, ([(0.6, 0.3)] * 9 + [(0.0, 5.0)]) * 30)
+    ev = t.evidence(lr.cfg.promote_alpha)
+    assert t.passes(lr.cfg.promote_alpha) and ev["champion_mean_loss"] < ev["challenger_mean_loss"]
+    assert not t.raw_gain()
+    assert lr._decide() is None and lr.champion is not lr._global and lr.metrics()["rollbacks_total"] == 0

@@ -116,10 +116,13 @@ class Evaluator:
             pairs["refresh"].update_many(lc, lh, m.refresh, m.scale)
             pairs["rollback"].update_many(lc, sv.global_loss.tolist(), m.rollback, m.scale)
 
-    def passing(self, alpha: float) -> tuple[bool, bool, bool]:
-        """Whether the promotion, refresh and rollback tests pass at ``alpha`` now."""
+    def passing(self, alpha: float, rollback_alpha: float) -> tuple[bool, bool, bool]:
+        """Whether the promotion and refresh tests pass at ``alpha`` now, and the rollback test at
+        ``rollback_alpha`` with the global head's raw mean loss below the champion's (a
+        rollback discards learning: never when the learned head did better on the labels)."""
         p = self.pairs
-        return p["promote"].passes(alpha), p["refresh"].passes(alpha), p["rollback"].passes(alpha)
+        back = p["rollback"]
+        return p["promote"].passes(alpha), p["refresh"].passes(alpha), back.passes(rollback_alpha) and back.raw_gain()
 
     def update_margins(self) -> None:
         """Fix the margins the next label is tested at, from the windowed losses so far."""

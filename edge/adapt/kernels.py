@@ -180,3 +180,25 @@ if AVAILABLE:
     linear_adam_step = njit(nogil=True, cache=True)(_linear_adam_step)
 else:
     linear_adam_step = welford_one = None
+
+_warmed = False
+
+
+def warm() -> None:
+    """Load (or compile) both kernels now, once a process, on arrays of the types the trainer
+    and the scaler pass. Why: the first call costs about 0.5 s (numba's cache load, or a
+    compile); made inside a step, the learner would charge it to its training budget as CPU
+    time and skip the first labels' steps, by an amount that depends on the machine's load.
+    ``HeadTrainer`` calls this when it takes the compiled path, before any budget clock runs."""
+    global _warmed
+    if _warmed or not AVAILABLE:
+        return
+    _warmed = True
+    f32, i64, f64 = np.float32, np.int64, np.float64
+    k, d, n = 1, 2, 2
+    flat, z = np.zeros(k * d + k, f32), np.zeros((n, d), f32)
+    s0 = np.empty((1, 2), f32)
+    linear_adam_step(flat, k, d, z, np.zeros(n, i64), np.zeros((0, k), f32), n, MODE_BINARY, np.zeros(0, f32), 0.0,
+                     np.zeros((k, d), f32), np.zeros(k, f32), np.zeros(flat.size, f64), np.zeros(flat.size, f32),
+                     np.zeros(flat.size, f32), np.array([0.0, 1e-8, 1.0, 0.0, 0.9, 0.999], f64), 1, s0, 0, 0)
+    welford_one(np.zeros(d, f32), np.zeros(d, f64), np.zeros(d, f64), 1, np.zeros(d, f32), np.ones(d, f32))

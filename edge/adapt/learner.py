@@ -45,14 +45,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from edge.adapt import batch
+from edge.adapt import batch, kernels
 from edge.adapt.budget import TrainingBudget
 from edge.adapt.evaluator import Evaluator, Served
 from edge.adapt.guard import LabelGuard
 from edge.adapt.heads import HeadSnapshot, make_head
 from edge.adapt.optim import OptimizerSpec
 from edge.adapt.plasticity import Plasticity
-from edge.adapt.policy import HELD, PROMOTION, REFRESH, ROLLBACK, Situation, decide, level, needed_labels
+from edge.adapt.policy import HELD, PROMOTION, REFRESH, ROLLBACK, Situation, decide, level, needed_labels, rollback_level
 from edge.adapt.replay import RecentBuffer, ReplayBuffer
 from edge.adapt.scaler import OnlineScaler
 from edge.adapt.trainer import HeadTrainer
@@ -116,6 +116,8 @@ class Learner:
         self.recent = RecentBuffer(feature_size=self.feature_size, size=2 * cfg.batch, classes=ncls, outputs=self.outputs, seed=cfg.seed)
         self._set_sources(boosting=False)
         self.scaler = OnlineScaler(self.feature_size) if cfg.scale else None
+        if cfg.scale:
+            kernels.warm()  # the scaler's compiled update: loaded here, not on the first label
         self.evaluator = Evaluator(task=task, outputs=self.outputs, feature_size=self.feature_size, config=cfg)
         self.plasticity = Plasticity(task=task, config=cfg)
         self._reference_snap: HeadSnapshot | None = None
@@ -497,8 +499,8 @@ class Learner:
         plastic = self.plasticity.plastic
         if self.since_swap < needed_labels(cfg, plastic):
             return None
-        alpha = level(cfg, plastic)
-        promote, refresh, rollback = ev.passing(alpha)
+        alpha, back_alpha = level(cfg, plastic), rollback_level(cfg)
+        promote, refresh, rollback = ev.passing(alpha, back_alpha)
         tripped = g is not None and g.tripped
         if not tripped:
             self._anomaly_open = False
@@ -506,7 +508,7 @@ class Learner:
                                   guard_ready=g is None or g.seen >= g.warmup, guard_tripped=tripped,
                                   promote=promote, refresh=refresh, rollback=rollback))
         if d == ROLLBACK:
-            self._rollback(ev.pairs["rollback"].evidence(alpha))
+            self._rollback(ev.pairs["rollback"].evidence(back_alpha))
         elif d == PROMOTION:
             self._promote(ev.pairs["promote"].evidence(alpha))
         elif d == REFRESH:

@@ -61,6 +61,13 @@ def level(cfg, plastic: bool) -> float:
     return cfg.promote_alpha_drift if plastic else cfg.promote_alpha
 
 
+def rollback_level(cfg) -> float:
+    """The rollback test's alpha: always ``promote_alpha``. A rollback throws away what the
+    device learned, so a drift alarm does not lower the evidence it needs (a demo run rolled
+    back at e-value 5.49 >= 1 / 0.2 a learned head whose mean loss was the lower one)."""
+    return cfg.promote_alpha
+
+
 def needed_labels(cfg, plastic: bool) -> int:
     """Labels since the last swap before another (``eval_min``, half while plastic)."""
     return cfg.eval_min // 2 if plastic else cfg.eval_min

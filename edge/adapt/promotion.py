@@ -204,6 +204,12 @@ class BettingTest:
             up(a, b, margin, scale)
         return self.log_wealth
 
+    def raw_gain(self) -> bool:
+        """The challenger's raw mean loss over this test's labels is below the champion's (the
+        clipped gain can pass while a few large losses put its raw mean above: a swap that
+        throws learning away also needs this)."""
+        return self.n > 0 and self._sum_b < self._sum_a
+
     @property
     def e_value(self) -> float:
         return math.exp(min(self.log_wealth, 700.0))

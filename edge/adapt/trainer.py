@@ -76,6 +76,7 @@ class HeadTrainer:
             kernels.warn_unavailable_once()
         self.compiled = fits and self._want_compiled and kernels.AVAILABLE
         if self.compiled:
+            kernels.warm()  # its first call's load, here and not inside a budgeted step
             k = self.head.out_features
             self._mode = (kernels.MODE_BINARY if self.binary else kernels.MODE_SOFTMAX) if self.classification \
                 else kernels.MODE_REGRESSION

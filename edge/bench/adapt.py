@@ -230,7 +230,7 @@ def cpu() -> dict:
 
     # numpy's BLAS on several threads makes the figures move from run to run (BENCHMARKS.md)
     info = {"load_avg": os.getloadavg(), "cpus": os.cpu_count(),
-            "blas_threads": {k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}}
+            "blas_threads": {k: os.environ.get(k) for k in BLAS_ENV}}
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -250,7 +250,29 @@ def _roll(x, w=50):
     return np.array([(c[i + 1] - c[max(0, i + 1 - w)]) / min(w, i + 1) for i in range(len(x))])
 
 
+BLAS_ENV = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _one_blas_thread(argv) -> int | None:
+    """Run the bench in a child with numpy's BLAS on one thread, unless this process already is
+    (the variables must be set before numpy loads, and it has). Why: on several threads
+    OpenBLAS splits a product's sums differently from call to call, two runs of one tree
+    diverged at the third label in float32 rounding, and every figure moved. None: go on here."""
+    import os
+    import subprocess
+    import sys
+
+    if all(os.environ.get(k) == "1" for k in BLAS_ENV):
+        return None
+    env = {**os.environ, **dict.fromkeys(BLAS_ENV, "1")}
+    return subprocess.run([sys.executable, "-m", "edge.bench.adapt", *(argv if argv is not None else sys.argv[1:])],
+                          env=env).returncode
+
+
 def main(argv=None) -> int:
+    child = _one_blas_thread(argv)
+    if child is not None:
+        return child
     ap = argparse.ArgumentParser(prog="edge bench adapt", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("--out", default="bench/out", help="folder for adapt.json and adapt.png")
     ap.add_argument("--pre", type=int, default=200, help="nominal labels before the drift")
