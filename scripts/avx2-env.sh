@@ -29,9 +29,23 @@ cp "$VENV/pyvenv.cfg" "$DIR/pyvenv.cfg"
 for d in lib lib64 include; do
   [ -e "$VENV/$d" ] && ln -sfn "$(readlink -f "$VENV/$d")" "$DIR/$d"
 done
+# Defaults set here, not only by the caller, so that a child started with a scrubbed environment
+# still gets them (a test's own EDGE_CPUINFO or NPY_DISABLE_CPU_FEATURES wins):
+# - EDGE_CPUINFO: qemu-user shows the host's /proc/cpuinfo; DIR/cpuinfo is a Haswell one.
+# - NUMBA_CACHE_DIR: numba's cache index is keyed by CPU name and features, so native entries
+#   are not reused, but a folder of its own keeps the emulated run out of the tree's __pycache__
+#   and off the index files a native run on the same tree rewrites.
+# - NPY_DISABLE_CPU_FEATURES=X86_V3: qemu 7.2's TCG (Debian bookworm) miscomputes numpy 2.x's
+#   AVX2 argselect (x86-simd-sort): np.argpartition returns a wrong partition of an int32 array
+#   of 10,240 and segfaults in edge.fleet.codec.encode_tensor, where the same kernel natively
+#   (NPY_DISABLE_CPU_FEATURES="X86_V4 AVX512_ICL AVX512_SPR" on the host) is right. numpy then
+#   runs its X86_V2 (SSE4.2) kernels; ONNX Runtime and numba, whose choice of kernels is what
+#   the project promises per CPU, are not affected by it.
 cat >"$DIR/bin/python" <<SH
 #!/bin/sh
 # $REAL under qemu-x86_64 -cpu $CPU (scripts/avx2-env.sh)
+export EDGE_CPUINFO="\${EDGE_CPUINFO:-$DIR/cpuinfo}" NUMBA_CACHE_DIR="\${NUMBA_CACHE_DIR:-$DIR/numba-cache}"
+export NPY_DISABLE_CPU_FEATURES="\${NPY_DISABLE_CPU_FEATURES-X86_V3}"
 exec "$QEMU" -cpu "$CPU" -0 "$DIR/bin/python" "$REAL" "\$@"
 SH
 chmod +x "$DIR/bin/python"

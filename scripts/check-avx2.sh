@@ -28,9 +28,8 @@ else
   WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
 fi
 "$ROOT/scripts/avx2-env.sh" "$WORK/env" "$VENV"
-export EDGE_CPUINFO="$WORK/env/cpuinfo" NUMBA_CACHE_DIR="$WORK/numba-cache"
 export VIRTUAL_ENV="$WORK/env" PATH="$WORK/env/bin:$PATH"
-unset PYTHONHOME NUMBA_CPU_NAME NUMBA_CPU_FEATURES
+unset PYTHONHOME NUMBA_CPU_NAME NUMBA_CPU_FEATURES EDGE_CPUINFO NUMBA_CACHE_DIR NPY_DISABLE_CPU_FEATURES
 PY="$WORK/env/bin/python"
 cd "$ROOT"
 
