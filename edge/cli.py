@@ -100,7 +100,8 @@ def _cmd_compile(args) -> int:
 
 BENCHES = {"pipeline": "edge.bench.pipeline", "serve": "edge.bench.serve", "adapt": "edge.bench.adapt",
            "serial": "edge.bench.serial", "mqtt": "edge.bench.mqtt", "learning": "edge.bench.learning",
-           "device": "edge.bench.device", "fleet": "edge.bench.fleet", "units": "edge.bench.units"}
+           "device": "edge.bench.device", "fleet": "edge.bench.fleet", "units": "edge.bench.units",
+           "deploy": "edge.bench.deploy"}
 BENCH_HELP = {"pipeline": "MQTT in, windows, model, predictions out, against a naive baseline",
               "serve": "every candidate artifact of a model folder (MODEL), same inputs, one core",
               "adapt": "online adaptation under simulated drift, against three baselines",
@@ -109,7 +110,8 @@ BENCH_HELP = {"pipeline": "MQTT in, windows, model, predictions out, against a n
               "learning": "the edge.learning library against river, same rows, one process",
               "device": "the daemon as a device runs it: ready time, idle and loaded cost, broker restarts",
               "fleet": "a simulated non-IID fleet learning over rounds, bytes and server throughput",
-              "units": "the systemd-analyze security exposure of the shipped units"}
+              "units": "the systemd-analyze security exposure of the shipped units",
+              "deploy": "model releases to simulated devices through one broker: bytes, time to switch, halt"}
 
 
 def _bench(what: str, argv: list[str]) -> int:

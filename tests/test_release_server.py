@@ -404,3 +404,26 @@ def test_release_rollout_and_releases_commands(tmp_path, broker, keys, devices):
     assert [r["release"] for r in listing] == [m.release] and listing[0]["reports"] == []
     p, _ = _edge("fleet-server", "release", MODEL.path, "-c", cfg, check=False)  # no key given, none configured
     assert p.returncode == 2 and "release key" in p.stderr
+
+
+def test_a_rolled_back_after_a_switch_halts_but_one_answering_a_halt_does_not(tmp_path, broker, keys, devices):
+    cfg = _cfg(tmp_path, keys, broker)
+    store = open_store(cfg.server.store)
+    key = load_private(keys["release"].private_path)
+    rec = make_release(cfg, store, MODEL.path, key, waves="100")
+    pub = load_public(keys["release"].public_path)
+    server = _server(cfg)
+    try:
+        m = devices["n0"].manifest(pub)
+        devices["n1"].report(m, "shadowing")
+        devices["n1"].report(m, "rolled_back", "halted before the switch")  # never switched: not counted
+        poll(lambda: any(p.state == "rolled_back" for p in store.release_reports(rec.release)), 20, what="report")
+        server.releases.check()
+        assert store.release(rec.release).state == "rolling"
+        _switch(devices, ["n2"], m)
+        devices["n2"].report(m, "rolled_back", "failed after the switch")
+        halted = devices["n0"].manifest(pub, lambda x: x.state == "halted")
+        assert "rolled_back: 1" in store.release(rec.release).note and halted.seq > m.seq
+    finally:
+        server.stop()
+        store.close()

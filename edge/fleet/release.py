@@ -84,7 +84,7 @@ def previous_of(cfg, store, model: str) -> dict:
 
 
 def make_release(cfg, store, folder: str | Path, key, *, waves=None, min_labels: int | None = None,
-                 margin: float | None = None, note: str = "") -> ReleaseRecord:
+                 margin: float | None = None, note: str = "", release_id: str | None = None) -> ReleaseRecord:
     """Pack ``folder``, check it, sign and store it as a new release (rolling, wave 0).
 
     Refused (``ConfigError``) when the folder is not a model folder, is not the server's
@@ -102,7 +102,7 @@ def make_release(cfg, store, folder: str | Path, key, *, waves=None, min_labels:
     if len(bundle) > r.max_bundle_bytes:
         raise ConfigError(f"{folder}: its bundle is {len(bundle):,} bytes, over [release] max_bundle_bytes "
                           f"{r.max_bundle_bytes:,}; raise it (devices refuse over their [deploy] max_bundle_bytes too)")
-    rid = secrets.token_hex(8)
+    rid = release_id or secrets.token_hex(8)  # a given id: reproducible waves (the benchmark)
     w = parse_waves(waves) if isinstance(waves, str) else tuple(waves) if waves else parse_waves(r.waves)
     m = rc.make_manifest(fleet=cfg.server.fleet, model=own, release=rid, seq=1, version=model.manifest.version,
                          files=files, bundle=bundle, chunk_size=r.chunk_size, waves=w,
@@ -133,7 +133,7 @@ def operate(store, release: str, action: str, key, *, note: str = "") -> Release
             return replace(cur, state="halted", note=note or "halted by the operator")
         if action == "abort":
             return replace(cur, state="aborted", note=note or "aborted by the operator")
-        counted = sum(1 for p in reports if gate_refusal(p.state, p.reason))
+        counted = sum(1 for p in reports if gate_refusal(*_counted(p)))
         return replace(cur, state="rolling", forgiven=counted, note=note or f"resumed; {counted} refusal(s) forgiven")
 
     rec = store.change_release(release, change, _sign_with(key))
@@ -142,12 +142,21 @@ def operate(store, release: str, action: str, key, *, note: str = "") -> Release
     return rec
 
 
+def _counted(p: ReportRecord) -> tuple:
+    """A report as the rollout rule reads it: a ``rolled_back`` of a device that never
+    switched is its answer to a halt (it stopped downloading or shadowing), not a failure
+    of the new model after a switch, so it is not a refusal."""
+    if p.state == "rolled_back" and "switched" not in p.ever:
+        return ("stopped", p.reason)
+    return (p.state, p.reason)
+
+
 def step(store, rec: ReleaseRecord, registered, key) -> ReleaseRecord | None:
     """Apply the rollout rule once to ``rec``: the new record when it opened a wave,
     finished or halted, else None. Decided again inside the transaction (another
     instance, or an operator, may have changed its state since ``rec`` was read; the
     reports are read just before it, and a report that comes meanwhile counts next time)."""
-    latest = {p.node: (p.state, p.reason) for p in store.release_reports(rec.release)}
+    latest = {p.node: _counted(p) for p in store.release_reports(rec.release)}
 
     def change(cur: ReleaseRecord):
         d = decide(release=cur.release, waves=cur.plan["waves"], wave=cur.wave, state=cur.state, forgiven=cur.forgiven,
@@ -240,6 +249,8 @@ class ReleaseService:
         self.queue: collections.deque = collections.deque()
         self.counters = collections.Counter()  # (kind, outcome) -> n
         self.bytes_sent = 0
+        # (node, "in"|"out") -> payload bytes of verified traffic, (node, "in_n"|"out_n") -> messages
+        self.wire = collections.Counter()
         self.published_seq = -1
         self._last_publish = float("-inf")
         self._bundles: dict[str, bytes] = {}
@@ -342,6 +353,8 @@ class ReleaseService:
         req, why = self._verify(node, payload, rc.unpack_request)
         if req is None:
             return why
+        self.wire[(node, "in")] += len(payload)
+        self.wire[(node, "in_n")] += 1
         cur = self.store.current_release(self.cfg.server.fleet, self.model)
         if cur is None or cur.release != req.release:
             return "unknown_release"
@@ -354,6 +367,8 @@ class ReleaseService:
             frame = rc.pack_chunk(cur.release, i, rc.chunk_bytes(bundle, i, cs))
             self.client.publish(topic, frame, qos=1)
             self.bytes_sent += len(frame)
+            self.wire[(node, "out")] += len(frame)
+            self.wire[(node, "out_n")] += 1
             self.counters[("chunk", "sent")] += 1
         return "served" if req.start < n else "past_end"
 
@@ -374,6 +389,8 @@ class ReleaseService:
         rep, why = self._verify(node, payload, rc.unpack_report)
         if rep is None:
             return why
+        self.wire[(node, "in")] += len(payload)
+        self.wire[(node, "in_n")] += 1
         rel = self.store.release(rep.release)
         if rel is None:
             return "unknown_release"
