@@ -32,6 +32,11 @@ a scale-down) first leaves the group and waits for the UNSUBACK, then stores and
 acknowledges what it holds. A delivery left unacknowledged for a full queue (MQTT 3.1.1)
 is dropped with the clean session at the reconnect too, and comes again from its device. The head is published by ``publish_head``: under the store's
 publish lock, the newest committed version, the lock held until PUBACK.
+
+Model releases (``edge.fleet.release``): messages on ``.../release/get/+`` and
+``.../release/report/+`` go to the ``ReleaseService`` (thread ``fleet-release``, its own
+queue and store connection), which serves chunks, keeps reports, applies the rollout rule
+and publishes the current release manifest, retained, after every connect and change.
 """
 from __future__ import annotations
 
