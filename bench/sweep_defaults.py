@@ -7,7 +7,9 @@ Every setting runs ``IncrementalModel(LinearModel(d, k), criterion=..., lr=..., 
 per row (``learn_one``), prequential, on the same rows. A setting's score on a stream is
 its rank among the settings by the mean over seeds of the stream's measure (accuracy,
 or MSE for regression); the default is the setting with the best mean rank over the
-streams: one setting for all, nothing chosen per stream. The per-stream means are in the
+streams (settings tied on it: the one better than each other tied one on the most
+streams): one setting for all, nothing chosen per stream. ``scale`` is the library's
+one switch: the inputs and, for regression, the target. The per-stream means are in the
 JSON, beside river's linear model on the same rows, so the margin is visible.
 """
 from __future__ import annotations
@@ -55,14 +57,27 @@ def main(argv=None) -> int:
             vals = sorted((r[f"lr={a:g},scale={b}"] for a, b in grid), reverse=r["measure"] != "mse")
             ranks.append(1 + vals.index(r[key]))
         report["settings"][key] = {"mean_rank": float(np.mean(ranks)), "ranks": ranks}
-    best = min(report["settings"], key=lambda s: report["settings"][s]["mean_rank"])
-    report["best"] = best
+    report["best"] = best = _best(report)
     print("mean rank:", {s: v["mean_rank"] for s, v in report["settings"].items()}, "best:", best)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {out}")
     return 0
+
+
+def _best(report: dict) -> str:
+    """The best mean rank; a tie goes to the tied setting ahead of the other tied ones on
+    the most streams (head to head), then to the first in grid order."""
+    settings = report["settings"]
+    top = min(v["mean_rank"] for v in settings.values())
+    tied = [s for s, v in settings.items() if abs(v["mean_rank"] - top) < 1e-9]
+
+    def wins(a: str) -> int:
+        return sum(sum(1 for b in tied if b != a and (r[a] < r[b] if r["measure"] == "mse" else r[a] > r[b]))
+                   for r in report["streams"].values())
+    report["tied"] = {s: wins(s) for s in tied}
+    return max(tied, key=wins)
 
 
 if __name__ == "__main__":

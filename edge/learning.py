@@ -49,6 +49,7 @@ from edge.adapt.heads import LinearHead, make_head
 from edge.adapt.learner import Learner
 from edge.adapt.metrics import sample_losses
 from edge.adapt.optim import OptimizerSpec, spec_from_torch
+from edge.adapt.scaler import OnlineScaler
 from edge.config import AdaptConfig
 from edge.errors import ConfigError, DataError
 
@@ -130,15 +131,17 @@ class IncrementalModel:
     ``criterion`` sets the task (default MSE, regression). ``optimizer`` is the model's
     one optimizer (default Adam at ``lr``). ``replay_bytes`` bounds the replay buffer;
     ``replay_batch`` replayed rows join every online step. ``window`` is the recent
-    window of the metrics. ``scale`` standardises inputs online; the default (``None``)
+    window of the metrics. ``scale`` standardises inputs online, and a regression's target
+    (the head learns in standard units; what is served is read back in the target's, and
+    ``sync_module`` folds both into the module); the default (``None``)
     is on for the fast path (a ``LinearModel`` or a head) and off for any other module
-    (scale its inputs yourself). The defaults, ``lr=3e-2`` and scaling on, are the one
+    (scale its inputs yourself). The defaults, ``lr=1e-2`` and scaling on, are the one
     setting that did best over the streams of ``edge bench learning``
     (``bench/sweep_defaults.py``, BENCHMARKS.md), not a per-stream choice.
     ``config`` (an ``AdaptConfig``) overrides the learner's other settings.
     """
 
-    def __init__(self, model, *, criterion=None, optimizer=None, lr: float = 3e-2, replay_bytes: int = 4 << 20,
+    def __init__(self, model, *, criterion=None, optimizer=None, lr: float = 1e-2, replay_bytes: int = 4 << 20,
                  replay_batch: int = 15, window: int = 200, seed: int = 0, scale: bool | None = None,
                  config: AdaptConfig | None = None):
         self.model = model
@@ -149,6 +152,7 @@ class IncrementalModel:
         self.scale = self.fast_path if scale is None else bool(scale)
         self.config = config
         self.learner: Learner | None = None  # built on the first sample: its shape fixes the features
+        self.target_scaler: OnlineScaler | None = None  # regression with scale: the learner's target units
         self.x_shape: tuple | None = None
         self.samples_seen = 0
 
@@ -222,7 +226,30 @@ class IncrementalModel:
         classes = None if task == "regression" else (range(2) if kind == "binary" else range(k))
         self.learner = Learner(task=task, feature_size=d, classes=classes, outputs=k, config=cfg, head=head,
                                optimizer=spec, global_version="0")
+        self.target_scaler = OnlineScaler(k) if self.scale and task == "regression" else None
         return self.learner
+
+    def _learner_targets(self, T: np.ndarray, Z: np.ndarray | None = None) -> np.ndarray:
+        """Regression targets ``[n, K]`` in the learner's units. With scaling the running target
+        statistics take them first and they are standardised by them: the head learns in
+        standard units, where one Adam step size fits a target around 120 as well as one
+        near 0 (the learner, its reference and replay all work in these units). Rows the
+        learner will reject (a non-finite target, or row of ``Z``) do not move the statistics."""
+        ts = self.target_scaler
+        if ts is None:
+            return T
+        ok = np.isfinite(T).all(1) if Z is None else np.isfinite(T).all(1) & np.isfinite(Z).all(1)
+        ts.learn_many(T if ok.all() else T[ok])
+        return ts.transform_many(T)
+
+    def _raw(self, S, affine=None):
+        """The learner's outputs (values, or a regression's) back in the target's units, by
+        ``affine`` (``(mean, std)`` taken before the labels that followed) or today's."""
+        ts = self.target_scaler
+        if ts is None:
+            return S
+        mean, std = affine if affine is not None else ts.affine()
+        return (np.asarray(S, np.float32) * std + mean).astype(np.float32)
 
     def _head(self, d, k, crit, spec):
         if isinstance(self.model, LinearHead):
@@ -268,6 +295,8 @@ class IncrementalModel:
         if isinstance(self.model, LinearModel) and self.learner is not None:
             lr = self.learner
             a = (lr.champion if lr.serving() == "reference" else lr.best()).arrays
+            if self.target_scaler is not None:
+                a = self.target_scaler.fold_output(a)
             with torch.no_grad():
                 self.model.linear.weight.copy_(torch.from_numpy(np.array(a["weight"])))
                 if self.model.linear.bias is not None:
@@ -287,7 +316,11 @@ class IncrementalModel:
         lr = self.learner
         which = lr.serving()  # decided before the label is seen
         served = lr.reference.scores() if which == "reference" else None
-        out = lr.learn_one(np.asarray(x, np.float32).reshape(-1), _label(y, lr))
+        t, ts = _label(y, lr), self.target_scaler
+        back = None if ts is None else ts.affine()  # what was served was predicted before this label
+        if ts is not None and np.isfinite(t).all() and np.isfinite(x).all():
+            ts.learn_one(t)
+        out = lr.learn_one(np.asarray(x, np.float32).reshape(-1), t if ts is None else ts.transform_one(t))
         if not out["accepted"]:
             raise DataError(f"sample {self.samples_seen} rejected: {out['reason']}")
         self.samples_seen += 1
@@ -299,6 +332,9 @@ class IncrementalModel:
             served, out["loss"] = out["challenger"], out["challenger_loss"]
         else:
             served = out["served"]
+        if ts is not None:  # the learner's units back to the target's (its reference's too)
+            served = self._raw(served, back)
+            out["loss"] = float(sample_losses(served[None], t[None], lr.task)[0][0])
         return served, out
 
     def predict_one(self, x) -> np.ndarray:
@@ -321,10 +357,11 @@ class IncrementalModel:
         # the learner scores every row with the champion and the challenger before training:
         # those are the served scores unless the reference serves or a row will be rejected
         served = self._served_scores(Z) if which == "reference" or not np.isfinite(Z).all() else None
-        out = lr.learn_many(Z, T)
+        back = None if self.target_scaler is None else self.target_scaler.affine()  # before this batch's labels
+        out = lr.learn_many(Z, self._learner_targets(T, Z))
         self.samples_seen += out["accepted"]
         if served is None:
-            served = out["challenger" if which == "challenger" else "served"]
+            served = self._raw(out["challenger" if which == "challenger" else "served"], back)
         loss, _ = sample_losses(served, T, lr.task)
         return {"n": out["accepted"], "loss": float(loss.mean()), "drift": out["drift"], "swap": out["swap"]}
 
@@ -343,9 +380,7 @@ class IncrementalModel:
 
     def _served_scores(self, Z: np.ndarray) -> np.ndarray:
         """Probabilities (classification) or values (regression) of what ``predict`` serves."""
-        lr = self.learner
-        snap = lr.best()
-        return snap.predict(Z)
+        return self._raw(self.learner.best().predict(Z))
 
     # -- the seed API -----------------------------------------------------------------------
 
@@ -385,7 +420,8 @@ class IncrementalModel:
         self._check_labels(Y)
         if not 0.0 <= replay_ratio < 1.0:
             raise ConfigError(f"replay_ratio = {replay_ratio} must be in [0, 1)")
-        Z, T = X.reshape(len(X), -1).astype(np.float32), _labels(Y, lr)
+        Z, T_raw = X.reshape(len(X), -1).astype(np.float32), _labels(Y, lr)
+        T = self._learner_targets(T_raw)
         if lr.scaler is not None:
             lr.scaler.learn_many(Z)
         Zt = Z
@@ -406,7 +442,7 @@ class IncrementalModel:
                     lr.scaler.transform_many(zb, out=zb)
                 tr.last_loss_of = None
                 s_new = tr.step_arrays(zb, yb, first=len(idx))  # the new rows' scores before the step
-                losses.append(float(sample_losses(s_new, T[idx], lr.task)[0].mean()))
+                losses.append(float(sample_losses(self._raw(s_new), T_raw[idx], lr.task)[0].mean()))
                 steps += 1
         for i in range(len(Zt)):
             lr.replay.add(Zt[i], T[i])
@@ -446,7 +482,7 @@ class IncrementalModel:
                 return self.model(torch.as_tensor(np.asarray(x, np.float32))).numpy()
         if tuple(x.shape[1:]) != self.x_shape:
             raise DataError(f"samples have shape {tuple(x.shape[1:])}; this model takes {self.x_shape}")
-        return self.learner.best().logits(x.reshape(len(x), -1).astype(np.float32))
+        return self._raw(self.learner.best().logits(x.reshape(len(x), -1).astype(np.float32)))
 
     def metrics(self) -> dict:
         """The learner's counters and per-head recent metrics (``Learner.metrics``)."""

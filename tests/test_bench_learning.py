@@ -17,6 +17,9 @@ def test_bench_learning_writes_quality_speed_and_reference(tmp_path):
     r = json.loads((tmp_path / "learning.json").read_text())["streams"]["no_signal"]
     assert r["rows"] == 120 and {"edge", "edge_learn_many32", "river_linear", "reference"} <= set(r)
     assert r["edge"]["mse"] > 0 and r["edge_learn_many32"]["rows_per_s"] > 0
+    # learn_many's rows are scored as predict serves them: in the target's units (about the
+    # reference's error on this stream, not the target's square)
+    assert r["edge_learn_many32"]["after_first_batch"]["mse"] < 2.0 * r["reference"]["mse"]
 
 
 def test_river_datasets_load_offline():

@@ -331,7 +331,7 @@ def test_the_seed_api_loop_runs_learns_and_adapts_after_a_shift():
     assert ilm.learner.trainer.spec.lr == 1e-2  # the user's optimizer is the one in use
     assert ilm.predict(_data(n=5, seed=7)[0]).shape == (5, 1)
     assert mse[2] < 0.2, mse  # it learned
-    assert mse[3] > 1.0 > mse[2], mse  # the shift costs
+    assert mse[3] > 0.5 and mse[3] > 10 * mse[2], mse  # the shift costs (the target's running mean follows it part way)
     assert mse[5] < mse[3] / 2, mse  # then it adapts (replayed old rows slow it: docs/LEARNING.md)
 
 

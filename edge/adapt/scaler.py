@@ -73,6 +73,27 @@ class OnlineScaler:
         out *= self._inv32
         return out
 
+    def affine(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(mean, std)`` now, as copies: a target scaler's way back from standard units,
+        ``S * std + mean``, taken before a label updates the statistics (so that what was
+        predicted before the label is read back without it)."""
+        return self._mean32.copy(), (1.0 / self._inv32).astype(np.float32)
+
+    def fold_output(self, arrays: dict) -> dict:
+        """A linear head's arrays rewritten to give raw targets: ``std * (W z + b) + mean``.
+
+        >>> s = OnlineScaler(1)
+        >>> s.learn_many(np.array([[1.0], [3.0]]))
+        >>> a = s.fold_output({"weight": np.array([[2.0]]), "bias": np.array([0.5])})
+        >>> a["weight"].tolist(), a["bias"].tolist()
+        ([[2.0]], [2.5])
+        """
+        std = 1.0 / self._inv32
+        out = dict(arrays)
+        out["weight"] = np.asarray(arrays["weight"], np.float32) * std[:, None]
+        out["bias"] = np.asarray(arrays["bias"], np.float32) * std + self._mean32
+        return out
+
     def fold(self, arrays: dict) -> dict:
         """A head's arrays rewritten to take raw features: every first layer absorbs the scaling.
 

@@ -129,8 +129,8 @@ def run_edge(task, X, y, k, *, batch: int = 0, seed: int = 0, **options):
     if batch:
         for i in range(0, len(X), batch):
             xb = X[i: i + batch]
-            if ilm.learner is not None:
-                P.append(ilm.learner.best().predict(xb))
+            if ilm.learner is not None:  # what predict serves: values (read back from the learner's units), or probabilities
+                P.append(ilm.predict(xb) if task == "regression" else ilm.learner.best().predict(xb))
             else:
                 P.append(np.zeros((len(xb), 2 if task == "binary" else out)) + (0.5 if task == "binary" else 0.0))
             ilm.learn_many(xb, Y[i: i + batch])
