@@ -9,7 +9,7 @@ import pytest
 MODULES = ["edge.adapt.heads", "edge.adapt.adam", "edge.adapt.replay", "edge.adapt.metrics", "edge.adapt.drift", "edge.adapt.labels",
            "edge.adapt.forecast", "edge.adapt.budget", "edge.adapt.synth", "edge.state",
            "edge.adapt.worker", "edge.adapt.optim", "edge.adapt.promotion", "edge.adapt.reference", "edge.adapt.scaler",
-           "edge.learning"]
+           "edge.learning", "edge.adapt.rowscore", "edge.adapt.policy", "edge.adapt.guard"]
 
 
 @pytest.mark.parametrize("name", MODULES)

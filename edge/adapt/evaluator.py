@@ -20,6 +20,7 @@ from edge.adapt.metrics import Prequential, sample_losses
 from edge.adapt.policy import NO_MARGINS, Margins, margins
 from edge.adapt.promotion import BettingTest, is_betting_state
 from edge.adapt.reference import Reference
+from edge.adapt.rowscore import Stack, loss_err, mode_of
 
 HEADS = ("champion", "challenger", "global", "reference")
 TESTS = ("promote", "refresh", "rollback")
@@ -27,22 +28,37 @@ TESTS = ("promote", "refresh", "rollback")
 
 @dataclass(slots=True)
 class Served:
-    """One label's (or a batch's) scores and losses of the champion and the global head, before training."""
+    """One label's (or a batch's) scores and losses of the champion and the global head, before
+    training: lists and floats for one label (``test_one``), arrays for a batch."""
 
-    scores: np.ndarray  # the champion's: what was served
+    scores: list | np.ndarray  # the champion's: what was served
     loss: float | np.ndarray
     error: float | np.ndarray
-    global_scores: np.ndarray
+    global_scores: list | np.ndarray
     global_loss: float | np.ndarray
 
 
-def score_one(snap, z2: np.ndarray, classification: bool) -> np.ndarray:
-    """``snap.predict(z2)[0]`` through the one softmax/sigmoid (``edge.adapt.activations``),
-    without the batch-shaped path's extra allocations (it runs on every label)."""
-    s = snap.logits(z2)[0]
-    if classification:
-        return binary_scores(s) if len(s) == 1 else softmax(s, inplace=True)
-    return s
+class _Unstacked:
+    """``rowscore.Stack``'s interface for heads that do not stack (an MLP's, a torch module's):
+    each scored on its own, the batch way."""
+
+    __slots__ = ("champion", "glob", "classification")
+
+    def __init__(self, champion, glob, classification: bool):
+        self.champion, self.glob, self.classification = champion, glob, classification
+
+    def fits(self, champion, glob) -> bool:
+        return self.champion is champion and self.glob is glob
+
+    def scores(self, z: np.ndarray, mode: int) -> tuple[list, list]:
+        p = self._one(self.champion, z)
+        return p, p if self.glob is self.champion else self._one(self.glob, z)
+
+    def _one(self, snap, z) -> list:
+        s = snap.logits(z[None, :])[0]
+        if self.classification:
+            s = binary_scores(s) if len(s) == 1 else softmax(s, inplace=True)
+        return s.tolist()
 
 
 class Evaluator:
@@ -55,22 +71,36 @@ class Evaluator:
         self.reference = Reference(task=task, outputs=outputs, in_features=feature_size)
         self.pairs = {k: BettingTest(bound=config.promote_bound) for k in TESTS}
         self.margins: Margins = NO_MARGINS
+        self.mode = mode_of(task, outputs)
+        self._stack = None  # the champion's and global head's stacked maps (rowscore.Stack)
+        self._index_preq()
+
+    def _index_preq(self) -> None:
+        """The per-row path's handles on the records (champion, global, reference, challenger):
+        refreshed whenever a record is replaced."""
+        p = self.preq
+        self._preq_one = (p["champion"], p["global"], p["reference"], p["challenger"])
 
     # -- test: every head scored before it learns ------------------------------------------
 
-    def test_one(self, champion, glob, z2: np.ndarray, t) -> Served:
-        """Score one sample ``z2`` ``[1, D]`` with the champion, the global head (the same
-        scores when the champion is the global head) and the reference, and record them."""
-        preq = self.preq
-        s = score_one(champion, z2, self.classification)
-        loss, err = preq["champion"].update(s, t)
-        if champion is glob:
-            sg, lg = s, loss
-            preq["global"].update_values(loss, err)
+    def test_one(self, champion, glob, z: np.ndarray, t) -> Served:
+        """Score one sample ``z`` ``[D]`` (float32) with the champion, the global head (the same
+        scores when the champion is the global head) and the reference, and record them.
+        ``t``: the class index, or the targets as a list of floats. The scores are lists of
+        floats (``edge.adapt.rowscore``: one stacked product for both heads)."""
+        st, mode, preq = self._stack, self.mode, self._preq_one
+        if st is None or not st.fits(champion, glob):
+            st = self._stack = Stack.of(champion, glob) or _Unstacked(champion, glob, self.classification)
+        s, sg = st.scores(z, mode)
+        loss, err = loss_err(s, t, mode)
+        preq[0].update_values(loss, err)
+        if sg is s:
+            lg = loss
+            preq[1].update_values(loss, err)
         else:
-            sg = score_one(glob, z2, self.classification)
-            lg, _ = preq["global"].update(sg, t)
-        preq["reference"].update_values(*self.reference.test_then_learn(t))
+            lg, eg = loss_err(sg, t, mode)
+            preq[1].update_values(lg, eg)
+        preq[2].update_values(*self.reference.test_then_learn(t))
         return Served(s, loss, err, sg, lg)
 
     def test_many(self, champion, glob, Z: np.ndarray, T) -> Served:
@@ -88,9 +118,11 @@ class Evaluator:
         preq["reference"].update_many(*sample_losses(self.reference.learn_many(T), T, task))
         return Served(s, loss, err, sg, lg)
 
-    def challenger_one(self, scores, t) -> tuple[float, float]:
-        """Record the challenger's scores of one sample, taken before its step: ``(loss, error)``."""
-        return self.preq["challenger"].update(scores, t)
+    def challenger_one(self, scores: list, t) -> tuple[float, float]:
+        """Record the challenger's scores of one sample (a list), taken before its step: ``(loss, error)``."""
+        loss, err = loss_err(scores, t, self.mode)
+        self._preq_one[3].update_values(loss, err)
+        return loss, err
 
     def challenger_many(self, scores: np.ndarray, T) -> tuple[np.ndarray, np.ndarray]:
         loss, err = sample_losses(scores, T, self.task)
@@ -126,9 +158,8 @@ class Evaluator:
 
     def update_margins(self) -> None:
         """Fix the margins the next label is tested at, from the windowed losses so far."""
-        preq = self.preq
-        self.margins = margins(self.cfg, self.task, champion=preq["champion"].loss.get(),
-                               glob=preq["global"].loss.get(), reference=preq["reference"].loss.get())
+        c, g, r, _ = self._preq_one
+        self.margins = margins(self.cfg, self.task, champion=c.loss.get(), glob=g.loss.get(), reference=r.loss.get())
 
     # -- after a swap ---------------------------------------------------------------------------
 
@@ -155,6 +186,7 @@ class Evaluator:
     def new_global(self) -> None:
         """A new fleet global head: its record and the rollback test start afresh."""
         self.preq["global"] = Prequential(self.task, window=self.cfg.eval_window)
+        self._index_preq()
         self.pairs["rollback"].reset()
 
     def consolidated(self) -> None:
@@ -162,6 +194,7 @@ class Evaluator:
         their records and every test start afresh."""
         for k in ("champion", "challenger"):
             self.preq[k] = Prequential(self.task, window=self.cfg.eval_window)
+        self._index_preq()
         self.restart()
 
     # -- read-outs and state -------------------------------------------------------------------

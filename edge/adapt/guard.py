@@ -40,10 +40,12 @@ class LabelGuard:
         self.tripped = False
 
     def contradicts(self, served, global_scores, label: int) -> bool:
-        """True when both heads predict one class with ``confidence`` and the label is another."""
-        k = int(served.argmax())
-        return (k == int(global_scores.argmax()) and k != label and served[k] >= self.confidence
-                and global_scores[k] >= self.confidence)
+        """True when both heads predict one class with ``confidence`` and the label is another.
+        The scores are lists of floats (``learn_one``'s) or 1-D arrays."""
+        k = _argmax(served)
+        if k == label or served[k] < self.confidence:
+            return False
+        return _argmax(global_scores) == k and global_scores[k] >= self.confidence
 
     def contradicts_many(self, served, global_scores, labels) -> np.ndarray:
         """``contradicts`` for each row of ``served`` / ``global_scores`` ``[n, K]`` and ``labels`` ``[n]``.
@@ -101,3 +103,14 @@ class LabelGuard:
         r = self.recent_share
         return (self.seen >= self.warmup and len(self._recent) >= min(self.window, 20) and r > self.share
                 and r > self.ratio * self.history)
+
+
+def _argmax(p) -> int:
+    """The first index of the largest score (numpy's ``argmax``), of a list or a 1-D array."""
+    if isinstance(p, np.ndarray):
+        return int(p.argmax())
+    best = 0
+    for i in range(1, len(p)):
+        if p[i] > p[best]:
+            best = i
+    return best

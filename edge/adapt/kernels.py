@@ -136,6 +136,50 @@ def _linear_adam_step(flat, k, d, z, yc, yr, n, mode, off, anchor, base_w, base_
     return wrong / ((b - a) * (k if mode == MODE_REGRESSION else 1))
 
 
+def _fill_step(flat, k, d, zb, ycb, yrb, z0, y0c, y0r, rz, ryc, ryr, ri, pz, pyc, pyr, pi, scale, mean32, inv32,
+               mode, off, anchor, base_w, base_b, grad, m, v, hp, s0, a, b):
+    """``HeadTrainer.fill`` + the scaler's transform + ``_linear_adam_step``, in one call: row 0 of
+    ``zb`` / ``ycb`` (or ``yrb``) = the new row ``z0`` / ``y0c`` (or ``y0r``), then the rows
+    ``ri`` of the recent buffer (``rz``, ``ryc`` / ``ryr``) and ``pi`` of the reservoir, each
+    row scaled ``(z - mean32) * inv32`` when ``scale``; then one step on them. Returns the
+    step's value (the mean error of rows ``a..b``, or NaN); the rows filled are ``1 + len(ri) + len(pi)``."""
+    reg = mode == MODE_REGRESSION
+    n = 1 + ri.shape[0] + pi.shape[0]
+    for j in range(d):
+        zb[0, j] = z0[j]
+    if reg:
+        for c in range(k):
+            yrb[0, c] = y0r[c]
+    else:
+        ycb[0] = y0c
+    row = 1
+    for q in range(ri.shape[0]):
+        src = ri[q]
+        for j in range(d):
+            zb[row, j] = rz[src, j]
+        if reg:
+            for c in range(k):
+                yrb[row, c] = ryr[src, c]
+        else:
+            ycb[row] = ryc[src]
+        row += 1
+    for q in range(pi.shape[0]):
+        src = pi[q]
+        for j in range(d):
+            zb[row, j] = pz[src, j]
+        if reg:
+            for c in range(k):
+                yrb[row, c] = pyr[src, c]
+        else:
+            ycb[row] = pyc[src]
+        row += 1
+    if scale:
+        for i in range(n):
+            for j in range(d):
+                zb[i, j] = (zb[i, j] - mean32[j]) * inv32[j]
+    return _linear_adam_step(flat, k, d, zb, ycb, yrb, n, mode, off, anchor, base_w, base_b, grad, m, v, hp, 1, s0, a, b)
+
+
 def _softmax_row(logit, s0, i, k, mx):
     tot = 0.0
     for c in range(k):
@@ -177,9 +221,10 @@ if AVAILABLE:
     welford_one = njit(nogil=True, cache=True)(_welford_one)
     _softmax_row = njit(nogil=True, cache=True)(_softmax_row)
     _adam = njit(nogil=True, cache=True)(_adam)
-    linear_adam_step = njit(nogil=True, cache=True)(_linear_adam_step)
+    _linear_adam_step = linear_adam_step = njit(nogil=True, cache=True)(_linear_adam_step)
+    fill_step = njit(nogil=True, cache=True)(_fill_step)
 else:
-    linear_adam_step = welford_one = None
+    linear_adam_step = welford_one = fill_step = None
 
 _warmed = False
 
@@ -202,3 +247,12 @@ def warm() -> None:
                      np.zeros((k, d), f32), np.zeros(k, f32), np.zeros(flat.size, f64), np.zeros(flat.size, f32),
                      np.zeros(flat.size, f32), np.array([0.0, 1e-8, 1.0, 0.0, 0.9, 0.999], f64), 1, s0, 0, 0)
     welford_one(np.zeros(d, f32), np.zeros(d, f64), np.zeros(d, f64), 1, np.zeros(d, f32), np.ones(d, f32))
+    for y0r, yb_c, yb_r, src_c, src_r, mode in ((np.zeros(0, f32), np.zeros(n, i64), np.zeros((0, k), f32),
+                                                 np.zeros(n, i64), np.zeros((0, k), f32), MODE_BINARY),
+                                                (np.zeros(k, f32), np.zeros(0, i64), np.zeros((n, k), f32),
+                                                 np.zeros(0, i64), np.zeros((n, k), f32), MODE_REGRESSION)):
+        idx = np.zeros(1, i64)
+        fill_step(flat, k, d, np.zeros((n, d), f32), yb_c, yb_r, np.zeros(d, f32), 0, y0r, z, src_c, src_r, idx, z, src_c,
+                  src_r, idx[:0], True, np.zeros(d, f32), np.ones(d, f32), mode, np.zeros(0, f32), 0.0,
+                  np.zeros((k, d), f32), np.zeros(k, f32), np.zeros(flat.size, f64), np.zeros(flat.size, f32),
+                  np.zeros(flat.size, f32), np.array([0.0, 1e-8, 1.0, 0.0, 0.9, 0.999], f64), s0, 0, 0)

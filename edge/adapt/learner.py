@@ -345,17 +345,18 @@ class Learner:
         if why:
             return self.reject(why)
         champion, ev = self.champion, self.evaluator
-        sv = ev.test_one(champion, self._global, z[None, :], t)
+        tl = t if self._n_classes else t.tolist()  # the scoring path's target: an int, or floats
+        sv = ev.test_one(champion, self._global, z, tl)
         sc = self.scaler
         if sc is not None:  # replay keeps raw features: each batch is scaled with today's statistics
             sc.learn_one(z)
-        grant = self._admit(sv, t, 1)
+        grant = self._admit(sv, t, 1, one=True)
         s_chal, trained = self._train_one(z, t, grant)
-        l_chal, e_chal = ev.challenger_one(s_chal, t)
+        l_chal, e_chal = ev.challenger_one(s_chal.tolist(), tl)
         self.replay.add(z, t)
         self.recent.add(z, t)
-        drift, swap = self._settle(1, sv, l_chal, e_chal, trained, adapted=champion is not self._global)
-        return {"accepted": True, "served": sv.scores, "loss": sv.loss, "error": sv.error,
+        drift, swap = self._settle(1, sv, l_chal, e_chal, trained, adapted=champion is not self._global, one=True)
+        return {"accepted": True, "served": np.array(sv.scores, np.float32), "loss": sv.loss, "error": sv.error,
                 "challenger": s_chal, "challenger_loss": l_chal,
                 "drift": drift, "swap": swap, "champion_version": self.champion.version}
 
@@ -364,20 +365,17 @@ class Learner:
         of the sample before the first step (or without one), and the steps taken."""
         tr, sc, s_chal, taken = self.trainer, self.scaler, None, 0
         before = self._arrays_if(grant.held)
+        t0 = time.perf_counter()
         for _ in range(grant.steps if grant.paid else 0):
-            t0 = time.perf_counter()
-            n = tr.fill(z, t, self._sources)
-            if sc is not None:
-                sc.transform_many(tr.z_np[:n], out=tr.z_np[:n])
             # the replayed rows' loss (plasticity rule) on every 4th label: it is a faded mean anyway
-            tr.last_loss_of = tr.ranges[1] if s_chal is None and not self.counters["labels"] & 3 else None
-            s = tr.step(n)
+            s = tr.fill_step(z, t, self._sources, sc, replay_loss=s_chal is None and not self.counters["labels"] & 3)
             if s_chal is None:
                 s_chal = s
                 if tr.last_loss_of and tr.ranges[1][1] > tr.ranges[1][0]:
                     self.plasticity.fade_one("replay", tr.last_loss)
-            self.budget.charge(time.perf_counter() - t0)
             taken += 1
+        if taken:
+            self.budget.charge(time.perf_counter() - t0)
         self._keep_apart(before)
         if s_chal is None:
             s_chal = tr.score(z if sc is None else sc.transform_one(z))
@@ -396,7 +394,7 @@ class Learner:
             return {"accepted": 0, "served": np.zeros((0, self.outputs)), "drift": None, "swap": None}
         champion, ev = self.champion, self.evaluator
         sv = ev.test_many(champion, self._global, Z, T)
-        grant = self._admit(sv, T, m)
+        grant = self._admit(sv, T, m, one=False)
         before = self._arrays_if(grant.held)
         t0 = time.perf_counter()
         s_chal, replay_loss = batch.train_rows(self.trainer, Z, T, paid=grant.paid, steps=grant.steps,
@@ -408,10 +406,11 @@ class Learner:
         l_chal, e_chal = ev.challenger_many(s_chal, T)
         self.replay.add_many(Z, T)
         self.recent.add_many(Z, T)
-        drift, swap = self._settle(m, sv, l_chal, e_chal, grant.paid * grant.steps, adapted=champion is not self._global)
+        drift, swap = self._settle(m, sv, l_chal, e_chal, grant.paid * grant.steps, adapted=champion is not self._global,
+                                   one=False)
         return {"accepted": m, "served": sv.scores, "challenger": s_chal, "drift": drift, "swap": swap}
 
-    def _admit(self, sv: Served, targets, n: int) -> Grant:
+    def _admit(self, sv: Served, targets, n: int, *, one: bool) -> Grant:
         """Before training, for ``n`` labels just scored (``learn_one``: one row's scores and target):
         note them with the label guard, set the schedule (plastic or not) and take the
         training budget's grant, the first labels first, counting the others as skipped.
@@ -420,7 +419,7 @@ class Learner:
         g, cfg = self.guard, self.cfg
         held = False
         if g is not None:
-            if sv.scores.ndim == 1:  # learn_one's hot path: the scalar form of the same rule (tested equal)
+            if one:  # learn_one's hot path: the scalar form of the same rule (tested equal)
                 held = g.observe(g.contradicts(sv.scores, sv.global_scores, int(targets)))
             else:
                 held = g.observe_many(g.contradicts_many(sv.scores, sv.global_scores, targets))
@@ -434,13 +433,12 @@ class Learner:
         self.counters["train_steps_skipped"] += n - paid
         return Grant(held, paid, steps)
 
-    def _settle(self, n: int, sv: Served, challenger_loss, challenger_error, trained: int, *, adapted: bool):
+    def _settle(self, n: int, sv: Served, challenger_loss, challenger_error, trained: int, *, adapted: bool, one: bool):
         """After training, for the same ``n`` labels (arrays from ``learn_many``): the paired evidence,
         the counters, the plasticity rules and the swap the policy calls for; ``(drift, swap)``.
         One path for both entry points: counters before the detectors, so that every event
         counts the labels that led to it."""
-        ev, pl, c = self.evaluator, self.plasticity, self.counters
-        one = sv.scores.ndim == 1  # learn_one: plain floats; learn_many: arrays (of any length)
+        ev, pl, c = self.evaluator, self.plasticity, self.counters  # one: plain floats; else arrays
         if one:
             ev.pair_one(sv, challenger_loss, adapted)
             pl.fade_new_one(challenger_error)
@@ -504,6 +502,8 @@ class Learner:
         tripped = g is not None and g.tripped
         if not tripped:
             self._anomaly_open = False
+        if not (promote or refresh or rollback):  # every decision needs a passing test (policy.decide)
+            return None
         d = decide(cfg, Situation(since_swap=self.since_swap, plastic=plastic, adapted=self.champion is not self._global,
                                   guard_ready=g is None or g.seen >= g.warmup, guard_tripped=tripped,
                                   promote=promote, refresh=refresh, rollback=rollback))

@@ -47,12 +47,15 @@ class Reference:
         ``y``: the per-label path, in plain floats where it can (it runs on every label)."""
         if self.classification:
             c, counts = int(y), self.counts
-            total = float(counts.sum())
-            p = float(counts[c]) / total
-            err = 0.0 if float(counts[c]) >= float(counts.max()) and int(counts.argmax()) == c else 1.0
+            cs = counts.tolist()  # whole-number counts: the sum is exact in any order
+            best = 0
+            for i in range(1, len(cs)):  # the first of equal maxima, as argmax
+                if cs[i] > cs[best]:
+                    best = i
+            p = cs[c] / sum(cs)
             counts[c] += 1.0
             self.n += 1
-            return -math.log(max(p, 1e-7)), err
+            return -math.log(max(p, 1e-7)), 0.0 if best == c else 1.0
         if self.outputs == 1:
             t = float(np.asarray(y).reshape(-1)[0])
             m = float(self.mean[0])

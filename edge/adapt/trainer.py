@@ -121,6 +121,46 @@ class HeadTrainer:
             row += k
         return row
 
+    def fill_step(self, z, y, sources, scaler, *, replay_loss: bool) -> np.ndarray:
+        """``fill``, the scaler's transform of the batch (``scaler``: an ``OnlineScaler`` or None)
+        and ``step``, in one compiled call where the head takes the compiled path (else those
+        three: ``learn_one``'s per-label step, where each numpy call costs more than its
+        arithmetic); returns row 0's scores before the step. ``replay_loss``: record the
+        replayed rows' error (``last_loss``). ``ranges`` as ``fill`` sets them."""
+        if not self.compiled:
+            n = self.fill(z, y, sources)
+            if scaler is not None:
+                scaler.transform_many(self.z_np[:n], out=self.z_np[:n])
+            self.last_loss_of = self.ranges[1] if replay_loss else None
+            return self.step(n)
+        (rec, n_rec), (rep, n_rep) = sources
+        ri = rec.sample_indices(min(n_rec, self.batch - 1))
+        pi = rep.sample_indices(min(n_rep, self.batch - 1 - len(ri)))
+        a = 1 + len(ri)
+        self.ranges = [(1, a), (a, a + len(pi))]
+        self.last_loss_of = self.ranges[1] if replay_loss else None
+        hp = self._hp
+        hp[0], hp[1], hp[2], hp[3] = self.opt.advance(self._lr)
+        want = self.last_loss_of
+        lo, hi = want if want else (0, 0)
+        h, o = self.head, self.opt
+        off = self.logit_offset if self.classification and self.logit_offset is not None else self._no_off
+        s0 = np.empty((1, self._width), np.float32)
+        if self.classification:
+            y0c, y0r, yc, yr = y, self._no_off, self.y_np, self._no_yr
+            rc, rr, pc, pr = rec.y, self._no_yr, rep.y, self._no_yr
+        else:
+            y0c, y0r, yc, yr = 0, y, self._no_yc, self.y_np
+            rc, rr, pc, pr = self._no_yc, rec.y, self._no_yc, rep.y
+        sc = scaler is not None  # its float32 mean and inverse std, kept current by the scaler itself
+        loss = kernels.fill_step(h.flat, h.out_features, h.in_features, self.z_np, yc, yr, z, y0c, y0r, rec.z, rc, rr, ri,
+                                 rep.z, pc, pr, pi, sc, scaler._mean32 if sc else self._no_off,
+                                 scaler._inv32 if sc else self._no_off, self._mode, off, float(self.anchor),
+                                 h.base_weight, h.base_bias, self._grad64, o.m, o.v, hp, s0, lo, hi)
+        if hi > lo:
+            self.last_loss = loss
+        return s0[0]
+
     def step(self, n: int) -> np.ndarray:
         """One optimizer step on the first ``n`` rows; returns row 0's scores *before* the step.
 

@@ -270,9 +270,12 @@ def _one_blas_thread(argv) -> int | None:
 
 
 def main(argv=None) -> int:
+    import sys
+
     child = _one_blas_thread(argv)
     if child is not None:
         return child
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="edge bench adapt", description=__doc__.splitlines()[0].replace("`", ""))
     ap.add_argument("--out", default="bench/out", help="folder for adapt.json and adapt.png")
     ap.add_argument("--pre", type=int, default=200, help="nominal labels before the drift")
