@@ -46,12 +46,14 @@ def _scale_head(folder, factor: float) -> None:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """current: the tiny model with a head scaled down (unsure: high loss); good: the real head;
-    worse: the head flipped; parity: a folder whose int8 build cannot meet its gate."""
+    worse: the head flipped; parity: a folder whose int8 build cannot meet its gate; same: the
+    current model re-versioned (its backbone and shipped head)."""
     root = tmp_path_factory.mktemp("models")
     out = {}
     for name, version, factor, parity in [("current", "0.0.1", 0.1, None), ("good", "0.0.2", 1.0, None),
                                           ("worse", "0.0.3", -1.0, None),
-                                          ("parity", "0.0.4", 1.0, {"int8_min_cosine": 1.5})]:
+                                          ("parity", "0.0.4", 1.0, {"int8_min_cosine": 1.5}),
+                                          ("same", "0.0.5", 0.1, None)]:
         folder = root / name
         make_tiny_model(folder, name="tiny", parity=parity)
         _set_version(folder, version)
@@ -91,9 +93,10 @@ def publisher(broker, keys):
 
 
 class Device:
-    """A ``DeployPart`` as the daemon wires it, fed live windows through its tap."""
+    """A ``DeployPart`` as the daemon wires it, fed live windows through its tap; the scores it
+    publishes come from the model's shipped head, or from ``served_head`` (an adapted head)."""
 
-    def __init__(self, broker, keys, served, state_dir, **deploy):
+    def __init__(self, broker, keys, served, state_dir, served_head=None, **deploy):
         model, backend, cache = served
         self.model, self.backend = model, backend
         dep = {"enabled": True, "shadow_share": 1.0, "request_timeout_s": 2.0, **deploy}
@@ -108,7 +111,7 @@ class Device:
                                request_restart=self.restarts.append)
         self.part.attach(backend)
         self.part.start()
-        _, head = model.arrays()
+        _, head = model.arrays() if served_head is None else (None, served_head)
         self.head_w, self.head_b = head["weight"], head["bias"]
         self.t = 0.0
 
@@ -191,6 +194,30 @@ def test_worse_release_is_refused_on_live_labels(broker, keys, served, models, p
         assert publisher.refusal(m.release) == "worse"
         assert _active(tmp_path) is None and not dev.restarts
         assert not (tmp_path / NODE / "deploy" / m.release).exists()
+    finally:
+        dev.stop()
+
+
+def test_shadow_reference_is_the_shipped_head_not_the_adapted_one(broker, keys, served, models, publisher, tmp_path):
+    """A learning device serves a head adapted on its labels (here the real head, far better than
+    the current model's weak shipped one). A release of the current backbone with its shipped
+    head is no worse than what a fresh device would serve, so it switches, although the adapted
+    head beats it on the same labels (the evidence says by how much: it does not decide)."""
+    from edge.zoo import ModelFolder
+
+    _, adapted = ModelFolder(models["good"]).arrays()
+    dev = Device(broker, keys, served, tmp_path, served_head=dict(adapted))
+    try:
+        m = publisher.release(models["same"], release="00000000000000c3", min_labels=20, margin=0.2)
+        poll(lambda: dev.status().get("phase") == "shadowing", 120, what="the shadow test")
+        _shadow_until(dev, lambda: dev.restarts or publisher.refusal(m.release), "a decision")
+        assert publisher.refusal(m.release) is None and dev.restarts
+        assert _active(tmp_path)["release"] == m.release
+        poll(lambda: dev.status().get("phase") == "switching", 10, what="the switch in the status")
+        ev = dev.status()["evidence"]
+        assert ev["reference"] == "shipped" and ev["labels"] >= 20
+        assert abs(ev["mean_diff"]) < 0.05  # the same backbone and head as the reference
+        assert ev["mean_diff_served"] > 0.2  # the adapted head is better on these labels: not the reference
     finally:
         dev.stop()
 

@@ -345,10 +345,15 @@ class DeployAgent:
         _, head = model.arrays()
         snap = HeadSnapshot.from_arrays(dict(head), kind="linear", task=model.manifest.task,
                                         version=f"{model.manifest.version}+shipped")
+        # the reference: the current backbone with its own shipped head, not the adapted one
+        # (edge.deploy.shadow: an adapted head has learnt from the labels the test scores on)
+        _, ref_head = self.current.arrays()
+        reference = HeadSnapshot.from_arrays(dict(ref_head), kind="linear", task=self.current.manifest.task,
+                                             version=f"{self.current.manifest.version}+shipped")
         test = ShadowTest(min_labels=m.min_labels, margin=m.margin, alpha=dc.alpha, max_windows=dc.shadow_max_windows,
                           min_agreement=dc.min_agreement)
         self.candidate = model
-        self.shadow = Shadow(engine=Engine(backend, max_batch=self.cfg.model.max_batch), head=snap,
+        self.shadow = Shadow(engine=Engine(backend, max_batch=self.cfg.model.max_batch), head=snap, reference=reference,
                              classes=model.manifest.classes, test=test, share=dc.shadow_share,
                              on_decision=lambda d, ev: self._inbox.put(("__decision__", (d, ev))))
         self.shadow.start()

@@ -1,8 +1,17 @@
-"""The shadow test: is the candidate model worse than the served one on live labels? Pure.
+"""The shadow test: is the candidate model worse than the current one on live labels? Pure.
 
 Each labelled shadow window gives a paired loss difference ``d = loss(candidate) -
-loss(current)`` (cross-entropy of the label's class, both models scored on the same
-window before any decision). Two anytime-valid sequential tests run on the clipped,
+loss(reference)`` (cross-entropy of the label's class, both scored on the same window
+before any decision). The reference is the current backbone with the head a fresh device
+would start from: the current model folder's own (shipped) head, not the head the
+device has adapted on its labels (``edge.deploy.shadowrun`` computes it from the served
+features). The candidate brings its bundle's head, the adapted head is set aside at the
+switch and learning goes on from the bundle's head on the new backbone, so the fair
+question is "backbone and shipped head against backbone and shipped head": an adapted
+head has learnt from the very labels the test scores on, and would refuse every good
+release a learning device sees (README, "Model releases on a device"). The served
+(adapted) head's loss is kept beside it as evidence only (``mean_diff_served``).
+Two anytime-valid sequential tests run on the clipped,
 scaled differences ``x = clip(d / scale, -1, 1)``, each an e-process: a mixture, over a
 grid of bets ``lam``, of the test martingales ``prod(1 + lam * x_i)`` (Waudby-Smith and
 Ramdas' betting construction, with a fixed grid instead of a predictable bet):
@@ -65,6 +74,7 @@ class ShadowTest:
         self.max_windows, self.min_agreement = int(max_windows), float(min_agreement)
         self.switch, self.worse = Mixture(), Mixture()
         self.labels, self.sum_d, self.windows, self.agree = 0, 0.0, 0, 0
+        self.served_labels, self.sum_d_served = 0, 0.0  # evidence only: against the head the device serves
         self.conf_current, self.conf_candidate = 0.0, 0.0
 
     def add_window(self, current_scores, candidate_scores) -> None:
@@ -75,11 +85,16 @@ class ShadowTest:
         self.conf_current += float(np.max(c))
         self.conf_candidate += float(np.max(n))
 
-    def add_pair(self, *, current_loss: float, candidate_loss: float) -> None:
-        """One labelled window's paired losses."""
+    def add_pair(self, *, current_loss: float, candidate_loss: float, served_loss: float | None = None) -> None:
+        """One labelled window's paired losses: ``current_loss`` is the reference's (the current
+        backbone with its shipped head), the one the decision rests on; ``served_loss``, of the
+        head the device serves now, is recorded as evidence and never decides."""
         d = float(candidate_loss) - float(current_loss)
         if not math.isfinite(d):
             return
+        if served_loss is not None and math.isfinite(float(candidate_loss) - float(served_loss)):
+            self.served_labels += 1
+            self.sum_d_served += float(candidate_loss) - float(served_loss)
         self.labels += 1
         self.sum_d += d
         self.switch.add((self.margin - d) / SCALE)
@@ -103,6 +118,8 @@ class ShadowTest:
         """What a ``shadowing`` report carries (RELEASE_FORMAT.md, "Report body")."""
         return {"labels": self.labels, "windows": self.windows,
                 "mean_diff": round(self.sum_d / self.labels, 5) if self.labels else None,
+                "reference": "shipped",
+                "mean_diff_served": round(self.sum_d_served / self.served_labels, 5) if self.served_labels else None,
                 "e_switch": round(self.switch.wealth, 4), "e_worse": round(self.worse.wealth, 4),
                 "agreement": round(self.agree / self.windows, 4) if self.windows else None}
 

@@ -4,9 +4,12 @@ its own (``deploy-shadow``), its predictions never published, and labels feed ``
 CPU: at most ``share`` of the windows are taken (a deterministic credit counter, not a
 coin), at most ``MAX_QUEUED`` wait, and a full queue drops the window (counted), so the
 serving thread never waits for the candidate. Each taken window is served by the
-candidate's backbone and head; its scores and the current model's are kept per stream
-(the last ``KEEP`` windows) until a label for its time arrives; then both are scored on
-that label and the pair goes into the sequential test.
+candidate's backbone and head, and by the reference: the current backbone's features of
+that window (the ones the pipeline served, so the current backbone never runs twice)
+through the current model's shipped head (``edge.deploy.shadow``, why not the adapted
+one). Their scores, and the scores the device published, are kept per stream (the last
+``KEEP`` windows) until a label for its time arrives; then each is scored on that label
+and the pair (reference, candidate) goes into the sequential test.
 """
 from __future__ import annotations
 
@@ -23,10 +26,12 @@ MAX_QUEUED, KEEP, BATCH = 64, 256, 16
 
 
 class Shadow:
-    """One candidate (``engine``: an ``edge.serve.Engine``; ``head``: a ``HeadSnapshot``) under test."""
+    """One candidate (``engine``: an ``edge.serve.Engine``; ``head``: a ``HeadSnapshot``) under test
+    against ``reference``, the current model's shipped head (a ``HeadSnapshot``) on the served features."""
 
-    def __init__(self, *, engine, head, classes, test: ShadowTest, share: float, on_decision):
+    def __init__(self, *, engine, head, reference, classes, test: ShadowTest, share: float, on_decision):
         self.engine, self.head, self.classes, self.test = engine, head, tuple(classes), test
+        self.reference = reference
         self.share, self.on_decision = float(share), on_decision
         self._index = {str(c): i for i, c in enumerate(self.classes)}
         self._credit = 0.0
@@ -41,7 +46,8 @@ class Shadow:
         self.thread = threading.Thread(target=self._run, name="deploy-shadow", daemon=True)
 
     # ---- the pipeline thread (through ShadowTap) -------------------------------------
-    def offer_window(self, key, t0, t1, x, scores) -> None:
+    def offer_window(self, key, t0, t1, x, z, scores) -> None:
+        """A served window: its samples ``x``, the current backbone's features ``z``, the published ``scores``."""
         self.counters["windows_offered"] += 1
         self._credit += self.share
         if self._credit < 1.0:
@@ -50,7 +56,7 @@ class Shadow:
         if len(self._windows) >= MAX_QUEUED:
             self.counters["windows_dropped"] += 1
             return
-        self._windows.append((key, t0, t1, np.array(x, copy=True), np.array(scores, copy=True)))
+        self._windows.append((key, t0, t1, np.array(x, copy=True), np.array(z, copy=True), np.array(scores, copy=True)))
         self._wake.set()
 
     def offer_label(self, key, t, value) -> None:
@@ -85,11 +91,11 @@ class Shadow:
     def _serve_queued(self) -> None:
         while self._windows:
             batch = [self._windows.popleft() for _ in range(min(BATCH, len(self._windows)))]
-            z = self.engine.features(np.stack([b[3] for b in batch]))
-            cand = self.head.predict(z)
-            for (key, t0, t1, _, cur), s in zip(batch, cand):
-                self.test.add_window(cur, s)
-                self._seen.setdefault(key, collections.deque(maxlen=KEEP)).append((t0, t1, cur, s))
+            cand = self.head.predict(self.engine.features(np.stack([b[3] for b in batch])))
+            ref = self.reference.predict(np.stack([b[4] for b in batch]))
+            for (key, t0, t1, _, _, served), r, s in zip(batch, ref, cand):
+                self.test.add_window(r, s)
+                self._seen.setdefault(key, collections.deque(maxlen=KEEP)).append((t0, t1, r, s, served))
                 self.counters["windows_taken"] += 1
 
     def _match_labels(self) -> None:
@@ -100,8 +106,9 @@ class Shadow:
             if hit is None:
                 self.counters["labels_unmatched"] += 1
                 continue
-            cur, cand = hit
-            self.test.add_pair(current_loss=class_loss(cur, k), candidate_loss=class_loss(cand, k))
+            ref, cand, served = hit
+            self.test.add_pair(current_loss=class_loss(ref, k), candidate_loss=class_loss(cand, k),
+                               served_loss=class_loss(served, k))
             self.counters["labels_matched"] += 1
 
     def _class(self, value) -> int | None:
@@ -112,7 +119,7 @@ class Shadow:
     def _find(self, key, t):
         streams = [self._seen.get(key, ())] if key is not None else list(self._seen.values())
         for seen in streams:
-            for t0, t1, cur, cand in reversed(seen):
+            for t0, t1, ref, cand, served in reversed(seen):
                 if t0 <= t <= t1:
-                    return cur, cand
+                    return ref, cand, served
         return None

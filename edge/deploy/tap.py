@@ -4,7 +4,8 @@ The pipeline's server calls ``features(x)`` once per batch and then ``on_window`
 window of that batch, in order, on the pipeline thread (``edge.pipeline.server`` and
 ``loop._serve``). ``ShadowTap`` wraps both: ``features`` keeps a reference to the batch
 and ``on_window`` pairs the ``i``-th call with ``x[i]``, so the shadow gets each window's
-samples beside the scores the current model published. ``on_label`` is passed through
+samples beside the current backbone's features of it and the scores the current model
+published. ``on_label`` is passed through
 the same way. With no shadow running (``sink`` None) the tap costs one attribute read
 per window; the sink is swapped by one reference assignment (atomic).
 """
@@ -31,7 +32,7 @@ class ShadowTap:
         i, x, sink = self._i, self._x, self.sink
         self._i = i + 1
         if sink is not None and x is not None and i < len(x):
-            sink.offer_window(key, t0, t1, x[i], scores)
+            sink.offer_window(key, t0, t1, x[i], z, scores)
         if self._on_window is not None:
             self._on_window(key, t0, t1, z, scores)
 
