@@ -4,8 +4,9 @@ One real mosquitto, one real ``FleetServer`` (SQLite store) with its ``ReleaseSe
 and ``--devices`` simulated devices, each the device engineer's ``edge.deploy.part.DeployPart``
 as the daemon wires it (its own MQTT connection, deploy and shadow threads), serving the
 shipped vibration model with ONNX Runtime int8 and fed labelled windows from ``edge.sim``
-through its shadow tap as the pipeline feeds it. A switch is the daemon's restart, done
-here in process: the part is stopped and built again on the folder ``active.json`` names.
+through its shadow tap as the pipeline feeds it (``edge.deploy.sim.SimDevice``, shared with
+``edge demo --fleet``). A switch is the daemon's restart, done here in process: the part is
+stopped and built again on the folder ``active.json`` names.
 
 Two releases, one after the other:
 
@@ -33,164 +34,13 @@ from pathlib import Path
 
 import numpy as np
 
-def mqtt5_bytes(topic: str, payload_len: int, *, qos: int = 1) -> int:
-    """Bytes of one MQTT 5 PUBLISH (no properties) and its PUBACK on the wire.
-
-    >>> mqtt5_bytes("a/b", 10)  # 1 + 1 + (2 + 3 + 2 + 1 + 10) + PUBACK 4
-    24
-    """
-    remaining = 2 + len(topic.encode()) + (2 if qos else 0) + 1 + payload_len
-    varint = 1 if remaining < 128 else 2 if remaining < 16_384 else 3 if remaining < 2_097_152 else 4
-    return 1 + varint + remaining + (4 if qos else 0)
+from edge.deploy.sim import SimDevice, mqtt5_bytes, release_folders  # noqa: F401  (mqtt5_bytes: BENCHMARKS names it here)
 
 
 def _cpu() -> dict:
     from edge.bench.learning import _cpu as cpu
 
     return cpu()
-
-
-def _folders(root: Path) -> dict:
-    """current (the shipped folder), good (version raised), worse (head rows rotated, graph re-exported)."""
-    from safetensors.numpy import load, save
-
-    from edge.serve.export import write_folder_graph
-    from edge.zoo import ModelFolder, resolve_model
-
-    shipped = resolve_model("vibration").path
-    out = {"current": Path(shipped)}
-    for name, version in (("good", "1.0.1"), ("worse", "1.0.2")):
-        d = root / name
-        shutil.copytree(shipped, d, ignore=shutil.ignore_patterns("__pycache__"))
-        mp = d / "manifest.toml"
-        mp.write_text(mp.read_text().replace('version = "1.0.0"', f'version = "{version}"'))
-        if name == "worse":
-            w = dict(load((d / "weights.safetensors").read_bytes()))
-            rot = [1, 2, 3, 0]  # each class's head row moved to the next class: a mislabelled head
-            w["head.weight"], w["head.bias"] = w["head.weight"][rot].copy(), w["head.bias"][rot].copy()
-            (d / "weights.safetensors").write_bytes(save(w))
-            # its graph again, from these weights (a graph records what it was made from): here,
-            # once, because torch.export is not thread-safe and all devices share one process
-            write_folder_graph(ModelFolder(d))
-        out[name] = d
-    return out
-
-
-class Wire:
-    """What one device received and sent on the release topics: payload bytes and framing."""
-
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.by_release = collections.Counter()  # (release, "payload"|"framed") -> bytes
-        self.messages = collections.Counter()
-
-    def add(self, release: str, topic: str, n: int) -> None:
-        with self.lock:
-            self.by_release[(release, "payload")] += n
-            self.by_release[(release, "framed")] += mqtt5_bytes(topic, n)
-            self.messages[release] += 1
-
-
-def _release_of(topic: str, payload: bytes) -> str:
-    """The release a release-topic message belongs to (for the per-release byte count)."""
-    from edge.fleet import release_codec as rc
-
-    try:
-        if "/chunk/" in topic:
-            return rc.unpack_chunk(payload).release
-        n = int.from_bytes(payload[5:9], "little")
-        return json.loads(payload[9:9 + n])["release"]
-    except Exception:  # noqa: BLE001  only for accounting: a message it cannot read counts as unknown
-        return "?"
-
-
-class SimDevice:
-    """One device: a ``DeployPart`` over the model it serves now, restarted on a switch."""
-
-    def __init__(self, node: str, *, root: Path, broker, keys: dict, cache: Path, backends: dict, lock):
-        from edge.config import parse_config
-
-        self.node, self.backends, self.lock = node, backends, lock
-        self.cfg = parse_config({
-            "node": {"name": node, "state_dir": str(root / "state")},
-            "mqtt": {"host": broker.host, "port": broker.port, "reconnect_min_s": 0.1, "reconnect_max_s": 0.5,
-                     "max_payload_bytes": 2 << 20},
-            # a cache of its own, as on a real device: gates building the same artifact at once in
-            # one shared cache folder race (a FileNotFoundError on golden.npz was seen here)
-            "model": {"path": str(keys["model"]), "cache_dir": str(root / "cache")},
-            "fleet": {"fleet": "bench", "key_file": str(keys[node].private_path)},
-            "deploy": {"enabled": True, "shadow_share": 1.0, "request_timeout_s": 5.0,
-                       "release_keys_dir": str(keys["release_dir"])}})
-        self.cache, self.wire, self.restarts, self.served = cache, Wire(), [], []
-        self.t = 0.0
-        self._start()
-
-    def _backend(self, model):
-        from edge.serve.cache import ArtifactCache
-        from edge.serve.compile import obtain
-
-        with self.lock:  # one build per model for all devices (the artifact cache would give the same)
-            if model.content_hash not in self.backends:
-                self.backends[model.content_hash] = obtain(model, "onnxruntime", "int8", cache=ArtifactCache(self.cache))[0]
-            return self.backends[model.content_hash]
-
-    def _start(self) -> None:
-        from edge.deploy.active import active_model
-        from edge.deploy.part import DeployPart
-        from edge.zoo import ModelFolder, digest_files
-
-        model = active_model(self.cfg) or ModelFolder(self.cfg.model.path)
-        self.model, self.backend = model, self._backend(model)
-        self.served.append(digest_files(model.files))
-        self.part = DeployPart(cfg=self.cfg, model=model, features=self.backend.features, on_window=None,
-                               on_label=None, request_restart=self.restarts.append)
-        self.part.attach(self.backend)
-        inner, publish = self.part.link._handler, self.part.agent.publish_fn
-
-        def received(topic, payload, *a):
-            self.wire.add(_release_of(topic, payload), topic, len(payload))
-            return inner(topic, payload, *a)
-
-        def sent(topic, payload):
-            self.wire.add(_release_of(topic, payload), topic, len(payload))
-            return publish(topic, payload)
-
-        self.part.link._handler, self.part.agent.publish_fn = received, sent
-        _, head = model.arrays()
-        self.head_w, self.head_b = head["weight"], head["bias"]
-        self.part.start()
-
-    def maybe_restart(self) -> bool:
-        """The daemon's restart after a switch or a rollback: a new part on the active folder."""
-        if len(self.restarts) == 0:
-            return False
-        self.restarts.clear()
-        self.part.stop()
-        self._start()
-        return True
-
-    @property
-    def phase(self) -> str:
-        return self.part.status().get("deploy", {}).get("phase", "")
-
-    def feed(self, x: np.ndarray, y: np.ndarray) -> int:
-        """Windows through the tap as the pipeline serves them, each labelled after; labels fed."""
-        tap = self.part.tap
-        for i in range(0, len(x), 8):
-            xb = x[i:i + 8]
-            z = tap.features(xb)
-            logits = z @ self.head_w.T + self.head_b
-            scores = np.exp(logits - logits.max(1, keepdims=True))
-            scores /= scores.sum(1, keepdims=True)
-            for j in range(len(xb)):
-                t0 = self.t
-                self.t += 1.0
-                tap.on_window(("vib", "s"), t0, t0 + 0.5, z[j], scores[j])
-                tap.on_label(("vib", "s"), t0 + 0.25, int(y[i + j]))
-        return len(x)
-
-    def stop(self) -> None:
-        self.part.stop()
 
 
 def _setup(root: Path, n: int, broker, args):
@@ -270,7 +120,7 @@ def run(args) -> dict:
                  "margin": args.margin, "chunk_size": args.chunk_size,
                  "note": "2 shared cores, loaded by other engineers' work; server, broker and all devices in one machine"}
     with BrokerProcess(kind="mosquitto") as broker:
-        folders = _folders(root)
+        folders = release_folders(root)
         cfg, keys, nodes = _setup(root, args.devices, broker, args)
         keys["model"] = folders["current"]
         store = open_store(cfg.server.store)
