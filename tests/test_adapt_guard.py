@@ -179,3 +179,18 @@ def test_the_training_budget_counts_a_batch_as_the_same_labels_one_by_one(world,
     assert {k: one.metrics()[k] for k in keys} == {k: many.metrics()[k] for k in keys}
     assert one.metrics()["train_steps_skipped_total"] > 0
     assert one.budget.tokens == many.budget.tokens and one.budget.skipped == many.budget.skipped
+
+
+@settings(max_examples=200, deadline=None)  # the first batch of 4 or more loads the compiled rule
+@given(st.lists(st.lists(st.booleans(), max_size=40), max_size=12), st.integers(1, 30), st.integers(0, 60),
+       st.floats(0.0, 0.9), st.floats(0.5, 20.0), st.floats(1e-4, 0.5))
+def test_observe_many_is_observe_in_turn(batches, window, warmup, share, ratio, weight):
+    """Bit for bit: the compiled rule (batches of 4 or more, kernels.guard_many) and the Python one."""
+    one, many = (LabelGuard(window=window, warmup=warmup, share=share, ratio=ratio, history_weight=weight)
+                 for _ in range(2))
+    for flags in batches:
+        for f in flags:
+            one.observe(f)
+        many.observe_many(np.array(flags, bool))
+        assert many.state_dict() == one.state_dict()
+        assert (many.tripped, many._hits, many.recent_share) == (one.tripped, one._hits, one.recent_share)

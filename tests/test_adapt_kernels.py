@@ -104,9 +104,10 @@ def test_a_new_learner_loads_the_kernels_before_its_first_label():
         from edge.adapt import kernels
         from edge.adapt.learner import Learner
         from edge.config import AdaptConfig
-        sigs = lambda: (len(kernels.linear_adam_step.signatures), len(kernels.welford_one.signatures),
-                        len(kernels.fill_step.signatures))
-        assert sigs() == (0, 0, 0), sigs()
+        sigs = lambda: tuple(len(f.signatures) for f in (kernels.linear_adam_step, kernels.welford_one,
+                                                          kernels.fill_step, kernels.fill_step_many, kernels.betting_many,
+                                                          kernels.guard_many))
+        assert sigs() == (0,) * 6, sigs()
         for task, kw in (("classification", dict(classes=(0, 1), outputs=1)), ("classification", dict(classes=(0, 1, 2))),
                          ("regression", dict(outputs=2))):
             lr = Learner(task=task, feature_size=5, config=AdaptConfig(scale=True, seed=0), clock=lambda: 0.0, **kw)
@@ -183,3 +184,30 @@ def test_the_compiled_fill_and_step_equals_fill_transform_and_step(task, k, scal
         np.testing.assert_allclose(fast.head.flat, ref.head.flat, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(fast.opt.m, ref.opt.m, rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(fast.opt.v, ref.opt.v, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("task,k,scale", [("classification", 1, True), ("classification", 3, False),
+                                          ("regression", 2, True)])
+@pytest.mark.parametrize("size", [1, 7, 32])
+def test_learn_many_on_the_compiled_fill_and_step_learns_as_on_the_numpy_path(task, k, scale, size):
+    """learn_many's gather + scale + step in one compiled call (HeadTrainer.fill_step_many) against
+    the numpy concatenate, transform and step: the same heads, records and evidence."""
+    from edge.adapt.learner import Learner
+    from edge.config import AdaptConfig
+
+    kw = dict(classes=tuple(range(max(2, k))), outputs=k) if task == "classification" else dict(outputs=k)
+    cfg = AdaptConfig(scale=scale, seed=0, drift_detector="none", budget_steps_per_s=1e6, budget_cpu_share=1.0)
+    fast, ref = (Learner(task=task, feature_size=D, config=cfg, clock=lambda: 0.0, **kw) for _ in range(2))
+    ref.trainer.compiled = False
+    assert fast.trainer.compiled
+    rng = np.random.default_rng(4)
+    for _ in range(200 // size):
+        Z = (rng.normal(size=(size, D)) * 3 + 1).astype(np.float32)
+        Y = rng.integers(0, max(2, k), size) if task == "classification" else rng.normal(size=(size, k)).astype(np.float32)
+        a, b = fast.learn_many(Z, Y), ref.learn_many(Z, Y)
+        np.testing.assert_allclose(a["challenger"], b["challenger"], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(a["served"], b["served"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(fast.head.flat, ref.head.flat, rtol=1e-3, atol=1e-4)
+    for key in ("champion", "challenger"):
+        assert fast.preq[key].loss.get() == pytest.approx(ref.preq[key].loss.get(), rel=1e-3, abs=1e-5)
+    assert fast.metrics()["train_steps_total"] == ref.metrics()["train_steps_total"] > 0

@@ -105,8 +105,10 @@ def test_zero_losses_are_no_evidence():
     assert ev["champion_mean_loss"] == ev["challenger_mean_loss"] == 0.0 and ev["threshold"] == 100.0
 
 
+@settings(max_examples=300, deadline=None)  # the first batch of 4 or more loads the compiled loop
 @given(st.lists(st.tuples(st.floats(0, 20), st.floats(0, 20)), max_size=60), st.floats(0, 0.5), st.floats(0.1, 10))
 def test_update_many_is_update_in_turn(pairs, margin, scale):
+    """Bit for bit: the compiled loop (4 pairs or more, kernels.betting_many) and the Python one."""
     one, many = BettingTest(), BettingTest()
     for a, b in pairs:
         one.update(a, b, margin, scale)

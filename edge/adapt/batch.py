@@ -41,9 +41,17 @@ def train_rows(trainer, Z: np.ndarray, T, *, paid: int, steps: int, sources, bat
     share = paid / max(1, batch_size - n_rec - n_rep)
     idx_rec = recent.sample_indices(int(round(n_rec * share)))
     idx_rep = replay.sample_indices(int(round(n_rep * share)))
-    zb = np.concatenate([Z, recent.z[idx_rec], replay.z[idx_rep]])
     if scaler is not None:
         scaler.learn_many(Z)
+    if trainer.compiled and paid == m and steps:  # gather, scale and the first step in one compiled call
+        s_chal, zb, yb = trainer.fill_step_many(Z, T, recent, idx_rec, replay, idx_rep, scaler,
+                                                replay_loss=len(idx_rep) > 0)
+        trainer.last_loss_of = (paid + len(idx_rec), len(zb))
+        for _ in range(steps - 1):
+            trainer.step_arrays(zb, yb, first=0)
+        return s_chal, trainer.last_loss if len(idx_rep) else None
+    zb = np.concatenate([Z, recent.z[idx_rec], replay.z[idx_rep]])
+    if scaler is not None:
         scaler.transform_many(zb, out=zb)
     yb = np.concatenate([T, recent.y[idx_rec], replay.y[idx_rep]])
     s_chal = None

@@ -54,6 +54,10 @@ class _Unstacked:
         p = self._one(self.champion, z)
         return p, p if self.glob is self.champion else self._one(self.glob, z)
 
+    def scores_many(self, Z: np.ndarray, classification: bool) -> tuple[np.ndarray, np.ndarray]:
+        s = self.champion.predict(Z)
+        return s, s if self.glob is self.champion else self.glob.predict(Z)
+
     def _one(self, snap, z) -> list:
         s = snap.logits(z[None, :])[0]
         if self.classification:
@@ -106,13 +110,15 @@ class Evaluator:
     def test_many(self, champion, glob, Z: np.ndarray, T) -> Served:
         """``test_one`` for each row of ``Z`` ``[n, D]`` (the reference scores each row before it learns it)."""
         preq, task = self.preq, self.task
-        s = champion.predict(Z)
+        st = self._stack
+        if st is None or not st.fits(champion, glob):
+            st = self._stack = Stack.of(champion, glob) or _Unstacked(champion, glob, self.classification)
+        s, sg = st.scores_many(Z, self.classification)
         loss, err = sample_losses(s, T, task)
         preq["champion"].update_many(loss, err)
-        if champion is glob:
-            sg, lg, eg = s, loss, err
+        if sg is s:
+            lg, eg = loss, err
         else:
-            sg = glob.predict(Z)
             lg, eg = sample_losses(sg, T, task)
         preq["global"].update_many(lg, eg)
         preq["reference"].update_many(*sample_losses(self.reference.learn_many(T), T, task))
@@ -142,11 +148,11 @@ class Evaluator:
     def pair_many(self, sv: Served, challenger_losses: np.ndarray, adapted: bool) -> None:
         """``pair_one`` for each row in turn, at the margins fixed before the batch."""
         pairs, m = self.pairs, self.margins
-        lc, lh = sv.loss.tolist(), challenger_losses.tolist()
+        lc, lh = sv.loss, challenger_losses
         pairs["promote"].update_many(lc, lh, m.promote, m.scale)
         if adapted:
             pairs["refresh"].update_many(lc, lh, m.refresh, m.scale)
-            pairs["rollback"].update_many(lc, sv.global_loss.tolist(), m.rollback, m.scale)
+            pairs["rollback"].update_many(lc, sv.global_loss, m.rollback, m.scale)
 
     def passing(self, alpha: float, rollback_alpha: float) -> tuple[bool, bool, bool]:
         """Whether the promotion and refresh tests pass at ``alpha`` now, and the rollback test at

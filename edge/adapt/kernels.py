@@ -136,6 +136,29 @@ def _linear_adam_step(flat, k, d, z, yc, yr, n, mode, off, anchor, base_w, base_
     return wrong / ((b - a) * (k if mode == MODE_REGRESSION else 1))
 
 
+def _gather(zb, ycb, yrb, row, src_z, src_yc, src_yr, idx, reg, k, d):
+    """Copy rows ``idx`` of a buffer (``src_z``, ``src_yc`` or ``src_yr``) into ``zb`` / ``ycb`` or
+    ``yrb`` from ``row`` on; returns the next free row."""
+    for q in range(idx.shape[0]):
+        src = idx[q]
+        for j in range(d):
+            zb[row, j] = src_z[src, j]
+        if reg:
+            for c in range(k):
+                yrb[row, c] = src_yr[src, c]
+        else:
+            ycb[row] = src_yc[src]
+        row += 1
+    return row
+
+
+def _scale_rows(zb, n, d, mean32, inv32):
+    """The scaler's transform, ``(z - mean32) * inv32`` in float32, of rows ``0..n-1``."""
+    for i in range(n):
+        for j in range(d):
+            zb[i, j] = (zb[i, j] - mean32[j]) * inv32[j]
+
+
 def _fill_step(flat, k, d, zb, ycb, yrb, z0, y0c, y0r, rz, ryc, ryr, ri, pz, pyc, pyr, pi, scale, mean32, inv32,
                mode, off, anchor, base_w, base_b, grad, m, v, hp, s0, a, b):
     """``HeadTrainer.fill`` + the scaler's transform + ``_linear_adam_step``, in one call: row 0 of
@@ -144,7 +167,6 @@ def _fill_step(flat, k, d, zb, ycb, yrb, z0, y0c, y0r, rz, ryc, ryr, ri, pz, pyc
     row scaled ``(z - mean32) * inv32`` when ``scale``; then one step on them. Returns the
     step's value (the mean error of rows ``a..b``, or NaN); the rows filled are ``1 + len(ri) + len(pi)``."""
     reg = mode == MODE_REGRESSION
-    n = 1 + ri.shape[0] + pi.shape[0]
     for j in range(d):
         zb[0, j] = z0[j]
     if reg:
@@ -152,32 +174,92 @@ def _fill_step(flat, k, d, zb, ycb, yrb, z0, y0c, y0r, rz, ryc, ryr, ri, pz, pyc
             yrb[0, c] = y0r[c]
     else:
         ycb[0] = y0c
-    row = 1
-    for q in range(ri.shape[0]):
-        src = ri[q]
-        for j in range(d):
-            zb[row, j] = rz[src, j]
-        if reg:
-            for c in range(k):
-                yrb[row, c] = ryr[src, c]
-        else:
-            ycb[row] = ryc[src]
-        row += 1
-    for q in range(pi.shape[0]):
-        src = pi[q]
-        for j in range(d):
-            zb[row, j] = pz[src, j]
-        if reg:
-            for c in range(k):
-                yrb[row, c] = pyr[src, c]
-        else:
-            ycb[row] = pyc[src]
-        row += 1
+    row = _gather(zb, ycb, yrb, 1, rz, ryc, ryr, ri, reg, k, d)
+    n = _gather(zb, ycb, yrb, row, pz, pyc, pyr, pi, reg, k, d)
     if scale:
-        for i in range(n):
-            for j in range(d):
-                zb[i, j] = (zb[i, j] - mean32[j]) * inv32[j]
+        _scale_rows(zb, n, d, mean32, inv32)
     return _linear_adam_step(flat, k, d, zb, ycb, yrb, n, mode, off, anchor, base_w, base_b, grad, m, v, hp, 1, s0, a, b)
+
+
+def _fill_step_many(flat, k, d, zb, ycb, yrb, Z0, Y0c, Y0r, rz, ryc, ryr, ri, pz, pyc, pyr, pi, scale, mean32, inv32,
+                    mode, off, anchor, base_w, base_b, grad, m, v, hp, s0, a, b):
+    """``_fill_step`` for a batch of new rows ``Z0 [m0, D]`` (``Y0c [m0]`` or ``Y0r [m0, K]``) first,
+    whose scores before the step go to ``s0 [m0, ...]`` (``learn_many``)."""
+    reg = mode == MODE_REGRESSION
+    m0 = Z0.shape[0]
+    for i in range(m0):
+        for j in range(d):
+            zb[i, j] = Z0[i, j]
+        if reg:
+            for c in range(k):
+                yrb[i, c] = Y0r[i, c]
+        else:
+            ycb[i] = Y0c[i]
+    row = _gather(zb, ycb, yrb, m0, rz, ryc, ryr, ri, reg, k, d)
+    n = _gather(zb, ycb, yrb, row, pz, pyc, pyr, pi, reg, k, d)
+    if scale:
+        _scale_rows(zb, n, d, mean32, inv32)
+    return _linear_adam_step(flat, k, d, zb, ycb, yrb, n, mode, off, anchor, base_w, base_b, grad, m, v, hp, m0, s0, a, b)
+
+
+def _betting_many(state, champion_losses, challenger_losses, margin, scale, bound, cap, half_life):
+    """``BettingTest.update`` for each pair in turn, on ``state`` = ``[n, log_wealth, mu, var,
+    sum_a, sum_b, sum_c]`` (float64, updated in place): the same float64 operations in the
+    same order, so the same result as the Python loop (``learn_many``: a batch's labels)."""
+    n, lw, mu, var = state[0], state[1], state[2], state[3]
+    sa, sb, sc = state[4], state[5], state[6]
+    ms = margin / scale
+    top = cap / (bound + ms)
+    for i in range(champion_losses.shape[0]):
+        a_loss, b_loss = champion_losses[i], challenger_losses[i]
+        d = (a_loss - b_loss) / scale
+        c = bound if d > bound else -bound if d < -bound else d
+        x = c - ms
+        lam = mu / (var + mu * mu) if mu > 0.0 else 0.0
+        if lam > top:
+            lam = top
+        if lam != 0.0:
+            lw += math.log1p(lam * x)
+        n += 1.0
+        a = 1.0 / (n + 1.0) if n + 1.0 < half_life else 1.0 / half_life
+        dev = x - mu
+        mu = mu + a * dev
+        var = (1.0 - a) * (var + a * dev * dev)
+        sa += a_loss
+        sb += b_loss
+        sc += c
+    state[0], state[1], state[2], state[3] = n, lw, mu, var
+    state[4], state[5], state[6] = sa, sb, sc
+
+
+def _guard_many(buf, start, length, flags, state, window, warmup, share, ratio, history_weight):
+    """``LabelGuard.observe`` for each flag in turn: the recent window is the ring ``buf``
+    (``length`` flags from ``start``), ``state`` = ``[hits, seen, history, tripped]`` (float64,
+    updated in place). Returns the ring's new start and length. The same float64 operations
+    in the same order as the Python rule (``learn_many``: a batch's labels)."""
+    hits, seen, history, tripped = state[0], state[1], state[2], state[3] > 0.0
+    need = window if window < 20 else 20
+    for i in range(flags.shape[0]):
+        c = 1.0 if flags[i] else 0.0
+        evicted = -1.0
+        if length == window:
+            evicted = 1.0 if buf[start] else 0.0
+            hits -= evicted
+            start = start + 1 if start + 1 < window else 0
+            length -= 1
+        pos = start + length
+        if pos >= window:
+            pos -= window
+        buf[pos] = flags[i]
+        length += 1
+        hits += c
+        seen += 1.0
+        r = hits / length
+        tripped = seen >= warmup and length >= need and r > share and r > ratio * history
+        if evicted >= 0.0 and not tripped:
+            history += history_weight * (evicted - history)
+    state[0], state[1], state[2], state[3] = hits, seen, history, 1.0 if tripped else 0.0
+    return start, length
 
 
 def _softmax_row(logit, s0, i, k, mx):
@@ -222,9 +304,14 @@ if AVAILABLE:
     _softmax_row = njit(nogil=True, cache=True)(_softmax_row)
     _adam = njit(nogil=True, cache=True)(_adam)
     _linear_adam_step = linear_adam_step = njit(nogil=True, cache=True)(_linear_adam_step)
+    _gather = njit(nogil=True, cache=True)(_gather)
+    _scale_rows = njit(nogil=True, cache=True)(_scale_rows)
     fill_step = njit(nogil=True, cache=True)(_fill_step)
+    fill_step_many = njit(nogil=True, cache=True)(_fill_step_many)
+    betting_many = njit(nogil=True, cache=True)(_betting_many)
+    guard_many = njit(nogil=True, cache=True)(_guard_many)
 else:
-    linear_adam_step = welford_one = fill_step = None
+    linear_adam_step = welford_one = fill_step = fill_step_many = betting_many = guard_many = None
 
 _warmed = False
 
@@ -247,11 +334,19 @@ def warm() -> None:
                      np.zeros((k, d), f32), np.zeros(k, f32), np.zeros(flat.size, f64), np.zeros(flat.size, f32),
                      np.zeros(flat.size, f32), np.array([0.0, 1e-8, 1.0, 0.0, 0.9, 0.999], f64), 1, s0, 0, 0)
     welford_one(np.zeros(d, f32), np.zeros(d, f64), np.zeros(d, f64), 1, np.zeros(d, f32), np.ones(d, f32))
+    betting_many(np.zeros(7, f64), np.zeros(1, f64), np.zeros(1, f64), 0.0, 1.0, 1.0, 0.7, 20.0)
+    guard_many(np.zeros(4, np.bool_), 0, 0, np.zeros(1, np.bool_), np.zeros(4, f64), 4, 0, 0.5, 10.0, 1e-3)
     for y0r, yb_c, yb_r, src_c, src_r, mode in ((np.zeros(0, f32), np.zeros(n, i64), np.zeros((0, k), f32),
                                                  np.zeros(n, i64), np.zeros((0, k), f32), MODE_BINARY),
                                                 (np.zeros(k, f32), np.zeros(0, i64), np.zeros((n, k), f32),
                                                  np.zeros(0, i64), np.zeros((n, k), f32), MODE_REGRESSION)):
         idx = np.zeros(1, i64)
+        y0c = np.zeros(0 if mode == MODE_REGRESSION else 1, i64)
+        fill_step_many(flat, k, d, np.zeros((n, d), f32), yb_c, yb_r, z[:1], y0c, y0r.reshape(-1, k)[:1] if len(y0r) else
+                       np.zeros((0, k), f32), z, src_c, src_r, idx, z, src_c, src_r, idx[:0], True, np.zeros(d, f32),
+                       np.ones(d, f32), mode, np.zeros(0, f32), 0.0, np.zeros((k, d), f32), np.zeros(k, f32),
+                       np.zeros(flat.size, f64), np.zeros(flat.size, f32), np.zeros(flat.size, f32),
+                       np.array([0.0, 1e-8, 1.0, 0.0, 0.9, 0.999], f64), s0, 0, 0)
         fill_step(flat, k, d, np.zeros((n, d), f32), yb_c, yb_r, np.zeros(d, f32), 0, y0r, z, src_c, src_r, idx, z, src_c,
                   src_r, idx[:0], True, np.zeros(d, f32), np.ones(d, f32), mode, np.zeros(0, f32), 0.0,
                   np.zeros((k, d), f32), np.zeros(k, f32), np.zeros(flat.size, f64), np.zeros(flat.size, f32),

@@ -35,6 +35,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from edge.adapt import kernels
+
 
 def t_quantile(p: float, df: int) -> float:
     """Approximate Student-t quantile.
@@ -198,10 +200,20 @@ class BettingTest:
 
     def update_many(self, champion_losses, challenger_losses, margin: float, scale: float) -> float:
         """``update`` for each pair in turn (``learn_many``: one margin and scale for the batch,
-        both fixed before it)."""
-        up = self.update
-        for a, b in zip(champion_losses, challenger_losses):
-            up(a, b, margin, scale)
+        both fixed before it); compiled where numba is (``kernels.betting_many``: the same
+        float64 operations in the same order, a third of the cost per pair at 32)."""
+        if kernels.betting_many is None or len(champion_losses) < 4:
+            if isinstance(champion_losses, np.ndarray):  # Python floats: numpy scalars cost more per pair
+                champion_losses, challenger_losses = champion_losses.tolist(), np.asarray(challenger_losses).tolist()
+            up = self.update
+            for a, b in zip(champion_losses, challenger_losses):
+                up(a, b, margin, scale)
+            return self.log_wealth
+        st = np.array([self.n, self.log_wealth, self._mu, self._var, self._sum_a, self._sum_b, self._sum_c], np.float64)
+        kernels.betting_many(st, np.asarray(champion_losses, np.float64), np.asarray(challenger_losses, np.float64),
+                             float(margin), float(scale), self.bound, self.cap, float(self.half_life))
+        self.n = int(st[0])
+        self.log_wealth, self._mu, self._var, self._sum_a, self._sum_b, self._sum_c = st[1:].tolist()
         return self.log_wealth
 
     def raw_gain(self) -> bool:

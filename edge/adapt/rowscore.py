@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from edge.adapt.activations import CLIP
+from edge.adapt.activations import CLIP, binary_scores, softmax
 from edge.adapt.metrics import EPS
 
 VALUES, BINARY, SOFTMAX = 0, 1, 2
@@ -104,3 +104,19 @@ class Stack:
             return p, p
         k = self.k
         return activate(v[:k], mode), activate(v[k:], mode)
+
+    def scores_many(self, Z: np.ndarray, classification: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Both heads' scores ``[n, K']`` of the rows of ``Z [n, D]``: one product (``learn_many``),
+        through the batch path's activations (``edge.adapt.activations``)."""
+        v = Z @ self.wt + self.b
+        if self.same:
+            p = _activate_many(v, classification)
+            return p, p
+        k = self.k
+        return _activate_many(v[:, :k], classification), _activate_many(v[:, k:], classification)
+
+
+def _activate_many(v: np.ndarray, classification: bool) -> np.ndarray:
+    if not classification:
+        return np.ascontiguousarray(v)
+    return binary_scores(v) if v.shape[1] == 1 else softmax(v)

@@ -161,6 +161,36 @@ class HeadTrainer:
             self.last_loss = loss
         return s0[0]
 
+    def fill_step_many(self, Z: np.ndarray, T, recent, idx_rec: np.ndarray, replay, idx_rep: np.ndarray, scaler,
+                       *, replay_loss: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``learn_many``'s first step in one compiled call (the compiled path only): the batch
+        ``Z`` / ``T``, then rows ``idx_rec`` of ``recent`` and ``idx_rep`` of ``replay``, scaled
+        (``scaler`` or None), one step. Returns the scores of ``Z``'s rows before the step and
+        the filled batch ``(zb, yb)`` (scaled), for any further steps on the same rows."""
+        m, k, d = len(Z), self.head.out_features, self.head.in_features
+        n = m + len(idx_rec) + len(idx_rep)
+        zb = np.empty((n, d), np.float32)
+        if self.classification:
+            yc, yr = np.empty(n, np.int64), self._no_yr
+            t_c, t_r, rc, rr, pc, pr = T, self._no_yr, recent.y, self._no_yr, replay.y, self._no_yr
+        else:
+            yc, yr = self._no_yc, np.empty((n, k), np.float32)
+            t_c, t_r, rc, rr, pc, pr = self._no_yc, T, self._no_yc, recent.y, self._no_yc, replay.y
+        lo, hi = (m + len(idx_rec), n) if replay_loss else (0, 0)
+        hp = self._hp
+        hp[0], hp[1], hp[2], hp[3] = self.opt.advance(self._lr)
+        h, o = self.head, self.opt
+        off = self.logit_offset if self.classification and self.logit_offset is not None else self._no_off
+        s0 = np.empty((m, self._width), np.float32)
+        sc = scaler is not None  # its float32 mean and inverse std, kept current by the scaler itself
+        loss = kernels.fill_step_many(h.flat, k, d, zb, yc, yr, Z, t_c, t_r, recent.z, rc, rr, idx_rec, replay.z, pc, pr,
+                                      idx_rep, sc, scaler._mean32 if sc else self._no_off,
+                                      scaler._inv32 if sc else self._no_off, self._mode, off, float(self.anchor),
+                                      h.base_weight, h.base_bias, self._grad64, o.m, o.v, hp, s0, lo, hi)
+        if hi > lo:
+            self.last_loss = loss
+        return s0, zb, (yc if self.classification else yr)
+
     def step(self, n: int) -> np.ndarray:
         """One optimizer step on the first ``n`` rows; returns row 0's scores *before* the step.
 
