@@ -11,6 +11,8 @@ the labels before it (``edge.adapt.policy.margins``). No I/O, no training.
 """
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +38,12 @@ class Served:
     error: float | np.ndarray
     global_scores: list | np.ndarray
     global_loss: float | np.ndarray
+
+
+@functools.lru_cache(maxsize=16)
+def _threshold(alpha: float) -> float:
+    """The log-wealth ``BettingTest.passes`` needs at ``alpha``."""
+    return -math.log(alpha)
 
 
 class _Unstacked:
@@ -159,8 +167,11 @@ class Evaluator:
         ``rollback_alpha`` with the global head's raw mean loss below the champion's (a
         rollback discards learning: never when the learned head did better on the labels)."""
         p = self.pairs
-        back = p["rollback"]
-        return p["promote"].passes(alpha), p["refresh"].passes(alpha), back.passes(rollback_alpha) and back.raw_gain()
+        promote, refresh, back = p["promote"], p["refresh"], p["rollback"]
+        need = _threshold(alpha)
+        if promote.log_wealth < need and refresh.log_wealth < need and back.log_wealth < _threshold(rollback_alpha):
+            return False, False, False  # the usual case, in three comparisons
+        return promote.passes(alpha), refresh.passes(alpha), back.passes(rollback_alpha) and back.raw_gain()
 
     def update_margins(self) -> None:
         """Fix the margins the next label is tested at, from the windowed losses so far."""
