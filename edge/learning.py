@@ -47,7 +47,7 @@ from torch import nn
 
 from edge.adapt.heads import LinearHead, make_head
 from edge.adapt.learner import Learner
-from edge.adapt.metrics import sample_losses
+from edge.adapt.metrics import sample_loss, sample_losses
 from edge.adapt.optim import OptimizerSpec, spec_from_torch
 from edge.adapt.scaler import OnlineScaler
 from edge.config import AdaptConfig
@@ -318,12 +318,21 @@ class IncrementalModel:
         served = lr.reference.scores() if which == "reference" else None
         t, ts = _label(y, lr), self.target_scaler
         back = None if ts is None else ts.affine()  # what was served was predicted before this label
-        if ts is not None and np.isfinite(t).all() and np.isfinite(x).all():
+        learned = ts is not None and bool(np.isfinite(t).all())
+        if learned:
             ts.learn_one(t)
         out = lr.learn_one(np.asarray(x, np.float32).reshape(-1), t if ts is None else ts.transform_one(t))
         if not out["accepted"]:
+            if learned:  # a refused row (a non-finite feature) leaves the target statistics as they were
+                ts.unlearn_one(t)
             raise DataError(f"sample {self.samples_seen} rejected: {out['reason']}")
         self.samples_seen += 1
+        if ts is not None:  # the learner's units back to the target's (its reference's too)
+            if which != "reference":
+                served = out["challenger" if which == "challenger" else "served"]
+            served = self._raw(served, back)
+            out["loss"] = sample_loss(served, t, lr.task)[0]
+            return served, out
         if which == "reference":
             out["loss"] = float(sample_losses(served[None], np.asarray([_label(y, lr)]), lr.task)[0][0])
             if lr.task == "classification" and lr.outputs == 1:
@@ -332,9 +341,6 @@ class IncrementalModel:
             served, out["loss"] = out["challenger"], out["challenger_loss"]
         else:
             served = out["served"]
-        if ts is not None:  # the learner's units back to the target's (its reference's too)
-            served = self._raw(served, back)
-            out["loss"] = float(sample_losses(served[None], t[None], lr.task)[0][0])
         return served, out
 
     def predict_one(self, x) -> np.ndarray:

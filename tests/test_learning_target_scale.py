@@ -10,13 +10,14 @@ from __future__ import annotations
 import copy
 
 import numpy as np
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
 from edge.adapt.scaler import OnlineScaler
-from edge.learning import IncrementalModel, LinearModel
+from edge.learning import DataError, IncrementalModel, LinearModel
 
 
 def _stream(n=300, seed=0, offset=120.0, spread=30.0):
@@ -109,3 +110,33 @@ def test_fold_output_reads_a_standard_unit_head_back_in_raw_units():
     folded = s.fold_output({"weight": w, "bias": b})
     mean, std = s.affine()
     np.testing.assert_allclose(folded["weight"] @ z + folded["bias"], (w @ z + b) * std + mean, rtol=1e-5)
+
+
+def test_a_refused_learn_one_leaves_the_target_statistics_as_they_were():
+    """learn_one learns the target before the learner checks the row, and takes it back when
+    the row is refused (a non-finite feature): the statistics are those from before."""
+    X, y = _stream(n=50)
+    _, ilm = _served(1.0, 0.0, X, y)
+    before = ilm.target_scaler.state_dict()
+    with pytest.raises(DataError, match="rejected"):
+        ilm.learn_one(np.array([np.nan, 0.0, 0.0], np.float32), np.array([500.0]))
+    with pytest.raises(DataError, match="rejected"):
+        ilm.learn_one(X[0], np.array([np.inf]))
+    after = ilm.target_scaler.state_dict()
+    assert after["n"] == before["n"]
+    np.testing.assert_allclose(after["mean"], before["mean"], rtol=1e-9)
+    np.testing.assert_allclose(after["m2"], before["m2"], rtol=1e-9)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.floats(-1e4, 1e4), min_size=1, max_size=30), st.floats(-1e4, 1e4))
+def test_unlearn_one_takes_back_the_last_learn_one(values, last):
+    s, ref = OnlineScaler(1), OnlineScaler(1)
+    for v in values:
+        s.learn_one(np.array([v]))
+        ref.learn_one(np.array([v]))
+    s.learn_one(np.array([last]))
+    s.unlearn_one(np.array([last]))
+    assert s.n == ref.n
+    np.testing.assert_allclose(s.mean, ref.mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(s.m2, ref.m2, rtol=1e-6, atol=1e-3)
