@@ -14,7 +14,8 @@ PUBACK (``MqttLink.publish_tracked``): a success reason code means handed over (
 outbox clears); a failure code (MQTT 5, e.g. 0x87 Not authorized: an ACL without the
 fleet topics) means *not* delivered: counted (``publish_refused``), logged, kept and
 retried with backoff. Each delta handed over stays in the ``Ledger`` until the server's
-signed receipt for it comes on ``<prefix>/<fleet>/<model>/receipt/<node>``; a refused
+signed receipt for it comes on ``<prefix>/<fleet>/<model>/receipt/<node>`` (``.../<lane>``
+on a switched release's model: ``edge.fleet.lanes``); a refused
 one puts its step back into the pending residual (``edge.fleet.reconcile``), so nothing
 learned is lost, and its reason steers the device (seq past the server's, smaller
 steps, ask for the head).
@@ -63,7 +64,8 @@ class SyncClient:
     def __init__(self, *, worker, node: str, fleet: str, model: str, model_hash: str, key, server_keys: list,
                  publish: Callable[..., object], topic_prefix: str = "fleet", interval_s: float = 60.0,
                  encoding: str = "topk8", fraction: float = 0.01, min_samples: int = 1,
-                 on_event: Callable[..., None] | None = None, connected: Callable[[], bool] | None = None):
+                 on_event: Callable[..., None] | None = None, connected: Callable[[], bool] | None = None,
+                 lane: str = ""):
         self.worker, self.node, self.key, self.server_keys = worker, node, key, list(server_keys)
         self.publish_fn, self.on_event, self.connected = publish, on_event, connected
         self.interval_s, self.encoding, self.fraction, self.min_samples = interval_s, encoding, fraction, min_samples
@@ -72,10 +74,13 @@ class SyncClient:
         base = learner.head.arrays()
         self.expected = Expected(fleet=fleet, model=model, model_hash=model_hash, head_kind=self.head_kind,
                                  shapes={k: tuple(v.shape) for k, v in base.items()})
+        # ``lane``: "" on the server's own model; a switched release's model syncs in its own
+        # lane (FORMAT.md "Lanes"): its head, receipts and head requests on topics ending in it
+        self.lane = lane
         self.delta_topic = delta_topic(topic_prefix, fleet, model, node)
-        self.global_topic = global_topic(topic_prefix, fleet, model)
-        self.receipt_topic = receipt_topic(topic_prefix, fleet, model, node)
-        self.request_topic = request_topic(topic_prefix, fleet, model, node)
+        self.global_topic = global_topic(topic_prefix, fleet, model, lane)
+        self.receipt_topic = receipt_topic(topic_prefix, fleet, model, node, lane)
+        self.request_topic = request_topic(topic_prefix, fleet, model, node, lane)
         # the state that is checkpointed with the learner (state_dict)
         self.base = base
         self.base_version = 0

@@ -54,6 +54,9 @@ class ServerSection(_Section):
                                 doc="and at most this many times the typical device's (the fleet's reference sample count)")
     reference_growth: float = _opt(1.25, lo=1.0, hi=10.0,
                                    doc="the fleet's reference norm and sample count move at most this factor per version")
+    max_lanes: int = _opt(4, lo=0, hi=64,
+                          doc="aggregation lanes for stored releases' models besides this server's own (FORMAT.md "
+                              "'Lanes'): the newest releases get one, aborted ones last; 0: none")
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Fleet sync in the daemon: the sync client and its own MQTT connection, built from the config.
 
 The connection (client id ``<client_id>-fleet``, status ``<prefix>/<node>/fleet/status``)
-subscribes to the retained global head, to this node's receipt topic (the server's
+subscribes to the retained global head of its model's lane (``lane_of``), to this node's receipt topic (the server's
 signed answer to each delta) and to ``<prefix>/<node>/fleet/sync`` (any message there
 asks for a delta now). Deltas and head requests are published tracked
 (``MqttLink.publish_tracked``): a delta counts as handed over only when the broker's
@@ -13,6 +13,19 @@ from __future__ import annotations
 from edge.fleet.client import SyncClient
 from edge.fleet.keys import load_private, load_public
 from edge.ingest.mqtt import MqttLink
+
+
+def lane_of(cfg, model) -> str:
+    """The fleet lane ``model`` syncs in (FORMAT.md "Lanes"): "" (the server's own model's,
+    the topics of before lanes) while the configured ``[model]`` serves; the lane of its
+    content hash once a switched release (``edge.deploy``) serves another model."""
+    from edge.fleet.heads import lane_key
+    from edge.zoo import resolve_model
+
+    configured = resolve_model(cfg.model.path)
+    if configured.path == model.path or configured.content_hash == model.content_hash:
+        return ""
+    return lane_key(model.content_hash)
 
 
 class DeviceSync:
@@ -28,7 +41,8 @@ class DeviceSync:
                                  server_keys=[load_public(f.server_key)], publish=self._publish,
                                  topic_prefix=f.topic_prefix, interval_s=f.interval_s, encoding=f.encoding,
                                  fraction=f.topk_fraction, min_samples=f.min_samples, on_event=on_event,
-                                 connected=lambda: self.link is not None and self.link.connected.is_set())
+                                 connected=lambda: self.link is not None and self.link.connected.is_set(),
+                                 lane=lane_of(cfg, model))
         self.link = MqttLink(cfg.mqtt, client_id=f"{cfg.mqtt.client_id or 'edge-' + cfg.node.name}-fleet",
                              status_topic=f"{base}/fleet/status",
                              subscriptions=[(self.client.global_topic, 1), (self.client.receipt_topic, 1),

@@ -12,22 +12,46 @@ import numpy as np
 from edge.adapt.heads import make_head
 
 
+LANE_HEX = 16  # hex digits of a model's content hash that name its lane in topics
+
+
+def lane_key(model_hash: str) -> str:
+    """The topic level that names the aggregation lane of a model (FORMAT.md "Lanes"): the
+    first 16 hex digits of its content hash. The server's own model's lane has no level.
+
+    >>> lane_key("0123456789abcdef0123456789abcdef")
+    '0123456789abcdef'
+    """
+    return model_hash[:LANE_HEX]
+
+
+def _laned(topic: str, lane: str) -> str:
+    return f"{topic}/{lane}" if lane else topic
+
+
 def delta_topic(prefix: str, fleet: str, model: str, node: str) -> str:
+    """One topic for every lane: the server routes a delta by its signed header's model hash."""
     return f"{prefix}/{fleet}/{model}/delta/{node}"
 
 
-def global_topic(prefix: str, fleet: str, model: str) -> str:
-    return f"{prefix}/{fleet}/{model}/global"
+def global_topic(prefix: str, fleet: str, model: str, lane: str = "") -> str:
+    """The retained signed head of a lane: ``.../global`` for the server's own model,
+    ``.../global/<lane>`` for a release's (``lane_key``).
+
+    >>> global_topic("fleet", "f", "m"), global_topic("fleet", "f", "m", "0123456789abcdef")
+    ('fleet/f/m/global', 'fleet/f/m/global/0123456789abcdef')
+    """
+    return _laned(f"{prefix}/{fleet}/{model}/global", lane)
 
 
-def receipt_topic(prefix: str, fleet: str, model: str, node: str) -> str:
-    """Where the server answers each of ``node``'s deltas (``edge.fleet.receipts``)."""
-    return f"{prefix}/{fleet}/{model}/receipt/{node}"
+def receipt_topic(prefix: str, fleet: str, model: str, node: str, lane: str = "") -> str:
+    """Where the server answers each of ``node``'s deltas (``edge.fleet.receipts``) of a lane."""
+    return _laned(f"{prefix}/{fleet}/{model}/receipt/{node}", lane)
 
 
-def request_topic(prefix: str, fleet: str, model: str, node: str) -> str:
-    """Where ``node`` asks the server to publish its latest signed head (any payload)."""
-    return f"{prefix}/{fleet}/{model}/request/{node}"
+def request_topic(prefix: str, fleet: str, model: str, node: str, lane: str = "") -> str:
+    """Where ``node`` asks the server to publish its lane's latest signed head (any payload)."""
+    return _laned(f"{prefix}/{fleet}/{model}/request/{node}", lane)
 
 
 def head_options(kind: str, *, rank: int, hidden: int) -> dict:

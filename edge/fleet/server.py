@@ -54,7 +54,8 @@ from edge.errors import EdgeError
 from edge.fleet.aggregator import Aggregator
 from edge.fleet.config import ServerConfig
 from edge.fleet.receipts import pack_receipt
-from edge.fleet.heads import delta_topic, global_topic, initial_arrays, receipt_topic, request_topic
+from edge.fleet.heads import delta_topic, global_topic, initial_arrays, request_topic
+from edge.fleet.lanes import Lane, Lanes
 from edge.fleet.keys import load_private
 from edge.fleet.publish import publish_head
 from edge.fleet.store import open_store
@@ -88,7 +89,8 @@ class Delivery:
     qos: int
 
 
-def expected_for(cfg: ServerConfig, model) -> Expected:
+def expected_for(cfg: ServerConfig, model) -> tuple[Expected, dict]:
+    """What a delta for ``model`` (a ``ModelFolder``) must match, and its head's version 0."""
     s = cfg.server
     arrays = initial_arrays(model, kind=s.head, rank=s.head_rank, hidden=s.head_hidden)
     return Expected(fleet=s.fleet, model=model.manifest.name, model_hash=model.content_hash, head_kind=s.head,
@@ -103,14 +105,36 @@ def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
     s = cfg.server
     if not s.key_file:
         raise ConfigError("[server] key_file is required: the server signs every global head (edge keys create NAME --role server)")
-    model = resolve_model(s.model)
+    return lane_aggregator(cfg, resolve_model(s.model), store=store or open_store(s.store), key=load_private(s.key_file),
+                           registry=DeviceRegistry(s.devices_dir or None))
+
+
+def lane_aggregator(cfg: ServerConfig, model, *, store, key, registry: DeviceRegistry) -> Aggregator:
+    """The aggregator of one lane (``edge.fleet.lanes``): ``model``'s hash and head shapes, the
+    config's aggregation rule, the one server key and device registry every lane shares."""
+    s = cfg.server
     expected, arrays = expected_for(cfg, model)
-    return Aggregator(store=store or open_store(s.store), expected=expected, key=load_private(s.key_file),
-                      registry=DeviceRegistry(s.devices_dir or None), name=s.name, k=s.k, t_s=s.t_s,
+    return Aggregator(store=store, expected=expected, key=key, registry=registry, name=s.name, k=s.k, t_s=s.t_s,
                       rule=s.rule, clip_norm=s.clip_norm, trim=s.trim, max_norm=s.max_norm,
                       staleness_exponent=s.staleness_exponent, server_lr=s.server_lr, commit_pause_s=s.commit_pause_s,
                       initial=arrays, max_samples=s.max_samples, samples_ratio=s.samples_ratio,
                       reference_growth=s.reference_growth)
+
+
+def build_lanes(cfg: ServerConfig, agg: Aggregator) -> Lanes:
+    """The default lane (``agg``) and the lanes of the releases in ``agg``'s store."""
+    s = cfg.server
+    model = agg.expected.model
+    default = Lane(agg=agg, key="", global_topic=global_topic(s.topic_prefix, s.fleet, model),
+                   receipt_base=(s.topic_prefix, s.fleet, model))
+    rows = agg.store if hasattr(agg.store, "releases") else None  # a bench's in-memory store has no releases
+
+    def open_lane(bundle_model, url: str, release: str) -> Aggregator:
+        return lane_aggregator(cfg, bundle_model, store=open_store(url), key=agg.key, registry=agg.trust)
+
+    return Lanes(default=default, releases=(lambda: rows.releases(s.fleet, model)) if rows else list,
+                 bundle=rows.release_bundle if rows else (lambda r: None), open_lane=open_lane, store_url=s.store,
+                 max_lanes=s.max_lanes)
 
 
 class FleetServer:
@@ -124,19 +148,18 @@ class FleetServer:
         share = f"$share/{s.group}/" if s.group else ""
         self.delta_filter = share + delta_topic(s.topic_prefix, s.fleet, model, "+")
         self.request_filter = share + request_topic(s.topic_prefix, s.fleet, model, "+")
+        self.lane_request_filter = share + request_topic(s.topic_prefix, s.fleet, model, "+", "+")
         self._request_prefix = request_topic(s.topic_prefix, s.fleet, model, "")
         self.global_topic = global_topic(s.topic_prefix, s.fleet, model)
         self.queue: collections.deque[Delivery] = collections.deque()
         self.capacity = s.queue
         self._batch: list[Delivery] = []  # taken from the queue, not yet stored: retried as is
         self.counters = collections.Counter()
-        self.published = -1
+        self.lanes = build_lanes(cfg, self.agg)
+        self.lanes.refresh()  # a restarted server serves the stored releases' lanes from its first delta
         self.store_error = ""  # why the last store attempt failed; "" while storing works
         self._failures = 0
         self._redeliver = False  # deliveries were left unacknowledged: reconnect once drained
-        self._head_requested = False
-        self._last_publish = float("-inf")  # monotonic time of the last publish of the head
-        self._last_request_publish = float("-inf")
         self.connected = threading.Event()
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -180,6 +203,9 @@ class FleetServer:
         self._wake.set()
         self.thread.join(10)
         self.releases.stop()
+        if not self.thread.is_alive():  # the lanes' stores are the aggregator thread's
+            for lane in self.lanes.snapshot()[1:]:
+                lane.close()
         self._disconnect()
         if self.metrics_server:
             self.metrics_server.stop()
@@ -191,7 +217,8 @@ class FleetServer:
         if not self.connected.is_set():
             return
         try:
-            rc, mid = self.client.unsubscribe([self.delta_filter, self.request_filter] + self.releases.filters)
+            rc, mid = self.client.unsubscribe([self.delta_filter, self.request_filter, self.lane_request_filter]
+                                              + self.releases.filters)
         except (ValueError, RuntimeError):
             return
         with self._unsubacks:
@@ -243,11 +270,13 @@ class FleetServer:
         if reason_code.is_failure:
             log.warning("broker refused the fleet server: %s", reason_code)
             return
-        client.subscribe([(self.delta_filter, 1), (self.request_filter, 1)] + [(f, 1) for f in self.releases.filters])
+        client.subscribe([(self.delta_filter, 1), (self.request_filter, 1), (self.lane_request_filter, 1)]
+                         + [(f, 1) for f in self.releases.filters])
         self.releases.connected()
         self.counters["connects"] += 1
         self.connected.set()
-        self.published = -1  # (re)publish the latest version after every connect
+        for lane in self.lanes.snapshot():
+            lane.published = -1  # (re)publish every lane's latest version after every connect
         self._wake.set()
         log.info("fleet server %s subscribed to %s and %s", self.cfg.server.name, self.delta_filter, self.request_filter)
 
@@ -265,9 +294,12 @@ class FleetServer:
         if self.releases.offer(msg):  # a chunk request or a report: the release service's
             return
         if msg.topic.startswith(self._request_prefix):
-            # any message asks for the head; answered on the aggregator thread, rate-limited
-            self.counters["head_requests"] += 1
-            self._head_requested = True
+            # any message asks for its lane's head (request/<node>[/<lane>]); answered on the
+            # aggregator thread, rate-limited; a lane this server does not have is not answered
+            lane = self.lanes.by_key(msg.topic[len(self._request_prefix):].partition("/")[2])
+            self.counters["head_requests" if lane is not None else "head_requests_unknown_lane"] += 1
+            if lane is not None:
+                lane.head_requested = True
             self._ack(msg.mid, msg.qos)
             self._wake.set()
             return
@@ -307,8 +339,9 @@ class FleetServer:
                 now = time.monotonic()
                 if now - last_check >= 0.2:
                     last_check = now
-                    self.agg.maybe_commit()
-                    self._publish_latest()
+                    self.lanes.maybe_refresh()
+                    self._clear_dropped()
+                    self._commit_and_publish()
                 self._cleared()
             except Exception as e:  # a store hiccup must not end the server: retried with backoff, on /healthz
                 self._failed(e)
@@ -319,26 +352,39 @@ class FleetServer:
             if not self._batch:
                 self._batch = [q.popleft() for _ in range(min(512, len(q)))]
             batch = self._batch
-            verdicts = self._ingest(batch)
-            receipts = self.agg.receipts([v for v in verdicts if v is not None])
+            answers = []  # each lane's part of the batch, stored in its own store; a retry stores it again as resent
+            for lane, part in self.lanes.split(batch, lambda d: d.payload):
+                verdicts = self._ingest(lane.agg, part)
+                answers.append((lane, lane.agg.receipts([v for v in verdicts if v is not None])))
             self._batch = []
             self._cleared()  # stored: healthy again before anyone hears of it
             self.counters["received"] += len(batch)
-            self._send_receipts(receipts)
+            for lane, receipts in answers:
+                self._send_receipts(lane, receipts)
             for d in batch:
                 self._ack(d.mid, d.qos)  # only now: the batch is in the store
-            self.agg.maybe_commit()
-            self._publish_latest()  # a new version, or a new epoch, goes out at once
+            self._commit_and_publish()  # a new version, or a new epoch, goes out at once
         if self._redeliver and self.connected.is_set():
             self._reconnect()
 
-    def _ingest(self, batch: list[Delivery]) -> list:
+    def _commit_and_publish(self) -> None:
+        for lane in self.lanes.snapshot():
+            lane.agg.maybe_commit()
+            self._publish_latest(lane)
+
+    def _clear_dropped(self) -> None:
+        """A dropped lane's retained head is cleared, so no device starts from a head nobody updates."""
+        for lane in self.lanes.take_dropped():
+            if self.connected.is_set():
+                self.client.publish(lane.global_topic, b"", qos=1, retain=True)
+
+    def _ingest(self, agg: Aggregator, batch: list[Delivery]) -> list:
         """The batch's verdicts. A store error propagates (the batch is kept and retried). Any
         other error is one message the aggregator cannot handle: each is then tried alone,
         and one that fails alone is counted, logged and taken (``None``: no receipt), so that
         it cannot stall the stream behind it."""
         try:
-            return self.agg.ingest([(d.topic, d.payload) for d in batch])
+            return agg.ingest([(d.topic, d.payload) for d in batch])
         except STORE_ERRORS:
             raise
         except Exception as e:
@@ -347,7 +393,7 @@ class FleetServer:
                 self._rl.warn("ingest", "a %d-byte delta on %s could not be handled, taken: %s: %s",
                               len(batch[0].payload), batch[0].topic[:100], type(e).__name__, str(e)[:200])
                 return [None]
-        return [v for d in batch for v in self._ingest([d])]
+        return [v for d in batch for v in self._ingest(agg, [d])]
 
     def _reconnect(self) -> None:
         # the broker sends an unacknowledged delivery again only at a new connection of the
@@ -363,11 +409,9 @@ class FleetServer:
         self.conn.connect_async(self.cfg.mqtt)
         self.client.loop_start()
 
-    def _send_receipts(self, receipts) -> None:
-        s = self.cfg.server
+    def _send_receipts(self, lane: Lane, receipts) -> None:
         for r in receipts:
-            topic = receipt_topic(s.topic_prefix, s.fleet, self.agg.expected.model, r.node)
-            info = self.client.publish(topic, pack_receipt(r, self.agg.key), qos=1)
+            info = self.client.publish(lane.receipt_topic(r.node), pack_receipt(r, lane.agg.key), qos=1)
             # "no connection": paho keeps a QoS 1 message and sends it after the reconnect
             if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self.counters["receipts"] += 1
@@ -387,38 +431,45 @@ class FleetServer:
             log.info("fleet store works again after %d failed attempts", self._failures)
         self.store_error, self._failures = "", 0
 
-    def _publish_latest(self) -> None:
-        """The latest head, retained: when it is newer than what this instance published, when
-        a device asked (at most once a second), and every ``[server] republish_s``."""
+    def _publish_latest(self, lane: Lane) -> None:
+        """A lane's latest head, retained on its topic: when it is newer than what this
+        instance published, when a device asked (at most once a second), and every
+        ``[server] republish_s``."""
         if not self.connected.is_set():
             return
         now = time.monotonic()
-        requested = self._head_requested and now - self._last_request_publish >= 1.0
-        periodic = now - self._last_publish >= self.cfg.server.republish_s
-        latest = self.agg.store.latest()
-        if latest is None or not (latest.version > self.published or requested or periodic):
+        requested = lane.head_requested and now - lane.last_request_publish >= 1.0
+        periodic = now - lane.last_publish >= self.cfg.server.republish_s
+        latest = lane.agg.store.latest()
+        if latest is None or not (latest.version > lane.published or requested or periodic):
             return
         if requested:
-            self._head_requested = False
-            self._last_request_publish = now
+            lane.head_requested = False
+            lane.last_request_publish = now
             self.counters["republished_on_request"] += 1
-        elif periodic and latest.version <= self.published:
+        elif periodic and latest.version <= lane.published:
             self.counters["republished_periodic"] += 1
-        head, acked = publish_head(self.client, self.global_topic, self.agg.store)
+        head, acked = publish_head(self.client, lane.global_topic, lane.agg.store)
         if head is None:
             return
         if not acked:
             self.counters["publish_unacked"] += 1
-        self.published = head.version
-        self._last_publish = now
+        lane.published = head.version
+        lane.last_publish = now
         self.counters["published"] += 1
+
+    @property
+    def published(self) -> int:
+        """The default lane's version this instance last published (-1: none since the connect)."""
+        return self.lanes.default.published
 
     # ---- introspection ----------------------------------------------------------------------
     def health(self) -> tuple[bool, dict]:
         alive, connected, store_ok = self.thread.is_alive(), self.connected.is_set(), not self.store_error
         ok = alive and connected and store_ok
         info = {"ready": ok, "broker_connected": connected, "version": self.agg.current,
-                "queue": len(self.queue) + len(self._batch), "store_ok": store_ok}
+                "queue": len(self.queue) + len(self._batch), "store_ok": store_ok,
+                "lanes": {lane.key or "default": lane.agg.current for lane in self.lanes.snapshot()}}
         if not ok:
             info["reason"] = ("aggregator thread died" if not alive else "not connected to the broker" if not connected
                               else f"storing fails ({self._failures} attempts): {self.store_error}")
@@ -427,12 +478,30 @@ class FleetServer:
     def registry(self) -> Registry:
         reg = Registry()
         a = self.agg
-        reg.add("edge_fleet_deltas_accepted_total", "counter", "deltas accepted and stored", lambda: a.counters["accepted"])
-        reg.add("edge_fleet_deltas_rejected_total", "counter", "deltas rejected, by reason",
-                lambda: [({"reason": r}, n) for r, n in a.rejected.items()])
-        reg.add("edge_fleet_deltas_applied_total", "counter", "deltas applied into a version", lambda: a.counters["applied"])
-        reg.add("edge_fleet_versions_total", "counter", "versions committed by this instance", lambda: a.counters["versions"])
-        reg.add("edge_fleet_version", "gauge", "latest global version known to this instance", lambda: a.current)
+
+        def total(name: str):  # every lane's count (the lanes' own: edge_fleet_lane_*)
+            return lambda: sum(lane.agg.counters[name] for lane in self.lanes.snapshot())
+
+        def rejected():
+            out = collections.Counter()
+            for lane in self.lanes.snapshot():
+                out.update(lane.agg.rejected)
+            return [({"reason": r}, n) for r, n in out.items()]
+
+        def per_lane(value):
+            return lambda: [({"lane": lane.key or "default", "release": lane.release}, value(lane))
+                            for lane in self.lanes.snapshot()]
+
+        reg.add("edge_fleet_deltas_accepted_total", "counter", "deltas accepted and stored, every lane", total("accepted"))
+        reg.add("edge_fleet_deltas_rejected_total", "counter", "deltas rejected, by reason, every lane", rejected)
+        reg.add("edge_fleet_deltas_applied_total", "counter", "deltas applied into a version, every lane", total("applied"))
+        reg.add("edge_fleet_versions_total", "counter", "versions committed by this instance, every lane", total("versions"))
+        reg.add("edge_fleet_version", "gauge", "latest global version of this server's own model known to this instance",
+                lambda: a.current)
+        reg.add("edge_fleet_lane_version", "gauge", "latest global version of each lane (edge.fleet.lanes)",
+                per_lane(lambda lane: lane.agg.current))
+        reg.add("edge_fleet_lanes_total", "counter", "lane changes, by event (opened, dropped, refreshes, errors)",
+                lambda: [({"event": k}, v) for k, v in self.lanes.counters.items()])
         reg.add("edge_fleet_queue_depth", "gauge", "received deltas waiting for validation",
                 lambda: len(self.queue) + len(self._batch))
         reg.add("edge_fleet_store_ok", "gauge", "1 while storing works, 0 while it fails (retried)",
