@@ -79,16 +79,44 @@ def test_the_same_seed_tells_the_same_story_on_every_run(two_runs):
     assert versions(a) == versions(b)
 
 
-def test_the_fleet_demo_leaves_no_keys_store_or_broker_folder_behind(tmp_path):
-    tmp = tmp_path / "tmp"
+@pytest.fixture(scope="module")
+def fleet_run(tmp_path_factory):
+    """One short fleet demo (30 s, two devices and the late one; it runs on until the worse
+    release is halted): its TMPDIR, report and output."""
+    base = tmp_path_factory.mktemp("fleet-demo")
+    tmp, out = base / "tmp", base / "report"
     tmp.mkdir()
-    out = tmp_path / "report"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
-    p = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--fleet", "--seconds", "10", "--devices", "2",
-                        "--no-live", "--out", str(out)], capture_output=True, text=True, timeout=200, env=env)
+    p = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--fleet", "--seconds", "30", "--devices", "2",
+                        "--no-live", "--out", str(out)], capture_output=True, text=True, timeout=280, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    left = [q.name for q in tmp.iterdir() if q.name.startswith("edge-")]
-    assert left == []  # no /tmp/edge-fleet-demo-* (private keys, fleet.db), no /tmp/edge-broker-*
-    js = json.loads((out / "fleet-report.json").read_text())
+    return {"tmp": tmp, "out": out, "stdout": p.stdout, "stderr": p.stderr,
+            "report": json.loads((out / "fleet-report.json").read_text())}
+
+
+def test_the_fleet_demo_leaves_no_keys_store_or_broker_folder_behind(fleet_run):
+    left = [q.name for q in fleet_run["tmp"].iterdir() if q.name.startswith("edge-")]
+    assert left == []  # no /tmp/edge-fleet-demo-* (private keys, fleet.db, releases), no /tmp/edge-broker-*
+    js = fleet_run["report"]
     assert set(js["conditions"]) == {"dev-0", "dev-1", "late"}
-    assert "dev-0" in p.stdout and "{'" not in p.stdout
+    assert "dev-0" in fleet_run["stdout"] and "{'" not in fleet_run["stdout"]
+
+
+def test_the_fleet_demo_rolls_a_good_release_out_and_halts_a_worse_one_in_its_first_wave(fleet_run):
+    js = fleet_run["report"]
+    good, worse = js["releases"]["good"], js["releases"]["worse"]
+    nodes = {"dev-0", "dev-1", "late"}
+    assert good["state"] == "done" and set(good["switched"]) == nodes, good  # every device, the late one too
+    assert sorted(good["waves_of"].values()) == [0, 1, 2]  # one device per wave: each wave opened in turn
+    opened = [e["wave"] for e in js["release_events"] if e["release"] == good["release"]]
+    assert opened == [0, 1, 2, 2], js["release_events"]  # published, wave 2, wave 3, done
+    first = [n for n, w in worse["waves_of"].items() if w == 0]
+    assert worse["state"] == "halted" and worse["wave"] == 0, worse
+    assert worse["switched"] == [] and worse["served_by"] == []
+    assert {n: (d["state"], d["reason"]) for n, d in worse["devices"].items()} == {first[0]: ("refused", "worse")}
+    assert worse["devices"][first[0]]["evidence"]["reference"] == "shipped"
+    # the release series: each device's step and model over time, as the PNG draws them
+    rows = [r for r in js["timeline"] if r.get("deploy")]
+    assert {v["phase"] for r in rows for v in r["deploy"].values()} >= {"shadowing", "switched", "refused"}
+    assert [r["deploy"][n]["serving"] for r in rows[-1:] for n in sorted(nodes)] == [good["version"]] * 3
+    assert "halted" in fleet_run["stdout"] and (fleet_run["out"] / "fleet-report.png").stat().st_size > 10_000

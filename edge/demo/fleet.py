@@ -1,12 +1,16 @@
-"""`edge demo --fleet`: a fleet server, a small fleet with their own shifts, a device joining late.
+"""`edge demo --fleet`: a fleet server, a small fleet with their own shifts, a device joining late,
+and two model releases: a good one rolling out in waves, a worse one halted in its first.
 
 Starts a broker (or uses the given one), creates keys, runs a ``FleetServer`` on SQLite,
 and a few simulated devices, each a real ``AdaptWorker`` (learner thread) with a real
 ``DeviceSync`` (its own MQTT connection, signed deltas, verified global heads); each
 device's sensors have their own shift (``edge.sim``), and their features come from the
-shipped backbone, computed once up front so the demo runs on a small box. Two thirds of
-the way in, a fresh device joins: it adopts the retained global head before it has seen
-a single label, and the live view and the report compare it with the shipped head.
+shipped backbone, computed once up front so the demo runs on a small box. A third of the
+way in, a fresh device joins: it adopts the retained global head before it has seen a
+single label, and the live view and the report compare it with the shipped head. From
+0.4 of the way, the server releases the shipped model re-versioned, then a worse one, to
+every device's deploy part (``edge.demo.fleet_release``); the demo runs on past
+``seconds`` until the worse one is halted (at most ``RELEASE_GRACE_S`` more).
 
 Everything it creates (keys, the fleet store, the devices' state, the broker's folder) is
 in temporary folders removed at the end, whatever way it ends.
@@ -25,7 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+from edge.demo.fleet_release import plot_releases, release_brief, release_lines
+
 log = logging.getLogger("edge.demo")
+RELEASE_GRACE_S = 120.0  # how long past --seconds the demo waits for the release part to end
 
 
 @dataclass(frozen=True)
@@ -83,6 +90,10 @@ class _Device:
             self.worker.offer_window(key, t, t + 0.25, z[i], self.shipped.predict(z[i][None])[0])
             self.worker.offer_label(key, t + 0.1, self.classes[int(y[i])])
 
+    def served_scores(self, z):
+        """The scores this device publishes: its serving (adapted) head on features ``z``."""
+        return self.worker.champion.predict(z)
+
     def accuracy(self) -> float:
         z, y = self.data["test"]
         return float((self.worker.champion.predict(z).argmax(1) == y).mean())
@@ -100,6 +111,8 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
 
     from edge.bench.fleet import _conditions, _device_data
     from edge.broker import BrokerProcess
+    from edge.demo.fleet_release import FleetReleases, event_line, release_outcome
+    from edge.demo.fleet_release import server_section as release_section
     from edge.fleet.config import parse_server_config
     from edge.fleet.keys import create_key, export_public
     from edge.fleet.server import FleetServer
@@ -107,6 +120,7 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
     from edge.zoo import resolve_model
 
     setup_logging("warning")  # the view tells what happens; the parts' INFO lines would bury it
+    logging.getLogger("edge.deploy").setLevel(logging.ERROR)  # the view shows each refusal, with its reason
     seconds = seconds or 90.0
     torch.set_num_threads(1)
     stack = contextlib.ExitStack()
@@ -123,7 +137,7 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
     data = [dict(zip(("train", "test"), (lambda r: ((r[0], r[1]), (r[2], r[3])))(
         _device_data(bb, c, n_train=n_labels, n_test=200, seed=700 + i, classes=len(model.manifest.classes), alpha=0.5))))
         for i, (_, _, c) in enumerate(conds)]
-    parts = []
+    parts, rel = [], None
     try:
         if broker:
             host, _, p = broker.rpartition(":")
@@ -136,50 +150,75 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
         for n in nodes:
             keys[n] = create_key(root / "keys", n)
             export_public(root / "keys", n, to=root / "devices")
+        late_at = seconds / 3
+        served = {}  # node -> its serving head's scores, for the releases' shadow tests
+        rel = FleetReleases(root=root, broker=proc_b, keys=keys, model=model, labelled=set(nodes[:-1]),
+                            conditions={n: c for n, (_, _, c) in zip(nodes, conds)}, scores_of=served,
+                            good_at=seconds * 0.4)
         scfg = parse_server_config({
             "server": {"fleet": "demo", "model": str(model.path), "store": str(root / "fleet.db"),
                        "key_file": str(keys["server"].private_path), "devices_dir": str(root / "devices"),
                        "k": devices, "t_s": 3.0},
-            "mqtt": {"host": proc_b.host, "port": proc_b.port, "client_id": "demo-fleet-server"}})
+            "mqtt": {"host": proc_b.host, "port": proc_b.port, "client_id": "demo-fleet-server"},
+            "release": release_section(rel.key.private_path)})
         server = FleetServer(scfg)
         server.start()
         parts.append(server)
+        rel.attach(scfg, nodes)
         fleet = [_Device(n, _device_cfg(n, proc_b, root / "state", keys, 2.0), model, data[i], rate=10.0)
                  for i, n in enumerate(nodes[:-1])]
         for d in fleet:
             d.start()
             parts.append(d)
-        late, late_at = None, seconds * 2 / 3
+            served[d.node] = d.served_scores
+            rel.join(d.node)
+        late = None
         tty = live and sys.stdout.isatty()
-        timeline, t0 = [], time.monotonic()
-        while time.monotonic() - t0 < seconds:
+        timeline, t0, waited = [], time.monotonic(), False
+        while (el := time.monotonic() - t0) < seconds or (not rel.finished(el) and el < seconds + RELEASE_GRACE_S):
+            if el >= seconds and not waited:
+                waited = True
+                print(f"t={el:5.0f} s  the release part is still running: waiting for it "
+                      f"(at most {RELEASE_GRACE_S:.0f} s more)", flush=True)
             time.sleep(1.0)
             el = time.monotonic() - t0
             if late is None and el >= late_at:
                 late = _Device("late", _device_cfg("late", proc_b, root / "state", keys, 2.0), model, data[-1], rate=0.001)
                 late.start()  # it gets no labels: whatever it knows comes from the fleet
                 parts.append(late)
+                served["late"] = late.served_scores
+                rel.join("late")
+            events = rel.tick(el, 1.0)
             row = {"t": round(el, 1), "global_version": server.agg.current,
                    "devices": {d.node: {"base": d.sync.client.base_version, "acc": round(d.accuracy(), 3)} for d in fleet}}
             if late is not None:
                 zt, yt = late.data["test"]
                 row["late"] = {"base": late.sync.client.base_version, "acc": round(late.accuracy(), 3),
                                "shipped_acc": round(float((late.shipped.predict(zt).argmax(1) == yt).mean()), 3)}
+            row.update(rel.row())
             timeline.append(row)
             if tty:
-                sys.stdout.write(render_fleet(row, shift=shift, total=seconds, late_at=late_at))
+                sys.stdout.write(render_fleet(row, shift=shift, total=seconds, late_at=late_at, events=rel.events))
                 sys.stdout.flush()
-            elif int(el) % 5 == 0:
-                print(fleet_line(row), flush=True)
+            else:
+                for e in events:
+                    print(event_line(e), flush=True)
+                if int(el) % 5 == 0:
+                    print(fleet_line(row), flush=True)
+        releases = rel.summary()
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "fleet-report.json").write_text(json.dumps({"devices": [s for s, _, _ in conds], "conditions": shift,
-                                                           "late_at": late_at, "timeline": timeline}, indent=1))
-        _plot(timeline, out / "fleet-report.png", shift=shift, late_at=late_at)
+                                                           "late_at": late_at, "releases": releases,
+                                                           "release_events": rel.events, "timeline": timeline},
+                                                          indent=1))
+        _plot(timeline, out / "fleet-report.png", shift=shift, late_at=late_at, events=rel.events)
+        for line in release_outcome(releases):
+            print(line)
         print(f"report: {out / 'fleet-report.json'}, {out / 'fleet-report.png'}")
         return 0
     finally:
-        for p in reversed(parts):
+        for p in ([rel] if rel is not None else []) + parts[::-1]:  # release devices, late, fleet, server
             try:
                 p.stop()
             except Exception:
@@ -197,10 +236,10 @@ def fleet_line(row: dict) -> str:
         f"{n} v{v['base']} {v['acc'] * 100:4.1f}%" for n, v in row["devices"].items())
     if "late" in row:
         line += f"  | late v{row['late']['base']} {row['late']['acc'] * 100:4.1f}% (shipped head {row['late']['shipped_acc'] * 100:4.1f}%)"
-    return line
+    return line + release_brief(row)
 
 
-def render_fleet(row: dict, *, shift: dict, total: float, late_at: float) -> str:
+def render_fleet(row: dict, *, shift: dict, total: float, late_at: float, events: tuple = ()) -> str:
     """The live table, redrawn in place (ANSI home + clear): a row per device with its shift."""
     lines = [f"edge demo --fleet — {row['t']:5.0f} s / {total:.0f} s   global head v{row['global_version']}", "",
              f"{'device':8} {'its sensors':28} {'base':>5} {'accuracy':>9}  note"]
@@ -212,18 +251,22 @@ def render_fleet(row: dict, *, shift: dict, total: float, late_at: float) -> str
                      f"no labels: the fleet's head (the shipped head: {lt['shipped_acc'] * 100:.1f}%)")
     else:
         lines.append(f"{'late':8} {shift.get('late', ''):28} {'':>5} {'':>9}  joins at {late_at:.0f} s")
-    lines += ["", "accuracy: on each device's own test windows, with the head it serves now"]
+    lines += ["", "accuracy: on each device's own test windows, with the head it serves now", ""]
+    lines += release_lines(row, events)
     return "\x1b[H\x1b[2J" + "\n".join(lines) + "\n"
 
 
-def _plot(timeline, path, *, shift: dict, late_at: float):
+def _plot(timeline, path, *, shift: dict, late_at: float, events: tuple = ()):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     t = [r["t"] for r in timeline]
-    fig, ax = plt.subplots(1, 2, figsize=(11, 4))
+    fig = plt.figure(figsize=(11, 7.5))
+    grid = fig.add_gridspec(2, 2, height_ratios=[1, 0.9])
+    ax = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])]
+    rel_ax = fig.add_subplot(grid[1, :], sharex=ax[0])
     ax[0].step(t, [r["global_version"] for r in timeline], where="post", color="#1f77b4")
     ax[0].set(title="global head version", xlabel="s", ylabel="version")
     ax[0].set_ylim(bottom=0)
@@ -233,7 +276,7 @@ def _plot(timeline, path, *, shift: dict, late_at: float):
         ax[1].plot(t, [r["devices"][n]["acc"] * 100 for r in timeline], lw=1, color=colours[i % len(colours)],
                    label=f"{n} ({shift.get(n, '')})")
     lt = [r for r in timeline if "late" in r]
-    for a in ax:  # the one event line: grey, so it is never read as a series
+    for a in (*ax, rel_ax):  # event lines: grey or black, so they are never read as a series
         a.axvline(late_at, color="#777777", ls=":", lw=1, label="late device joins" if a is ax[1] else None)
     if lt:
         c = colours[len(nodes) % len(colours)]
@@ -245,5 +288,7 @@ def _plot(timeline, path, *, shift: dict, late_at: float):
     ax[1].legend(fontsize=7, loc="lower right")
     for a in ax:
         a.grid(alpha=0.3)
+    plot_releases(rel_ax, timeline, list(events))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
