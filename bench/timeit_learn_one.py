@@ -46,6 +46,19 @@ def _whole(ilm, X, y, *, batch: int) -> float:
     return best
 
 
+def _whole_learner(lr, X, y) -> float:
+    """Microseconds per ``Learner.learn_one`` row (the library's checks and wrapper left out), best of 3."""
+    Z, T = X.astype(np.float32), [int(v) for v in y]
+    best = float("inf")
+    for _ in range(3):
+        m = copy.deepcopy(lr)
+        t0 = time.perf_counter()
+        for i in range(600, len(X)):
+            m.learn_one(Z[i], T[i])
+        best = min(best, (time.perf_counter() - t0) / (len(X) - 600) * 1e6)
+    return best
+
+
 def main(argv=None) -> int:
     import torch
 
@@ -63,30 +76,37 @@ def main(argv=None) -> int:
     for i in range(600):
         ilm.learn_one(X[i], y[i])
     lr = ilm.learner
-    z, t = X[700], int(y[700])
+    z, t = X[700].astype(np.float32), int(y[700])
     tr = lr.trainer
     n = tr.fill(z, t, lr._sources)
     zb, yb = tr.z_np[:n].copy(), tr.y_np[:n].copy()
     scratch = copy.deepcopy(lr)  # the pieces that learn run on this copy
     st = scratch.trainer
-    s2 = np.array([0.3, 0.7])
+    scratch._last_sv = scratch.evaluator.test_one(scratch.champion, scratch._global, z, t)
+    ev = scratch.evaluator
+    ev.test_one(scratch.champion, scratch._global, z, t)  # builds the stacked scorer of this champion
+    s2 = [0.3, 0.7]
     pieces = {
         "library wrapper's checks (shape, label, what is served)": (
             lambda: (ilm._engine(_np(z)), ilm._check_label(t), lr.serving()), 3000),
-        "score the global head (once it is not the champion)": (lambda: lr._score(lr._global, z[None]), 3000),
-        "training step (16 rows)": (lambda: st.step_arrays(zb.copy(), yb, first=1), 3000),
-        "fill the batch from recent and replay": (lambda: st.fill(z, t, scratch._sources), 3000),
-        "score the champion": (lambda: lr._score(lr.champion, z[None]), 3000),
+        "score the champion and the global head (one stacked product)": (lambda: ev._stack.scores(z, ev.mode), 3000),
+        "test_one (both heads, the reference, three records)": (
+            lambda: ev.test_one(scratch.champion, scratch._global, z, t), 3000),
+        "fill + scale + step, one compiled call (16 rows)": (
+            lambda: st.fill_step(z, t, scratch._sources, scratch.scaler, replay_loss=False), 3000),
+        "training step alone (16 rows)": (lambda: st.step_arrays(zb.copy(), yb, first=1), 3000),
+        "fill the batch from recent and replay (numpy path)": (lambda: st.fill(z, t, scratch._sources), 3000),
         "scaler learn_one": (lambda: scratch.scaler.learn_one(z), 3000),
-        "scaler transform of the batch": (lambda: scratch.scaler.transform_many(zb.copy()), 3000),
         "reference test then learn": (lambda: scratch.reference.test_then_learn(t), 3000),
-        "prequential update": (lambda: scratch.preq["champion"].update(s2, t), 3000),
-        "drift detectors": (lambda: scratch._update_drift(0.0), 3000),
+        "prequential update": (lambda: scratch.preq["champion"].update_values(0.3, 0.0), 3000),
+        "drift detectors": (lambda: scratch.plasticity.watch_one(0.0, 0.1), 3000),
         "label guard": (lambda: scratch.guard.observe(scratch.guard.contradicts(s2, s2, t)), 3000),
+        "paired tests (three bets)": (lambda: ev.pair_one(scratch._last_sv, 0.3, True), 3000),
         "promotion / swap check": (lambda: scratch._maybe_swap(), 3000),
         "replay and recent add": (lambda: (scratch.replay.add(z, t), scratch.recent.add(z, t)), 3000),
     }
-    out = {"library learn_one, per row (rows 600-1249)": round(_whole(ilm, X, y, batch=0), 2)}
+    out = {"library learn_one, per row (rows 600-1249)": round(_whole(ilm, X, y, batch=0), 2),
+           "Learner.learn_one, per row (rows 600-1249)": round(_whole_learner(lr, X, y), 2)}
     out.update({k: round(_best(fn, number), 2) for k, (fn, number) in pieces.items()})
     many = IncrementalModel(LinearModel(X.shape[1], 1), criterion=torch.nn.BCEWithLogitsLoss(), seed=0)
     for i in range(0, 608, 32):
