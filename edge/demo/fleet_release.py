@@ -194,11 +194,14 @@ class FleetReleases:
                 state, wave = self.last[rid]
                 cur = {"what": what, "release": rid, "version": self.versions[what], "state": state,
                        "wave": wave, "percent": WAVES[wave]}
+        from edge.fleet.release_codec import wave_of
+
         devs = {}
         for node, d in self.devices.items():
             st = d.status()
             ev = st.get("evidence") or {}
             devs[node] = {"phase": st.get("phase", "idle"), "state": device_state(st), "release": st.get("release"),
+                          "wave": wave_of(cur["release"], node, WAVES) if cur else None,
                           "serving": d.model.manifest.version, "labels": ev.get("labels"),
                           "mean_diff": ev.get("mean_diff"), "mean_diff_served": ev.get("mean_diff_served")}
         return {"release": cur, "deploy": devs}
@@ -266,7 +269,8 @@ def release_lines(row: dict, events) -> list[str]:
             f"open ({r['percent']}% of devices)")
     lines = [head, f"{'device':8} {'serves':>7}  release step"]
     for n, v in row.get("deploy", {}).items():
-        lines.append(f"{n:8} {v['serving']:>7}  {v['state']}")
+        waits = r and v["state"] == "-" and r["state"] == "rolling" and v.get("wave") is not None and v["wave"] > r["wave"]
+        lines.append(f"{n:8} {v['serving']:>7}  " + (f"waits for wave {v['wave'] + 1}" if waits else v["state"]))
     lines += [event_line(e) for e in list(events)[-4:]]
     return lines
 
