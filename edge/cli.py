@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="start a broker, simulated devices and the daemon; show a live view", description=(
         "Start a broker (unless --broker), simulated machines, a labelling operator and the daemon; show a live view; "
         "write report.json and report.png. Everything it starts and every temporary folder is removed at the end. "
-        "With --fleet: a fleet server and devices with their own sensor shifts, one joining late."))
+        "With --fleet: a fleet server and devices with their own sensor shifts, one joining late, and two model "
+        "releases in waves: a good one that every device takes, a worse one halted in its first wave."))
     d.add_argument("--seconds", type=float, default=None,
                    help="end after N seconds (default: 60, with --fleet 90; 0 without --fleet: until Ctrl-C)")
     d.add_argument("--broker", default="", help="HOST:PORT of an existing broker (default: start one on a free loopback port)")
@@ -274,7 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "about a third of the run)")
     d.add_argument("--no-live", action="store_true", help="no live terminal view (log lines instead)")
     d.add_argument("--no-serial", action="store_true", help="no simulated serial device")
-    d.add_argument("--fleet", action="store_true", help="fleet sync: a server, devices with their own shifts, one joining late")
+    d.add_argument("--fleet", action="store_true", help="fleet sync: a server, devices with their own shifts, one joining "
+                   "late; then a good model release rolled out in waves and a worse one halted")
     d.set_defaults(func=_cmd_demo)
 
     c = sub.add_parser("compile", help="compile a model's backbone for a backend into the cache", description=(

@@ -161,11 +161,12 @@ class Feed:
 
 
 def _device_toml(root: Path, keys: dict, broker, node: str, cache: Path) -> Path:
-    """A small device: the current model served int8, [deploy] on, every window shadowed.
-    [adapt] is off: a learning device's head adapts on these same labels and may beat a
-    release's shipped head, which the shadow test then rightly finds worse (tests of the
-    learner bound to a switched model: tests/test_release_e2e.py). The labels still reach the
-    shadow test: the label route is subscribed whether or not the device learns."""
+    """A small device: the current model served int8, [deploy] on, every window shadowed, and
+    [adapt] on: each device's head adapts on these same labels and soon beats the current
+    model's weak shipped head. The shadow test compares a release with the current backbone
+    and its shipped head, not with the adapted one (edge/deploy/shadow.py), so a good release
+    still rolls out while the devices learn (the learner bound to a switched model:
+    tests/test_release_e2e.py)."""
     state = root / "state" / node
     p = root / f"{node}.toml"
     p.write_text(f'''[node]
@@ -186,7 +187,7 @@ precision = "int8"
 cache_dir = "{cache}"
 
 [adapt]
-enabled = false
+enabled = true
 
 [fleet]
 fleet = "test"

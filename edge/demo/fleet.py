@@ -28,8 +28,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from edge.demo.fleet_release import plot_releases, release_brief, release_lines
+from edge.demo.fleet_release import (FleetReleases, event_line, plot_releases, release_brief, release_lines,
+                                     release_outcome)
+from edge.demo.fleet_release import server_section as release_section
 
 log = logging.getLogger("edge.demo")
 RELEASE_GRACE_S = 120.0  # how long past --seconds the demo waits for the release part to end
@@ -111,8 +112,6 @@ def run_fleet_demo(*, seconds: float = 0, broker: str = "", out: Path = Path("de
 
     from edge.bench.fleet import _conditions, _device_data
     from edge.broker import BrokerProcess
-    from edge.demo.fleet_release import FleetReleases, event_line, release_outcome
-    from edge.demo.fleet_release import server_section as release_section
     from edge.fleet.config import parse_server_config
     from edge.fleet.keys import create_key, export_public
     from edge.fleet.server import FleetServer
