@@ -157,11 +157,13 @@ def _lanes_beside_the_default_lane(tmp_path, broker, keys, store: str) -> str:
         d1 = _head(watch, f"{BASE}/global", 1)
         assert d1.header.model_hash == DEFAULT.content_hash
 
-        # a hash no stored release has is still refused, on the default lane's receipt topic
+        # a hash no stored release has is still refused (by the default lane), and the refusal
+        # goes where a device serving that model listens: the claimed hash's lane topic
         other = _release_folder(tmp_path, "9.9.9", head_scale=2.0)
         watch.publish(f"{BASE}/delta/n1", signed_delta(keys["n1"].private_path, node="n1", seq=2, model=other))
-        refused = _receipt(watch, f"{BASE}/receipt/n1", server_pub, 2)
+        refused = _receipt(watch, f"{BASE}/receipt/n1/{lane_key(other.content_hash)}", server_pub, 2)
         assert not refused.accepted and refused.reason == "wrong_model_hash"
+        assert server.agg.rejected["wrong_model_hash"] == 1
         assert server.lanes.by_key(lane_key(other.content_hash)) is None
     finally:
         server.stop()
@@ -272,3 +274,72 @@ def test_acl_a_device_writes_only_its_own_lane_requests_and_reads_only_its_own_l
     srv._wait(lambda: (f"{PREFIX}/request/n2/{LANE}", b"r2") in srv.msgs)
     n1._wait(lambda: (f"{PREFIX}/receipt/n1/{LANE}", b"for n1") in n1.msgs)
     assert n1.msgs == [(f"{PREFIX}/global/{LANE}", b"lane head"), (f"{PREFIX}/receipt/n1/{LANE}", b"for n1")]
+
+
+# ---- end to end: a real `edge run` switches to a release, then syncs in its lane ---------------
+
+def test_a_daemon_that_switched_to_a_release_syncs_in_its_lane(tmp_path, broker):
+    """One real device process ([adapt], [fleet], [deploy]) and a real FleetServer: the
+    release rolls out to it through the server's chunks, the restarted daemon serves it, and
+    its deltas, learned on the new backbone, are accepted into the release's lane (a signed
+    receipt on the lane's topic), whose new version the device adopts. About 30-60 s on the
+    shared box: the only proof with a daemon that really switched (the rest of this file
+    drives the server with signed deltas)."""
+    from edge.serve.cache import ArtifactCache
+    from edge.serve.compile import obtain
+    from edge.serve.testing import make_tiny_model
+    from edge.fleet.keys import export_public
+    from tests.helpers import poll
+    from tests.test_deploy_device import _scale_head, _set_version
+    from tests.test_release_fleet_e2e import Feed, Proc, Watch, _device_toml
+
+    node, cache = "fl-a", tmp_path / "cache"
+    for name, version, factor in (("current", "0.0.1", 0.1), ("good", "0.0.2", 1.0)):
+        make_tiny_model(tmp_path / name, name="tiny")
+        _set_version(tmp_path / name, version)
+        if factor != 1.0:
+            _scale_head(tmp_path / name, factor)
+        obtain(ModelFolder(tmp_path / name), "onnxruntime", "int8", cache=ArtifactCache(cache))
+    good = ModelFolder(tmp_path / "good")
+    lane = lane_key(good.content_hash)
+    keys = make_keys(tmp_path, [node])
+    keys["release"] = create_key(tmp_path / "keys", "rel", role="release")
+    export_public(tmp_path / "keys", "rel", role="release", to=tmp_path / "keys" / "releases")
+    srv_toml = server_toml(tmp_path, keys, broker, store=str(tmp_path / "fleet.db"), model=str(tmp_path / "current"),
+                           k=1, t_s=3600.0)
+    srv_toml.write_text(srv_toml.read_text() + f'\n[release]\nkey_file = "{keys["release"].private_path}"\n'
+                        'chunk_size = 4096\ncheck_s = 0.1\n')
+    cfg = load_server_config(srv_toml)
+    dev_toml = _device_toml(tmp_path, keys, broker, node, cache)
+    dev_toml.write_text(dev_toml.read_text().replace(
+        '[fleet]\n', f'[fleet]\nenabled = true\nserver_key = "{keys["server"].public_path}"\ninterval_s = 0.5\n', 1))
+    base = "fleet/test/tiny"
+    server_pub = load_public(keys["server"].public_path)
+    watch = Watch(broker, load_public(keys["release"].public_path))
+    seen = Client(broker, f"{base}/receipt/{node}/+", f"{base}/global/{lane}", f"edge/{node}/events")
+    feed, device = Feed(broker), Proc(["run", "-c", str(dev_toml)], tmp_path / f"{node}.log")
+    server = _server(cfg)
+    device.start()
+    try:
+        poll(lambda: feed.send(2) or watch.serving(node, "tiny@0.0.1"), 180, interval=0.5,
+             what="predictions of the current model")
+        _release(cfg, keys, good, "00000000000000a1")
+        poll(lambda: feed.send(4) or watch.serving(node, "tiny@0.0.2"), 180, interval=0.3,
+             what="the device serving the release")
+
+        def lane_receipts():
+            return [r for r in _receipts(seen, f"{base}/receipt/{node}/{lane}", server_pub) if r.accepted]
+        poll(lambda: feed.send(2) or lane_receipts(), 120, interval=0.3, what="a delta accepted into the release's lane")
+        assert server.lanes.by_key(lane).agg.counters["accepted"] >= 1
+        assert server.agg.rejected["wrong_model_hash"] == 0  # nothing of it went to the default lane
+        poll(lambda: feed.send(2) or any(b"sync_rebased" in p for t, p, _ in seen.msgs if t.endswith("/events")), 60,
+             interval=0.3, what="the device adopting a version of its lane's head")
+        assert any(g.header.version >= 1 and g.header.model_hash == good.content_hash
+                   for g in _heads(seen.msgs, f"{base}/global/{lane}"))
+    finally:
+        device.stop()
+        server.stop()
+        watch.close()
+        seen.close()
+        _clear_retained(broker, f"{base}/global", f"{base}/global/{lane}", f"{base}/release")
+        feed.c.close()

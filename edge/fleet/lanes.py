@@ -35,14 +35,20 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 from urllib.parse import parse_qs, urlencode, urlsplit, urlunsplit
 
 from edge.errors import DecodeError, ModelError
+from edge.fleet.aggregator import Aggregator
 from edge.fleet.codec import read_envelope
-from edge.fleet.heads import global_topic, lane_key, receipt_topic
+from edge.fleet.heads import LANE_HEX, global_topic, initial_arrays, lane_key, receipt_topic
+from edge.fleet.store import open_store
+from edge.fleet.validate import Expected
 from edge.observe import RateLimitedLog
 from edge.zoo import Manifest, ModelFolder, digest_files
+
+if TYPE_CHECKING:
+    from edge.fleet.config import ServerConfig
 
 log = logging.getLogger("edge.fleet")
 
@@ -99,6 +105,15 @@ def lane_order(records: Iterable) -> list:
     ['c', 'a', 'd', 'b']
     """
     return sorted(records, key=lambda r: (r.state == "aborted", -r.seq))
+
+
+def _is_lane_key(text: str) -> bool:
+    """16 lowercase hex digits (a content hash's lane key; any other claim is no topic level).
+
+    >>> _is_lane_key("0123456789abcdef"), _is_lane_key("0123456789abcde/"), _is_lane_key("ab")
+    (True, False, False)
+    """
+    return len(text) == LANE_HEX and all(c in "0123456789abcdef" for c in text)
 
 
 def header_hash(payload: bytes) -> str | None:
@@ -180,6 +195,16 @@ class Lanes:
             groups.setdefault(id(lane), (lane, []))[1].append(it)
         return sorted(groups.values(), key=lambda g: g[0] is not self.default)
 
+    def receipt_topic(self, lane: Lane, verdict) -> str:
+        """Where the receipt of ``verdict`` (a delta ``lane`` judged) goes: its lane's receipt
+        topic; for one refused on the default lane for a hash no lane has, the topic of the
+        lane its (signature-verified) header names, where a device serving that model
+        listens (a claim that is no lane key gets the default topic)."""
+        node, claimed = verdict.header.node, lane_key(verdict.header.model_hash)
+        if lane is self.default and claimed != lane_key(lane.model_hash) and _is_lane_key(claimed):
+            return receipt_topic(*lane.receipt_base, node, claimed)
+        return lane.receipt_topic(node)
+
     def maybe_refresh(self) -> None:
         """``refresh`` unless it ran less than ``check_s`` ago."""
         now = self.clock()
@@ -197,16 +222,20 @@ class Lanes:
         longer among them. A failure keeps the lanes as they are (counted, logged)."""
         self.counters["refreshes"] += 1
         have = {lane.model_hash: lane for lane in self._lanes[1:]}
+        new: list[Lane] = []
         try:
             wanted = self._wanted()
-            new = [self._opened(h, rel, model) for h, (rel, model) in wanted.items()
-                   if h not in have and model is not None]
+            for h, (rel, model) in wanted.items():
+                lane = self._opened(h, rel, model) if h not in have and model is not None else None
+                if lane is not None:
+                    new.append(lane)
         except Exception as e:  # a store blip: the lanes stay as they are, the next refresh tries again
+            for lane in new:
+                lane.close()
             self.counters["errors"] += 1
             self._rl.warn("lanes", "reading the releases for lanes failed: %s: %s", type(e).__name__, str(e)[:200])
             return
         keep = [have[h] for h in wanted if h in have]
-        new = [lane for lane in new if lane is not None]
         dropped = [lane for h, lane in have.items() if h not in wanted]
         self._lanes = (self.default, *keep, *new)
         for lane in dropped:
@@ -271,3 +300,41 @@ class Lanes:
                  model.manifest.version, agg.current)
         return Lane(agg=agg, key=key, release=release, global_topic=global_topic(prefix, fleet, name, key),
                     receipt_base=d.receipt_base)
+
+
+# ---- building lanes from a server config ---------------------------------------------------
+
+def expected_for(cfg: ServerConfig, model) -> tuple[Expected, dict]:
+    """What a delta for ``model`` (a ``ModelFolder``) must match, and its head's version 0."""
+    s = cfg.server
+    arrays = initial_arrays(model, kind=s.head, rank=s.head_rank, hidden=s.head_hidden)
+    return Expected(fleet=s.fleet, model=model.manifest.name, model_hash=model.content_hash, head_kind=s.head,
+                    shapes={k: tuple(v.shape) for k, v in arrays.items()}), arrays
+
+
+def lane_aggregator(cfg: ServerConfig, model, *, store, key, registry) -> Aggregator:
+    """The aggregator of one lane (``edge.fleet.lanes``): ``model``'s hash and head shapes, the
+    config's aggregation rule, the one server key and device registry every lane shares."""
+    s = cfg.server
+    expected, arrays = expected_for(cfg, model)
+    return Aggregator(store=store, expected=expected, key=key, registry=registry, name=s.name, k=s.k, t_s=s.t_s,
+                      rule=s.rule, clip_norm=s.clip_norm, trim=s.trim, max_norm=s.max_norm,
+                      staleness_exponent=s.staleness_exponent, server_lr=s.server_lr, commit_pause_s=s.commit_pause_s,
+                      initial=arrays, max_samples=s.max_samples, samples_ratio=s.samples_ratio,
+                      reference_growth=s.reference_growth)
+
+
+def build_lanes(cfg: ServerConfig, agg: Aggregator) -> Lanes:
+    """The default lane (``agg``) and the lanes of the releases in ``agg``'s store."""
+    s = cfg.server
+    model = agg.expected.model
+    default = Lane(agg=agg, key="", global_topic=global_topic(s.topic_prefix, s.fleet, model),
+                   receipt_base=(s.topic_prefix, s.fleet, model))
+    rows = agg.store if hasattr(agg.store, "releases") else None  # a bench's in-memory store has no releases
+
+    def open_lane(bundle_model, url: str, release: str) -> Aggregator:
+        return lane_aggregator(cfg, bundle_model, store=open_store(url), key=agg.key, registry=agg.trust)
+
+    return Lanes(default=default, releases=(lambda: rows.releases(s.fleet, model)) if rows else list,
+                 bundle=rows.release_bundle if rows else (lambda r: None), open_lane=open_lane, store_url=s.store,
+                 max_lanes=s.max_lanes)

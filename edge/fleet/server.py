@@ -51,16 +51,15 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 
 from edge.errors import EdgeError
-from edge.fleet.aggregator import Aggregator
+from edge.fleet.aggregator import Aggregator, receipted_node
 from edge.fleet.config import ServerConfig
 from edge.fleet.receipts import pack_receipt
-from edge.fleet.heads import delta_topic, global_topic, initial_arrays, request_topic
-from edge.fleet.lanes import Lane, Lanes
+from edge.fleet.heads import delta_topic, global_topic, request_topic
+from edge.fleet.lanes import Lane, build_lanes, lane_aggregator
 from edge.fleet.keys import load_private
 from edge.fleet.publish import publish_head
 from edge.fleet.store import open_store
 from edge.fleet.trust import DeviceRegistry
-from edge.fleet.validate import Expected
 from edge.mqttconn import make_client
 from edge.observe import MetricsServer, RateLimitedLog, Registry
 
@@ -89,14 +88,6 @@ class Delivery:
     qos: int
 
 
-def expected_for(cfg: ServerConfig, model) -> tuple[Expected, dict]:
-    """What a delta for ``model`` (a ``ModelFolder``) must match, and its head's version 0."""
-    s = cfg.server
-    arrays = initial_arrays(model, kind=s.head, rank=s.head_rank, hidden=s.head_hidden)
-    return Expected(fleet=s.fleet, model=model.manifest.name, model_hash=model.content_hash, head_kind=s.head,
-                    shapes={k: tuple(v.shape) for k, v in arrays.items()}), arrays
-
-
 def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
     """The aggregator a server config describes (model resolved, key loaded, store opened)."""
     from edge.errors import ConfigError
@@ -107,34 +98,6 @@ def build_aggregator(cfg: ServerConfig, *, store=None) -> Aggregator:
         raise ConfigError("[server] key_file is required: the server signs every global head (edge keys create NAME --role server)")
     return lane_aggregator(cfg, resolve_model(s.model), store=store or open_store(s.store), key=load_private(s.key_file),
                            registry=DeviceRegistry(s.devices_dir or None))
-
-
-def lane_aggregator(cfg: ServerConfig, model, *, store, key, registry: DeviceRegistry) -> Aggregator:
-    """The aggregator of one lane (``edge.fleet.lanes``): ``model``'s hash and head shapes, the
-    config's aggregation rule, the one server key and device registry every lane shares."""
-    s = cfg.server
-    expected, arrays = expected_for(cfg, model)
-    return Aggregator(store=store, expected=expected, key=key, registry=registry, name=s.name, k=s.k, t_s=s.t_s,
-                      rule=s.rule, clip_norm=s.clip_norm, trim=s.trim, max_norm=s.max_norm,
-                      staleness_exponent=s.staleness_exponent, server_lr=s.server_lr, commit_pause_s=s.commit_pause_s,
-                      initial=arrays, max_samples=s.max_samples, samples_ratio=s.samples_ratio,
-                      reference_growth=s.reference_growth)
-
-
-def build_lanes(cfg: ServerConfig, agg: Aggregator) -> Lanes:
-    """The default lane (``agg``) and the lanes of the releases in ``agg``'s store."""
-    s = cfg.server
-    model = agg.expected.model
-    default = Lane(agg=agg, key="", global_topic=global_topic(s.topic_prefix, s.fleet, model),
-                   receipt_base=(s.topic_prefix, s.fleet, model))
-    rows = agg.store if hasattr(agg.store, "releases") else None  # a bench's in-memory store has no releases
-
-    def open_lane(bundle_model, url: str, release: str) -> Aggregator:
-        return lane_aggregator(cfg, bundle_model, store=open_store(url), key=agg.key, registry=agg.trust)
-
-    return Lanes(default=default, releases=(lambda: rows.releases(s.fleet, model)) if rows else list,
-                 bundle=rows.release_bundle if rows else (lambda r: None), open_lane=open_lane, store_url=s.store,
-                 max_lanes=s.max_lanes)
 
 
 class FleetServer:
@@ -354,8 +317,10 @@ class FleetServer:
             batch = self._batch
             answers = []  # each lane's part of the batch, stored in its own store; a retry stores it again as resent
             for lane, part in self.lanes.split(batch, lambda d: d.payload):
-                verdicts = self._ingest(lane.agg, part)
-                answers.append((lane, lane.agg.receipts([v for v in verdicts if v is not None])))
+                verdicts = [v for v in self._ingest(lane.agg, part) if v is not None]
+                receipts = lane.agg.receipts(verdicts)  # one per verdict with a receipted node, in order
+                topics = [self.lanes.receipt_topic(lane, v) for v in verdicts if receipted_node(v) is not None]
+                answers.append((lane, list(zip(topics, receipts))))
             self._batch = []
             self._cleared()  # stored: healthy again before anyone hears of it
             self.counters["received"] += len(batch)
@@ -410,8 +375,8 @@ class FleetServer:
         self.client.loop_start()
 
     def _send_receipts(self, lane: Lane, receipts) -> None:
-        for r in receipts:
-            info = self.client.publish(lane.receipt_topic(r.node), pack_receipt(r, lane.agg.key), qos=1)
+        for topic, r in receipts:
+            info = self.client.publish(topic, pack_receipt(r, lane.agg.key), qos=1)
             # "no connection": paho keeps a QoS 1 message and sends it after the reconnect
             if info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
                 self.counters["receipts"] += 1
