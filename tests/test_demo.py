@@ -81,13 +81,13 @@ def test_the_same_seed_tells_the_same_story_on_every_run(two_runs):
 
 @pytest.fixture(scope="module")
 def fleet_run(tmp_path_factory):
-    """One short fleet demo (30 s, two devices and the late one; it runs on until the worse
+    """One short fleet demo (20 s, two devices and the late one; it runs on until the worse
     release is halted): its TMPDIR, report and output."""
     base = tmp_path_factory.mktemp("fleet-demo")
     tmp, out = base / "tmp", base / "report"
     tmp.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)}
-    p = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--fleet", "--seconds", "30", "--devices", "2",
+    p = subprocess.run([sys.executable, "-m", "edge.cli", "demo", "--fleet", "--seconds", "20", "--devices", "2",
                         "--no-live", "--out", str(out)], capture_output=True, text=True, timeout=280, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return {"tmp": tmp, "out": out, "stdout": p.stdout, "stderr": p.stderr,
