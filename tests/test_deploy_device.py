@@ -13,6 +13,8 @@ import json
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.config import parse_config
 from edge.deploy.part import DeployPart
@@ -303,3 +305,19 @@ def test_abort_returns_a_switched_device_to_the_previous_model(broker, keys, ser
         assert not dev3.restarts  # the retained aborted manifest does not loop
     finally:
         dev3.stop()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 8), st.floats(0, 8), st.floats(0, 8)), min_size=1, max_size=120))
+def test_the_served_heads_loss_is_evidence_and_never_decides(pairs):
+    """Whatever the served (adapted) head scores, the decision rests on reference vs candidate alone."""
+    from edge.deploy.shadow import ShadowTest
+
+    with_served, without = (ShadowTest(min_labels=10, margin=0.2, alpha=0.05) for _ in range(2))
+    for ref, cand, served in pairs:
+        with_served.add_pair(current_loss=ref, candidate_loss=cand, served_loss=served)
+        without.add_pair(current_loss=ref, candidate_loss=cand)
+        assert with_served.decision() == without.decision()
+    ev = with_served.evidence()
+    assert ev["reference"] == "shipped" and ev["mean_diff"] == without.evidence()["mean_diff"]
+    assert ev["mean_diff_served"] == round(sum(c - s for _, c, s in pairs) / len(pairs), 5)
