@@ -46,7 +46,16 @@ cat >"$DIR/bin/python" <<SH
 # $REAL under qemu-x86_64 -cpu $CPU (scripts/avx2-env.sh)
 export EDGE_CPUINFO="\${EDGE_CPUINFO:-$DIR/cpuinfo}" NUMBA_CACHE_DIR="\${NUMBA_CACHE_DIR:-$DIR/numba-cache}"
 export NPY_DISABLE_CPU_FEATURES="\${NPY_DISABLE_CPU_FEATURES-X86_V3}"
-exec "$QEMU" -cpu "$CPU" -0 "$DIR/bin/python" "$REAL" "\$@"
+# LD_PRELOAD goes to the guest only (qemu's -E): preloaded into qemu too, libfaketime would fake
+# the host clock_gettime that qemu answers the guest's with, and the guest would get the offset
+# twice (a day ahead became two: tests/test_faults_time.py).
+if [ -n "\${LD_PRELOAD:-}" ]; then
+  set -- -E "LD_PRELOAD=\$LD_PRELOAD" -0 "$DIR/bin/python" "$REAL" "\$@"
+  unset LD_PRELOAD
+else
+  set -- -0 "$DIR/bin/python" "$REAL" "\$@"
+fi
+exec "$QEMU" -cpu "$CPU" "\$@"
 SH
 chmod +x "$DIR/bin/python"
 for n in python3 "$(basename "$REAL")"; do ln -sfn python "$DIR/bin/$n"; done

@@ -29,6 +29,8 @@ else
 fi
 "$ROOT/scripts/avx2-env.sh" "$WORK/env" "$VENV"
 export VIRTUAL_ENV="$WORK/env" PATH="$WORK/env/bin:$PATH"
+# bounds on waiting (timeout marks, tests.helpers.poll) are for the host; TCG is about 5-10x slower
+export EDGE_TEST_SLOWDOWN="${EDGE_TEST_SLOWDOWN:-10}"
 unset PYTHONHOME NUMBA_CPU_NAME NUMBA_CPU_FEATURES EDGE_CPUINFO NUMBA_CACHE_DIR NPY_DISABLE_CPU_FEATURES
 PY="$WORK/env/bin/python"
 cd "$ROOT"

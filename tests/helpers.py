@@ -1,6 +1,7 @@
 """Test helpers: a real MQTT client that publishes samples and collects what comes back."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -30,7 +31,7 @@ class Client:
 
     def wait_for(self, pred, timeout: float = 10.0):
         """Wait until ``pred(msgs)`` is truthy; return its value (fails the test on timeout)."""
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * slowdown()
         with self.cond:
             while True:
                 v = pred(self.msgs)
@@ -59,10 +60,23 @@ def batch(t0: float, n: int, *, value=lambda i: [0.01 * i, 0.0, 1.0], dt: float 
     return {"t0": t0, "dt": dt, "v": [value(i) for i in range(n)]}
 
 
+def slowdown() -> float:
+    """How many times slower than the host this run is (EDGE_TEST_SLOWDOWN, set by
+    scripts/check-avx2.sh for qemu's TCG; 1 otherwise): bounds on waiting are scaled by it."""
+    value = os.environ.get("EDGE_TEST_SLOWDOWN", "1")
+    try:
+        factor = float(value)
+    except ValueError:
+        raise ValueError(f"EDGE_TEST_SLOWDOWN={value!r} is not a number; give a factor >= 1 or unset it") from None
+    if not factor >= 1:
+        raise ValueError(f"EDGE_TEST_SLOWDOWN={value!r} must be >= 1 (a slowdown factor); unset it for the host")
+    return factor
+
+
 def poll(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
     """Poll ``pred`` until truthy; return its value, or fail the test after ``timeout``
-    seconds (a bound on waiting for an event, not a speed assertion)."""
-    deadline = time.monotonic() + timeout
+    seconds (a bound on waiting for an event, not a speed assertion), times ``slowdown()``."""
+    deadline = time.monotonic() + timeout * slowdown()
     while True:
         v = pred()
         if v:

@@ -9,9 +9,12 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import slowdown
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_qemu = pytest.mark.skipif(not shutil.which("qemu-x86_64") or sys.platform != "linux",
@@ -63,3 +66,28 @@ def test_the_emulated_python_names_a_haswell_cpuinfo_unless_told_otherwise(view,
     given = subprocess.run([str(view / "bin" / "python"), "-c", code], env={"EDGE_CPUINFO": str(tmp_path / "x")},
                            capture_output=True, text=True, timeout=120)
     assert given.stdout.strip() == str(tmp_path / "x")
+
+
+@needs_qemu
+def test_a_preloaded_libfaketime_offsets_the_emulated_clock_once(view):
+    lib = next(iter(sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))), None)
+    if lib is None:
+        pytest.skip("libfaketime is not installed (apt-get install faketime); .ci/run installs it")
+    code = "import time; print(time.time())"
+    env = {"LD_PRELOAD": str(lib), "FAKETIME": "+1d", "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    before = time.time()
+    r = subprocess.run([str(view / "bin" / "python"), "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # one day ahead, not two (qemu preloaded too would fake the host clock it answers the guest's with)
+    assert 86400 - 5 < float(r.stdout) - before < 86400 + 300
+
+
+def test_slowdown_is_one_on_the_host_and_refuses_what_is_not_a_factor(monkeypatch):
+    monkeypatch.delenv("EDGE_TEST_SLOWDOWN", raising=False)
+    assert slowdown() == 1.0
+    monkeypatch.setenv("EDGE_TEST_SLOWDOWN", "10")
+    assert slowdown() == 10.0
+    for bad in ("fast", "0.5", "nan"):
+        monkeypatch.setenv("EDGE_TEST_SLOWDOWN", bad)
+        with pytest.raises(ValueError, match="EDGE_TEST_SLOWDOWN"):
+            slowdown()
