@@ -114,7 +114,10 @@ def main(argv=None) -> int:
     out["library learn_many(32), per batch (rows 608-1247)"] = round(_whole(many, X, y, batch=32), 2)
     for k, v in out.items():
         print(f"{v:9.2f} us  {k}")
-    write_result({"command": "PYTHONPATH=. python bench/timeit_learn_one.py", "cpu": cpu_info(), "us": out}, args.out)
+    import os
+
+    write_result({"command": "PYTHONPATH=. python bench/timeit_learn_one.py", "cpu": cpu_info(), "load_avg": os.getloadavg(),
+                  "us": out}, args.out)
     return 0
 
 
