@@ -211,3 +211,27 @@ def test_learn_many_on_the_compiled_fill_and_step_learns_as_on_the_numpy_path(ta
     for key in ("champion", "challenger"):
         assert fast.preq[key].loss.get() == pytest.approx(ref.preq[key].loss.get(), rel=1e-3, abs=1e-5)
     assert fast.metrics()["train_steps_total"] == ref.metrics()["train_steps_total"] > 0
+
+
+def test_without_numba_every_path_falls_back_to_numpy_and_python(monkeypatch):
+    """A platform without numba's wheels (the CPU container leaves numba out by default): the
+    learner trains on both entry points through the numpy step and the Python rules."""
+    from edge.adapt.learner import Learner
+    from edge.config import AdaptConfig
+
+    monkeypatch.setattr(kernels, "AVAILABLE", False)
+    for name in ("linear_adam_step", "welford_one", "fill_step", "fill_step_many", "betting_many", "guard_many"):
+        monkeypatch.setattr(kernels, name, None)
+    rng = np.random.default_rng(0)
+    for task, kw in (("classification", dict(classes=(0, 1), outputs=1)), ("regression", dict(outputs=2))):
+        lr = Learner(task=task, feature_size=D, config=AdaptConfig(scale=True, seed=0), clock=lambda: 0.0, **kw)
+        assert not lr.trainer.compiled
+        Z = rng.normal(size=(120, D)).astype(np.float32)
+        Y = (Z[:, 0] > 0).astype(int) if task == "classification" else rng.normal(size=(120, 2)).astype(np.float32)
+        for z, y in zip(Z[:60], Y[:60]):
+            assert lr.learn_one(z, y if task != "classification" else int(y))["accepted"]
+        for i in range(60, 120, 20):
+            assert lr.learn_many(Z[i:i + 20], Y[i:i + 20])["accepted"] == 20
+        m = lr.metrics()
+        assert m["labels_total"] == 120 and m["train_steps_total"] == 120
+        assert lr.guard is None or lr.guard.seen == 120
