@@ -118,11 +118,21 @@ class DeployAgent:
                     self._handle(*item)
                 self._tick()
             except Refused as r:
-                self._refuse(r)
+                self._refuse_safely(r)
             except Exception as e:  # noqa: BLE001  a loop that handles outside input never dies from one item
                 self.counters["errors"] += 1
                 log.warning("deploy: %s: %s", type(e).__name__, str(e)[:200])
             self._publish_snapshot()
+
+    def _refuse_safely(self, r: Refused) -> None:
+        """``_refuse`` itself writes (agent.json) and publishes: on a full disk or a lost link it
+        may fail too, and an exception raised inside the ``except Refused`` handler would end
+        the deploy thread (and the daemon with it). Counted and logged instead."""
+        try:
+            self._refuse(r)
+        except Exception as e:  # noqa: BLE001
+            self.counters["errors"] += 1
+            log.warning("deploy: refusing %s: %s: %s", r.reason, type(e).__name__, str(e)[:200])
 
     def _after_start(self) -> None:
         """After a switch or a rollback the restarted daemon says so, once, and old folders go."""
@@ -217,12 +227,28 @@ class DeployAgent:
             if self._busy_with(m.release):
                 self._stop_release(m.release, "halted")
             return
-        if not rc.admits(m, self.node) or m.release in self.state["refused"]:
+        if not rc.admits(m, self.node) or not self._may_retry(m):
             return
         if m.digest == self._current_digest or a.get("release") == m.release:
             return  # serving it already
         if self.download is None or self.download.m.release != m.release:
             self._begin(m)
+
+    def _may_retry(self, m) -> bool:
+        """False for a release this device refused, except one refused for a full disk, which is
+        taken again on a newer manifest (a wave opening, a resume, a re-publish): the disk was
+        the device's, not the release's fault, and space may have freed since. Not on every
+        retained copy of the same manifest, so a disk that stays full is not hammered."""
+        if m.release not in self.state["refused"]:
+            return True
+        seq = self.state["disk_full_seq"].get(m.release)
+        if seq is None or m.seq <= seq:
+            return False
+        del self.state["refused"][m.release], self.state["disk_full_seq"][m.release]
+        self._save()
+        log.info("release %s: refused for a full disk at manifest %d; manifest %d came, trying again", m.release,
+                 seq, m.seq)
+        return True
 
     def _busy_with(self, release: str) -> bool:
         return (self.download is not None and self.download.m.release == release) or self._gating == release or (
@@ -420,15 +446,24 @@ class DeployAgent:
         log.warning("refused release %s: %s", m.release if m else "?", r)
         if m is None:
             return
-        self.store.remove_release(m.release)  # a refused release's bytes are of no use
+        self.store.remove_release(m.release)  # a refused release's bytes are of no use (and free the full disk)
         self.state["refused"][m.release] = r.reason
+        if r.reason == "disk_full":
+            self.state["disk_full_seq"][m.release] = self.manifest.seq if self.manifest is not None else m.seq
         self._save()
         self._report(m.release, "refused", reason=r.reason, evidence=self.evidence if r.reason == "worse" else {})
 
     # ---- reports and state ----------------------------------------------------------
     def _report(self, release: str, state: str, *, reason: str = "", evidence: dict | None = None) -> None:
         self.state["report_seq"] += 1
-        self._save()
+        try:
+            self._save()
+        except OSError as e:
+            # A full disk must not silence the report that says so: the seq in memory is above
+            # every one saved, so it still goes up within this run (after a restart the server
+            # may take the first few as replays, until the seq passes the last one it stored).
+            self.counters["errors"] += 1
+            log.warning("deploy: could not save agent.json before a report (%s); reporting anyway", e.strerror or e)
         d = self.download
         prog = tuple(d.progress()) if d is not None and d.m.release == release else (0, 0)
         r = rc.Report(fleet=self.fleet, model=self.model_name, node=self.node, release=release,

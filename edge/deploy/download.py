@@ -41,6 +41,14 @@ class Download:
         if used + need > self.quota:
             raise Refused("disk_full", f"bundle of {self.m.size} bytes needs {need} more bytes; the deploy folder "
                           f"uses {used} of [deploy] max_disk_bytes = {self.quota}")
+        free = _free_bytes(self.root)
+        if free is not None and need > free:
+            # The quota is what the operator allows, the filesystem what there is: a quota set
+            # above the disk (or a disk others fill) is found here, before a byte is asked for,
+            # not after most of the bundle came over the wire. Space taken by others meanwhile
+            # still ends in ENOSPC at a write, refused the same way (``write``).
+            raise Refused("disk_full", f"bundle of {self.m.size} bytes needs {need} more bytes; the filesystem of "
+                          f"{self.root} has {free} free")
         self.folder.mkdir(parents=True, exist_ok=True)
         if not self.part.exists():
             self.part.touch(mode=0o600)
@@ -79,7 +87,7 @@ class Download:
         try:
             fd = os.open(self.part, os.O_WRONLY)
             try:
-                os.pwrite(fd, data, index * self.m.chunk_size)
+                _pwrite_all(fd, data, index * self.m.chunk_size)
                 os.fdatasync(fd)
             finally:
                 os.close(fd)
@@ -98,6 +106,28 @@ class Download:
         if len(data) != self.m.size or hashlib.sha256(data).hexdigest() != self.m.bundle_sha256:
             raise Refused("digest_mismatch", f"the bundle's {len(data)} bytes do not hash to the signed bundle_sha256")
         return data
+
+
+def _free_bytes(path) -> int | None:
+    """Bytes an unprivileged writer may still use on ``path``'s filesystem (None where unknown)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """Write all of ``data`` at ``offset``. ``pwrite`` may write less than asked when the disk
+    fills mid-chunk; recording such a chunk as held would store a torn chunk that only the
+    bundle's sha256 finds, much later (as digest_mismatch). A write that makes no progress
+    is the full disk's ENOSPC."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
 
 
 def _runs(indices: list[int]) -> list[tuple[int, int]]:

@@ -2,7 +2,8 @@
 
 Layout::
 
-    deploy/agent.json           last manifest seq accepted, report seq, releases refused (and why)
+    deploy/agent.json           last manifest seq accepted, report seq, releases refused (and why), and the
+                                manifest seq of each disk_full refusal (a newer manifest tries it again)
     deploy/active.json          the release now served: folder, digest, version, previous, switched_at
     deploy/<release>/part       the bundle as downloaded, each verified chunk at its offset
     deploy/<release>/held.json  which chunks ``part`` holds (so a restart asks only for the rest)
@@ -77,7 +78,8 @@ class DeployStore:
     def agent_state(self) -> dict:
         s = read_json(self.root / "agent.json", {})
         return {"manifest_seq": int(s.get("manifest_seq", 0)), "report_seq": int(s.get("report_seq", 0)),
-                "refused": dict(s.get("refused", {})), "pending_report": s.get("pending_report")}
+                "refused": dict(s.get("refused", {})), "pending_report": s.get("pending_report"),
+                "disk_full_seq": {str(k): int(v) for k, v in dict(s.get("disk_full_seq", {})).items()}}
 
     def save_agent_state(self, s: dict) -> None:
         write_json(self.root / "agent.json", s)
