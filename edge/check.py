@@ -281,6 +281,7 @@ class ServerStartup:
     model: ModelFolder
     latest_version: int | None
     devices: int
+    release_key: str = ""  # key id (hex) of [release] key_file; "" without one
 
 
 def check_devices_dir(path: str) -> int:
@@ -329,6 +330,58 @@ def check_server_startup(cfg) -> ServerStartup:
     folder = check_model_files(s.model)
     if not s.key_file:
         raise ConfigError("[server] key_file is required: the server signs every global head (edge keys create NAME --role server)")
-    load_private(s.key_file)
+    server_key = load_private(s.key_file)
     devices = check_devices_dir(s.devices_dir) if s.devices_dir else 0
-    return ServerStartup(model=folder, latest_version=check_store(s.store), devices=devices)
+    latest = check_store(s.store)
+    release_key = check_release_key(cfg, folder.manifest.name, server_key) if cfg.release.key_file else ""
+    return ServerStartup(model=folder, latest_version=latest, devices=devices, release_key=release_key)
+
+
+def check_release_key(cfg, model: str, server_key) -> str:
+    """``[release] key_file`` is a readable Ed25519 key of the release role, not the aggregation
+    key, the key of the ``.pub`` beside it (the one exported to devices), and the signer of the
+    rollout in progress (``KeyFileError``, 9); returns its key id.
+
+    Why each: the server signs every manifest of a rollout (a wave opening, a halt) with this
+    key. A key the devices do not trust makes them refuse the next manifest as ``bad_signature``
+    and remember the release as refused, so the rollout is lost, not only stalled; and the
+    aggregation key must never sign code for devices (RELEASE_FORMAT.md, "Keys")."""
+    from edge.fleet.codec import key_id
+    from edge.fleet.keys import KeyFileError, load_private, load_public
+
+    p = Path(cfg.release.key_file).expanduser()
+    if not p.name.endswith(".release.key"):
+        raise KeyFileError(f"[release] key_file = {str(p)[:200]!r} is not a release-role key (NAME.release.key): "
+                           "create one with edge keys create NAME --role release")
+    kid = key_id(load_private(p).public_key())
+    if kid == key_id(server_key.public_key()):
+        raise KeyFileError(f"[release] key_file = {str(p)[:200]!r} is the same key as [server] key_file: keep the "
+                           "release key apart from the aggregation key (edge keys create NAME --role release)")
+    pub = p.with_name(p.name[: -len(".key")] + ".pub")
+    if pub.exists() and key_id(load_public(pub)) != kid:
+        raise KeyFileError(f"[release] key_file = {str(p)[:200]!r} does not match {pub.name} beside it: devices trust "
+                           "the .pub exported from there, so they would refuse manifests signed by this key")
+    _check_rollout_signer(cfg, model, kid.hex(), p)
+    return kid.hex()
+
+
+def _check_rollout_signer(cfg, model: str, kid: str, path: Path) -> None:
+    """A rollout in progress (rolling or halted) must go on under the key its devices trust:
+    the one that signed its manifest so far."""
+    from edge.fleet.keys import KeyFileError
+    from edge.fleet.release_codec import envelope_key_id
+    from edge.fleet.store import open_store
+
+    store = open_store(cfg.server.store)
+    try:
+        cur = store.current_release(cfg.server.fleet, model)
+    finally:
+        store.close()
+    if cur is None or cur.state not in ("rolling", "halted"):
+        return
+    signer = envelope_key_id(cur.manifest)
+    if signer and signer != kid:
+        raise KeyFileError(f"[release] key_file = {str(path)[:200]!r} (key id {kid}) did not sign the release rolled "
+                           f"out now ({cur.release}, {cur.state}, signed by key id {signer}): its devices trust that "
+                           "key and would refuse this one's manifests; set key_file to that key, or abort the "
+                           "release (edge fleet-server rollout abort) before changing keys")

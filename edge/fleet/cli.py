@@ -195,7 +195,8 @@ def _run(args, cfg) -> int:
         m, mq = st.model.manifest, cfg.mqtt
         print(f"{args.config or '(defaults)'}: OK — fleet server {cfg.server.name}, fleet {cfg.server.fleet}, "
               f"model {m.name}@{m.version}, {st.devices} device key(s), store at version {st.latest_version}, "
-              f"broker {mq.host}:{mq.port} {'TLS' if mq.tls else 'plaintext'}")
+              f"broker {mq.host}:{mq.port} {'TLS' if mq.tls else 'plaintext'}, "
+              f"release key {st.release_key or 'none (waves open and halts only by a command run with the key)'}")
         return 0
     from edge.fleet.server import FleetServer
 
