@@ -28,6 +28,7 @@ import paho.mqtt.client as mqtt
 
 from edge.errors import ConfigError, DecodeError, EdgeError
 from edge.fleet import release_codec as rc
+from edge.fleet.release_ledger import ChunkLedger
 from edge.fleet.release_store import ReleaseRecord, ReportRecord
 from edge.fleet.rollout import decide
 from edge.observe import RateLimitedLog
@@ -254,6 +255,7 @@ class ReleaseService:
         self.published_seq = -1
         self._last_publish = float("-inf")
         self._bundles: dict[str, bytes] = {}
+        self.ledger = ChunkLedger()  # per-device rate bound, no answer sent twice for one wait
         self._stop, self._wake = threading.Event(), threading.Event()
         self._rl = RateLimitedLog(log)
         self.thread = threading.Thread(target=self._run, name="fleet-release", daemon=True)
@@ -309,7 +311,7 @@ class ReleaseService:
             msg = self.queue[0]
             node = msg.topic.rsplit("/", 1)[-1]
             if msg.topic.startswith(self.get_prefix):
-                self._count("request", self.handle_request(node, msg.payload))
+                self._count("request", self.handle_request(node, msg.payload, received=getattr(msg, "timestamp", None)))
             else:
                 outcome = self.handle_report(node, msg.payload)
                 self._count("report", outcome)
@@ -348,8 +350,11 @@ class ReleaseService:
             return None, "wrong_fleet"
         return body, ""
 
-    def handle_request(self, node: str, payload: bytes) -> str:
-        """Serve the asked chunks of the published release to ``node``; the outcome's name."""
+    def handle_request(self, node: str, payload: bytes, *, received: float | None = None) -> str:
+        """Serve the asked chunks of the published release to ``node``; the outcome's name.
+        ``received``: when the request reached this server (paho's monotonic receive time; now
+        if unknown), to skip chunks sent after it was asked (``edge.fleet.release_ledger``)."""
+        now = time.monotonic()
         req, why = self._verify(node, payload, rc.unpack_request)
         if req is None:
             return why
@@ -363,14 +368,22 @@ class ReleaseService:
         bundle = self._bundle(cur.release)
         cs, n = cur.plan["chunk_size"], len(cur.plan["chunks"])
         topic = release_topic(self.cfg.server.topic_prefix, self.cfg.server.fleet, self.model, "chunk", node)
-        for i in range(req.start, min(req.start + req.count, n)):
+        if req.start >= n:
+            return "past_end"
+        asked = list(range(req.start, min(req.start + req.count, n)))
+        send, dup, limited = self.ledger.plan(node, cur.release, asked, asked_at=now if received is None else received,
+                                              now=now)
+        self.counters[("chunk", "duplicate_skipped")] += dup
+        self.counters[("chunk", "rate_limited")] += limited
+        for i in send:
             frame = rc.pack_chunk(cur.release, i, rc.chunk_bytes(bundle, i, cs))
             self.client.publish(topic, frame, qos=1)
+            self.ledger.sent(node, cur.release, i, time.monotonic())
             self.bytes_sent += len(frame)
             self.wire[(node, "out")] += len(frame)
             self.wire[(node, "out_n")] += 1
             self.counters[("chunk", "sent")] += 1
-        return "served" if req.start < n else "past_end"
+        return "served" if send or dup else "rate_limited"
 
     def _may_download(self, cur: ReleaseRecord, node: str) -> bool:
         if cur.state == "done":
@@ -439,6 +452,10 @@ class ReleaseService:
              lambda: [({"kind": k, "outcome": o}, n) for (k, o), n in list(self.counters.items())
                       if k in ("request", "report", "queue")]),
             ("edge_fleet_release_chunks_sent_total", "counter", "chunk frames published", lambda: self.counters[("chunk", "sent")]),
+            ("edge_fleet_release_chunks_skipped_total", "counter",
+             "asked chunks not sent, by reason (duplicate: sent after the ask; rate_limited: the device's bound)",
+             lambda: [({"reason": r}, self.counters[("chunk", k)]) for r, k in (("duplicate", "duplicate_skipped"),
+                                                                                  ("rate_limited", "rate_limited"))]),
             ("edge_fleet_release_chunk_bytes_total", "counter", "bytes of chunk frames published", lambda: self.bytes_sent),
             ("edge_fleet_release_rollout_steps_total", "counter", "rollout steps the server took, by what they did",
              lambda: by("rollout")),
