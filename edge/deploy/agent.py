@@ -145,6 +145,9 @@ class DeployAgent:
         a = self.store.active()
         if a is not None and not a.get("confirmed"):
             self.store.set_active({**a, "confirmed": True, "attempts": 0})
+        for rel in list(self.state["disk_full_seq"]):  # a restart (after space was freed) tries them again
+            self.state["refused"].pop(rel, None)
+            del self.state["disk_full_seq"][rel]
         self._prune()
         self._publish_snapshot()
 
@@ -236,9 +239,10 @@ class DeployAgent:
 
     def _may_retry(self, m) -> bool:
         """False for a release this device refused, except one refused for a full disk, which is
-        taken again on a newer manifest (a wave opening, a resume, a re-publish): the disk was
-        the device's, not the release's fault, and space may have freed since. Not on every
-        retained copy of the same manifest, so a disk that stays full is not hammered."""
+        taken again on a newer manifest (a wave opening, a resume, ``done``) and after a restart
+        (``_after_start``): the disk was the device's, not the release's fault, and space may
+        have freed since. Not on every retained copy of the same manifest, so a disk that stays
+        full is not hammered."""
         if m.release not in self.state["refused"]:
             return True
         seq = self.state["disk_full_seq"].get(m.release)
