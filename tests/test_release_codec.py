@@ -194,6 +194,21 @@ def test_bundle_refuses_unsorted_and_repeated_files_and_trailing_bytes():
         assert e.value.kind == "garbage"
 
 
+@pytest.mark.parametrize("files", [{"a": b"1", "a/b": b"2"}, {"m": b"1", "m/x/y.py": b"2", "n": b"3"},
+                                   {"a": b"1", "a-x": b"2", "b/c": b"3"}])
+def test_bundle_refuses_a_file_inside_a_file(files):
+    """No folder holds both ``a`` and ``a/b``: such a bundle is the signer's error, refused as
+    ``bad_path`` at parse time (before: an OSError at unpack, reported as ``disk_full``, which the
+    server does not count towards a halt). A name that only starts like another is fine."""
+    data = rc.pack_bundle(files)
+    if "a-x" in files:
+        assert rc.parse_bundle(data) == files
+        return
+    with pytest.raises(DecodeError) as e:
+        rc.parse_bundle(data)
+    assert e.value.kind == "bad_path"
+
+
 def test_bundle_over_max_bytes_is_too_large():
     with pytest.raises(DecodeError) as e:
         rc.parse_bundle(rc.pack_bundle({"a": b"x" * 100}), max_bytes=50)

@@ -21,6 +21,7 @@ artifact that passed here is the one served after the switch.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
 import shutil
 
@@ -56,7 +57,11 @@ def unpack_verified(bundle: bytes, manifest, folder, *, current) -> object:
         tmp.rename(dest)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise Refused("disk_full", f"unpacking the bundle: {e.strerror or e}") from None
+        # Only a full disk is the device's: any other error writing the verified files (a path
+        # the filesystem cannot hold) is the bundle's, refused as the release's fault, which the
+        # server counts towards its halt; disk_full is not counted and is tried again later.
+        reason = "disk_full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else "compile_failed"
+        raise Refused(reason, f"unpacking the bundle: {e.strerror or e}") from None
     try:
         model = ModelFolder(dest)
         check_pin(model, manifest.digest)  # what runs is what was verified, read back from disk

@@ -497,6 +497,9 @@ def parse_bundle(data, *, max_bytes: int = 1 << 31) -> dict:
             raise DecodeError("bad_path", f"bundle path {rel[:80]!r} is not a plain relative path")
         if last is not None and not _order(last) < _order(rel):
             raise DecodeError("garbage", f"bundle path {rel[:80]!r} is out of order or repeated")
+        if last is not None and rel.startswith(last + "/"):
+            # "a" then "a/b": no folder holds both (sorted by parts, such a pair is adjacent)
+            raise DecodeError("bad_path", f"bundle path {rel[:80]!r} is inside the file {last[:80]!r}")
         (size,) = struct.unpack_from("<Q", mv, pos + 2 + n)
         pos += 2 + n + 8
         if size > len(mv) - pos:
