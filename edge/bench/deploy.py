@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import shutil
 import tempfile
 import threading
@@ -118,7 +119,9 @@ def run(args) -> dict:
     out: dict = {"cpu": _cpu(), "devices": args.devices, "waves": args.waves, "min_labels": args.min_labels,
                  "release_ids": args.release_ids,
                  "margin": args.margin, "chunk_size": args.chunk_size,
-                 "note": "2 shared cores, loaded by other engineers' work; server, broker and all devices in one machine"}
+                 "request_timeout_s": getattr(args, "request_timeout_s", 5.0),
+                 "note": "2 shared cores, loaded by other engineers' work; server, broker and all devices in one machine",
+                 "load_avg_start": [round(x, 2) for x in os.getloadavg()]}
     with BrokerProcess(kind="mosquitto") as broker:
         folders = release_folders(root)
         cfg, keys, nodes = _setup(root, args.devices, broker, args)
@@ -130,7 +133,8 @@ def run(args) -> dict:
         backends, lock = {}, threading.Lock()
         t = time.monotonic()
         devices = [SimDevice(n, root=root / n, broker=broker, keys=keys, cache=root / "cache", backends=backends,
-                             lock=lock) for n in nodes]
+                             lock=lock, deploy={"request_timeout_s": getattr(args, "request_timeout_s", 5.0)})
+                   for n in nodes]
         out["devices_start_s"] = round(time.monotonic() - t, 2)
         rkey = load_private(keys["release"].private_path)
         svc = server.releases
@@ -166,6 +170,9 @@ def run(args) -> dict:
                                                     "min": int(min(per)), "payload_mean": round(float(np.mean(pay)), 1),
                                                     "messages_mean": round(float(np.mean([d.wire.messages[rid] for d in devices])), 1)}
                     res["overhead_vs_bundle"] = round(float(np.mean(per)) / final.size - 1.0, 4)
+                    dup = [d.wire.by_release[(rid, "duplicate")] for d in devices]  # chunks received twice
+                    res["duplicate_chunk_bytes_per_device"] = {"mean": round(float(np.mean(dup)), 1), "max": int(max(dup)),
+                                                               "devices": sum(1 for b in dup if b)}
                 else:
                     res["release_to_halt_s"] = round(elapsed, 2) if ok else None
                     first = [n for n in nodes if n in res["ever"]["shadowing"] or n in res["ever"]["refused"]]
@@ -180,6 +187,7 @@ def run(args) -> dict:
                 out[name] = res
                 print(json.dumps({name: {k: v for k, v in res.items() if k not in ("ever",)}}), flush=True)
             out["server_messages"] = {f"{k}:{o}": n for (k, o), n in sorted(svc.counters.items())}
+            out["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]
             out["targets"] = _targets(out)
         finally:
             for d in devices:
@@ -215,6 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--release-ids", default="00000000000000a1,00000000000000b2",
                     help="the good and the worse release's ids, 16 hex digits each: they decide which devices "
                          "each wave admits (default %(default)s)")
+    ap.add_argument("--request-timeout-s", type=float, default=5.0,
+                    help="each device's [deploy] request_timeout_s: a short one makes devices ask again while the "
+                         "server is still answering, to measure what re-asks cost (default %(default)s)")
     args = ap.parse_args(argv)
     out = run(args)
     p = Path(args.out)

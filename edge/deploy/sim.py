@@ -68,14 +68,27 @@ class Wire:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.by_release = collections.Counter()  # (release, "payload"|"framed") -> bytes
+        self.by_release = collections.Counter()  # (release, "payload"|"framed"|"duplicate") -> bytes
         self.messages = collections.Counter()
+        self._chunks: set[tuple[str, int]] = set()  # (release, index) of the chunk frames received
 
     def add(self, release: str, topic: str, n: int) -> None:
         with self.lock:
             self.by_release[(release, "payload")] += n
             self.by_release[(release, "framed")] += mqtt5_bytes(topic, n)
             self.messages[release] += 1
+
+    def add_received(self, topic: str, payload: bytes) -> None:
+        """A message in; a chunk frame of an index received before counts its framed bytes as
+        ``duplicate`` too (the bytes a re-ask cost on the wire; the device writes it once)."""
+        release = release_of(topic, payload)
+        self.add(release, topic, len(payload))
+        if "/chunk/" in topic and len(payload) >= 17:
+            key = (release, int.from_bytes(payload[13:17], "little"))
+            with self.lock:
+                if key in self._chunks:
+                    self.by_release[(release, "duplicate")] += mqtt5_bytes(topic, len(payload))
+                self._chunks.add(key)
 
 
 def release_of(topic: str, payload: bytes) -> str:
@@ -151,7 +164,7 @@ class SimDevice:
         inner, publish = self.part.link._handler, self.part.agent.publish_fn
 
         def received(topic, payload, *a):
-            self.wire.add(release_of(topic, payload), topic, len(payload))
+            self.wire.add_received(topic, bytes(payload))
             return inner(topic, payload, *a)
 
         def sent(topic, payload):
