@@ -227,6 +227,8 @@ class IncrementalModel:
         self.learner = Learner(task=task, feature_size=d, classes=classes, outputs=k, config=cfg, head=head,
                                optimizer=spec, global_version="0")
         self.target_scaler = OnlineScaler(k) if self.scale and task == "regression" else None
+        if self.target_scaler is not None:  # the reference served is the raw running mean (Reference.pin_zero)
+            self.learner.reference.pin_zero()
         return self.learner
 
     def _learner_targets(self, T: np.ndarray, Z: np.ndarray | None = None) -> np.ndarray:
@@ -315,7 +317,7 @@ class IncrementalModel:
     def _learn_row(self, x, y):
         lr = self.learner
         which = lr.serving()  # decided before the label is seen
-        served = lr.reference.scores() if which == "reference" else None
+        served = lr.reference.served() if which == "reference" else None
         t, ts = _label(y, lr), self.target_scaler
         back = None if ts is None else ts.affine()  # what was served was predicted before this label
         learned = ts is not None and bool(np.isfinite(t).all())
@@ -478,9 +480,10 @@ class IncrementalModel:
 
     def predict(self, x) -> np.ndarray:
         """The served outputs for a batch ``x`` (numpy or tensor), as numpy: values for
-        regression, raw logits for a classifier. Served = the learned head (champion or
-        challenger) with the lower recent prequential loss, or the trivial reference when
-        that head does not beat it by ``promote_margin`` (do no harm, ``Learner.serving``)."""
+        regression, raw logits for a classifier. Served: the trivial reference (the running
+        mean, or the class prior) until a paired sequential test on the labels says a learned
+        head beats it, then that head (champion or challenger, the lower recent loss) until
+        the reverse test says the reference is better again (do no harm, ``Learner.serving``)."""
         x = _np(x)
         if self.learner is None:
             self.model.eval()

@@ -7,7 +7,10 @@ are what ``serving()``, the margins and the dashboards read, and the paired per-
 losses feed the three sequential tests (``edge.adapt.promotion.BettingTest``):
 challenger vs champion at the promotion's margin and at the refresh's, and global head
 vs an adapted champion (rollback). The margins each label is tested at are fixed from
-the labels before it (``edge.adapt.policy.margins``). No I/O, no training.
+the labels before it (``edge.adapt.policy.margins``). A fourth kind of evidence,
+``ServeTests``, decides what the library's ``predict`` serves: the trivial reference until
+a learned head beats it on a paired test, and the reference again when the reverse test
+says so. No I/O, no training.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from edge.adapt.activations import binary_scores, softmax
 from edge.adapt.metrics import Prequential, sample_losses
-from edge.adapt.policy import NO_MARGINS, Margins, margins
+from edge.adapt.policy import NO_MARGINS, SERVE_ALPHA, Margins, margins
 from edge.adapt.promotion import BettingTest, is_betting_state
 from edge.adapt.reference import Reference
 from edge.adapt.rowscore import Stack, loss_err, mode_of
@@ -38,6 +41,72 @@ class Served:
     error: float | np.ndarray
     global_scores: list | np.ndarray
     global_loss: float | np.ndarray
+    reference_loss: float | np.ndarray  # the trivial reference's, before it learned the label
+
+
+class ServeTests:
+    """What the library's ``predict`` serves, on anytime-valid evidence (issue 18).
+
+    The reference serves until ``leave`` (a ``BettingTest`` of reference loss minus the
+    learned head's, per label, at margin ``Margins.serve``) reaches an e-value of
+    ``1 / SERVE_ALPHA``; then the learned head serves until ``back`` (the reverse pairing)
+    does. Each switch starts both tests afresh. Only the test that can switch is fed, one
+    ``update`` a label. The learned head's loss is the one ``serving()`` would serve: the
+    challenger's while ``live`` (its windowed loss is below the champion's, decided before
+    the label), else the champion's, so the evidence is about the predictions served.
+    A fixed-sample rule (10 labels 5% below the reference) served noise on a no-signal
+    stream in rows 10-32 (BENCHMARKS.md, "Serving on evidence")."""
+
+    __slots__ = ("learned", "live", "leave", "back", "need")
+
+    def __init__(self, bound: float):
+        self.learned = False  # the learned head serves (else the reference)
+        self.live = False  # of the learned heads, the challenger serves
+        self.leave, self.back = BettingTest(bound=bound), BettingTest(bound=bound)
+        self.need = _threshold(SERVE_ALPHA)
+
+    def one(self, learned_loss: float, reference_loss: float, margin: float, scale: float) -> None:
+        """One label's paired losses (plain floats)."""
+        if self.learned:
+            t = self.back
+            t.update(learned_loss, reference_loss, margin, scale)
+        else:
+            t = self.leave
+            t.update(reference_loss, learned_loss, margin, scale)
+        if t.log_wealth >= self.need:
+            self.switch(not self.learned)
+
+    def many(self, learned_losses, reference_losses, margin: float, scale: float) -> None:
+        """A batch's paired losses (arrays), read once at its end: the batch was served by one choice."""
+        if self.learned:
+            t = self.back
+            t.update_many(learned_losses, reference_losses, margin, scale)
+        else:
+            t = self.leave
+            t.update_many(reference_losses, learned_losses, margin, scale)
+        if t.log_wealth >= self.need:
+            self.switch(not self.learned)
+
+    def switch(self, learned: bool) -> None:
+        self.learned = bool(learned)
+        self.leave.reset()
+        self.back.reset()
+
+    def state_dict(self) -> dict:
+        return {"learned": self.learned, "leave": self.leave.state_dict(), "back": self.back.state_dict()}
+
+    def load_state_dict(self, s) -> None:
+        """Restore; a state without serving evidence (from before it existed) restarts it, serving
+        the reference until a learned head passes the test again."""
+        if not (isinstance(s, dict) and is_betting_state(s.get("leave")) and is_betting_state(s.get("back"))):
+            self.switch(False)
+            return
+        learned = s.get("learned")
+        if not isinstance(learned, bool):
+            raise ValueError(f"serving state 'learned' must be true or false, got {learned!r}")
+        self.leave.load_state_dict(s["leave"])
+        self.back.load_state_dict(s["back"])
+        self.learned = learned
 
 
 @functools.lru_cache(maxsize=16)
@@ -82,6 +151,7 @@ class Evaluator:
         self.preq = {k: Prequential(task, window=config.eval_window) for k in HEADS}
         self.reference = Reference(task=task, outputs=outputs, in_features=feature_size)
         self.pairs = {k: BettingTest(bound=config.promote_bound) for k in TESTS}
+        self.serve = ServeTests(config.promote_bound)
         self.margins: Margins = NO_MARGINS
         self.mode = mode_of(task, outputs)
         self._stack = None  # the champion's and global head's stacked maps (rowscore.Stack)
@@ -112,8 +182,9 @@ class Evaluator:
         else:
             lg, eg = loss_err(sg, t, mode)
             preq[1].update_values(lg, eg)
-        preq[2].update_values(*self.reference.test_then_learn(t))
-        return Served(s, loss, err, sg, lg)
+        lr, er = self.reference.test_then_learn(t)
+        preq[2].update_values(lr, er)
+        return Served(s, loss, err, sg, lg, lr)
 
     def test_many(self, champion, glob, Z: np.ndarray, T) -> Served:
         """``test_one`` for each row of ``Z`` ``[n, D]`` (the reference scores each row before it learns it)."""
@@ -129,8 +200,9 @@ class Evaluator:
         else:
             lg, eg = sample_losses(sg, T, task)
         preq["global"].update_many(lg, eg)
-        preq["reference"].update_many(*sample_losses(self.reference.learn_many(T), T, task))
-        return Served(s, loss, err, sg, lg)
+        lr, er = sample_losses(self.reference.learn_many(T), T, task)
+        preq["reference"].update_many(lr, er)
+        return Served(s, loss, err, sg, lg, lr)
 
     def challenger_one(self, scores: list, t) -> tuple[float, float]:
         """Record the challenger's scores of one sample (a list), taken before its step: ``(loss, error)``."""
@@ -147,17 +219,19 @@ class Evaluator:
 
     def pair_one(self, sv: Served, challenger_loss: float, adapted: bool) -> None:
         """Bet one label's paired losses in the tests, at the margins fixed before it."""
-        pairs, m = self.pairs, self.margins
+        pairs, m, se = self.pairs, self.margins, self.serve
         pairs["promote"].update(sv.loss, challenger_loss, m.promote, m.scale)
+        se.one(challenger_loss if se.live else sv.loss, sv.reference_loss, m.serve, m.scale)
         if adapted:
             pairs["refresh"].update(sv.loss, challenger_loss, m.refresh, m.scale)
             pairs["rollback"].update(sv.loss, sv.global_loss, m.rollback, m.scale)
 
     def pair_many(self, sv: Served, challenger_losses: np.ndarray, adapted: bool) -> None:
         """``pair_one`` for each row in turn, at the margins fixed before the batch."""
-        pairs, m = self.pairs, self.margins
+        pairs, m, se = self.pairs, self.margins, self.serve
         lc, lh = sv.loss, challenger_losses
         pairs["promote"].update_many(lc, lh, m.promote, m.scale)
+        se.many(lh if se.live else lc, sv.reference_loss, m.serve, m.scale)
         if adapted:
             pairs["refresh"].update_many(lc, lh, m.refresh, m.scale)
             pairs["rollback"].update_many(lc, sv.global_loss, m.rollback, m.scale)
@@ -174,9 +248,14 @@ class Evaluator:
         return promote.passes(alpha), refresh.passes(alpha), back.passes(rollback_alpha) and back.raw_gain()
 
     def update_margins(self) -> None:
-        """Fix the margins the next label is tested at, from the windowed losses so far."""
-        c, g, r, _ = self._preq_one
-        self.margins = margins(self.cfg, self.task, champion=c.loss.get(), glob=g.loss.get(), reference=r.loss.get())
+        """Fix the margins the next label is tested at, from the windowed losses so far, and
+        which learned head would serve it (``ServeTests.live``: the challenger once it has
+        ``promote_block`` labels and its windowed loss is below the champion's)."""
+        c, g, r, h = self._preq_one
+        lc = c.loss.get()
+        self.margins = margins(self.cfg, self.task, champion=lc, glob=g.loss.get(), reference=r.loss.get())
+        hl = h.loss
+        self.serve.live = hl.n >= self.cfg.promote_block and c.loss.n > 0 and hl.get() < lc
 
     # -- after a swap ---------------------------------------------------------------------------
 
@@ -208,11 +287,13 @@ class Evaluator:
 
     def consolidated(self) -> None:
         """The learned heads changed outside the test (the library's ``incremental_update``):
-        their records and every test start afresh."""
+        their records and every test start afresh; the consolidated champion serves (an explicit
+        request) until the reverse serving test sends ``predict`` back to the reference."""
         for k in ("champion", "challenger"):
             self.preq[k] = Prequential(self.task, window=self.cfg.eval_window)
         self._index_preq()
         self.restart()
+        self.serve.switch(True)
 
     # -- read-outs and state -------------------------------------------------------------------
 
@@ -222,12 +303,13 @@ class Evaluator:
     def state_dict(self) -> dict:
         return {"preq": {k: v.state_dict() for k, v in self.preq.items()},
                 "pairs": {k: p.state_dict() for k, p in self.pairs.items()},
-                "reference": self.reference.state_dict()}
+                "reference": self.reference.state_dict(), "serve": self.serve.state_dict()}
 
     def load_state_dict(self, s: dict) -> None:
         """Restore the ``preq``, ``pairs`` and ``reference`` entries of a learner state. A state
         from before issue 18 holds PairedBlocks' block means, which are no e-values: that
-        evidence restarts (a new test); a missing entry raises ``KeyError``."""
+        evidence restarts (a new test), as does a state without ``serve`` (the reference serves
+        until a learned head passes the serving test again); a missing entry raises ``KeyError``."""
         for k, v in s["preq"].items():
             self.preq[k].load_state_dict(v)
         pairs = s["pairs"]
@@ -237,4 +319,5 @@ class Evaluator:
             else:
                 p.reset()
         self.reference.load_state_dict(s["reference"])
+        self.serve.load_state_dict(s.get("serve"))
         self.update_margins()

@@ -17,9 +17,10 @@ Per label (``learn_one``) the learner
    higher learning rate, more steps, fewer reservoir rows and a weaker anchor
    (docs/LEARNING.md, "Plasticity");
 5. keeps a trivial reference (running mean or class prior, ``edge.adapt.reference``)
-   scored the same way: ``best()`` serves the learned head (champion or challenger)
-   with the lower recent loss, or the reference unless that head beats it by
-   ``promote_margin`` (the library's do-no-harm rule; the daemon serves the champion).
+   scored the same way: ``best()`` serves the reference until a paired sequential test
+   says the learned head (champion or challenger, the lower recent loss) beats it, and
+   the reference again on the reverse test (the library's do-no-harm rule,
+   ``evaluator.ServeTests``; the daemon serves the champion).
 
 With ``AdaptConfig.scale`` the features are standardised online (``edge.adapt.scaler``)
 before the head (the replay keeps raw features; every batch is scaled with the current

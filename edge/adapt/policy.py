@@ -16,7 +16,7 @@ Nothing here changes state: the learner carries out the decision (docs/LEARNING.
 ...                       promote=True, refresh=False, rollback=False))
 'held'
 >>> margins(cfg, "classification", champion=0.5, glob=0.5, reference=1.2)
-Margins(promote=0.025, refresh=0.005, rollback=0.05, scale=1.0)
+Margins(promote=0.025, refresh=0.005, rollback=0.05, scale=1.0, serve=0.012)
 """
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 PROMOTION, REFRESH, ROLLBACK, HELD = "promotion", "refresh", "rollback", "held"
+
+# The level of the library's serving tests (``edge.adapt.evaluator.ServeTests``): a learned
+# head replaces the trivial reference in ``predict`` once the paired test of reference loss
+# minus learned loss has an e-value of 1 / SERVE_ALPHA, and the reference returns on the
+# reverse test at the same level. Chosen by measurement across the 7 streams of ``edge bench
+# learning`` (BENCHMARKS.md, "Serving on evidence"), the same for every stream.
+SERVE_ALPHA = 0.1
 
 
 class Margins(NamedTuple):
@@ -35,9 +42,10 @@ class Margins(NamedTuple):
     refresh: float
     rollback: float
     scale: float
+    serve: float  # the serving tests' (learned head vs the trivial reference): promote_floor of the reference's loss
 
 
-NO_MARGINS = Margins(0.0, 0.0, 0.0, 1.0)
+NO_MARGINS = Margins(0.0, 0.0, 0.0, 1.0, 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +109,7 @@ def margins(cfg, task: str, *, champion: float, glob: float, reference: float) -
     at least ``promote_floor`` of the better of the global head's and the reference's (a fresh
     random global head can be worse than predicting the mean by orders of magnitude); refresh
     the floor alone; rollback ``rollback_margin`` of the global head's loss and at least the
-    floor of the reference's. The loss scale: 1 (nats) for classification, the reference's
+    floor of the reference's; serving (either way) ``promote_floor`` of the reference's. The loss scale: 1 (nats) for classification, the reference's
     loss for regression (its unit is the target's). An empty window counts as 0."""
     fin = math.isfinite  # plain conditionals: this runs after every label
     champion = champion if fin(champion) else 0.0
@@ -110,5 +118,5 @@ def margins(cfg, task: str, *, champion: float, glob: float, reference: float) -
     pf = cfg.promote_floor
     floor = (glob if glob < reference else reference) * pf
     scale = 1.0 if task == "classification" else (reference if reference > 1e-12 else 1.0)
-    p, r = champion * cfg.promote_margin, glob * cfg.rollback_margin
-    return Margins(p if p > floor else floor, floor, r if r > reference * pf else reference * pf, scale)
+    p, r, rf = champion * cfg.promote_margin, glob * cfg.rollback_margin, reference * pf
+    return Margins(p if p > floor else floor, floor, r if r > rf else rf, scale, rf)

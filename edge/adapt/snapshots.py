@@ -66,25 +66,18 @@ class Snapshots:
     def serving(self) -> str:
         """What ``best()`` serves now: ``"reference"``, ``"champion"`` or ``"challenger"``.
 
-        Do no harm: of the learned heads, the one with the lower recent prequential loss
-        (the challenger while it is ahead of the champion, ``_live_better``), when its
-        recent loss is below the trivial reference's over the same labels by
-        ``promote_margin``, else the reference; with fewer than ``promote_block`` labels
-        to compare, the reference (or an adapted champion that has no record yet, e.g.
-        after ``incremental_update``). The library's
-        ``predict`` so follows what it learns at once, while a promotion (the event, and
-        the head the daemon serves) still needs the paired test."""
-        learned = "challenger" if self._live_better() else "champion"
-        mine = self.preq[learned].loss
-        if mine.n >= self.cfg.promote_block:  # lower by the promotion margin: no chasing of noise
-            return learned if mine.get() < self.preq["reference"].loss.get() * (1.0 - self.cfg.promote_margin) else "reference"
-        return "champion" if self.champion is not self._global and not mine.n else "reference"
-
-    def _live_better(self) -> bool:
-        """The challenger's recent prequential loss is below the champion's (since the last
-        swap both are scored on the same labels)."""
-        chal, champ = self.preq["challenger"].loss, self.preq["champion"].loss
-        return chal.n >= self.cfg.promote_block and champ.n > 0 and chal.get() < champ.get()
+        Do no harm, on evidence: the trivial reference until the serving test (a paired
+        betting test of the reference's per-label loss against the learned head's,
+        ``edge.adapt.evaluator.ServeTests``) passes at ``policy.SERVE_ALPHA``, and again once
+        the reverse test passes; while a learned head serves, the challenger while its
+        windowed loss is below the champion's (``ServeTests.live``), else the champion. After
+        ``incremental_update`` the consolidated champion serves until the reverse test passes.
+        Decided by the labels before (anytime-valid: the library may ask after any label).
+        The daemon serves the champion: its promotions need their own paired test."""
+        se = self.evaluator.serve
+        if not se.learned:
+            return "reference"
+        return "challenger" if se.live else "champion"
 
     def best(self) -> HeadSnapshot:
         """The snapshot ``serving()`` names (the library's served head)."""
