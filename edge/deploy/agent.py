@@ -315,11 +315,21 @@ class DeployAgent:
         d = self.download
         if d is None or d.complete:
             return
+        if self._chunks_waiting():
+            return  # answers are waiting here already: take them before anything is asked again
         for start, count in d.next_asks():
             req = rc.ChunkRequest(fleet=self.fleet, model=self.model_name, node=self.node, release=d.m.release,
                                   start=start, count=count)
             self.counters["chunks_requested"] += count
             self.publish_fn(self.get_topic, rc.pack_request(req, self.key))
+
+    def _chunks_waiting(self) -> bool:
+        """A chunk frame is queued for this thread (paho's thread appends: copied under the
+        queue's own lock). Under load answers wait here behind others; asking again for them
+        then would only bring them twice."""
+        with self._inbox.mutex:
+            items = list(self._inbox.queue)
+        return any(isinstance(it, tuple) and it[0] == self.chunk_topic for it in items)
 
     # ---- verify, gate, shadow, switch ----------------------------------------------
     def _verify_and_gate(self) -> None:

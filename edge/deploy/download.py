@@ -14,6 +14,7 @@ import hashlib
 import os
 import time
 
+from edge.deploy.asks import Asks
 from edge.deploy.store import Refused, read_json, used_bytes, write_json
 from edge.errors import DecodeError
 from edge.fleet.release_codec import Chunk, check_chunk
@@ -30,11 +31,7 @@ class Download:
         same = h.get("bundle_sha256") == manifest.bundle_sha256 and self.part.exists()
         self.held: set[int] = {int(i) for i in h.get("held", ())} if same else set()
         self.resumed = len(self.held)
-        self.asked: dict[int, float] = {}  # index -> when it was asked
-        self.requested = 0  # chunks asked for (counting each ask again)
-        self.reasked = 0  # of those, asked again after a timeout
-        self.last_new: float | None = None  # when the last new chunk came
-        self.backoff = 1  # the timeout's factor: doubled by each timeout without a chunk since, up to 8
+        self.asks = Asks(timeout_s=timeout_s, in_flight=in_flight)  # what is in flight, and when to ask again
 
     def prepare(self) -> None:
         """Make the folder and the part file; refuse (``disk_full``) a bundle the quota cannot hold."""
@@ -70,31 +67,10 @@ class Download:
         return len(self.held), len(self.m.chunks)
 
     def next_asks(self) -> list[tuple[int, int]]:
-        """Runs ``(from, count)`` to ask for now: missing chunks not in flight (or overdue),
-        up to ``in_flight`` in all.
-
-        An ask is overdue when no new chunk came for ``timeout_s`` (times the backoff) since it
-        was made, or it is four such timeouts old. A late answer is not a lost one: a server
-        busy with a queue of requests still sends what was asked, and asking again then
-        doubles the bytes (the benchmark once saw 8.4% overhead, one device's 4 chunks sent
-        twice). So chunks arriving for other asks keep an ask alive, each timeout with nothing
-        new doubles the next one (up to 8x), and the server does not send a chunk again for
-        a request that reached it before the chunk was sent (``edge.fleet.release_ledger``)."""
-        now = self.clock()
-        timeout = self.timeout_s * self.backoff
-        overdue = [i for i, t in self.asked.items() if i not in self.held and (
-            now - max(t, self.last_new if self.last_new is not None else t) > timeout or now - t > 4 * timeout)]
-        for i in [i for i in self.asked if i in self.held] + overdue:
-            del self.asked[i]
-        if overdue:
-            self.backoff = min(8, self.backoff * 2)
-            self.reasked += len(overdue)
-        room = self.in_flight - len(self.asked)
-        picks = [i for i in range(len(self.m.chunks)) if i not in self.held and i not in self.asked][:max(0, room)]
-        for i in picks:
-            self.asked[i] = now
-        self.requested += len(picks)
-        return _runs(picks)
+        """Runs ``(from, count)`` to ask for now: missing chunks not in flight, up to ``in_flight``
+        in all, and those to ask again (``edge.deploy.asks``: a late answer is not a lost one)."""
+        missing = [i for i in range(len(self.m.chunks)) if i not in self.held]
+        return _runs(self.asks.next_asks(missing, now=self.clock()))
 
     def write(self, index: int, data: bytes) -> bool:
         """Store chunk ``index`` if it is the one the manifest signed; True when it was new.
@@ -118,8 +94,7 @@ class Download:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise Refused("disk_full", f"writing chunk {index}: {e.strerror}") from None
             raise
-        self.asked.pop(index, None)
-        self.last_new, self.backoff = self.clock(), 1
+        self.asks.arrived(index, now=self.clock())
         return True
 
     def bundle(self) -> bytes:
