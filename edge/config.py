@@ -253,7 +253,7 @@ class AdaptConfig(_Section):
     promote_alpha: float = _opt(0.01, lo=1e-9, hi=0.5, doc="promotion, refresh, rollback: level of the anytime-valid sequential test on the paired loss differences (a swap needs an e-value of 1 / this); every swap restarts the test")
     promote_alpha_drift: float = _opt(0.2, lo=1e-9, hi=0.5, doc="the same level while plastic after a drift (needs less evidence, never none); at least promote_alpha")
     promote_bound: float = _opt(1.0, lo=1e-6, hi=1e6, doc="the paired loss differences are clipped to +- this (nats for classification; times the reference's loss for regression)")
-    promote_block: int = _opt(10, lo=1, hi=100_000, doc="labels a learned head is scored on before the library's best() may serve it")
+    promote_block: int = _opt(10, lo=1, hi=100_000, doc="labels the challenger is scored on before it may count as ahead of the champion (which head the library serves beside the reference)")
     class_evidence: int = _opt(20, lo=0, hi=1_000_000, doc="classification: labels of a class before the device's other labels may unlearn it at full strength; a class with n < this keeps (n + 0.1) / this of their pull (docs/LEARNING.md, \"Class evidence\"); 0: off")
     refresh_labels: int = _opt(100, lo=0, hi=1_000_000, doc="an adapted champion follows its own challenger (a refresh, not a promotion) after this many labels since the last swap when the sequential test says it is better by promote_floor (not promote_margin); 0: only promotions")
     boost_replay: float = _opt(0.25, lo=0.0, hi=1.0, doc="while boosting: share of the reservoir rows kept (the rest come from recent labels)")
