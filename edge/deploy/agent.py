@@ -54,6 +54,7 @@ class DeployAgent:
         self.refusals: collections.Counter = collections.Counter()
         self.shadow_totals: collections.Counter = collections.Counter()  # of the shadow runs ended
         self.manifest = None  # the newest manifest accepted
+        self.shadow_m = None  # the manifest of the release under shadow test (a newer one may be of another)
         self.download: Download | None = None
         self.shadow = None
         self.phase, self.reason, self.evidence = "idle", "", {}
@@ -155,7 +156,9 @@ class DeployAgent:
         """Release folders neither served nor the previous (kept ``keep_previous_s`` after a switch) go.
         A partial download stays (a restart resumes it) until another release is taken (``taking``)."""
         a = self.store.active() or {}
-        keep = {a.get("release"), taking}
+        # the release under shadow test or gate stays too: its folder is what a switch will serve
+        # (before, taking another release deleted it mid-test, and the switch pointed at nothing)
+        keep = {a.get("release"), taking, self._gating, self.shadow_m.release if self.shadow_m is not None else None}
         prev = a.get("previous") or {}
         if time.time() - float(a.get("switched_at", 0)) < self.cfg.deploy.keep_previous_s:
             keep.add(prev.get("release"))
@@ -234,8 +237,12 @@ class DeployAgent:
             return
         if m.digest == self._current_digest or a.get("release") == m.release:
             return  # serving it already
-        if self.download is None or self.download.m.release != m.release:
-            self._begin(m)
+        if self._busy_with(m.release) or self.phase == "switching":
+            # a newer manifest of the release this device downloads, gates or shadow-tests (a
+            # wave opening): before, it began the download again from nothing while the
+            # unpacked candidate was gated or shadowed (the bench saw a device's 4 chunks twice)
+            return
+        self._begin(m)
 
     def _may_retry(self, m) -> bool:
         """False for a release this device refused, except one refused for a full disk, which is
@@ -256,13 +263,11 @@ class DeployAgent:
 
     def _busy_with(self, release: str) -> bool:
         return (self.download is not None and self.download.m.release == release) or self._gating == release or (
-            self.shadow is not None and self.phase == "shadowing" and self.manifest.release == release)
+            self.shadow is not None and self.shadow_m is not None and self.shadow_m.release == release)
 
     def _stop_release(self, release: str, why: str) -> None:
         """A halted or aborted release stops here (its chunks stay: a resume goes on from them)."""
-        self.download = None
-        if self.shadow is not None:
-            self._end_shadow()
+        self._drop(release)
         self.phase, self.reason = "stopped", why
         self._report(release, "rolled_back", reason=f"{why} before the switch: the current model serves")
 
@@ -311,7 +316,7 @@ class DeployAgent:
         s = self.shadow
         if s is not None and s.test.labels >= self._shadow_reported + 25:
             self._shadow_reported = s.test.labels
-            self._report(self.manifest.release, "shadowing", evidence=s.test.evidence())
+            self._report(self.shadow_m.release, "shadowing", evidence=s.test.evidence())
         d = self.download
         if d is None or d.complete:
             return
@@ -344,8 +349,12 @@ class DeployAgent:
         self.phase, self._gating = "gating", m.release
         self._publish_snapshot()
         try:
-            backend, result = gate(model, served=self.served, floors=self._floors(),
-                                   cache_dir=self.cfg.model.cache_dir or None, threads=self.cfg.model.threads)
+            try:
+                backend, result = gate(model, served=self.served, floors=self._floors(),
+                                       cache_dir=self.cfg.model.cache_dir or None, threads=self.cfg.model.threads)
+            except Refused as r:
+                r.manifest = m  # the release gated, whatever manifest came meanwhile
+                raise
             # The compile held this thread (seconds on a small board), and a halt or abort
             # published meanwhile waits in the inbox behind whatever came before it. The
             # newest manifest is acted on now, before the candidate serves one shadow
@@ -392,7 +401,9 @@ class DeployAgent:
                                              version=f"{self.current.manifest.version}+shipped")
         test = ShadowTest(min_labels=m.min_labels, margin=m.margin, alpha=dc.alpha, max_windows=dc.shadow_max_windows,
                           min_agreement=dc.min_agreement)
-        self.candidate = model
+        if self.shadow is not None:  # one shadow test at a time: the newer release's replaces it
+            self._end_shadow()
+        self.candidate, self.shadow_m = model, m
         self.shadow = Shadow(engine=Engine(backend, max_batch=self.cfg.model.max_batch), head=snap, reference=reference,
                              classes=model.manifest.classes, test=test, share=dc.shadow_share,
                              on_decision=lambda d, ev: self._inbox.put(("__decision__", (d, ev))))
@@ -409,17 +420,21 @@ class DeployAgent:
     def _end_shadow(self) -> None:
         if self.tap is not None:
             self.tap.sink = None
-        s, self.shadow = self.shadow, None
+        s, self.shadow, self.shadow_m = self.shadow, None, None
         if s is not None:
             s.stop()
             self.shadow_totals.update(s.counters)
 
     def _handle_decision(self, decision: str, evidence: dict) -> None:
-        m = self.manifest
+        m = self.shadow_m  # not self.manifest: a manifest of another release may have come meanwhile
+        if m is None:
+            return  # the shadow test was stopped (a halt) after it decided
         self.evidence = evidence
         self._end_shadow()
         if decision == "worse":
-            raise Refused("worse", f"shadow test: {evidence}")
+            r = Refused("worse", f"shadow test: {evidence}")
+            r.manifest = m
+            raise r
         self._switch(m, self.candidate, evidence)
 
     def _switch(self, m, model, evidence: dict) -> None:
@@ -450,11 +465,17 @@ class DeployAgent:
         log.warning("release %s %s: back to the previous model %s", a["release"], why, prev.get("version"))
         self.request_restart(f"roll back release {a['release']} ({why})")
 
-    def _refuse(self, r: Refused) -> None:
-        m = self.download.m if self.download is not None else self.manifest
-        self.download = None
-        if self.shadow is not None:
+    def _drop(self, release: str) -> None:
+        """Stop the download and the shadow test of ``release`` (not those of another release)."""
+        if self.download is not None and self.download.m.release == release:
+            self.download = None
+        if self.shadow is not None and self.shadow_m is not None and self.shadow_m.release == release:
             self._end_shadow()
+
+    def _refuse(self, r: Refused) -> None:
+        m = getattr(r, "manifest", None) or (self.download.m if self.download is not None else self.manifest)
+        if m is not None:
+            self._drop(m.release)
         self.refusals[r.reason] += 1
         self.phase, self.reason = "refused", r.reason
         log.warning("refused release %s: %s", m.release if m else "?", r)

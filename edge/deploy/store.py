@@ -26,6 +26,7 @@ class Refused(Exception):
     def __init__(self, reason: str, detail: str):
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail[:300]
+        self.manifest = None  # the release refused, where the raiser knows it (else the one in hand)
 
 
 def write_json(path: Path, obj) -> None:
