@@ -4,7 +4,8 @@
 #   scripts/check-avx2.sh [--shard K/N] [PYTEST ARGS...]
 #
 # With no test paths: the whole suite (pyproject's testpaths). --shard K/N runs the K-th of N
-# round-robin slices of tests/test_*.py (shard 1 also takes the doctests in edge/ and
+# round-robin slices of tests/test_*.py as listed when it starts (a file added meanwhile moves
+# the others; shard 1 also takes the doctests in edge/ and
 # firmware_bridge/), so that the slow emulated suite can be split across runs or machines.
 # Needs Debian's qemu-user (`apt-get install qemu-user`). Every Python process of the run is
 # emulated, not only pytest's: scripts/avx2-env.sh makes a view of the venv whose bin/python
@@ -17,7 +18,7 @@
 # native entries would not be reused, but the run still gets a fresh NUMBA_CACHE_DIR so that
 # it neither writes into the tree's __pycache__ nor races native runs on the same index files.
 # qemu-user shows the host's /proc/cpuinfo, so EDGE_CPUINFO names a Haswell one.
-# TCG is several times slower than the host: not part of .ci/run (see README, Testing).
+# TCG is several times slower than the host: not part of .ci/run (README, Development).
 # EDGE_AVX2_DIR=DIR keeps the emulated venv view and numba cache in DIR (else a temp folder).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
