@@ -280,7 +280,9 @@ def test_every_message_and_sample_is_processed_or_counted_as_lost():
     lane = p.inbox.sensor.stats()
     c = p.counters
     lost = {r: lane[f"{r}_messages"] for r in ("dropped", "stale", "oversized")}
-    assert lost["oversized"] == 20 and c["messages"] > 0 and lane["oversized_bytes"] > 64 << 10
+    # how many are served rather than shed depends on how busy the machine is (on a loaded one,
+    # every message can go stale within 2 ms): the accounting must add up either way
+    assert lost["oversized"] == 20 and lane["oversized_bytes"] > 64 << 10
     assert sent == c["messages"] + sum(lost.values()) + c["shutdown_dropped"], (c, lane)
     windowed = sum(s.windower.counters["samples"] for _, s in p.bank.snapshot())
     lost_samples = sum(lane[f"{r}_samples"] for r in ("dropped", "stale", "oversized"))
