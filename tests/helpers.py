@@ -84,3 +84,26 @@ def poll(pred, timeout: float, interval: float = 0.05, what: str = "condition"):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(interval)
+
+
+PG = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+def fresh_pg_schema(prefix: str):
+    """A generator for a pytest fixture: a schema name no other test uses (skipped when no
+    PostgreSQL is reachable), and afterwards every schema starting with it dropped (a fleet
+    server's lanes make ``<schema>_lane_<lane>`` beside it)."""
+    import uuid
+
+    import pytest
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        psycopg.connect(PG, connect_timeout=3).close()
+    except psycopg.Error:
+        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts one)")
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    yield name
+    with psycopg.connect(PG, autocommit=True) as c:
+        for (s,) in c.execute("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE %s",
+                              (name + "%",)).fetchall():
+            c.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import uuid
 from types import SimpleNamespace
 
 import numpy as np
@@ -106,17 +105,7 @@ def _clear_retained(broker, *topics: str) -> None:
 
 @pytest.fixture
 def pg_schema():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        psycopg.connect(PG, connect_timeout=3).close()
-    except psycopg.Error:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts one)")
-    name = f"lanes_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg.connect(PG, autocommit=True) as c:
-        for (s,) in c.execute("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE %s",
-                              (name + "%",)).fetchall():
-            c.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
+    yield from fresh_pg_schema("lanes")
 
 
 def _lanes_beside_the_default_lane(tmp_path, broker, keys, store: str) -> str:
@@ -254,6 +243,7 @@ def test_lane_stores_sit_beside_the_default_store():
 # ---- the shipped ACL on lane topics (deploy/mosquitto/edge.acl) -------------------------------
 
 from tests.test_fleet_acl import NOT_AUTHORIZED, OK, PREFIX, acl_broker, peers  # noqa: E402,F401  (fixtures)
+from tests.helpers import fresh_pg_schema
 
 LANE = "0123456789abcdef"
 

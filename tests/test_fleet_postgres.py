@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,7 @@ from edge.fleet.codec import unpack_message
 from edge.fleet.store import open_store
 from tests.fleet_helpers import make_keys, server_toml, signed_delta
 from tests.helpers import Client
+from tests.helpers import fresh_pg_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 PG = "postgresql://postgres@127.0.0.1:5432/test"
@@ -27,15 +27,7 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture
 def schema():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        psycopg.connect(PG, connect_timeout=3).close()
-    except psycopg.Error:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts one)")
-    name = f"fleet_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg.connect(PG, autocommit=True) as c:
-        c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    yield from fresh_pg_schema("fleet")
 
 
 def _commit_lock_held(url) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-import uuid
 
 import paho.mqtt.client as mqtt
 import pytest
@@ -327,15 +326,7 @@ def test_a_restarted_server_continues_the_rollout_sqlite(tmp_path, broker, keys,
 
 @pytest.fixture
 def schema():
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        psycopg.connect(PG, connect_timeout=3).close()
-    except psycopg.Error:
-        pytest.skip("PostgreSQL is not reachable at 127.0.0.1:5432 (.ci/run starts one)")
-    name = f"fleet_{uuid.uuid4().hex[:10]}"
-    yield name
-    with psycopg.connect(PG, autocommit=True) as c:
-        c.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+    yield from fresh_pg_schema("fleet")
 
 
 def test_a_restarted_server_continues_the_rollout_postgresql(tmp_path, broker, keys, devices, schema):
@@ -345,6 +336,7 @@ def test_a_restarted_server_continues_the_rollout_postgresql(tmp_path, broker, k
 # ---- the shipped ACL on release topics (deploy/mosquitto/edge.acl) ----------------------------
 
 from tests.test_fleet_acl import NOT_AUTHORIZED, OK, acl_broker, peers  # noqa: E402,F401  (fixtures)
+from tests.helpers import fresh_pg_schema
 
 REL = "fleet/test/vibration/release"
 
