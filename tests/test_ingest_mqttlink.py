@@ -119,8 +119,7 @@ def test_labels_published_while_reconnecting_arrive(broker, protocol):
     pub.loop_start()
     try:
         assert link.wait_connected(20)
-        assert wait_until(lambda: link.counters["connects"] == 1 and link.client._out_messages == {}, 20)
-        time.sleep(0.2)  # let the SUBACK land (the SUBSCRIBE went out with the CONNACK)
+        assert wait_until(lambda: link.counters["connects"] == 1 and link.counters["subscribed"] == 1, 20)
         pub.publish(f"lb{protocol}/m1/label", b"first", qos=1).wait_for_publish(20)
         assert wait_until(lambda: inbox.payloads() == [b"first"], 20)
         proxy.down()
@@ -152,8 +151,7 @@ def test_held_messages_are_not_acknowledged_and_come_again_to_the_next_session(b
         link = MqttLink(cfg, client_id=cid, status_topic=f"st/{cid}", subscriptions=[(f"{topic}/#", 1)], on_message=inbox)
         link.start()
         assert link.wait_connected(20)
-        assert wait_until(lambda: link.client._out_messages == {}, 20)
-        time.sleep(0.2)  # let the SUBACK land
+        assert wait_until(lambda: link.client._out_messages == {} and link.counters["subscribed"] >= 1, 20)
         return link
 
     first, second = Inbox(fail_first=1), Inbox()
@@ -193,7 +191,7 @@ def test_a_failing_handler_is_counted_and_paho_keeps_running(broker, caplog):
     pub.loop_start()
     try:
         assert link.wait_connected(20)
-        time.sleep(0.2)
+        assert wait_until(lambda: link.counters["subscribed"] == 1, 20)
         for p in (b"one", b"two"):
             pub.publish("hf/a", p, qos=1).wait_for_publish(20)
         assert wait_until(lambda: inbox.payloads() == [b"two"], 20)
@@ -308,3 +306,19 @@ def test_a_publish_the_broker_refuses_is_not_delivered_and_is_counted(caplog):
             assert any("0x87" in r.getMessage() and "denied/x" in r.getMessage() for r in caplog.records)
         finally:
             link.stop()
+
+
+def test_a_refused_subscription_is_counted_and_named(caplog):
+    """mosquitto grants a subscription its ACL denies (and filters each message), so the
+    refusal is given here as paho hands it over: one reason code per topic of the SUBSCRIBE."""
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    cfg = MqttConfig(host="127.0.0.1", port=1, protocol="5")
+    link = MqttLink(cfg, client_id="sub-refused", status_topic="st/sub-refused",
+                    subscriptions=[("a/#", 1), ("b/#", 1)], on_message=Inbox())
+    ok, denied = ReasonCode(PacketTypes.SUBACK, identifier=1), ReasonCode(PacketTypes.SUBACK, identifier=0x87)
+    with caplog.at_level("WARNING", logger="edge.mqtt"):
+        link._on_subscribe(link.client, None, 1, [ok, denied])
+    assert link.counters["subscribed"] == 1 and link.counters["subscribe_refused"] == 1
+    assert any("b/#" in r.getMessage() and "a/#" not in r.getMessage() for r in caplog.records)

@@ -160,7 +160,8 @@ class MqttLink:
         self._stopping = False
         self.counters = {"connects": 0, "disconnects": 0, "published": 0, "publish_errors": 0,
                          "queued_offline": 0, "qos0_lost": 0, "sessions_resumed": 0, "sessions_lost": 0,
-                         "handler_errors": 0, "held_unacked": 0, "publish_refused": 0}
+                         "handler_errors": 0, "held_unacked": 0, "publish_refused": 0,
+                         "subscribed": 0, "subscribe_refused": 0}
         self.publish_errors = dict.fromkeys(PUBLISH_ERRORS, 0)
         self.publish_refused: dict[str, int] = {}  # QoS 1 publishes the broker answered with a failure, by reason
         # publish_tracked's deliveries by mid, and answers that came before their mid was
@@ -185,6 +186,7 @@ class MqttLink:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_publish = self._on_publish
+        c.on_subscribe = self._on_subscribe
         self.client = c
         self._connect_kw: dict = conn.connect_kw
 
@@ -311,6 +313,19 @@ class MqttLink:
         log.info("connected to %s:%d (MQTT %s); subscribed to %s", self.cfg.host, self.cfg.port,
                  self.cfg.protocol, ", ".join(t for t, _ in self.subscriptions) or "nothing")
         self.connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties=None) -> None:
+        """The broker's answer to this connection's subscriptions (one SUBSCRIBE per connect):
+        ``subscribed`` counts the answers; a topic the broker refused (its ACL, a bad filter:
+        MQTT 5 names the reason, 3.1.1 says 0x80) is counted and logged, since nothing will
+        ever arrive on it."""
+        self.counters["subscribed"] += 1
+        refused = [(topic, rc) for (topic, _), rc in zip(self.subscriptions, reason_codes or [])
+                   if getattr(rc, "is_failure", False)]
+        if refused:
+            self.counters["subscribe_refused"] += len(refused)
+            log.warning("broker %s:%d refused the subscription to %s", self.cfg.host, self.cfg.port,
+                        ", ".join(f"{t} ({rc})" for t, rc in refused))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties=None) -> None:
         """The broker's answer to a publish (paho calls this for QoS 0 once written, too)."""
