@@ -84,8 +84,7 @@ def _evenly_spaced(t, rate: float) -> None:
 def test_binary_stream_delivers_exact_samples_and_values(rig):
     started = time.time()
     sim, src, sink = rig(max_frames=40, autostart=False)
-    assert wait_for(lambda: sink.count() == 1600)
-    time.sleep(0.1)
+    assert wait_for(lambda: sink.count() == 1600 and src.stats()["frames"] == 40)
     np.testing.assert_array_equal(sink.values(), np.concatenate(sim.sent))
     assert sink.blocks[0][0] == StreamKey("sim-mcu", "serial")
     t = sink.times()
@@ -112,7 +111,8 @@ def test_noise_is_survived_and_every_missing_frame_is_counted(rig):
         sim.inject_noise(300)
         time.sleep(0.05)
     assert wait_for(lambda: sim.counters["frames_sent"] == 40)
-    time.sleep(0.2)
+    # every frame sent is then either delivered or counted lost, once the reader has read them all
+    assert wait_for(lambda: sink.count() + src.stats()["lost_frames"] * 40 == 1600)
     st = src.stats()
     assert st["decode_errors"] > 0
     assert sink.count() + st["lost_frames"] * 40 == 1600

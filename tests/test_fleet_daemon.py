@@ -43,9 +43,7 @@ def test_daemon_syncs_its_head_with_the_fleet_server(broker, tmp_path):
             store.close()
         assert "edge_fleet_sync" in d.registry().render()
         # the server answered its deltas with receipts, on the daemon's own sync connection
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not d.status()["fleet"].get("sync_receipts_accepted"):
-            time.sleep(0.2)
+        poll(lambda: d.status()["fleet"].get("sync_receipts_accepted"), 60, interval=0.2, what="a receipt for a delta")
         st = d.status()["fleet"]
         assert st["sync_receipts_accepted"] >= 1 and st["sync_requests"] >= 1 and st["sync_epoch"] > 0, st
     finally:
