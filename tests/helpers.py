@@ -18,11 +18,23 @@ class Client:
         proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
         self.c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=proto)
         self.subs = subscriptions
+        self.subacks = 0  # SUBACKs received: the subscriptions are in place once there is one per topic
         self.c.on_connect = lambda c, *a: [c.subscribe(s, qos=1) for s in self.subs]
+        self.c.on_subscribe = self._on_subscribe
         self.c.on_message = self._on_message
         self.c.reconnect_delay_set(0.1, 0.5)
         self.c.connect(broker.host, broker.port)
         self.c.loop_start()
+        # a message published before the broker has the subscription is not delivered (nothing
+        # here is retained): return only once every subscription is acknowledged
+        with self.cond:
+            if not self.cond.wait_for(lambda: self.subacks >= len(self.subs), 30 * slowdown()):
+                raise AssertionError(f"the broker did not acknowledge the subscriptions {self.subs}")
+
+    def _on_subscribe(self, c, u, mid, reason_codes, properties=None):
+        with self.cond:
+            self.subacks += 1
+            self.cond.notify_all()
 
     def _on_message(self, c, u, m):
         with self.cond:

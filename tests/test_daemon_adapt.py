@@ -105,7 +105,6 @@ def test_labels_sent_while_the_daemon_is_down_still_find_their_windows(broker, t
         assert cached >= 39
         for t, _, fault in wins:  # the daemon is down: the broker keeps these for the node's session
             c.publish("edge/ad/labels", {"t": float(t[128]), "label": fault, "device": "r1", "stream": "accel"}, qos=1)
-        time.sleep(0.5)
         d2 = _learning_node(broker, tmp_path)
         try:
             deadline = time.monotonic() + 60

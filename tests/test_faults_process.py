@@ -49,8 +49,8 @@ def test_a_killed_pipeline_stops_the_watchdog_and_edge_run_exits_non_zero(broker
         assert code == 1, run.log_text()[-3000:]
         log = run.log_text()
         assert "thread pipeline died" in log and "exiting non-zero" in log, log[-3000:]
-        time.sleep(0.3)  # let the listener read what is already in the socket's buffer
-        lines = notify.lines()
+        # the listener may still be reading what is already in the socket's buffer
+        lines = poll(lambda: (ls := notify.lines()) and "STOPPING=1" in ls and ls, 30, what="STOPPING=1")
         assert "STOPPING=1" in lines, lines
         stop_at = lines.index("STOPPING=1")
         assert lines[:stop_at].count("WATCHDOG=1") >= 3

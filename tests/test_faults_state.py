@@ -69,8 +69,7 @@ def test_a_checkpoint_of_another_model_is_not_applied_after_a_restart(broker, tm
         _retrain(model)
     elif change == "classes":
         _other_classes(model)
-    events = Client(broker, f"edge/{node}/events")
-    time.sleep(0.3)  # the subscription is in place before the daemon publishes (events are not retained)
+    events = Client(broker, f"edge/{node}/events")  # returns once subscribed: events are not retained
     d2 = start_daemon(broker, tmp_path, **kw)
     probe = Probe(broker, node)
     try:

@@ -60,7 +60,7 @@ def test_windows_ready_within_max_wait_share_one_backbone_call():
     p.start()
     try:
         window(p, "a")
-        time.sleep(0.02)
+        time.sleep(0.02)  # pacing: b comes 20 ms after a, well within max_wait_ms
         window(p, "b")
         assert wait(lambda: len(published) == 2)
         assert batches == [2]
