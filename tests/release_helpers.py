@@ -111,3 +111,41 @@ class ReleasePublisher:
         self.clear()
         self.c.disconnect()
         self.c.loop_stop()
+
+
+def device_toml(path, *, node: str, state, broker, model, cache, key_file, adapt: str) -> None:
+    """The config of a small real device for the release tests: ``model`` served int8 by
+    ONNX Runtime, fast reconnects, fleet sync with ``key_file``, [deploy] on with every window
+    shadowed; ``adapt`` is the body of its [adapt] section."""
+    from pathlib import Path
+
+    state = Path(state)
+    Path(path).write_text(f'''[node]
+name = "{node}"
+state_dir = "{state}"
+runtime_dir = "{state / 'run'}"
+
+[mqtt]
+host = "{broker.host}"
+port = {broker.port}
+reconnect_min_s = 0.1
+reconnect_max_s = 0.5
+
+[model]
+path = "{model}"
+backend = "onnxruntime"
+precision = "int8"
+cache_dir = "{cache}"
+
+[adapt]
+{adapt}
+
+[fleet]
+fleet = "test"
+key_file = "{key_file}"
+
+[deploy]
+enabled = true
+shadow_share = 1.0
+request_timeout_s = 2.0
+''')

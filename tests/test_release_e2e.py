@@ -23,7 +23,7 @@ import pytest
 from edge.fleet.keys import create_key, export_public, load_private, load_public
 from edge.serve.testing import make_tiny_model, synthetic_dataset
 from tests.helpers import Client, poll
-from tests.release_helpers import ReleasePublisher
+from tests.release_helpers import ReleasePublisher, device_toml
 from tests.test_deploy_device import _scale_head, _set_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,35 +47,8 @@ def setup(tmp_path_factory, broker):
 
 def _config(setup, broker, state: Path) -> Path:
     p = state.parent / f"{state.name}.toml"
-    p.write_text(f'''[node]
-name = "{NODE}"
-state_dir = "{state}"
-runtime_dir = "{state / 'run'}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[model]
-path = "{setup['root'] / 'current'}"
-backend = "onnxruntime"
-precision = "int8"
-cache_dir = "{setup['cache']}"
-
-[adapt]
-checkpoint_interval_s = 1.0
-
-[fleet]
-fleet = "test"
-key_file = "{setup['device'].private_path}"
-
-[deploy]
-enabled = true
-shadow_share = 1.0
-request_timeout_s = 2.0
-''')
+    device_toml(p, node=NODE, state=state, broker=broker, model=setup['root'] / 'current', cache=setup['cache'],
+                key_file=setup['device'].private_path, adapt="checkpoint_interval_s = 1.0")
     return p
 
 

@@ -48,6 +48,7 @@ from edge.serve.testing import make_tiny_model, synthetic_dataset
 from edge.zoo import ModelFolder
 from tests.fleet_helpers import make_keys, server_toml
 from tests.helpers import Client, poll
+from tests.release_helpers import device_toml
 from tests.test_deploy_device import _scale_head, _set_version
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -167,37 +168,9 @@ def _device_toml(root: Path, keys: dict, broker, node: str, cache: Path) -> Path
     and its shipped head, not with the adapted one (edge/deploy/shadow.py), so a good release
     still rolls out while the devices learn (the learner bound to a switched model:
     tests/test_release_e2e.py)."""
-    state = root / "state" / node
     p = root / f"{node}.toml"
-    p.write_text(f'''[node]
-name = "{node}"
-state_dir = "{state}"
-runtime_dir = "{state / 'run'}"
-
-[mqtt]
-host = "{broker.host}"
-port = {broker.port}
-reconnect_min_s = 0.1
-reconnect_max_s = 0.5
-
-[model]
-path = "{root / 'current'}"
-backend = "onnxruntime"
-precision = "int8"
-cache_dir = "{cache}"
-
-[adapt]
-enabled = true
-
-[fleet]
-fleet = "test"
-key_file = "{keys[node].private_path}"
-
-[deploy]
-enabled = true
-shadow_share = 1.0
-request_timeout_s = 2.0
-''')
+    device_toml(p, node=node, state=root / "state" / node, broker=broker, model=root / "current", cache=cache,
+                key_file=keys[node].private_path, adapt="enabled = true")
     return p
 
 
