@@ -1,6 +1,7 @@
 """Test helpers: a real MQTT client that publishes samples and collects what comes back."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -119,3 +120,36 @@ def fresh_pg_schema(prefix: str):
         for (s,) in c.execute("SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE %s",
                               (name + "%",)).fetchall():
             c.execute(f'DROP SCHEMA IF EXISTS "{s}" CASCADE')
+
+
+@contextlib.contextmanager
+def tmpfs(where, size: int):
+    """A tmpfs of ``size`` bytes mounted at ``where`` (a real full disk for the tests), unmounted
+    lazily at the end so a busy file cannot leave it behind; skipped where mounting is not allowed."""
+    import subprocess
+    from pathlib import Path
+
+    import pytest
+    where = Path(where)
+    where.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {r.stderr.strip()[:200]}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def fill_disk(path) -> int:
+    """Write ``path`` until its filesystem says ENOSPC (and nothing else); the bytes written."""
+    import errno
+    n = 0
+    with open(path, "wb", buffering=0) as f:
+        while True:
+            try:
+                n += f.write(b"\0" * 4096)
+            except OSError as e:
+                assert e.errno == errno.ENOSPC, e
+                return n

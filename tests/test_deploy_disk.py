@@ -8,43 +8,16 @@ mosquitto and the test-side release publisher.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import poll
+from tests.helpers import fill_disk, poll, tmpfs
 from tests.test_deploy_device import NODE, Device, keys, models, publisher, served  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
-
-
-@contextlib.contextmanager
-def tmpfs(where: Path, size: int):
-    """A tmpfs of ``size`` bytes at ``where``, unmounted (lazily, so a busy file cannot leave it) at the end."""
-    where.mkdir(parents=True, exist_ok=True)
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(where)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN): {r.stderr.strip()[:200]}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def _fill(path: Path) -> int:
-    """Write ``path`` until the filesystem says ENOSPC; the bytes written."""
-    n = 0
-    with open(path, "wb", buffering=0) as f:
-        while True:
-            try:
-                n += f.write(b"\0" * 4096)
-            except OSError as e:
-                assert e.errno == 28, e  # ENOSPC, nothing else
-                return n
 
 
 def test_disk_full_mid_download_is_refused_cleanly_and_taken_again_after_space_frees(
@@ -61,7 +34,7 @@ def test_disk_full_mid_download_is_refused_cleanly_and_taken_again_after_space_f
             m = publisher.release(models["good"], release="00000000000000a7")
             poll(lambda: (dev.status().get("progress") or [0])[0] >= 3, 60, what="three chunks held")
             filler = deploy_dir / "filler"
-            assert _fill(filler) > 0
+            assert fill_disk(filler) > 0
             publisher.answer_limit = None  # the chunks asked again from here on meet the full disk
 
             poll(lambda: publisher.refusal(m.release), 60, what="the disk_full refusal")

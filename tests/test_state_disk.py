@@ -4,7 +4,6 @@ Needs root (``mount -t tmpfs``), as CI has; skipped with the reason otherwise.
 """
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import subprocess
@@ -19,6 +18,7 @@ import pytest
 from edge.errors import StateError
 from edge.state import CheckpointStore
 from edge.supervise import wait_until
+from tests.helpers import fill_disk, tmpfs
 
 VOLUME = "200k"
 
@@ -26,30 +26,10 @@ VOLUME = "200k"
 @pytest.fixture
 def volume(tmp_path):
     """A 200 KiB tmpfs mounted for the test (the issue's tight state volume)."""
-    d = tmp_path / "vol"
-    d.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a size-limited tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={VOLUME},mode=0700", "tmpfs", str(d)],
-                       capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()[:200]}")
-    try:
+    with tmpfs(tmp_path / "vol", VOLUME) as d:
         yield d
-    finally:
-        subprocess.run(["umount", "-l", str(d)], capture_output=True)
-
-
-def _fill(folder, name: str) -> int:
-    """Write ``folder/name`` until the disk is full; bytes written."""
-    n = 0
-    with open(folder / name, "wb", buffering=0) as f:
-        while True:
-            try:
-                n += f.write(b"\0" * 4096)
-            except OSError as e:
-                assert e.errno == errno.ENOSPC
-                return n
 
 
 def _state(seed: int, nbytes: int = 48_000) -> dict:
@@ -61,7 +41,7 @@ def test_saves_prune_first_fail_when_full_and_resume_when_space_returns(volume):
     for i in range(8):  # 48 KB each: keep + 1 (4 x 48 KB plus metadata) does not fit in 200 KiB
         store.save(_state(i))
     assert store.counters["pruned_for_room"] > 0 and store.load_latest()["seed"] == 7
-    _fill(volume, "filler")  # something else takes every free byte
+    fill_disk(volume / "filler")  # something else takes every free byte
     for i in range(3):  # rotation needs room for one new checkpoint beside the last good one: it has it
         store.save(_state(10 + i))
         assert len(store.paths()) == 2
@@ -83,7 +63,7 @@ def test_a_write_that_hits_enospc_despite_the_free_space_check_prunes_and_retrie
     store = CheckpointStore(volume / "adapt", keep=3)
     for i in range(3):
         store.save(_state(i))
-    _fill(volume, "filler")
+    fill_disk(volume / "filler")
     store._free_bytes = lambda: 1 << 40  # the check can be wrong: another writer between it and the write
     store.save(_state(9))  # ENOSPC on the write, then prune (never the last good) and retry: it fits
     assert store.counters["retried"] == 1 and store.load_latest()["seed"] == 9 and len(store.paths()) == 2
@@ -167,7 +147,7 @@ def test_kill_9_after_a_full_disk_loses_at_most_one_interval(volume, tmp_path):
         # Fill the disk right after the first save: the replay buffer is still growing, so the
         # next checkpoint is larger than the last good one and no pruning can make room.
         assert wait_until(lambda: c.count("saved") >= 1, timeout=120), c.lines
-        _fill(volume, "filler")
+        fill_disk(volume / "filler")
         assert wait_until(lambda: c.count("failed") >= 2, timeout=120), c.lines  # counted, and retried each interval
         assert wait_until(lambda: not list((volume / "adapt").glob(".ckpt-*.tmp")), timeout=30)
         n_saved = c.count("saved")
