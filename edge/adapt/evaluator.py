@@ -67,23 +67,22 @@ class ServeTests:
 
     def one(self, learned_loss: float, reference_loss: float, margin: float, scale: float) -> None:
         """One label's paired losses (plain floats)."""
-        if self.learned:
-            t = self.back
-            t.update(learned_loss, reference_loss, margin, scale)
-        else:
-            t = self.leave
-            t.update(reference_loss, learned_loss, margin, scale)
-        if t.log_wealth >= self.need:
-            self.switch(not self.learned)
+        t, a, b = self._paired(learned_loss, reference_loss)
+        t.update(a, b, margin, scale)
+        self._settle(t)
 
     def many(self, learned_losses, reference_losses, margin: float, scale: float) -> None:
         """A batch's paired losses (arrays), read once at its end: the batch was served by one choice."""
-        if self.learned:
-            t = self.back
-            t.update_many(learned_losses, reference_losses, margin, scale)
-        else:
-            t = self.leave
-            t.update_many(reference_losses, learned_losses, margin, scale)
+        t, a, b = self._paired(learned_losses, reference_losses)
+        t.update_many(a, b, margin, scale)
+        self._settle(t)
+
+    def _paired(self, learned, reference):
+        """The test that could end the current choice, with the losses in its order: while the
+        learned head serves, evidence that it is worse (``back``); else that it is better."""
+        return (self.back, learned, reference) if self.learned else (self.leave, reference, learned)
+
+    def _settle(self, t: BettingTest) -> None:
         if t.log_wealth >= self.need:
             self.switch(not self.learned)
 

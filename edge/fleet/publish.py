@@ -25,14 +25,21 @@ def publish_head(client, topic: str, store, *, timeout_s: float = 2.0) -> tuple[
     with store.publishing() as head:
         if head is None:
             return None, False
-        info = client.publish(topic, head.message, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return head, False
-        try:
-            info.wait_for_publish(timeout_s)
-        except (ValueError, RuntimeError):  # the connection went meanwhile: paho sends it again
-            pass
-        return head, info.is_published()
+        return head, publish_retained_acked(client, topic, head.message, timeout_s=timeout_s)
+
+
+def publish_retained_acked(client, topic: str, payload: bytes, *, timeout_s: float = 2.0) -> bool:
+    """Publish ``payload`` retained at QoS 1 and wait (bounded) for the broker's PUBACK;
+    whether the broker took it. Called under a store's publish lock, so that the lock is held
+    until the broker has the message and no older one can follow it."""
+    info = client.publish(topic, payload, qos=1, retain=True)
+    if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        return False
+    try:
+        info.wait_for_publish(timeout_s)
+    except (ValueError, RuntimeError):  # the connection went meanwhile: paho sends it again
+        pass
+    return info.is_published()
 
 
 def publish_once(cfg: ServerConfig, store, *, timeout_s: float = 10.0) -> tuple[VersionRecord | None, bool]:

@@ -24,10 +24,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import paho.mqtt.client as mqtt
-
 from edge.errors import ConfigError, DecodeError, EdgeError
 from edge.fleet import release_codec as rc
+from edge.fleet.publish import publish_retained_acked
 from edge.fleet.release_ledger import ChunkLedger
 from edge.fleet.release_store import ReleaseRecord, ReportRecord
 from edge.fleet.rollout import decide
@@ -181,14 +180,7 @@ def publish_manifest(client, cfg, store, model: str, *, timeout_s: float = 2.0) 
     with store.publishing_release(cfg.server.fleet, model) as cur:
         if cur is None:
             return None, False
-        info = client.publish(topic, cur.manifest, qos=1, retain=True)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return cur, False
-        try:
-            info.wait_for_publish(timeout_s)
-        except (ValueError, RuntimeError):
-            pass
-        return cur, info.is_published()
+        return cur, publish_retained_acked(client, topic, cur.manifest, timeout_s=timeout_s)
 
 
 def publish_manifest_once(cfg, store, model: str, *, timeout_s: float = 10.0) -> tuple[ReleaseRecord | None, bool]:
