@@ -171,7 +171,10 @@ def _install(root: Path, wheel: Path, *args: str) -> subprocess.CompletedProcess
 
 
 def _in(root: Path, *cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, timeout=300)
+    # the host's preloaded libraries (libfaketime in a clock-shifted run) are not in the chroot:
+    # ld.so would print an error for each on every command's stderr
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+    return subprocess.run(["chroot", str(root), *cmd], capture_output=True, text=True, timeout=300, env=env)
 
 
 def _verify(root: Path) -> subprocess.CompletedProcess:
